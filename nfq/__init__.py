@@ -1,0 +1,1 @@
+"""Netfilter adapter: own iptables chains, NFQUEUE reader, raw-socket injection."""

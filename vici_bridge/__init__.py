@@ -1,0 +1,1 @@
+"""strongSwan adapter: VICI command and event sessions."""
