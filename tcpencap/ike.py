@@ -1,0 +1,119 @@
+"""IKE header parsing and classification of what charon puts on UDP 500/4500.
+
+Only the fixed 28-octet ISAKMP/IKEv2 header is read: it is in the clear, and the SPIs
+in it are what binds a message to a TCP connection.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+IKE_PORT = 500
+NATT_PORT = 4500
+IKE_HEADER_LEN = 28
+NON_ESP_MARKER = b"\x00\x00\x00\x00"
+NAT_KEEPALIVE = b"\xff"
+
+# Exchange types that open a new IKE SA (their responder SPI is zero).
+IKEV2_SA_INIT = 34
+IKEV1_MAIN_MODE = 2
+IKEV1_AGGRESSIVE = 4
+
+FLAG_V2_INITIATOR = 0x08
+FLAG_V2_RESPONSE = 0x20
+
+
+class IKEError(ValueError):
+    """Not a well-formed IKE header."""
+
+
+@dataclass(frozen=True, slots=True)
+class IKEHeader:
+    """The fixed IKE header; for IKEv1 the SPIs are the initiator and responder cookies."""
+
+    spi_i: bytes
+    spi_r: bytes
+    next_payload: int
+    major: int
+    minor: int
+    exchange: int
+    flags: int
+    message_id: int
+    length: int
+
+    @property
+    def is_sa_init(self) -> bool:
+        """The first message of a new IKE SA (responder SPI not yet chosen)."""
+        return self.spi_r == bytes(8)
+
+    @property
+    def is_response(self) -> bool:
+        return self.major == 2 and bool(self.flags & FLAG_V2_RESPONSE)
+
+
+def parse_ike_header(msg: bytes | memoryview) -> IKEHeader:
+    """Parse the 28-octet header; checks the version and that the length fits the message."""
+    if len(msg) < IKE_HEADER_LEN:
+        raise IKEError(f"IKE message of {len(msg)} octets, header needs {IKE_HEADER_LEN}")
+    spi_i, spi_r, np, ver, exch, flags, mid, length = struct.unpack_from("!8s8sBBBBII", msg)
+    major, minor = ver >> 4, ver & 0x0F
+    if major not in (1, 2):
+        raise IKEError(f"IKE major version {major}")
+    if spi_i == bytes(8):
+        raise IKEError("IKE initiator SPI is zero")
+    if length < IKE_HEADER_LEN or length > len(msg):
+        raise IKEError(f"IKE length field {length} for a {len(msg)}-octet message")
+    return IKEHeader(spi_i, spi_r, np, major, minor, exch, flags, mid, length)
+
+
+class Kind(enum.Enum):
+    IKE = "ike"
+    ESP = "esp"
+    KEEPALIVE = "keepalive"
+    INVALID = "invalid"
+
+
+@dataclass(frozen=True, slots=True)
+class Classified:
+    """What a UDP 500/4500 payload is. ``body`` is the IKE message (marker removed) or
+    the whole ESP packet; ``spi`` is the ESP SPI, ``ike`` the parsed IKE header."""
+
+    kind: Kind
+    body: bytes = b""
+    spi: int = 0
+    seq: int = 0
+    ike: IKEHeader | None = None
+    marker: bool = False
+    reason: str = ""
+
+
+def classify_udp_payload(port: int, payload: bytes) -> Classified:
+    """Classify by the rules of RFC 3948: on 4500 a zero first word is the non-ESP marker,
+    a single 0xFF is a NAT keepalive, anything else is ESP; on other ports it is IKE."""
+    if port == NATT_PORT:
+        if payload == NAT_KEEPALIVE:
+            return Classified(Kind.KEEPALIVE)
+        if len(payload) < 4:
+            return Classified(Kind.INVALID, reason=f"{len(payload)}-octet payload on 4500")
+        if payload[:4] == NON_ESP_MARKER:
+            return _ike(payload[4:], marker=True)
+        if len(payload) < 8:
+            return Classified(Kind.INVALID, reason="ESP shorter than SPI and sequence")
+        spi, seq = struct.unpack_from("!II", payload)
+        return Classified(Kind.ESP, body=payload, spi=spi, seq=seq)
+    return _ike(payload, marker=False)
+
+
+def _ike(msg: bytes, *, marker: bool) -> Classified:
+    try:
+        hdr = parse_ike_header(msg)
+    except IKEError as exc:
+        return Classified(Kind.INVALID, reason=str(exc), marker=marker)
+    return Classified(Kind.IKE, body=msg, ike=hdr, marker=marker)
+
+
+def classify_frame_payload(payload: bytes) -> Classified:
+    """Classify the content of an RFC 9329 frame: marker + IKE, or ESP (non-zero SPI)."""
+    return classify_udp_payload(NATT_PORT, payload)
