@@ -331,9 +331,7 @@ class TCPSegment:
 def parse_tcp(segment: bytes | memoryview) -> TCPSegment:
     if len(segment) < 20:
         raise PacketError("TCP header truncated")
-    sport, dport, seq, ack, off_flags, window, csum, urg = struct.unpack_from(
-        "!HHIIHHHH", segment
-    )
+    sport, dport, seq, ack, off_flags, window, csum, urg = struct.unpack_from("!HHIIHHHH", segment)
     doff = (off_flags >> 12) * 4
     if doff < 20 or doff > len(segment):
         raise PacketError(f"TCP data offset {doff} for {len(segment)} octets")
