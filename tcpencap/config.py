@@ -1,0 +1,363 @@
+"""The tcpencap configuration model, read from a strongswan.conf-style file.
+
+Settings live in a top-level ``tcpencap { }`` section (by default in
+/etc/strongswan.d/tcpencap.conf), keyed by swanctl connection names, because charon rejects
+unknown keys inside swanctl.conf connections. Other top-level sections are ignored, except
+that ``charon.plugins.vici.socket`` is the default for ``tcpencap.vici_socket``. Checking is
+strict: any unknown key or section and any bad value raises ConfigError naming the file,
+line and dotted key, so a typo cannot silently turn TCP encapsulation off. An empty value
+(``key =``) means the default, as in strongSwan.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from .confparse import ConfError, FileReader, Reader, Section, Setting, parse
+
+DEFAULT_PATH = "/etc/strongswan.d/tcpencap.conf"
+DEFAULTS_SOURCE = "(defaults)"
+DEFAULT_VICI_SOCKET = "unix:///var/run/charon.vici"
+DEFAULT_STATUS_SOCKET = "/run/tcpencap/tcpencap.ctl"
+VICI_FALLBACK_KEY = "charon.plugins.vici.socket"
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+INJECT_MODES = ("raw",)
+TRANSPORTS = ("tcp", "fallback", "udp")
+ENCAPSULATIONS = ("rfc9329", "ctcp")
+
+
+class ConfigError(ConfError):
+    """A setting that is unknown or has a bad value."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionConfig:
+    """TCP settings for one swanctl connection. An empty ``remote_addrs`` means: ask charon
+    (VICI get-conns) for the connection's remote_addrs."""
+
+    name: str
+    remote_port: int = 4500
+    transport: str = "tcp"  # tcp | fallback | udp
+    encapsulation: str = "rfc9329"  # rfc9329 | ctcp
+    remote_addrs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """TCP originator settings; ``port`` 0 picks a random port in ``port_range``."""
+
+    port: int = 0
+    port_range: tuple[int, int] = (32768, 60999)
+    connect_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """TCP responder settings; no ``listen`` addresses means this host is not a gateway."""
+
+    listen: tuple[tuple[str, int], ...] = ()
+    max_connections: int = 1000
+    first_message_timeout: float = 5.0
+    max_buffer: int = 262144
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    vici_socket: str = DEFAULT_VICI_SOCKET
+    status_socket: str = DEFAULT_STATUS_SOCKET
+    queue_num: int = 4500
+    inject: str = "raw"
+    max_frame: int = 65535
+    log_level: str = "info"
+    client: ClientConfig = field(default_factory=ClientConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    connections: dict[str, ConnectionConfig] = field(default_factory=dict)
+    source: str = DEFAULTS_SOURCE
+
+
+def default_config() -> Config:
+    """Every setting at its default."""
+    return Config()
+
+
+def load_config(path: str | None = None, reader: Reader | None = None) -> Config:
+    """Load a configuration file. With no ``path`` the default file is read, and its
+    absence means the defaults; a ``path`` given explicitly must exist."""
+    reader = reader or FileReader()
+    try:
+        text = reader.read(path or DEFAULT_PATH)
+    except FileNotFoundError:
+        if path is None:
+            return default_config()
+        raise ConfigError(path, 0, "cannot read: no such file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(path or DEFAULT_PATH, 0, f"cannot read: not UTF-8 ({e.reason})") from None
+    except OSError as e:
+        raise ConfigError(path or DEFAULT_PATH, 0, f"cannot read: {e.strerror or e}") from None
+    return parse_config(text, path or DEFAULT_PATH, reader)
+
+
+def parse_config(text: str, path: str = "<string>", reader: Reader | None = None) -> Config:
+    """Build a Config from strongswan.conf text (includes are read through ``reader``)."""
+    return config_from_tree(parse(text, path, reader), path)
+
+
+def config_from_tree(root: Section, source: str) -> Config:
+    """Build a Config from an already parsed tree."""
+    if "tcpencap" in root.keys:
+        s = root.keys["tcpencap"]
+        raise ConfigError(s.path, s.line, "tcpencap: must be a section, not a key")
+    top = root.sections.get("tcpencap") or Section("tcpencap", source, 0)
+    v = _Values(top, "tcpencap")
+    vici = v.take("vici_socket", _vici_uri, "")
+    if not vici:
+        fallback = root.get(VICI_FALLBACK_KEY)
+        if fallback is not None and fallback.value:
+            vici = _convert(fallback, VICI_FALLBACK_KEY, _vici_uri)
+    cfg = Config(
+        vici_socket=vici or DEFAULT_VICI_SOCKET,
+        status_socket=v.take("status_socket", _abs_path, DEFAULT_STATUS_SOCKET),
+        queue_num=v.take("queue_num", _int_range(0, 65535), 4500),
+        inject=v.take("inject", _choice(INJECT_MODES), "raw"),
+        max_frame=v.take("max_frame", _int_range(64, 65535), 65535),
+        log_level=v.take("log_level", _choice(LOG_LEVELS), "info"),
+        client=_client(v.sub("client")),
+        gateway=_gateway(v.sub("gateway")),
+        connections=_connections(v.sub("connections")),
+        source=source,
+    )
+    v.finish(("client", "gateway", "connections"))
+    buf = top.get("gateway.max_buffer")
+    if buf is not None and cfg.gateway.max_buffer < cfg.max_frame + 2:
+        raise ConfigError(
+            buf.path,
+            buf.line,
+            f"tcpencap.gateway.max_buffer: {cfg.gateway.max_buffer} is smaller than one "
+            f"frame (max_frame {cfg.max_frame} + 2 length octets)",
+        )
+    return cfg
+
+
+def _client(v: _Values) -> ClientConfig:
+    c = ClientConfig(
+        port=v.take("port", _int_range(0, 65535), 0),
+        port_range=v.take("port_range", _port_range, (32768, 60999)),
+        connect_timeout=v.take("connect_timeout", _duration, 5.0),
+    )
+    v.finish()
+    return c
+
+
+def _gateway(v: _Values) -> GatewayConfig:
+    g = GatewayConfig(
+        listen=v.take("listen", _listen, ()),
+        max_connections=v.take("max_connections", _int_range(1, 1_000_000), 1000),
+        first_message_timeout=v.take("first_message_timeout", _duration, 5.0),
+        max_buffer=v.take("max_buffer", _int_range(1024, 1 << 30), 262144),
+    )
+    v.finish()
+    return g
+
+
+def _connections(v: _Values) -> dict[str, ConnectionConfig]:
+    conns = {}
+    for name in v.sec.sections:
+        c = v.sub(name)
+        conns[name] = ConnectionConfig(
+            name=name,
+            remote_port=c.take("remote_port", _int_range(1, 65535), 4500),
+            transport=c.take("transport", _choice(TRANSPORTS), "tcp"),
+            encapsulation=c.take("encapsulation", _choice(ENCAPSULATIONS), "rfc9329"),
+            remote_addrs=c.take("remote_addrs", _addr_list, ()),
+        )
+        c.finish()
+    v.finish(tuple(v.sec.sections))
+    return conns
+
+
+T = TypeVar("T")
+
+
+class _Values:
+    """One section being read: hands out converted values and, at the end, rejects any
+    key or subsection nobody asked for."""
+
+    def __init__(self, sec: Section, prefix: str) -> None:
+        self.sec = sec
+        self.prefix = prefix
+        self.used: set[str] = set()
+        if sec.refs:
+            raise ConfigError(sec.path, sec.line, f"{prefix}: section references not supported")
+
+    def take(self, key: str, conv: Callable[[str], T], default: T) -> T:
+        self.used.add(key)
+        s = self.sec.keys.get(key)
+        if s is None or not s.value.strip():
+            return default
+        return _convert(s, f"{self.prefix}.{key}", conv)
+
+    def sub(self, name: str) -> _Values:
+        sec = self.sec.sections.get(name) or Section(name, self.sec.path, self.sec.line)
+        return _Values(sec, f"{self.prefix}.{name}")
+
+    def finish(self, sections: tuple[str, ...] = ()) -> None:
+        for key, s in self.sec.keys.items():
+            if key not in self.used:
+                what = " (it is a section)" if key in sections else ""
+                raise ConfigError(s.path, s.line, f"{self.prefix}.{key}: unknown key{what}")
+        for name, sec in self.sec.sections.items():
+            if name not in sections:
+                raise ConfigError(sec.path, sec.line, f"{self.prefix}.{name}: unknown section")
+
+
+class _Bad(ValueError):
+    """A bad element of a list value: the message quotes the element, not the whole list."""
+
+    def __init__(self, item: str, reason: str) -> None:
+        super().__init__(reason)
+        self.item = item
+
+
+def _convert(s: Setting, dotted: str, conv: Callable[[str], T]) -> T:
+    text = s.value.strip()
+    try:
+        return conv(text)
+    except _Bad as e:
+        raise ConfigError(s.path, s.line, f"{dotted}: {e.item!r} {e}") from None
+    except ValueError as e:
+        raise ConfigError(s.path, s.line, f"{dotted}: {text!r} {e}") from None
+
+
+# Converters: take the trimmed, non-empty text; raise ValueError with the reason, which is
+# worded to follow the quoted value ("'x' is not an integer").
+
+
+def _int(text: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,10}", text):
+        raise ValueError("is not an integer")
+    return int(text)
+
+
+def _int_range(lo: int, hi: int) -> Callable[[str], int]:
+    def conv(text: str) -> int:
+        n = _int(text)
+        if not lo <= n <= hi:
+            raise ValueError(f"is out of range {lo}..{hi}")
+        return n
+
+    return conv
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    def conv(text: str) -> str:
+        if text.lower() not in options:
+            raise ValueError(f"is not one of {'|'.join(options)}")
+        return text.lower()
+
+    return conv
+
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration(text: str) -> float:
+    """``5``, ``5s``, ``500ms``, ``2m``, ``1h``: seconds as a float, above 0 and at most a day."""
+    m = re.fullmatch(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)\s*(ms|s|m|h)?", text)
+    if not m:
+        raise ValueError("is not a duration (like 5, 5s, 500ms or 2m)")
+    secs = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    if not 0 < secs <= 86400:
+        raise ValueError("is out of range (above 0, at most 1 day)")
+    return secs
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"([0-9]{1,5})\s*-\s*([0-9]{1,5})", text)
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)) <= 65535:
+        raise ValueError("is not a port range LOW-HIGH with 1 <= LOW <= HIGH <= 65535")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _abs_path(text: str) -> str:
+    if not text.startswith("/") or "\0" in text:
+        raise ValueError("is not an absolute path")
+    return text
+
+
+def _vici_uri(text: str) -> str:
+    """``unix:///absolute/path`` or ``tcp://ADDR:PORT``, the two forms charon's vici serves."""
+    scheme, sep, rest = text.partition("://")
+    try:
+        if sep and scheme == "unix":
+            _abs_path(rest)
+            return text
+        if sep and scheme == "tcp":
+            _endpoint(rest)
+            return text
+    except ValueError:
+        pass
+    raise ValueError("is not unix:///PATH or tcp://ADDR:PORT")
+
+
+def _endpoint(text: str) -> tuple[str, int]:
+    """``1.2.3.4:4500`` or ``[2001:db8::1]:4500``; the address is normalised."""
+    bad = "is not ADDR:PORT with a port 1-65535"
+    m = re.fullmatch(r"\[([^\]]*)\]:([0-9]{1,5})|([^:\[\]]*):([0-9]{1,5})", text)
+    if not m:
+        raise _Bad(text, bad + " (IPv6 in brackets: [::]:4500)" if text.count(":") > 1 else bad)
+    bracketed = m.group(1) is not None
+    host = m.group(1) if bracketed else m.group(3)
+    port = int(m.group(2) if bracketed else m.group(4))
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise _Bad(text, bad) from None
+    if (addr.version == 6) != bracketed:
+        raise _Bad(text, bad + " (IPv6 in brackets: [::]:4500)")
+    if not 1 <= port <= 65535:
+        raise _Bad(text, bad)
+    return str(addr), port
+
+
+def _listen(text: str) -> tuple[tuple[str, int], ...]:
+    out: list[tuple[str, int]] = []
+    for item in text.split(","):
+        ep = _endpoint(item.strip())
+        if ep in out:
+            raise _Bad(item.strip(), "is listed twice")
+        out.append(ep)
+    return tuple(out)
+
+
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _address(text: str) -> str:
+    """An IP address (normalised) or a DNS name, as swanctl's remote_addrs accepts."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    labels = text.rstrip(".").split(".")
+    if (
+        len(text) <= 253
+        and all(_LABEL.fullmatch(lbl) for lbl in labels)
+        and not labels[-1].isdigit()
+    ):
+        return text
+    raise _Bad(text, "is not an IP address or DNS name")
+
+
+def _addr_list(text: str) -> tuple[str, ...]:
+    out: list[str] = []
+    for item in text.split(","):
+        item = item.strip()
+        addr = _address(item)
+        if addr not in out:
+            out.append(addr)
+    return tuple(out)

@@ -1,0 +1,226 @@
+"""The connection table: the one place that knows which TCP connection carries which SA.
+
+Indexes, all dicts (O(1) per packet, no scans):
+- IKE: (local IP, peer IP, IKE initiator SPI) -> connection id. Each connection has two SPI
+  sets, current and previous, so an IKE rekey and the DELETE of the old SA that follows it
+  stay on the same connection.
+- ESP: (local IP, peer IP, SPI) -> connection id, at most ``max_spis`` per connection.
+- endpoint: (peer IP, peer port) -> connection id, the UDP endpoint charon sees for it.
+- pair: (local IP, peer IP) -> ids in creation order, so traffic that names no known SPI
+  can still find the newest connection of that address pair.
+
+Binding is first-come: an SPI bound to one connection is never silently moved to another
+by :meth:`bind_ike`/:meth:`bind_esp`; only :meth:`move_esp`/:meth:`move_ike` (called on
+authenticated information, i.e. VICI) do that.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+DEFAULT_MAX_SPIS = 16
+
+Pair = tuple[bytes, bytes]
+
+
+class Bind(enum.Enum):
+    """The result of binding an SPI to a connection."""
+
+    NEW = "new"
+    ALREADY = "already"  # bound to this connection before
+    CONFLICT = "conflict"  # bound to another connection: refused
+    LIMIT = "limit"  # the connection already holds max_spis SPIs: refused
+    UNKNOWN = "unknown"  # no such connection
+
+
+@dataclass(slots=True)
+class Entry:
+    """What the table keeps per connection."""
+
+    conn_id: int
+    local: bytes
+    peer: bytes
+    peer_port: int = 0
+    ike_spis: set[bytes] = field(default_factory=set)
+    ike_spis_old: set[bytes] = field(default_factory=set)
+    esp_spis: set[int] = field(default_factory=set)
+
+    @property
+    def pair(self) -> Pair:
+        return (self.local, self.peer)
+
+    @property
+    def carries_sa(self) -> bool:
+        return bool(self.ike_spis or self.ike_spis_old or self.esp_spis)
+
+
+class ConnectionTable:
+    def __init__(self, max_spis: int = DEFAULT_MAX_SPIS) -> None:
+        self.max_spis = max_spis
+        self._ids = itertools.count(1)
+        self._by_id: dict[int, Entry] = {}
+        self._ike: dict[tuple[bytes, bytes, bytes], int] = {}
+        self._esp: dict[tuple[bytes, bytes, int], int] = {}
+        self._endpoint: dict[tuple[bytes, int], int] = {}
+        self._pair: dict[Pair, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(list(self._by_id.values()))
+
+    # --- connections ------------------------------------------------------------------
+
+    def add(self, local: bytes, peer: bytes, peer_port: int = 0) -> Entry:
+        """A new connection; with ``peer_port`` it is also found by its UDP endpoint."""
+        entry = Entry(next(self._ids), local, peer, peer_port)
+        self._by_id[entry.conn_id] = entry
+        self._pair.setdefault(entry.pair, []).append(entry.conn_id)
+        if peer_port:
+            self._endpoint[(peer, peer_port)] = entry.conn_id
+        return entry
+
+    def get(self, conn_id: int) -> Entry | None:
+        return self._by_id.get(conn_id)
+
+    def remove(self, conn_id: int) -> Entry | None:
+        """Drop a connection and every index entry that points at it."""
+        entry = self._by_id.pop(conn_id, None)
+        if entry is None:
+            return None
+        for spi in entry.ike_spis | entry.ike_spis_old:
+            self._ike.pop((entry.local, entry.peer, spi), None)
+        for espi in entry.esp_spis:
+            self._esp.pop((entry.local, entry.peer, espi), None)
+        if entry.peer_port and self._endpoint.get((entry.peer, entry.peer_port)) == conn_id:
+            del self._endpoint[(entry.peer, entry.peer_port)]
+        ids = self._pair.get(entry.pair)
+        if ids is not None:
+            ids.remove(conn_id)
+            if not ids:
+                del self._pair[entry.pair]
+        return entry
+
+    def by_endpoint(self, peer: bytes, port: int) -> Entry | None:
+        cid = self._endpoint.get((peer, port))
+        return None if cid is None else self._by_id[cid]
+
+    def newest_for_pair(self, local: bytes, peer: bytes) -> Entry | None:
+        ids = self._pair.get((local, peer))
+        return self._by_id[ids[-1]] if ids else None
+
+    def for_pair(self, local: bytes, peer: bytes) -> list[Entry]:
+        return [self._by_id[i] for i in self._pair.get((local, peer), ())]
+
+    # --- IKE --------------------------------------------------------------------------
+
+    def lookup_ike(self, local: bytes, peer: bytes, spi_i: bytes) -> Entry | None:
+        cid = self._ike.get((local, peer, spi_i))
+        return None if cid is None else self._by_id[cid]
+
+    def bind_ike(self, conn_id: int, spi_i: bytes) -> Bind:
+        entry = self._by_id.get(conn_id)
+        if entry is None:
+            return Bind.UNKNOWN
+        key = (entry.local, entry.peer, spi_i)
+        owner = self._ike.get(key)
+        if owner == conn_id:
+            return Bind.ALREADY
+        if owner is not None:
+            return Bind.CONFLICT
+        self._ike[key] = conn_id
+        entry.ike_spis.add(spi_i)
+        return Bind.NEW
+
+    def rekey_ike(self, conn_id: int, old_spi: bytes, new_spi: bytes) -> Bind:
+        """The IKE SA ``old_spi`` was rekeyed to ``new_spi``: the old SPI moves to the
+        previous set (still routed, for its DELETE), the new one becomes current."""
+        entry = self._by_id.get(conn_id)
+        if entry is None:
+            return Bind.UNKNOWN
+        if old_spi in entry.ike_spis:
+            entry.ike_spis.discard(old_spi)
+            entry.ike_spis_old.add(old_spi)
+        return self.bind_ike(conn_id, new_spi)
+
+    def unbind_ike(self, conn_id: int, spi_i: bytes) -> bool:
+        entry = self._by_id.get(conn_id)
+        if entry is None:
+            return False
+        key = (entry.local, entry.peer, spi_i)
+        if self._ike.get(key) != conn_id:
+            return False
+        del self._ike[key]
+        entry.ike_spis.discard(spi_i)
+        entry.ike_spis_old.discard(spi_i)
+        return True
+
+    def move_ike(self, conn_id: int, spi_i: bytes) -> Bind:
+        """Rebind an IKE SPI to ``conn_id`` even if another connection holds it (only on
+        authenticated information: VICI, or the same peer reconnecting)."""
+        entry = self._by_id.get(conn_id)
+        if entry is None:
+            return Bind.UNKNOWN
+        owner = self._ike.get((entry.local, entry.peer, spi_i))
+        if owner is not None and owner != conn_id:
+            self.unbind_ike(owner, spi_i)
+        return self.bind_ike(conn_id, spi_i)
+
+    # --- ESP --------------------------------------------------------------------------
+
+    def lookup_esp(self, local: bytes, peer: bytes, spi: int) -> Entry | None:
+        cid = self._esp.get((local, peer, spi))
+        return None if cid is None else self._by_id[cid]
+
+    def bind_esp(self, conn_id: int, spi: int) -> Bind:
+        entry = self._by_id.get(conn_id)
+        if entry is None:
+            return Bind.UNKNOWN
+        key = (entry.local, entry.peer, spi)
+        owner = self._esp.get(key)
+        if owner == conn_id:
+            return Bind.ALREADY
+        if owner is not None:
+            return Bind.CONFLICT
+        if len(entry.esp_spis) >= self.max_spis:
+            return Bind.LIMIT
+        self._esp[key] = conn_id
+        entry.esp_spis.add(spi)
+        return Bind.NEW
+
+    def unbind_esp(self, conn_id: int, spi: int) -> bool:
+        entry = self._by_id.get(conn_id)
+        if entry is None:
+            return False
+        key = (entry.local, entry.peer, spi)
+        if self._esp.get(key) != conn_id:
+            return False
+        del self._esp[key]
+        entry.esp_spis.discard(spi)
+        return True
+
+    def move_esp(self, conn_id: int, spi: int) -> Bind:
+        """Rebind an ESP SPI to ``conn_id`` (authenticated information only)."""
+        entry = self._by_id.get(conn_id)
+        if entry is None:
+            return Bind.UNKNOWN
+        owner = self._esp.get((entry.local, entry.peer, spi))
+        if owner is not None and owner != conn_id:
+            if len(entry.esp_spis) >= self.max_spis:
+                return Bind.LIMIT  # refused: the SPI stays routed to its owner
+            self.unbind_esp(owner, spi)
+        return self.bind_esp(conn_id, spi)
+
+    def index_sizes(self) -> dict[str, int]:
+        """Sizes of every index, for tests that check nothing stale is left."""
+        return {
+            "connections": len(self._by_id),
+            "ike": len(self._ike),
+            "esp": len(self._esp),
+            "endpoint": len(self._endpoint),
+            "pair": len(self._pair),
+        }

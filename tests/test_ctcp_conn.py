@@ -1,0 +1,657 @@
+"""The cTCP fake-TCP state machine: every transition and timer, without sleeping.
+
+Segments from the peer are built as real bytes (build_control / encapsulate) and parsed
+with read_segment, so the machine is exercised exactly as the daemon will drive it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tcpencap.ctcp import Segment, build_control, decapsulate, encapsulate, read_segment
+from tcpencap.ctcp_conn import (
+    TRANSITIONS,
+    Closed,
+    Connection,
+    DeliverInner,
+    Dropped,
+    Role,
+    State,
+    Timers,
+    TransmitSegment,
+    stray_reply,
+)
+from tcpencap.packet import (
+    PROTO_ESP,
+    PROTO_TCP,
+    PROTO_UDP,
+    TCP_ACK,
+    TCP_CWR,
+    TCP_ECE,
+    TCP_FIN,
+    TCP_PSH,
+    TCP_RST,
+    TCP_SYN,
+    addr_bytes,
+    build_ipv4,
+    build_ipv6,
+    build_tcp,
+    build_udp_packet,
+    parse_ip,
+    parse_tcp,
+)
+
+LOCAL, PEER = addr_bytes("198.18.0.1"), addr_bytes("198.18.1.2")
+LOCAL6, PEER6 = addr_bytes("fd00::1"), addr_bytes("fd00:1::2")
+LPORT, PPORT = 10000, 41000
+ISN = 0x10000000
+PEER_ISN = 0x7FFFFFF0
+IKE = bytes(range(1, 9)) + bytes(8) + b"\x01\x10\x02\x00" + bytes(8) + b"\xbb" * 20
+
+
+def ike_out(src: bytes = LOCAL, dst: bytes = PEER, msg: bytes = IKE) -> bytes:
+    return build_udp_packet(src, dst, 500, 500, msg)
+
+
+def esp_out(src: bytes = LOCAL, dst: bytes = PEER, n: int = 100) -> bytes:
+    body = b"\x00\x00\x10\x01" + n.to_bytes(4, "big") + bytes(n)
+    if len(src) == 4:
+        return build_ipv4(src, dst, PROTO_ESP, body)
+    return build_ipv6(src, dst, PROTO_ESP, body)
+
+
+def from_peer(flags: int, seq: int, ack: int, *, src: bytes = PEER, dst: bytes = LOCAL) -> Segment:
+    return read_segment(build_control(src, dst, PPORT, LPORT, seq, ack, flags))
+
+
+def data_from_peer(inner: bytes, seq: int, ack: int) -> Segment:
+    return read_segment(encapsulate(inner, sport=PPORT, dport=LPORT, seq=seq, ack=ack))
+
+
+def raw_from_peer(flags: int, seq: int, ack: int, payload: bytes) -> Segment:
+    tcp = build_tcp(PEER, LOCAL, PPORT, LPORT, seq, ack, flags, payload)
+    return read_segment(build_ipv4(PEER, LOCAL, PROTO_TCP, tcp))
+
+
+def drain(conn: Connection) -> list:
+    out = []
+    while (a := conn.next_action()) is not None:
+        out.append(a)
+    return out
+
+
+def listener(**kw) -> Connection:
+    kw.setdefault("isn", ISN)
+    kw.setdefault("rng", random.Random(1))
+    return Connection(
+        Role.LISTENER, local=LOCAL, peer=PEER, local_port=LPORT, peer_port=PPORT, **kw
+    )
+
+
+def client(**kw) -> Connection:
+    kw.setdefault("isn", ISN)
+    kw.setdefault("rng", random.Random(2))
+    return Connection(Role.CLIENT, local=LOCAL, peer=PEER, local_port=LPORT, peer_port=PPORT, **kw)
+
+
+def established_listener(now: float = 0.0, **kw) -> Connection:
+    c = listener(**kw)
+    c.receive_segment(now, from_peer(TCP_SYN, PEER_ISN, 0))
+    c.receive_segment(now, from_peer(TCP_ACK, PEER_ISN + 1, (c.isn + 1) & 0xFFFFFFFF))
+    drain(c)
+    assert c.state is State.ESTABLISHED
+    return c
+
+
+def check_control(a, *, seq: int, ack: int, flags: int, src=LOCAL, dst=PEER) -> None:
+    """A TransmitSegment carrying a bare control segment with these fields, local -> peer."""
+    assert isinstance(a, TransmitSegment)
+    assert (a.seq, a.ack, a.flags, a.inner_proto) == (seq, ack, flags, None)
+    ip = parse_ip(a.data)
+    assert (ip.src, ip.dst, ip.proto, ip.ttl, ip.df) == (src, dst, PROTO_TCP, 240, False)
+    t = parse_tcp(ip.payload)
+    assert (t.sport, t.dport, t.seq, t.ack, t.flags, t.payload) == (
+        LPORT,
+        PPORT,
+        seq,
+        ack,
+        flags,
+        b"",
+    )
+
+
+# --- listener handshake -----------------------------------------------------------------
+
+
+def test_listener_syn_gets_synack_and_handshake_timer() -> None:
+    c = listener()
+    assert c.state is State.LISTEN and c.get_timer() is None
+    c.receive_segment(5.0, from_peer(TCP_SYN, PEER_ISN, 0))
+    [a] = drain(c)
+    check_control(a, seq=ISN, ack=PEER_ISN + 1, flags=TCP_SYN | TCP_ACK)
+    assert c.state is State.SYN_RCVD and c.get_timer() == 8.0
+
+
+def test_listener_ecn_syn_is_a_syn() -> None:
+    c = listener()
+    c.receive_segment(0.0, from_peer(TCP_SYN | TCP_ECE | TCP_CWR, PEER_ISN, 0))
+    [a] = drain(c)
+    check_control(a, seq=ISN, ack=PEER_ISN + 1, flags=TCP_SYN | TCP_ACK)
+    assert c.state is State.SYN_RCVD
+
+
+def test_listener_random_isn_from_rng() -> None:
+    a = Connection(
+        Role.LISTENER, local=LOCAL, peer=PEER, local_port=1, peer_port=2, rng=random.Random(7)
+    )
+    b = Connection(
+        Role.LISTENER, local=LOCAL, peer=PEER, local_port=1, peer_port=2, rng=random.Random(8)
+    )
+    for c in (a, b):
+        c.receive_segment(0.0, from_peer(TCP_SYN, 1, 0))
+    sa, sb = drain(a)[0].seq, drain(b)[0].seq
+    assert sa != sb and (sa, sb) == (a.isn, b.isn)
+    assert sa == _second_draw(7)
+
+
+def _second_draw(seed: int) -> int:
+    """The rng's first draw is the IPv4 ID counter, the second the ISN."""
+    r = random.Random(seed)
+    r.getrandbits(16)
+    return r.getrandbits(32)
+
+
+def test_listener_duplicate_syn_resends_synack_and_restarts_timer() -> None:
+    c = listener()
+    c.receive_segment(0.0, from_peer(TCP_SYN, PEER_ISN, 0))
+    drain(c)
+    c.receive_segment(2.0, from_peer(TCP_SYN, PEER_ISN, 0))
+    [a] = drain(c)
+    check_control(a, seq=ISN, ack=PEER_ISN + 1, flags=TCP_SYN | TCP_ACK)
+    assert c.state is State.SYN_RCVD and c.get_timer() == 5.0
+
+
+def test_listener_handshake_timeout_is_silent() -> None:
+    c = listener()
+    c.receive_segment(0.0, from_peer(TCP_SYN, PEER_ISN, 0))
+    drain(c)
+    c.handle_timer(2.999)
+    assert drain(c) == [] and c.state is State.SYN_RCVD
+    c.handle_timer(3.0)
+    assert drain(c) == [Closed("handshake timeout")]
+    assert c.state is State.DELETED and c.get_timer() is None
+
+
+@pytest.mark.parametrize(
+    ("flags", "ack"),
+    [(TCP_ACK, ISN), (TCP_ACK, ISN + 2), (0, ISN + 1), (TCP_FIN | TCP_ACK, ISN + 1)],
+)
+def test_listener_syn_rcvd_drops_anything_else(flags: int, ack: int) -> None:
+    c = listener()
+    c.receive_segment(0.0, from_peer(TCP_SYN, PEER_ISN, 0))
+    drain(c)
+    c.receive_segment(1.0, from_peer(flags, PEER_ISN + 1, ack))
+    acts = drain(c)
+    assert len(acts) == 1 and isinstance(acts[0], Dropped)
+    assert c.state is State.SYN_RCVD and c.get_timer() == 3.0
+
+
+def test_listener_rst_in_syn_rcvd_deletes() -> None:
+    c = listener()
+    c.receive_segment(0.0, from_peer(TCP_SYN, PEER_ISN, 0))
+    drain(c)
+    c.receive_segment(1.0, from_peer(TCP_RST, PEER_ISN + 1, 0))
+    assert drain(c) == [Closed("reset by peer")] and c.state is State.DELETED
+
+
+def test_listener_ack_establishes_with_no_sa_timer() -> None:
+    c = listener()
+    c.receive_segment(0.0, from_peer(TCP_SYN, PEER_ISN, 0))
+    c.receive_segment(1.0, from_peer(TCP_ACK, PEER_ISN + 1, ISN + 1))
+    assert len(drain(c)) == 1  # only the SYN+ACK: the ACK gets no reply
+    assert c.state is State.ESTABLISHED
+    assert (c.seq, c.ack) == (ISN + 1, PEER_ISN + 1)
+    assert c.get_timer() == 61.0
+
+
+def test_listener_handshake_ack_with_data_is_delivered() -> None:
+    c = listener()
+    c.receive_segment(0.0, from_peer(TCP_SYN, PEER_ISN, 0))
+    inner = ike_out(PEER, LOCAL)
+    seg = data_from_peer(inner, PEER_ISN + 1, ISN + 1)
+    c.receive_segment(1.0, seg)
+    acts = drain(c)
+    assert isinstance(acts[-1], DeliverInner) and acts[-1].proto == PROTO_UDP
+    assert acts[-1].packet == decapsulate(encapsulate(inner, sport=1, dport=2, seq=0, ack=0)).packet
+    assert c.ack == (PEER_ISN + 1 + seg.payload_len) & 0xFFFFFFFF
+
+
+def test_no_sa_timer_sends_rst() -> None:
+    c = established_listener(10.0)
+    c.send_packet(11.0, ike_out())
+    drain(c)
+    c.handle_timer(69.9)
+    assert drain(c) == []
+    c.handle_timer(70.0)
+    rst, closed = drain(c)
+    check_control(rst, seq=c.seq, ack=0, flags=TCP_RST)
+    assert closed == Closed("no IPsec SA bound") and c.state is State.DELETED
+
+
+def test_sa_bound_cancels_no_sa_timer() -> None:
+    c = established_listener()
+    c.sa_bound(5.0)
+    assert c.get_timer() is None
+    c.handle_timer(1000.0)
+    assert drain(c) == [] and c.state is State.ESTABLISHED
+
+
+# --- established data path --------------------------------------------------------------
+
+
+def test_send_packet_seq_grows_by_payload_incl_trailer() -> None:
+    c = established_listener()
+    c.sa_bound(0.0)
+    sent = []
+    for inner in (ike_out(), esp_out(), esp_out(n=1400)):
+        c.send_packet(1.0, inner)
+        [a] = drain(c)
+        sent.append((a, inner))
+    seq = ISN + 1
+    for a, inner in sent:
+        assert isinstance(a, TransmitSegment) and a.flags == TCP_ACK
+        assert a.inner_proto == parse_ip(inner).proto
+        d = decapsulate(a.data, verify_checksum=True)
+        assert (
+            (d.seq, d.ack, d.sport, d.dport)
+            == (seq, PEER_ISN + 1, LPORT, PPORT)
+            == (
+                a.seq,
+                a.ack,
+                LPORT,
+                PPORT,
+            )
+        )
+        assert d.payload_len == len(parse_ip(inner).payload) + 16
+        seq += d.payload_len
+    assert c.seq == seq
+
+
+def test_receive_ack_bookkeeping_in_order_gap_and_old() -> None:
+    c = established_listener()
+    esp = esp_out(PEER, LOCAL)
+    start = PEER_ISN + 1
+    s1 = data_from_peer(esp, start, ISN + 1)
+    c.receive_segment(1.0, s1)
+    assert c.ack == start + s1.payload_len  # in order
+    gap_seq = c.ack + 1000
+    c.receive_segment(1.0, data_from_peer(esp, gap_seq, ISN + 1))
+    assert c.ack == (gap_seq + s1.payload_len) & 0xFFFFFFFF  # gap accepted, ack jumps
+    high = c.ack
+    c.receive_segment(1.0, data_from_peer(esp, start, ISN + 1))  # reordered, old
+    assert c.ack == high
+    acts = drain(c)
+    assert [type(a) for a in acts] == [DeliverInner] * 3  # all decapsulated, no ACKs sent
+    assert all(a.packet == esp and a.proto == PROTO_ESP for a in acts)
+    # The next data segment we send carries the ack.
+    c.send_packet(1.0, esp_out())
+    assert drain(c)[0].ack == high
+
+
+def test_ack_wraps_around_32_bits() -> None:
+    c = established_listener()
+    seg = data_from_peer(esp_out(PEER, LOCAL), PEER_ISN + 1, ISN + 1)
+    # PEER_ISN + 1 + len crosses 2**31 but not 2**32; now wrap explicitly.
+    c.ack = 0xFFFFFFF0
+    c.receive_segment(1.0, data_from_peer(esp_out(PEER, LOCAL), 0xFFFFFFF0, ISN + 1))
+    assert c.ack == (0xFFFFFFF0 + seg.payload_len) & 0xFFFFFFFF < 0x1000
+    c.receive_segment(1.0, data_from_peer(esp_out(PEER, LOCAL), 0xFFFFFF00, ISN + 1))
+    assert c.ack == (0xFFFFFFF0 + seg.payload_len) & 0xFFFFFFFF  # older: unchanged
+
+
+def test_send_seq_wraps() -> None:
+    c = established_listener(isn=0xFFFFFFFF)
+    assert c.seq == 0
+    c = established_listener(isn=0xFFFFFF00)
+    c.send_packet(0.0, esp_out())
+    [a] = drain(c)
+    assert a.seq == 0xFFFFFF01 and c.seq == (0xFFFFFF01 + 124) & 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x00", bytes(23)])
+def test_keepalives_are_dropped_silently(payload: bytes) -> None:
+    c = established_listener()
+    before = c.ack
+    c.receive_segment(1.0, raw_from_peer(TCP_ACK, PEER_ISN, ISN + 1, payload))
+    assert drain(c) == [Dropped("keepalive")]
+    assert c.ack == before and c.state is State.ESTABLISHED
+
+
+def test_bad_inner_protocol_is_dropped() -> None:
+    c = established_listener()
+    trailer = b"\x00" * 8 + b"!Eli\x10\x06\x01\x00"
+    c.receive_segment(1.0, raw_from_peer(TCP_ACK, PEER_ISN + 1, ISN + 1, bytes(40) + trailer))
+    [a] = drain(c)
+    assert isinstance(a, Dropped) and "inner protocol 6" in a.reason
+    assert c.state is State.ESTABLISHED
+
+
+@pytest.mark.parametrize(("flags", "rst_seq"), [(TCP_FIN | TCP_ACK, 0xABCDEF01), (TCP_FIN, 0)])
+def test_fin_gets_rst_and_deletes(flags: int, rst_seq: int) -> None:
+    c = established_listener()
+    c.receive_segment(1.0, from_peer(flags, PEER_ISN + 1, 0xABCDEF01))
+    rst, closed = drain(c)
+    check_control(rst, seq=rst_seq, ack=0, flags=TCP_RST)
+    assert closed == Closed("FIN from peer") and c.state is State.DELETED
+
+
+@pytest.mark.parametrize("flags", [TCP_RST, TCP_RST | TCP_ACK, TCP_RST | TCP_FIN])
+def test_rst_deletes_silently(flags: int) -> None:
+    c = established_listener()
+    c.receive_segment(1.0, from_peer(flags, PEER_ISN + 1, ISN + 1))
+    assert drain(c) == [Closed("reset by peer")] and c.state is State.DELETED
+    c.send_packet(2.0, esp_out())
+    assert drain(c) == [Dropped("not connected (deleted)")]
+
+
+@pytest.mark.parametrize("flags", [TCP_SYN, TCP_SYN | TCP_ACK])
+def test_syn_on_established_is_dropped(flags: int) -> None:
+    c = established_listener()
+    c.receive_segment(1.0, from_peer(flags, 5, 0))
+    [a] = drain(c)
+    assert isinstance(a, Dropped) and c.state is State.ESTABLISHED
+
+
+def test_send_packet_rejects_non_ike_esp() -> None:
+    c = established_listener()
+    c.send_packet(1.0, build_ipv4(LOCAL, PEER, 1, bytes(20)))
+    [a] = drain(c)
+    assert isinstance(a, Dropped) and "cannot encapsulate" in a.reason
+    assert c.seq == ISN + 1
+
+
+# --- closing ---------------------------------------------------------------------------
+
+
+def test_close_wait_carries_ike_only_then_bare_rst() -> None:
+    c = established_listener()
+    c.sa_bound(1.0)
+    c.last_sa_gone(10.0)
+    assert c.state is State.CLOSE_WAIT and c.get_timer() == 10.5
+    c.send_packet(10.1, ike_out())
+    c.send_packet(10.1, esp_out())
+    ike_seg, esp_drop = drain(c)
+    assert isinstance(ike_seg, TransmitSegment) and ike_seg.inner_proto == PROTO_UDP
+    assert esp_drop == Dropped("ESP while closing")
+    c.receive_segment(10.2, data_from_peer(ike_out(PEER, LOCAL), c.ack, ISN + 1))
+    c.receive_segment(10.2, data_from_peer(esp_out(PEER, LOCAL), c.ack, ISN + 1))
+    deliver, dropped = drain(c)
+    assert isinstance(deliver, DeliverInner) and deliver.proto == PROTO_UDP
+    assert dropped == Dropped("ESP while closing")
+    c.handle_timer(10.49)
+    assert drain(c) == []
+    c.handle_timer(10.5)
+    rst, closed = drain(c)
+    check_control(rst, seq=0, ack=0, flags=TCP_RST)
+    assert closed == Closed("last SA gone") and c.state is State.DELETED
+
+
+def test_sa_bound_in_close_wait_keeps_connection() -> None:
+    c = established_listener()
+    c.last_sa_gone(1.0)
+    c.sa_bound(1.2)
+    assert c.state is State.ESTABLISHED and c.get_timer() is None
+    c.handle_timer(2.0)
+    assert drain(c) == []
+
+
+def test_close_wait_fin_and_rst() -> None:
+    c = established_listener()
+    c.last_sa_gone(1.0)
+    c.receive_segment(1.1, from_peer(TCP_RST, 0, 0))
+    assert drain(c) == [Closed("reset by peer")]
+
+
+def test_last_sa_gone_outside_established_is_ignored() -> None:
+    c = listener()
+    c.last_sa_gone(0.0)
+    assert c.state is State.LISTEN and drain(c) == []
+
+
+def test_timers_are_configurable() -> None:
+    t = Timers(handshake=1.0, no_sa=10.0, close_delay=0.1)
+    c = listener(timers=t)
+    c.receive_segment(0.0, from_peer(TCP_SYN, PEER_ISN, 0))
+    assert c.get_timer() == 1.0
+    c.receive_segment(0.5, from_peer(TCP_ACK, PEER_ISN + 1, ISN + 1))
+    assert c.get_timer() == 10.5
+    c.last_sa_gone(2.0)
+    assert c.get_timer() == 2.1
+    k = client(timers=t)
+    k.send_packet(0.0, ike_out())
+    assert k.get_timer() == 1.0
+
+
+# --- listener without a handshake, stray segments -----------------------------------------
+
+
+def test_listen_non_syn_gets_stray_reply_and_closes() -> None:
+    c = listener()
+    c.receive_segment(0.0, from_peer(TCP_ACK, 100, 200))
+    rst, closed = drain(c)
+    check_control(rst, seq=200, ack=100, flags=TCP_RST | TCP_ACK)
+    assert isinstance(closed, Closed) and c.state is State.DELETED
+
+
+def test_stray_reply_rules() -> None:
+    seg = data_from_peer(esp_out(PEER, LOCAL), 1000, 5000)
+    r = stray_reply(seg)
+    assert r is not None
+    check_control(r, seq=5000, ack=1000 + seg.payload_len, flags=TCP_RST | TCP_ACK)
+    fin = stray_reply(from_peer(TCP_FIN, 0xFFFFFFFF, 77))
+    assert fin is not None and (fin.seq, fin.ack) == (0, 0)  # no ACK: seq 0; FIN counts one
+    synack = stray_reply(from_peer(TCP_SYN | TCP_ACK, 41, 42))
+    assert synack is not None and (synack.seq, synack.ack) == (42, 42)
+    assert stray_reply(from_peer(TCP_RST, 1, 2)) is None
+    assert stray_reply(from_peer(TCP_RST | TCP_ACK, 1, 2)) is None
+    assert stray_reply(from_peer(TCP_SYN, 1, 0)) is None
+    assert stray_reply(from_peer(TCP_SYN | TCP_ECE | TCP_CWR, 1, 0)) is None
+    v6 = stray_reply(from_peer(TCP_ACK | TCP_PSH, 3, 4, src=PEER6, dst=LOCAL6), ident=3)
+    assert v6 is not None
+    check_control(v6, seq=4, ack=3, flags=TCP_RST | TCP_ACK, src=LOCAL6, dst=PEER6)
+
+
+# --- client ----------------------------------------------------------------------------
+
+
+def client_syn_sent(now: float = 0.0, **kw) -> tuple[Connection, bytes]:
+    c = client(**kw)
+    trigger = ike_out()
+    c.send_packet(now, trigger)
+    return c, trigger
+
+
+def test_client_first_packet_sends_syn_and_holds_trigger() -> None:
+    c, _ = client_syn_sent(4.0)
+    [syn] = drain(c)
+    check_control(syn, seq=ISN, ack=0, flags=TCP_SYN)
+    assert c.state is State.SYN_SENT and c.get_timer() == 7.0
+
+
+def test_client_packets_during_handshake_are_dropped() -> None:
+    c, _ = client_syn_sent()
+    drain(c)
+    c.send_packet(1.0, ike_out())
+    assert drain(c) == [Dropped("handshake in progress")]
+
+
+def test_client_synack_establishes_and_sends_trigger() -> None:
+    c, trigger = client_syn_sent()
+    drain(c)
+    c.receive_segment(0.5, from_peer(TCP_SYN | TCP_ACK, PEER_ISN, ISN + 1))
+    ack, data = drain(c)
+    check_control(ack, seq=ISN + 1, ack=PEER_ISN + 1, flags=TCP_ACK)
+    assert isinstance(data, TransmitSegment) and data.inner_proto == PROTO_UDP
+    d = decapsulate(data.data)
+    assert (d.seq, d.ack, d.proto) == (ISN + 1, PEER_ISN + 1, PROTO_UDP)
+    assert d.packet == decapsulate(encapsulate(trigger, sport=0, dport=0, seq=0, ack=0)).packet
+    assert c.state is State.ESTABLISHED and c.get_timer() == 60.5
+    assert c.seq == ISN + 1 + d.payload_len
+
+
+def test_client_synack_with_wrong_ack_is_dropped() -> None:
+    c, _ = client_syn_sent()
+    drain(c)
+    c.receive_segment(0.5, from_peer(TCP_SYN | TCP_ACK, PEER_ISN, ISN))
+    [a] = drain(c)
+    assert isinstance(a, Dropped) and c.state is State.SYN_SENT
+
+
+@pytest.mark.parametrize("flags", [TCP_SYN, TCP_ACK, TCP_FIN | TCP_ACK])
+def test_client_syn_sent_drops_other_segments(flags: int) -> None:
+    c, _ = client_syn_sent()
+    drain(c)
+    c.receive_segment(0.5, from_peer(flags, PEER_ISN, ISN + 1))
+    [a] = drain(c)
+    assert isinstance(a, Dropped) and c.state is State.SYN_SENT
+
+
+def test_client_syn_never_retransmitted_then_new_syn() -> None:
+    c, _ = client_syn_sent()
+    drain(c)
+    c.handle_timer(2.9)
+    assert drain(c) == []
+    c.handle_timer(3.0)
+    assert drain(c) == [Dropped("handshake timeout")]
+    assert c.state is State.CLOSED and c.get_timer() is None
+    c.handle_timer(100.0)
+    assert drain(c) == []  # nothing is resent while closed
+    retry = ike_out()
+    c.send_packet(5.0, retry)
+    [syn] = drain(c)
+    assert syn.flags == TCP_SYN and syn.seq != ISN  # a fresh ISN from the rng
+    assert c.state is State.SYN_SENT and c.get_timer() == 8.0
+    c.receive_segment(5.1, from_peer(TCP_SYN | TCP_ACK, PEER_ISN, syn.seq + 1))
+    ack, data = drain(c)
+    assert decapsulate(data.data).seq == syn.seq + 1  # the new trigger, not the old one
+
+
+def test_client_connect_without_trigger() -> None:
+    c = client()
+    c.connect(0.0)
+    [syn] = drain(c)
+    check_control(syn, seq=ISN, ack=0, flags=TCP_SYN)
+    c.connect(0.1)
+    assert drain(c) == [Dropped("connect in syn-sent")]
+    c.receive_segment(0.2, from_peer(TCP_SYN | TCP_ACK, PEER_ISN, ISN + 1))
+    [ack] = drain(c)
+    assert ack.flags == TCP_ACK and c.state is State.ESTABLISHED
+    lst = listener()
+    lst.connect(0.0)
+    assert drain(lst) == [Dropped("connect in listen")] and lst.state is State.LISTEN
+
+
+def test_client_refused_by_rst() -> None:
+    c, _ = client_syn_sent()
+    drain(c)
+    c.receive_segment(0.1, from_peer(TCP_RST | TCP_ACK, 0, ISN + 7))
+    assert drain(c) == [Dropped("RST not for our SYN")] and c.state is State.SYN_SENT
+    c.receive_segment(0.1, from_peer(TCP_RST | TCP_ACK, 0, ISN + 1))
+    assert drain(c) == [Dropped("connection refused")]
+    assert c.state is State.CLOSED and c.get_timer() is None
+
+
+def test_client_established_receives_and_closes_like_listener() -> None:
+    c, _ = client_syn_sent()
+    c.receive_segment(0.5, from_peer(TCP_SYN | TCP_ACK, PEER_ISN, ISN + 1))
+    drain(c)
+    c.receive_segment(0.6, data_from_peer(esp_out(PEER, LOCAL), PEER_ISN + 1, c.seq))
+    [d] = drain(c)
+    assert isinstance(d, DeliverInner) and d.packet == esp_out(PEER, LOCAL)
+    c.receive_segment(0.7, from_peer(TCP_FIN | TCP_ACK, c.ack, c.seq))
+    rst, closed = drain(c)
+    assert rst.flags == TCP_RST and rst.seq == c.seq and isinstance(closed, Closed)
+
+
+def test_client_ipv6() -> None:
+    c = Connection(
+        Role.CLIENT, local=LOCAL6, peer=PEER6, local_port=LPORT, peer_port=PPORT, isn=ISN
+    )
+    trigger = build_udp_packet(LOCAL6, PEER6, 500, 500, IKE)
+    c.send_packet(0.0, trigger)
+    [syn] = drain(c)
+    check_control(syn, seq=ISN, ack=0, flags=TCP_SYN, src=LOCAL6, dst=PEER6)
+    c.receive_segment(0.1, from_peer(TCP_SYN | TCP_ACK, PEER_ISN, ISN + 1, src=PEER6, dst=LOCAL6))
+    _, data = drain(c)
+    assert decapsulate(data.data).packet == trigger
+
+
+# --- the transition table ----------------------------------------------------------------
+
+
+def test_transition_table_is_enforced() -> None:
+    assert set(TRANSITIONS) == set(State)
+    assert TRANSITIONS[State.DELETED] == frozenset()
+    c = listener()
+    with pytest.raises(RuntimeError):
+        c._goto(State.ESTABLISHED)  # LISTEN cannot jump straight to ESTABLISHED
+
+
+def test_deleted_ignores_everything() -> None:
+    c = established_listener()
+    c.receive_segment(1.0, from_peer(TCP_RST, 0, 0))
+    drain(c)
+    c.receive_segment(2.0, data_from_peer(esp_out(PEER, LOCAL), 0, 0))
+    c.handle_timer(1e9)
+    c.sa_bound(3.0)
+    c.last_sa_gone(3.0)
+    acts = drain(c)
+    assert all(isinstance(a, Dropped) for a in acts) and len(acts) == 1
+    assert c.state is State.DELETED
+
+
+_FLAGS = st.sampled_from(
+    [TCP_SYN, TCP_SYN | TCP_ACK, TCP_ACK, TCP_RST, TCP_FIN, TCP_FIN | TCP_ACK, TCP_SYN | TCP_ECE]
+)
+
+
+@st.composite
+def events(draw: st.DrawFn):
+    kind = draw(st.sampled_from(["ctl", "data", "send", "timer", "sa", "gone", "connect"]))
+    return kind, draw(_FLAGS), draw(st.integers(0, 0xFFFFFFFF)), draw(st.booleans())
+
+
+@given(st.sampled_from(list(Role)), st.lists(events(), max_size=30))
+@settings(max_examples=200, deadline=None)
+def test_random_event_sequences_keep_invariants(role: Role, evs) -> None:
+    c = Connection(role, local=LOCAL, peer=PEER, local_port=LPORT, peer_port=PPORT, isn=ISN)
+    now = 0.0
+    for kind, flags, num, ike in evs:
+        now += 0.7
+        before = c.state
+        if kind == "ctl":
+            c.receive_segment(now, from_peer(flags, num, ISN + 1 if num & 1 else num))
+        elif kind == "data":
+            c.receive_segment(now, data_from_peer(esp_out(PEER, LOCAL), num, ISN + 1))
+        elif kind == "send":
+            c.send_packet(now, ike_out() if ike else esp_out())
+        elif kind == "timer":
+            t = c.get_timer()
+            c.handle_timer(t if t is not None else now)
+            now = max(now, t or now)
+        elif kind == "sa":
+            c.sa_bound(now)
+        elif kind == "gone":
+            c.last_sa_gone(now)
+        else:
+            c.connect(now)
+        assert c.state is before or c.state in TRANSITIONS[before]
+        for a in drain(c):
+            assert isinstance(a, TransmitSegment | DeliverInner | Closed | Dropped)
+            if isinstance(a, TransmitSegment):
+                assert read_segment(a.data).src == LOCAL
+        if c.state is State.DELETED:
+            assert c.get_timer() is None
