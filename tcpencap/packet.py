@@ -365,6 +365,8 @@ def build_tcp(
     """A TCP segment with a correct checksum over the pseudo-header."""
     if len(options) % 4:
         options += b"\x00" * (4 - len(options) % 4)
+    if len(options) > 40:
+        raise PacketError("TCP options longer than 40 octets")
     doff = (20 + len(options)) // 4
     seg = bytearray(
         struct.pack(

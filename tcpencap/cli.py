@@ -1,0 +1,135 @@
+"""Command line: ``tcpencap run | status | check-config | version``.
+
+Exit codes: 0 success, 1 runtime failure (daemon could not start, status socket
+unreachable), 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from typing import Any
+
+from . import __version__
+from .config import Config, ConfigError, load_config
+
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+
+
+def _load(path: str | None) -> Config:
+    return load_config(path)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    level = (args.log_level or cfg.log_level).upper()
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    from .daemon import Daemon
+
+    try:
+        asyncio.run(Daemon(cfg).run())
+    except (OSError, RuntimeError) as exc:
+        logging.getLogger("tcpencap").error("cannot run: %s", exc)
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+def _fmt_status(st: dict[str, Any]) -> str:
+    lines = [
+        f"tcpencap pid {st['pid']}, up {st['uptime']}s, config {st['config']}, VICI {st['vici']}",
+        f"listening: {', '.join(st['listening']) or '-'}",
+        f"steered peers: {', '.join(st['steered_peers']) or '-'}",
+        f"queue: {st['queue']['packets']} packets, drops: {st['drops'] or '-'}",
+        f"connections: {len(st['connections'])}",
+    ]
+    for c in st["connections"]:
+        lines.append(
+            f"  #{c['id']} {c['side']:<7} {c['state']:<15} {c['local']} <-> {c['peer']}"
+            f"  age {c['age']}s"
+        )
+        lines.append(
+            f"      frames in/out {c['frames_in']}/{c['frames_out']}"
+            f"  bytes in/out {c['bytes_in']}/{c['bytes_out']}"
+        )
+        lines.append(
+            f"      IKE SPIs {', '.join(c['ike_spis']) or '-'}"
+            + (f" (previous {', '.join(c['ike_spis_old'])})" if c["ike_spis_old"] else "")
+        )
+        lines.append(f"      ESP SPIs {', '.join(c['esp_spis']) or '-'}")
+        if c["drops"]:
+            drops = ", ".join(f"{k}={v}" for k, v in sorted(c["drops"].items()))
+            lines.append(f"      drops {drops}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    path = args.socket or cfg.status_socket
+    from .daemon import query_status
+
+    try:
+        st = asyncio.run(query_status(path))
+    except (OSError, TimeoutError, ValueError) as exc:
+        print(f"tcpencap: cannot reach {path}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    print(json.dumps(st, indent=2) if args.json else _fmt_status(st))
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    print(f"{cfg.source}: OK")
+    if cfg.gateway.listen:
+        print("gateway listens on " + ", ".join(f"{h}:{p}" for h, p in cfg.gateway.listen))
+    for name, c in sorted(cfg.connections.items()):
+        where = ", ".join(c.remote_addrs) or "(remote_addrs from charon)"
+        print(f"connection {name}: {c.transport} via {c.encapsulation}", end="")
+        print(f" to {where} port {c.remote_port}")
+    return EXIT_OK
+
+
+def cmd_version(_: argparse.Namespace) -> int:
+    print(f"tcpencap {__version__}")
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tcpencap", description="IKE and IPsec over TCP for strongSwan"
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the daemon in the foreground")
+    r.add_argument("--config", help="configuration file (default /etc/strongswan.d/tcpencap.conf)")
+    r.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    r.set_defaults(func=cmd_run)
+    s = sub.add_parser("status", help="show the live connections")
+    s.add_argument("--config")
+    s.add_argument("--socket", help="control socket (default: status_socket of the config)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+    c = sub.add_parser("check-config", help="validate the configuration")
+    c.add_argument("--config")
+    c.set_defaults(func=cmd_check_config)
+    v = sub.add_parser("version")
+    v.set_defaults(func=cmd_version)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"tcpencap: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,560 @@
+"""The asyncio daemon: wires the NFQUEUE reader, RFC 9329 TCP connections, the router,
+the injector, VICI and the control socket together. Decisions live in the sans-I/O core
+(router, table, codec); this module only moves bytes and keeps counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+from nfq.inject import RawInjector
+from nfq.queue import QueueReader
+from nfq.rules import SteeringRules
+
+from . import rfc9329
+from .config import Config
+from .packet import addr_bytes, addr_text
+from .ports import PortAllocator, PortsExhausted
+from .router import ConnView, Drop, Inject, Open, Router, Send, Side
+from .sockopts import set_ipsec_bypass, set_nodelay
+from .table import ConnectionTable
+
+log = logging.getLogger("tcpencap")
+
+PENDING_LIMIT = 64  # frames held while a client connection is being opened
+IKE_HARD_LIMIT_FACTOR = 4  # IKE may overshoot the send buffer bound this many times
+
+
+def _count(d: dict[str, int], key: str) -> None:
+    d[key] = d.get(key, 0) + 1
+
+
+class TcpConnection(asyncio.Protocol):
+    """One RFC 9329 TCP connection, either side."""
+
+    def __init__(self, daemon: Daemon, side: Side) -> None:
+        self.daemon = daemon
+        self.side = side
+        role = rfc9329.Role.ORIGINATOR if side is Side.CLIENT else rfc9329.Role.RESPONDER
+        self.codec = rfc9329.StreamCodec(role, max_frame=daemon.config.max_frame)
+        self.view: ConnView | None = None
+        self.transport: asyncio.Transport | None = None
+        self.state = "connecting" if side is Side.CLIENT else "accepted"
+        self.created = time.monotonic()
+        self.local_port = 0
+        self.peer_port = 0
+        self.local_text = ""
+        self.peer_text = ""
+        self.frames_in = self.frames_out = 0
+        self.bytes_in = self.bytes_out = 0
+        self.drops: dict[str, int] = {}
+        self.pending: list[tuple[bytes, bool]] = []
+        self.deadline: asyncio.TimerHandle | None = None
+        self.got_ike = False
+        self.close_reason = ""
+
+    @property
+    def conn_id(self) -> int:
+        return self.view.conn_id if self.view else 0
+
+    def describe(self) -> str:
+        return (
+            f"conn {self.conn_id} {self.side.value} "
+            f"{self.local_text}:{self.local_port} <-> {self.peer_text}:{self.peer_port}"
+        )
+
+    # --- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        local = transport.get_extra_info("sockname")
+        peer = transport.get_extra_info("peername")
+        self.local_text, self.local_port = _host(local[0]), local[1]
+        self.peer_text, self.peer_port = _host(peer[0]), peer[1]
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                set_nodelay(sock)
+                set_ipsec_bypass(sock)
+        if self.side is Side.GATEWAY:
+            self.daemon.accepted(self)
+        else:
+            self.daemon.connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.codec.receive_data(data)
+        self._drain_events()
+
+    def eof_received(self) -> bool | None:
+        self.codec.receive_data(b"")
+        self._drain_events()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+        if not self.close_reason:
+            self.close_reason = f"error: {exc}" if exc else "closed by peer"
+        self.state = "closed"
+        self.daemon.closed(self)
+
+    def pause_writing(self) -> None:  # backpressure is handled by the buffer checks in send()
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # --- receive ----------------------------------------------------------------------
+
+    def _drain_events(self) -> None:
+        codec = self.codec
+        router = self.daemon.router
+        injector = self.daemon.injector
+        while True:
+            ev = codec.next_event()
+            t = type(ev)
+            if t is rfc9329.ESPPacket:
+                self.frames_in += 1
+                res = router.inbound_esp(self.conn_id, ev.data)  # type: ignore[union-attr]
+            elif t is rfc9329.IKEMessage:
+                self.frames_in += 1
+                if not self.got_ike:
+                    self.got_ike = True
+                    self.state = "open"
+                    if self.deadline is not None:
+                        self.deadline.cancel()
+                        self.deadline = None
+                    self.daemon.first_ike(self)
+                res = router.inbound_ike(self.conn_id, ev.data)  # type: ignore[union-attr]
+            elif t is rfc9329.NeedData:
+                return
+            elif t is rfc9329.PrefixReceived:
+                self.state = "prefix-received"
+                continue
+            elif t is rfc9329.Keepalive:
+                _count(self.drops, "keepalive")
+                continue
+            elif t is rfc9329.InvalidFrame:
+                _count(self.drops, "invalid-frame")
+                self.daemon.log_limited("invalid-frame", "%s: dropped frame: %s", self, ev)
+                continue
+            elif t is rfc9329.ConnectionClosed:
+                self.close("peer closed the connection")
+                return
+            else:  # ProtocolError
+                _count(self.drops, "protocol-error")
+                self.close(f"protocol error: {ev.reason}")  # type: ignore[union-attr]
+                return
+            if type(res) is Inject:
+                try:
+                    injector.inject(res.packet, res.dst)
+                except OSError as exc:
+                    _count(self.drops, "inject-failed")
+                    self.daemon.log_limited("inject", "%s: injection failed: %s", self, exc)
+            else:
+                _count(self.drops, res.reason)  # type: ignore[union-attr]
+
+    def __str__(self) -> str:
+        return self.describe()
+
+    # --- send -------------------------------------------------------------------------
+
+    def send(self, frame: bytes, is_ike: bool) -> None:
+        tr = self.transport
+        if tr is None or self.state == "connecting":
+            if len(self.pending) >= PENDING_LIMIT and not is_ike:
+                _count(self.drops, "esp-while-connecting")
+                return
+            self.pending.append((frame, is_ike))
+            return
+        if tr.is_closing():
+            _count(self.drops, "ike-on-closed" if is_ike else "esp-on-closed")
+            if is_ike:
+                self.daemon.log_limited("ike-closed", "%s: IKE dropped: connection closing", self)
+            return
+        size = tr.get_write_buffer_size()
+        limit = self.daemon.config.gateway.max_buffer
+        if size > limit:
+            if not is_ike:
+                _count(self.drops, "esp-congested")
+                return
+            if size > limit * IKE_HARD_LIMIT_FACTOR:
+                _count(self.drops, "ike-congested")
+                self.daemon.log_limited("ike-congested", "%s: IKE dropped: send buffer full", self)
+                return
+        tr.write(frame)
+        self.frames_out += 1
+        self.bytes_out += len(frame)
+
+    def flush_pending(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.codec.send_prefix())
+        self.bytes_out += len(rfc9329.PREFIX)
+        self.state = "open"
+        pending, self.pending = self.pending, []
+        for frame, is_ike in pending:
+            self.send(frame, is_ike)
+
+    def close(self, reason: str) -> None:
+        if not self.close_reason:
+            self.close_reason = reason
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def status(self, now: float) -> dict[str, Any]:
+        e = self.view.entry if self.view else None
+        return {
+            "id": self.conn_id,
+            "side": self.side.value,
+            "state": self.state,
+            "local": f"{_bracket(self.local_text)}:{self.local_port}",
+            "peer": f"{_bracket(self.peer_text)}:{self.peer_port}",
+            "ike_spis": sorted(s.hex() for s in e.ike_spis) if e else [],
+            "ike_spis_old": sorted(s.hex() for s in e.ike_spis_old) if e else [],
+            "esp_spis": sorted(f"{s:08x}" for s in e.esp_spis) if e else [],
+            "frames_in": self.frames_in,
+            "frames_out": self.frames_out,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "drops": {**(self.view.drops if self.view else {}), **self.drops},
+            "age": round(now - self.created, 1),
+        }
+
+
+def _host(text: str) -> str:
+    return str(ipaddress.ip_address(text.split("%")[0]))
+
+
+def _bracket(text: str) -> str:
+    return f"[{text}]" if ":" in text else text
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.table = ConnectionTable()
+        self.router = Router(self.table, self._is_tcp_peer)
+        self.rules = SteeringRules(config.queue_num)
+        self.injector: RawInjector | None = None
+        self.queue: QueueReader | None = None
+        self.conns: dict[int, TcpConnection] = {}
+        self.client_peers: set[bytes] = set()
+        self.peer_ports: dict[bytes, int] = {}
+        self.gateway_peer_refs: dict[str, int] = {}
+        self.ports = PortAllocator(
+            config.client.port, config.client.port_range[0], config.client.port_range[1]
+        )
+        self.servers: list[asyncio.base_events.Server] = []
+        self.control: asyncio.base_events.Server | None = None
+        self.started = time.monotonic()
+        self.events: dict[str, int] = {}
+        self._log_times: dict[str, float] = {}
+        self._stop = asyncio.Event()
+        self.vici_state = "not connected"
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def _is_tcp_peer(self, addr: bytes) -> bool:
+        return addr in self.client_peers
+
+    def log_limited(self, key: str, fmt: str, *args: object) -> None:
+        """Log at most once per second per kind, so a flood cannot flood the log."""
+        _count(self.events, key)
+        now = time.monotonic()
+        if now - self._log_times.get(key, -10.0) >= 1.0:
+            self._log_times[key] = now
+            log.warning(fmt, *args)
+
+    # --- queue ------------------------------------------------------------------------
+
+    def on_queued(self, packet: bytes) -> None:
+        res = self.router.outbound(packet)
+        t = type(res)
+        if t is Send:
+            conn = self.conns.get(res.conn_id)  # type: ignore[union-attr]
+            if conn is None:
+                _count(self.router.drops, "connection-gone")
+                return
+            conn.send(res.frame, res.is_ike)  # type: ignore[union-attr]
+        elif t is Open:
+            self._open_client(res)  # type: ignore[arg-type]
+        else:
+            assert isinstance(res, Drop)
+            if res.reason not in ("nat-keepalive",):
+                self.log_limited(res.reason, "dropped outbound packet: %s", res.reason)
+
+    # --- client connections -----------------------------------------------------------
+
+    def _open_client(self, req: Open) -> None:
+        view = self.router.views[req.conn_id]
+        conn = TcpConnection(self, Side.CLIENT)
+        conn.view = view
+        conn.local_text, conn.peer_text = addr_text(req.local), addr_text(req.peer)
+        conn.peer_port = self._remote_port(req.peer)
+        conn.pending.append((req.frame, True))
+        self.conns[req.conn_id] = conn
+        log.info("%s: opening for IKE SA %s", conn, next(iter(view.entry.ike_spis)).hex())
+        asyncio.get_running_loop().create_task(self._connect(conn, req))
+
+    def _remote_port(self, peer: bytes) -> int:
+        return self.peer_ports.get(peer, 4500)
+
+    async def _connect(self, conn: TcpConnection, req: Open) -> None:
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET if len(req.local) == 4 else socket.AF_INET6
+        refused: set[int] = set()
+        sock: socket.socket | None = None
+        try:
+            for _ in range(8):
+                port = self.ports.allocate(refused)
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                set_ipsec_bypass(sock)
+                set_nodelay(sock)
+                if self.config.client.port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((conn.local_text, port))
+                    break
+                except OSError:
+                    sock.close()
+                    sock = None
+                    self.ports.release(port)
+                    refused.add(port)
+            if sock is None:
+                raise PortsExhausted("no local port could be bound")
+            conn.local_port = port
+            await asyncio.wait_for(
+                loop.sock_connect(sock, (conn.peer_text, conn.peer_port)),
+                self.config.client.connect_timeout,
+            )
+            await loop.create_connection(lambda: conn, sock=sock)
+        except (OSError, TimeoutError, PortsExhausted) as exc:
+            if sock is not None:
+                sock.close()
+            conn.close_reason = f"connect failed: {exc or type(exc).__name__}"
+            log.warning("%s: %s", conn, conn.close_reason)
+            conn.state = "closed"
+            self.closed(conn)
+
+    def connected(self, conn: TcpConnection) -> None:
+        log.info("%s: connected, sending prefix and %d held frame(s)", conn, len(conn.pending))
+        conn.flush_pending()
+
+    # --- gateway connections ----------------------------------------------------------
+
+    def accepted(self, conn: TcpConnection) -> None:
+        gw = self.config.gateway
+        n_gw = sum(1 for c in self.conns.values() if c.side is Side.GATEWAY)
+        if n_gw >= gw.max_connections:
+            self.log_limited("limit-connections", "refused %s: %d connections", conn, n_gw)
+            conn.close("connection limit")
+            return
+        view = self.router.add_gateway_conn(
+            addr_bytes(conn.local_text), addr_bytes(conn.peer_text), conn.peer_port
+        )
+        conn.view = view
+        self.conns[view.conn_id] = conn
+        conn.deadline = asyncio.get_running_loop().call_later(
+            gw.first_message_timeout, self._deadline, conn
+        )
+        log.info("%s: accepted", conn)
+
+    def _deadline(self, conn: TcpConnection) -> None:
+        conn.deadline = None
+        if not conn.got_ike:
+            _count(conn.drops, "first-message-timeout")
+            self.log_limited(
+                "deadline", "%s: no prefix and IKE message within the deadline, closing", conn
+            )
+            conn.close("first-message deadline")
+
+    def first_ike(self, conn: TcpConnection) -> None:
+        if conn.side is Side.GATEWAY:
+            peer = conn.peer_text
+            self.gateway_peer_refs[peer] = self.gateway_peer_refs.get(peer, 0) + 1
+            if self.gateway_peer_refs[peer] == 1:
+                self.rules.add_peer(peer)
+
+    def closed(self, conn: TcpConnection) -> None:
+        if conn.view is None or self.conns.get(conn.conn_id) is not conn:
+            if conn.close_reason and conn.side is Side.GATEWAY:
+                log.info("%s: closed (%s)", conn, conn.close_reason)
+            return
+        del self.conns[conn.conn_id]
+        self.router.remove(conn.conn_id)
+        if conn.side is Side.CLIENT and conn.local_port:
+            self.ports.release(conn.local_port)
+        if conn.side is Side.GATEWAY and conn.got_ike:
+            peer = conn.peer_text
+            left = self.gateway_peer_refs.get(peer, 1) - 1
+            if left <= 0:
+                self.gateway_peer_refs.pop(peer, None)
+                self.rules.remove_peer(peer)
+            else:
+                self.gateway_peer_refs[peer] = left
+        log.info(
+            "%s: closed (%s) after %.1fs, frames in/out %d/%d",
+            conn,
+            conn.close_reason,
+            time.monotonic() - conn.created,
+            conn.frames_in,
+            conn.frames_out,
+        )
+
+    # --- status -----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "pid": os.getpid(),
+            "uptime": round(now - self.started, 1),
+            "config": self.config.source,
+            "vici": self.vici_state,
+            "listening": [f"{_bracket(h)}:{p}" for h, p in self.config.gateway.listen],
+            "steered_peers": sorted(self.rules.peers),
+            "client_peers": sorted(addr_text(p) for p in self.client_peers),
+            "queue": {
+                "packets": self.queue.packets if self.queue else 0,
+                "errors": self.queue.errors if self.queue else 0,
+            },
+            "drops": dict(self.router.drops),
+            "events": dict(self.events),
+            "connections": [c.status(now) for c in sorted(self.conns.values(), key=_cid)],
+        }
+
+    async def _control_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            cmd = line.decode(errors="replace").strip()
+            if cmd == "status":
+                reply: dict[str, Any] = self.status()
+            else:
+                reply = {"error": f"unknown command {cmd!r}"}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    # --- start and stop ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        try:
+            await self._start(loop)
+            log.info("tcpencap running (pid %d)", os.getpid())
+            await self._stop.wait()
+            log.info("stopping")
+        finally:
+            await self._shutdown()
+
+    async def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.injector = RawInjector()
+        self.rules.install()
+        self.queue = QueueReader(self.config.queue_num, self.on_queued)
+        self.queue.start(loop)
+        await self._start_control()
+        for host, port in self.config.gateway.listen:
+            server = await loop.create_server(
+                lambda: TcpConnection(self, Side.GATEWAY),
+                host=host,
+                port=port,
+                reuse_address=True,
+                backlog=1024,
+            )
+            for sock in server.sockets:
+                with contextlib.suppress(OSError):
+                    set_ipsec_bypass(sock)
+            self.servers.append(server)
+            log.info("listening on %s:%d", _bracket(host), port)
+        await self._resolve_client_peers()
+
+    async def _start_control(self) -> None:
+        path = self.config.status_socket
+        if not path:
+            return
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        old = os.umask(0o077)  # root-only control socket
+        try:
+            self.control = await asyncio.start_unix_server(self._control_client, path=path)
+        finally:
+            os.umask(old)
+
+    async def _resolve_client_peers(self) -> None:
+        """Find the TCP peers' addresses: from the config, else charon's get-conns."""
+        from vici_bridge.resolve import resolve_remote_addrs
+
+        wanted = {
+            name: c
+            for name, c in self.config.connections.items()
+            if c.transport != "udp" and c.encapsulation == "rfc9329"
+        }
+        if not wanted:
+            return
+        needs_vici = [n for n, c in wanted.items() if not c.remote_addrs]
+        resolved: dict[str, list[str]] = {}
+        if needs_vici:
+            resolved = await resolve_remote_addrs(self.config.vici_socket, needs_vici, self)
+        for name, c in wanted.items():
+            addrs = list(c.remote_addrs) or resolved.get(name, [])
+            if not addrs:
+                log.warning("connection %s: no remote address known, not steered", name)
+            for text in addrs:
+                try:
+                    addr = ipaddress.ip_address(text)
+                except ValueError:
+                    log.warning("connection %s: remote %r is not an address, skipped", name, text)
+                    continue
+                self.client_peers.add(addr.packed)
+                self.peer_ports[addr.packed] = c.remote_port
+                self.rules.add_peer(str(addr))
+                log.info("connection %s: peer %s over TCP port %d", name, addr, c.remote_port)
+
+    async def _shutdown(self) -> None:
+        for server in self.servers:
+            server.close()
+        for conn in list(self.conns.values()):
+            conn.close("tcpencap stopping")
+        if self.queue is not None:
+            with contextlib.suppress(Exception):
+                self.queue.stop()
+        self.rules.remove()
+        if self.injector is not None:
+            self.injector.close()
+        if self.control is not None:
+            self.control.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.config.status_socket)
+        await asyncio.sleep(0)
+
+
+def _cid(conn: TcpConnection) -> int:
+    return conn.conn_id
+
+
+async def query_status(path: str, timeout: float = 5.0) -> dict[str, Any]:
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), timeout)
+    writer.write(b"status\n")
+    await writer.drain()
+    line = await asyncio.wait_for(reader.readline(), timeout)
+    writer.close()
+    return json.loads(line)

@@ -1,0 +1,213 @@
+"""The packet path's decisions, without I/O: which TCP connection a queued UDP packet goes
+to, and which UDP packet a frame from a TCP connection becomes.
+
+What charon sees (DESIGN.md): RFC 9329 frames carry no UDP ports, so the router keeps
+charon's view consistent.
+- Client side (we opened the TCP connection): inbound packets mirror the ports charon last
+  sent with on that connection (500/500, then 4500/4500 after the NAT-T float).
+- Gateway side (we accepted it): the connection is presented to charon as the UDP endpoint
+  (peer address, TCP source port of the peer), and everything is delivered to port 4500
+  behind the non-ESP marker, like NAT-T. charon's replies name the connection by their
+  destination, so several clients behind one NAT stay apart, and a reconnect from a new
+  source port looks like a NAT rebinding, which charon follows only after authenticating.
+Injected packets always carry the connection's own peer address as source.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import rfc9329
+from .ike import IKE_PORT, NATT_PORT, NON_ESP_MARKER, Kind, classify_udp_payload, parse_ike_header
+from .packet import PROTO_UDP, PacketError, build_ip, build_udp, parse_ip, parse_udp
+from .table import Bind, ConnectionTable, Entry
+
+log = logging.getLogger("tcpencap.router")
+
+
+class Side(enum.Enum):
+    CLIENT = "client"  # TCP originator
+    GATEWAY = "gateway"  # TCP responder
+
+
+@dataclass(slots=True)
+class ConnView:
+    """The router's per-connection state (the transport keeps sockets and counters)."""
+
+    entry: Entry
+    side: Side
+    # Client side: the UDP ports charon last used towards this peer (its own, the peer's).
+    charon_sport: int = IKE_PORT
+    charon_dport: int = IKE_PORT
+    drops: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def conn_id(self) -> int:
+        return self.entry.conn_id
+
+    def drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Write ``frame`` on connection ``conn_id``; ``is_ike`` frames must never be dropped
+    silently, ESP frames may be dropped when the connection is congested."""
+
+    conn_id: int
+    frame: bytes
+    is_ike: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Open:
+    """Open a new client connection ``conn_id`` and send ``frame`` once it is up."""
+
+    conn_id: int
+    local: bytes
+    peer: bytes
+    frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Inject:
+    packet: bytes
+    dst: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    reason: str
+
+
+Outbound = Send | Open | Drop
+Inbound = Inject | Drop
+
+
+class Router:
+    def __init__(
+        self,
+        table: ConnectionTable,
+        is_tcp_peer: Callable[[bytes], bool],
+    ) -> None:
+        self.table = table
+        self.is_tcp_peer = is_tcp_peer
+        self.views: dict[int, ConnView] = {}
+        self.drops: dict[str, int] = {}
+
+    def _drop(self, reason: str) -> Drop:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+        return Drop(reason)
+
+    # --- connection lifecycle ---------------------------------------------------------
+
+    def add_gateway_conn(self, local: bytes, peer: bytes, peer_port: int) -> ConnView:
+        entry = self.table.add(local, peer, peer_port)
+        view = self.views[entry.conn_id] = ConnView(entry, Side.GATEWAY)
+        return view
+
+    def add_client_conn(self, local: bytes, peer: bytes) -> ConnView:
+        entry = self.table.add(local, peer)
+        view = self.views[entry.conn_id] = ConnView(entry, Side.CLIENT)
+        return view
+
+    def remove(self, conn_id: int) -> None:
+        self.views.pop(conn_id, None)
+        self.table.remove(conn_id)
+
+    # --- outbound: a packet charon (or libipsec) sent to a TCP peer -------------------
+
+    def outbound(self, packet: bytes) -> Outbound:
+        try:
+            ip = parse_ip(packet)
+            if ip.proto != PROTO_UDP:
+                return self._drop("not-udp")
+            udp = parse_udp(ip.payload)
+        except PacketError:
+            return self._drop("malformed-outbound")
+        c = classify_udp_payload(udp.sport, udp.payload)
+        if c.kind is Kind.KEEPALIVE:
+            return self._drop("nat-keepalive")  # RFC 9329 §6.6: never sent over TCP
+        if c.kind is Kind.INVALID:
+            return self._drop("invalid-outbound")
+        view = self._gateway_view(ip.dst, udp.dport)
+        if c.kind is Kind.IKE:
+            assert c.ike is not None
+            spi = c.ike.spi_i
+            if view is None:
+                entry = self.table.lookup_ike(ip.src, ip.dst, spi)
+                if entry is None:
+                    if c.ike.is_sa_init and self.is_tcp_peer(ip.dst):
+                        view = self.add_client_conn(ip.src, ip.dst)
+                        self.table.bind_ike(view.conn_id, spi)
+                        view.charon_sport, view.charon_dport = udp.sport, udp.dport
+                        return Open(view.conn_id, ip.src, ip.dst, rfc9329.frame_ike(c.body))
+                    entry = self.table.newest_for_pair(ip.src, ip.dst)
+                    if entry is None:
+                        return self._drop("no-connection")
+                view = self.views[entry.conn_id]
+            if view.side is Side.CLIENT:
+                view.charon_sport, view.charon_dport = udp.sport, udp.dport
+            self.table.bind_ike(view.conn_id, spi)
+            return Send(view.conn_id, rfc9329.frame_ike(c.body), True)
+        # ESP-in-UDP
+        if view is None:
+            entry = self.table.lookup_esp(ip.src, ip.dst, c.spi)
+            if entry is None:
+                entry = self.table.newest_for_pair(ip.src, ip.dst)
+                if entry is None:
+                    return self._drop("no-connection")
+                # Our own charon's outbound SPI: trusted, so it teaches the table.
+                self.table.bind_esp(entry.conn_id, c.spi)
+            view = self.views[entry.conn_id]
+        else:
+            self.table.bind_esp(view.conn_id, c.spi)
+        return Send(view.conn_id, rfc9329.frame_esp(c.body), False)
+
+    def _gateway_view(self, peer: bytes, port: int) -> ConnView | None:
+        entry = self.table.by_endpoint(peer, port)
+        return None if entry is None else self.views.get(entry.conn_id)
+
+    # --- inbound: a frame that arrived on a TCP connection ----------------------------
+
+    def _ports(self, view: ConnView, ike: bool) -> tuple[int, int]:
+        """(source port, destination port) of the UDP packet charon will see."""
+        if view.side is Side.GATEWAY:
+            return view.entry.peer_port, NATT_PORT
+        if ike:
+            return view.charon_dport, view.charon_sport
+        return NATT_PORT, NATT_PORT
+
+    def inbound_ike(self, conn_id: int, message: bytes) -> Inbound:
+        view = self.views.get(conn_id)
+        if view is None:
+            return self._drop("unknown-connection")
+        try:
+            hdr = parse_ike_header(message)
+        except ValueError:
+            hdr = None
+        if hdr is not None:
+            result = self.table.bind_ike(conn_id, hdr.spi_i)
+            if result is Bind.CONFLICT:
+                # Another connection holds this SPI: do not move it (only VICI may). charon
+                # still judges the message; it follows a new endpoint only if authentic.
+                view.drop("ike-spi-held-elsewhere")
+        sport, dport = self._ports(view, True)
+        payload = NON_ESP_MARKER + message if dport != IKE_PORT else message
+        return self._inject(view, sport, dport, payload)
+
+    def inbound_esp(self, conn_id: int, packet: bytes) -> Inbound:
+        view = self.views.get(conn_id)
+        if view is None:
+            return self._drop("unknown-connection")
+        sport, dport = self._ports(view, False)
+        return self._inject(view, sport, dport, packet)
+
+    def _inject(self, view: ConnView, sport: int, dport: int, payload: bytes) -> Inject:
+        e = view.entry
+        # IPv4 allows UDP checksum 0 (saves a pass over every ESP packet); IPv6 needs one.
+        seg = build_udp(e.peer, e.local, sport, dport, payload, with_checksum=False)
+        return Inject(build_ip(e.peer, e.local, PROTO_UDP, seg), e.local)
