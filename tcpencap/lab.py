@@ -55,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ipaddress
+import json
 import os
 import re
 import secrets
@@ -62,6 +63,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -71,6 +73,7 @@ from pathlib import Path
 from typing import Any
 
 CHARON = "/usr/lib/ipsec/charon"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 BASE_PLUGINS = (
     "random nonce openssl pem pkcs1 pkcs8 x509 pubkey kdf hmac sha1 sha2 aes gcm curve25519 "
     "kernel-libipsec kernel-netlink socket-default vici"
@@ -181,6 +184,7 @@ class Host:
         self.veth: str | None = None  # this host's end of its link to fw (None for fw)
         self.fw_veth: str | None = None  # fw's end of that link
         self.charon: Charon | None = None
+        self.tcpencap: Process | None = None
 
     def __repr__(self) -> str:
         return f"Host({self.role}, {self.name})"
@@ -284,6 +288,64 @@ class Host:
         self.charon = charon
         charon.wait_ready()
         return charon
+
+    def start_tcpencap(self, conf_text: str, log_level: str = "debug") -> Process:
+        """Write ``conf_text`` to tcpencap.conf in the host dir and run the daemon in this
+        namespace from this checkout; returns once it logs that it is running."""
+        conf = self.dir / "tcpencap.conf"
+        conf.write_text(conf_text)
+        proc = self.spawn(
+            [sys.executable, "-m", "tcpencap", "run", "--config", str(conf)]
+            + ["--log-level", log_level],
+            "tcpencap.log",
+            cwd=REPO_ROOT,
+        )
+        proc.wait_for_log("tcpencap running", timeout=15.0)
+        self.tcpencap = proc
+        return proc
+
+    def tcpencap_status(self) -> dict[str, Any]:
+        """``tcpencap status --json`` of this host's daemon."""
+        out = self.run(
+            sys.executable,
+            "-m",
+            "tcpencap",
+            "status",
+            "--json",
+            "--config",
+            str(self.dir / "tcpencap.conf"),
+        )
+        return json.loads(out.stdout)
+
+
+def tcpencap_conf(
+    host: Host,
+    *,
+    listen: Iterable[str] = (),
+    connections: dict[str, int] | None = None,
+    extra: str = "",
+    gateway_extra: str = "",
+) -> str:
+    """tcpencap.conf for ``host``: its charon's VICI socket, a control socket in the host dir,
+    gateway listeners (``ADDR:PORT``, IPv6 in brackets) and client connections
+    (swanctl name -> remote TCP port)."""
+    assert host.charon is not None, "start charon first"
+    conns = "".join(
+        f"    {name} {{\n      remote_port = {port}\n    }}\n"
+        for name, port in (connections or {}).items()
+    )
+    return f"""tcpencap {{
+  vici_socket = {host.charon.uri}
+  status_socket = {host.dir}/tcpencap.ctl
+{extra}
+  gateway {{
+    listen = {", ".join(listen)}
+{gateway_extra}
+  }}
+  connections {{
+{conns}  }}
+}}
+"""
 
 
 class Charon:
