@@ -23,6 +23,7 @@ DEFAULT_PATH = "/etc/strongswan.d/tcpencap.conf"
 DEFAULTS_SOURCE = "(defaults)"
 DEFAULT_VICI_SOCKET = "unix:///var/run/charon.vici"
 DEFAULT_STATUS_SOCKET = "/run/tcpencap/tcpencap.ctl"
+DEFAULT_REMOTE_PORT = {"rfc9329": 4500, "ctcp": 10000}  # Cisco's cTCP default is 10000
 VICI_FALLBACK_KEY = "charon.plugins.vici.socket"
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -64,6 +65,8 @@ class GatewayConfig:
     max_connections: int = 1000
     first_message_timeout: float = 5.0
     max_buffer: int = 262144
+    # Cisco cTCP listen endpoints: no socket is bound, the segments are taken from NFQUEUE.
+    ctcp_listen: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +125,7 @@ def config_from_tree(root: Section, source: str) -> Config:
     cfg = Config(
         vici_socket=vici or DEFAULT_VICI_SOCKET,
         status_socket=v.take("status_socket", _abs_path, DEFAULT_STATUS_SOCKET),
-        queue_num=v.take("queue_num", _int_range(0, 65535), 4500),
+        queue_num=v.take("queue_num", _int_range(0, 65534), 4500),
         inject=v.take("inject", _choice(INJECT_MODES), "raw"),
         max_frame=v.take("max_frame", _int_range(64, 65535), 65535),
         log_level=v.take("log_level", _choice(LOG_LEVELS), "info"),
@@ -159,20 +162,49 @@ def _gateway(v: _Values) -> GatewayConfig:
         max_connections=v.take("max_connections", _int_range(1, 1_000_000), 1000),
         first_message_timeout=v.take("first_message_timeout", _duration, 5.0),
         max_buffer=v.take("max_buffer", _int_range(1024, 1 << 30), 262144),
+        ctcp_listen=v.take("ctcp_listen", _listen, ()),
     )
     v.finish()
+    _check_listen_overlap(v.sec, g)
     return g
+
+
+def _overlaps(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    """Two listen endpoints that would receive the same segments (same port, same address
+    or a wildcard of the same family)."""
+    if a[1] != b[1]:
+        return False
+    x, y = ipaddress.ip_address(a[0]), ipaddress.ip_address(b[0])
+    return x.version == y.version and (x == y or x.is_unspecified or y.is_unspecified)
+
+
+def _check_listen_overlap(sec: Section, g: GatewayConfig) -> None:
+    """RFC 9329 listeners are kernel sockets; cTCP ports must have none, or the kernel
+    would answer cTCP segments itself."""
+    for ep in g.ctcp_listen:
+        for other in g.listen:
+            if _overlaps(ep, other):
+                s = sec.keys["ctcp_listen"]
+                host = f"[{ep[0]}]" if ":" in ep[0] else ep[0]
+                raise ConfigError(
+                    s.path,
+                    s.line,
+                    f"tcpencap.gateway.ctcp_listen: '{host}:{ep[1]}' is also in "
+                    "tcpencap.gateway.listen",
+                )
 
 
 def _connections(v: _Values) -> dict[str, ConnectionConfig]:
     conns = {}
     for name in v.sec.sections:
         c = v.sub(name)
+        port = c.take("remote_port", _int_range(1, 65535), 0)
+        encap = c.take("encapsulation", _choice(ENCAPSULATIONS), "rfc9329")
         conns[name] = ConnectionConfig(
             name=name,
-            remote_port=c.take("remote_port", _int_range(1, 65535), 4500),
+            remote_port=port or DEFAULT_REMOTE_PORT[encap],
             transport=c.take("transport", _choice(TRANSPORTS), "tcp"),
-            encapsulation=c.take("encapsulation", _choice(ENCAPSULATIONS), "rfc9329"),
+            encapsulation=encap,
             remote_addrs=c.take("remote_addrs", _addr_list, ()),
         )
         c.finish()

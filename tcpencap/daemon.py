@@ -19,6 +19,8 @@ from typing import Any
 from nfq.inject import RawInjector
 from nfq.queue import QueueReader
 from nfq.rules import SteeringRules
+from vici_bridge.bridge import ViciBridge
+from vici_bridge.sync import Retire, SaSync
 
 from . import rfc9329
 from .config import Config
@@ -30,6 +32,11 @@ from .table import ConnectionTable
 
 log = logging.getLogger("tcpencap")
 
+CLIENT_CLOSE_DELAY = 0.5  # after the last IKE SA is gone
+GATEWAY_CLOSE_DELAY = 5.0  # the client (TCP originator) should close first
+RECONNECT_BASE = 0.2
+RECONNECT_MAX = 10.0
+MAX_RECONNECTS = 40
 PENDING_LIMIT = 64  # frames held while a client connection is being opened
 IKE_HARD_LIMIT_FACTOR = 4  # IKE may overshoot the send buffer bound this many times
 
@@ -61,6 +68,9 @@ class TcpConnection(asyncio.Protocol):
         self.deadline: asyncio.TimerHandle | None = None
         self.got_ike = False
         self.close_reason = ""
+        self.retiring = False  # closed on purpose: no reconnect
+        self.outstanding: bytes | None = None  # last IKEv2 request sent, for a reconnect
+        self.attempt = 0
 
     @property
     def conn_id(self) -> int:
@@ -129,6 +139,9 @@ class TcpConnection(asyncio.Protocol):
                 res = router.inbound_esp(self.conn_id, ev.data)  # type: ignore[union-attr]
             elif t is rfc9329.IKEMessage:
                 self.frames_in += 1
+                msg = ev.data  # type: ignore[union-attr]
+                if self.outstanding is not None and len(msg) > 19 and msg[19] & 0x20:
+                    self.outstanding = None  # the response to our request arrived
                 if not self.got_ike:
                     self.got_ike = True
                     self.state = "open"
@@ -170,7 +183,9 @@ class TcpConnection(asyncio.Protocol):
 
     # --- send -------------------------------------------------------------------------
 
-    def send(self, frame: bytes, is_ike: bool) -> None:
+    def send(self, frame: bytes, is_ike: bool, request: bool = False) -> None:
+        if request:
+            self.outstanding = frame
         tr = self.transport
         if tr is None or self.state == "connecting":
             if len(self.pending) >= PENDING_LIMIT and not is_ike:
@@ -261,7 +276,11 @@ class Daemon:
         self.events: dict[str, int] = {}
         self._log_times: dict[str, float] = {}
         self._stop = asyncio.Event()
+        self._stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
         self.vici_state = "not connected"
+        self.sync = SaSync(self.router)
+        self.bridge: ViciBridge | None = None
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -286,13 +305,60 @@ class Daemon:
             if conn is None:
                 _count(self.router.drops, "connection-gone")
                 return
-            conn.send(res.frame, res.is_ike)  # type: ignore[union-attr]
+            conn.send(res.frame, res.is_ike, res.request)  # type: ignore[union-attr]
         elif t is Open:
             self._open_client(res)  # type: ignore[arg-type]
         else:
             assert isinstance(res, Drop)
             if res.reason not in ("nat-keepalive",):
                 self.log_limited(res.reason, "dropped outbound packet: %s", res.reason)
+        if self.router.emptied:
+            emptied, self.router.emptied = self.router.emptied, []
+            for cid in emptied:
+                self.retire(cid, "its SAs moved to another connection")
+
+    # --- VICI -------------------------------------------------------------------------
+
+    def on_vici_event(self, label: str, event: dict[str, Any]) -> None:
+        self._apply(self.sync.handle(label, event))
+
+    def on_vici_resync(self, sas: list[dict[str, Any]]) -> None:
+        self._apply(self.sync.resync(sas))
+
+    def on_vici_state(self, state: str) -> None:
+        self.vici_state = state
+        # While charon reports CHILD SAs, only VICI binds ESP SPIs (so retired SPIs stay
+        # gone); without it, charon's own outbound packets teach the table.
+        self.router.learn_esp = state != "connected"
+
+    def _apply(self, effects: list[Any]) -> None:
+        for eff in effects:
+            if isinstance(eff, Retire):
+                self.retire(eff.conn_id, eff.reason, eff.graceful)
+            elif isinstance(eff, Open):
+                self._open_client(eff)
+
+    def retire(self, conn_id: int, reason: str, graceful: bool = True) -> None:
+        """Close a connection that carries no IKE SA any more. The TCP originator closes
+        (RFC 9329 §6.1) shortly after, so the last IKE message can still leave; a gateway
+        gives the client time to do so first."""
+        conn = self.conns.get(conn_id)
+        if conn is None:
+            self.router.remove(conn_id)
+            return
+        if conn.side is Side.CLIENT:
+            delay = CLIENT_CLOSE_DELAY if graceful else 0.0
+        else:
+            delay = GATEWAY_CLOSE_DELAY if graceful else 0.0
+
+        def close() -> None:
+            entry = conn.view.entry if conn.view else None
+            if entry is not None and (entry.ike_spis or entry.ike_spis_old):
+                return  # a new SA arrived meanwhile
+            conn.retiring = True
+            conn.close(reason)
+
+        asyncio.get_running_loop().call_later(delay, close)
 
     # --- client connections -----------------------------------------------------------
 
@@ -302,17 +368,24 @@ class Daemon:
         conn.view = view
         conn.local_text, conn.peer_text = addr_text(req.local), addr_text(req.peer)
         conn.peer_port = self._remote_port(req.peer)
-        conn.pending.append((req.frame, True))
+        if req.frame:
+            conn.pending.append((req.frame, True))
         self.conns[req.conn_id] = conn
-        log.info("%s: opening for IKE SA %s", conn, next(iter(view.entry.ike_spis)).hex())
-        asyncio.get_running_loop().create_task(self._connect(conn, req))
+        spis = ", ".join(s.hex() for s in view.entry.ike_spis)
+        log.info("%s: opening for IKE SA %s", conn, spis)
+        self._start_connect(conn)
+
+    def _start_connect(self, conn: TcpConnection) -> None:
+        task = asyncio.get_running_loop().create_task(self._connect(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _remote_port(self, peer: bytes) -> int:
         return self.peer_ports.get(peer, 4500)
 
-    async def _connect(self, conn: TcpConnection, req: Open) -> None:
+    async def _connect(self, conn: TcpConnection) -> None:
         loop = asyncio.get_running_loop()
-        family = socket.AF_INET if len(req.local) == 4 else socket.AF_INET6
+        family = socket.AF_INET6 if ":" in conn.local_text else socket.AF_INET
         refused: set[int] = set()
         sock: socket.socket | None = None
         try:
@@ -348,7 +421,35 @@ class Daemon:
             conn.state = "closed"
             self.closed(conn)
 
+    def _reconnect(self, old: TcpConnection) -> None:
+        """The TCP originator re-establishes a broken connection while its SA lives
+        (RFC 9329 §6.1); an outstanding request is resent on the new one (§6.2)."""
+        assert old.view is not None
+        conn = TcpConnection(self, Side.CLIENT)
+        conn.view = old.view
+        conn.local_text, conn.peer_text, conn.peer_port = (
+            old.local_text,
+            old.peer_text,
+            old.peer_port,
+        )
+        conn.attempt = old.attempt + 1
+        conn.got_ike = old.got_ike
+        if old.outstanding is not None:
+            conn.pending.append((old.outstanding, True))
+            conn.outstanding = old.outstanding
+        self.conns[conn.conn_id] = conn
+        delay = min(RECONNECT_BASE * (2 ** (conn.attempt - 1)), RECONNECT_MAX)
+        log.info(
+            "%s: lost (%s), reconnecting in %.1fs (attempt %d)",
+            old,
+            old.close_reason,
+            delay,
+            conn.attempt,
+        )
+        asyncio.get_running_loop().call_later(delay, self._start_connect, conn)
+
     def connected(self, conn: TcpConnection) -> None:
+        conn.attempt = 0
         log.info("%s: connected, sending prefix and %d held frame(s)", conn, len(conn.pending))
         conn.flush_pending()
 
@@ -392,10 +493,21 @@ class Daemon:
             if conn.close_reason and conn.side is Side.GATEWAY:
                 log.info("%s: closed (%s)", conn, conn.close_reason)
             return
-        del self.conns[conn.conn_id]
-        self.router.remove(conn.conn_id)
         if conn.side is Side.CLIENT and conn.local_port:
             self.ports.release(conn.local_port)
+        entry = conn.view.entry
+        if (
+            conn.side is Side.CLIENT
+            and not conn.retiring
+            and not self._stopping
+            and (conn.got_ike or conn.attempt)
+            and (entry.ike_spis or entry.ike_spis_old)
+            and conn.attempt < MAX_RECONNECTS
+        ):
+            self._reconnect(conn)
+            return
+        del self.conns[conn.conn_id]
+        self.router.remove(conn.conn_id)
         if conn.side is Side.GATEWAY and conn.got_ike:
             peer = conn.peer_text
             left = self.gateway_peer_refs.get(peer, 1) - 1
@@ -485,6 +597,14 @@ class Daemon:
             self.servers.append(server)
             log.info("listening on %s:%d", _bracket(host), port)
         await self._resolve_client_peers()
+        self.bridge = ViciBridge(
+            self.config.vici_socket,
+            loop,
+            self.on_vici_event,
+            self.on_vici_resync,
+            self.on_vici_state,
+        )
+        self.bridge.start()
 
     async def _start_control(self) -> None:
         path = self.config.status_socket
@@ -530,6 +650,9 @@ class Daemon:
                 log.info("connection %s: peer %s over TCP port %d", name, addr, c.remote_port)
 
     async def _shutdown(self) -> None:
+        self._stopping = True
+        if self.bridge is not None:
+            await asyncio.to_thread(self.bridge.stop)
         for server in self.servers:
             server.close()
         for conn in list(self.conns.values()):

@@ -60,6 +60,7 @@ class Send:
     conn_id: int
     frame: bytes
     is_ike: bool
+    request: bool = False  # an IKEv2 request: resent if the connection is re-established
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,11 @@ class Router:
         self.is_tcp_peer = is_tcp_peer
         self.views: dict[int, ConnView] = {}
         self.drops: dict[str, int] = {}
+        # Learn ESP SPIs from charon's outbound packets; off while VICI reports them.
+        self.learn_esp = True
+        # Connections that lost their last SA to another connection (reconnect, MOBIKE);
+        # the daemon drains this list and retires them.
+        self.emptied: list[int] = []
 
     def _drop(self, reason: str) -> Drop:
         self.drops[reason] = self.drops.get(reason, 0) + 1
@@ -136,23 +142,33 @@ class Router:
         view = self._gateway_view(ip.dst, udp.dport)
         if c.kind is Kind.IKE:
             assert c.ike is not None
-            spi = c.ike.spi_i
+            hdr = c.ike
+            spi = hdr.spi_i
+            frame = rfc9329.frame_ike(c.body)
+            request = hdr.major == 2 and not hdr.is_response
             if view is None:
                 entry = self.table.lookup_ike(ip.src, ip.dst, spi)
                 if entry is None:
-                    if c.ike.is_sa_init and self.is_tcp_peer(ip.dst):
+                    if hdr.is_sa_init and self.is_tcp_peer(ip.dst):
                         view = self.add_client_conn(ip.src, ip.dst)
                         self.table.bind_ike(view.conn_id, spi)
                         view.charon_sport, view.charon_dport = udp.sport, udp.dport
-                        return Open(view.conn_id, ip.src, ip.dst, rfc9329.frame_ike(c.body))
+                        return Open(view.conn_id, ip.src, ip.dst, frame)
+                    moved = self._follow_moved_sa(ip.src, ip.dst, spi, udp.sport, udp.dport)
+                    if moved is not None:
+                        return Open(moved.conn_id, ip.src, ip.dst, frame)
                     entry = self.table.newest_for_pair(ip.src, ip.dst)
                     if entry is None:
                         return self._drop("no-connection")
                 view = self.views[entry.conn_id]
             if view.side is Side.CLIENT:
                 view.charon_sport, view.charon_dport = udp.sport, udp.dport
-            self.table.bind_ike(view.conn_id, spi)
-            return Send(view.conn_id, rfc9329.frame_ike(c.body), True)
+                self.table.bind_ike(view.conn_id, spi)
+            elif self.table.bind_ike(view.conn_id, spi) is Bind.CONFLICT:
+                # charon chose this endpoint for the SA: it authenticated the peer there
+                # (reconnect from a new source port), so the SPI follows charon.
+                self._take_ike(view, spi)
+            return Send(view.conn_id, frame, True, request)
         # ESP-in-UDP
         if view is None:
             entry = self.table.lookup_esp(ip.src, ip.dst, c.spi)
@@ -160,12 +176,61 @@ class Router:
                 entry = self.table.newest_for_pair(ip.src, ip.dst)
                 if entry is None:
                     return self._drop("no-connection")
-                # Our own charon's outbound SPI: trusted, so it teaches the table.
-                self.table.bind_esp(entry.conn_id, c.spi)
+                # Our own charon's outbound SPI: trusted, so it may teach the table.
+                if self.learn_esp:
+                    self.table.bind_esp(entry.conn_id, c.spi)
             view = self.views[entry.conn_id]
-        else:
-            self.table.bind_esp(view.conn_id, c.spi)
+        elif self.learn_esp and self.table.bind_esp(view.conn_id, c.spi) is Bind.CONFLICT:
+            self._take_esp(view, c.spi)
         return Send(view.conn_id, rfc9329.frame_esp(c.body), False)
+
+    def _follow_moved_sa(
+        self, local: bytes, peer: bytes, spi: bytes, sport: int, dport: int
+    ) -> ConnView | None:
+        """charon sends for a known IKE SA from or to new addresses (MOBIKE, including a
+        change of address family): a new client connection takes over all of the old
+        connection's SPIs; the old one is retired once empty."""
+        old = self.table.find_ike_spi(spi)
+        if old is None or not self.is_tcp_peer(peer):
+            return None
+        old_view = self.views.get(old.conn_id)
+        if old_view is None or old_view.side is not Side.CLIENT:
+            return None
+        view = self.add_client_conn(local, peer)
+        view.charon_sport, view.charon_dport = sport, dport
+        for ike_spi in list(old.ike_spis):
+            self.table.unbind_ike(old.conn_id, ike_spi)
+            self.table.bind_ike(view.conn_id, ike_spi)
+        for esp_spi in list(old.esp_spis):
+            self.table.unbind_esp(old.conn_id, esp_spi)
+            self.table.bind_esp(view.conn_id, esp_spi)
+        self.emptied.append(old.conn_id)
+        log.info(
+            "IKE SA %s moved from conn %d to new conn %d (address change)",
+            spi.hex(),
+            old.conn_id,
+            view.conn_id,
+        )
+        return view
+
+    def _take_ike(self, view: ConnView, spi: bytes) -> None:
+        e = view.entry
+        owner = self.table.lookup_ike(e.local, e.peer, spi)
+        self.table.move_ike(view.conn_id, spi)
+        if owner is not None and owner.conn_id != view.conn_id:
+            # The rest of the old connection's SAs go with it: one IKE SA per connection.
+            for espi in list(owner.esp_spis):
+                self.table.move_esp(view.conn_id, espi)
+            for old_spi in list(owner.ike_spis | owner.ike_spis_old):
+                self.table.move_ike(view.conn_id, old_spi)
+            self.emptied.append(owner.conn_id)
+
+    def _take_esp(self, view: ConnView, spi: int) -> None:
+        e = view.entry
+        owner = self.table.lookup_esp(e.local, e.peer, spi)
+        self.table.move_esp(view.conn_id, spi)
+        if owner is not None and not owner.carries_sa:
+            self.emptied.append(owner.conn_id)
 
     def _gateway_view(self, peer: bytes, port: int) -> ConnView | None:
         entry = self.table.by_endpoint(peer, port)

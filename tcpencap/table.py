@@ -66,6 +66,8 @@ class ConnectionTable:
         self._esp: dict[tuple[bytes, bytes, int], int] = {}
         self._endpoint: dict[tuple[bytes, int], int] = {}
         self._pair: dict[Pair, list[int]] = {}
+        # IKE SPI alone -> connection id: finds an SA whose addresses changed (MOBIKE)
+        self._ike_spi: dict[bytes, list[int]] = {}
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -94,6 +96,7 @@ class ConnectionTable:
             return None
         for spi in entry.ike_spis | entry.ike_spis_old:
             self._ike.pop((entry.local, entry.peer, spi), None)
+            self._forget_spi(spi, conn_id)
         for espi in entry.esp_spis:
             self._esp.pop((entry.local, entry.peer, espi), None)
         if entry.peer_port and self._endpoint.get((entry.peer, entry.peer_port)) == conn_id:
@@ -133,6 +136,7 @@ class ConnectionTable:
         if owner is not None:
             return Bind.CONFLICT
         self._ike[key] = conn_id
+        self._ike_spi.setdefault(spi_i, []).append(conn_id)
         entry.ike_spis.add(spi_i)
         return Bind.NEW
 
@@ -155,9 +159,22 @@ class ConnectionTable:
         if self._ike.get(key) != conn_id:
             return False
         del self._ike[key]
+        self._forget_spi(spi_i, conn_id)
         entry.ike_spis.discard(spi_i)
         entry.ike_spis_old.discard(spi_i)
         return True
+
+    def find_ike_spi(self, spi_i: bytes) -> Entry | None:
+        """The connection holding IKE SPI ``spi_i`` for any address pair (the newest binding)."""
+        ids = self._ike_spi.get(spi_i)
+        return self._by_id[ids[-1]] if ids else None
+
+    def _forget_spi(self, spi_i: bytes, conn_id: int) -> None:
+        ids = self._ike_spi.get(spi_i)
+        if ids is not None and conn_id in ids:
+            ids.remove(conn_id)
+            if not ids:
+                del self._ike_spi[spi_i]
 
     def move_ike(self, conn_id: int, spi_i: bytes) -> Bind:
         """Rebind an IKE SPI to ``conn_id`` even if another connection holds it (only on
@@ -223,4 +240,5 @@ class ConnectionTable:
             "esp": len(self._esp),
             "endpoint": len(self._endpoint),
             "pair": len(self._pair),
+            "ike_spi": len(self._ike_spi),
         }

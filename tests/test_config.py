@@ -541,7 +541,7 @@ BAD = [
     ("", "vici_socket", "tcp://localhost:4502", "is not unix:///PATH"),
     ("", "status_socket", "run/x.ctl", "is not an absolute path"),
     ("", "queue_num", "-1", "is not an integer"),
-    ("", "queue_num", "65536", "is out of range 0..65535"),
+    ("", "queue_num", "65535", "is out of range 0..65534"),  # cTCP uses queue_num + 1
     ("", "queue_num", "0x10", "is not an integer"),
     ("", "queue_num", "99999999999999999999", "is not an integer"),
     ("", "inject", "tun", "is not one of raw"),
@@ -659,3 +659,68 @@ def test_max_buffer_must_hold_a_frame():
 def test_later_definition_wins_in_the_model():
     text = "tcpencap {\n queue_num = 99999\n}\ntcpencap {\n queue_num = 3\n}\n"
     assert parse_config(text).queue_num == 3
+
+
+# ---------------------------------------------------------------- cTCP settings
+
+
+def test_ctcp_listen_and_remote_port_default():
+    text = """tcpencap {
+  gateway {
+    listen = 0.0.0.0:4500
+    ctcp_listen = 198.18.0.1:10000, [::]:10001
+  }
+  connections {
+    cisco {
+      encapsulation = ctcp
+    }
+    cisco2 {
+      encapsulation = CTCP
+      remote_port = 443
+    }
+    ietf {
+    }
+  }
+}
+"""
+    c = parse_config(text)
+    assert c.gateway.ctcp_listen == (("198.18.0.1", 10000), ("::", 10001))
+    assert c.gateway.listen == (("0.0.0.0", 4500),)
+    assert c.connections["cisco"].remote_port == 10000
+    assert c.connections["cisco2"].remote_port == 443
+    assert c.connections["ietf"].remote_port == 4500
+    assert default_config().gateway.ctcp_listen == ()
+
+
+@pytest.mark.parametrize(
+    "listen,ctcp",
+    [
+        ("198.18.0.1:10000", "198.18.0.1:10000"),
+        ("0.0.0.0:10000", "198.18.0.1:10000"),
+        ("[fd00::1]:10000", "[::]:10000"),
+    ],
+)
+def test_ctcp_listen_must_not_overlap_listen(listen: str, ctcp: str):
+    text = f"tcpencap {{\n gateway {{\n  listen = {listen}\n  ctcp_listen = {ctcp}\n }}\n}}\n"
+    err = cfg_err(text)
+    assert err.line == 4
+    assert "tcpencap.gateway.ctcp_listen:" in err.message
+    assert "is also in tcpencap.gateway.listen" in err.message
+
+
+@pytest.mark.parametrize(
+    "listen,ctcp",
+    [
+        ("198.18.0.1:10000", "198.18.0.2:10000"),
+        ("0.0.0.0:10000", "[::]:10000"),
+        ("[::]:1", "[::]:2"),
+    ],
+)
+def test_ctcp_listen_may_share_port_with_other_addresses(listen: str, ctcp: str):
+    text = f"tcpencap {{\n gateway {{\n  listen = {listen}\n  ctcp_listen = {ctcp}\n }}\n}}\n"
+    assert len(parse_config(text).gateway.ctcp_listen) == 1
+
+
+def test_ctcp_listen_bad_values():
+    err = cfg_err("tcpencap {\n gateway {\n  ctcp_listen = 1.2.3.4\n }\n}\n")
+    assert "tcpencap.gateway.ctcp_listen: '1.2.3.4' is not ADDR:PORT" in err.message

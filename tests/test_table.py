@@ -30,7 +30,7 @@ SPI_A = bytes.fromhex("0102030405060708")
 SPI_B = bytes.fromhex("1112131415161718")
 SPI_C = bytes.fromhex("2122232425262728")
 
-EMPTY = {"connections": 0, "ike": 0, "esp": 0, "endpoint": 0, "pair": 0}
+EMPTY = {"connections": 0, "ike": 0, "esp": 0, "endpoint": 0, "pair": 0, "ike_spi": 0}
 
 
 def remove_all(table: ConnectionTable) -> None:
@@ -56,6 +56,7 @@ def test_add_get_remove_leaves_nothing():
         "esp": 0,
         "endpoint": 1,
         "pair": 2,
+        "ike_spi": 0,
     }
     assert table.remove(a.conn_id) is a
     assert table.get(a.conn_id) is None
@@ -580,6 +581,7 @@ class TableMachine(RuleBasedStateMachine):
             "esp": sum(len(m.esp[c]) for c in m.order),
             "endpoint": len(m.endpoint),
             "pair": len({m.pair_of(c) for c in m.order}),
+            "ike_spi": len({s for c in m.order for s in m.cur[c] | m.old[c]}),
         }
 
     def teardown(self):
@@ -592,3 +594,19 @@ class TableMachine(RuleBasedStateMachine):
 
 TableMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
 TestTableMachine = TableMachine.TestCase
+
+
+def test_find_ike_spi_follows_an_sa_across_address_pairs():
+    table = ConnectionTable()
+    old = table.add(L4, P4)
+    new = table.add(L6, P6)
+    assert table.bind_ike(old.conn_id, b"\x01" * 8) is Bind.NEW
+    assert table.find_ike_spi(b"\x01" * 8) is old
+    assert table.move_ike(new.conn_id, b"\x01" * 8) is Bind.NEW
+    assert table.find_ike_spi(b"\x01" * 8) is new
+    assert table.lookup_ike(L4, P4, b"\x01" * 8) is old  # other pair: separate key
+    table.remove(new.conn_id)
+    assert table.find_ike_spi(b"\x01" * 8) is old
+    table.remove(old.conn_id)
+    assert table.find_ike_spi(b"\x01" * 8) is None
+    assert table.index_sizes() == EMPTY

@@ -1,0 +1,129 @@
+"""iptables/ip6tables chains of the cTCP (Cisco IPsec over TCP) data path.
+
+cTCP has no kernel socket: every segment is read from NFQUEUE and written through a raw
+socket (protocols.md A.13). Chains, all owned by tcpencap and created in both families:
+
+  raw PREROUTING -> TCPENCAP_CTCP_IN (first rule)
+      -p tcp [-d LISTEN_ADDR] --dport LISTEN_PORT -j NFQUEUE   (gateway listen ports)
+      -p tcp -s PEER --sport PEER_PORT            -j NFQUEUE   (client: the cTCP peers)
+    The raw table runs before conntrack and before the host TCP stack; the queue verdict
+    is always DROP, so the kernel never sees these segments and never answers them.
+  raw OUTPUT -> TCPENCAP_CTCP_LO (first rule)
+      -m mark --mark CTCP_MARK -j CT --notrack    our own segments: no conntrack state
+      -m mark --mark CTCP_MARK -j ACCEPT
+      -p tcp [-s LISTEN_ADDR] --sport LISTEN_PORT -j DROP      anything else the host
+      -p tcp -d PEER --dport PEER_PORT            -j DROP      stack sends on those tuples
+    Our segments are told apart by the socket mark: the raw socket that sends them sets
+    SO_MARK = CTCP_MARK (0x63746370, "ctcp"). Every other TCP packet on a cTCP 5-tuple
+    (an RST or ACK of the host stack, a stray local socket) is dropped (A.6).
+  mangle OUTPUT -> TCPENCAP_CTCP_OUT: charon's UDP 500/4500 to cTCP peers -> NFQUEUE
+    (a :class:`nfq.rules.SteeringRules` with its own chain name).
+
+Only these chains and the three jump rules are ever touched; stale copies of a crashed run
+are removed at start and everything is removed on exit.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import subprocess
+from collections.abc import Iterable
+
+from .rules import RuleError, SteeringRules
+
+log = logging.getLogger("tcpencap.nfq")
+
+CTCP_MARK = 0x63746370
+IN_CHAIN = "TCPENCAP_CTCP_IN"
+LO_CHAIN = "TCPENCAP_CTCP_LO"
+OUT_CHAIN = "TCPENCAP_CTCP_OUT"
+_RAW_JUMPS = (("PREROUTING", IN_CHAIN), ("OUTPUT", LO_CHAIN))
+
+Endpoint = tuple[str, int]
+
+
+def _run(family: int, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    tool = "iptables" if family == 4 else "ip6tables"
+    argv = [tool, "-w", "5", "-t", "raw", *args]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if check and proc.returncode != 0:
+        raise RuleError(f"{' '.join(argv)}: {proc.stderr.strip()}")
+    return proc
+
+
+def _family(addr: str) -> int:
+    return ipaddress.ip_address(addr).version
+
+
+def _addr_match(flag: str, addr: str) -> list[str]:
+    """``-d ADDR`` unless ADDR is the wildcard of its family."""
+    return [] if ipaddress.ip_address(addr).is_unspecified else [flag, addr]
+
+
+class CtcpRules:
+    """The raw-table rules for fixed endpoints plus the per-peer UDP steering set."""
+
+    def __init__(self, queue_num: int, *, mark: int = CTCP_MARK) -> None:
+        self.queue_num = queue_num
+        self.mark = mark
+        self.steering = SteeringRules(queue_num, chain=OUT_CHAIN)
+        self.installed = False
+
+    def _queue(self) -> list[str]:
+        return ["-j", "NFQUEUE", "--queue-num", str(self.queue_num)]
+
+    def install(self, listen: Iterable[Endpoint] = (), peers: Iterable[Endpoint] = ()) -> None:
+        """Create the chains: ``listen`` are gateway (ADDR, PORT) endpoints, ``peers`` the
+        (PEER, PORT) endpoints a client connects to."""
+        self.remove(quiet=True)
+        mark = f"0x{self.mark:x}"
+        try:
+            for fam in (4, 6):
+                for builtin, chain in _RAW_JUMPS:
+                    _run(fam, "-N", chain)
+                    _run(fam, "-I", builtin, "1", "-j", chain)
+                _run(fam, "-A", LO_CHAIN, "-m", "mark", "--mark", mark, "-j", "CT", "--notrack")
+                _run(fam, "-A", LO_CHAIN, "-m", "mark", "--mark", mark, "-j", "ACCEPT")
+            self.installed = True
+            for addr, port in listen:
+                fam, p = _family(addr), str(port)
+                _run(fam, "-A", IN_CHAIN, "-p", "tcp", *_addr_match("-d", addr),
+                     "--dport", p, *self._queue())  # fmt: skip
+                _run(fam, "-A", LO_CHAIN, "-p", "tcp", *_addr_match("-s", addr),
+                     "--sport", p, "-j", "DROP")  # fmt: skip
+                log.info("cTCP: queueing TCP to %s port %d", addr, port)
+            for addr, port in peers:
+                fam, p = _family(addr), str(port)
+                _run(fam, "-A", IN_CHAIN, "-p", "tcp", "-s", addr, "--sport", p, *self._queue())
+                _run(fam, "-A", LO_CHAIN, "-p", "tcp", "-d", addr, "--dport", p, "-j", "DROP")
+                log.info("cTCP: queueing TCP from %s port %d", addr, port)
+            self.steering.install()
+        except BaseException:
+            self.remove(quiet=True)
+            raise
+
+    def remove(self, *, quiet: bool = False) -> None:
+        """Delete jump rules (every copy) and chains; safe to call repeatedly."""
+        for fam in (4, 6):
+            for builtin, chain in _RAW_JUMPS:
+                for _ in range(64):
+                    if _run(fam, "-D", builtin, "-j", chain, check=False).returncode:
+                        break
+                if _run(fam, "-F", chain, check=False).returncode == 0:
+                    _run(fam, "-X", chain, check=False)
+                    if not quiet:
+                        log.info("removed raw chain %s (IPv%d)", chain, fam)
+        self.steering.remove(quiet=quiet)
+        self.installed = False
+
+    def add_peer(self, peer: str) -> bool:
+        """Queue charon's UDP 500/4500 to ``peer``."""
+        return self.steering.add_peer(peer)
+
+    def remove_peer(self, peer: str) -> bool:
+        return self.steering.remove_peer(peer)
+
+
+def raw_chain_exists(chain: str, family: int = 4) -> bool:
+    return _run(family, "-S", chain, check=False).returncode == 0

@@ -1,0 +1,175 @@
+"""Helpers for the RFC 9329 end-to-end tests: tunnel set-up, SA lookups, rule listings and
+the hostile TCP client that is run inside a lab namespace."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tcpencap.lab import (
+    Host,
+    Lab,
+    cert_conf,
+    default_name,
+    ike_id,
+    make_ca,
+    make_cert,
+    ping,
+    psk_conf,
+    tcpencap_conf,
+)
+
+CHAIN = "TCPENCAP_OUT"
+
+
+def listen_addr(host: Host, family: int, port: int) -> str:
+    """``ADDR:PORT`` for a gateway listener, IPv6 in brackets."""
+    addr = host.outer(family)
+    return f"{addr}:{port}" if family == 4 else f"[{addr}]:{port}"
+
+
+def load_tunnel(lab: Lab, client: Host, auth: str, family: int) -> None:
+    """swanctl config for client <-> gw on both charons (charon already running)."""
+    gw = lab.gw
+    if auth == "psk":
+        client.charon.load(psk_conf(client, gw, family=family))
+        gw.charon.load(psk_conf(gw, client, family=family))
+        return
+    assert auth == "cert", auth
+    ca = make_ca(lab.dir / "pki")
+    for local, remote in ((client, gw), (gw, client)):
+        cert = make_cert(ca, ike_id(local), lab.dir / "pki")
+        local.charon.load(cert_conf(local, remote, cert, ca, family=family))
+
+
+def start_tcp_pair(
+    lab: Lab,
+    client: Host,
+    *,
+    family: int = 4,
+    port: int = 4500,
+    auth: str = "psk",
+    extra: str = "",
+    gateway_extra: str = "",
+) -> None:
+    """UDP blocked for ``client``; charon and tcpencap on it and on gw, tunnel configured
+    (not yet initiated)."""
+    gw = lab.gw
+    lab.block_udp(client)
+    for h in (client, gw):
+        if h.charon is None:
+            h.start_charon()
+    load_tunnel(lab, client, auth, family)
+    gw.start_tcpencap(
+        tcpencap_conf(
+            gw,
+            listen=[listen_addr(gw, family, port)],
+            extra=extra,
+            gateway_extra=gateway_extra,
+        )
+    )
+    client.start_tcpencap(tcpencap_conf(client, connections={default_name(client, gw): port}))
+
+
+def assert_pings(a: Host, b: Host, count: int = 3) -> None:
+    """Inner addresses answer each other, both directions, both inner families."""
+    for family in (4, 6):
+        for src, dst in ((a, b), (b, a)):
+            got = ping(src, dst.inner(family), src.inner(family), count=count)
+            assert got == (count, count), f"ping {src.role} -> {dst.role} IPv{family}: {got}"
+
+
+def ike_sa(host: Host, name: str) -> dict[str, Any]:
+    """The one IKE_SA called ``name`` in ``host``'s charon."""
+    sas = [sa for entry in host.charon.list_sas() for n, sa in entry.items() if n == name]
+    assert len(sas) == 1, f"{host.role}: IKE_SAs named {name}: {sas}"
+    return sas[0]
+
+
+def assert_established(host: Host, name: str) -> dict[str, Any]:
+    """IKE_SA ``name`` is ESTABLISHED with an INSTALLED CHILD_SA; returns it."""
+    sa = ike_sa(host, name)
+    assert sa["state"] == "ESTABLISHED", sa
+    children = list(sa.get("child-sas", {}).values())
+    assert [c["state"] for c in children] == ["INSTALLED"], children
+    return sa
+
+
+def assert_status_matches_sa(host: Host, name: str) -> dict[str, Any]:
+    """``tcpencap status`` has exactly one connection, carrying the IKE SPI charon reports
+    and (only) ESP SPIs of the CHILD_SA; returns that connection."""
+    sa = ike_sa(host, name)
+    st = host.tcpencap_status()
+    conns = st["connections"]
+    assert len(conns) == 1, f"{host.role}: {json.dumps(conns, indent=1)}"
+    conn = conns[0]
+    assert conn["state"] == "open", conn
+    assert conn["ike_spis"] == [sa["initiator-spi"]], (conn, sa["initiator-spi"])
+    child_spis = {s for c in sa["child-sas"].values() for s in (c["spi-in"], c["spi-out"])}
+    assert conn["esp_spis"], conn
+    assert set(conn["esp_spis"]) <= child_spis, (conn["esp_spis"], child_spis)
+    assert conn["frames_in"] > 0 and conn["frames_out"] > 0, conn
+    return conn
+
+
+def mangle_rules(host: Host) -> str:
+    """``-S`` of the mangle table, IPv4 then IPv6."""
+    return "".join(host.run(t, "-t", "mangle", "-S").stdout for t in ("iptables", "ip6tables"))
+
+
+def jump_rules(host: Host, tool: str) -> list[str]:
+    out = host.run(tool, "-t", "mangle", "-S", "OUTPUT").stdout
+    return [line for line in out.splitlines() if f"-j {CHAIN}" in line]
+
+
+def chain_rules(host: Host, tool: str) -> list[str]:
+    """Rules of tcpencap's chain (``-A`` lines only)."""
+    out = host.run(tool, "-t", "mangle", "-S", CHAIN).stdout
+    return [line for line in out.splitlines() if line.startswith("-A")]
+
+
+# The hostile client: one thread per case, each connects to ADDR:PORT, sends its bytes and
+# measures how long the gateway takes to close (EOF or reset). Prints one JSON object.
+HOSTILE_SCRIPT = r"""
+import json, socket, sys, threading, time
+addr, port, cap = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+cases = {k: bytes.fromhex(v) for k, v in json.loads(sys.argv[4]).items()}
+out = {}
+def one(name, data):
+    s = socket.create_connection((addr, port), timeout=cap)
+    t0 = time.monotonic()
+    res = {"port": s.getsockname()[1], "received": ""}
+    try:
+        if data:
+            s.sendall(data)
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                res["how"] = "eof"
+                break
+            res["received"] += chunk.hex()
+    except ConnectionResetError:
+        res["how"] = "reset"
+    except (socket.timeout, TimeoutError):
+        res["how"] = "still-open"
+    res["elapsed"] = time.monotonic() - t0
+    s.close()
+    out[name] = res
+threads = [threading.Thread(target=one, args=kv) for kv in cases.items()]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps(out))
+"""
+
+
+def run_hostile(
+    host: Host, addr: str, port: int, cases: dict[str, bytes], cap: float
+) -> dict[str, dict[str, Any]]:
+    """Run every case at once from ``host``; each waits at most ``cap`` seconds for closure."""
+    spec = json.dumps({k: v.hex() for k, v in cases.items()})
+    proc = host.run(
+        "python3", "-c", HOSTILE_SCRIPT, addr, str(port), str(cap), spec, timeout=cap + 10
+    )
+    return json.loads(proc.stdout)

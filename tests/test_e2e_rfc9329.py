@@ -1,0 +1,264 @@
+"""End to end: strongSwan over RFC 9329 TCP through tcpencap, in the namespace lab.
+
+Every test builds its own lab (torn down even on failure). The client's UDP is dropped in fw,
+so a tunnel that works at all works over TCP; the captures on the client's veth prove that
+nothing leaked as UDP 500/4500 before fw could drop it.
+Needs root, iproute2, iptables, tcpdump and strongSwan; fails (never skips) without them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from e2e_helpers import (
+    CHAIN,
+    assert_established,
+    assert_pings,
+    assert_status_matches_sa,
+    chain_rules,
+    jump_rules,
+    mangle_rules,
+    run_hostile,
+    start_tcp_pair,
+)
+
+from tcpencap.lab import Host, Lab, Process, ping, psk_conf
+
+pytestmark = pytest.mark.lab
+
+NAME = "c1-gw"
+
+
+def _esp_in_udp(packets: list, port: int = 4500) -> int:
+    """UDP packets on ``port`` whose payload starts with a non-zero SPI (ESP, not IKE)."""
+    from scapy.layers.inet import UDP
+
+    n = 0
+    for p in packets:
+        if UDP in p and port in (p[UDP].sport, p[UDP].dport):
+            payload = bytes(p[UDP].payload)
+            if len(payload) >= 8 and payload[:4] != b"\0\0\0\0":
+                n += 1
+    return n
+
+
+# --- 1 and 2: PSK and certificates, TCP 4500 and 443, IPv4 and IPv6 outer ---------------
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("port", [4500, 443])
+@pytest.mark.parametrize("auth", ["psk", "cert"])
+def test_tunnel_over_tcp(auth: str, port: int, family: int) -> None:
+    with Lab(clients=1) as lab:
+        c1, gw = lab.clients[0], lab.gw
+        start_tcp_pair(lab, c1, family=family, port=port, auth=auth)
+        cap = lab.capture(c1)
+        c1.charon.initiate(NAME, timeout=10)
+        assert_pings(c1, gw)
+        cap.stop()
+
+        assert cap.count_udp_ike() == 0, "UDP 500/4500 left the client"
+        assert cap.count_tcp(port) > 0
+        other = 443 if port == 4500 else 4500
+        assert cap.count_tcp(other) == 0, f"TCP {other} used instead of {port}"
+
+        gw_sa = assert_established(gw, NAME)
+        c1_sa = assert_established(c1, NAME)
+        assert gw_sa["remote-host"] == c1.outer(family)
+        assert c1_sa["initiator-spi"] == gw_sa["initiator-spi"]
+        for host, peer in ((c1, gw), (gw, c1)):
+            conn = assert_status_matches_sa(host, NAME)
+            assert conn["side"] == ("client" if host is c1 else "gateway")
+            ends = {conn["local"].rsplit(":", 1)[1], conn["peer"].rsplit(":", 1)[1]}
+            assert str(port) in ends, conn
+            assert host.tcpencap_status()["steered_peers"] == [peer.outer(family)]
+
+
+# --- 3: one TCP client and one plain UDP client on the same gateway -------------------
+
+
+def test_tcp_and_udp_clients_together() -> None:
+    with Lab(clients=2) as lab:
+        c1, c2, gw = lab.clients[0], lab.clients[1], lab.gw
+        c2.start_charon()
+        gw.start_charon()
+        c2.charon.load(psk_conf(c2, gw))
+        gw.charon.load(psk_conf(gw, c2))
+        start_tcp_pair(lab, c1)
+        cap1, cap2 = lab.capture(c1), lab.capture(c2)
+        c1.charon.initiate(NAME, timeout=10)
+        c2.charon.initiate("c2-gw", timeout=10)
+        assert_pings(c1, gw)
+        assert_pings(c2, gw)
+        # Both at once, interleaved: the TCP path must not disturb the UDP one.
+        with ThreadPoolExecutor(2) as pool:
+            f1 = pool.submit(ping, c1, gw.inner4, c1.inner4, 20, 0.02)
+            f2 = pool.submit(ping, c2, gw.inner4, c2.inner4, 20, 0.02)
+            assert f1.result() == (20, 20) and f2.result() == (20, 20)
+        cap1.stop()
+        cap2.stop()
+
+        assert cap1.count_udp_ike() == 0
+        assert cap1.count_tcp(4500) > 0
+        assert _esp_in_udp(cap2.packets) >= 2 * (3 * 4 + 20)  # every ping and reply as ESP
+        assert cap2.count_tcp(4500) == 0
+
+        assert_established(gw, NAME)
+        assert_established(gw, "c2-gw")
+        assert_established(c2, "c2-gw")
+        conn = assert_status_matches_sa(gw, NAME)
+        assert conn["peer"].startswith(c1.outer4 + ":")
+        assert gw.tcpencap_status()["steered_peers"] == [c1.outer4]
+
+
+# --- 4: hostile TCP clients against the gateway -----------------------------------------
+
+DEADLINE = 2.0
+IMMEDIATE = {
+    "wrong-prefix": b"IKETCX\x00\x10",
+    "garbage": bytes(range(0x16, 0x16 + 40)),
+    "length-zero": b"IKETCP\x00\x00",
+    "length-over-max": b"IKETCP\xff\xff",
+}
+SLOW = {
+    "prefix-then-silence": b"IKETCP",
+    "never-sends": b"",
+    "partial-prefix": b"IKE",
+    "partial-frame": b"IKETCP\x01\x00" + b"\x00" * 20,
+}
+
+
+def test_hostile_clients_closed_while_tunnel_runs() -> None:
+    with Lab(clients=2) as lab:
+        c1, c2, gw = lab.clients[0], lab.clients[1], lab.gw
+        start_tcp_pair(
+            lab,
+            c1,
+            extra="  max_frame = 1024",
+            gateway_extra=f"    first_message_timeout = {DEADLINE:g}s",
+        )
+        c1.charon.initiate(NAME, timeout=10)
+        assert_pings(c1, gw)
+        before = assert_status_matches_sa(gw, NAME)
+
+        cases = {**IMMEDIATE, **SLOW}
+        with ThreadPoolExecutor(1) as pool:
+            hostile = pool.submit(run_hostile, c2, gw.outer4, 4500, cases, DEADLINE + 4)
+            time.sleep(0.1)
+            during = ping(c1, gw.inner4, c1.inner4, count=50, interval=0.05, timeout=5)
+            results = hostile.result()
+        assert during == (50, 50), f"tunnel disturbed by hostile clients: {during}"
+        assert_pings(c1, gw)
+
+        log = (gw.dir / "tcpencap.log").read_text()
+        for name in cases:
+            r = results[name]
+            assert r["how"] in ("eof", "reset"), (name, r)
+            assert r["received"] == "", (name, r)  # a responder never sends a prefix
+            if name in IMMEDIATE:
+                assert r["elapsed"] < 1.0, (name, r)
+                want = "protocol error"
+            else:
+                assert DEADLINE - 0.3 < r["elapsed"] < DEADLINE + 1.5, (name, r)
+                want = "deadline"
+            lines = [
+                line
+                for line in log.splitlines()
+                if f"<-> {c2.outer4}:{r['port']}: closed (" in line
+            ]
+            assert len(lines) == 1 and want in lines[0], (name, r, lines)
+
+        st = gw.tcpencap_status()
+        assert [c["id"] for c in st["connections"]] == [before["id"]], st["connections"]
+        assert st["steered_peers"] == [c1.outer4]
+        assert_status_matches_sa(gw, NAME)
+
+
+# --- 5: rules after SIGTERM and SIGKILL ------------------------------------------------
+
+
+def _rotate_log(host: Host) -> None:
+    """Keep the previous run's log aside, so waiting for "tcpencap running" waits for the
+    new process and not for a line the old one wrote."""
+    log = host.dir / "tcpencap.log"
+    if log.exists():
+        n = len(list(host.dir.glob("tcpencap.log.*")))
+        log.rename(host.dir / f"tcpencap.log.{n}")
+
+
+def _restart(host: Host) -> Process:
+    _rotate_log(host)
+    return host.start_tcpencap((host.dir / "tcpencap.conf").read_text())
+
+
+def _assert_clean(host: Host) -> None:
+    rules = mangle_rules(host)
+    assert "TCPENCAP" not in rules, f"{host.role}: rules left behind:\n{rules}"
+
+
+def _assert_installed(host: Host, peer: str) -> None:
+    """Exactly one jump rule per family and exactly the one steering rule for ``peer``."""
+    for tool in ("iptables", "ip6tables"):
+        assert jump_rules(host, tool) == [f"-A OUTPUT -j {CHAIN}"], mangle_rules(host)
+    v4, v6 = chain_rules(host, "iptables"), chain_rules(host, "ip6tables")
+    assert len(v4) == 1 and f"-d {peer}/32 " in v4[0], v4
+    assert v6 == [], v6
+
+
+def _force_terminate(host: Host, name: str) -> None:
+    """Drop an IKE_SA locally without waiting for the peer (its DELETE cannot get out)."""
+    sess = host.charon.session(timeout=10)
+    try:
+        for _ in sess.terminate({"ike": name, "force": "yes", "loglevel": -1}):
+            pass
+    finally:
+        sess.transport.socket.close()
+
+
+def test_rules_after_sigterm_and_sigkill() -> None:
+    with Lab(clients=1) as lab:
+        c1, gw = lab.clients[0], lab.gw
+        start_tcp_pair(lab, c1)
+        _assert_installed(c1, gw.outer4)
+
+        # SIGTERM: everything of tcpencap's is gone, exit code 0.
+        assert c1.tcpencap.stop() == 0, c1.tcpencap.log_tail()
+        _assert_clean(c1)
+        _restart(c1)
+        _assert_installed(c1, gw.outer4)
+        c1.charon.initiate(NAME, timeout=10)
+        assert_pings(c1, gw)
+
+        # SIGKILL: the rules stay (fail-closed), and nothing leaks as UDP meanwhile.
+        proc = c1.tcpencap
+        cmdline = open(f"/proc/{proc.pid}/cmdline", "rb").read().split(b"\0")
+        assert b"tcpencap" in cmdline and b"run" in cmdline, cmdline  # python, not ip netns
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.popen.wait(5) == -signal.SIGKILL
+        _assert_installed(c1, gw.outer4)
+        cap = lab.capture(c1)
+        assert ping(c1, gw.inner4, c1.inner4, count=3, timeout=1)[1] == 0
+        cap.stop()
+        assert cap.count_udp_ike() == 0, "ESP leaked as UDP while tcpencap was dead"
+
+        # Restart: the stale chain (with a marker rule added to it) is replaced.
+        c1.run("iptables", "-t", "mangle", "-A", CHAIN, "-d", "198.18.99.99", "-j", "RETURN")
+        _force_terminate(c1, NAME)
+        _restart(c1)
+        _assert_installed(c1, gw.outer4)
+        assert "198.18.99.99" not in mangle_rules(c1)
+        cap = lab.capture(c1)
+        c1.charon.initiate(NAME, timeout=10)
+        assert_pings(c1, gw)
+        cap.stop()
+        assert cap.count_udp_ike() == 0
+        assert_status_matches_sa(c1, NAME)
+
+        # Final SIGTERM on both sides: nothing remains anywhere.
+        for host in (c1, gw):
+            assert host.tcpencap.stop() == 0, host.tcpencap.log_tail()
+            _assert_clean(host)

@@ -1,0 +1,231 @@
+"""Translate charon's VICI events and ``list-sas`` into connection-table updates (pure).
+
+VICI is authenticated information: charon tells us which SPIs belong to which IKE SA at
+which addresses, so here (and only here, besides charon's own outbound packets) an SPI may
+be moved from one connection to another. Event shapes (strongSwan 5.9, values decoded to
+str): ``ike-updown`` ``{"up": "yes"?, NAME: SA}``; ``child-updown`` the same with
+``SA["child-sas"]``; ``ike-rekey`` ``{NAME: {"old": SA, "new": SA}}``; ``child-rekey``
+``{NAME: SA}`` whose ``child-sas`` entries are ``{"old": CHILD, "new": CHILD}``;
+``ike-update`` ``{"local-host", "local-port", "remote-host", "remote-port", NAME: SA}``
+with the new endpoints at the top level and the old ones in the SA.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from tcpencap.router import ConnView, Open, Router, Side
+from tcpencap.table import Entry
+
+log = logging.getLogger("tcpencap.vici")
+
+SA = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Retire:
+    """Connection ``conn_id`` carries no IKE SA any more: close it (``graceful`` = after
+    the last IKE message has had time to leave)."""
+
+    conn_id: int
+    reason: str
+    graceful: bool = True
+
+
+Effect = Retire | Open
+
+
+def _addr(text: str | None) -> bytes | None:
+    if not text:
+        return None
+    try:
+        return ipaddress.ip_address(text).packed
+    except ValueError:
+        return None
+
+
+def _spi(text: str | None) -> bytes | None:
+    if not text:
+        return None
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        return None
+    return raw if len(raw) == 8 and raw != bytes(8) else None
+
+
+def _esp_spi(text: str | None) -> int | None:
+    try:
+        return int(text, 16) if text else None
+    except ValueError:
+        return None
+
+
+def _sas(event: dict[str, Any]) -> Iterable[tuple[str, SA]]:
+    for key, value in event.items():
+        if isinstance(value, dict):
+            yield key, value
+
+
+class SaSync:
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.table = router.table
+
+    # --- lookups ------------------------------------------------------------------------
+
+    def _entry(self, sa: SA) -> Entry | None:
+        spi = _spi(sa.get("initiator-spi"))
+        if spi is None:
+            return None
+        local, remote = _addr(sa.get("local-host")), _addr(sa.get("remote-host"))
+        if local is not None and remote is not None:
+            entry = self.table.lookup_ike(local, remote, spi)
+            if entry is not None:
+                return entry
+        return self.table.find_ike_spi(spi)
+
+    def _bind_children(self, entry: Entry, sa: SA) -> None:
+        for child in (sa.get("child-sas") or {}).values():
+            if isinstance(child, dict):
+                spi = _esp_spi(child.get("spi-out"))
+                if spi is not None:
+                    self.table.move_esp(entry.conn_id, spi)
+
+    def _retire_if_empty(self, entry: Entry, reason: str) -> list[Effect]:
+        if entry.ike_spis or entry.ike_spis_old:
+            return []
+        return [Retire(entry.conn_id, reason)]
+
+    # --- events -------------------------------------------------------------------------
+
+    def handle(self, label: str, event: dict[str, Any]) -> list[Effect]:
+        handler = getattr(self, "_on_" + label.replace("-", "_"), None)
+        if handler is None:
+            return []
+        return handler(event)
+
+    def _on_ike_updown(self, event: dict[str, Any]) -> list[Effect]:
+        up = event.get("up") == "yes"
+        effects: list[Effect] = []
+        for _, sa in _sas(event):
+            entry = self._entry(sa)
+            if entry is None:
+                continue
+            spi = _spi(sa.get("initiator-spi"))
+            assert spi is not None
+            if up:
+                self.table.move_ike(entry.conn_id, spi)
+                self._bind_children(entry, sa)
+                continue
+            self.table.unbind_ike(entry.conn_id, spi)
+            for child in (sa.get("child-sas") or {}).values():
+                espi = _esp_spi(child.get("spi-out")) if isinstance(child, dict) else None
+                if espi is not None:
+                    self.table.unbind_esp(entry.conn_id, espi)
+            if not entry.ike_spis and not entry.ike_spis_old:
+                # The last IKE SA is gone: its CHILD SAs went with it.
+                for espi in list(entry.esp_spis):
+                    self.table.unbind_esp(entry.conn_id, espi)
+            effects += self._retire_if_empty(entry, "IKE SA deleted")
+        return effects
+
+    def _on_child_updown(self, event: dict[str, Any]) -> list[Effect]:
+        up = event.get("up") == "yes"
+        for _, sa in _sas(event):
+            entry = self._entry(sa)
+            if entry is None:
+                continue
+            for child in (sa.get("child-sas") or {}).values():
+                espi = _esp_spi(child.get("spi-out")) if isinstance(child, dict) else None
+                if espi is None:
+                    continue
+                if up:
+                    self.table.move_esp(entry.conn_id, espi)
+                else:
+                    self.table.unbind_esp(entry.conn_id, espi)
+        return []
+
+    def _on_child_rekey(self, event: dict[str, Any]) -> list[Effect]:
+        for _, sa in _sas(event):
+            entry = self._entry(sa)
+            if entry is None:
+                continue
+            for pair in (sa.get("child-sas") or {}).values():
+                if not isinstance(pair, dict):
+                    continue
+                new = _esp_spi((pair.get("new") or {}).get("spi-out"))
+                old = _esp_spi((pair.get("old") or {}).get("spi-out"))
+                if new is not None:
+                    self.table.move_esp(entry.conn_id, new)
+                if old is not None and old != new:
+                    self.table.unbind_esp(entry.conn_id, old)
+        return []
+
+    def _on_ike_rekey(self, event: dict[str, Any]) -> list[Effect]:
+        for _, pair in _sas(event):
+            old, new = pair.get("old") or {}, pair.get("new") or {}
+            entry = self._entry(old) or self._entry(new)
+            old_spi, new_spi = _spi(old.get("initiator-spi")), _spi(new.get("initiator-spi"))
+            if entry is None or new_spi is None:
+                continue
+            if old_spi is not None:
+                self.table.rekey_ike(entry.conn_id, old_spi, new_spi)
+            else:
+                self.table.move_ike(entry.conn_id, new_spi)
+        return []
+
+    def _on_ike_update(self, event: dict[str, Any]) -> list[Effect]:
+        new_local, new_remote = _addr(event.get("local-host")), _addr(event.get("remote-host"))
+        effects: list[Effect] = []
+        for _, sa in _sas(event):
+            entry = self._entry(sa)
+            spi = _spi(sa.get("initiator-spi"))
+            if entry is None or spi is None or new_local is None or new_remote is None:
+                continue
+            view = self.router.views.get(entry.conn_id)
+            if view is None or view.side is not Side.CLIENT:
+                continue  # the gateway follows charon's chosen endpoint packet by packet
+            if (entry.local, entry.peer) == (new_local, new_remote):
+                continue
+            if self.table.lookup_ike(new_local, new_remote, spi) is not None:
+                continue  # the packet path already moved it
+            moved: ConnView | None = self.router._follow_moved_sa(
+                new_local, new_remote, spi, 4500, 4500
+            )
+            if moved is not None:
+                effects.append(Open(moved.conn_id, new_local, new_remote, b""))
+        return effects
+
+    # --- resync -------------------------------------------------------------------------
+
+    def resync(self, sas: list[dict[str, Any]]) -> list[Effect]:
+        """Make the table agree with ``list-sas``: bind what charon has, unbind IKE SPIs
+        charon no longer knows (except on connections still waiting for their first SA)."""
+        live: set[bytes] = set()
+        for item in sas:
+            for _, sa in _sas(item):
+                spi = _spi(sa.get("initiator-spi"))
+                if spi is None:
+                    continue
+                live.add(spi)
+                entry = self._entry(sa)
+                if entry is not None:
+                    self.table.move_ike(entry.conn_id, spi)
+                    self._bind_children(entry, sa)
+        effects: list[Effect] = []
+        for entry in list(self.table):
+            stale = (entry.ike_spis | entry.ike_spis_old) - live
+            if not stale:
+                continue
+            for spi in stale:
+                self.table.unbind_ike(entry.conn_id, spi)
+            if not entry.ike_spis and not entry.ike_spis_old:
+                for espi in list(entry.esp_spis):
+                    self.table.unbind_esp(entry.conn_id, espi)
+                effects.append(Retire(entry.conn_id, "IKE SA unknown to charon"))
+        return effects
