@@ -20,7 +20,7 @@ from nfq.inject import RawInjector
 from nfq.queue import QueueReader
 from nfq.rules import SteeringRules
 from vici_bridge.bridge import ViciBridge
-from vici_bridge.sync import Retire, SaSync
+from vici_bridge.sync import ExpireOld, Retire, SaSync
 
 from . import rfc9329
 from .config import Config
@@ -337,6 +337,10 @@ class Daemon:
                 self.retire(eff.conn_id, eff.reason, eff.graceful)
             elif isinstance(eff, Open):
                 self._open_client(eff)
+            elif isinstance(eff, ExpireOld):
+                asyncio.get_running_loop().call_later(
+                    eff.delay, lambda e=eff: self._apply(self.sync.expire_old(e.conn_id, e.spi))
+                )
 
     def retire(self, conn_id: int, reason: str, graceful: bool = True) -> None:
         """Close a connection that carries no IKE SA any more. The TCP originator closes

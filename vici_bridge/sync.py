@@ -36,7 +36,18 @@ class Retire:
     graceful: bool = True
 
 
-Effect = Retire | Open
+@dataclass(frozen=True, slots=True)
+class ExpireOld:
+    """After an IKE rekey charon deletes the old SA with one more exchange on the same
+    connection; its SPI stays routable for ``delay`` seconds, then is forgotten (charon
+    sends no ike-updown for a rekeyed SA)."""
+
+    conn_id: int
+    spi: bytes
+    delay: float = 5.0
+
+
+Effect = Retire | Open | ExpireOld
 
 
 def _addr(text: str | None) -> bytes | None:
@@ -127,8 +138,10 @@ class SaSync:
                 espi = _esp_spi(child.get("spi-out")) if isinstance(child, dict) else None
                 if espi is not None:
                     self.table.unbind_esp(entry.conn_id, espi)
-            if not entry.ike_spis and not entry.ike_spis_old:
-                # The last IKE SA is gone: its CHILD SAs went with it.
+            if not entry.ike_spis:
+                # The last IKE SA is gone: rekeyed predecessors and CHILD SAs went with it.
+                for old_spi in list(entry.ike_spis_old):
+                    self.table.unbind_ike(entry.conn_id, old_spi)
                 for espi in list(entry.esp_spis):
                     self.table.unbind_esp(entry.conn_id, espi)
             effects += self._retire_if_empty(entry, "IKE SA deleted")
@@ -167,6 +180,7 @@ class SaSync:
         return []
 
     def _on_ike_rekey(self, event: dict[str, Any]) -> list[Effect]:
+        effects: list[Effect] = []
         for _, pair in _sas(event):
             old, new = pair.get("old") or {}, pair.get("new") or {}
             entry = self._entry(old) or self._entry(new)
@@ -175,9 +189,17 @@ class SaSync:
                 continue
             if old_spi is not None:
                 self.table.rekey_ike(entry.conn_id, old_spi, new_spi)
+                effects.append(ExpireOld(entry.conn_id, old_spi))
             else:
                 self.table.move_ike(entry.conn_id, new_spi)
-        return []
+        return effects
+
+    def expire_old(self, conn_id: int, spi: bytes) -> list[Effect]:
+        entry = self.table.get(conn_id)
+        if entry is None or spi not in entry.ike_spis_old:
+            return []
+        self.table.unbind_ike(conn_id, spi)
+        return self._retire_if_empty(entry, "IKE SA deleted")
 
     def _on_ike_update(self, event: dict[str, Any]) -> list[Effect]:
         new_local, new_remote = _addr(event.get("local-host")), _addr(event.get("remote-host"))
