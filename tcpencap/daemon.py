@@ -24,6 +24,7 @@ from vici_bridge.sync import ExpireOld, Retire, SaSync
 
 from . import rfc9329
 from .config import Config
+from .fallback import FallbackMonitor
 from .packet import addr_bytes, addr_text
 from .ports import PortAllocator, PortsExhausted
 from .router import ConnView, Drop, Inject, Open, Router, Send, Side
@@ -37,6 +38,8 @@ GATEWAY_CLOSE_DELAY = 5.0  # the client (TCP originator) should close first
 RECONNECT_BASE = 0.2
 RECONNECT_MAX = 10.0
 MAX_RECONNECTS = 40
+FALLBACK_TIMEOUT = 5.0  # UDP gets this long to answer IKE_SA_INIT (transport = fallback)
+FALLBACK_POLL = 1.0
 PENDING_LIMIT = 64  # frames held while a client connection is being opened
 IKE_HARD_LIMIT_FACTOR = 4  # IKE may overshoot the send buffer bound this many times
 
@@ -280,6 +283,7 @@ class Daemon:
         self._tasks: set[asyncio.Task[None]] = set()
         self.vici_state = "not connected"
         self.sync = SaSync(self.router)
+        self.fallback = FallbackMonitor()
         self.bridge: ViciBridge | None = None
 
     # --- helpers ----------------------------------------------------------------------
@@ -609,6 +613,9 @@ class Daemon:
             self.on_vici_state,
         )
         self.bridge.start()
+        if self.fallback.conns:
+            task = loop.create_task(self._watch_fallback())
+            self._tasks.add(task)
 
     async def _start_control(self) -> None:
         path = self.config.status_socket
@@ -642,19 +649,65 @@ class Daemon:
             addrs = list(c.remote_addrs) or resolved.get(name, [])
             if not addrs:
                 log.warning("connection %s: no remote address known, not steered", name)
+            peers: list[str] = []
             for text in addrs:
                 try:
                     addr = ipaddress.ip_address(text)
                 except ValueError:
                     log.warning("connection %s: remote %r is not an address, skipped", name, text)
                     continue
-                self.client_peers.add(addr.packed)
                 self.peer_ports[addr.packed] = c.remote_port
-                self.rules.add_peer(str(addr))
-                log.info("connection %s: peer %s over TCP port %d", name, addr, c.remote_port)
+                peers.append(str(addr))
+            if c.transport == "fallback":
+                timeout = getattr(c, "fallback_timeout", FALLBACK_TIMEOUT)
+                self.fallback.add(name, peers, timeout)
+                log.info(
+                    "connection %s: UDP first, TCP port %d after %.1fs without an answer",
+                    name,
+                    c.remote_port,
+                    timeout,
+                )
+                continue
+            self._steer(peers, True)
+            log.info("connection %s: peers %s over TCP port %d", name, peers, c.remote_port)
+
+    def _steer(self, peers: list[str], tcp: bool) -> None:
+        for peer in peers:
+            packed = ipaddress.ip_address(peer).packed
+            if tcp:
+                self.client_peers.add(packed)
+                self.rules.add_peer(peer)
+            else:
+                self.client_peers.discard(packed)
+                self.rules.remove_peer(peer)
+
+    async def _watch_fallback(self) -> None:
+        """Poll charon's IKE SAs for fallback connections stuck in CONNECTING."""
+        from vici_bridge.resolve import list_sas
+
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(FALLBACK_POLL)
+            try:
+                sas = await asyncio.to_thread(list_sas, self.config.vici_socket)
+            except OSError as exc:
+                self.log_limited("fallback-vici", "fallback monitor: VICI unreachable: %s", exc)
+                continue
+            for sw in self.fallback.update(loop.time(), sas):
+                if sw.tcp:
+                    log.warning(
+                        "connection %s: no answer over UDP, falling back to TCP for %s",
+                        sw.name,
+                        ", ".join(sw.peers),
+                    )
+                else:
+                    log.info("connection %s: no SA left, back to UDP first", sw.name)
+                self._steer(list(sw.peers), sw.tcp)
 
     async def _shutdown(self) -> None:
         self._stopping = True
+        for task in list(self._tasks):
+            task.cancel()
         if self.bridge is not None:
             await asyncio.to_thread(self.bridge.stop)
         for server in self.servers:

@@ -211,6 +211,11 @@ class FakeControlServer:
                     conn.sendall(json.dumps({"error": f"unknown {line!r}"}).encode() + b"\n")
 
     def close(self) -> None:
+        # shutdown() wakes the accept() blocked in the thread; close() alone would not.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
         self.thread.join(5)
 

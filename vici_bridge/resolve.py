@@ -58,6 +58,14 @@ def get_conns(uri: str) -> list[dict[str, Any]]:
         session.transport.close()
 
 
+def list_sas(uri: str) -> list[dict[str, Any]]:
+    session = open_session(uri)
+    try:
+        return [text(sa) for sa in session.list_sas()]
+    finally:
+        session.transport.close()
+
+
 async def resolve_remote_addrs(
     uri: str, names: list[str], status: Any = None, wait: float = 30.0
 ) -> dict[str, list[str]]:
