@@ -131,6 +131,10 @@ class Router:
             ip = parse_ip(packet)
             if ip.proto != PROTO_UDP:
                 return self._drop("not-udp")
+            if ip.fragment:
+                # OUTPUT sees whole datagrams; a fragment here is not charon's, and its
+                # first octets are not a UDP header.
+                return self._drop("fragment")
             udp = parse_udp(ip.payload)
         except PacketError:
             return self._drop("malformed-outbound")

@@ -86,12 +86,12 @@ def _tshark_trailers(pcap: str) -> list[tuple[str, str]]:
     return [tuple(line.split("\t")) for line in out.splitlines() if line.strip()]  # type: ignore[misc]
 
 
-def _check_tunnel(lab: Lab, c1: Host, gw: Host) -> None:
+def _check_tunnel(lab: Lab, c1: Host, gw: Host, inner: tuple[int, ...] = (4, 6)) -> None:
     cap = lab.capture(c1)
     c1.charon.initiate(NAME, timeout=10)  # type: ignore[union-attr]
     sas = c1.charon.list_sas()  # type: ignore[union-attr]
     assert any(NAME in sa for sa in sas), sas
-    for fam in (4, 6):
+    for fam in inner:
         for src, dst in ((c1, gw), (gw, c1)):
             got = ping(src, dst.inner(fam), src.inner(fam), count=3)
             assert got == (3, 3), f"ping {src.role} -> {dst.role} IPv{fam}: {got}"
@@ -100,9 +100,10 @@ def _check_tunnel(lab: Lab, c1: Host, gw: Host) -> None:
 
     assert sum(1 for p in packets if UDP in p) == 0, "UDP crossed c1's link"
     n_tcp = cap.count_tcp(PORT)
-    assert n_tcp >= 3 + 12, n_tcp  # handshake, IKE and 12 ESP-in-UDP pings+replies at least
+    n_pings = 6 * len(inner)  # requests and replies, each one ESP-in-UDP segment
+    assert n_tcp >= 3 + n_pings, n_tcp  # handshake, IKE and the pings at least
     trailers = _tshark_trailers(str(cap.pcap))
-    assert len(trailers) >= 12, trailers
+    assert len(trailers) >= n_pings, trailers
     for magic, proto in trailers:
         assert magic.replace(":", "") == MAGIC_TEXT.replace(":", "")  # tshark 4.0: no colons
         assert int(proto, 0) == 17  # ESP-in-UDP and IKE both travel as inner UDP
@@ -118,7 +119,8 @@ def test_ikev2_psk_over_ctcp(family: int) -> None:
 def test_ikev1_main_mode_psk_over_ctcp() -> None:
     with Lab(clients=1) as lab:
         c1, gw = _setup(lab, 4, version=1)
-        _check_tunnel(lab, c1, gw)
+        # IKEv1 Quick Mode negotiates one selector pair per CHILD_SA: the IPv4 one
+        _check_tunnel(lab, c1, gw, inner=(4,))
         log = c1.charon.log.read_text(errors="replace")  # type: ignore[union-attr]
         assert "ID_PROT" in log, "not IKEv1 Main Mode"
 

@@ -39,7 +39,7 @@ def _literal(name: str, raw: str) -> list[str]:
         return [str(ipaddress.ip_address(raw))]
     except ValueError:
         pass
-    if raw.startswith("%") or "/" in raw or "-" in raw.strip("-"):
+    if raw.startswith("%") or "/" in raw or _is_range(raw):
         log.warning("connection %s: remote %r is not a single address, not steered", name, raw)
         return []
     try:
@@ -48,6 +48,19 @@ def _literal(name: str, raw: str) -> list[str]:
         log.warning("connection %s: cannot resolve %r: %s", name, raw, exc)
         return []
     return sorted({str(ipaddress.ip_address(i[4][0])) for i in infos})
+
+
+def _is_range(raw: str) -> bool:
+    """strongSwan's ``FROM-TO`` address range (a host name may contain hyphens too)."""
+    low, sep, high = raw.partition("-")
+    if not sep:
+        return False
+    try:
+        ipaddress.ip_address(low.strip())
+        ipaddress.ip_address(high.strip())
+    except ValueError:
+        return False
+    return True
 
 
 def get_conns(uri: str) -> list[dict[str, Any]]:

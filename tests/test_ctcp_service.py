@@ -1,0 +1,135 @@
+"""The cTCP engine without I/O: two engines (client and gateway) wired back to back."""
+
+from __future__ import annotations
+
+import random
+
+from tcpencap.ctcp import read_segment
+from tcpencap.ctcp_conn import State
+from tcpencap.ctcp_service import CtcpEngine, Inject, Send, Steer
+from tcpencap.packet import (
+    PROTO_UDP,
+    TCP_ACK,
+    TCP_RST,
+    TCP_SYN,
+    addr_bytes,
+    build_ip,
+    build_tcp,
+    build_udp,
+    parse_ip,
+    parse_udp,
+)
+from tcpencap.ports import PortAllocator
+
+C, G = addr_bytes("198.18.1.2"), addr_bytes("198.19.0.2")
+SPI_I = bytes.fromhex("1122334455667788")
+
+
+def _ike(src: bytes, dst: bytes, spi_r: bytes = bytes(8), exchange: int = 34) -> bytes:
+    msg = SPI_I + spi_r + bytes([33, 0x20, exchange, 0x08]) + bytes(4) + (28).to_bytes(4, "big")
+    return build_ip(src, dst, PROTO_UDP, build_udp(src, dst, 500, 500, msg))
+
+
+def _esp(src: bytes, dst: bytes, spi: int) -> bytes:
+    body = spi.to_bytes(4, "big") + (1).to_bytes(4, "big") + b"x" * 40
+    return build_ip(src, dst, PROTO_UDP, build_udp(src, dst, 4500, 4500, body))
+
+
+def _engines(max_connections: int = 10) -> tuple[CtcpEngine, CtcpEngine]:
+    client = CtcpEngine(peers={G: 10000}, ports=PortAllocator(40000), rng=random.Random(1))
+    gw = CtcpEngine(
+        listen=[("198.19.0.2", 10000)], max_connections=max_connections, rng=random.Random(2)
+    )
+    return client, gw
+
+
+def _sends(out: list) -> list[bytes]:
+    return [o.data for o in out if type(o) is Send]
+
+
+def _exchange(a: CtcpEngine, b: CtcpEngine, out: list, now: float) -> list:
+    """Feed a's Send outputs into b; return everything b produced."""
+    res: list = []
+    for data in _sends(out):
+        res += b.inbound(now, data)
+    return res
+
+
+def test_handshake_trigger_and_delivery_both_ways():
+    client, gw = _engines()
+    ike = _ike(C, G)
+    out = client.outbound(0.0, ike)
+    (syn,) = _sends(out)
+    assert read_segment(syn).flags == TCP_SYN
+    (flow,) = client.flows.values()
+    assert flow.conn.get_timer() == 3.0 and flow.key[1] == 40000
+    synack_out = _exchange(client, gw, out, 0.1)
+    assert read_segment(_sends(synack_out)[0]).flags == TCP_SYN | TCP_ACK
+    ack_and_data = _exchange(gw, client, synack_out, 0.2)
+    assert client.flows[flow.key].conn.state is State.ESTABLISHED
+    delivered = _exchange(client, gw, ack_and_data, 0.3)
+    # the gateway steers the peer before it injects the first packet
+    assert [type(o) for o in delivered] == [Steer, Inject]
+    assert delivered[0] == Steer(C, True)
+    inner = parse_ip(delivered[1].packet)
+    assert (inner.src, inner.dst, inner.proto) == (C, G, PROTO_UDP)
+    assert parse_udp(inner.payload).payload[:8] == SPI_I
+    (gflow,) = gw.flows.values()
+    assert gflow.entry.ike_spis == {SPI_I}
+    # reply: found by IKE SPI, carried back, injected on the client
+    reply = gw.outbound(0.4, _ike(G, C, spi_r=b"\x99" * 8))
+    back = _exchange(gw, client, reply, 0.5)
+    assert [type(o) for o in back] == [Inject] and back[0].dst == C
+    # ESP both ways binds an SA: the 60 s no-SA timer stops
+    assert gflow.conn.get_timer() is not None
+    esp_out = gw.outbound(0.6, _esp(G, C, 0xC0FFEE01))
+    assert gflow.conn.get_timer() is None and gflow.entry.esp_spis == {0xC0FFEE01}
+    got = _exchange(gw, client, esp_out, 0.7)
+    assert [type(o) for o in got] == [Inject]
+    st = gw.status(1.0)[0]
+    assert st["side"] == "gateway" and st["state"] == "established"
+    assert st["frames_in"] == 1 and st["frames_out"] == 2 and st["esp_spis"] == ["c0ffee01"]
+    assert st["peer"] == "198.18.1.2:40000" and st["local"] == "198.19.0.2:10000"
+
+
+def test_stray_segment_gets_rst_ack_and_no_flow():
+    _, gw = _engines()
+    seg = build_ip(C, G, 6, build_tcp(C, G, 5555, 10000, 100, 999, TCP_ACK, b"abc"))
+    out = gw.inbound(0.0, seg)
+    (rst,) = _sends(out)
+    r = read_segment(rst)
+    assert (r.flags, r.seq, r.ack, r.sport, r.dport) == (TCP_RST | TCP_ACK, 999, 103, 10000, 5555)
+    assert not gw.flows and gw.counters == {"stray-reset": 1}
+    # a SYN to a port nobody listens on opens nothing
+    syn = build_ip(C, G, 6, build_tcp(C, G, 5555, 10001, 1, 0, TCP_SYN))
+    assert gw.inbound(0.0, syn) == [] and not gw.flows
+
+
+def test_connection_limit_counts_refusals():
+    _, gw = _engines(max_connections=2)
+    for port in (1, 2, 3, 4):
+        gw.inbound(0.0, build_ip(C, G, 6, build_tcp(C, G, port, 10000, 7, 0, TCP_SYN)))
+    assert len(gw.flows) == 2 and gw.counters["refused-limit"] == 2
+
+
+def test_handshake_timeouts_remove_or_reset_flows():
+    client, gw = _engines()
+    out = client.outbound(0.0, _ike(C, G))
+    _exchange(client, gw, out, 0.0)
+    (gkey,) = gw.flows
+    (ckey,) = client.flows
+    assert gw.handle_timer(3.0, gkey) == [] and not gw.flows  # SYN_RCVD: silently
+    assert client.handle_timer(3.0, ckey) == []
+    assert client.flows[ckey].conn.state is State.CLOSED
+    # the next IKE retransmission sends a new SYN on the same flow
+    (syn,) = _sends(client.outbound(4.0, _ike(C, G)))
+    assert read_segment(syn).flags == TCP_SYN
+
+
+def test_keepalives_and_non_peers_are_not_sent():
+    client, _ = _engines()
+    ka = build_ip(C, G, PROTO_UDP, build_udp(C, G, 4500, 4500, b"\xff"))
+    assert client.outbound(0.0, ka) == [] and client.counters == {"nat-keepalive": 1}
+    other = addr_bytes("198.18.9.9")
+    assert client.outbound(0.0, _ike(C, other)) == []
+    assert client.counters["not-a-ctcp-peer"] == 1 and not client.flows

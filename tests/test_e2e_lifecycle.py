@@ -1,0 +1,432 @@
+"""End to end: the life of a tunnel carried over RFC 9329 TCP (issue 4).
+
+Rekeys (real short lifetimes and VICI-triggered), many CHILD SAs on one connection, on-demand
+open and close, reconnect after the TCP connection breaks, and MOBIKE address changes. The
+client's UDP is dropped in fw, so the tunnel only works over TCP. What tcpencap reports
+(`tcpencap status`) is compared with what charon reports (VICI list-sas): the ESP SPIs of a
+connection must be the spi-out of the INSTALLED CHILD SAs, its IKE SPI the initiator SPI.
+Every test builds its own lab; needs root, iproute2, iptables and strongSwan (never skips).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from e2e_helpers import ike_sa, listen_addr
+
+from tcpencap.lab import Host, Lab, Process, ping, psk_conf, tcpencap_conf
+
+pytestmark = pytest.mark.lab
+
+NAME = "c1-gw"
+EXPIRE_OLD = 5.0  # the daemon forgets a rekeyed IKE SPI this long after the rekey
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def conns(host: Host) -> list[dict[str, Any]]:
+    return host.tcpencap_status()["connections"]
+
+
+def wait_for(
+    what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.1
+) -> tuple[Any, float]:
+    """Poll ``probe`` until it returns something truthy; returns (value, seconds taken).
+    Fails with the last value after ``timeout``."""
+    t0 = time.monotonic()
+    last: Any = None
+    while True:
+        last = probe()
+        if last:
+            return last, time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            pytest.fail(f"{what}: not within {timeout}s; last: {last!r}")
+        time.sleep(interval)
+
+
+def installed_out(sa: dict[str, Any]) -> set[str]:
+    """spi-out of the INSTALLED CHILD SAs of an IKE SA (hex, as status prints them)."""
+    return {c["spi-out"] for c in sa.get("child-sas", {}).values() if c.get("state") == "INSTALLED"}
+
+
+def mismatch(host: Host, name: str = NAME) -> str:
+    """Empty if ``host``'s status has exactly one open connection that carries exactly the
+    SPIs charon has (initiator SPI, spi-out of INSTALLED children, no old IKE SPI); else
+    the difference, for the failure message."""
+    sa = ike_sa(host, name)
+    cs = conns(host)
+    if len(cs) != 1:
+        return f"{host.role}: {len(cs)} connections: {cs}"
+    c = cs[0]
+    want = {
+        "state": "open",
+        "ike_spis": [sa["initiator-spi"]],
+        "ike_spis_old": [],
+        "esp_spis": sorted(installed_out(sa)),
+    }
+    got = {k: c[k] for k in want}
+    return "" if got == want else f"{host.role}: status {got} != charon {want}"
+
+
+def consistent(host: Host, timeout: float) -> dict[str, Any]:
+    """Wait until status agrees with list-sas (a rekey may be in flight); returns the conn."""
+    wait_for(f"{host.role} status == list-sas", lambda: not mismatch(host) or None, timeout, 0.2)
+    return conns(host)[0]
+
+
+def one_conn(host: Host) -> dict[str, Any] | None:
+    cs = conns(host)
+    return cs[0] if len(cs) == 1 and cs[0]["state"] == "open" else None
+
+
+def local_port(conn: dict[str, Any]) -> int:
+    return int(conn["local"].rsplit(":", 1)[1])
+
+
+def peer_port(conn: dict[str, Any]) -> int:
+    return int(conn["peer"].rsplit(":", 1)[1])
+
+
+def spawn_ping(host: Host, dst: str, src: str, seconds: int, log: str) -> Process:
+    """Continuous ping every 50 ms for ``seconds`` s, in the background."""
+    argv = ["ping", "-n", "-q", "-i", "0.05", "-W", "1", "-w", str(seconds), "-I", src, dst]
+    return host.spawn(argv, log)
+
+
+def ping_result(proc: Process, timeout: float) -> tuple[int, int]:
+    proc.popen.wait(timeout)
+    m = re.search(r"(\d+) packets transmitted, (\d+) (?:packets )?received", proc.log_text())
+    assert m, proc.log_text()
+    return int(m.group(1)), int(m.group(2))
+
+
+def setup(
+    lab: Lab,
+    client_conf: str | None = None,
+    gw_conf: str | None = None,
+    families: tuple[int, ...] = (4,),
+    initiate: bool = True,
+) -> tuple[Host, Host]:
+    """c1 <-> gw over TCP only (c1's UDP dropped in fw); returns (c1, gw)."""
+    c1, gw = lab.clients[0], lab.gw
+    lab.block_udp(c1)
+    for h in (c1, gw):
+        h.start_charon()
+    c1.charon.load(client_conf or psk_conf(c1, gw))
+    gw.charon.load(gw_conf or psk_conf(gw, c1))
+    gw.start_tcpencap(tcpencap_conf(gw, listen=[listen_addr(gw, f, 4500) for f in families]))
+    c1.start_tcpencap(tcpencap_conf(c1, connections={NAME: 4500}))
+    if initiate:
+        c1.charon.initiate(NAME)
+    return c1, gw
+
+
+def with_lifetimes(conf: str, ike: str, child: str) -> str:
+    """Insert swanctl lifetime settings into psk_conf text (connection, then child)."""
+    conf = conf.replace("    proposals = ", f"{ike}\n    proposals = ", 1)
+    return conf.replace("        esp_proposals = ", f"{child}\n        esp_proposals = ", 1)
+
+
+def add_children(conf: str, extra: dict[str, tuple[str, str]]) -> str:
+    """Add CHILD SAs ``name -> (local_ts, remote_ts)`` to psk_conf text."""
+    text = "".join(
+        f"      {n} {{\n        local_ts = {lts}\n        remote_ts = {rts}\n      }}\n"
+        for n, (lts, rts) in extra.items()
+    )
+    return conf.replace("    children {\n", "    children {\n" + text, 1)
+
+
+def log_excerpt(host: Host, lines: int = 40) -> str:
+    text = (host.dir / "tcpencap.log").read_text(errors="replace").splitlines()
+    return "\n".join(line for line in text if "DEBUG" not in line)[-4000:] or "\n".join(
+        text[-lines:]
+    )
+
+
+# --- 1. rekeys ---------------------------------------------------------------------------
+
+
+def test_rekeys_by_lifetime_under_ping() -> None:
+    """Short lifetimes (IKE 5 s, CHILD 3 s, no jitter) while pinging every 50 ms: every
+    rekey stays on the one TCP connection, loses at most one ping, and the old SPIs leave
+    the status (old IKE SPI within ~EXPIRE_OLD s)."""
+    with Lab(clients=1) as lab:
+        c1, gw = lab.clients[0], lab.gw
+        conf = with_lifetimes(
+            psk_conf(c1, gw),
+            "    rekey_time = 5s\n    rand_time = 0s\n    over_time = 30s",
+            "        rekey_time = 3s\n        life_time = 30s\n        rand_time = 0s",
+        )
+        c1, gw = setup(lab, client_conf=conf)
+        first = {h.role: one_conn(h) for h in (c1, gw)}
+        assert all(first.values()), first
+        proc = spawn_ping(c1, gw.inner4, c1.inner4, 12, "ping.log")
+        ike_seen: set[str] = set()
+        esp_seen: set[str] = set()
+        old_since: dict[str, float] = {}  # IKE SPI -> when first seen in ike_spis_old
+        old_gone: dict[str, float] = {}
+        status_esp: set[str] = set()
+        while proc.alive():
+            sa = ike_sa(c1, NAME)
+            ike_seen.add(sa["initiator-spi"])
+            esp_seen |= installed_out(sa)
+            for h in (c1, gw):
+                cs = conns(h)
+                assert len(cs) == 1, (h.role, cs)
+                c = cs[0]
+                assert (c["id"], c["local"], c["peer"]) == (
+                    first[h.role]["id"],
+                    first[h.role]["local"],
+                    first[h.role]["peer"],
+                ), (h.role, c, first[h.role])
+                assert c["state"] == "open", c
+                if h is c1:
+                    status_esp |= set(c["esp_spis"])
+                    now = time.monotonic()
+                    for spi in c["ike_spis_old"]:
+                        old_since.setdefault(spi, now)
+                    for spi in old_since:
+                        if spi not in c["ike_spis_old"]:
+                            old_gone.setdefault(spi, now)
+            time.sleep(0.2)
+        sent, received = ping_result(proc, 5)
+        ike_rekeys, child_rekeys = len(ike_seen) - 1, len(esp_seen) - 1
+        assert ike_rekeys >= 2, ike_seen  # at 5 s and 10 s
+        assert child_rekeys >= 3, esp_seen  # at 3, 6, 9 s
+        assert sent >= 200, (sent, received)
+        assert sent - received <= ike_rekeys + child_rekeys, (
+            f"lost {sent - received} of {sent} pings over {ike_rekeys} IKE and "
+            f"{child_rekeys} CHILD rekeys\n{log_excerpt(c1)}"
+        )
+        # The first rekeyed IKE SPI (at ~5 s) has been forgotten by ~10 s.
+        assert old_since, "no old IKE SPI ever shown after a rekey"
+        first_old = min(old_since, key=old_since.__getitem__)
+        assert first_old in old_gone, (old_since, old_gone)
+        assert old_gone[first_old] - old_since[first_old] < EXPIRE_OLD + 1.5
+        # Old ESP SPIs were dropped (the status now lists only current ones), both sides.
+        assert len(status_esp) >= child_rekeys, (status_esp, esp_seen)
+        for h in (c1, gw):
+            c = consistent(h, timeout=EXPIRE_OLD + 3)
+            assert c["id"] == first[h.role]["id"] and c["local"] == first[h.role]["local"]
+
+
+def test_rekeys_by_vici_from_both_sides() -> None:
+    """IKE and CHILD rekeys started over VICI by the client and by the gateway, under ping:
+    same connection, at most one lost ping per rekey; afterwards status == list-sas on both
+    sides, and the replaced IKE SPIs are gone from ike_spis_old ~EXPIRE_OLD s later."""
+    with Lab(clients=1) as lab:
+        c1, gw = setup(lab)
+        first = {h.role: one_conn(h) for h in (c1, gw)}
+        assert all(first.values()), first
+        old_ike = ike_sa(c1, NAME)["initiator-spi"]
+        old_esp = {h.role: set(first[h.role]["esp_spis"]) for h in (c1, gw)}
+        proc = spawn_ping(c1, gw.inner4, c1.inner4, 4, "ping.log")
+        time.sleep(0.4)
+        rekeys = 0
+        for h, what in ((c1, "child"), (c1, "ike"), (gw, "ike"), (gw, "child")):
+            s = h.charon.session(timeout=10)
+            try:
+                list(s.rekey({what: NAME}))
+            finally:
+                s.transport.socket.close()
+            rekeys += 1
+            time.sleep(0.6)
+        sent, received = ping_result(proc, 6)
+        assert sent >= 60
+        assert sent - received <= rekeys, f"lost {sent - received}/{sent}\n{log_excerpt(c1)}"
+        for h in (c1, gw):
+            c = one_conn(h)
+            assert c is not None and c["id"] == first[h.role]["id"], (h.role, c)
+            assert c["local"] == first[h.role]["local"], (c, first[h.role])
+            assert old_ike not in c["ike_spis"], c
+            assert not old_esp[h.role] & set(c["esp_spis"]), (old_esp, c)
+        # The last IKE rekey was ~1.2 s ago: its old SPI expires within EXPIRE_OLD + slack.
+        for h in (c1, gw):
+            consistent(h, timeout=EXPIRE_OLD + 2)
+        assert ike_sa(c1, NAME)["initiator-spi"] != old_ike
+
+
+# --- 2. many CHILD SAs ---------------------------------------------------------------------
+
+
+def test_many_child_sas_share_one_connection() -> None:
+    """Four more CHILD SAs (other inner addresses) under the same IKE SA: one TCP
+    connection per side carries all five, status lists every spi-out, each pair pings."""
+    with Lab(clients=1) as lab:
+        c1, gw = lab.clients[0], lab.gw
+        extra = range(2, 6)
+        for k in extra:
+            c1.run("ip", "addr", "add", f"198.18.201.{k}/32", "dev", "lo")
+            gw.run("ip", "addr", "add", f"198.19.200.{k}/32", "dev", "lo")
+        cconf = add_children(
+            psk_conf(c1, gw),
+            {f"{NAME}-{k}": (f"198.18.201.{k}/32", f"198.19.200.{k}/32") for k in extra},
+        )
+        gconf = add_children(
+            psk_conf(gw, c1),
+            {f"{NAME}-{k}": (f"198.19.200.{k}/32", f"198.18.201.{k}/32") for k in extra},
+        )
+        c1, gw = setup(lab, client_conf=cconf, gw_conf=gconf)
+        first = one_conn(c1)
+        assert first is not None
+        for k in extra:
+            c1.charon.initiate(f"{NAME}-{k}", ike=NAME)
+        sa = ike_sa(c1, NAME)
+        assert len(installed_out(sa)) == 5, sa["child-sas"]
+        for k in (1, *extra):
+            got = ping(c1, f"198.19.200.{k}", f"198.18.201.{k}", count=3)
+            assert got == (3, 3), (k, got)
+        for h in (c1, gw):
+            c = consistent(h, timeout=2)
+            assert len(c["esp_spis"]) == 5, c
+        c = one_conn(c1)
+        assert c is not None and (c["id"], c["local"]) == (first["id"], first["local"])
+
+
+# --- 3. on demand --------------------------------------------------------------------------
+
+
+def test_connection_on_demand_and_closed_after_terminate() -> None:
+    """No TCP connection before charon initiates; after a terminate (from either side) the
+    connection is gone on both sides within 2 s."""
+    with Lab(clients=1) as lab:
+        c1, gw = setup(lab, initiate=False)
+        time.sleep(0.5)
+        assert conns(c1) == [] and conns(gw) == []
+        for terminator in ("c1", "gw"):
+            c1.charon.initiate(NAME)
+            for h in (c1, gw):
+                assert one_conn(h) is not None, (h.role, conns(h))
+            assert ping(c1, gw.inner4, c1.inner4) == (3, 3)
+            (c1 if terminator == "c1" else gw).charon.terminate(NAME)
+            _, took = wait_for(
+                f"no connections after terminate by {terminator}",
+                lambda: (not conns(c1) and not conns(gw)) or None,
+                timeout=2.0,
+            )
+            assert c1.charon.list_sas() == [] and gw.charon.list_sas() == []
+
+
+# --- 4. reconnect ---------------------------------------------------------------------------
+
+
+def test_client_reconnects_after_tcp_reset() -> None:
+    """fw resets the TCP connection (both directions) for ~1 s while the SA lives: the client
+    reconnects from a new port, the same IKE SA carries on, each side has one open
+    connection again, the gateway's old one is gone and ping works within a few seconds."""
+    with Lab(clients=1) as lab:
+        c1, gw = setup(lab)
+        before = {h.role: one_conn(h) for h in (c1, gw)}
+        assert all(before.values()), before
+        spi = ike_sa(c1, NAME)["initiator-spi"]
+        proc = spawn_ping(c1, gw.inner4, c1.inner4, 3, "ping-before.log")
+        time.sleep(0.5)
+        rules = [
+            ["FORWARD", "-p", "tcp", port, "4500", "-j", "REJECT", "--reject-with", "tcp-reset"]
+            for port in ("--dport", "--sport")
+        ]
+        for spec in rules:
+            lab.fw.run("iptables", "-I", *spec)
+            lab.rules.append(("iptables", spec))
+        time.sleep(1.0)
+        for spec in rules:
+            lab.fw.run("iptables", "-D", *spec)
+            lab.rules.remove(("iptables", spec))
+        ping_result(proc, 5)
+
+        def reconnected() -> tuple[dict[str, Any], dict[str, Any]] | None:
+            c, g = one_conn(c1), one_conn(gw)
+            if c is None or g is None or local_port(c) == local_port(before["c1"]):
+                return None
+            return (c, g) if peer_port(g) == local_port(c) else None
+
+        (c, g), took = wait_for(
+            f"reconnect\n{log_excerpt(c1)}\n--- gw\n{log_excerpt(gw)}", reconnected, 6.0
+        )
+        assert c["id"] == before["c1"]["id"], (c, before["c1"])  # same connection slot
+        assert g["id"] != before["gw"]["id"], (g, before["gw"])
+        wait_for("ping after reconnect", lambda: ping(c1, gw.inner4, c1.inner4) == (3, 3), 4)
+        assert ike_sa(c1, NAME)["initiator-spi"] == spi
+        assert ike_sa(gw, NAME)["initiator-spi"] == spi
+        for h in (c1, gw):
+            consistent(h, timeout=3)
+
+
+# --- 5. MOBIKE -----------------------------------------------------------------------------
+
+
+def test_mobike_address_change_moves_connection() -> None:
+    """c1 moves from 198.18.1.2 to 198.18.1.3: charon's UPDATE_SA_ADDRESSES leaves from the
+    new address over a new TCP connection, the old one closes on both sides, ping works."""
+    with Lab(clients=1) as lab:
+        c1, gw = setup(lab)
+        before = {h.role: one_conn(h) for h in (c1, gw)}
+        assert all(before.values()), before
+        assert before["c1"]["local"].startswith("198.18.1.2:")
+        spi = ike_sa(c1, NAME)["initiator-spi"]
+        c1.run("sysctl", "-q", "-w", f"net.ipv4.conf.{c1.veth}.promote_secondaries=1")
+        c1.run("ip", "addr", "add", "198.18.1.3/24", "dev", c1.veth)
+        c1.run("ip", "addr", "del", "198.18.1.2/24", "dev", c1.veth)
+        c1.run("ip", "route", "replace", "default", "via", "198.18.1.1")
+
+        def moved() -> tuple[dict[str, Any], dict[str, Any]] | None:
+            c, g = one_conn(c1), one_conn(gw)
+            if c is None or g is None or not c["local"].startswith("198.18.1.3:"):
+                return None
+            return (c, g) if g["peer"].startswith("198.18.1.3:") else None
+
+        (c, g), _ = wait_for(
+            f"move to 198.18.1.3\n{log_excerpt(c1)}\n--- gw\n{log_excerpt(gw)}", moved, 8.0
+        )
+        wait_for("ping after move", lambda: ping(c1, gw.inner4, c1.inner4) == (3, 3), 4)
+        sa = ike_sa(gw, NAME)
+        assert (sa["remote-host"], sa["initiator-spi"]) == ("198.18.1.3", spi), sa
+        for h in (c1, gw):
+            consistent(h, timeout=3)
+
+
+def test_mobike_change_of_address_family() -> None:
+    """Both peers list IPv4 and IPv6 outer addresses; c1 loses IPv4 entirely: the IKE SA
+    moves to IPv6, tcpencap follows with a new TCP connection over IPv6, the IPv4 one
+    closes on both sides and the (IPv4 inner) ping works again."""
+    with Lab(clients=1) as lab:
+        c1, gw = lab.clients[0], lab.gw
+
+        def dual(conf: str, local: Host, remote: Host) -> str:
+            conf = conf.replace(
+                f"local_addrs = {local.outer4}", f"local_addrs = {local.outer4}, {local.outer6}"
+            )
+            return conf.replace(
+                f"remote_addrs = {remote.outer4}",
+                f"remote_addrs = {remote.outer4}, {remote.outer6}",
+            )
+
+        c1, gw = setup(
+            lab,
+            client_conf=dual(psk_conf(c1, gw), c1, gw),
+            gw_conf=dual(psk_conf(gw, c1), gw, c1),
+            families=(4, 6),
+        )
+        before = one_conn(c1)
+        assert before is not None and before["local"].startswith("198.18.1.2:"), before
+        spi = ike_sa(c1, NAME)["initiator-spi"]
+        c1.run("ip", "-4", "addr", "flush", "dev", c1.veth)
+        c1.run("ip", "-4", "route", "flush", "dev", c1.veth)
+
+        def moved() -> tuple[dict[str, Any], dict[str, Any]] | None:
+            c, g = one_conn(c1), one_conn(gw)
+            if c is None or g is None or not c["local"].startswith(f"[{c1.outer6}]:"):
+                return None
+            return (c, g) if g["peer"].startswith(f"[{c1.outer6}]:") else None
+
+        wait_for(f"move to IPv6\n{log_excerpt(c1)}\n--- gw\n{log_excerpt(gw)}", moved, 8.0)
+        wait_for("ping after move", lambda: ping(c1, gw.inner4, c1.inner4) == (3, 3), 4)
+        sa = ike_sa(gw, NAME)
+        assert (sa["remote-host"], sa["initiator-spi"]) == (c1.outer6, spi), sa
+        for h in (c1, gw):
+            consistent(h, timeout=3)

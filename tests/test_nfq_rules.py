@@ -1,0 +1,374 @@
+"""Integration tests of nfq.rules.SteeringRules with real iptables/ip6tables, each inside a
+private network namespace (fresh, empty netfilter tables; deleted afterwards).
+
+The code under test runs in a child `ip netns exec NS python3 -c ...`; the child prints a
+JSON object of `iptables -S` snapshots taken with its own iptables calls (not the module's
+helpers), and the assertions are made here. Needs root and iptables: fails loudly without.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CHAIN = "TCPENCAP_OUT"
+JUMP = f"-A OUTPUT -j {CHAIN}"
+PEER4, PEER4B, PEER6 = "198.19.0.2", "198.19.0.3", "fd00:19::2"
+
+
+def peer_rule(peer: str, queue: int = 4500, chain: str = CHAIN) -> str:
+    """A steering rule as `iptables -S` prints it."""
+    plen = 128 if ":" in peer else 32
+    return (
+        f"-A {chain} -d {peer}/{plen} -p udp -m multiport --sports 500,4500 "
+        f"-j NFQUEUE --queue-num {queue}"
+    )
+
+
+# Rules someone else put into mangle before tcpencap started; they must survive everything.
+UNRELATED = {
+    4: [
+        ["-A", "OUTPUT", "-p", "tcp", "--dport", "9", "-j", "MARK", "--set-mark", "7"],
+        ["-N", "OTHER"],
+        ["-A", "OTHER", "-p", "udp", "--dport", "4500", "-j", "MARK", "--set-mark", "9"],
+        ["-A", "POSTROUTING", "-p", "udp", "--sport", "500", "-j", "RETURN"],
+    ],
+    6: [
+        ["-A", "OUTPUT", "-p", "tcp", "--dport", "9", "-j", "MARK", "--set-mark", "7"],
+        ["-N", "OTHER"],
+        ["-A", "OTHER", "-p", "udp", "--dport", "4500", "-j", "MARK", "--set-mark", "9"],
+    ],
+}
+UNRELATED_S = {
+    4: [
+        "-N OTHER",
+        "-A OUTPUT -p tcp -m tcp --dport 9 -j MARK --set-xmark 0x7/0xffffffff",
+        "-A POSTROUTING -p udp -m udp --sport 500 -j RETURN",
+        "-A OTHER -p udp -m udp --dport 4500 -j MARK --set-xmark 0x9/0xffffffff",
+    ],
+    6: [
+        "-N OTHER",
+        "-A OUTPUT -p tcp -m tcp --dport 9 -j MARK --set-xmark 0x7/0xffffffff",
+        "-A OTHER -p udp -m udp --dport 4500 -j MARK --set-xmark 0x9/0xffffffff",
+    ],
+}
+
+PRELUDE = textwrap.dedent(
+    """
+    import json, subprocess, sys
+    from nfq.rules import SteeringRules, chain_exists
+
+    def ipt(fam, *args, check=True):
+        tool = "iptables" if fam == 4 else "ip6tables"
+        p = subprocess.run([tool, "-w", "5", "-t", "mangle", *args],
+                           capture_output=True, text=True)
+        if check and p.returncode:
+            sys.exit(f"{tool} {args}: {p.stderr}")
+        return p
+
+    def snap():
+        return {fam: [ln for ln in ipt(fam, "-S").stdout.splitlines()
+                      if not ln.startswith("-P ")] for fam in (4, 6)}
+
+    def filter_snap():
+        return {fam: subprocess.run(["iptables" if fam == 4 else "ip6tables", "-S"],
+                                    capture_output=True, text=True).stdout
+                for fam in (4, 6)}
+
+    def add_unrelated():
+        for fam, rules in UNRELATED.items():
+            for r in rules:
+                ipt(fam, *r)
+
+    out = {}
+    """
+)
+
+
+def run_in_ns(ns: str, body: str) -> dict:
+    code = f"UNRELATED = {UNRELATED!r}\n" + PRELUDE + textwrap.dedent(body)
+    code += "\nprint(json.dumps(out))\n"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, f"child failed:\n{proc.stderr}"
+    res = json.loads(proc.stdout.splitlines()[-1])
+    # JSON object keys are strings: give the family keys back as ints.
+    return {
+        k: {int(f): v for f, v in s.items()} if isinstance(s, dict) else s for k, s in res.items()
+    }
+
+
+@pytest.fixture
+def ns():
+    assert os.geteuid() == 0, "needs root for network namespaces and iptables"
+    for tool in ("ip", "iptables", "ip6tables"):
+        assert shutil.which(tool), f"{tool} is needed"
+    name = f"te-rules-{uuid.uuid4().hex[:10]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+        assert (
+            name
+            not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        )
+
+
+def ours(rules: list[str], chain: str = CHAIN) -> list[str]:
+    return [r for r in rules if chain in r]
+
+
+def test_fresh_namespace_has_empty_tables(ns):
+    res = run_in_ns(ns, "out['s'] = snap()")
+    assert res["s"] == {4: [], 6: []}
+
+
+def test_install_creates_the_chains_and_one_jump_per_family(ns):
+    res = run_in_ns(
+        ns,
+        """
+        add_unrelated()
+        r = SteeringRules(4500)
+        r.install()
+        out["s"] = snap()
+        out["exists"] = {4: chain_exists(family=4), 6: chain_exists(family=6)}
+        out["installed"] = r.installed
+        """,
+    )
+    for fam in (4, 6):
+        rules = res["s"][fam]
+        assert f"-N {CHAIN}" in rules
+        assert rules.count(JUMP) == 1
+        assert ours(rules) == [f"-N {CHAIN}", JUMP]  # the chain is empty
+        # The jump is first in OUTPUT, before the admin's own rule.
+        output = [r for r in rules if r.startswith("-A OUTPUT")]
+        assert output[0] == JUMP
+        assert [r for r in rules if CHAIN not in r] == UNRELATED_S[fam]
+    assert res["exists"] == {4: True, 6: True}
+    assert res["installed"] is True
+
+
+def test_add_and_remove_peer_change_exactly_their_rule(ns):
+    res = run_in_ns(
+        ns,
+        """
+        add_unrelated()
+        r = SteeringRules(4500)
+        r.install()
+        out["base"] = snap()
+        out["new"] = [r.add_peer("198.19.0.2"), r.add_peer("fd00:19::2"),
+                      r.add_peer("198.19.0.3")]
+        out["three"] = snap()
+        # The same peers again (one spelled differently): nothing changes.
+        out["again"] = [r.add_peer("198.19.0.2"), r.add_peer("FD00:19:0::2")]
+        out["three_again"] = snap()
+        out["peers"] = sorted(r.peers)
+        out["gone"] = [r.remove_peer("198.19.0.2"), r.remove_peer("198.19.0.2")]
+        out["v4_removed"] = snap()
+        out["gone6"] = r.remove_peer("fd00:0019::2")
+        out["v6_removed"] = snap()
+        out["unknown"] = r.remove_peer("198.19.0.99")
+        out["end"] = snap()
+        """,
+    )
+    base = res["base"]
+    assert res["new"] == [True, True, True]
+    assert res["three"] == {
+        4: base[4] + [peer_rule(PEER4), peer_rule(PEER4B)],
+        6: base[6] + [peer_rule(PEER6)],
+    }
+    assert res["again"] == [False, False]
+    assert res["three_again"] == res["three"]
+    assert res["peers"] == sorted([PEER4, PEER4B, PEER6])
+    assert res["gone"] == [True, False]
+    assert res["v4_removed"] == {4: base[4] + [peer_rule(PEER4B)], 6: res["three"][6]}
+    assert res["gone6"] is True
+    assert res["v6_removed"] == {4: res["v4_removed"][4], 6: base[6]}
+    assert res["unknown"] is False
+    assert res["end"] == res["v6_removed"]
+
+
+def test_peers_added_before_install_are_installed_with_the_chain(ns):
+    res = run_in_ns(
+        ns,
+        """
+        r = SteeringRules(7, chain="TE_TEST")
+        r.add_peer("fd00:19::2")
+        r.add_peer("198.19.0.2")
+        out["before"] = snap()
+        r.install()
+        out["after"] = snap()
+        r.remove()
+        out["removed"] = snap()
+        """,
+    )
+    assert res["before"] == {4: [], 6: []}  # nothing is touched before install()
+    assert res["after"] == {
+        4: ["-N TE_TEST", "-A OUTPUT -j TE_TEST", peer_rule(PEER4, 7, "TE_TEST")],
+        6: ["-N TE_TEST", "-A OUTPUT -j TE_TEST", peer_rule(PEER6, 7, "TE_TEST")],
+    }
+    assert res["removed"] == {4: [], 6: []}
+
+
+def test_install_after_a_simulated_crash_cleans_up_first(ns):
+    """Leftovers of a run that died: the chain with a stale peer rule and two jumps."""
+    res = run_in_ns(
+        ns,
+        f"""
+        add_unrelated()
+        for fam, peer in ((4, "198.19.0.77"), (6, "fd00:19::77")):
+            ipt(fam, "-N", "{CHAIN}")
+            ipt(fam, "-A", "{CHAIN}", "-d", peer, "-p", "udp", "-j", "NFQUEUE",
+                "--queue-num", "4500")
+            ipt(fam, "-I", "OUTPUT", "1", "-j", "{CHAIN}")
+            ipt(fam, "-A", "OUTPUT", "-j", "{CHAIN}")
+        out["stale"] = snap()
+        r = SteeringRules(4500)
+        r.add_peer("198.19.0.2")
+        r.add_peer("fd00:19::2")
+        r.install()
+        out["after"] = snap()
+        r.remove()
+        out["removed"] = snap()
+        """,
+    )
+    for fam in (4, 6):
+        assert res["stale"][fam].count(JUMP) == 2
+        rules = res["after"][fam]
+        assert rules.count(JUMP) == 1
+        assert [r for r in rules if r.startswith(f"-A {CHAIN}")] == [
+            peer_rule(PEER4 if fam == 4 else PEER6)
+        ]
+        assert not any("::77" in r or ".77" in r for r in rules)
+        assert [r for r in rules if CHAIN not in r] == UNRELATED_S[fam]
+        assert res["removed"][fam] == UNRELATED_S[fam]
+
+
+def test_install_after_a_real_crash_of_another_process(ns):
+    """One process installs and dies without cleaning up; the next one starts clean."""
+    run_in_ns(
+        ns,
+        """
+        add_unrelated()
+        r = SteeringRules(4500)
+        r.install()
+        r.add_peer("198.19.0.50")
+        r.add_peer("fd00:19::50")
+        import os
+        print(json.dumps(out), flush=True)
+        os._exit(0)  # no remove(), no finally: like a SIGKILL
+        """,
+    )
+    res = run_in_ns(
+        ns,
+        """
+        out["left"] = snap()
+        r = SteeringRules(4500)
+        r.add_peer("198.19.0.2")
+        r.install()
+        out["after"] = snap()
+        r.remove()
+        out["removed"] = snap()
+        """,
+    )
+    assert peer_rule("198.19.0.50") in res["left"][4]
+    assert peer_rule("fd00:19::50") in res["left"][6]
+    assert ours(res["after"][4]) == [f"-N {CHAIN}", JUMP, peer_rule(PEER4)]
+    assert ours(res["after"][6]) == [f"-N {CHAIN}", JUMP]
+    assert res["removed"] == UNRELATED_S
+
+
+def test_remove_leaves_exactly_what_was_there(ns):
+    res = run_in_ns(
+        ns,
+        """
+        add_unrelated()
+        out["before"] = snap()
+        out["filter_before"] = filter_snap()
+        r = SteeringRules(4500)
+        r.install()
+        for p in ("198.19.0.2", "198.19.0.3", "fd00:19::2"):
+            r.add_peer(p)
+        r.remove()
+        out["after"] = snap()
+        out["filter_after"] = filter_snap()
+        out["installed"] = r.installed
+        out["exists"] = {4: chain_exists(family=4), 6: chain_exists(family=6)}
+        r.remove()  # again: harmless
+        out["twice"] = snap()
+        r.install()  # and back: the remembered peers come back with it
+        out["reinstalled"] = snap()
+        r.remove()
+        """,
+    )
+    assert res["before"] == UNRELATED_S
+    assert res["after"] == res["before"]
+    assert res["filter_after"] == res["filter_before"]
+    assert res["installed"] is False
+    assert res["exists"] == {4: False, 6: False}
+    assert res["twice"] == res["before"]
+    assert ours(res["reinstalled"][4]) == [f"-N {CHAIN}", JUMP, peer_rule(PEER4), peer_rule(PEER4B)]
+    assert ours(res["reinstalled"][6]) == [f"-N {CHAIN}", JUMP, peer_rule(PEER6)]
+
+
+def test_steered_packets_hit_the_rule_and_others_do_not(ns):
+    """Real UDP through the rules: from charon's ports 500/4500 to a steered peer it is
+    queued (and, with no reader bound, dropped); any other source port or peer is not."""
+    res = run_in_ns(
+        ns,
+        f"""
+        import socket
+        for cmd in (
+            "link add te0 type veth peer name te1",
+            "link set te0 up",
+            "link set te1 up",
+            "addr add 198.18.1.2/24 dev te0",
+        ):
+            subprocess.run(["ip", *cmd.split()], check=True)
+        ipt(4, "-A", "POSTROUTING", "-p", "udp", "-d", "198.18.1.0/24")  # a counter
+        r = SteeringRules(4500)
+        r.install()
+        r.add_peer("198.18.1.99")
+
+        def send(sport, dst):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("198.18.1.2", sport))
+            try:
+                s.sendto(b"x" * 40, (dst, 500))
+                return "sent"
+            except OSError as e:
+                return e.strerror
+            finally:
+                s.close()
+
+        out["results"] = [send(500, "198.18.1.99"), send(4500, "198.18.1.99"),
+                          send(12345, "198.18.1.99"), send(500, "198.18.1.98")]
+        counts = ipt(4, "-L", "{CHAIN}", "-v", "-x", "-n").stdout.splitlines()[2:]
+        out["packets"] = [int(line.split()[0]) for line in counts]
+        post = ipt(4, "-L", "POSTROUTING", "-v", "-x", "-n").stdout.splitlines()[2:]
+        out["left"] = [int(line.split()[0]) for line in post]
+        r.remove()
+        """,
+    )
+    assert res["results"] == ["sent"] * 4  # a failed queueing is silent to the sender
+    assert res["packets"] == [2]  # from 500 and 4500 to the steered peer
+    # Queued with nobody reading: the kernel drops them (fail-closed); only the two
+    # others reach POSTROUTING.
+    assert res["left"] == [2]
