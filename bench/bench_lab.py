@@ -36,7 +36,6 @@ from tcpencap.lab import (  # noqa: E402
     CharonError,
     Host,
     Lab,
-    LabError,
     _decode,
     ike_id,
     psk_conf,
@@ -83,6 +82,7 @@ def machine_info(host: Host | None) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "iperf3": iperf.stdout.splitlines()[0] if iperf.stdout else "?",
         "hostname": platform.node(),
+        "loadavg_at_start": os.getloadavg(),
     }
 
 
@@ -277,18 +277,24 @@ def udp_flood(lab: Lab, seconds: float, rate: str, size: int) -> dict[str, Any]:
     out = iperf(c1, gw, ["-u", "-b", rate, "-l", str(size)], seconds)
     if "error" in out:
         return {"error": out["error"]}
-    s = out["end"]["sum"]  # client view; lost_* come from the server's report
-    sent, lost = s["packets"], s["lost_packets"]
-    secs = s["seconds"] or seconds
+    end = out["end"]
+    snt, rcv = end.get("sum_sent") or end["sum"], end.get("sum_received") or end["sum"]
+    sent, lost = snt["packets"], rcv["lost_packets"]
+    received = rcv["packets"] - lost
+    # Rate over the sending time: the receiver's own span can stretch far past it when the
+    # iperf3 control connection (through the same tunnel) is stuck behind the flood.
+    send_secs = snt["seconds"] or seconds
     return {
         "rate": rate,
         "datagram": size,
-        "seconds": secs,
+        "send_seconds": send_secs,
+        "receiver_seconds": rcv["seconds"],
         "sent": sent,
-        "received": sent - lost,
-        "received_pps": (sent - lost) / secs,
-        "sent_pps": sent / secs,
-        "loss_percent": s["lost_percent"],
+        "received": received,
+        "sent_pps": sent / send_secs,
+        "received_pps": received / send_secs,
+        "received_pps_receiver_span": received / rcv["seconds"] if rcv["seconds"] else None,
+        "loss_percent": rcv["lost_percent"],
     }
 
 
@@ -462,8 +468,10 @@ def scale(lab: Lab, n: int, tcp: bool, budget: float) -> dict[str, Any]:
         res["gw_rss_after_kib"] = rss_kib(gpid)
         delta = res["gw_rss_after_kib"] - res["gw_rss_before_kib"]
         res["gw_kib_per_conn"] = delta / max(1, res["established_gw"])
-        with contextlib.suppress(Exception):
+        try:
             res["gw_tcp_connections"] = len(gw.tcpencap_status()["connections"])
+        except Exception as exc:  # noqa: BLE001 - a figure missing, not a failed run
+            res["gw_status_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     if cpid:
         res["c1_rss_after_kib"] = rss_kib(cpid)
     return res
@@ -593,6 +601,7 @@ def run(args: argparse.Namespace, results: dict[str, Any]) -> None:
         c1.start_tcpencap(tcpencap_conf(c1, connections=conns), log_level=args.log_level)
         c1.charon.initiate(CONN, timeout=15)
         results["tcp"] = measure(lab, args, tcp=True)
+        results["loadavg_at_end"] = os.getloadavg()
         if lab.keep:
             progress(f"logs kept in {lab.dir}")
 
@@ -709,10 +718,10 @@ def main(argv: list[str] | None = None) -> int:
     rc = 0
     try:
         run(args, results)
-    except (LabError, OSError, subprocess.SubprocessError) as exc:
+    except (Exception, KeyboardInterrupt) as exc:  # the lab is torn down; report what we have
         results.setdefault("error", f"{type(exc).__name__}: {exc}")
         traceback.print_exc()
-        rc = 1
+        rc = 130 if isinstance(exc, KeyboardInterrupt) else 1
     results.setdefault("machine", machine_info(None))
     print()
     m = results["machine"]
@@ -720,6 +729,7 @@ def main(argv: list[str] | None = None) -> int:
         f"machine: {m['nproc']} x {m['cpu_model']}, kernel {m['kernel']}, {m['strongswan']}, "
         f"Python {m['python']}, {m.get('iperf3', '?')}"
     )
+    print(f"load average at start {m.get('loadavg_at_start')}, end {results.get('loadavg_at_end')}")
     print(report(results))
     Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"\nresults written to {args.json}")

@@ -24,6 +24,7 @@ from vici_bridge.sync import ExpireOld, Retire, SaSync
 
 from . import rfc9329
 from .config import Config
+from .ctcp_service import CtcpService
 from .fallback import FallbackMonitor
 from .packet import addr_bytes, addr_text
 from .ports import PortAllocator, PortsExhausted
@@ -40,6 +41,8 @@ RECONNECT_MAX = 10.0
 MAX_RECONNECTS = 40
 FALLBACK_TIMEOUT = 5.0  # UDP gets this long to answer IKE_SA_INIT (transport = fallback)
 FALLBACK_POLL = 1.0
+PEER_RELEASE_DELAY = 30.0  # a gateway peer without connection stays steered at least this long
+PEER_RELEASE_POLL = 5.0
 PENDING_LIMIT = 64  # frames held while a client connection is being opened
 IKE_HARD_LIMIT_FACTOR = 4  # IKE may overshoot the send buffer bound this many times
 
@@ -70,6 +73,7 @@ class TcpConnection(asyncio.Protocol):
         self.pending: list[tuple[bytes, bool]] = []
         self.deadline: asyncio.TimerHandle | None = None
         self.got_ike = False
+        self.got_message = False
         self.close_reason = ""
         self.retiring = False  # closed on purpose: no reconnect
         self.outstanding: bytes | None = None  # last IKEv2 request sent, for a reconnect
@@ -139,19 +143,17 @@ class TcpConnection(asyncio.Protocol):
             t = type(ev)
             if t is rfc9329.ESPPacket:
                 self.frames_in += 1
+                if not self.got_message:
+                    self._first_message()
                 res = router.inbound_esp(self.conn_id, ev.data)  # type: ignore[union-attr]
             elif t is rfc9329.IKEMessage:
                 self.frames_in += 1
                 msg = ev.data  # type: ignore[union-attr]
                 if self.outstanding is not None and len(msg) > 19 and msg[19] & 0x20:
                     self.outstanding = None  # the response to our request arrived
-                if not self.got_ike:
-                    self.got_ike = True
-                    self.state = "open"
-                    if self.deadline is not None:
-                        self.deadline.cancel()
-                        self.deadline = None
-                    self.daemon.first_ike(self)
+                self.got_ike = True
+                if not self.got_message:
+                    self._first_message()
                 res = router.inbound_ike(self.conn_id, ev.data)  # type: ignore[union-attr]
             elif t is rfc9329.NeedData:
                 return
@@ -180,6 +182,16 @@ class TcpConnection(asyncio.Protocol):
                     self.daemon.log_limited("inject", "%s: injection failed: %s", self, exc)
             else:
                 _count(self.drops, res.reason)  # type: ignore[union-attr]
+
+    def _first_message(self) -> None:
+        """The first complete IKE or ESP frame: the connection is past its deadline (an
+        existing SA may resume on a new connection with ESP alone, RFC 9329 §6.1)."""
+        self.got_message = True
+        self.state = "open"
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+        self.daemon.first_message(self)
 
     def __str__(self) -> str:
         return self.describe()
@@ -284,7 +296,9 @@ class Daemon:
         self.vici_state = "not connected"
         self.sync = SaSync(self.router)
         self.fallback = FallbackMonitor()
+        self._unsteer_at: dict[str, float] = {}  # gateway peers without a connection
         self.bridge: ViciBridge | None = None
+        self.ctcp: CtcpService | None = None
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -377,7 +391,7 @@ class Daemon:
         conn.local_text, conn.peer_text = addr_text(req.local), addr_text(req.peer)
         conn.peer_port = self._remote_port(req.peer)
         if req.frame:
-            conn.pending.append((req.frame, True))
+            conn.pending.append((req.frame, req.frame_is_ike))
         self.conns[req.conn_id] = conn
         spis = ", ".join(s.hex() for s in view.entry.ike_spis)
         log.info("%s: opening for IKE SA %s", conn, spis)
@@ -482,17 +496,43 @@ class Daemon:
 
     def _deadline(self, conn: TcpConnection) -> None:
         conn.deadline = None
-        if not conn.got_ike:
+        if not conn.got_message:
             _count(conn.drops, "first-message-timeout")
+            what = "first message" if conn.codec.prefix_received else "prefix"
             self.log_limited(
-                "deadline", "%s: no prefix and IKE message within the deadline, closing", conn
+                "deadline", "%s: no complete %s within the deadline, closing", conn, what
             )
             conn.close("first-message deadline")
 
-    def first_ike(self, conn: TcpConnection) -> None:
+    async def _release_peers(self) -> None:
+        """Stop steering gateway peers that have no connection and no IKE SA in charon."""
+        from vici_bridge.resolve import list_sas
+
+        while True:
+            await asyncio.sleep(PEER_RELEASE_POLL)
+            now = time.monotonic()
+            due = [p for p, t in self._unsteer_at.items() if t <= now]
+            if not due:
+                continue
+            try:
+                sas = await asyncio.to_thread(list_sas, self.config.vici_socket)
+            except OSError:
+                continue  # without charon's word, keep steering (fail-closed)
+            busy = {sa.get("remote-host") for item in sas for sa in item.values()}
+            for peer in due:
+                if peer in self.gateway_peer_refs:
+                    self._unsteer_at.pop(peer, None)
+                elif peer in busy:
+                    self._unsteer_at[peer] = now + PEER_RELEASE_DELAY
+                else:
+                    self._unsteer_at.pop(peer, None)
+                    self.rules.remove_peer(peer)
+
+    def first_message(self, conn: TcpConnection) -> None:
         if conn.side is Side.GATEWAY:
             peer = conn.peer_text
             self.gateway_peer_refs[peer] = self.gateway_peer_refs.get(peer, 0) + 1
+            self._unsteer_at.pop(peer, None)
             if self.gateway_peer_refs[peer] == 1:
                 self.rules.add_peer(peer)
 
@@ -516,12 +556,15 @@ class Daemon:
             return
         del self.conns[conn.conn_id]
         self.router.remove(conn.conn_id)
-        if conn.side is Side.GATEWAY and conn.got_ike:
+        if conn.side is Side.GATEWAY and conn.got_message:
             peer = conn.peer_text
             left = self.gateway_peer_refs.get(peer, 1) - 1
             if left <= 0:
+                # Keep steering: charon may still talk to this peer (DPD, rekey, a client
+                # about to reconnect), and that must not leave as UDP. The peer is
+                # released once charon has no IKE SA with it (see _release_peers).
                 self.gateway_peer_refs.pop(peer, None)
-                self.rules.remove_peer(peer)
+                self._unsteer_at[peer] = time.monotonic() + PEER_RELEASE_DELAY
             else:
                 self.gateway_peer_refs[peer] = left
         log.info(
@@ -551,7 +594,9 @@ class Daemon:
             },
             "drops": dict(self.router.drops),
             "events": dict(self.events),
-            "connections": [c.status(now) for c in sorted(self.conns.values(), key=_cid)],
+            "connections": [c.status(now) for c in sorted(self.conns.values(), key=_cid)]
+            + (self.ctcp.status() if self.ctcp else []),
+            "ctcp": self.ctcp.summary() if self.ctcp else None,
         }
 
     async def _control_client(
@@ -587,6 +632,10 @@ class Daemon:
 
     async def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.injector = RawInjector()
+        svc = CtcpService(self.config, self.injector, self.log_limited)
+        if svc.enabled:  # gateway.ctcp_listen, or connections with encapsulation = ctcp
+            self.ctcp = svc
+            await svc.start(loop)
         self.rules.install()
         self.queue = QueueReader(self.config.queue_num, self.on_queued)
         self.queue.start(loop)
@@ -613,6 +662,9 @@ class Daemon:
             self.on_vici_state,
         )
         self.bridge.start()
+        if self.config.gateway.listen:
+            task = loop.create_task(self._release_peers())
+            self._tasks.add(task)
         if self.fallback.conns:
             task = loop.create_task(self._watch_fallback())
             self._tasks.add(task)
@@ -718,6 +770,9 @@ class Daemon:
             with contextlib.suppress(Exception):
                 self.queue.stop()
         self.rules.remove()
+        if self.ctcp is not None:
+            with contextlib.suppress(Exception):
+                await self.ctcp.stop()
         if self.injector is not None:
             self.injector.close()
         if self.control is not None:

@@ -294,6 +294,12 @@ class Host:
         namespace from this checkout; returns once it logs that it is running."""
         conf = self.dir / "tcpencap.conf"
         conf.write_text(conf_text)
+        log = self.dir / "tcpencap.log"
+        if log.exists():  # a restart: keep the old log, wait for the new process's line
+            n = 1
+            while (self.dir / f"tcpencap.log.{n}").exists():
+                n += 1
+            log.rename(self.dir / f"tcpencap.log.{n}")
         proc = self.spawn(
             [sys.executable, "-m", "tcpencap", "run", "--config", str(conf)]
             + ["--log-level", log_level],
@@ -307,6 +313,8 @@ class Host:
     def tcpencap_status(self) -> dict[str, Any]:
         """``tcpencap status --json`` of this host's daemon."""
         out = self.run(
+            "env",
+            f"PYTHONPATH={REPO_ROOT}",
             sys.executable,
             "-m",
             "tcpencap",

@@ -71,6 +71,7 @@ class Open:
     local: bytes
     peer: bytes
     frame: bytes
+    frame_is_ike: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +164,14 @@ class Router:
                         return Open(moved.conn_id, ip.src, ip.dst, frame)
                     entry = self.table.newest_for_pair(ip.src, ip.dst)
                     if entry is None:
-                        return self._drop("no-connection")
+                        if not self.is_tcp_peer(ip.dst):
+                            return self._drop("no-connection")
+                        # An SA that outlived its connection (tcpencap restarted): the
+                        # originator re-establishes the connection (RFC 9329 §6.1).
+                        view = self.add_client_conn(ip.src, ip.dst)
+                        self.table.bind_ike(view.conn_id, spi)
+                        view.charon_sport, view.charon_dport = udp.sport, udp.dport
+                        return Open(view.conn_id, ip.src, ip.dst, frame)
                 view = self.views[entry.conn_id]
             if view.side is Side.CLIENT:
                 view.charon_sport, view.charon_dport = udp.sport, udp.dport
@@ -179,7 +187,12 @@ class Router:
             if entry is None:
                 entry = self.table.newest_for_pair(ip.src, ip.dst)
                 if entry is None:
-                    return self._drop("no-connection")
+                    if not self.is_tcp_peer(ip.dst):
+                        return self._drop("no-connection")
+                    view = self.add_client_conn(ip.src, ip.dst)
+                    view.charon_sport, view.charon_dport = udp.sport, udp.dport
+                    self.table.bind_esp(view.conn_id, c.spi)
+                    return Open(view.conn_id, ip.src, ip.dst, rfc9329.frame_esp(c.body), False)
                 # Our own charon's outbound SPI: trusted, so it may teach the table.
                 if self.learn_esp:
                     self.table.bind_esp(entry.conn_id, c.spi)

@@ -76,7 +76,11 @@ def assert_pings(a: Host, b: Host, count: int = 3) -> None:
     for family in (4, 6):
         for src, dst in ((a, b), (b, a)):
             got = ping(src, dst.inner(family), src.inner(family), count=count)
-            assert got == (count, count), f"ping {src.role} -> {dst.role} IPv{family}: {got}"
+            # ping -c N -w T may send more than N when a reply is late; none may be lost.
+            sent, received = got
+            assert received >= count and received == sent, (
+                f"ping {src.role} -> {dst.role} IPv{family}: {got}"
+            )
 
 
 def ike_sa(host: Host, name: str) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """End to end: strongSwan over Cisco cTCP (IPsec over TCP) in the netns lab.
 
-c1 reaches the gateway with UDP blocked in fw; each side runs the cTCP service alone
-(``python3 -m tcpencap.ctcp_service``) until the daemon starts it. Proofs: the SA comes up,
+c1 reaches the gateway with UDP blocked in fw; each side runs the tcpencap daemon, which starts
+its cTCP service. Proofs: the SA comes up,
 pings cross in both directions, c1's veth carries TCP 10000 and no UDP at all, and tshark's
 own ``tcpencap`` dissector reads the trailer magic and inner protocol 17 (UDP, A.13) in
 every data segment. Hostile cases are sent with scapy from c2.
@@ -32,11 +32,12 @@ def _endpoint(host: Host, family: int) -> str:
 
 
 def _start_ctcp(host: Host, conf: str) -> Process:
-    path = host.dir / "ctcp.conf"
-    path.write_text(conf)
-    argv = [sys.executable, "-m", "tcpencap.ctcp_service", "--config", str(path)]
-    proc = host.spawn([*argv, "--log-level", "debug"], "ctcp.log", cwd=str(_repo()))
-    proc.wait_for_log("ctcp service running", timeout=20.0)
+    """The whole daemon (it starts the cTCP service when cTCP is configured)."""
+    conf = conf.replace(
+        "tcpencap {\n", f"tcpencap {{\n  status_socket = {host.dir}/tcpencap.ctl\n", 1
+    )
+    proc = host.start_tcpencap(conf)
+    assert host.tcpencap_status()["ctcp"] is not None, "the daemon did not start cTCP"
     return proc
 
 

@@ -229,6 +229,7 @@ class SaSync:
         """Make the table agree with ``list-sas``: bind what charon has, unbind IKE SPIs
         charon no longer knows (except on connections still waiting for their first SA)."""
         live: set[bytes] = set()
+        opened: list[Effect] = []
         for item in sas:
             for _, sa in _sas(item):
                 spi = _spi(sa.get("initiator-spi"))
@@ -239,7 +240,23 @@ class SaSync:
                 if entry is not None:
                     self.table.move_ike(entry.conn_id, spi)
                     self._bind_children(entry, sa)
-        effects: list[Effect] = []
+                    continue
+                local, remote = _addr(sa.get("local-host")), _addr(sa.get("remote-host"))
+                if (
+                    local is not None
+                    and remote is not None
+                    and sa.get("state") == "ESTABLISHED"
+                    and self.router.is_tcp_peer(remote)
+                ):
+                    # An SA that outlived its connection (tcpencap restarted): as TCP
+                    # originator, re-establish it now rather than at the next packet.
+                    view = self.router.add_client_conn(local, remote)
+                    view.charon_sport = int(sa.get("local-port") or 4500)
+                    view.charon_dport = int(sa.get("remote-port") or 4500)
+                    self.table.bind_ike(view.conn_id, spi)
+                    self._bind_children(view.entry, sa)
+                    opened.append(Open(view.conn_id, local, remote, b""))
+        effects: list[Effect] = list(opened)
         for entry in list(self.table):
             stale = (entry.ike_spis | entry.ike_spis_old) - live
             if not stale:
