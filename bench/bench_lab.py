@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import os
 import platform
@@ -44,7 +45,8 @@ from tcpencap.lab import (  # noqa: E402
 
 PSK = "bench-shared-secret-0123456789"
 SCALE_ID = "scale.lab.test"  # identity of every scale connection (own peer config on gw)
-SCALE_NET = (10, 64)  # scale child i proposes 10.64.x.y/32 as its local TS
+# Scale child i proposes one address of 198.19.64.0/18 (inside the lab's 198.18.0.0/15)
+SCALE_NET = "198.19.64.0/18"
 CONN = "c1-gw"
 T0 = time.monotonic()
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -120,7 +122,7 @@ def scale_names(n: int) -> list[str]:
 
 
 def scale_addr(i: int) -> str:
-    return f"{SCALE_NET[0]}.{SCALE_NET[1] + i // 65536}.{i // 256 % 256}.{i % 256}"
+    return str(ipaddress.ip_network(SCALE_NET)[i + 1])
 
 
 def scale_ts(i: int) -> str:
@@ -172,7 +174,7 @@ def client_scale_conf(c1: Host, gw: Host, n: int) -> str:
 
 def gw_scale_conf(c1: Host, gw: Host) -> str:
     """One responder config for all scale connections: ``unique = never`` keeps every IKE SA
-    with the same identities; the child narrows 10.64.0.0/10 to what each client proposes."""
+    with the same identities; the child narrows SCALE_NET to what each client proposes."""
     return f"""connections {{
   scale {{
     version = 2
@@ -192,7 +194,7 @@ def gw_scale_conf(c1: Host, gw: Host) -> str:
     children {{
       scale {{
         local_ts = {gw.inner4}/32
-        remote_ts = {SCALE_NET[0]}.{SCALE_NET[1]}.0.0/10
+        remote_ts = {SCALE_NET}
       }}
     }}
   }}
