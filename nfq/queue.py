@@ -19,11 +19,23 @@ SOCK_RCVBUF = 4 * 1024 * 1024
 
 
 class QueueReader:
-    """Binds queue ``num`` and calls ``handler(payload_bytes)`` for every packet."""
+    """Binds queue ``num`` and calls ``handler(payload_bytes)`` for every packet.
 
-    def __init__(self, num: int, handler: Callable[[bytes], None]) -> None:
+    Every read of the queue socket handles all packets waiting in it; ``on_batch``
+    brackets that run (True before, False after) so the caller can coalesce its own
+    writes, e.g. one TCP send per connection instead of one per packet.
+    """
+
+    def __init__(
+        self,
+        num: int,
+        handler: Callable[[bytes], None],
+        on_batch: Callable[[bool], None] | None = None,
+    ) -> None:
         self.num = num
         self._handler = handler
+        self._on_batch = on_batch
+        self.batches = 0
         self._nfq = NetfilterQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.packets = 0
@@ -45,7 +57,15 @@ class QueueReader:
         loop.add_reader(self._nfq.get_fd(), self._on_readable)
 
     def _on_readable(self) -> None:
-        self._nfq.run(block=False)
+        self.batches += 1
+        if self._on_batch is None:
+            self._nfq.run(block=False)
+            return
+        self._on_batch(True)
+        try:
+            self._nfq.run(block=False)
+        finally:
+            self._on_batch(False)
 
     def stop(self) -> None:
         if self._loop is not None:

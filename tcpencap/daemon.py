@@ -78,6 +78,8 @@ class TcpConnection(asyncio.Protocol):
         self.retiring = False  # closed on purpose: no reconnect
         self.outstanding: bytes | None = None  # last IKEv2 request sent, for a reconnect
         self.attempt = 0
+        self._wbuf: list[bytes] = []  # frames of the current queue batch
+        self._wlen = 0
 
     @property
     def conn_id(self) -> int:
@@ -213,7 +215,7 @@ class TcpConnection(asyncio.Protocol):
             if is_ike:
                 self.daemon.log_limited("ike-closed", "%s: IKE dropped: connection closing", self)
             return
-        size = tr.get_write_buffer_size()
+        size = tr.get_write_buffer_size() + self._wlen
         limit = self.daemon.config.gateway.max_buffer
         if size > limit:
             if not is_ike:
@@ -223,9 +225,22 @@ class TcpConnection(asyncio.Protocol):
                 _count(self.drops, "ike-congested")
                 self.daemon.log_limited("ike-congested", "%s: IKE dropped: send buffer full", self)
                 return
-        tr.write(frame)
         self.frames_out += 1
         self.bytes_out += len(frame)
+        if self.daemon.batching:
+            if not self._wbuf:
+                self.daemon.dirty.append(self)
+            self._wbuf.append(frame)
+            self._wlen += len(frame)
+        else:
+            tr.write(frame)
+
+    def flush_writes(self) -> None:
+        """One write (one send syscall) for all frames of a queue batch."""
+        buf, self._wbuf, self._wlen = self._wbuf, [], 0
+        tr = self.transport
+        if buf and tr is not None and not tr.is_closing():
+            tr.write(buf[0] if len(buf) == 1 else b"".join(buf))
 
     def flush_pending(self) -> None:
         assert self.transport is not None
@@ -296,7 +311,9 @@ class Daemon:
         self.vici_state = "not connected"
         self.sync = SaSync(self.router)
         self.fallback = FallbackMonitor()
-        self._unsteer_at: dict[str, float] = {}  # gateway peers without a connection
+        self._unsteer_at: dict[str, float] = {}
+        self.batching = False
+        self.dirty: list[TcpConnection] = []  # gateway peers without a connection
         self.bridge: ViciBridge | None = None
         self.ctcp: CtcpService | None = None
 
@@ -314,6 +331,13 @@ class Daemon:
             log.warning(fmt, *args)
 
     # --- queue ------------------------------------------------------------------------
+
+    def _batch(self, start: bool) -> None:
+        self.batching = start
+        if not start and self.dirty:
+            dirty, self.dirty = self.dirty, []
+            for conn in dirty:
+                conn.flush_writes()
 
     def on_queued(self, packet: bytes) -> None:
         res = self.router.outbound(packet)
@@ -637,7 +661,7 @@ class Daemon:
             self.ctcp = svc
             await svc.start(loop)
         self.rules.install()
-        self.queue = QueueReader(self.config.queue_num, self.on_queued)
+        self.queue = QueueReader(self.config.queue_num, self.on_queued, self._batch)
         self.queue.start(loop)
         await self._start_control()
         for host, port in self.config.gateway.listen:

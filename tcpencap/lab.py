@@ -263,7 +263,7 @@ class Host:
       default = 1
       ike = 2
       cfg = 2
-      net = 2
+      net = 1
     }}
   }}
   syslog {{
