@@ -467,6 +467,30 @@ class Daemon:
             conn.state = "closed"
             self.closed(conn)
 
+    def _hand_over(self, conn: TcpConnection) -> None:
+        """A gateway connection that carried SAs is gone; if its client already came back
+        on a new connection that carries no SA of its own (a reconnect), that connection
+        takes the SPIs. Routing does not change by this (charon's packets for the old
+        endpoint already fall back to the newest connection of the pair); it only keeps
+        the table and status exact until charon learns the new endpoint."""
+        assert conn.view is not None
+        old = conn.view.entry
+        newer = [
+            e
+            for e in self.table.for_pair(old.local, old.peer)
+            if e.conn_id != old.conn_id and not e.carries_sa
+        ]
+        if not newer:
+            return
+        target = newer[-1]
+        for spi in list(old.ike_spis):
+            self.table.unbind_ike(old.conn_id, spi)
+            self.table.bind_ike(target.conn_id, spi)
+        for espi in list(old.esp_spis):
+            self.table.unbind_esp(old.conn_id, espi)
+            self.table.bind_esp(target.conn_id, espi)
+        log.info("%s: SAs handed over to conn %d (reconnect)", conn, target.conn_id)
+
     def _reconnect(self, old: TcpConnection) -> None:
         """The TCP originator re-establishes a broken connection while its SA lives
         (RFC 9329 §6.1); an outstanding request is resent on the new one (§6.2)."""
@@ -578,6 +602,8 @@ class Daemon:
         ):
             self._reconnect(conn)
             return
+        if conn.side is Side.GATEWAY and entry.carries_sa:
+            self._hand_over(conn)
         del self.conns[conn.conn_id]
         self.router.remove(conn.conn_id)
         if conn.side is Side.GATEWAY and conn.got_message:

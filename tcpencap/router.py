@@ -148,11 +148,11 @@ class Router:
         # Fast path for the bulk of the traffic: ESP-in-UDP from port 4500 in an IPv4
         # packet without options or fragmentation, to a connection already known.
         if (
-            packet[0] == 0x45
+            len(packet) >= 36
+            and packet[0] == 0x45
             and packet[9] == PROTO_UDP
             and packet[20:22] == _NATT_PORT_BYTES
             and not (packet[6] & 0x3F or packet[7])
-            and len(packet) >= 36
             and packet[28:32] != NON_ESP_MARKER
         ):
             total = (packet[2] << 8) | packet[3]
@@ -219,9 +219,13 @@ class Router:
                         view.charon_sport, view.charon_dport = udp.sport, udp.dport
                         return Open(view.conn_id, ip.src, ip.dst, frame)
                 view = self.views[entry.conn_id]
+                if self.learn_esp:  # no VICI: packets are all we learn from
+                    self.table.bind_ike(view.conn_id, spi)
+                if view.side is Side.CLIENT:
+                    view.charon_sport, view.charon_dport = udp.sport, udp.dport
+                return Send(view.conn_id, frame, True, request)
             if view.side is Side.CLIENT:
                 view.charon_sport, view.charon_dport = udp.sport, udp.dport
-                self.table.bind_ike(view.conn_id, spi)
             elif self.table.bind_ike(view.conn_id, spi) is Bind.CONFLICT:
                 # charon chose this endpoint for the SA: it authenticated the peer there
                 # (reconnect from a new source port), so the SPI follows charon.

@@ -158,11 +158,38 @@ def test_client_message_to_a_non_tcp_peer_is_dropped():
     assert r.drops == {"no-connection": 1}
 
 
-def test_client_non_sa_init_to_a_tcp_peer_without_connection_is_dropped():
+def test_client_reopens_for_an_sa_that_outlived_its_connection():
+    """After a restart of tcpencap charon's SA still exists: its next IKE message (not an
+    IKE_SA_INIT) or ESP packet to a TCP peer makes the originator open a connection."""
     r = client_router()
+    msg = ike(SPI_A, SPI_R, 35)
+    res = r.outbound(udp_out(LOCAL, PEER, 4500, 4500, NON_ESP_MARKER + msg))
+    assert isinstance(res, Open) and res.frame == rfc9329.frame_ike(msg) and res.frame_is_ike
+    assert r.table.lookup_ike(LOCAL, PEER, SPI_A).conn_id == res.conn_id
+    r2 = client_router()
+    res2 = r2.outbound(udp_out(LOCAL, PEER, 4500, 4500, esp(0x01020304)))
+    assert isinstance(res2, Open) and not res2.frame_is_ike
+    assert r2.table.lookup_esp(LOCAL, PEER, 0x01020304).conn_id == res2.conn_id
+
+
+def test_a_non_tcp_peer_never_gets_a_connection():
+    r = Router(ConnectionTable(), lambda addr: False)
     res = r.outbound(udp_out(LOCAL, PEER, 4500, 4500, NON_ESP_MARKER + ike(SPI_A, SPI_R, 35)))
     assert res == Drop("no-connection")
+    assert r.outbound(udp_out(LOCAL, PEER, 4500, 4500, esp(0x01020304))) == Drop("no-connection")
     assert len(r.table) == 0
+
+
+def test_fallback_route_does_not_rebind_an_spi_vici_removed():
+    """charon's last message of a deleted IKE SA may be queued after VICI's ike-updown:
+    it still goes out on the pair's connection but must not bind the SPI again."""
+    r = client_router()
+    cid = open_client(r)
+    r.learn_esp = False  # VICI connected
+    r.table.unbind_ike(cid, SPI_A)
+    res = r.outbound(udp_out(LOCAL, PEER, 4500, 4500, NON_ESP_MARKER + ike(SPI_A, SPI_R, 37)))
+    assert isinstance(res, Send) and res.conn_id == cid
+    assert r.table.lookup_ike(LOCAL, PEER, SPI_A) is None
 
 
 def test_nat_keepalive_is_never_sent_over_tcp():
@@ -520,4 +547,4 @@ def test_well_formed_udp_with_random_payload_never_raises(addrs, sport, dport, p
     if isinstance(res, Send):
         _check_frame(res.frame, res.is_ike)
     if isinstance(res, Open):
-        _check_frame(res.frame, True)
+        _check_frame(res.frame, res.frame_is_ike)

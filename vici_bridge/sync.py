@@ -210,8 +210,11 @@ class SaSync:
             if entry is None or spi is None or new_local is None or new_remote is None:
                 continue
             view = self.router.views.get(entry.conn_id)
-            if view is None or view.side is not Side.CLIENT:
-                continue  # the gateway follows charon's chosen endpoint packet by packet
+            if view is None:
+                continue
+            if view.side is Side.GATEWAY:
+                effects += self._gateway_moved(entry, new_remote, event.get("remote-port"))
+                continue
             if (entry.local, entry.peer) == (new_local, new_remote):
                 continue
             if self.table.lookup_ike(new_local, new_remote, spi) is not None:
@@ -222,6 +225,30 @@ class SaSync:
             if moved is not None:
                 effects.append(Open(moved.conn_id, new_local, new_remote, b""))
         return effects
+
+    def _gateway_moved(self, entry: Entry, remote: bytes, port_text: Any) -> list[Effect]:
+        """charon moved an SA to a new client endpoint (MOBIKE, or a reconnect from a new
+        source port): the connection at that endpoint takes the SPIs, the old one is
+        closed at once (its client has left it; its FIN may never arrive)."""
+        try:
+            port = int(port_text)
+        except (TypeError, ValueError):
+            return []
+        if (entry.peer, entry.peer_port) == (remote, port):
+            return []
+        target = self.table.by_endpoint(remote, port)
+        ike = list(entry.ike_spis | entry.ike_spis_old)
+        esp = list(entry.esp_spis)
+        for spi in ike:
+            self.table.unbind_ike(entry.conn_id, spi)
+        for espi in esp:
+            self.table.unbind_esp(entry.conn_id, espi)
+        if target is not None:
+            for spi in ike:
+                self.table.move_ike(target.conn_id, spi)
+            for espi in esp:
+                self.table.move_esp(target.conn_id, espi)
+        return [Retire(entry.conn_id, "SA moved to another connection", graceful=False)]
 
     # --- resync -------------------------------------------------------------------------
 
