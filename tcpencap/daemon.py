@@ -43,6 +43,8 @@ FALLBACK_TIMEOUT = 5.0  # UDP gets this long to answer IKE_SA_INIT (transport = 
 FALLBACK_POLL = 1.0
 PEER_RELEASE_DELAY = 30.0  # a gateway peer without connection stays steered at least this long
 PEER_RELEASE_POLL = 5.0
+RECONCILE_AFTER_EVENT = 2.0  # check ESP SPIs against list-sas this long after a rekey
+RECONCILE_PERIOD = 60.0
 PENDING_LIMIT = 64  # frames held while a client connection is being opened
 IKE_HARD_LIMIT_FACTOR = 4  # IKE may overshoot the send buffer bound this many times
 
@@ -313,6 +315,7 @@ class Daemon:
         self.fallback = FallbackMonitor()
         self._unsteer_at: dict[str, float] = {}
         self.batching = False
+        self._reconcile_handle: asyncio.TimerHandle | None = None
         self.dirty: list[TcpConnection] = []  # gateway peers without a connection
         self.bridge: ViciBridge | None = None
         self.ctcp: CtcpService | None = None
@@ -362,7 +365,40 @@ class Daemon:
     # --- VICI -------------------------------------------------------------------------
 
     def on_vici_event(self, label: str, event: dict[str, Any]) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("VICI %s: %s", label, json.dumps(event, sort_keys=True)[:2000])
         self._apply(self.sync.handle(label, event))
+        if label in ("child-rekey", "ike-update", "ike-rekey"):
+            self._schedule_reconcile(RECONCILE_AFTER_EVENT)
+
+    def _schedule_reconcile(self, delay: float) -> None:
+        """Check the ESP SPIs against list-sas soon (debounced)."""
+        if self._reconcile_handle is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._reconcile_handle = loop.call_later(delay, self._start_reconcile)
+
+    def _start_reconcile(self) -> None:
+        self._reconcile_handle = None
+        task = asyncio.get_running_loop().create_task(self._reconcile())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reconcile(self) -> None:
+        from vici_bridge.resolve import list_sas
+
+        try:
+            sas = await asyncio.to_thread(list_sas, self.config.vici_socket)
+        except OSError as exc:
+            self.log_limited("reconcile", "cannot list SAs to reconcile: %s", exc)
+            return
+        self.sync.reconcile_esp(sas)
+
+    async def _reconcile_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(RECONCILE_PERIOD)
+            if self.vici_state == "connected" and len(self.table):
+                self._schedule_reconcile(0.0)
 
     def on_vici_resync(self, sas: list[dict[str, Any]]) -> None:
         self._apply(self.sync.resync(sas))
@@ -712,6 +748,8 @@ class Daemon:
             self.on_vici_state,
         )
         self.bridge.start()
+        task = loop.create_task(self._reconcile_periodically())
+        self._tasks.add(task)
         if self.config.gateway.listen:
             task = loop.create_task(self._release_peers())
             self._tasks.add(task)

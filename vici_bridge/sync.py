@@ -24,6 +24,7 @@ from tcpencap.table import Entry
 log = logging.getLogger("tcpencap.vici")
 
 SA = dict[str, Any]
+_GONE = frozenset({"DELETING", "DELETED", "DESTROYING"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +250,28 @@ class SaSync:
             for espi in esp:
                 self.table.move_esp(target.conn_id, espi)
         return [Retire(entry.conn_id, "SA moved to another connection", graceful=False)]
+
+    def reconcile_esp(self, sas: list[dict[str, Any]]) -> None:
+        """Make the ESP SPIs agree with ``list-sas``. charon emits no event for every CHILD
+        SA it drops (the loser of a rekey collision, e.g. after a MOBIKE move with
+        kernel-libipsec, just disappears), so the daemon calls this after rekeys and
+        address updates and every so often."""
+        live: set[int] = set()
+        for item in sas:
+            for _, sa in _sas(item):
+                entry = self._entry(sa)
+                for child in (sa.get("child-sas") or {}).values():
+                    if not isinstance(child, dict) or child.get("state") in _GONE:
+                        continue
+                    spi = _esp_spi(child.get("spi-out"))
+                    if spi is None:
+                        continue
+                    live.add(spi)
+                    if entry is not None:
+                        self.table.move_esp(entry.conn_id, spi)
+        for entry in list(self.table):
+            for spi in entry.esp_spis - live:
+                self.table.unbind_esp(entry.conn_id, spi)
 
     # --- resync -------------------------------------------------------------------------
 
