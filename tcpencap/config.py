@@ -46,6 +46,7 @@ class ConnectionConfig:
     transport: str = "tcp"  # tcp | fallback | udp
     encapsulation: str = "rfc9329"  # rfc9329 | ctcp
     remote_addrs: tuple[str, ...] = ()
+    fallback_timeout: float = 5.0  # transport = fallback: UDP gets this long to answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +207,7 @@ def _connections(v: _Values) -> dict[str, ConnectionConfig]:
             transport=c.take("transport", _choice(TRANSPORTS), "tcp"),
             encapsulation=encap,
             remote_addrs=c.take("remote_addrs", _addr_list, ()),
+            fallback_timeout=c.take("fallback_timeout", _duration, 5.0),
         )
         c.finish()
     v.finish(tuple(v.sec.sections))

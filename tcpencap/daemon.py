@@ -39,7 +39,6 @@ GATEWAY_CLOSE_DELAY = 5.0  # the client (TCP originator) should close first
 RECONNECT_BASE = 0.2
 RECONNECT_MAX = 10.0
 MAX_RECONNECTS = 40
-FALLBACK_TIMEOUT = 5.0  # UDP gets this long to answer IKE_SA_INIT (transport = fallback)
 FALLBACK_POLL = 1.0
 PEER_RELEASE_DELAY = 30.0  # a gateway peer without connection stays steered at least this long
 PEER_RELEASE_POLL = 5.0
@@ -799,7 +798,7 @@ class Daemon:
                 self.peer_ports[addr.packed] = c.remote_port
                 peers.append(str(addr))
             if c.transport == "fallback":
-                timeout = getattr(c, "fallback_timeout", FALLBACK_TIMEOUT)
+                timeout = c.fallback_timeout
                 self.fallback.add(name, peers, timeout)
                 log.info(
                     "connection %s: UDP first, TCP port %d after %.1fs without an answer",

@@ -724,3 +724,13 @@ def test_ctcp_listen_may_share_port_with_other_addresses(listen: str, ctcp: str)
 def test_ctcp_listen_bad_values():
     err = cfg_err("tcpencap {\n gateway {\n  ctcp_listen = 1.2.3.4\n }\n}\n")
     assert "tcpencap.gateway.ctcp_listen: '1.2.3.4' is not ADDR:PORT" in err.message
+
+
+def test_fallback_timeout_per_connection():
+    cfg = parse_config(
+        "tcpencap {\n connections {\n  a {\n   transport = fallback\n"
+        "   fallback_timeout = 3s\n  }\n  b {\n  }\n }\n}\n"
+    )
+    assert cfg.connections["a"].transport == "fallback"
+    assert cfg.connections["a"].fallback_timeout == 3.0
+    assert cfg.connections["b"].fallback_timeout == 5.0
