@@ -76,8 +76,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     try:
         st = asyncio.run(query_status(path))
-    except (OSError, TimeoutError, ValueError) as exc:
+    except (OSError, TimeoutError) as exc:
         print(f"tcpencap: cannot reach {path}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except ValueError as exc:
+        print(f"tcpencap: bad reply from {path}: {exc}", file=sys.stderr)
         return EXIT_FAIL
     print(json.dumps(st, indent=2) if args.json else _fmt_status(st))
     return EXIT_OK

@@ -68,6 +68,9 @@ class GatewayConfig:
     max_buffer: int = 262144
     # Cisco cTCP listen endpoints: no socket is bound, the segments are taken from NFQUEUE.
     ctcp_listen: tuple[tuple[str, int], ...] = ()
+    # cTCP timers (protocols.md A.6): handshake to finish, IKE to bind an SA after it.
+    ctcp_handshake_timeout: float = 3.0
+    ctcp_no_sa_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +80,7 @@ class Config:
     queue_num: int = 4500
     inject: str = "raw"
     max_frame: int = 65535
+    max_spis: int = 16  # ESP SPIs indexed per connection (QuickSec's limit)
     log_level: str = "info"
     client: ClientConfig = field(default_factory=ClientConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
@@ -129,6 +133,7 @@ def config_from_tree(root: Section, source: str) -> Config:
         queue_num=v.take("queue_num", _int_range(0, 65534), 4500),
         inject=v.take("inject", _choice(INJECT_MODES), "raw"),
         max_frame=v.take("max_frame", _int_range(64, 65535), 65535),
+        max_spis=v.take("max_spis", _int_range(1, 1024), 16),
         log_level=v.take("log_level", _choice(LOG_LEVELS), "info"),
         client=_client(v.sub("client")),
         gateway=_gateway(v.sub("gateway")),
@@ -164,6 +169,8 @@ def _gateway(v: _Values) -> GatewayConfig:
         first_message_timeout=v.take("first_message_timeout", _duration, 5.0),
         max_buffer=v.take("max_buffer", _int_range(1024, 1 << 30), 262144),
         ctcp_listen=v.take("ctcp_listen", _listen, ()),
+        ctcp_handshake_timeout=v.take("ctcp_handshake_timeout", _duration, 3.0),
+        ctcp_no_sa_timeout=v.take("ctcp_no_sa_timeout", _duration, 60.0),
     )
     v.finish()
     _check_listen_overlap(v.sec, g)

@@ -472,6 +472,10 @@ class CtcpService:
             peers=peers,
             ports=PortAllocator(cfg.client.port, *cfg.client.port_range),
             max_connections=cfg.gateway.max_connections,
+            timers=Timers(
+                handshake=cfg.gateway.ctcp_handshake_timeout,
+                no_sa=cfg.gateway.ctcp_no_sa_timeout,
+            ),
         )
         self.sender = RawSender()
         self.rules = CtcpRules(self.queue_num)

@@ -20,7 +20,7 @@ from nfq.inject import RawInjector
 from nfq.queue import QueueReader
 from nfq.rules import SteeringRules
 from vici_bridge.bridge import ViciBridge
-from vici_bridge.sync import ExpireOld, Retire, SaSync
+from vici_bridge.sync import ExpireOld, Retire, SaSync, SpiLimit
 
 from . import rfc9329
 from .config import Config
@@ -289,7 +289,7 @@ def _bracket(text: str) -> str:
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.table = ConnectionTable()
+        self.table = ConnectionTable(max_spis=config.max_spis)
         self.router = Router(self.table, self._is_tcp_peer)
         self.rules = SteeringRules(config.queue_num)
         self.injector: RawInjector | None = None
@@ -414,6 +414,17 @@ class Daemon:
                 self.retire(eff.conn_id, eff.reason, eff.graceful)
             elif isinstance(eff, Open):
                 self._open_client(eff)
+            elif isinstance(eff, SpiLimit):
+                conn = self.conns.get(eff.conn_id)
+                if conn is not None:
+                    _count(conn.drops, "spi-limit")
+                log.warning(
+                    "conn %d: CHILD SA with SPI %08x not indexed: max_spis (%d) reached; "
+                    "it is carried on the connection of its address pair",
+                    eff.conn_id,
+                    eff.spi,
+                    self.config.max_spis,
+                )
             elif isinstance(eff, ExpireOld):
                 asyncio.get_running_loop().call_later(
                     eff.delay, lambda e=eff: self._apply(self.sync.expire_old(e.conn_id, e.spi))
@@ -877,6 +888,8 @@ async def query_status(path: str, timeout: float = 5.0) -> dict[str, Any]:
     reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), timeout)
     writer.write(b"status\n")
     await writer.drain()
-    line = await asyncio.wait_for(reader.readline(), timeout)
+    # The daemon closes after its one reply, which grows with the connections (about
+    # 300 octets each): read to EOF, not a line, so no stream limit applies.
+    data = await asyncio.wait_for(reader.read(), timeout)
     writer.close()
-    return json.loads(line)
+    return json.loads(data)

@@ -50,9 +50,10 @@ class FallbackMonitor:
         switches: list[Switch] = []
         for name, conn in self.conns.items():
             connecting = {
-                sa.get("initiator-spi", ""): sa
+                spi: sa
                 for sa in seen[name]
                 if sa.get("state") == "CONNECTING"
+                and isinstance(spi := sa.get("initiator-spi", ""), str)
             }
             for spi in list(conn.connecting_since):
                 if spi not in connecting:

@@ -265,7 +265,7 @@ class Router:
             return None
         view = self.add_client_conn(local, peer)
         view.charon_sport, view.charon_dport = sport, dport
-        for ike_spi in list(old.ike_spis):
+        for ike_spi in list(old.ike_spis | old.ike_spis_old):
             self.table.unbind_ike(old.conn_id, ike_spi)
             self.table.bind_ike(view.conn_id, ike_spi)
         for esp_spi in list(old.esp_spis):

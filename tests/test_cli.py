@@ -298,5 +298,5 @@ def test_status_against_a_server_that_says_nothing(tmp_path):
         t.join(10)
         srv.close()
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
-    assert f"cannot reach {path}" in proc.stderr
+    assert f"bad reply from {path}" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -734,3 +734,14 @@ def test_fallback_timeout_per_connection():
     assert cfg.connections["a"].transport == "fallback"
     assert cfg.connections["a"].fallback_timeout == 3.0
     assert cfg.connections["b"].fallback_timeout == 5.0
+
+
+def test_ctcp_timers_default_and_override():
+    g = default_config().gateway
+    assert (g.ctcp_handshake_timeout, g.ctcp_no_sa_timeout) == (3.0, 60.0)
+    text = "tcpencap {\n gateway {\n  ctcp_handshake_timeout = 500ms\n"
+    text += "  ctcp_no_sa_timeout = 2s\n }\n}\n"
+    g = parse_config(text).gateway
+    assert (g.ctcp_handshake_timeout, g.ctcp_no_sa_timeout) == (0.5, 2.0)
+    with pytest.raises(ConfigError):
+        parse_config("tcpencap {\n gateway {\n  ctcp_no_sa_timeout = 0\n }\n}\n")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tcpencap.router import ConnView, Open, Router, Side
-from tcpencap.table import Entry
+from tcpencap.table import Bind, Entry
 
 log = logging.getLogger("tcpencap.vici")
 
@@ -48,20 +48,38 @@ class ExpireOld:
     delay: float = 5.0
 
 
-Effect = Retire | Open | ExpireOld
+@dataclass(frozen=True, slots=True)
+class SpiLimit:
+    """A CHILD SA's SPI was not indexed: its connection already holds max_spis."""
+
+    conn_id: int
+    spi: int
 
 
-def _addr(text: str | None) -> bytes | None:
-    if not text:
+Effect = Retire | Open | ExpireOld | SpiLimit
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    """VICI values are whatever charon (or a bug) sends: treat anything but a dict as empty."""
+    return value if isinstance(value, dict) else {}
+
+
+def _children(sa: SA) -> list[dict[str, Any]]:
+    return [c for c in _dict(sa.get("child-sas")).values() if isinstance(c, dict)]
+
+
+def _addr(text: Any) -> bytes | None:
+    if not text or not isinstance(text, str):
         return None
     try:
-        return ipaddress.ip_address(text).packed
+        addr = ipaddress.ip_address(text)
     except ValueError:
         return None
+    return None if addr.is_unspecified else addr.packed
 
 
-def _spi(text: str | None) -> bytes | None:
-    if not text:
+def _spi(text: Any) -> bytes | None:
+    if not text or not isinstance(text, str):
         return None
     try:
         raw = bytes.fromhex(text)
@@ -70,11 +88,21 @@ def _spi(text: str | None) -> bytes | None:
     return raw if len(raw) == 8 and raw != bytes(8) else None
 
 
-def _esp_spi(text: str | None) -> int | None:
+def _esp_spi(text: Any) -> int | None:
+    if not text or not isinstance(text, str):
+        return None
     try:
-        return int(text, 16) if text else None
+        return int(text, 16)
     except ValueError:
         return None
+
+
+def _port(text: Any, default: int) -> int:
+    try:
+        port = int(text)
+    except (TypeError, ValueError):
+        return default
+    return port if 0 < port < 65536 else default
 
 
 def _sas(event: dict[str, Any]) -> Iterable[tuple[str, SA]]:
@@ -101,12 +129,18 @@ class SaSync:
                 return entry
         return self.table.find_ike_spi(spi)
 
-    def _bind_children(self, entry: Entry, sa: SA) -> None:
-        for child in (sa.get("child-sas") or {}).values():
-            if isinstance(child, dict):
-                spi = _esp_spi(child.get("spi-out"))
-                if spi is not None:
-                    self.table.move_esp(entry.conn_id, spi)
+    def _bind_children(self, entry: Entry, sa: SA) -> list[Effect]:
+        effects: list[Effect] = []
+        for child in _children(sa):
+            spi = _esp_spi(child.get("spi-out"))
+            if spi is not None:
+                effects += self._bind_esp(entry, spi)
+        return effects
+
+    def _bind_esp(self, entry: Entry, spi: int) -> list[Effect]:
+        if self.table.move_esp(entry.conn_id, spi) is Bind.LIMIT:
+            return [SpiLimit(entry.conn_id, spi)]
+        return []
 
     def _retire_if_empty(self, entry: Entry, reason: str) -> list[Effect]:
         if entry.ike_spis or entry.ike_spis_old:
@@ -132,11 +166,11 @@ class SaSync:
             assert spi is not None
             if up:
                 self.table.move_ike(entry.conn_id, spi)
-                self._bind_children(entry, sa)
+                effects += self._bind_children(entry, sa)
                 continue
             self.table.unbind_ike(entry.conn_id, spi)
-            for child in (sa.get("child-sas") or {}).values():
-                espi = _esp_spi(child.get("spi-out")) if isinstance(child, dict) else None
+            for child in _children(sa):
+                espi = _esp_spi(child.get("spi-out"))
                 if espi is not None:
                     self.table.unbind_esp(entry.conn_id, espi)
             if not entry.ike_spis:
@@ -150,40 +184,40 @@ class SaSync:
 
     def _on_child_updown(self, event: dict[str, Any]) -> list[Effect]:
         up = event.get("up") == "yes"
+        effects: list[Effect] = []
         for _, sa in _sas(event):
             entry = self._entry(sa)
             if entry is None:
                 continue
-            for child in (sa.get("child-sas") or {}).values():
-                espi = _esp_spi(child.get("spi-out")) if isinstance(child, dict) else None
+            for child in _children(sa):
+                espi = _esp_spi(child.get("spi-out"))
                 if espi is None:
                     continue
                 if up:
-                    self.table.move_esp(entry.conn_id, espi)
+                    effects += self._bind_esp(entry, espi)
                 else:
                     self.table.unbind_esp(entry.conn_id, espi)
-        return []
+        return effects
 
     def _on_child_rekey(self, event: dict[str, Any]) -> list[Effect]:
+        effects: list[Effect] = []
         for _, sa in _sas(event):
             entry = self._entry(sa)
             if entry is None:
                 continue
-            for pair in (sa.get("child-sas") or {}).values():
-                if not isinstance(pair, dict):
-                    continue
-                new = _esp_spi((pair.get("new") or {}).get("spi-out"))
-                old = _esp_spi((pair.get("old") or {}).get("spi-out"))
-                if new is not None:
-                    self.table.move_esp(entry.conn_id, new)
+            for pair in _children(sa):
+                new = _esp_spi(_dict(pair.get("new")).get("spi-out"))
+                old = _esp_spi(_dict(pair.get("old")).get("spi-out"))
                 if old is not None and old != new:
                     self.table.unbind_esp(entry.conn_id, old)
-        return []
+                if new is not None:
+                    effects += self._bind_esp(entry, new)
+        return effects
 
     def _on_ike_rekey(self, event: dict[str, Any]) -> list[Effect]:
         effects: list[Effect] = []
         for _, pair in _sas(event):
-            old, new = pair.get("old") or {}, pair.get("new") or {}
+            old, new = _dict(pair.get("old")), _dict(pair.get("new"))
             entry = self._entry(old) or self._entry(new)
             old_spi, new_spi = _spi(old.get("initiator-spi")), _spi(new.get("initiator-spi"))
             if entry is None or new_spi is None:
@@ -206,9 +240,16 @@ class SaSync:
         new_local, new_remote = _addr(event.get("local-host")), _addr(event.get("remote-host"))
         effects: list[Effect] = []
         for _, sa in _sas(event):
-            entry = self._entry(sa)
+            # Only an authenticated SA moves anything: the responder's ike-update during
+            # IKE_SA_INIT (unnamed SA, from 0.0.0.0) names an SPI anyone can choose.
+            if sa.get("state") != "ESTABLISHED":
+                continue
             spi = _spi(sa.get("initiator-spi"))
-            if entry is None or spi is None or new_local is None or new_remote is None:
+            old_local, old_remote = _addr(sa.get("local-host")), _addr(sa.get("remote-host"))
+            if None in (spi, old_local, old_remote, new_local, new_remote):
+                continue
+            entry = self.table.lookup_ike(old_local, old_remote, spi)  # type: ignore[arg-type]
+            if entry is None:
                 continue
             view = self.router.views.get(entry.conn_id)
             if view is None:
@@ -260,8 +301,8 @@ class SaSync:
         for item in sas:
             for _, sa in _sas(item):
                 entry = self._entry(sa)
-                for child in (sa.get("child-sas") or {}).values():
-                    if not isinstance(child, dict) or child.get("state") in _GONE:
+                for child in _children(sa):
+                    if child.get("state") in _GONE:
                         continue
                     spi = _esp_spi(child.get("spi-out"))
                     if spi is None:
@@ -289,7 +330,7 @@ class SaSync:
                 entry = self._entry(sa)
                 if entry is not None:
                     self.table.move_ike(entry.conn_id, spi)
-                    self._bind_children(entry, sa)
+                    opened += self._bind_children(entry, sa)
                     continue
                 local, remote = _addr(sa.get("local-host")), _addr(sa.get("remote-host"))
                 if (
@@ -301,10 +342,10 @@ class SaSync:
                     # An SA that outlived its connection (tcpencap restarted): as TCP
                     # originator, re-establish it now rather than at the next packet.
                     view = self.router.add_client_conn(local, remote)
-                    view.charon_sport = int(sa.get("local-port") or 4500)
-                    view.charon_dport = int(sa.get("remote-port") or 4500)
+                    view.charon_sport = _port(sa.get("local-port"), 4500)
+                    view.charon_dport = _port(sa.get("remote-port"), 4500)
                     self.table.bind_ike(view.conn_id, spi)
-                    self._bind_children(view.entry, sa)
+                    opened += self._bind_children(view.entry, sa)
                     opened.append(Open(view.conn_id, local, remote, b""))
         effects: list[Effect] = list(opened)
         for entry in list(self.table):
