@@ -86,16 +86,77 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
-    print(f"{cfg.source}: OK")
-    if cfg.gateway.listen:
-        print("gateway listens on " + ", ".join(f"{h}:{p}" for h, p in cfg.gateway.listen))
-    for name, c in sorted(cfg.connections.items()):
-        where = ", ".join(c.remote_addrs) or "(remote_addrs from charon)"
-        print(f"connection {name}: {c.transport} via {c.encapsulation}", end="")
-        print(f" to {where} port {c.remote_port}")
+def cmd_reload(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)  # refuse a broken file before bothering the daemon
+    path = args.socket or cfg.status_socket
+    from .daemon import query_status
+
+    try:
+        reply = asyncio.run(query_status(path, command="reload"))
+    except (OSError, TimeoutError) as exc:
+        print(f"tcpencap: cannot reach {path}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except ValueError as exc:
+        print(f"tcpencap: bad reply from {path}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    if "error" in reply:
+        print(f"tcpencap: reload refused: {reply['error']}", file=sys.stderr)
+        return EXIT_CONFIG
+    for line in reply.get("changes", []) or ["nothing changed"]:
+        print(line)
     return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate the file, then (unless --offline) compare it with charon's loaded
+    connections and say what each named connection will do."""
+    cfg = _load(args.config)
+    print(f"{cfg.source}: syntax and values OK")
+    if cfg.gateway.listen:
+        print("gateway: RFC 9329 on " + ", ".join(_ep(h, p) for h, p in cfg.gateway.listen))
+    if cfg.gateway.ctcp_listen:
+        print("gateway: cTCP on " + ", ".join(_ep(h, p) for h, p in cfg.gateway.ctcp_listen))
+    conns: dict[str, dict[str, Any]] | None = None
+    if not args.offline and cfg.connections:
+        from vici_bridge.resolve import get_conns
+        from vici_bridge.session import text
+
+        try:
+            conns = {k: v for item in get_conns(cfg.vici_socket) for k, v in text(item).items()}
+        except OSError as exc:
+            print(f"tcpencap: cannot ask charon at {cfg.vici_socket}: {exc}", file=sys.stderr)
+            return EXIT_FAIL
+    problems = 0
+    for name, c in sorted(cfg.connections.items()):
+        where = ", ".join(c.remote_addrs)
+        loaded = conns.get(name) if conns is not None else None
+        if conns is not None and loaded is None:
+            print(f"connection {name}: NOT loaded in charon (swanctl --load-conns?)")
+            problems += 1
+            continue
+        if not where:
+            where = (
+                ", ".join(loaded.get("remote_addrs", [])) if loaded else "(charon's remote_addrs)"
+            )
+        mode = {
+            "tcp": "always over TCP",
+            "fallback": f"UDP first, TCP after {c.fallback_timeout:g}s without an answer",
+            "udp": "never over TCP (plain UDP)",
+        }[c.transport]
+        print(f"connection {name}: {mode}, {c.encapsulation} to {where} port {c.remote_port}")
+        if (
+            loaded is not None
+            and loaded.get("version") not in (None, "IKEv2", "2")
+            and (c.encapsulation == "rfc9329")
+        ):
+            print(f"  note: {name} is {loaded.get('version')}; RFC 9329 is specified for IKEv2")
+    if conns is not None:
+        print(f"charon at {cfg.vici_socket}: {len(conns)} connection(s) loaded")
+    return EXIT_CONFIG if problems else EXIT_OK
+
+
+def _ep(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def cmd_version(_: argparse.Namespace) -> int:
@@ -117,9 +178,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--socket", help="control socket (default: status_socket of the config)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
-    c = sub.add_parser("check-config", help="validate the configuration")
+    c = sub.add_parser("check-config", help="validate the configuration against charon")
     c.add_argument("--config")
+    c.add_argument("--offline", action="store_true", help="do not ask charon over VICI")
     c.set_defaults(func=cmd_check_config)
+    rl = sub.add_parser("reload", help="re-read the configuration (same as SIGHUP)")
+    rl.add_argument("--config")
+    rl.add_argument("--socket", help="control socket (default: status_socket of the config)")
+    rl.set_defaults(func=cmd_reload)
     v = sub.add_parser("version")
     v.set_defaults(func=cmd_version)
     return p

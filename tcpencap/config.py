@@ -81,6 +81,7 @@ class Config:
     inject: str = "raw"
     max_frame: int = 65535
     max_spis: int = 16  # ESP SPIs indexed per connection (QuickSec's limit)
+    metrics_listen: tuple[str, int] | None = None  # Prometheus endpoint, e.g. 127.0.0.1:9555
     log_level: str = "info"
     client: ClientConfig = field(default_factory=ClientConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
@@ -134,6 +135,7 @@ def config_from_tree(root: Section, source: str) -> Config:
         inject=v.take("inject", _choice(INJECT_MODES), "raw"),
         max_frame=v.take("max_frame", _int_range(64, 65535), 65535),
         max_spis=v.take("max_spis", _int_range(1, 1024), 16),
+        metrics_listen=v.take("metrics_listen", _one_endpoint, None),
         log_level=v.take("log_level", _choice(LOG_LEVELS), "info"),
         client=_client(v.sub("client")),
         gateway=_gateway(v.sub("gateway")),
@@ -304,6 +306,10 @@ def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
 
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _one_endpoint(text: str) -> tuple[str, int]:
+    return _endpoint(text.strip())
 
 
 def _duration(text: str) -> float:

@@ -24,6 +24,7 @@ from vici_bridge.sync import ExpireOld, Retire, SaSync, SpiLimit
 
 from . import rfc9329
 from .config import Config
+from .confparse import ConfError
 from .ctcp_service import CtcpService
 from .fallback import FallbackMonitor
 from .packet import addr_bytes, addr_text
@@ -301,7 +302,19 @@ class Daemon:
         self.ports = PortAllocator(
             config.client.port, config.client.port_range[0], config.client.port_range[1]
         )
-        self.servers: list[asyncio.base_events.Server] = []
+        self.servers: dict[tuple[str, int], asyncio.base_events.Server] = {}
+        self.metrics_server: asyncio.base_events.Server | None = None
+        self.conn_peers: dict[str, list[str]] = {}  # client connection name -> peers
+        # Counters of closed connections, so metrics never go backwards.
+        self.totals: dict[str, Any] = {
+            "frames_in": 0,
+            "frames_out": 0,
+            "bytes_in": 0,
+            "bytes_out": 0,
+            "drops": {},
+            "closed": {},
+            "connect_failures": 0,
+        }
         self.control: asyncio.base_events.Server | None = None
         self.started = time.monotonic()
         self.events: dict[str, int] = {}
@@ -513,6 +526,20 @@ class Daemon:
             conn.state = "closed"
             self.closed(conn)
 
+    def _fold_totals(self, conn: TcpConnection) -> None:
+        t = self.totals
+        t["frames_in"] += conn.frames_in
+        t["frames_out"] += conn.frames_out
+        t["bytes_in"] += conn.bytes_in
+        t["bytes_out"] += conn.bytes_out
+        drops = {**(conn.view.drops if conn.view else {}), **conn.drops}
+        for reason, n in drops.items():
+            t["drops"][reason] = t["drops"].get(reason, 0) + n
+        key = conn.close_reason.split(":")[0].strip().replace(" ", "-") or "unknown"
+        t["closed"][key] = t["closed"].get(key, 0) + 1
+        if conn.close_reason.startswith("connect failed"):
+            t["connect_failures"] += 1
+
     def _hand_over(self, conn: TcpConnection) -> None:
         """A gateway connection that carried SAs is gone; if its client already came back
         on a new connection that carries no SA of its own (a reconnect), that connection
@@ -631,6 +658,7 @@ class Daemon:
                 self.rules.add_peer(peer)
 
     def closed(self, conn: TcpConnection) -> None:
+        self._fold_totals(conn)
         if conn.view is None or self.conns.get(conn.conn_id) is not conn:
             if conn.close_reason and conn.side is Side.GATEWAY:
                 log.info("%s: closed (%s)", conn, conn.close_reason)
@@ -703,6 +731,8 @@ class Daemon:
             cmd = line.decode(errors="replace").strip()
             if cmd == "status":
                 reply: dict[str, Any] = self.status()
+            elif cmd == "reload":
+                reply = await self.reload()
             else:
                 reply = {"error": f"unknown command {cmd!r}"}
             writer.write(json.dumps(reply).encode() + b"\n")
@@ -718,6 +748,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         try:
             await self._start(loop)
             log.info("tcpencap running (pid %d)", os.getpid())
@@ -725,6 +756,11 @@ class Daemon:
             log.info("stopping")
         finally:
             await self._shutdown()
+
+    def _on_sighup(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.injector = RawInjector()
@@ -736,19 +772,9 @@ class Daemon:
         self.queue = QueueReader(self.config.queue_num, self.on_queued, self._batch)
         self.queue.start(loop)
         await self._start_control()
+        await self._start_metrics()
         for host, port in self.config.gateway.listen:
-            server = await loop.create_server(
-                lambda: TcpConnection(self, Side.GATEWAY),
-                host=host,
-                port=port,
-                reuse_address=True,
-                backlog=1024,
-            )
-            for sock in server.sockets:
-                with contextlib.suppress(OSError):
-                    set_ipsec_bypass(sock)
-            self.servers.append(server)
-            log.info("listening on %s:%d", _bracket(host), port)
+            await self._listen(host, port)
         await self._resolve_client_peers()
         self.bridge = ViciBridge(
             self.config.vici_socket,
@@ -767,6 +793,102 @@ class Daemon:
             task = loop.create_task(self._watch_fallback())
             self._tasks.add(task)
 
+    async def _listen(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: TcpConnection(self, Side.GATEWAY),
+            host=host,
+            port=port,
+            reuse_address=True,
+            backlog=1024,
+        )
+        for sock in server.sockets:
+            with contextlib.suppress(OSError):
+                set_ipsec_bypass(sock)
+        self.servers[(host, port)] = server
+        log.info("listening on %s:%d", _bracket(host), port)
+
+    async def _start_metrics(self) -> None:
+        if not self.config.metrics_listen:
+            return
+        host, port = self.config.metrics_listen
+        self.metrics_server = await asyncio.start_server(self._metrics_client, host, port)
+        log.info("metrics on http://%s:%d/metrics", _bracket(host), port)
+
+    async def _metrics_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        from .metrics import render
+
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            parts = head.split(b" ", 2)
+            if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] == b"/metrics":
+                body = render(self.status(), self.totals).encode()
+                status, ctype = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
+            else:
+                body, status, ctype = b"not found\n", "404 Not Found", "text/plain"
+            writer.write(
+                f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    # --- reload -----------------------------------------------------------------------
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the configuration: new listeners and peers take effect, removed ones
+        stop, and existing TCP connections are kept."""
+        from .config import load_config
+
+        path = None if self.config.source == "(defaults)" else self.config.source
+        try:
+            new = load_config(path)
+        except ConfError as exc:
+            log.error("reload refused: %s", exc)
+            return {"error": str(exc)}
+        old = self.config
+        changes: list[str] = []
+        for key in ("queue_num", "status_socket", "vici_socket", "metrics_listen"):
+            if getattr(old, key) != getattr(new, key):
+                changes.append(f"{key} changes only on restart")
+        if old.gateway.ctcp_listen != new.gateway.ctcp_listen:
+            changes.append("ctcp_listen changes only on restart")
+        self.config = new
+        for ep in [ep for ep in self.servers if ep not in new.gateway.listen]:
+            self.servers.pop(ep).close()
+            changes.append(f"stopped listening on {_bracket(ep[0])}:{ep[1]}")
+        for host, port in new.gateway.listen:
+            if (host, port) not in self.servers:
+                try:
+                    await self._listen(host, port)
+                    changes.append(f"listening on {_bracket(host)}:{port}")
+                except OSError as exc:
+                    changes.append(f"cannot listen on {_bracket(host)}:{port}: {exc}")
+        removed = [n for n in self.conn_peers if n not in new.connections]
+        for name in removed:
+            peers = self.conn_peers.pop(name)
+            self.fallback.conns.pop(name, None)
+            still = {p for ps in self.conn_peers.values() for p in ps}
+            self._steer([p for p in peers if p not in still], False)
+            changes.append(f"connection {name} removed")
+        changed = [
+            n
+            for n, c in new.connections.items()
+            if n not in old.connections or old.connections[n] != c
+        ]
+        if changed:
+            await self._resolve_client_peers(changed)
+            changes += [f"connection {n} (re)configured" for n in changed]
+        for line in changes:
+            log.info("reload: %s", line)
+        return {"ok": True, "changes": changes}
+
     async def _start_control(self) -> None:
         path = self.config.status_socket
         if not path:
@@ -780,14 +902,16 @@ class Daemon:
         finally:
             os.umask(old)
 
-    async def _resolve_client_peers(self) -> None:
+    async def _resolve_client_peers(self, names: list[str] | None = None) -> None:
         """Find the TCP peers' addresses: from the config, else charon's get-conns."""
         from vici_bridge.resolve import resolve_remote_addrs
 
         wanted = {
             name: c
             for name, c in self.config.connections.items()
-            if c.transport != "udp" and c.encapsulation == "rfc9329"
+            if c.transport != "udp"
+            and c.encapsulation == "rfc9329"
+            and (names is None or name in names)
         }
         if not wanted:
             return
@@ -808,6 +932,7 @@ class Daemon:
                     continue
                 self.peer_ports[addr.packed] = c.remote_port
                 peers.append(str(addr))
+            self.conn_peers[name] = peers
             if c.transport == "fallback":
                 timeout = c.fallback_timeout
                 self.fallback.add(name, peers, timeout)
@@ -860,8 +985,10 @@ class Daemon:
             task.cancel()
         if self.bridge is not None:
             await asyncio.to_thread(self.bridge.stop)
-        for server in self.servers:
+        for server in self.servers.values():
             server.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         for conn in list(self.conns.values()):
             conn.close("tcpencap stopping")
         if self.queue is not None:
@@ -884,9 +1011,10 @@ def _cid(conn: TcpConnection) -> int:
     return conn.conn_id
 
 
-async def query_status(path: str, timeout: float = 5.0) -> dict[str, Any]:
+async def query_status(path: str, timeout: float = 5.0, command: str = "status") -> dict[str, Any]:
+    """Send one command (``status`` or ``reload``) to the control socket; its JSON reply."""
     reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), timeout)
-    writer.write(b"status\n")
+    writer.write(command.encode() + b"\n")
     await writer.drain()
     # The daemon closes after its one reply, which grows with the connections (about
     # 300 octets each): read to EOF, not a line, so no stream limit applies.

@@ -85,19 +85,33 @@ def test_no_command_is_a_usage_error():
 def test_check_config_good_file(tmp_path):
     path = tmp_path / "tcpencap.conf"
     path.write_text(GOOD_CONF)
-    proc = run_cli("check-config", "--config", str(path))
+    proc = run_cli("check-config", "--offline", "--config", str(path))
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout.splitlines()
-    assert out[0] == f"{path}: OK"
-    assert "gateway listens on 198.18.0.1:4500, fd00::1:4500" in out
-    assert "connection home: tcp via rfc9329 to 198.19.0.2, fd00:19::2 port 443" in out
-    assert "connection branch: fallback via ctcp to (remote_addrs from charon) port 8443" in out
+    assert out[0] == f"{path}: syntax and values OK"
+    assert "gateway: RFC 9329 on 198.18.0.1:4500, [fd00::1]:4500" in out
+    assert "connection home: always over TCP, rfc9329 to 198.19.0.2, fd00:19::2 port 443" in out
+    assert (
+        "connection branch: UDP first, TCP after 5s without an answer, ctcp to "
+        "(charon's remote_addrs) port 8443" in out
+    )
+
+
+def test_check_config_without_charon_fails_clearly(tmp_path):
+    path = tmp_path / "tcpencap.conf"
+    sock = tmp_path / "absent.vici"
+    path.write_text(
+        GOOD_CONF.replace("tcpencap {", f"tcpencap {{\n vici_socket = unix://{sock}", 1)
+    )
+    proc = run_cli("check-config", "--config", str(path))
+    assert proc.returncode == 1
+    assert f"cannot ask charon at unix://{sock}" in proc.stderr
 
 
 def test_check_config_shipped_example_is_valid():
-    proc = run_cli("check-config", "--config", str(REPO / "configs" / "tcpencap.conf"))
+    proc = run_cli("check-config", "--offline", "--config", str(REPO / "configs" / "tcpencap.conf"))
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith(f"{REPO / 'configs' / 'tcpencap.conf'}: OK")
+    assert proc.stdout.startswith(f"{REPO / 'configs' / 'tcpencap.conf'}: syntax and values OK")
 
 
 def test_check_config_bad_file_names_file_line_and_key(tmp_path):

@@ -355,9 +355,11 @@ def test_keepalive_half_open_no_sa_and_syn_flood() -> None:
         peak, peak_rss = max(peak, len(rows)), max(peak_rss, _rss_kib(daemon.pid))
         summary = gw.tcpencap_status()["ctcp"]
         refused = summary["counters"].get("refused-limit", 0) - before
-        assert peak <= MAX_CONNS and len(rows) == MAX_CONNS, (peak, len(rows))
-        # every SYN that reached the queue beyond the limit was refused and counted
-        assert refused >= FLOOD - MAX_CONNS - 100, summary
+        print(f"flood: peak {peak} flows, {refused} refused, RSS {peak_rss} KiB")
+        assert peak == MAX_CONNS, (peak, len(rows))  # filled up to the limit, never beyond
+        # the flood lasts a few seconds, so half-open flows expire (3 s) and free slots:
+        # at most two generations were admitted, every other SYN was refused and counted
+        assert FLOOD - 2 * MAX_CONNS <= refused <= FLOOD - MAX_CONNS, summary
         assert peak_rss < RSS_LIMIT_KIB, f"tcpencap RSS {peak_rss} KiB"
         # the half-open flood expires after 3 s; an honest client then gets through
         deadline = time.monotonic() + 6
