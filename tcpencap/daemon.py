@@ -43,6 +43,7 @@ MAX_RECONNECTS = 40
 FALLBACK_POLL = 1.0
 PEER_RELEASE_DELAY = 30.0  # a gateway peer without connection stays steered at least this long
 PEER_RELEASE_POLL = 5.0
+ORPHAN_GRACE = 30.0  # how long a closed gateway connection's SAs wait for its client
 RECONCILE_AFTER_EVENT = 2.0  # check ESP SPIs against list-sas this long after a rekey
 RECONCILE_PERIOD = 60.0
 PENDING_LIMIT = 64  # frames held while a client connection is being opened
@@ -541,28 +542,35 @@ class Daemon:
             t["connect_failures"] += 1
 
     def _hand_over(self, conn: TcpConnection) -> None:
-        """A gateway connection that carried SAs is gone; if its client already came back
-        on a new connection that carries no SA of its own (a reconnect), that connection
-        takes the SPIs. Routing does not change by this (charon's packets for the old
-        endpoint already fall back to the newest connection of the pair); it only keeps
-        the table and status exact until charon learns the new endpoint."""
+        """A gateway connection that carried SAs is gone. Its client (the TCP originator)
+        is expected back on a new connection: the newest connection of the same address
+        pair that carries no SA of its own takes the SPIs, now or, if it has not arrived
+        yet, when its first frame arrives within ORPHAN_GRACE. Routing does not depend on
+        this (charon's packets for a vanished endpoint fall back to the newest connection
+        of the pair); it keeps the table and status exact until charon's next
+        authenticated exchange names the new endpoint (ike-update)."""
         assert conn.view is not None
         old = conn.view.entry
-        newer = [
-            e
-            for e in self.table.for_pair(old.local, old.peer)
-            if e.conn_id != old.conn_id and not e.carries_sa
-        ]
-        if not newer:
-            return
-        target = newer[-1]
-        for spi in list(old.ike_spis):
+        ike = list(old.ike_spis | old.ike_spis_old)
+        esp = list(old.esp_spis)
+        for spi in ike:
             self.table.unbind_ike(old.conn_id, spi)
-            self.table.bind_ike(target.conn_id, spi)
-        for espi in list(old.esp_spis):
+        for espi in esp:
             self.table.unbind_esp(old.conn_id, espi)
-            self.table.bind_esp(target.conn_id, espi)
-        log.info("%s: SAs handed over to conn %d (reconnect)", conn, target.conn_id)
+        newer = [e for e in self.table.for_pair(old.local, old.peer) if not e.carries_sa]
+        newer = [e for e in newer if e.conn_id != old.conn_id]
+        if newer:
+            self._adopt(newer[-1].conn_id, ike, esp, conn)
+        else:
+            deadline = time.monotonic() + ORPHAN_GRACE
+            self._orphans[(old.local, old.peer)] = (deadline, ike, esp)
+
+    def _adopt(self, conn_id: int, ike: list[bytes], esp: list[int], old: object) -> None:
+        for spi in ike:
+            self.table.bind_ike(conn_id, spi)
+        for espi in esp:
+            self.table.bind_esp(conn_id, espi)
+        log.info("%s: SAs handed over to conn %d (reconnect)", old, conn_id)
 
     def _reconnect(self, old: TcpConnection) -> None:
         """The TCP originator re-establishes a broken connection while its SA lives
@@ -632,6 +640,8 @@ class Daemon:
         while True:
             await asyncio.sleep(PEER_RELEASE_POLL)
             now = time.monotonic()
+            for pair in [p for p, o in self._orphans.items() if o[0] < now]:
+                del self._orphans[pair]
             due = [p for p, t in self._unsteer_at.items() if t <= now]
             if not due:
                 continue
@@ -650,6 +660,11 @@ class Daemon:
                     self.rules.remove_peer(peer)
 
     def first_message(self, conn: TcpConnection) -> None:
+        if conn.side is Side.GATEWAY and self._orphans and conn.view is not None:
+            e = conn.view.entry
+            orphan = self._orphans.pop((e.local, e.peer), None)
+            if orphan is not None and orphan[0] >= time.monotonic() and not e.carries_sa:
+                self._adopt(e.conn_id, orphan[1], orphan[2], f"conn of {conn.peer_text}")
         if conn.side is Side.GATEWAY:
             peer = conn.peer_text
             self.gateway_peer_refs[peer] = self.gateway_peer_refs.get(peer, 0) + 1

@@ -255,6 +255,8 @@ def test_vpnc_behind_viciless_tcpencap_over_ctcp() -> None:
         cap = lab.capture(c1)
         proc = start_vpnc(c1, gw)
         addr = wait_tun_addr(c1, proc)
+        env = (c1.dir / "vpnc-env.connect").read_text()  # what vpnc handed its script
+        assert f"INTERNAL_IP4_ADDRESS={addr}\n" in env and "TUNDEV=vpnc0\n" in env, env
         got = ping(c1, gw.inner4, addr, count=3)  # type: ignore[arg-type]
         assert got == (3, 3), f"ping tun -> gw inner: {got}\n{proc.log_tail(40)}"
         got = ping(gw, addr, gw.inner4, count=3)
