@@ -327,6 +327,9 @@ class Daemon:
         self.sync = SaSync(self.router)
         self.fallback = FallbackMonitor()
         self._unsteer_at: dict[str, float] = {}
+        # SPIs of gateway connections that closed before their client reconnected:
+        # (local, peer) -> (deadline, IKE SPIs, ESP SPIs)
+        self._orphans: dict[tuple[bytes, bytes], tuple[float, list[bytes], list[int]]] = {}
         self.batching = False
         self._reconcile_handle: asyncio.TimerHandle | None = None
         self.dirty: list[TcpConnection] = []  # gateway peers without a connection
