@@ -264,6 +264,7 @@ class TcpConnection(asyncio.Protocol):
         e = self.view.entry if self.view else None
         return {
             "id": self.conn_id,
+            "encapsulation": "rfc9329",
             "side": self.side.value,
             "state": self.state,
             "local": f"{_bracket(self.local_text)}:{self.local_port}",

@@ -284,7 +284,8 @@ def _run_script(lab: Lab, host: Host, *args: str, timeout: float = 30) -> dict:
 
 
 def _ctcp_rows(host: Host) -> list[dict]:
-    return [c for c in host.tcpencap_status()["connections"] if c["encapsulation"] == "ctcp"]
+    rows = host.tcpencap_status()["connections"]
+    return [c for c in rows if c.get("encapsulation") == "ctcp"]
 
 
 def _rss_kib(pid: int) -> int:
@@ -296,7 +297,7 @@ def _rss_kib(pid: int) -> int:
 
 MAX_CONNS = 500
 FLOOD = 3000
-RSS_LIMIT_KIB = 200 * 1024  # the daemon idles near 60 MiB; 500 half-open flows are small
+RSS_LIMIT_KIB = 80 * 1024  # measured: about 30 MiB at the peak of the flood
 
 
 def test_keepalive_half_open_no_sa_and_syn_flood() -> None:
@@ -340,7 +341,8 @@ def test_keepalive_half_open_no_sa_and_syn_flood() -> None:
         assert 41002 not in resets  # the half-open one expired silently
 
         # SYN flood: 3000 SYNs in one batch against max_connections = 500
-        before = gw.tcpencap_status()["ctcp"]["counters"].get("refused-limit", 0)
+        st0 = gw.tcpencap_status()["ctcp"]
+        before, queued0 = st0["counters"].get("refused-limit", 0), st0["packets"]
         flood = c2.spawn(
             [sys.executable, str(lab.dir / "timers.py"), gw.outer4, str(PORT), "flood",  # type: ignore[list-item]
              str(FLOOD)], "flood.log",
@@ -355,11 +357,16 @@ def test_keepalive_half_open_no_sa_and_syn_flood() -> None:
         peak, peak_rss = max(peak, len(rows)), max(peak_rss, _rss_kib(daemon.pid))
         summary = gw.tcpencap_status()["ctcp"]
         refused = summary["counters"].get("refused-limit", 0) - before
-        print(f"flood: peak {peak} flows, {refused} refused, RSS {peak_rss} KiB")
+        queued = summary["packets"] - queued0
+        secs = json.loads(flood.log_text().strip().splitlines()[-1])["flood_seconds"]
+        print(f"flood: {secs:.1f} s, {queued} queued, peak {peak} flows, {refused} refused, "
+              f"RSS {peak_rss} KiB")  # fmt: skip
+        assert queued >= FLOOD, summary  # every SYN reached the service
         assert peak == MAX_CONNS, (peak, len(rows))  # filled up to the limit, never beyond
-        # the flood lasts a few seconds, so half-open flows expire (3 s) and free slots:
-        # at most two generations were admitted, every other SYN was refused and counted
-        assert FLOOD - 2 * MAX_CONNS <= refused <= FLOOD - MAX_CONNS, summary
+        # half-open flows expire after 3 s and free their slots while the flood goes on:
+        # one generation per started 3 s was admitted, every other SYN refused and counted
+        generations = 1 + int(secs // 3.0) + 1
+        assert FLOOD - generations * MAX_CONNS <= refused <= FLOOD - MAX_CONNS, summary
         assert peak_rss < RSS_LIMIT_KIB, f"tcpencap RSS {peak_rss} KiB"
         # the half-open flood expires after 3 s; an honest client then gets through
         deadline = time.monotonic() + 6
@@ -420,5 +427,6 @@ def test_rfc9329_and_ctcp_clients_at_once() -> None:
         assert not any(TCP in p and PORT in (p[TCP].sport, p[TCP].dport) for p in p1)
         assert caps["c2"].count_tcp(PORT) >= 40
         check_segments(str(caps["c2"].pcap), min_ike500=1)
-        kinds = sorted(c["encapsulation"] for c in gw.tcpencap_status()["connections"])
-        assert kinds == ["ctcp", "rfc9329"], gw.tcpencap_status()["connections"]
+        rows = gw.tcpencap_status()["connections"]
+        peers = sorted((c.get("encapsulation", "rfc9329"), c["peer"].split(":")[0]) for c in rows)
+        assert peers == [("ctcp", c2.outer4), ("rfc9329", c1.outer4)], rows
