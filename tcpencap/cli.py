@@ -14,7 +14,8 @@ import sys
 from typing import Any
 
 from . import __version__
-from .config import Config, ConfigError, load_config
+from .config import Config, load_config
+from .confparse import ConfError
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except ConfigError as exc:
+    except ConfError as exc:
         print(f"tcpencap: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 

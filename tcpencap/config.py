@@ -64,8 +64,11 @@ class GatewayConfig:
 
     listen: tuple[tuple[str, int], ...] = ()
     max_connections: int = 1000
+    max_per_source: int = 32  # connections from one source address
+    max_pending: int = 256  # connections that have not yet delivered a first message
     first_message_timeout: float = 5.0
     max_buffer: int = 262144
+    max_frame_rate: int = 20000  # frames per second on one connection before it is cut
     # Cisco cTCP listen endpoints: no socket is bound, the segments are taken from NFQUEUE.
     ctcp_listen: tuple[tuple[str, int], ...] = ()
     # cTCP timers (protocols.md A.6): handshake to finish, IKE to bind an SA after it.
@@ -168,6 +171,9 @@ def _gateway(v: _Values) -> GatewayConfig:
     g = GatewayConfig(
         listen=v.take("listen", _listen, ()),
         max_connections=v.take("max_connections", _int_range(1, 1_000_000), 1000),
+        max_per_source=v.take("max_per_source", _int_range(1, 1_000_000), 32),
+        max_pending=v.take("max_pending", _int_range(1, 1_000_000), 256),
+        max_frame_rate=v.take("max_frame_rate", _int_range(1, 10_000_000), 20000),
         first_message_timeout=v.take("first_message_timeout", _duration, 5.0),
         max_buffer=v.take("max_buffer", _int_range(1024, 1 << 30), 262144),
         ctcp_listen=v.take("ctcp_listen", _listen, ()),

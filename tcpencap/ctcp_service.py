@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import random
@@ -54,6 +55,7 @@ from .ctcp_conn import (
     stray_reply,
 )
 from .ike import IKEV2_SA_INIT, Kind, classify_udp_payload
+from .mtu import check_inner, plan
 from .packet import (
     PROTO_UDP,
     TCP_ACK,
@@ -72,6 +74,8 @@ log = logging.getLogger("tcpencap.ctcp")
 
 CTCP_MARK = 0x63746370  # same value as nfq.ctcp_rules.CTCP_MARK (core must not import nfq)
 SO_MARK = getattr(socket, "SO_MARK", 36)
+IP_NODEFRAG = getattr(socket, "IP_NODEFRAG", 22)
+MTU_CACHE_SECONDS = 10.0
 Key = tuple[bytes, int, bytes, int]  # local address, local port, peer address, peer port
 
 
@@ -167,6 +171,13 @@ class CtcpEngine:
         self.by_id: dict[int, Flow] = {}
         self.gateway_peers: dict[bytes, int] = {}
         self.counters: dict[str, int] = {}
+        self.totals: dict[str, Any] = {
+            "frames_in": 0,
+            "frames_out": 0,
+            "bytes_in": 0,
+            "bytes_out": 0,
+            "drops": {},
+        }
         self.touched: set[Key] = set()  # flows whose timer may have changed
 
     # --- lookups ------------------------------------------------------------------------
@@ -338,6 +349,14 @@ class CtcpEngine:
         out: list[Output] = []
         if self.flows.get(flow.key) is flow:
             del self.flows[flow.key]
+            # Keep closed flows' figures so the daemon's metrics never go backwards.
+            t = self.totals
+            t["frames_in"] += flow.frames_in
+            t["frames_out"] += flow.frames_out
+            t["bytes_in"] += flow.bytes_in
+            t["bytes_out"] += flow.bytes_out
+            for why, n in flow.drops.items():
+                t["drops"][why] = t["drops"].get(why, 0) + n
         self.by_id.pop(flow.entry.conn_id, None)
         self.table.remove(flow.entry.conn_id)
         self.touched.add(flow.key)
@@ -403,6 +422,9 @@ class RawSender:
         for fam, length in ((socket.AF_INET, 4), (socket.AF_INET6, 16)):
             sock = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW)
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+            if fam == socket.AF_INET:
+                # our own outer fragments must not be gathered by OUTPUT defrag
+                sock.setsockopt(socket.IPPROTO_IP, IP_NODEFRAG, 1)
             sock.setblocking(False)
             self._socks[length] = sock
 
@@ -412,6 +434,51 @@ class RawSender:
     def close(self) -> None:
         for sock in self._socks.values():
             sock.close()
+
+
+class RouteMtu:
+    """The MTU towards a destination: the route's locked/cached ``mtu`` metric, else the
+    outgoing link's MTU; cached per destination for :data:`MTU_CACHE_SECONDS`."""
+
+    def __init__(self, ttl: float = MTU_CACHE_SECONDS) -> None:
+        self.ttl = ttl
+        self._cache: dict[bytes, tuple[float, int]] = {}
+        self._ipr: Any = None
+
+    def get(self, dst: bytes, now: float) -> int:
+        hit = self._cache.get(dst)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        mtu = self._lookup(dst)
+        self._cache[dst] = (now + self.ttl, mtu)
+        return mtu
+
+    def forget(self, dst: bytes) -> None:
+        self._cache.pop(dst, None)
+
+    def _lookup(self, dst: bytes) -> int:
+        fallback = 1500 if len(dst) == 4 else 1280
+        try:
+            if self._ipr is None:
+                from pyroute2 import IPRoute
+
+                self._ipr = IPRoute()
+            routes = self._ipr.route("get", dst=addr_text(dst))
+            if not routes:
+                return fallback
+            metrics = routes[0].get_attr("RTA_METRICS")
+            if metrics is not None and metrics.get_attr("RTAX_MTU"):
+                return int(metrics.get_attr("RTAX_MTU"))
+            links = self._ipr.get_links(routes[0].get_attr("RTA_OIF"))
+            return int(links[0].get_attr("IFLA_MTU")) if links else fallback
+        except Exception as exc:  # pyroute2 raises its own NetlinkError and OSError
+            log.warning("route MTU to %s: %s; assuming %d", addr_text(dst), exc, fallback)
+            return fallback
+
+    def close(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
 
 
 class CtcpService:
@@ -426,6 +493,8 @@ class CtcpService:
         self.rules: Any = None
         self.queue: Any = None
         self.sender: RawSender | None = None
+        self.mtus = RouteMtu()
+        self._frag_ident = random.getrandbits(32)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timers: dict[Key, tuple[float, asyncio.TimerHandle]] = {}
         self.counters: dict[str, int] = {}
@@ -509,6 +578,7 @@ class CtcpService:
         if self.sender is not None:
             self.sender.close()
             self.sender = None
+        self.mtus.close()
 
     def status(self) -> list[dict[str, Any]]:
         if self.engine is None or self._loop is None:
@@ -522,6 +592,7 @@ class CtcpService:
             "queue": self.queue_num,
             "packets": self.queue.packets if self.queue else 0,
             "counters": {**(eng.counters if eng else {}), **self.counters},
+            "totals": eng.totals if eng else {},
         }
 
     # --- packet path ------------------------------------------------------------------------
@@ -537,6 +608,8 @@ class CtcpService:
             except PacketError:
                 proto = None
         if proto == PROTO_UDP:
+            if self._too_big(now, packet):
+                return
             out = self.engine.outbound(now, packet)
         else:
             out = self.engine.inbound(now, packet)
@@ -547,7 +620,7 @@ class CtcpService:
         for o in out:
             try:
                 if type(o) is Send:
-                    self.sender.send(o.data, o.dst)
+                    self._send(o.data, o.dst)
                 elif type(o) is Inject:
                     self.injector.inject(o.packet, o.dst)
                 elif type(o) is Steer:
@@ -562,6 +635,54 @@ class CtcpService:
         touched, self.engine.touched = self.engine.touched, set()
         for key in touched:
             self._arm(key)
+
+    # --- packet size (tcpencap/mtu.py decides, docs/mtu.md explains) ------------------------
+
+    def _too_big(self, now: float, packet: bytes) -> bool:
+        """charon's IPv4 packet with DF that will not fit once encapsulated: answer with
+        ICMP "fragmentation needed" (MTU minus the cTCP overhead) instead of sending it."""
+        if len(packet) < 20:
+            return False
+        dst = packet[16:20] if packet[0] >> 4 == 4 else packet[24:40]
+        try:
+            decision = check_inner(packet, self.mtus.get(dst, now))
+        except PacketError:
+            return False
+        if decision is None or decision.signal is None:
+            return False
+        src = packet[12:16]
+        _count(self.counters, "too-big-df")
+        try:
+            self.injector.inject(decision.signal, src)
+            _count(self.counters, "icmp-frag-needed-sent")
+        except OSError as exc:
+            _count(self.counters, "icmp-failed")
+            self.log_limited("ctcp-icmp", "cTCP: ICMP frag needed failed: %s", exc)
+        return True
+
+    def _send(self, data: bytes, dst: bytes) -> None:
+        """Send one segment, fragmenting it (DF clear, IPv6) when it exceeds the route MTU;
+        a header-included raw socket never fragments by itself."""
+        assert self.sender is not None and self._loop is not None
+        now = self._loop.time()
+        for attempt in (0, 1):
+            self._frag_ident = (self._frag_ident + 1) & 0xFFFFFFFF
+            decision = plan(data, self.mtus.get(dst, now), self._frag_ident)
+            if decision.reason != "fits":
+                _count(self.counters, decision.reason)
+            if decision.signal is not None:
+                src = data[12:16] if data[0] >> 4 == 4 else data[8:24]
+                self.injector.inject(decision.signal, src)
+                _count(self.counters, "icmp-too-big-sent")
+            try:
+                for piece in decision.send:
+                    self.sender.send(piece, dst)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EMSGSIZE or attempt:
+                    raise
+                self.mtus.forget(dst)  # the kernel knows a smaller path MTU: look again
+                _count(self.counters, "mtu-refresh")
 
     def _arm(self, key: Key) -> None:
         assert self.engine is not None and self._loop is not None

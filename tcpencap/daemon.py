@@ -81,6 +81,10 @@ class TcpConnection(asyncio.Protocol):
         self.retiring = False  # closed on purpose: no reconnect
         self.outstanding: bytes | None = None  # last IKEv2 request sent, for a reconnect
         self.attempt = 0
+        self.pending_counted = False  # counted in the gateway's pending connections
+        self.uncounted = False  # removed from the gateway's counts
+        self._win_start = time.monotonic()  # frame-rate window
+        self._win_frames = 0
         self._wbuf: list[bytes] = []  # frames of the current queue batch
         self._wlen = 0
 
@@ -117,6 +121,19 @@ class TcpConnection(asyncio.Protocol):
         self.bytes_in += len(data)
         self.codec.receive_data(data)
         self._drain_events()
+        if self.side is Side.GATEWAY:
+            self._check_rate()
+
+    def _check_rate(self) -> None:
+        """Cut a connection that receives frames faster than max_frame_rate per second."""
+        now = time.monotonic()
+        if now - self._win_start >= 1.0:
+            self._win_start, self._win_frames = now, self.frames_in
+        elif self.frames_in - self._win_frames > self.daemon.config.gateway.max_frame_rate:
+            self.daemon.log_limited(
+                "limit-frame-rate", "%s: over max_frame_rate frames/s, closing", self
+            )
+            self.close("frame rate limit")
 
     def eof_received(self) -> bool | None:
         self.codec.receive_data(b"")
@@ -327,6 +344,9 @@ class Daemon:
         self.vici_state = "not connected"
         self.sync = SaSync(self.router)
         self.fallback = FallbackMonitor()
+        self.n_gateway = 0  # accepted gateway connections
+        self.n_pending = 0  # ... of which have not delivered a first message yet
+        self.per_source: dict[str, int] = {}
         self._unsteer_at: dict[str, float] = {}
         # SPIs of gateway connections that closed before their client reconnected:
         # (local, peer) -> (deadline, IKE SPIs, ESP SPIs)
@@ -612,11 +632,22 @@ class Daemon:
 
     def accepted(self, conn: TcpConnection) -> None:
         gw = self.config.gateway
-        n_gw = sum(1 for c in self.conns.values() if c.side is Side.GATEWAY)
-        if n_gw >= gw.max_connections:
-            self.log_limited("limit-connections", "refused %s: %d connections", conn, n_gw)
-            conn.close("connection limit")
+        peer = conn.peer_text
+        refusal = None
+        if self.n_gateway >= gw.max_connections:
+            refusal = ("limit-connections", f"{self.n_gateway} connections")
+        elif self.per_source.get(peer, 0) >= gw.max_per_source:
+            refusal = ("limit-per-source", f"{self.per_source[peer]} connections from {peer}")
+        elif self.n_pending >= gw.max_pending:
+            refusal = ("limit-pending", f"{self.n_pending} connections without a first message")
+        if refusal is not None:
+            self.log_limited(refusal[0], "refused %s: %s", conn, refusal[1])
+            conn.close(refusal[0])
             return
+        self.n_gateway += 1
+        self.n_pending += 1
+        conn.pending_counted = True
+        self.per_source[peer] = self.per_source.get(peer, 0) + 1
         view = self.router.add_gateway_conn(
             addr_bytes(conn.local_text), addr_bytes(conn.peer_text), conn.peer_port
         )
@@ -664,6 +695,9 @@ class Daemon:
                     self.rules.remove_peer(peer)
 
     def first_message(self, conn: TcpConnection) -> None:
+        if conn.pending_counted:
+            conn.pending_counted = False
+            self.n_pending -= 1
         if conn.side is Side.GATEWAY and self._orphans and conn.view is not None:
             e = conn.view.entry
             orphan = self._orphans.pop((e.local, e.peer), None)
@@ -678,6 +712,17 @@ class Daemon:
 
     def closed(self, conn: TcpConnection) -> None:
         self._fold_totals(conn)
+        if conn.side is Side.GATEWAY and conn.view is not None and not conn.uncounted:
+            conn.uncounted = True
+            self.n_gateway -= 1
+            if conn.pending_counted:
+                conn.pending_counted = False
+                self.n_pending -= 1
+            left = self.per_source.get(conn.peer_text, 1) - 1
+            if left > 0:
+                self.per_source[conn.peer_text] = left
+            else:
+                self.per_source.pop(conn.peer_text, None)
         if conn.view is None or self.conns.get(conn.conn_id) is not conn:
             if conn.close_reason and conn.side is Side.GATEWAY:
                 log.info("%s: closed (%s)", conn, conn.close_reason)

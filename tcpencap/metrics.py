@@ -11,6 +11,7 @@ from collections import Counter
 from typing import Any
 
 PREFIX = "tcpencap"
+_FLOW_KEYS = ("frames_in", "frames_out", "bytes_in", "bytes_out")
 
 
 def _esc(value: str) -> str:
@@ -43,6 +44,12 @@ def render(status: dict[str, Any], totals: dict[str, Any]) -> str:
     (reason -> int), connect_failures (int)."""
     w = _Writer()
     conns = status.get("connections", [])
+    ctcp_totals = (status.get("ctcp") or {}).get("totals") or {}
+    if ctcp_totals:  # closed cTCP flows, kept by the cTCP service
+        merged = {k: totals.get(k, 0) + ctcp_totals.get(k, 0) for k in _FLOW_KEYS}
+        drops_all: Counter[str] = Counter(totals.get("drops", {}))
+        drops_all.update(ctcp_totals.get("drops", {}))
+        totals = {**totals, **merged, "drops": dict(drops_all)}
     by_state: Counter[tuple[str, str, str]] = Counter()
     for c in conns:
         by_state[(c.get("encapsulation", "rfc9329"), c["side"], c["state"])] += 1
