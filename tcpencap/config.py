@@ -85,6 +85,7 @@ class Config:
     max_frame: int = 65535
     max_spis: int = 16  # ESP SPIs indexed per connection (QuickSec's limit)
     metrics_listen: tuple[str, int] | None = None  # Prometheus endpoint, e.g. 127.0.0.1:9555
+    drop_capabilities: bool = True  # keep only NET_ADMIN, NET_RAW, NET_BIND_SERVICE after set-up
     log_level: str = "info"
     client: ClientConfig = field(default_factory=ClientConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
@@ -139,6 +140,7 @@ def config_from_tree(root: Section, source: str) -> Config:
         max_frame=v.take("max_frame", _int_range(64, 65535), 65535),
         max_spis=v.take("max_spis", _int_range(1, 1024), 16),
         metrics_listen=v.take("metrics_listen", _one_endpoint, None),
+        drop_capabilities=v.take("drop_capabilities", _yes_no, True),
         log_level=v.take("log_level", _choice(LOG_LEVELS), "info"),
         client=_client(v.sub("client")),
         gateway=_gateway(v.sub("gateway")),
@@ -312,6 +314,15 @@ def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
 
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _yes_no(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("yes", "true", "1", "on"):
+        return True
+    if low in ("no", "false", "0", "off"):
+        return False
+    raise _Bad(text, "is not yes or no")
 
 
 def _one_endpoint(text: str) -> tuple[str, int]:

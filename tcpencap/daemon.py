@@ -773,6 +773,7 @@ class Daemon:
             "uptime": round(now - self.started, 1),
             "config": self.config.source,
             "vici": self.vici_state,
+            "capabilities": f"{_cap_eff():x}",
             "listening": [f"{_bracket(h)}:{p}" for h, p in self.config.gateway.listen],
             "steered_peers": sorted(self.rules.peers),
             "client_peers": sorted(addr_text(p) for p in self.client_peers),
@@ -815,6 +816,14 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         try:
             await self._start(loop)
+            if self.config.drop_capabilities:
+                from .privileges import keep_only
+
+                try:
+                    keep_only()
+                    log.info("capabilities reduced to NET_ADMIN, NET_RAW, NET_BIND_SERVICE")
+                except OSError as exc:
+                    log.warning("could not drop capabilities: %s", exc)
             log.info("tcpencap running (pid %d)", os.getpid())
             await self._stop.wait()
             log.info("stopping")
@@ -1069,6 +1078,15 @@ class Daemon:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.status_socket)
         await asyncio.sleep(0)
+
+
+def _cap_eff() -> int:
+    from .privileges import effective_caps
+
+    try:
+        return effective_caps()
+    except OSError:
+        return -1
 
 
 def _cid(conn: TcpConnection) -> int:

@@ -105,7 +105,8 @@ def fragment_ipv4(packet: bytes, mtu: int) -> list[bytes]:
 
 def _set_ipv4_flags(frag: bytes, flags_off: int) -> bytes:
     hdr = bytearray(frag[: (frag[0] & 0xF) * 4])
-    struct.pack_into("!HH", hdr, 6, flags_off, 0)
+    struct.pack_into("!H", hdr, 6, flags_off)
+    struct.pack_into("!H", hdr, 10, 0)
     struct.pack_into("!H", hdr, 10, checksum(bytes(hdr)))
     return bytes(hdr) + frag[len(hdr) :]
 

@@ -1,0 +1,55 @@
+"""The daemon keeps only the capabilities it needs, and still does its job with them."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from tcpencap.lab import Lab, ping, psk_conf, tcpencap_conf
+
+pytestmark = pytest.mark.lab
+
+KEPT = (1 << 10) | (1 << 12) | (1 << 13)  # NET_BIND_SERVICE, NET_ADMIN, NET_RAW
+
+
+def _proc_status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def test_capabilities_dropped_and_tunnel_still_works() -> None:
+    with Lab(clients=1) as lab:
+        c1, gw = lab.clients[0], lab.gw
+        lab.block_udp(c1)
+        for h in (gw, c1):
+            h.start_charon()
+        gw.charon.load(psk_conf(gw, c1))
+        c1.charon.load(psk_conf(c1, gw))
+        procs = {
+            "gw": gw.start_tcpencap(tcpencap_conf(gw, listen=[f"{gw.outer4}:4500"])),
+            "c1": c1.start_tcpencap(tcpencap_conf(c1, connections={"c1-gw": 4500})),
+        }
+        for host, proc in procs.items():
+            st = _proc_status(proc.pid)
+            assert int(st["CapEff"], 16) == KEPT, (host, st["CapEff"])
+            assert int(st["CapPrm"], 16) == KEPT, (host, st["CapPrm"])
+            assert int(st["CapBnd"], 16) == KEPT, (host, st["CapBnd"])
+            assert int(st["CapInh"], 16) == 0, (host, st["CapInh"])
+            assert st["NoNewPrivs"].strip() == "1", host
+        # The gateway adds its steering rule (iptables, run after the drop) when c1 arrives.
+        c1.charon.initiate("c1-gw")
+        assert gw.tcpencap_status()["steered_peers"] == [c1.outer4]
+        assert ping(c1, gw.inner4, c1.inner4) == (3, 3)
+        assert ping(gw, c1.inner4, gw.inner4) == (3, 3)
+        # The control socket is root-only.
+        mode = os.stat(gw.dir / "tcpencap.ctl").st_mode
+        assert stat.S_IMODE(mode) & 0o077 == 0, oct(mode)
+        # With reduced capabilities it still removes every rule it made on SIGTERM.
+        for host, proc in procs.items():
+            assert proc.stop() == 0, host
+        for host in (gw, c1):
+            for tool in ("iptables", "ip6tables"):
+                rules = host.run(tool, "-t", "mangle", "-S").stdout
+                assert "TCPENCAP" not in rules, (host.role, tool, rules)
