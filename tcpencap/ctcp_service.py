@@ -75,6 +75,8 @@ log = logging.getLogger("tcpencap.ctcp")
 CTCP_MARK = 0x63746370  # same value as nfq.ctcp_rules.CTCP_MARK (core must not import nfq)
 SO_MARK = getattr(socket, "SO_MARK", 36)
 IP_NODEFRAG = getattr(socket, "IP_NODEFRAG", 22)
+IP_MTU = getattr(socket, "IP_MTU", 14)
+IPV6_MTU = getattr(socket, "IPV6_MTU", 24)
 MTU_CACHE_SECONDS = 10.0
 Key = tuple[bytes, int, bytes, int]  # local address, local port, peer address, peer port
 
@@ -437,48 +439,41 @@ class RawSender:
 
 
 class RouteMtu:
-    """The MTU towards a destination: the route's locked/cached ``mtu`` metric, else the
-    outgoing link's MTU; cached per destination for :data:`MTU_CACHE_SECONDS`."""
+    """The path MTU towards a destination as the kernel knows it (route MTU, a cached PMTU
+    exception, else the outgoing link's MTU): a connected UDP socket's IP_MTU/IPV6_MTU,
+    which sends nothing. Cached per destination for :data:`MTU_CACHE_SECONDS`."""
 
     def __init__(self, ttl: float = MTU_CACHE_SECONDS) -> None:
         self.ttl = ttl
         self._cache: dict[bytes, tuple[float, int]] = {}
-        self._ipr: Any = None
 
     def get(self, dst: bytes, now: float) -> int:
         hit = self._cache.get(dst)
         if hit is not None and hit[0] > now:
             return hit[1]
-        mtu = self._lookup(dst)
+        mtu = self.lookup(dst)
         self._cache[dst] = (now + self.ttl, mtu)
         return mtu
 
     def forget(self, dst: bytes) -> None:
         self._cache.pop(dst, None)
 
-    def _lookup(self, dst: bytes) -> int:
-        fallback = 1500 if len(dst) == 4 else 1280
+    @staticmethod
+    def lookup(dst: bytes) -> int:
+        v4 = len(dst) == 4
+        fallback = 1500 if v4 else 1280
+        fam = socket.AF_INET if v4 else socket.AF_INET6
+        level, opt = (socket.IPPROTO_IP, IP_MTU) if v4 else (socket.IPPROTO_IPV6, IPV6_MTU)
         try:
-            if self._ipr is None:
-                from pyroute2 import IPRoute
-
-                self._ipr = IPRoute()
-            routes = self._ipr.route("get", dst=addr_text(dst))
-            if not routes:
-                return fallback
-            metrics = routes[0].get_attr("RTA_METRICS")
-            if metrics is not None and metrics.get_attr("RTAX_MTU"):
-                return int(metrics.get_attr("RTAX_MTU"))
-            links = self._ipr.get_links(routes[0].get_attr("RTA_OIF"))
-            return int(links[0].get_attr("IFLA_MTU")) if links else fallback
-        except Exception as exc:  # pyroute2 raises its own NetlinkError and OSError
-            log.warning("route MTU to %s: %s; assuming %d", addr_text(dst), exc, fallback)
+            with socket.socket(fam, socket.SOCK_DGRAM) as sock:
+                sock.connect((addr_text(dst), 9))
+                return int(sock.getsockopt(level, opt))
+        except OSError as exc:
+            log.warning("path MTU to %s: %s; assuming %d", addr_text(dst), exc, fallback)
             return fallback
 
     def close(self) -> None:
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
+        self._cache.clear()
 
 
 class CtcpService:

@@ -166,7 +166,7 @@ class TcpConnection(asyncio.Protocol):
             if t is rfc9329.ESPPacket:
                 self.frames_in += 1
                 if not self.got_message:
-                    self._first_message()
+                    self._first_message(None)
                 res = router.inbound_esp(self.conn_id, ev.data)  # type: ignore[union-attr]
             elif t is rfc9329.IKEMessage:
                 self.frames_in += 1
@@ -175,7 +175,7 @@ class TcpConnection(asyncio.Protocol):
                     self.outstanding = None  # the response to our request arrived
                 self.got_ike = True
                 if not self.got_message:
-                    self._first_message()
+                    self._first_message(msg)
                 res = router.inbound_ike(self.conn_id, ev.data)  # type: ignore[union-attr]
             elif t is rfc9329.NeedData:
                 return
@@ -205,15 +205,15 @@ class TcpConnection(asyncio.Protocol):
             else:
                 _count(self.drops, res.reason)  # type: ignore[union-attr]
 
-    def _first_message(self) -> None:
-        """The first complete IKE or ESP frame: the connection is past its deadline (an
-        existing SA may resume on a new connection with ESP alone, RFC 9329 §6.1)."""
+    def _first_message(self, ike: bytes | None) -> None:
+        """The first complete IKE (``ike``) or ESP (None) frame: the connection is past its
+        deadline (an existing SA may resume on a new connection with ESP alone, §6.1)."""
         self.got_message = True
         self.state = "open"
         if self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None
-        self.daemon.first_message(self)
+        self.daemon.first_message(self, ike)
 
     def __str__(self) -> str:
         return self.describe()
@@ -404,9 +404,26 @@ class Daemon:
     def on_vici_event(self, label: str, event: dict[str, Any]) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("VICI %s: %s", label, json.dumps(event, sort_keys=True)[:2000])
+        if label == "ike-updown" and event.get("up") != "yes" and self._orphans:
+            self._forget_orphans(event)
         self._apply(self.sync.handle(label, event))
         if label in ("child-rekey", "ike-update", "ike-rekey"):
             self._schedule_reconcile(RECONCILE_AFTER_EVENT)
+
+    def _forget_orphans(self, event: dict[str, Any]) -> None:
+        """charon deleted these IKE SAs: no reconnect will resume them."""
+        gone: set[bytes] = set()
+        for sa in event.values():
+            spi = sa.get("initiator-spi") if isinstance(sa, dict) else None
+            if isinstance(spi, str):
+                with contextlib.suppress(ValueError):
+                    gone.add(bytes.fromhex(spi))
+        for pair, (deadline, ike, esp) in list(self._orphans.items()):
+            left = [spi for spi in ike if spi not in gone]
+            if left:
+                self._orphans[pair] = (deadline, left, esp)
+            else:
+                del self._orphans[pair]
 
     def _schedule_reconcile(self, delay: float) -> None:
         """Check the ESP SPIs against list-sas soon (debounced)."""
@@ -694,15 +711,19 @@ class Daemon:
                     self._unsteer_at.pop(peer, None)
                     self.rules.remove_peer(peer)
 
-    def first_message(self, conn: TcpConnection) -> None:
+    def first_message(self, conn: TcpConnection, ike: bytes | None = None) -> None:
         if conn.pending_counted:
             conn.pending_counted = False
             self.n_pending -= 1
         if conn.side is Side.GATEWAY and self._orphans and conn.view is not None:
             e = conn.view.entry
             orphan = self._orphans.pop((e.local, e.peer), None)
-            if orphan is not None and orphan[0] >= time.monotonic() and not e.carries_sa:
-                self._adopt(e.conn_id, orphan[1], orphan[2], f"conn of {conn.peer_text}")
+            # A reconnect resumes an existing SA: ESP, or IKE of one of the orphaned SAs.
+            # An IKE_SA_INIT (or another SA's message) means a new SA: the orphan is stale.
+            resumes = ike is None or (len(ike) >= 8 and ike[:8] in (orphan or (0, [], []))[1])
+            if orphan is not None and resumes and orphan[0] >= time.monotonic():
+                if not e.carries_sa:
+                    self._adopt(e.conn_id, orphan[1], orphan[2], f"conn of {conn.peer_text}")
         if conn.side is Side.GATEWAY:
             peer = conn.peer_text
             self.gateway_peer_refs[peer] = self.gateway_peer_refs.get(peer, 0) + 1
