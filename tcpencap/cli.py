@@ -70,35 +70,32 @@ def _fmt_status(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
+def _ask(args: argparse.Namespace, command: str) -> dict[str, Any] | None:
+    """One command over the control socket; None (after a message) if it failed."""
+    cfg = _load(args.config)  # a broken file is refused before the daemon is bothered
     path = args.socket or cfg.status_socket
     from .daemon import query_status
 
     try:
-        st = asyncio.run(query_status(path))
+        return asyncio.run(query_status(path, command=command))
     except (OSError, TimeoutError) as exc:
         print(f"tcpencap: cannot reach {path}: {exc}", file=sys.stderr)
-        return EXIT_FAIL
     except ValueError as exc:
         print(f"tcpencap: bad reply from {path}: {exc}", file=sys.stderr)
+    return None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = _ask(args, "status")
+    if st is None:
         return EXIT_FAIL
     print(json.dumps(st, indent=2) if args.json else _fmt_status(st))
     return EXIT_OK
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)  # refuse a broken file before bothering the daemon
-    path = args.socket or cfg.status_socket
-    from .daemon import query_status
-
-    try:
-        reply = asyncio.run(query_status(path, command="reload"))
-    except (OSError, TimeoutError) as exc:
-        print(f"tcpencap: cannot reach {path}: {exc}", file=sys.stderr)
-        return EXIT_FAIL
-    except ValueError as exc:
-        print(f"tcpencap: bad reply from {path}: {exc}", file=sys.stderr)
+    reply = _ask(args, "reload")
+    if reply is None:
         return EXIT_FAIL
     if "error" in reply:
         print(f"tcpencap: reload refused: {reply['error']}", file=sys.stderr)
