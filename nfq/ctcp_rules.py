@@ -93,6 +93,11 @@ class CtcpRules:
                 _run(fam, "-A", LO_CHAIN, "-p", "tcp", *_addr_match("-s", addr),
                      "--sport", p, "-j", "DROP")  # fmt: skip
                 log.info("cTCP: queueing TCP to %s port %d", addr, port)
+            for fam in (4, 6):
+                # A conntrack match (with no target: it changes nothing) makes the kernel
+                # reassemble fragments before the raw table; CT --notrack alone does not with
+                # iptables-nft, and the queue must see whole cTCP segments (docs/mtu.md).
+                _run(fam, "-I", LO_CHAIN, "1", "-m", "conntrack", "--ctstate", "INVALID")
             for addr, port in peers:
                 fam, p = _family(addr), str(port)
                 _run(fam, "-A", IN_CHAIN, "-p", "tcp", "-s", addr, "--sport", p, *self._queue())

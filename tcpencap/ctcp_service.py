@@ -55,7 +55,7 @@ from .ctcp_conn import (
     stray_reply,
 )
 from .ike import IKEV2_SA_INIT, Kind, classify_udp_payload
-from .mtu import check_inner, plan
+from .mtu import CTCP_OVERHEAD, check_inner, ctcp_original, plan
 from .packet import (
     PROTO_UDP,
     TCP_ACK,
@@ -75,6 +75,9 @@ log = logging.getLogger("tcpencap.ctcp")
 CTCP_MARK = 0x63746370  # same value as nfq.ctcp_rules.CTCP_MARK (core must not import nfq)
 SO_MARK = getattr(socket, "SO_MARK", 36)
 IP_NODEFRAG = getattr(socket, "IP_NODEFRAG", 22)
+IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
+PMTUDISC_PROBE = 3  # IP_PMTUDISC_PROBE / IPV6_PMTUDISC_PROBE: device MTU, not the PMTU cache
 IP_MTU = getattr(socket, "IP_MTU", 14)
 IPV6_MTU = getattr(socket, "IPV6_MTU", 24)
 MTU_CACHE_SECONDS = 10.0
@@ -424,9 +427,14 @@ class RawSender:
         for fam, length in ((socket.AF_INET, 4), (socket.AF_INET6, 16)):
             sock = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW)
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+            # The PMTU the kernel caches for a peer is the one tcpencap told charon (path MTU
+            # minus the cTCP overhead); our segments must be held to the device MTU instead.
             if fam == socket.AF_INET:
+                sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, PMTUDISC_PROBE)
                 # our own outer fragments must not be gathered by OUTPUT defrag
                 sock.setsockopt(socket.IPPROTO_IP, IP_NODEFRAG, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, PMTUDISC_PROBE)
             sock.setblocking(False)
             self._socks[length] = sock
 
@@ -489,6 +497,9 @@ class CtcpService:
         self.queue: Any = None
         self.sender: RawSender | None = None
         self.mtus = RouteMtu()
+        # dst -> (MTU we told the local stack, the path MTU it was derived from)
+        self._told: dict[bytes, tuple[int, int]] = {}
+        self._ptb_last: dict[bytes, float] = {}
         self._frag_ident = random.getrandbits(32)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timers: dict[Key, tuple[float, asyncio.TimerHandle]] = {}
@@ -633,22 +644,33 @@ class CtcpService:
 
     # --- packet size (tcpencap/mtu.py decides, docs/mtu.md explains) ------------------------
 
+    def path_mtu(self, dst: bytes, now: float) -> int:
+        """The route's MTU to ``dst``, not the smaller PMTU exception our own ICMP created
+        (the kernel keeps one per destination, shared by charon's socket and ours)."""
+        mtu = self.mtus.get(dst, now)
+        told = self._told.get(dst)
+        return told[1] if told is not None and mtu == told[0] else mtu
+
+    def _tell(self, icmp: bytes, local: bytes, dst: bytes, told: int, base: int) -> None:
+        self._told[dst] = (told, base)
+        self.injector.inject(icmp, local)
+
     def _too_big(self, now: float, packet: bytes) -> bool:
         """charon's IPv4 packet with DF that will not fit once encapsulated: answer with
         ICMP "fragmentation needed" (MTU minus the cTCP overhead) instead of sending it."""
-        if len(packet) < 20:
+        if len(packet) < 20 or packet[0] >> 4 != 4:
             return False
-        dst = packet[16:20] if packet[0] >> 4 == 4 else packet[24:40]
+        dst = packet[16:20]
+        base = self.path_mtu(dst, now)
         try:
-            decision = check_inner(packet, self.mtus.get(dst, now))
+            decision = check_inner(packet, base)
         except PacketError:
             return False
         if decision is None or decision.signal is None:
             return False
-        src = packet[12:16]
         _count(self.counters, "too-big-df")
         try:
-            self.injector.inject(decision.signal, src)
+            self._tell(decision.signal, packet[12:16], dst, base - CTCP_OVERHEAD, base)
             _count(self.counters, "icmp-frag-needed-sent")
         except OSError as exc:
             _count(self.counters, "icmp-failed")
@@ -661,14 +683,15 @@ class CtcpService:
         assert self.sender is not None and self._loop is not None
         now = self._loop.time()
         for attempt in (0, 1):
-            self._frag_ident = (self._frag_ident + 1) & 0xFFFFFFFF
-            decision = plan(data, self.mtus.get(dst, now), self._frag_ident)
-            if decision.reason != "fits":
+            base = self.path_mtu(dst, now)
+            if len(data) <= base:
+                decision = plan(data, base)
+            else:
+                self._frag_ident = (self._frag_ident + 1) & 0xFFFFFFFF
+                decision = plan(data, base, self._frag_ident, ctcp_original(data))
                 _count(self.counters, decision.reason)
             if decision.signal is not None:
-                src = data[12:16] if data[0] >> 4 == 4 else data[8:24]
-                self.injector.inject(decision.signal, src)
-                _count(self.counters, "icmp-too-big-sent")
+                self._signal(decision.signal, data, dst, base, now)
             try:
                 for piece in decision.send:
                     self.sender.send(piece, dst)
@@ -676,8 +699,23 @@ class CtcpService:
             except OSError as exc:
                 if exc.errno != errno.EMSGSIZE or attempt:
                     raise
-                self.mtus.forget(dst)  # the kernel knows a smaller path MTU: look again
+                self.mtus.forget(dst)  # the route changed under the cache: look again
                 _count(self.counters, "mtu-refresh")
+
+    def _signal(self, icmp: bytes, data: bytes, dst: bytes, base: int, now: float) -> None:
+        """ICMP for a segment already queued (IPv6 fragments; a DF race): at most once a
+        second per destination, the packets themselves are fragmented or counted anyway."""
+        if now - self._ptb_last.get(dst, -10.0) < 1.0:
+            _count(self.counters, "icmp-suppressed")
+            return
+        self._ptb_last[dst] = now
+        local = data[12:16] if data[0] >> 4 == 4 else data[8:24]
+        try:
+            self._tell(icmp, local, dst, base - CTCP_OVERHEAD, base)
+            _count(self.counters, "icmp-too-big-sent")
+        except OSError as exc:
+            _count(self.counters, "icmp-failed")
+            self.log_limited("ctcp-icmp", "cTCP: ICMP too big failed: %s", exc)
 
     def _arm(self, key: Key) -> None:
         assert self.engine is not None and self._loop is not None

@@ -9,9 +9,10 @@ header-included raw socket never fragments (it fails with EMSGSIZE). So:
 - DF set (IPv4): do not send; tell the local stack with ICMP "fragmentation needed" quoting
   charon's original packet, carrying ``mtu - CTCP_OVERHEAD`` (:func:`icmp_frag_needed`), so
   the kernel caches that path MTU for charon's socket;
-- IPv6 (routers never fragment, only the source may): ICMPv6 "packet too big" to the local
-  stack (:func:`icmpv6_packet_too_big`) and the outer packet is sent as source fragments
-  (:func:`fragment_ipv6`), so nothing is lost while the kernel learns.
+- IPv6 (routers never fragment, only the source may): the outer packet is sent as source
+  fragments (:func:`fragment_ipv6`), so nothing is lost, and when ``mtu - CTCP_OVERHEAD`` is
+  at least 1280 the local stack is told with ICMPv6 "packet too big"
+  (:func:`icmpv6_packet_too_big`).
 
 :func:`plan` returns the decision as data; the caller does the I/O and counts it.
 """
@@ -21,7 +22,15 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from .packet import PacketError, build_ipv4, build_ipv6, checksum, l4_checksum, parse_ip
+from .packet import (
+    PacketError,
+    build_ipv4,
+    build_ipv6,
+    checksum,
+    l4_checksum,
+    parse_ip,
+    rebuild_ip,
+)
 
 CTCP_TCP_HEADER = 20
 CTCP_TRAILER = 16
@@ -212,6 +221,23 @@ def check_inner(packet: bytes, path_mtu: int, overhead: int = CTCP_OVERHEAD) -> 
     return None
 
 
+def ctcp_original(segment: bytes) -> bytes | None:
+    """charon's packet inside a cTCP data segment (TCP header and trailer removed, inner
+    protocol restored), for quoting in an ICMP error; None for anything else. The IPv4 UDP
+    checksum stays zero as cTCP carries it; an ICMP quote needs only the ports."""
+    try:
+        ip = parse_ip(segment)
+    except PacketError:
+        return None
+    tcp = ip.payload
+    if ip.proto != 6 or len(tcp) < 20:
+        return None
+    body = tcp[(tcp[12] >> 4) * 4 :]
+    if len(body) < CTCP_TRAILER + 8:
+        return None
+    return rebuild_ip(ip, body[-CTCP_TRAILER + 13], body[:-CTCP_TRAILER])
+
+
 def plan(segment: bytes, path_mtu: int, ident: int = 0, original: bytes | None = None) -> Plan:
     """How to send an encapsulated ``segment`` on a path of ``path_mtu`` octets.
 
@@ -220,11 +246,13 @@ def plan(segment: bytes, path_mtu: int, ident: int = 0, original: bytes | None =
     """
     if len(segment) <= path_mtu:
         return Plan((segment,), None, "fits")
+    quoted = original if original is not None else segment
+    limit = path_mtu - (len(segment) - len(quoted))
     if segment[0] >> 4 == 4:
         if ipv4_df(segment):  # DF set and too big: only the sender can fix it
-            return Plan((), icmp_frag_needed(segment, path_mtu), "too-big-df")
+            return Plan((), icmp_frag_needed(quoted, limit), "too-big-df")
         return Plan(tuple(fragment_ipv4(segment, path_mtu)), None, "fragmented")
     frags = tuple(fragment_ipv6(segment, path_mtu, ident))
-    quoted = original if original is not None else segment
-    grow = len(segment) - len(quoted)
-    return Plan(frags, icmpv6_packet_too_big(quoted, path_mtu - grow), "fragmented6")
+    if limit < IPV6_MIN_MTU:  # the kernel would clamp it to 1280: nothing to teach
+        return Plan(frags, None, "fragmented6")
+    return Plan(frags, icmpv6_packet_too_big(quoted, limit), "fragmented6")
