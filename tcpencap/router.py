@@ -22,7 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import rfc9329
-from .ike import IKE_PORT, NATT_PORT, NON_ESP_MARKER, Kind, classify_udp_payload, parse_ike_header
+from .ike import (
+    IKE_PORT,
+    NATT_PORT,
+    NON_ESP_MARKER,
+    IKEHeader,
+    Kind,
+    classify_udp_payload,
+    parse_ike_header,
+)
 from .packet import PROTO_UDP, PacketError, build_ip, build_udp, parse_ip, parse_udp
 from .table import Bind, ConnectionTable, Entry
 
@@ -33,6 +41,14 @@ _V4_UDP = struct.Struct("!BBHHHBBH4s4s")
 _UDP_HDR = struct.Struct("!HHHH")
 # Sum of the constant words of an injected IPv4 header (TTL 64, UDP, addresses) per pair.
 _V4_PARTIAL: dict[tuple[bytes, bytes], int] = {}
+
+
+def _protected(hdr: IKEHeader) -> bool:
+    """Is the message encrypted with an IKE SA's keys (IKEv2 SK/SKF payload first, IKEv1
+    encryption flag)?"""
+    if hdr.major == 2:
+        return hdr.next_payload in (46, 53)
+    return bool(hdr.flags & 0x01)
 
 
 def _sum_words(data: bytes) -> int:
@@ -226,9 +242,11 @@ class Router:
                 return Send(view.conn_id, frame, True, request)
             if view.side is Side.CLIENT:
                 view.charon_sport, view.charon_dport = udp.sport, udp.dport
-            elif self.table.bind_ike(view.conn_id, spi) is Bind.CONFLICT:
-                # charon chose this endpoint for the SA: it authenticated the peer there
-                # (reconnect from a new source port), so the SPI follows charon.
+            elif self.table.bind_ike(view.conn_id, spi) is Bind.CONFLICT and _protected(hdr):
+                # charon sends a message protected by the SA's keys to this endpoint: it
+                # authenticated the peer there (reconnect from a new source port), so the
+                # SA follows charon. An unprotected one (an IKE_SA_INIT answer echoing an
+                # SPI anyone may quote) moves nothing.
                 self._take_ike(view, spi)
             return Send(view.conn_id, frame, True, request)
         # ESP-in-UDP

@@ -302,7 +302,8 @@ class SaSync:
             for _, sa in _sas(item):
                 entry = self._entry(sa)
                 for child in _children(sa):
-                    if child.get("state") in _GONE:
+                    state = child.get("state")
+                    if isinstance(state, str) and state in _GONE:
                         continue
                     spi = _esp_spi(child.get("spi-out"))
                     if spi is None:
