@@ -728,7 +728,13 @@ class Daemon:
             peer = conn.peer_text
             self.gateway_peer_refs[peer] = self.gateway_peer_refs.get(peer, 0) + 1
             self._unsteer_at.pop(peer, None)
-            if self.gateway_peer_refs[peer] == 1:
+            if self.gateway_peer_refs[peer] == 1 and peer not in self.rules.peers:
+                if len(self.rules.peers) >= self.config.gateway.max_connections:
+                    # Each steered peer is one rule; released peers linger (for charon's
+                    # last words), so cap them like the connections themselves.
+                    self.log_limited("limit-steered", "refused %s: steering set full", conn)
+                    conn.close("limit-steered")
+                    return
                 self.rules.add_peer(peer)
 
     def closed(self, conn: TcpConnection) -> None:

@@ -89,12 +89,12 @@ def _spi(text: Any) -> bytes | None:
 
 
 def _esp_spi(text: Any) -> int | None:
-    if not text or not isinstance(text, str):
+    """An outbound SPI as VICI writes it: 8 hex digits, not zero."""
+    if not isinstance(text, str) or not 0 < len(text) <= 8:
         return None
-    try:
-        return int(text, 16)
-    except ValueError:
+    if any(c not in "0123456789abcdefABCDEF" for c in text):
         return None
+    return int(text, 16) or None
 
 
 def _port(text: Any, default: int) -> int:
