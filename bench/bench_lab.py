@@ -619,7 +619,13 @@ def run(args: argparse.Namespace, results: dict[str, Any]) -> None:
         progress("== phase tcp: UDP of c1 dropped in fw, RFC 9329 through tcpencap ==")
         lab.block_udp(c1)
         listen = [f"{gw.outer4}:4500"]
-        gw_extra = f"    max_connections = {max(1000, max_n + 100)}"
+        # One client charon opens all N connections from one address at once: lift the
+        # per-source and pending limits (internet defaults: 32 and 256) for this bench.
+        limit = max(1000, max_n + 100)
+        gw_extra = (
+            f"    max_connections = {limit}\n    max_per_source = {limit}\n"
+            f"    max_pending = {limit}"
+        )
         gw.start_tcpencap(
             tcpencap_conf(gw, listen=listen, gateway_extra=gw_extra), log_level=args.log_level
         )
