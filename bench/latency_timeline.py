@@ -4,9 +4,13 @@ UDP) so the share of each hand-off can be read. ``python3 bench/latency_timeline
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
-from tcpencap.lab import Lab, psk_conf, tcpencap_conf
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tcpencap.lab import Lab, psk_conf, tcpencap_conf  # noqa: E402
 
 FILTER = "(tcp port 4500 and greater 100) or icmp or (udp port 4500)"
 
