@@ -31,7 +31,7 @@ from .ike import (
     classify_udp_payload,
     parse_ike_header,
 )
-from .packet import PROTO_UDP, PacketError, build_ip, build_udp, parse_ip, parse_udp
+from .packet import PROTO_UDP, PacketError, parse_ip, parse_udp
 from .table import Bind, ConnectionTable, Entry
 
 log = logging.getLogger("tcpencap.router")
@@ -41,6 +41,9 @@ _V4_UDP = struct.Struct("!BBHHHBBH4s4s")
 _UDP_HDR = struct.Struct("!HHHH")
 # Sum of the constant words of an injected IPv4 header (TTL 64, UDP, addresses) per pair.
 _V4_PARTIAL: dict[tuple[bytes, bytes], int] = {}
+_V6_UDP = struct.Struct("!IHBB16s16s")
+_V6_PARTIAL: dict[tuple[bytes, bytes], int] = {}  # address words + next header
+_PARTIAL_CACHE_MAX = 4096  # bounded: one entry per address pair
 
 
 def _protected(hdr: IKEHeader) -> bool:
@@ -173,21 +176,40 @@ class Router:
         ):
             total = (packet[2] << 8) | packet[3]
             if 36 <= total <= len(packet):
-                res = self._esp_fast(packet, total)
+                res = self._esp_fast(packet, total, 12, 16, 20)
+                if res is not None:
+                    return res
+        # The same for IPv6 without extension headers.
+        elif (
+            len(packet) >= 56
+            and packet[0] >> 4 == 6
+            and packet[6] == PROTO_UDP
+            and packet[40:42] == _NATT_PORT_BYTES
+            and packet[48:52] != NON_ESP_MARKER
+        ):
+            total = 40 + ((packet[4] << 8) | packet[5])
+            if 56 <= total <= len(packet):
+                res = self._esp_fast(packet, total, 8, 24, 40)
                 if res is not None:
                     return res
         return self._outbound(packet)
 
-    def _esp_fast(self, packet: bytes, total: int) -> Send | None:
-        dst = packet[16:20]
-        entry = self.table.by_endpoint(dst, (packet[22] << 8) | packet[23])
+    def _esp_fast(
+        self, packet: bytes, total: int, src_at: int, dst_at: int, udp_at: int
+    ) -> Send | None:
+        dst = packet[dst_at : dst_at + (dst_at - src_at)]
+        esp_at = udp_at + 8
+        entry = self.table.by_endpoint(dst, (packet[udp_at + 2] << 8) | packet[udp_at + 3])
         if entry is None:
-            entry = self.table.lookup_esp(packet[12:16], dst, int.from_bytes(packet[28:32]))
+            src = packet[src_at:dst_at]
+            spi = int.from_bytes(packet[esp_at : esp_at + 4])
+            entry = self.table.lookup_esp(src, dst, spi)
             if entry is None:
                 return None  # the general path decides (and may learn or open)
         elif self.learn_esp:
             return None
-        return Send(entry.conn_id, (total - 26).to_bytes(2, "big") + packet[28:total], False)
+        frame = (total - esp_at + 2).to_bytes(2, "big") + packet[esp_at:total]
+        return Send(entry.conn_id, frame, False)
 
     def _outbound(self, packet: bytes) -> Outbound:
         try:
@@ -364,11 +386,25 @@ class Router:
             key = (e.peer, e.local)
             partial = _V4_PARTIAL.get(key)
             if partial is None:
+                if len(_V4_PARTIAL) >= _PARTIAL_CACHE_MAX:
+                    _V4_PARTIAL.clear()
                 partial = _V4_PARTIAL[key] = _sum_words(
                     b"\x45\x00\x00\x00\x00\x00\x40\x11" + e.peer + e.local
                 )
             csum = _fold_ones(partial + n)
             hdr = _V4_UDP.pack(0x45, 0, n, 0, 0, 64, PROTO_UDP, csum, e.peer, e.local)
             return Inject(hdr + _UDP_HDR.pack(sport, dport, n - 20, 0) + payload, e.local)
-        seg = build_udp(e.peer, e.local, sport, dport, payload)
-        return Inject(build_ip(e.peer, e.local, PROTO_UDP, seg), e.local)
+        # IPv6 needs the UDP checksum: the word sum of the payload is its value as one big
+        # integer modulo 0xFFFF (2**16 == 1 modulo 0xFFFF), computed in C.
+        n = 8 + len(payload)
+        key = (e.peer, e.local)
+        base = _V6_PARTIAL.get(key)
+        if base is None:
+            if len(_V6_PARTIAL) >= _PARTIAL_CACHE_MAX:
+                _V6_PARTIAL.clear()
+            base = _V6_PARTIAL[key] = _sum_words(e.peer + e.local) + PROTO_UDP
+        body = payload if not len(payload) % 2 else payload + b"\x00"
+        total = (base + 2 * n + sport + dport + int.from_bytes(body)) % 0xFFFF or 0xFFFF
+        csum = (~total & 0xFFFF) or 0xFFFF
+        hdr = _V6_UDP.pack(0x60000000, n, PROTO_UDP, 64, e.peer, e.local)
+        return Inject(hdr + _UDP_HDR.pack(sport, dport, n, csum) + payload, e.local)
