@@ -49,18 +49,19 @@ def addr_bytes(text: str) -> bytes:
 
 def checksum(data: bytes | memoryview, initial: int = 0) -> int:
     """RFC 1071 internet checksum (one's complement of the one's complement sum)."""
-    total = initial + _sum16(data)
-    return _fold(total, total != 0)
+    total = initial + word_sum(data)
+    return fold(total, total != 0)
 
 
-def _sum16(data: bytes | memoryview) -> int:
-    """One's complement sum of data as 16-bit words, not yet folded or inverted."""
+def word_sum(data: bytes | memoryview) -> int:
+    """The 16-bit words of ``data`` summed, congruent modulo 0xFFFF to their one's
+    complement sum; sums of several parts may be added before :func:`fold`."""
     if len(data) % 2:
         data = bytes(data) + b"\x00"
     return int.from_bytes(data, "big")
 
 
-def _fold(total: int, nonzero: bool) -> int:
+def fold(total: int, nonzero: bool = True) -> int:
     """Fold a big-integer word sum: 2**16 == 1 (mod 0xFFFF), so the remainder is the
     one's complement sum, where a non-zero input sums to 0xFFFF rather than 0."""
     total %= 0xFFFF
@@ -69,22 +70,19 @@ def _fold(total: int, nonzero: bool) -> int:
     return (~total) & 0xFFFF
 
 
+def pseudo_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
+    """:func:`word_sum` of the IPv4 or IPv6 pseudo-header of a TCP or UDP segment."""
+    return word_sum(src) + word_sum(dst) + proto + length
+
+
 def l4_checksum(src: bytes, dst: bytes, proto: int, segment: bytes | memoryview) -> int:
     """Checksum of a TCP or UDP segment (its checksum field zeroed) with the pseudo-header."""
-    if len(src) == 4:
-        pseudo = src + dst + struct.pack("!BBH", 0, proto, len(segment))
-    else:
-        pseudo = src + dst + struct.pack("!IxxxB", len(segment), proto)
-    return _fold(_sum16(pseudo) + _sum16(segment), True)
+    return fold(pseudo_sum(src, dst, proto, len(segment)) + word_sum(segment))
 
 
 def l4_checksum_ok(src: bytes, dst: bytes, proto: int, segment: bytes | memoryview) -> bool:
     """True when the segment's stored checksum is valid (the sum over all of it is 0)."""
-    if len(src) == 4:
-        pseudo = src + dst + struct.pack("!BBH", 0, proto, len(segment))
-    else:
-        pseudo = src + dst + struct.pack("!IxxxB", len(segment), proto)
-    return (_sum16(pseudo) + _sum16(segment)) % 0xFFFF == 0
+    return (pseudo_sum(src, dst, proto, len(segment)) + word_sum(segment)) % 0xFFFF == 0
 
 
 @dataclass(slots=True)
@@ -191,7 +189,7 @@ def _parse_ipv6(data: bytes | memoryview) -> IPPacket:
 
 
 def ipv4_header_checksum_ok(header: bytes) -> bool:
-    return _sum16(header) % 0xFFFF == 0
+    return word_sum(header) % 0xFFFF == 0
 
 
 def rebuild_ip(pkt: IPPacket, proto: int, payload: bytes) -> bytes:

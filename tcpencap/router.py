@@ -31,7 +31,7 @@ from .ike import (
     classify_udp_payload,
     parse_ike_header,
 )
-from .packet import PROTO_UDP, PacketError, parse_ip, parse_udp
+from .packet import PROTO_UDP, PacketError, fold, parse_ip, parse_udp, word_sum
 from .table import Bind, ConnectionTable, Entry
 
 log = logging.getLogger("tcpencap.router")
@@ -39,11 +39,8 @@ log = logging.getLogger("tcpencap.router")
 _NATT_PORT_BYTES = NATT_PORT.to_bytes(2, "big")
 _V4_UDP = struct.Struct("!BBHHHBBH4s4s")
 _UDP_HDR = struct.Struct("!HHHH")
-# Sum of the constant words of an injected IPv4 header (TTL 64, UDP, addresses) per pair.
-_V4_PARTIAL: dict[tuple[bytes, bytes], int] = {}
 _V6_UDP = struct.Struct("!IHBB16s16s")
-_V6_PARTIAL: dict[tuple[bytes, bytes], int] = {}  # address words + next header
-_PARTIAL_CACHE_MAX = 4096  # bounded: one entry per address pair
+_V4_CONST_WORDS = 0x4500 + (64 << 8 | PROTO_UDP)  # version/IHL and TTL/protocol
 
 
 def _protected(hdr: IKEHeader) -> bool:
@@ -52,16 +49,6 @@ def _protected(hdr: IKEHeader) -> bool:
     if hdr.major == 2:
         return hdr.next_payload in (46, 53)
     return bool(hdr.flags & 0x01)
-
-
-def _sum_words(data: bytes) -> int:
-    return sum(struct.unpack(f"!{len(data) // 2}H", data))
-
-
-def _fold_ones(total: int) -> int:
-    while total > 0xFFFF:
-        total = (total & 0xFFFF) + (total >> 16)
-    return (~total) & 0xFFFF
 
 
 class Side(enum.Enum):
@@ -79,6 +66,11 @@ class ConnView:
     charon_sport: int = IKE_PORT
     charon_dport: int = IKE_PORT
     drops: dict[str, int] = field(default_factory=dict)
+    # packet.word_sum of both addresses, part of every checksum of injected packets.
+    addr_sum: int = 0
+
+    def __post_init__(self) -> None:
+        self.addr_sum = word_sum(self.entry.peer) + word_sum(self.entry.local)
 
     @property
     def conn_id(self) -> int:
@@ -380,31 +372,18 @@ class Router:
 
     def _inject(self, view: ConnView, sport: int, dport: int, payload: bytes) -> Inject:
         e = view.entry
+        # Headers are packed directly (not through packet.build_*): the payload is copied
+        # once, and the checksums are summed from their parts with packet.word_sum/fold.
         if len(e.local) == 4:
             # IPv4 allows UDP checksum 0, which saves a pass over every ESP packet.
             n = 28 + len(payload)
-            key = (e.peer, e.local)
-            partial = _V4_PARTIAL.get(key)
-            if partial is None:
-                if len(_V4_PARTIAL) >= _PARTIAL_CACHE_MAX:
-                    _V4_PARTIAL.clear()
-                partial = _V4_PARTIAL[key] = _sum_words(
-                    b"\x45\x00\x00\x00\x00\x00\x40\x11" + e.peer + e.local
-                )
-            csum = _fold_ones(partial + n)
+            csum = fold(_V4_CONST_WORDS + n + view.addr_sum)
             hdr = _V4_UDP.pack(0x45, 0, n, 0, 0, 64, PROTO_UDP, csum, e.peer, e.local)
             return Inject(hdr + _UDP_HDR.pack(sport, dport, n - 20, 0) + payload, e.local)
-        # IPv6 needs the UDP checksum: the word sum of the payload is its value as one big
-        # integer modulo 0xFFFF (2**16 == 1 modulo 0xFFFF), computed in C.
+        # IPv6 needs the UDP checksum: pseudo-header (as packet.pseudo_sum adds it), UDP
+        # header words, payload.
         n = 8 + len(payload)
-        key = (e.peer, e.local)
-        base = _V6_PARTIAL.get(key)
-        if base is None:
-            if len(_V6_PARTIAL) >= _PARTIAL_CACHE_MAX:
-                _V6_PARTIAL.clear()
-            base = _V6_PARTIAL[key] = _sum_words(e.peer + e.local) + PROTO_UDP
-        body = payload if not len(payload) % 2 else payload + b"\x00"
-        total = (base + 2 * n + sport + dport + int.from_bytes(body)) % 0xFFFF or 0xFFFF
-        csum = (~total & 0xFFFF) or 0xFFFF
+        total = view.addr_sum + PROTO_UDP + n + sport + dport + n + word_sum(payload)
+        csum = fold(total) or 0xFFFF  # a computed 0 is sent as 0xFFFF
         hdr = _V6_UDP.pack(0x60000000, n, PROTO_UDP, 64, e.peer, e.local)
         return Inject(hdr + _UDP_HDR.pack(sport, dport, n, csum) + payload, e.local)
