@@ -592,12 +592,7 @@ class Daemon:
         authenticated exchange names the new endpoint (ike-update)."""
         assert conn.view is not None
         old = conn.view.entry
-        ike = list(old.ike_spis | old.ike_spis_old)
-        esp = list(old.esp_spis)
-        for spi in ike:
-            self.table.unbind_ike(old.conn_id, spi)
-        for espi in esp:
-            self.table.unbind_esp(old.conn_id, espi)
+        ike, esp = self.table.release(old.conn_id)
         newer = [e for e in self.table.for_pair(old.local, old.peer) if not e.carries_sa]
         newer = [e for e in newer if e.conn_id != old.conn_id]
         if newer:
@@ -607,10 +602,8 @@ class Daemon:
             self._orphans[(old.local, old.peer)] = (deadline, ike, esp)
 
     def _adopt(self, conn_id: int, ike: list[bytes], esp: list[int], old: object) -> None:
-        for spi in ike:
-            self.table.bind_ike(conn_id, spi)
-        for espi in esp:
-            self.table.bind_esp(conn_id, espi)
+        # First come: an SPI charon has meanwhile placed on another connection stays there.
+        self.table.bind_all(conn_id, ike, esp)
         log.info("%s: SAs handed over to conn %d (reconnect)", old, conn_id)
 
     def _reconnect(self, old: TcpConnection) -> None:

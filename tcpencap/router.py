@@ -297,12 +297,7 @@ class Router:
             return None
         view = self.add_client_conn(local, peer)
         view.charon_sport, view.charon_dport = sport, dport
-        for ike_spi in list(old.ike_spis | old.ike_spis_old):
-            self.table.unbind_ike(old.conn_id, ike_spi)
-            self.table.bind_ike(view.conn_id, ike_spi)
-        for esp_spi in list(old.esp_spis):
-            self.table.unbind_esp(old.conn_id, esp_spi)
-            self.table.bind_esp(view.conn_id, esp_spi)
+        self.table.bind_all(view.conn_id, *self.table.release(old.conn_id))
         self.emptied.append(old.conn_id)
         log.info(
             "IKE SA %s moved from conn %d to new conn %d (address change)",
@@ -315,14 +310,12 @@ class Router:
     def _take_ike(self, view: ConnView, spi: bytes) -> None:
         e = view.entry
         owner = self.table.lookup_ike(e.local, e.peer, spi)
-        self.table.move_ike(view.conn_id, spi)
-        if owner is not None and owner.conn_id != view.conn_id:
-            # The rest of the old connection's SAs go with it: one IKE SA per connection.
-            for espi in list(owner.esp_spis):
-                self.table.move_esp(view.conn_id, espi)
-            for old_spi in list(owner.ike_spis | owner.ike_spis_old):
-                self.table.move_ike(view.conn_id, old_spi)
-            self.emptied.append(owner.conn_id)
+        if owner is None or owner.conn_id == view.conn_id:
+            self.table.move_ike(view.conn_id, spi)
+            return
+        # All of the old connection's SAs go with it: one IKE SA per connection.
+        self.table.bind_all(view.conn_id, *self.table.release(owner.conn_id), move=True)
+        self.emptied.append(owner.conn_id)
 
     def _take_esp(self, view: ConnView, spi: int) -> None:
         e = view.entry

@@ -232,6 +232,35 @@ class ConnectionTable:
             self.unbind_esp(owner, spi)
         return self.bind_esp(conn_id, spi)
 
+    # --- whole SAs ----------------------------------------------------------------------
+
+    def release(self, conn_id: int) -> tuple[list[bytes], list[int]]:
+        """Unbind every IKE SPI (both sets) and ESP SPI of a connection and return them, so
+        another connection can take the SAs (reconnect, MOBIKE) or they can be dropped."""
+        entry = self._by_id.get(conn_id)
+        if entry is None:
+            return [], []
+        ike = list(entry.ike_spis | entry.ike_spis_old)
+        esp = list(entry.esp_spis)
+        for spi in ike:
+            self.unbind_ike(conn_id, spi)
+        for espi in esp:
+            self.unbind_esp(conn_id, espi)
+        return ike, esp
+
+    def bind_all(
+        self, conn_id: int, ike: list[bytes], esp: list[int], *, move: bool = False
+    ) -> None:
+        """Bind SPIs returned by :meth:`release` to ``conn_id``; with ``move`` (authenticated
+        information only) they are taken from any other connection that holds them."""
+        bind_ike, bind_esp = (
+            (self.move_ike, self.move_esp) if move else (self.bind_ike, self.bind_esp)
+        )
+        for spi in ike:
+            bind_ike(conn_id, spi)
+        for espi in esp:
+            bind_esp(conn_id, espi)
+
     def index_sizes(self) -> dict[str, int]:
         """Sizes of every index, for tests that check nothing stale is left."""
         return {

@@ -610,3 +610,28 @@ def test_find_ike_spi_follows_an_sa_across_address_pairs():
     table.remove(old.conn_id)
     assert table.find_ike_spi(b"\x01" * 8) is None
     assert table.index_sizes() == EMPTY
+
+
+def test_release_and_bind_all_move_whole_sas():
+    table = ConnectionTable()
+    old = table.add(L4, P4, 40000)
+    new = table.add(L4, P4, 40001)
+    other = table.add(L4, P4, 40002)
+    table.bind_ike(old.conn_id, b"\x01" * 8)
+    table.rekey_ike(old.conn_id, b"\x01" * 8, b"\x02" * 8)
+    table.bind_esp(old.conn_id, 7)
+    ike, esp = table.release(old.conn_id)
+    assert sorted(ike) == [b"\x01" * 8, b"\x02" * 8] and esp == [7]
+    assert not old.carries_sa and table.lookup_ike(L4, P4, b"\x02" * 8) is None
+    # first come: an SPI another connection took meanwhile stays there
+    table.bind_esp(other.conn_id, 7)
+    table.bind_all(new.conn_id, ike, esp)
+    assert new.ike_spis == {b"\x01" * 8, b"\x02" * 8} and new.esp_spis == set()
+    assert table.lookup_esp(L4, P4, 7) is other
+    # move: authenticated information takes it from the other connection
+    table.bind_all(new.conn_id, [], [7], move=True)
+    assert table.lookup_esp(L4, P4, 7) is new and other.esp_spis == set()
+    assert table.release(12345) == ([], [])
+    for e in (old, new, other):
+        table.remove(e.conn_id)
+    assert table.index_sizes() == EMPTY

@@ -175,10 +175,7 @@ class SaSync:
                     self.table.unbind_esp(entry.conn_id, espi)
             if not entry.ike_spis:
                 # The last IKE SA is gone: rekeyed predecessors and CHILD SAs went with it.
-                for old_spi in list(entry.ike_spis_old):
-                    self.table.unbind_ike(entry.conn_id, old_spi)
-                for espi in list(entry.esp_spis):
-                    self.table.unbind_esp(entry.conn_id, espi)
+                self.table.release(entry.conn_id)
             effects += self._retire_if_empty(entry, "IKE SA deleted")
         return effects
 
@@ -279,17 +276,9 @@ class SaSync:
         if (entry.peer, entry.peer_port) == (remote, port):
             return []
         target = self.table.by_endpoint(remote, port)
-        ike = list(entry.ike_spis | entry.ike_spis_old)
-        esp = list(entry.esp_spis)
-        for spi in ike:
-            self.table.unbind_ike(entry.conn_id, spi)
-        for espi in esp:
-            self.table.unbind_esp(entry.conn_id, espi)
+        ike, esp = self.table.release(entry.conn_id)
         if target is not None:
-            for spi in ike:
-                self.table.move_ike(target.conn_id, spi)
-            for espi in esp:
-                self.table.move_esp(target.conn_id, espi)
+            self.table.bind_all(target.conn_id, ike, esp, move=True)
         return [Retire(entry.conn_id, "SA moved to another connection", graceful=False)]
 
     def reconcile_esp(self, sas: list[dict[str, Any]]) -> None:
@@ -356,7 +345,6 @@ class SaSync:
             for spi in stale:
                 self.table.unbind_ike(entry.conn_id, spi)
             if not entry.ike_spis and not entry.ike_spis_old:
-                for espi in list(entry.esp_spis):
-                    self.table.unbind_esp(entry.conn_id, espi)
+                self.table.release(entry.conn_id)  # its CHILD SAs went with it
                 effects.append(Retire(entry.conn_id, "IKE SA unknown to charon"))
         return effects
