@@ -20,6 +20,7 @@ from nfq.inject import RawInjector
 from nfq.queue import QueueReader
 from nfq.rules import SteeringRules
 from vici_bridge.bridge import ViciBridge
+from vici_bridge.resolve import list_sas
 from vici_bridge.sync import ExpireOld, Retire, SaSync, SpiLimit
 
 from . import rfc9329
@@ -438,15 +439,19 @@ class Daemon:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _reconcile(self) -> None:
-        from vici_bridge.resolve import list_sas
-
+    async def _list_sas(self, purpose: str) -> list[dict[str, Any]] | None:
+        """charon's IKE SAs over a command session (in a thread: vici blocks); None, with
+        a rate-limited log line naming ``purpose``, when charon cannot be asked."""
         try:
-            sas = await asyncio.to_thread(list_sas, self.config.vici_socket)
+            return await asyncio.to_thread(list_sas, self.config.vici_socket)
         except OSError as exc:
-            self.log_limited("reconcile", "cannot list SAs to reconcile: %s", exc)
-            return
-        self.sync.reconcile_esp(sas)
+            self.log_limited(f"list-sas-{purpose}", "cannot list SAs (%s): %s", purpose, exc)
+            return None
+
+    async def _reconcile(self) -> None:
+        sas = await self._list_sas("reconcile")
+        if sas is not None:
+            self.sync.reconcile_esp(sas)
 
     async def _reconcile_periodically(self) -> None:
         while True:
@@ -680,8 +685,6 @@ class Daemon:
 
     async def _release_peers(self) -> None:
         """Stop steering gateway peers that have no connection and no IKE SA in charon."""
-        from vici_bridge.resolve import list_sas
-
         while True:
             await asyncio.sleep(PEER_RELEASE_POLL)
             now = time.monotonic()
@@ -690,9 +693,8 @@ class Daemon:
             due = [p for p, t in self._unsteer_at.items() if t <= now]
             if not due:
                 continue
-            try:
-                sas = await asyncio.to_thread(list_sas, self.config.vici_socket)
-            except OSError:
+            sas = await self._list_sas("peer-release")
+            if sas is None:
                 continue  # without charon's word, keep steering (fail-closed)
             busy = {sa.get("remote-host") for item in sas for sa in item.values()}
             for peer in due:
@@ -1051,15 +1053,11 @@ class Daemon:
 
     async def _watch_fallback(self) -> None:
         """Poll charon's IKE SAs for fallback connections stuck in CONNECTING."""
-        from vici_bridge.resolve import list_sas
-
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(FALLBACK_POLL)
-            try:
-                sas = await asyncio.to_thread(list_sas, self.config.vici_socket)
-            except OSError as exc:
-                self.log_limited("fallback-vici", "fallback monitor: VICI unreachable: %s", exc)
+            sas = await self._list_sas("fallback")
+            if sas is None:
                 continue
             for sw in self.fallback.update(loop.time(), sas):
                 if sw.tcp:
