@@ -55,6 +55,7 @@ from .ctcp_conn import (
     stray_reply,
 )
 from .ike import IKEV2_SA_INIT, Kind, classify_udp_payload
+from .metrics import add_closed
 from .mtu import CTCP_OVERHEAD, check_inner, ctcp_original, plan
 from .packet import (
     PROTO_UDP,
@@ -355,13 +356,8 @@ class CtcpEngine:
         if self.flows.get(flow.key) is flow:
             del self.flows[flow.key]
             # Keep closed flows' figures so the daemon's metrics never go backwards.
-            t = self.totals
-            t["frames_in"] += flow.frames_in
-            t["frames_out"] += flow.frames_out
-            t["bytes_in"] += flow.bytes_in
-            t["bytes_out"] += flow.bytes_out
-            for why, n in flow.drops.items():
-                t["drops"][why] = t["drops"].get(why, 0) + n
+            f = flow
+            add_closed(self.totals, f.frames_in, f.frames_out, f.bytes_in, f.bytes_out, f.drops)
         self.by_id.pop(flow.entry.conn_id, None)
         self.table.remove(flow.entry.conn_id)
         self.touched.add(flow.key)

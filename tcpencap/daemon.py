@@ -28,6 +28,7 @@ from .config import Config
 from .confparse import ConfError
 from .ctcp_service import CtcpService
 from .fallback import FallbackMonitor
+from .metrics import add_closed
 from .packet import addr_bytes, addr_text
 from .ports import PortAllocator, PortsExhausted
 from .router import ConnView, Drop, Inject, Open, Router, Send, Side
@@ -575,13 +576,8 @@ class Daemon:
 
     def _fold_totals(self, conn: TcpConnection) -> None:
         t = self.totals
-        t["frames_in"] += conn.frames_in
-        t["frames_out"] += conn.frames_out
-        t["bytes_in"] += conn.bytes_in
-        t["bytes_out"] += conn.bytes_out
         drops = {**(conn.view.drops if conn.view else {}), **conn.drops}
-        for reason, n in drops.items():
-            t["drops"][reason] = t["drops"].get(reason, 0) + n
+        add_closed(t, conn.frames_in, conn.frames_out, conn.bytes_in, conn.bytes_out, drops)
         key = conn.close_reason.split(":")[0].strip().replace(" ", "-") or "unknown"
         t["closed"][key] = t["closed"].get(key, 0) + 1
         if conn.close_reason.startswith("connect failed"):

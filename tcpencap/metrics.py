@@ -14,6 +14,22 @@ PREFIX = "tcpencap"
 _FLOW_KEYS = ("frames_in", "frames_out", "bytes_in", "bytes_out")
 
 
+def add_closed(
+    totals: dict[str, Any],
+    frames_in: int,
+    frames_out: int,
+    bytes_in: int,
+    bytes_out: int,
+    drops: dict[str, int],
+) -> None:
+    """Fold a closed connection's counters into ``totals`` (the daemon's, the cTCP
+    service's), so the cumulative metrics never go backwards."""
+    for key, n in zip(_FLOW_KEYS, (frames_in, frames_out, bytes_in, bytes_out), strict=True):
+        totals[key] += n
+    for reason, n in drops.items():
+        totals["drops"][reason] = totals["drops"].get(reason, 0) + n
+
+
 def _esc(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
