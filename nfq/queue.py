@@ -1,16 +1,21 @@
 """Read an NFQUEUE inside the asyncio loop.
 
-Every queued packet gets its verdict in the callback: DROP, because the shim carries it
-over TCP itself (or it is a keepalive or garbage that must not leave as UDP).
+Every queued packet is dropped: the shim carries it over TCP itself (or it is a keepalive
+or garbage that must not leave as UDP). The drop is one batch verdict per read of the queue,
+sent after the caller has flushed its writes, so the data leaves before the bookkeeping.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Callable
 
 from netfilterqueue import NetfilterQueue
+
+from .verdict import verdict_batch
 
 log = logging.getLogger("tcpencap.nfq")
 
@@ -38,12 +43,16 @@ class QueueReader:
         self.batches = 0
         self._nfq = NetfilterQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._sock: socket.socket | None = None  # the queue's netlink socket, for verdicts
+        self._held: list[object] = []  # packets of this read, waiting for the batch verdict
+        self._seq = 0
         self.packets = 0
         self.errors = 0
+        self.verdict_errors = 0
 
     def _callback(self, pkt: object) -> None:
         data = pkt.get_payload()  # type: ignore[attr-defined]
-        pkt.drop()  # type: ignore[attr-defined]
+        self._held.append(pkt)
         self.packets += 1
         try:
             self._handler(data)
@@ -53,22 +62,51 @@ class QueueReader:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._nfq.bind(self.num, self._callback, max_len=QUEUE_MAXLEN, sock_len=SOCK_RCVBUF)
+        fd = self._nfq.get_fd()
+        self._sock = socket.socket(fileno=os.dup(fd))
         self._loop = loop
-        loop.add_reader(self._nfq.get_fd(), self._on_readable)
+        loop.add_reader(fd, self._on_readable)
 
     def _on_readable(self) -> None:
         self.batches += 1
-        if self._on_batch is None:
-            self._nfq.run(block=False)
-            return
-        self._on_batch(True)
         try:
-            self._nfq.run(block=False)
+            if self._on_batch is None:
+                self._nfq.run(block=False)
+                return
+            self._on_batch(True)
+            try:
+                self._nfq.run(block=False)
+            finally:
+                self._on_batch(False)
         finally:
-            self._on_batch(False)
+            self._settle()
+
+    def _settle(self) -> None:
+        """Drop every packet of this read with one verdict; one by one if that fails."""
+        held = self._held
+        if not held:
+            return
+        self._held = []
+        self._seq += 1
+        last_id = held[-1].id  # type: ignore[attr-defined]
+        try:
+            assert self._sock is not None
+            self._sock.send(verdict_batch(self.num, last_id, seq=self._seq))
+            return
+        except OSError as exc:
+            self.verdict_errors += 1
+            log.warning("queue %d: batch verdict failed (%s), dropping one by one", self.num, exc)
+        for pkt in held:
+            try:
+                pkt.drop()  # type: ignore[attr-defined]
+            except OSError as exc:
+                log.warning("queue %d: verdict for packet failed: %s", self.num, exc)
 
     def stop(self) -> None:
         if self._loop is not None:
             self._loop.remove_reader(self._nfq.get_fd())
             self._loop = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         self._nfq.unbind()
