@@ -35,6 +35,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from hop_floor import measure_floor  # noqa: E402  (this directory is sys.path[0])
+
 from tcpencap.lab import (  # noqa: E402
     CharonError,
     Host,
@@ -636,6 +638,9 @@ def run(args: argparse.Namespace, results: dict[str, Any]) -> None:
         results["loadavg_at_end"] = os.getloadavg()
         if lab.keep:
             progress(f"logs kept in {lab.dir}")
+    if args.floor:
+        progress(f"== hop floor: UDP echo direct and via relay pairs, {args.pings} probes ==")
+        step(results, "floor", lambda: measure_floor(args.pings, args.ping_interval))
 
 
 # --- report -------------------------------------------------------------------------------
@@ -670,6 +675,11 @@ def report(res: dict[str, Any]) -> str:
         ratio((f"tcp_{s}", "bits_per_second"), 1e-9, ".3f", f"TCP {s} stream(s) Gbit/s", "ratio")
     ratio(("ping", "median_ms"), 1, ".3f", "ping RTT median ms", "diff")
     ratio(("ping", "p99_ms"), 1, ".3f", "ping RTT p99 ms", "diff")
+    floor = res.get("floor") or {}
+    for key, label in (("socat", "C relays (socat)"), ("asyncio", "asyncio relays")):
+        if "added_ms" in floor.get(key, {}):
+            added = f"{floor[key]['added_ms']:+.3f}"
+            rows.append((f"hop floor: RTT added by {label}", "", "", added))
     ratio(("flood", "received_pps"), 1, ".0f", "UDP flood received pkt/s", "ratio")
     ratio(("flood", "loss_percent"), 1, ".1f", "UDP flood loss %", "diff")
     for s in (1, 4):
@@ -739,6 +749,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-udp-scale", dest="udp_scale", action="store_false",
                     help="skip the scale test over UDP (baseline)")  # fmt: skip
     ap.add_argument("--pings", type=int, default=200)
+    ap.add_argument(
+        "--no-floor",
+        dest="floor",
+        action="store_false",
+        help="skip the hop floor (bench/hop_floor.py; needs socat)",
+    )
     ap.add_argument("--ping-interval", type=float, default=0.01)
     ap.add_argument("--flood-time", type=float, default=5)
     ap.add_argument("--flood-rate", default="1G", help="iperf3 -b, above the tunnel capacity")

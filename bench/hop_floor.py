@@ -119,13 +119,100 @@ def probe(ns: str, port: int, count: int, interval: float, host: str) -> list[fl
     return [float(x) for x in out.split()]
 
 
-def summary(label: str, rtts: list[float], base: float | None) -> float:
-    rtts.sort()
-    med = statistics.median(rtts)
-    p99 = rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))]
-    extra = f"  (+{med - base:.3f} ms over direct)" if base is not None else ""
-    print(f"{label:34s} median {med:.3f} ms  p99 {p99:.3f} ms  n={len(rtts)}{extra}")
-    return med
+def stats(rtts: list[float]) -> dict[str, float]:
+    rtts = sorted(rtts)
+    return {
+        "n": len(rtts),
+        "median_ms": statistics.median(rtts),
+        "p99_ms": rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))],
+    }
+
+
+def measure_floor(count: int = 300, interval: float = 0.01) -> dict[str, dict[str, float]]:
+    """RTT figures of the direct echo and of both relay pairs, each with ``added_ms`` (its
+    median minus the direct one). Needs root and socat; cleans up what it made."""
+    tag = uuid.uuid4().hex[:6]
+    a, b = f"hopa{tag}", f"hopb{tag}"
+    procs: list[subprocess.Popen[bytes]] = []
+    res: dict[str, dict[str, float]] = {}
+
+    def start(ns: str, *argv: str) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(
+            ns_exec(ns, *argv),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        procs.append(p)
+        return p
+
+    def stop(p: subprocess.Popen[bytes]) -> None:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=5)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+
+    def wait_ready(p: subprocess.Popen[bytes]) -> None:
+        assert p.stdout is not None and p.stdout.readline().strip() == b"ready"
+
+    try:
+        sh("ip", "netns", "add", a)
+        sh("ip", "netns", "add", b)
+        sh("ip", "link", "add", f"ha{tag}", "netns", a, "type", "veth", "peer", "name",
+           f"hb{tag}", "netns", b)  # fmt: skip
+        for ns, dev, addr in ((a, f"ha{tag}", A_ADDR), (b, f"hb{tag}", B_ADDR)):
+            sh(*ns_exec(ns, "ip", "link", "set", "lo", "up"))
+            sh(*ns_exec(ns, "ip", "addr", "add", f"{addr}/30", "dev", dev))
+            sh(*ns_exec(ns, "ip", "link", "set", dev, "up"))
+        start(b, sys.executable, "-c", ECHO)
+        time.sleep(0.5)
+        res["direct"] = stats(probe(a, ECHO_PORT, count, interval, B_ADDR))
+
+        relays = [
+            start(
+                b,
+                "socat",
+                f"TCP-LISTEN:{RELAY_TCP_PORT},reuseaddr,nodelay",
+                f"UDP:127.0.0.1:{ECHO_PORT}",
+            ),  # fmt: skip
+        ]
+        time.sleep(0.3)
+        relays.append(
+            start(
+                a,
+                "socat",
+                f"UDP-LISTEN:{RELAY_UDP_PORT},bind=127.0.0.1",
+                f"TCP:{B_ADDR}:{RELAY_TCP_PORT},nodelay",
+            )  # fmt: skip
+        )
+        time.sleep(0.3)
+        res["socat"] = stats(probe(a, RELAY_UDP_PORT, count, interval, "127.0.0.1"))
+        for p in relays:
+            stop(p)
+
+        pb = start(b, sys.executable, "-c", PY_RELAY, "b", str(RELAY_TCP_PORT), str(ECHO_PORT))
+        wait_ready(pb)
+        pa = start(a, sys.executable, "-c", PY_RELAY, "a", str(RELAY_UDP_PORT), B_ADDR,
+                   str(RELAY_TCP_PORT))  # fmt: skip
+        wait_ready(pa)
+        res["asyncio"] = stats(probe(a, RELAY_UDP_PORT, count, interval, "127.0.0.1"))
+    finally:
+        for p in procs:
+            stop(p)
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    for key in ("socat", "asyncio"):
+        if key in res:
+            res[key]["added_ms"] = res[key]["median_ms"] - res["direct"]["median_ms"]
+    return res
+
+
+LABELS = {
+    "direct": "direct UDP echo",
+    "socat": "via socat relays (C)",
+    "asyncio": "via minimal asyncio relays",
+}
 
 
 def main() -> int:
@@ -139,87 +226,14 @@ def main() -> int:
     if shutil.which("socat") is None:
         print("hop_floor: socat is not installed (apt-get install socat)", file=sys.stderr)
         return 2
-    tag = uuid.uuid4().hex[:6]
-    a, b = f"hopa{tag}", f"hopb{tag}"
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        sh("ip", "netns", "add", a)
-        sh("ip", "netns", "add", b)
-        sh(
-            "ip",
-            "link",
-            "add",
-            f"ha{tag}",
-            "netns",
-            a,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            f"hb{tag}",
-            "netns",
-            b,
+    n, iv = args.count, args.interval
+    print(f"{os.cpu_count()} CPUs, kernel {os.uname().release}; {n} probes every {iv}s")
+    for key, r in measure_floor(n, iv).items():
+        extra = f"  (+{r['added_ms']:.3f} ms over direct)" if "added_ms" in r else ""
+        print(
+            f"{LABELS[key]:30s} median {r['median_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms"
+            f"  n={r['n']:.0f}{extra}"
         )
-        for ns, dev, addr in ((a, f"ha{tag}", A_ADDR), (b, f"hb{tag}", B_ADDR)):
-            sh(*ns_exec(ns, "ip", "link", "set", "lo", "up"))
-            sh(*ns_exec(ns, "ip", "addr", "add", f"{addr}/30", "dev", dev))
-            sh(*ns_exec(ns, "ip", "link", "set", dev, "up"))
-
-        def start(ns: str, *argv: str) -> subprocess.Popen[bytes]:
-            p = subprocess.Popen(
-                ns_exec(ns, *argv),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            procs.append(p)
-            return p
-
-        def stop_relays() -> None:
-            while len(procs) > 1:
-                p = procs.pop()
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait(timeout=5)
-
-        start(b, sys.executable, "-c", ECHO)
-        time.sleep(0.5)
-        n, iv = args.count, args.interval
-        print(f"{os.cpu_count()} CPUs, kernel {os.uname().release}; {n} probes every {iv}s")
-        base = summary("direct UDP echo", probe(a, ECHO_PORT, n, iv, B_ADDR), None)
-
-        start(
-            b,
-            "socat",
-            f"TCP-LISTEN:{RELAY_TCP_PORT},reuseaddr,nodelay",
-            f"UDP:127.0.0.1:{ECHO_PORT}",
-        )
-        time.sleep(0.3)
-        start(
-            a,
-            "socat",
-            f"UDP-LISTEN:{RELAY_UDP_PORT},bind=127.0.0.1",
-            f"TCP:{B_ADDR}:{RELAY_TCP_PORT},nodelay",
-        )
-        time.sleep(0.3)
-        summary("via socat relays (C)", probe(a, RELAY_UDP_PORT, n, iv, "127.0.0.1"), base)
-        stop_relays()
-
-        pb = start(b, sys.executable, "-c", PY_RELAY, "b", str(RELAY_TCP_PORT), str(ECHO_PORT))
-        assert pb.stdout is not None and pb.stdout.readline().strip() == b"ready"
-        pa = start(
-            a, sys.executable, "-c", PY_RELAY, "a", str(RELAY_UDP_PORT), B_ADDR, str(RELAY_TCP_PORT)
-        )
-        assert pa.stdout is not None and pa.stdout.readline().strip() == b"ready"
-        summary("via minimal asyncio relays", probe(a, RELAY_UDP_PORT, n, iv, "127.0.0.1"), base)
-    finally:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait(timeout=5)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        for ns in (a, b):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     return 0
 
 

@@ -74,6 +74,7 @@ class TcpConnection(asyncio.Protocol):
         self.peer_text = ""
         self.frames_in = self.frames_out = 0
         self.bytes_in = self.bytes_out = 0
+        self.reads_in = 0  # data_received calls: frames_in / reads_in is the batching
         self.drops: dict[str, int] = {}
         self.pending: list[tuple[bytes, bool]] = []
         self.deadline: asyncio.TimerHandle | None = None
@@ -120,6 +121,7 @@ class TcpConnection(asyncio.Protocol):
             self.daemon.connected(self)
 
     def data_received(self, data: bytes) -> None:
+        self.reads_in += 1
         self.bytes_in += len(data)
         self.codec.receive_data(data)
         self._drain_events()
@@ -295,6 +297,7 @@ class TcpConnection(asyncio.Protocol):
             "frames_out": self.frames_out,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
+            "reads_in": self.reads_in,
             "drops": {**(self.view.drops if self.view else {}), **self.drops},
             "age": round(now - self.created, 1),
         }
@@ -796,8 +799,11 @@ class Daemon:
             "steered_peers": sorted(self.rules.peers),
             "client_peers": sorted(addr_text(p) for p in self.client_peers),
             "queue": {
+                "num": self.config.queue_num,
                 "packets": self.queue.packets if self.queue else 0,
                 "errors": self.queue.errors if self.queue else 0,
+                "reads": self.queue.batches if self.queue else 0,
+                "verdict_errors": self.queue.verdict_errors if self.queue else 0,
             },
             "drops": dict(self.router.drops),
             "events": dict(self.events),

@@ -137,6 +137,12 @@ def render(status: dict[str, Any], totals: dict[str, Any]) -> str:
         "Packets read from the NFQUEUE.",
         [({}, status.get("queue", {}).get("packets", 0))],
     )
+    w.metric(
+        "queue_reads_total",
+        "counter",
+        "Reads of the NFQUEUE socket (packets / reads is the batch size; one verdict each).",
+        [({}, status.get("queue", {}).get("reads", 0))],
+    )
     ctcp = status.get("ctcp") or {}
     if ctcp:
         w.metric(

@@ -113,6 +113,13 @@ def assert_status_matches_sa(host: Host, name: str) -> dict[str, Any]:
     assert conn["esp_spis"], conn
     assert set(conn["esp_spis"]) <= child_spis, (conn["esp_spis"], child_spis)
     assert conn["frames_in"] > 0 and conn["frames_out"] > 0, conn
+    assert 1 <= conn["reads_in"] <= conn["bytes_in"], conn
+    q = st["queue"]
+    assert 1 <= q["reads"] <= q["packets"] and q["verdict_errors"] == 0, q
+    # Every queued packet got its (batch) verdict: none is left waiting in the kernel.
+    proc = host.run("cat", "/proc/net/netfilter/nfnetlink_queue").stdout
+    rows = [ln.split() for ln in proc.splitlines()]
+    assert [r[2] for r in rows if r[0] == str(q["num"])] == ["0"], proc
     return conn
 
 

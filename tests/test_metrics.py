@@ -180,7 +180,7 @@ def status_of(conns: list[dict[str, Any]], **kw: Any) -> dict[str, Any]:
         "listening": ["0.0.0.0:4500"],
         "steered_peers": ["198.18.1.2", "198.18.2.2"],
         "client_peers": [],
-        "queue": {"packets": 77, "errors": 0},
+        "queue": {"packets": 77, "errors": 0, "reads": 12},
         "drops": {"no-connection": 2},
         "events": {"deadline": 1, "limit-connections": 3},
         "connections": conns,
@@ -233,6 +233,7 @@ def test_render_is_valid_and_complete() -> None:
     assert value(fams, "tcpencap_vici_connected") == 1
     assert value(fams, "tcpencap_steered_peers") == 2
     assert value(fams, "tcpencap_queue_packets_total") == 77
+    assert value(fams, "tcpencap_queue_reads_total") == 12
     assert value(fams, "tcpencap_ctcp_events_total", name="stray") == 4
     assert value(fams, "tcpencap_uptime_seconds") == 12.5
 
