@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-extra-plugins
-  iptables iproute2 iperf3 socat tshark tcpdump iputils-ping procps
+  iptables iproute2 iperf3 socat ipset tshark tcpdump iputils-ping procps
   libnetfilter-queue-dev gcc libc6-dev python3-dev python3-venv vpnc
 )
 

@@ -14,11 +14,12 @@ import os
 import signal
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from nfq.inject import RawInjector
 from nfq.queue import QueueReader
-from nfq.rules import SteeringRules
+from nfq.rules import SteeringRules, restrict_ipset_worker
 from vici_bridge.bridge import ViciBridge
 from vici_bridge.resolve import list_sas
 from vici_bridge.sync import ExpireOld, Retire, SaSync, SpiLimit
@@ -835,19 +836,29 @@ class Daemon:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        # Threads keep the capabilities they were created with: set-up runs on a pool
+        # that is emptied before the drop, and a fresh one serves everything after it.
+        setup_pool = ThreadPoolExecutor(thread_name_prefix="setup")
+        loop.set_default_executor(setup_pool)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         try:
             await self._start(loop)
+            setup_pool.shutdown(wait=True)
+            loop.set_default_executor(ThreadPoolExecutor(thread_name_prefix="worker"))
             if self.config.drop_capabilities:
                 from .privileges import keep_only
 
                 try:
                     keep_only()
+                    restrict_ipset_worker(keep_only)  # capabilities are per thread
                     log.info("capabilities reduced to NET_ADMIN, NET_RAW, NET_BIND_SERVICE")
                 except OSError as exc:
                     log.warning("could not drop capabilities: %s", exc)
+            # Started after the drop, so its thread inherits the reduced capabilities.
+            assert self.bridge is not None
+            self.bridge.start()
             log.info("tcpencap running (pid %d)", os.getpid())
             await self._stop.wait()
             log.info("stopping")
@@ -880,7 +891,6 @@ class Daemon:
             self.on_vici_resync,
             self.on_vici_state,
         )
-        self.bridge.start()
         task = loop.create_task(self._reconcile_periodically())
         self._tasks.add(task)
         if self.config.gateway.listen:

@@ -139,6 +139,31 @@ def chain_rules(host: Host, tool: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("-A")]
 
 
+def steered_set(host: Host, family: int) -> list[str] | None:
+    """Members of tcpencap's peer set for ``family`` (ipset CLI), None without the set."""
+    proc = host.run("ipset", "list", f"{CHAIN}_{family}", check=False)
+    if proc.returncode:
+        return None
+    lines = proc.stdout.splitlines()
+    return sorted(x.strip() for x in lines[lines.index("Members:") + 1 :] if x.strip())
+
+
+def tcpencap_sets(host: Host) -> list[str]:
+    return [n for n in host.run("ipset", "list", "-n").stdout.split() if "TCPENCAP" in n]
+
+
+def assert_steering(host: Host, peers4: list[str], peers6: list[str] | None = None) -> None:
+    """Exactly tcpencap's layout: one jump per family (UDP from 500/4500 only), one queue
+    rule matching the family's peer set, and exactly these peers in the sets."""
+    for fam, tool in ((4, "iptables"), (6, "ip6tables")):
+        jump = f"-A OUTPUT -p udp -m multiport --sports 500,4500 -j {CHAIN}"
+        assert jump_rules(host, tool) == [jump], mangle_rules(host)
+        queue = f"-A {CHAIN} -m set --match-set {CHAIN}_{fam} dst -j NFQUEUE --queue-num 4500"
+        assert chain_rules(host, tool) == [queue], mangle_rules(host)
+    assert steered_set(host, 4) == sorted(peers4)
+    assert steered_set(host, 6) == sorted(peers6 or [])
+
+
 # The hostile client: one thread per case, each connects to ADDR:PORT, sends its bytes and
 # measures how long the gateway takes to close (EOF or reset). Prints one JSON object.
 HOSTILE_SCRIPT = r"""

@@ -19,11 +19,11 @@ from e2e_helpers import (
     assert_established,
     assert_pings,
     assert_status_matches_sa,
-    chain_rules,
-    jump_rules,
+    assert_steering,
     mangle_rules,
     run_hostile,
     start_tcp_pair,
+    tcpencap_sets,
 )
 
 from tcpencap.lab import Host, Lab, Process, ping, psk_conf
@@ -198,15 +198,12 @@ def _restart(host: Host) -> Process:
 def _assert_clean(host: Host) -> None:
     rules = mangle_rules(host)
     assert "TCPENCAP" not in rules, f"{host.role}: rules left behind:\n{rules}"
+    assert tcpencap_sets(host) == [], host.role
 
 
 def _assert_installed(host: Host, peer: str) -> None:
-    """Exactly one jump rule per family and exactly the one steering rule for ``peer``."""
-    for tool in ("iptables", "ip6tables"):
-        assert jump_rules(host, tool) == [f"-A OUTPUT -j {CHAIN}"], mangle_rules(host)
-    v4, v6 = chain_rules(host, "iptables"), chain_rules(host, "ip6tables")
-    assert len(v4) == 1 and f"-d {peer}/32 " in v4[0], v4
-    assert v6 == [], v6
+    """Exactly one jump rule per family, the queue rules, and ``peer`` alone in the sets."""
+    assert_steering(host, [peer])
 
 
 def _force_terminate(host: Host, name: str) -> None:

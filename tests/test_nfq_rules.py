@@ -21,17 +21,19 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 CHAIN = "TCPENCAP_OUT"
-JUMP = f"-A OUTPUT -j {CHAIN}"
+JUMP = f"-A OUTPUT -p udp -m multiport --sports 500,4500 -j {CHAIN}"
+OLD_JUMP = f"-A OUTPUT -j {CHAIN}"  # the layout before the peer sets
 PEER4, PEER4B, PEER6 = "198.19.0.2", "198.19.0.3", "fd00:19::2"
 
 
-def peer_rule(peer: str, queue: int = 4500, chain: str = CHAIN) -> str:
-    """A steering rule as `iptables -S` prints it."""
-    plen = 128 if ":" in peer else 32
-    return (
-        f"-A {chain} -d {peer}/{plen} -p udp -m multiport --sports 500,4500 "
-        f"-j NFQUEUE --queue-num {queue}"
-    )
+def queue_rule(fam: int, queue: int = 4500, chain: str = CHAIN) -> str:
+    """The chain's one rule as `iptables -S` prints it: destinations in the family's set."""
+    return f"-A {chain} -m set --match-set {chain}_{fam} dst -j NFQUEUE --queue-num {queue}"
+
+
+def installed(fam: int, queue: int = 4500, chain: str = CHAIN) -> list[str]:
+    jump = f"-A OUTPUT -p udp -m multiport --sports 500,4500 -j {chain}"
+    return [f"-N {chain}", jump, queue_rule(fam, queue, chain)]
 
 
 # Rules someone else put into mangle before tcpencap started; they must survive everything.
@@ -84,6 +86,20 @@ PRELUDE = textwrap.dedent(
                                     capture_output=True, text=True).stdout
                 for fam in (4, 6)}
 
+    def sets(chain="TCPENCAP_OUT"):
+        # Members of the chain's two sets (None: no such set), read with the ipset CLI.
+        res = {}
+        for fam in (4, 6):
+            p = subprocess.run(["ipset", "list", f"{chain}_{fam}"], capture_output=True,
+                               text=True)
+            if p.returncode:
+                res[fam] = None
+                continue
+            lines = p.stdout.splitlines()
+            res[fam] = sorted(ln.strip() for ln in lines[lines.index("Members:") + 1:]
+                              if ln.strip())
+        return res
+
     def add_unrelated():
         for fam, rules in UNRELATED.items():
             for r in rules:
@@ -116,7 +132,7 @@ def run_in_ns(ns: str, body: str) -> dict:
 @pytest.fixture
 def ns():
     assert os.geteuid() == 0, "needs root for network namespaces and iptables"
-    for tool in ("ip", "iptables", "ip6tables"):
+    for tool in ("ip", "iptables", "ip6tables", "ipset"):
         assert shutil.which(tool), f"{tool} is needed"
     name = f"te-rules-{uuid.uuid4().hex[:10]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
@@ -139,7 +155,7 @@ def test_fresh_namespace_has_empty_tables(ns):
     assert res["s"] == {4: [], 6: []}
 
 
-def test_install_creates_the_chains_and_one_jump_per_family(ns):
+def test_install_creates_the_chains_sets_and_one_jump_per_family(ns):
     res = run_in_ns(
         ns,
         """
@@ -147,24 +163,24 @@ def test_install_creates_the_chains_and_one_jump_per_family(ns):
         r = SteeringRules(4500)
         r.install()
         out["s"] = snap()
+        out["sets"] = sets()
         out["exists"] = {4: chain_exists(family=4), 6: chain_exists(family=6)}
         out["installed"] = r.installed
         """,
     )
     for fam in (4, 6):
         rules = res["s"][fam]
-        assert f"-N {CHAIN}" in rules
-        assert rules.count(JUMP) == 1
-        assert ours(rules) == [f"-N {CHAIN}", JUMP]  # the chain is empty
+        assert ours(rules) == installed(fam)
         # The jump is first in OUTPUT, before the admin's own rule.
         output = [r for r in rules if r.startswith("-A OUTPUT")]
         assert output[0] == JUMP
         assert [r for r in rules if CHAIN not in r] == UNRELATED_S[fam]
+    assert res["sets"] == {4: [], 6: []}
     assert res["exists"] == {4: True, 6: True}
     assert res["installed"] is True
 
 
-def test_add_and_remove_peer_change_exactly_their_rule(ns):
+def test_add_and_remove_peer_change_exactly_their_set_member(ns):
     res = run_in_ns(
         ns,
         """
@@ -174,34 +190,32 @@ def test_add_and_remove_peer_change_exactly_their_rule(ns):
         out["base"] = snap()
         out["new"] = [r.add_peer("198.19.0.2"), r.add_peer("fd00:19::2"),
                       r.add_peer("198.19.0.3")]
-        out["three"] = snap()
+        out["three"] = sets()
         # The same peers again (one spelled differently): nothing changes.
         out["again"] = [r.add_peer("198.19.0.2"), r.add_peer("FD00:19:0::2")]
-        out["three_again"] = snap()
+        out["three_again"] = sets()
         out["peers"] = sorted(r.peers)
         out["gone"] = [r.remove_peer("198.19.0.2"), r.remove_peer("198.19.0.2")]
-        out["v4_removed"] = snap()
+        out["v4_removed"] = sets()
         out["gone6"] = r.remove_peer("fd00:0019::2")
-        out["v6_removed"] = snap()
+        out["v6_removed"] = sets()
         out["unknown"] = r.remove_peer("198.19.0.99")
-        out["end"] = snap()
+        out["end"] = sets()
+        out["rules_end"] = snap()
         """,
     )
-    base = res["base"]
     assert res["new"] == [True, True, True]
-    assert res["three"] == {
-        4: base[4] + [peer_rule(PEER4), peer_rule(PEER4B)],
-        6: base[6] + [peer_rule(PEER6)],
-    }
+    assert res["three"] == {4: [PEER4, PEER4B], 6: [PEER6]}
     assert res["again"] == [False, False]
     assert res["three_again"] == res["three"]
     assert res["peers"] == sorted([PEER4, PEER4B, PEER6])
     assert res["gone"] == [True, False]
-    assert res["v4_removed"] == {4: base[4] + [peer_rule(PEER4B)], 6: res["three"][6]}
+    assert res["v4_removed"] == {4: [PEER4B], 6: [PEER6]}
     assert res["gone6"] is True
-    assert res["v6_removed"] == {4: res["v4_removed"][4], 6: base[6]}
+    assert res["v6_removed"] == {4: [PEER4B], 6: []}
     assert res["unknown"] is False
     assert res["end"] == res["v6_removed"]
+    assert res["rules_end"] == res["base"]  # peers never change a rule
 
 
 def test_peers_added_before_install_are_installed_with_the_chain(ns):
@@ -212,22 +226,26 @@ def test_peers_added_before_install_are_installed_with_the_chain(ns):
         r.add_peer("fd00:19::2")
         r.add_peer("198.19.0.2")
         out["before"] = snap()
+        out["sets_before"] = sets("TE_TEST")
         r.install()
         out["after"] = snap()
+        out["sets_after"] = sets("TE_TEST")
         r.remove()
         out["removed"] = snap()
+        out["sets_removed"] = sets("TE_TEST")
         """,
     )
     assert res["before"] == {4: [], 6: []}  # nothing is touched before install()
-    assert res["after"] == {
-        4: ["-N TE_TEST", "-A OUTPUT -j TE_TEST", peer_rule(PEER4, 7, "TE_TEST")],
-        6: ["-N TE_TEST", "-A OUTPUT -j TE_TEST", peer_rule(PEER6, 7, "TE_TEST")],
-    }
+    assert res["sets_before"] == {4: None, 6: None}
+    assert res["after"] == {fam: installed(fam, 7, "TE_TEST") for fam in (4, 6)}
+    assert res["sets_after"] == {4: [PEER4], 6: [PEER6]}
     assert res["removed"] == {4: [], 6: []}
+    assert res["sets_removed"] == {4: None, 6: None}
 
 
 def test_install_after_a_simulated_crash_cleans_up_first(ns):
-    """Leftovers of a run that died: the chain with a stale peer rule and two jumps."""
+    """Leftovers of a run that died: the chain of the older per-peer layout with a stale
+    peer rule and two jumps, and a set of the current layout with a stale member."""
     res = run_in_ns(
         ns,
         f"""
@@ -238,26 +256,31 @@ def test_install_after_a_simulated_crash_cleans_up_first(ns):
                 "--queue-num", "4500")
             ipt(fam, "-I", "OUTPUT", "1", "-j", "{CHAIN}")
             ipt(fam, "-A", "OUTPUT", "-j", "{CHAIN}")
+        subprocess.run(["ipset", "create", "{CHAIN}_4", "hash:ip"], check=True)
+        subprocess.run(["ipset", "add", "{CHAIN}_4", "198.19.0.77"], check=True)
         out["stale"] = snap()
+        out["stale_sets"] = sets()
         r = SteeringRules(4500)
         r.add_peer("198.19.0.2")
         r.add_peer("fd00:19::2")
         r.install()
         out["after"] = snap()
+        out["sets"] = sets()
         r.remove()
         out["removed"] = snap()
+        out["sets_removed"] = sets()
         """,
     )
+    assert res["stale_sets"] == {4: ["198.19.0.77"], 6: None}
     for fam in (4, 6):
-        assert res["stale"][fam].count(JUMP) == 2
+        assert res["stale"][fam].count(OLD_JUMP) == 2
         rules = res["after"][fam]
-        assert rules.count(JUMP) == 1
-        assert [r for r in rules if r.startswith(f"-A {CHAIN}")] == [
-            peer_rule(PEER4 if fam == 4 else PEER6)
-        ]
+        assert ours(rules) == installed(fam)
         assert not any("::77" in r or ".77" in r for r in rules)
         assert [r for r in rules if CHAIN not in r] == UNRELATED_S[fam]
         assert res["removed"][fam] == UNRELATED_S[fam]
+    assert res["sets"] == {4: [PEER4], 6: [PEER6]}
+    assert res["sets_removed"] == {4: None, 6: None}
 
 
 def test_install_after_a_real_crash_of_another_process(ns):
@@ -279,19 +302,24 @@ def test_install_after_a_real_crash_of_another_process(ns):
         ns,
         """
         out["left"] = snap()
+        out["left_sets"] = sets()
         r = SteeringRules(4500)
         r.add_peer("198.19.0.2")
         r.install()
         out["after"] = snap()
+        out["sets"] = sets()
         r.remove()
         out["removed"] = snap()
+        out["sets_removed"] = sets()
         """,
     )
-    assert peer_rule("198.19.0.50") in res["left"][4]
-    assert peer_rule("fd00:19::50") in res["left"][6]
-    assert ours(res["after"][4]) == [f"-N {CHAIN}", JUMP, peer_rule(PEER4)]
-    assert ours(res["after"][6]) == [f"-N {CHAIN}", JUMP]
+    # What the dead process left still steers its peers into the queue (fail-closed).
+    assert ours(res["left"][4]) == installed(4) and ours(res["left"][6]) == installed(6)
+    assert res["left_sets"] == {4: ["198.19.0.50"], 6: ["fd00:19::50"]}
+    assert ours(res["after"][4]) == installed(4)
+    assert res["sets"] == {4: [PEER4], 6: []}
     assert res["removed"] == UNRELATED_S
+    assert res["sets_removed"] == {4: None, 6: None}
 
 
 def test_remove_leaves_exactly_what_was_there(ns):
@@ -307,6 +335,7 @@ def test_remove_leaves_exactly_what_was_there(ns):
             r.add_peer(p)
         r.remove()
         out["after"] = snap()
+        out["sets_after"] = sets()
         out["filter_after"] = filter_snap()
         out["installed"] = r.installed
         out["exists"] = {4: chain_exists(family=4), 6: chain_exists(family=6)}
@@ -314,17 +343,20 @@ def test_remove_leaves_exactly_what_was_there(ns):
         out["twice"] = snap()
         r.install()  # and back: the remembered peers come back with it
         out["reinstalled"] = snap()
+        out["sets_reinstalled"] = sets()
         r.remove()
         """,
     )
     assert res["before"] == UNRELATED_S
     assert res["after"] == res["before"]
+    assert res["sets_after"] == {4: None, 6: None}
     assert res["filter_after"] == res["filter_before"]
     assert res["installed"] is False
     assert res["exists"] == {4: False, 6: False}
     assert res["twice"] == res["before"]
-    assert ours(res["reinstalled"][4]) == [f"-N {CHAIN}", JUMP, peer_rule(PEER4), peer_rule(PEER4B)]
-    assert ours(res["reinstalled"][6]) == [f"-N {CHAIN}", JUMP, peer_rule(PEER6)]
+    assert ours(res["reinstalled"][4]) == installed(4)
+    assert ours(res["reinstalled"][6]) == installed(6)
+    assert res["sets_reinstalled"] == {4: [PEER4, PEER4B], 6: [PEER6]}
 
 
 def test_steered_packets_hit_the_rule_and_others_do_not(ns):
@@ -368,7 +400,8 @@ def test_steered_packets_hit_the_rule_and_others_do_not(ns):
         """,
     )
     assert res["results"] == ["sent"] * 4  # a failed queueing is silent to the sender
-    assert res["packets"] == [2]  # from 500 and 4500 to the steered peer
+    # Only UDP from 500/4500 enters the chain; its one rule matched the steered peer twice.
+    assert res["packets"] == [2]
     # Queued with nobody reading: the kernel drops them (fail-closed); only the two
     # others reach POSTROUTING.
     assert res["left"] == [2]
