@@ -8,8 +8,8 @@ Layout (both families, ``mangle`` table so it runs before any filter rule an adm
 A packet that is not UDP from charon's ports never enters the chain, and a steered peer is
 one hash lookup, whatever the number of peers. With a rule per peer, every packet the host
 sent walked all of them: 1000 peers made each packet cost about 30 microseconds more
-(bench/bench_steering.py). The sets are changed over netlink (pyroute2), not by a process
-per peer.
+(bench/bench_steering.py). The sets are changed over netlink (nfq/ipset.py), not by a
+process per peer.
 
 Only chains and sets tcpencap owns are ever changed; the single jump rule is the only thing
 added to a built-in chain. Without a reader bound to the queue the kernel drops queued
@@ -21,19 +21,15 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import socket
 import subprocess
-import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+
+from .ipset import IpsetSocket
 
 log = logging.getLogger("tcpencap.nfq")
 
 TABLE = "mangle"
 DEFAULT_CHAIN = "TCPENCAP_OUT"
-_AF = {4: socket.AF_INET, 6: socket.AF_INET6}
-T = TypeVar("T")
 
 
 class RuleError(RuntimeError):
@@ -58,68 +54,52 @@ def set_name(chain: str, family: int) -> str:
 
 
 class IpsetClient:
-    """pyroute2's ipset netlink client on a thread of its own.
-
-    pyroute2's synchronous API runs an event loop of its own, which cannot run inside the
-    daemon's; every call is therefore made on one worker thread and waited for, so callers
-    keep the ordering they rely on (a peer is in the set before charon's next packet)."""
+    """The process's ipset requests, on one netlink socket opened at first use."""
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ipset")
-        self._local = threading.local()
+        self._sock: IpsetSocket | None = None
 
-    def _call(self, fn: Callable[[Any], T]) -> T:
-        def run() -> T:
-            ips = getattr(self._local, "ips", None)
-            if ips is None:
-                from pyroute2.ipset import IPSet
+    def _socket(self) -> IpsetSocket:
+        if self._sock is None:
+            try:
+                self._sock = IpsetSocket()
+            except OSError as exc:
+                raise RuleError(f"ipset: {exc}") from exc
+        return self._sock
 
-                ips = self._local.ips = IPSet()
-            return fn(ips)
-
+    def _call(self, fn: Callable[[IpsetSocket], None]) -> None:
         try:
-            return self._pool.submit(run).result(timeout=10)
-        except Exception as exc:  # pyroute2 raises its own error types
+            fn(self._socket())
+        except OSError as exc:
             raise RuleError(f"ipset: {exc}") from exc
 
-    def call_plain(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the worker thread and wait for it (its exceptions propagate)."""
-        self._pool.submit(fn).result(timeout=10)
-
     def create(self, name: str, family: int) -> None:
-        self._call(lambda ips: ips.create(name, stype="hash:ip", family=_AF[family]))
+        self._call(lambda ips: ips.create(name, family))
 
     def destroy(self, name: str) -> bool:
-        """True when the set existed and is gone."""
+        """True when the set is gone (or never was)."""
         try:
             self._call(lambda ips: ips.destroy(name))
         except RuleError:
             return False
         return True
 
-    def add(self, name: str, addr: str, family: int) -> None:
-        self._call(lambda ips: ips.add(name, addr, etype="ip", family=_AF[family]))
+    def add(self, name: str, addr: str) -> None:
+        self._call(lambda ips: ips.add(name, addr))
 
-    def delete(self, name: str, addr: str, family: int) -> None:
-        self._call(lambda ips: ips.delete(name, addr, etype="ip", family=_AF[family]))
+    def delete(self, name: str, addr: str) -> None:
+        self._call(lambda ips: ips.delete(name, addr))
 
 
 _client: IpsetClient | None = None
 
 
 def ipset_client() -> IpsetClient:
-    """The process's one ipset client (and worker thread), shared by every chain."""
+    """The process's one ipset client, shared by every chain."""
     global _client
     if _client is None:
         _client = IpsetClient()
     return _client
-
-
-def restrict_ipset_worker(fn: Callable[[], None]) -> None:
-    """Run ``fn`` on the ipset worker thread: capabilities are per thread, so a drop made
-    on the main thread must be repeated on the worker, which already exists."""
-    if _client is not None:
-        _client.call_plain(fn)
 
 
 class SteeringRules:
@@ -188,7 +168,7 @@ class SteeringRules:
 
     def _add(self, peer: str) -> None:
         fam = ipaddress.ip_address(peer).version
-        self._ipset.add(set_name(self.chain, fam), peer, fam)
+        self._ipset.add(set_name(self.chain, fam), peer)
 
     def add_peer(self, peer: str) -> bool:
         """Steer ``peer``; True when it was new."""
@@ -209,7 +189,7 @@ class SteeringRules:
         if self.installed:
             fam = ipaddress.ip_address(peer).version
             try:
-                self._ipset.delete(set_name(self.chain, fam), peer, fam)
+                self._ipset.delete(set_name(self.chain, fam), peer)
             except RuleError as exc:
                 log.warning("could not remove %s from the steering set: %s", peer, exc)
         log.info("no longer steering %s", peer)

@@ -19,7 +19,7 @@ from typing import Any
 
 from nfq.inject import RawInjector
 from nfq.queue import QueueReader
-from nfq.rules import SteeringRules, restrict_ipset_worker
+from nfq.rules import SteeringRules
 from vici_bridge.bridge import ViciBridge
 from vici_bridge.resolve import list_sas
 from vici_bridge.sync import ExpireOld, Retire, SaSync, SpiLimit
@@ -852,7 +852,6 @@ class Daemon:
 
                 try:
                     keep_only()
-                    restrict_ipset_worker(keep_only)  # capabilities are per thread
                     log.info("capabilities reduced to NET_ADMIN, NET_RAW, NET_BIND_SERVICE")
                 except OSError as exc:
                     log.warning("could not drop capabilities: %s", exc)

@@ -3,7 +3,13 @@ the hostile TCP client that is run inside a lab namespace."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from tcpencap.lab import (
@@ -20,6 +26,23 @@ from tcpencap.lab import (
 )
 
 CHAIN = "TCPENCAP_OUT"
+
+
+@contextlib.contextmanager
+def private_netns(prefix: str, tools: tuple[str, ...]) -> Iterator[str]:
+    """A fresh, empty network namespace for one test (fresh netfilter tables and ipsets),
+    deleted afterwards, also when the test fails. Needs root and ``tools``: fails loudly."""
+    assert os.geteuid() == 0, "needs root for network namespaces"
+    for tool in tools:
+        assert shutil.which(tool), f"{tool} is needed"
+    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert name not in listed, f"namespace {name} left behind"
 
 
 def listen_addr(host: Host, family: int, port: int) -> str:

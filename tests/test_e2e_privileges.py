@@ -32,7 +32,7 @@ def test_capabilities_dropped_and_tunnel_still_works() -> None:
             "gw": gw.start_tcpencap(tcpencap_conf(gw, listen=[f"{gw.outer4}:4500"])),
             "c1": c1.start_tcpencap(tcpencap_conf(c1, connections={"c1-gw": 4500})),
         }
-        # Capabilities are per thread: every thread (VICI listener, ipset worker) counts.
+        # Capabilities are per thread: every thread (the VICI listener, executors) counts.
         for host, proc in procs.items():
             threads = sorted(os.listdir(f"/proc/{proc.pid}/task"))
             assert len(threads) >= 2, (host, threads)  # at least the main and VICI threads

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
-import uuid
 from pathlib import Path
 
 import pytest
+from e2e_helpers import private_netns
 
 REPO = Path(__file__).resolve().parent.parent
 CHAIN = "TCPENCAP_OUT"
@@ -131,19 +130,8 @@ def run_in_ns(ns: str, body: str) -> dict:
 
 @pytest.fixture
 def ns():
-    assert os.geteuid() == 0, "needs root for network namespaces and iptables"
-    for tool in ("ip", "iptables", "ip6tables", "ipset"):
-        assert shutil.which(tool), f"{tool} is needed"
-    name = f"te-rules-{uuid.uuid4().hex[:10]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with private_netns("te-rules", ("ip", "iptables", "ip6tables", "ipset")) as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-        assert (
-            name
-            not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        )
 
 
 def ours(rules: list[str], chain: str = CHAIN) -> list[str]:

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
 import textwrap
-import uuid
 from pathlib import Path
 
 import pytest
+from e2e_helpers import private_netns
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -106,15 +105,8 @@ def run_in_ns(ns: str, body: str) -> dict:
 
 @pytest.fixture
 def ns():
-    assert os.geteuid() == 0, "needs root for network namespaces and iptables"
-    for tool in ("ip", "iptables"):
-        assert shutil.which(tool), f"{tool} is needed"
-    name = f"te-verdict-{uuid.uuid4().hex[:10]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with private_netns("te-verdict", ("ip", "iptables")) as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def test_queue_reader_drops_every_packet_with_batch_verdicts(ns):

@@ -1,0 +1,170 @@
+"""The few ipset commands tcpencap needs, spoken over netlink (NFNL_SUBSYS_IPSET).
+
+Messages are built and parsed by pure functions; :class:`IpsetSocket` is a small blocking
+client around them (each request is acknowledged before the call returns, so a peer is in
+its set before charon's next packet). A library would do the same with a second event loop
+and ~10 MB of imports (include/uapi/linux/netfilter/ipset/ip_set.h has the numbers).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import struct
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_IPSET = 6
+CMD_PROTOCOL, CMD_CREATE, CMD_DESTROY, CMD_ADD, CMD_DEL = 1, 2, 3, 9, 10
+ATTR_PROTOCOL, ATTR_SETNAME, ATTR_TYPENAME, ATTR_REVISION, ATTR_FAMILY, ATTR_DATA = 1, 2, 3, 4, 5, 7
+ATTR_IP, ATTR_IPADDR_IPV4, ATTR_IPADDR_IPV6 = 1, 1, 2
+NLA_F_NESTED, NLA_F_NET_BYTEORDER = 0x8000, 0x4000
+NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NFPROTO = {4: 2, 6: 10}  # NFPROTO_IPV4, NFPROTO_IPV6
+PROTOCOL_MIN, PROTOCOL_MAX = 6, 7  # what this module speaks
+MAXNAMELEN = 32  # with the terminating NUL
+IPSET_ERR_PRIVATE = 4096
+
+_NLMSGHDR = struct.Struct("=IHHII")
+_NFGENMSG = struct.Struct("!BBH")
+_NLATTR = struct.Struct("=HH")
+_NLMSGERR = struct.Struct("=i")
+
+
+class IpsetError(OSError):
+    """A request the kernel refused; ``errno`` is its (positive) error code."""
+
+
+def attr(atype: int, payload: bytes) -> bytes:
+    """One netlink attribute, padded to 4 octets."""
+    head = _NLATTR.pack(_NLATTR.size + len(payload), atype)
+    return head + payload + b"\0" * (-len(payload) % 4)
+
+
+def _name(name: str) -> bytes:
+    raw = name.encode() + b"\0"
+    if len(raw) > MAXNAMELEN:
+        raise ValueError(f"ipset name longer than {MAXNAMELEN - 1}: {name!r}")
+    return attr(ATTR_SETNAME, raw)
+
+
+def message(cmd: int, attrs: bytes, seq: int, family: int = 0) -> bytes:
+    """An acknowledged ipset request: nlmsghdr, nfgenmsg, then ``attrs``."""
+    body = _NFGENMSG.pack(family, 0, 0) + attrs
+    mtype = (NFNL_SUBSYS_IPSET << 8) | cmd
+    flags = NLM_F_REQUEST | NLM_F_ACK
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), mtype, flags, seq & 0xFFFFFFFF, 0) + body
+
+
+def protocol_request(seq: int) -> bytes:
+    return message(CMD_PROTOCOL, attr(ATTR_PROTOCOL, bytes([PROTOCOL_MIN])), seq)
+
+
+def create_request(protocol: int, name: str, family: int, seq: int) -> bytes:
+    """hash:ip (revision 0, which every kernel with ipset has) for ``family`` 4 or 6."""
+    attrs = b"".join(
+        (
+            attr(ATTR_PROTOCOL, bytes([protocol])),
+            _name(name),
+            attr(ATTR_TYPENAME, b"hash:ip\0"),
+            attr(ATTR_REVISION, b"\0"),
+            attr(ATTR_FAMILY, bytes([NFPROTO[family]])),
+            attr(ATTR_DATA | NLA_F_NESTED, b""),
+        )
+    )
+    return message(CMD_CREATE, attrs, seq, NFPROTO[family])
+
+
+def destroy_request(protocol: int, name: str, seq: int) -> bytes:
+    return message(CMD_DESTROY, attr(ATTR_PROTOCOL, bytes([protocol])) + _name(name), seq)
+
+
+def member_request(cmd: int, protocol: int, name: str, addr: str, seq: int) -> bytes:
+    """ADD or DEL of one address (its family picks the attribute)."""
+    ip = ipaddress.ip_address(addr)
+    kind = ATTR_IPADDR_IPV4 if ip.version == 4 else ATTR_IPADDR_IPV6
+    data = attr(ATTR_IP | NLA_F_NESTED, attr(kind | NLA_F_NET_BYTEORDER, ip.packed))
+    attrs = attr(ATTR_PROTOCOL, bytes([protocol])) + _name(name)
+    attrs += attr(ATTR_DATA | NLA_F_NESTED, data)
+    return message(cmd, attrs, seq, NFPROTO[ip.version])
+
+
+def parse_replies(data: bytes) -> list[tuple[int, int, int | None, dict[int, bytes]]]:
+    """(type, seq, error or None, top-level attributes) of every message in ``data``;
+    error is 0 for an acknowledgement and a positive code for a refusal."""
+    out = []
+    off = 0
+    while off + _NLMSGHDR.size <= len(data):
+        length, mtype, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, off)
+        if length < _NLMSGHDR.size or off + length > len(data):
+            break
+        body = data[off + _NLMSGHDR.size : off + length]
+        if mtype == NLMSG_ERROR:
+            (err,) = _NLMSGERR.unpack_from(body, 0)
+            out.append((mtype, seq, -err, {}))
+        else:
+            attrs: dict[int, bytes] = {}
+            pos = _NFGENMSG.size
+            while pos + _NLATTR.size <= len(body):
+                alen, atype = _NLATTR.unpack_from(body, pos)
+                if alen < _NLATTR.size:
+                    break
+                attrs[atype & 0x3FFF] = body[pos + _NLATTR.size : pos + alen]
+                pos += alen + (-alen % 4)
+            out.append((mtype, seq, None, attrs))
+        off += length + (-length % 4)
+    return out
+
+
+def error_text(code: int) -> str:
+    if code >= IPSET_ERR_PRIVATE:
+        return f"ipset error {code}"
+    return os.strerror(code)
+
+
+class IpsetSocket:
+    """A blocking netlink socket for ipset requests in the current network namespace."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self._sock.bind((0, 0))
+        self._sock.settimeout(5.0)
+        self._seq = 0
+        reply = self._request(protocol_request)
+        kernel = reply.get(ATTR_PROTOCOL, bytes([PROTOCOL_MIN]))[0]
+        if kernel < PROTOCOL_MIN:
+            raise IpsetError(0, f"kernel ipset protocol {kernel} is older than {PROTOCOL_MIN}")
+        self.protocol = min(kernel, PROTOCOL_MAX)
+
+    def _request(self, build: object) -> dict[int, bytes]:
+        """Send the request ``build(seq)`` makes; the attributes of its reply, if any."""
+        self._seq += 1
+        seq = self._seq
+        self._sock.send(build(seq))  # type: ignore[operator]
+        found: dict[int, bytes] = {}
+        while True:
+            for _mtype, rseq, err, attrs in parse_replies(self._sock.recv(65536)):
+                if rseq != seq:
+                    continue
+                if err is None:
+                    found = attrs
+                elif err == 0:
+                    return found
+                else:
+                    raise IpsetError(err, error_text(err))
+
+    def create(self, name: str, family: int) -> None:
+        self._request(lambda seq: create_request(self.protocol, name, family, seq))
+
+    def destroy(self, name: str) -> None:
+        self._request(lambda seq: destroy_request(self.protocol, name, seq))
+
+    def add(self, name: str, addr: str) -> None:
+        self._request(lambda seq: member_request(CMD_ADD, self.protocol, name, addr, seq))
+
+    def delete(self, name: str, addr: str) -> None:
+        self._request(lambda seq: member_request(CMD_DEL, self.protocol, name, addr, seq))
+
+    def close(self) -> None:
+        self._sock.close()
