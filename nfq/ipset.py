@@ -12,6 +12,9 @@ import ipaddress
 import os
 import socket
 import struct
+from collections.abc import Callable
+
+from .netlink import NFGENMSG, NLATTR, NLM_F_ACK, NLM_F_REQUEST, NLMSGHDR, attr, nfnl_message
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_IPSET = 6
@@ -19,27 +22,17 @@ CMD_PROTOCOL, CMD_CREATE, CMD_DESTROY, CMD_ADD, CMD_DEL = 1, 2, 3, 9, 10
 ATTR_PROTOCOL, ATTR_SETNAME, ATTR_TYPENAME, ATTR_REVISION, ATTR_FAMILY, ATTR_DATA = 1, 2, 3, 4, 5, 7
 ATTR_IP, ATTR_IPADDR_IPV4, ATTR_IPADDR_IPV6 = 1, 1, 2
 NLA_F_NESTED, NLA_F_NET_BYTEORDER = 0x8000, 0x4000
-NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
-NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLMSG_ERROR = 2  # acknowledgement or refusal
 NFPROTO = {4: 2, 6: 10}  # NFPROTO_IPV4, NFPROTO_IPV6
 PROTOCOL_MIN, PROTOCOL_MAX = 6, 7  # what this module speaks
 MAXNAMELEN = 32  # with the terminating NUL
 IPSET_ERR_PRIVATE = 4096
 
-_NLMSGHDR = struct.Struct("=IHHII")
-_NFGENMSG = struct.Struct("!BBH")
-_NLATTR = struct.Struct("=HH")
 _NLMSGERR = struct.Struct("=i")
 
 
 class IpsetError(OSError):
     """A request the kernel refused; ``errno`` is its (positive) error code."""
-
-
-def attr(atype: int, payload: bytes) -> bytes:
-    """One netlink attribute, padded to 4 octets."""
-    head = _NLATTR.pack(_NLATTR.size + len(payload), atype)
-    return head + payload + b"\0" * (-len(payload) % 4)
 
 
 def _name(name: str) -> bytes:
@@ -51,10 +44,8 @@ def _name(name: str) -> bytes:
 
 def message(cmd: int, attrs: bytes, seq: int, family: int = 0) -> bytes:
     """An acknowledged ipset request: nlmsghdr, nfgenmsg, then ``attrs``."""
-    body = _NFGENMSG.pack(family, 0, 0) + attrs
-    mtype = (NFNL_SUBSYS_IPSET << 8) | cmd
     flags = NLM_F_REQUEST | NLM_F_ACK
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), mtype, flags, seq & 0xFFFFFFFF, 0) + body
+    return nfnl_message(NFNL_SUBSYS_IPSET, cmd, attrs, seq=seq, flags=flags, family=family)
 
 
 def protocol_request(seq: int) -> bytes:
@@ -95,22 +86,22 @@ def parse_replies(data: bytes) -> list[tuple[int, int, int | None, dict[int, byt
     error is 0 for an acknowledgement and a positive code for a refusal."""
     out = []
     off = 0
-    while off + _NLMSGHDR.size <= len(data):
-        length, mtype, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, off)
-        if length < _NLMSGHDR.size or off + length > len(data):
+    while off + NLMSGHDR.size <= len(data):
+        length, mtype, _flags, seq, _pid = NLMSGHDR.unpack_from(data, off)
+        if length < NLMSGHDR.size or off + length > len(data):
             break
-        body = data[off + _NLMSGHDR.size : off + length]
+        body = data[off + NLMSGHDR.size : off + length]
         if mtype == NLMSG_ERROR:
             (err,) = _NLMSGERR.unpack_from(body, 0)
             out.append((mtype, seq, -err, {}))
         else:
             attrs: dict[int, bytes] = {}
-            pos = _NFGENMSG.size
-            while pos + _NLATTR.size <= len(body):
-                alen, atype = _NLATTR.unpack_from(body, pos)
-                if alen < _NLATTR.size:
+            pos = NFGENMSG.size
+            while pos + NLATTR.size <= len(body):
+                alen, atype = NLATTR.unpack_from(body, pos)
+                if alen < NLATTR.size:
                     break
-                attrs[atype & 0x3FFF] = body[pos + _NLATTR.size : pos + alen]
+                attrs[atype & 0x3FFF] = body[pos + NLATTR.size : pos + alen]
                 pos += alen + (-alen % 4)
             out.append((mtype, seq, None, attrs))
         off += length + (-length % 4)
@@ -137,11 +128,11 @@ class IpsetSocket:
             raise IpsetError(0, f"kernel ipset protocol {kernel} is older than {PROTOCOL_MIN}")
         self.protocol = min(kernel, PROTOCOL_MAX)
 
-    def _request(self, build: object) -> dict[int, bytes]:
+    def _request(self, build: Callable[[int], bytes]) -> dict[int, bytes]:
         """Send the request ``build(seq)`` makes; the attributes of its reply, if any."""
         self._seq += 1
         seq = self._seq
-        self._sock.send(build(seq))  # type: ignore[operator]
+        self._sock.send(build(seq))
         found: dict[int, bytes] = {}
         while True:
             for _mtype, rseq, err, attrs in parse_replies(self._sock.recv(65536)):
