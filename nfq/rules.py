@@ -19,6 +19,7 @@ packets, so a TCP peer's traffic never leaks out as UDP while tcpencap is down
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import subprocess
@@ -53,55 +54,6 @@ def set_name(chain: str, family: int) -> str:
     return f"{chain}_{family}"
 
 
-class IpsetClient:
-    """The process's ipset requests, on one netlink socket opened at first use."""
-
-    def __init__(self) -> None:
-        self._sock: IpsetSocket | None = None
-
-    def _socket(self) -> IpsetSocket:
-        if self._sock is None:
-            try:
-                self._sock = IpsetSocket()
-            except OSError as exc:
-                raise RuleError(f"ipset: {exc}") from exc
-        return self._sock
-
-    def _call(self, fn: Callable[[IpsetSocket], None]) -> None:
-        try:
-            fn(self._socket())
-        except OSError as exc:
-            raise RuleError(f"ipset: {exc}") from exc
-
-    def create(self, name: str, family: int) -> None:
-        self._call(lambda ips: ips.create(name, family))
-
-    def destroy(self, name: str) -> bool:
-        """True when the set is gone (or never was)."""
-        try:
-            self._call(lambda ips: ips.destroy(name))
-        except RuleError:
-            return False
-        return True
-
-    def add(self, name: str, addr: str) -> None:
-        self._call(lambda ips: ips.add(name, addr))
-
-    def delete(self, name: str, addr: str) -> None:
-        self._call(lambda ips: ips.delete(name, addr))
-
-
-_client: IpsetClient | None = None
-
-
-def ipset_client() -> IpsetClient:
-    """The process's one ipset client, shared by every chain."""
-    global _client
-    if _client is None:
-        _client = IpsetClient()
-    return _client
-
-
 class SteeringRules:
     """The steering set: peers whose UDP 500/4500 goes to the queue instead of the wire."""
 
@@ -116,12 +68,21 @@ class SteeringRules:
         self.chain = chain
         self.ike_ports = ",".join(str(p) for p in ike_ports)
         self._peers: set[str] = set()
-        self._ipset = ipset_client()
+        self._sets: IpsetSocket | None = None  # opened at first use
         self.installed = False
 
     @property
     def peers(self) -> frozenset[str]:
         return frozenset(self._peers)
+
+    def _ipset(self, op: Callable[[IpsetSocket], None]) -> None:
+        """Run one ipset request; a refusal (or no ipset in the kernel) is a RuleError."""
+        try:
+            if self._sets is None:
+                self._sets = IpsetSocket()
+            op(self._sets)
+        except OSError as exc:
+            raise RuleError(f"ipset: {exc}") from exc
 
     def _jump(self) -> list[str]:
         return ["-p", "udp", "-m", "multiport", "--sports", self.ike_ports, "-j", self.chain]
@@ -143,7 +104,7 @@ class SteeringRules:
         """Remove anything a crashed run left, then create the sets, chains and jumps."""
         self.remove(quiet=True)
         for fam in (4, 6):
-            self._ipset.create(set_name(self.chain, fam), fam)
+            self._ipset(lambda ips, fam=fam: ips.create(set_name(self.chain, fam), fam))
             _run(fam, "-N", self.chain)
             _run(fam, "-A", self.chain, *self._queue_rule(fam))
             _run(fam, "-I", "OUTPUT", "1", *self._jump())
@@ -163,12 +124,13 @@ class SteeringRules:
                 _run(fam, "-X", self.chain, check=False)
                 if not quiet:
                     log.info("removed %s chain %s", _tool(fam), self.chain)
-            self._ipset.destroy(set_name(self.chain, fam))
+            with contextlib.suppress(RuleError):  # absent, or still in use by a stale rule
+                self._ipset(lambda ips, fam=fam: ips.destroy(set_name(self.chain, fam)))
         self.installed = False
 
     def _add(self, peer: str) -> None:
         fam = ipaddress.ip_address(peer).version
-        self._ipset.add(set_name(self.chain, fam), peer)
+        self._ipset(lambda ips: ips.add(set_name(self.chain, fam), peer))
 
     def add_peer(self, peer: str) -> bool:
         """Steer ``peer``; True when it was new."""
@@ -189,7 +151,7 @@ class SteeringRules:
         if self.installed:
             fam = ipaddress.ip_address(peer).version
             try:
-                self._ipset.delete(set_name(self.chain, fam), peer)
+                self._ipset(lambda ips: ips.delete(set_name(self.chain, fam), peer))
             except RuleError as exc:
                 log.warning("could not remove %s from the steering set: %s", peer, exc)
         log.info("no longer steering %s", peer)
