@@ -55,7 +55,7 @@ from .ctcp_conn import (
     stray_reply,
 )
 from .ike import IKEV2_SA_INIT, Kind, classify_udp_payload
-from .metrics import add_closed
+from .metrics import add_closed, new_totals
 from .mtu import CTCP_OVERHEAD, check_inner, ctcp_original, plan
 from .packet import (
     PROTO_UDP,
@@ -177,13 +177,7 @@ class CtcpEngine:
         self.by_id: dict[int, Flow] = {}
         self.gateway_peers: dict[bytes, int] = {}
         self.counters: dict[str, int] = {}
-        self.totals: dict[str, Any] = {
-            "frames_in": 0,
-            "frames_out": 0,
-            "bytes_in": 0,
-            "bytes_out": 0,
-            "drops": {},
-        }
+        self.totals: dict[str, Any] = new_totals()
         self.touched: set[Key] = set()  # flows whose timer may have changed
 
     # --- lookups ------------------------------------------------------------------------

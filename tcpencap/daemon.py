@@ -29,7 +29,7 @@ from .config import Config
 from .confparse import ConfError
 from .ctcp_service import CtcpService
 from .fallback import FallbackMonitor
-from .metrics import add_closed
+from .metrics import add_closed, new_totals
 from .packet import addr_bytes, addr_text
 from .ports import PortAllocator, PortsExhausted
 from .router import ConnView, Drop, Inject, Open, Router, Send, Side
@@ -331,15 +331,7 @@ class Daemon:
         self.metrics_server: asyncio.base_events.Server | None = None
         self.conn_peers: dict[str, list[str]] = {}  # client connection name -> peers
         # Counters of closed connections, so metrics never go backwards.
-        self.totals: dict[str, Any] = {
-            "frames_in": 0,
-            "frames_out": 0,
-            "bytes_in": 0,
-            "bytes_out": 0,
-            "drops": {},
-            "closed": {},
-            "connect_failures": 0,
-        }
+        self.totals: dict[str, Any] = new_totals(closed={}, connect_failures=0)
         self.control: asyncio.base_events.Server | None = None
         self.started = time.monotonic()
         self.events: dict[str, int] = {}

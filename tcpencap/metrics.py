@@ -14,6 +14,12 @@ PREFIX = "tcpencap"
 _FLOW_KEYS = ("frames_in", "frames_out", "bytes_in", "bytes_out")
 
 
+def new_totals(**extra: Any) -> dict[str, Any]:
+    """Zeroed totals of closed connections, as ``add_closed`` folds into them; ``extra``
+    adds the daemon's own keys (closed reasons, connect failures)."""
+    return {**dict.fromkeys(_FLOW_KEYS, 0), "drops": {}, **extra}
+
+
 def add_closed(
     totals: dict[str, Any],
     frames_in: int,
