@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
@@ -154,6 +154,24 @@ def add_children(conf: str, extra: dict[str, tuple[str, str]]) -> str:
     return conf.replace("    children {\n", "    children {\n" + text, 1)
 
 
+def extra_children(c1: Host, gw: Host, ks: Iterable[int]) -> tuple[str, str]:
+    """Inner addresses 198.18.201.K (c1) and 198.19.200.K (gw) on lo for each K, and the
+    swanctl confs of c1 and gw with one more CHILD SA ``NAME-K`` between each pair."""
+    ks = list(ks)
+    for k in ks:
+        c1.run("ip", "addr", "add", f"198.18.201.{k}/32", "dev", "lo")
+        gw.run("ip", "addr", "add", f"198.19.200.{k}/32", "dev", "lo")
+    cconf = add_children(
+        psk_conf(c1, gw),
+        {f"{NAME}-{k}": (f"198.18.201.{k}/32", f"198.19.200.{k}/32") for k in ks},
+    )
+    gconf = add_children(
+        psk_conf(gw, c1),
+        {f"{NAME}-{k}": (f"198.19.200.{k}/32", f"198.18.201.{k}/32") for k in ks},
+    )
+    return cconf, gconf
+
+
 def log_excerpt(host: Host) -> str:
     """The non-debug tail of ``host``'s tcpencap log."""
     text = (host.dir / "tcpencap.log").read_text(errors="replace").splitlines()
@@ -292,17 +310,7 @@ def test_many_child_sas_share_one_connection() -> None:
     with Lab(clients=1) as lab:
         c1, gw = lab.clients[0], lab.gw
         extra = range(2, 6)
-        for k in extra:
-            c1.run("ip", "addr", "add", f"198.18.201.{k}/32", "dev", "lo")
-            gw.run("ip", "addr", "add", f"198.19.200.{k}/32", "dev", "lo")
-        cconf = add_children(
-            psk_conf(c1, gw),
-            {f"{NAME}-{k}": (f"198.18.201.{k}/32", f"198.19.200.{k}/32") for k in extra},
-        )
-        gconf = add_children(
-            psk_conf(gw, c1),
-            {f"{NAME}-{k}": (f"198.19.200.{k}/32", f"198.18.201.{k}/32") for k in extra},
-        )
+        cconf, gconf = extra_children(c1, gw, extra)
         c1, gw = setup(lab, client_conf=cconf, gw_conf=gconf)
         first = one_conn(c1)
         assert first is not None

@@ -16,10 +16,10 @@ import pytest
 from e2e_helpers import ike_sa, listen_addr
 from test_e2e_lifecycle import (
     NAME,
-    add_children,
     conns,
     consistent,
     diagnose,
+    extra_children,
     installed_out,
     local_port,
     log_excerpt,
@@ -69,17 +69,7 @@ def test_twenty_child_sas_and_spi_limit(max_spis: int) -> None:
     with Lab(clients=1) as lab:
         c1, gw = lab.clients[0], lab.gw
         extra = range(2, N_CHILDREN + 1)
-        for k in extra:
-            c1.run("ip", "addr", "add", f"198.18.201.{k}/32", "dev", "lo")
-            gw.run("ip", "addr", "add", f"198.19.200.{k}/32", "dev", "lo")
-        cconf = add_children(
-            psk_conf(c1, gw),
-            {f"{NAME}-{k}": (f"198.18.201.{k}/32", f"198.19.200.{k}/32") for k in extra},
-        )
-        gconf = add_children(
-            psk_conf(gw, c1),
-            {f"{NAME}-{k}": (f"198.19.200.{k}/32", f"198.18.201.{k}/32") for k in extra},
-        )
+        cconf, gconf = extra_children(c1, gw, extra)
         lab.block_udp(c1)
         for h in (c1, gw):
             h.start_charon()
