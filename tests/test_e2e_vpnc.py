@@ -33,6 +33,19 @@ PLUGINS = ("xauth-generic", "unity")
 AGGRESSIVE_PSK = "  i_dont_care_about_security_and_use_aggressive_mode_psk = yes\n"
 
 
+# The group PSK and the XAuth user, the same on both sides.
+SECRETS = f"""secrets {{
+  ike-group {{
+    secret = "{GROUP_PSK}"
+  }}
+  xauth-user {{
+    id = {USER}
+    secret = "{PASSWORD}"
+  }}
+}}
+"""
+
+
 def gateway_swanctl(gw: Host) -> str:
     """A Cisco Easy VPN style responder: group PSK, XAuth, a mode-config pool."""
     return f"""connections {{
@@ -66,16 +79,7 @@ pools {{
     addrs = {POOL}
   }}
 }}
-secrets {{
-  ike-group {{
-    secret = "{GROUP_PSK}"
-  }}
-  xauth-user {{
-    id = {USER}
-    secret = "{PASSWORD}"
-  }}
-}}
-"""
+{SECRETS}"""
 
 
 def client_swanctl(gw: Host) -> str:
@@ -108,16 +112,7 @@ def client_swanctl(gw: Host) -> str:
     }}
   }}
 }}
-secrets {{
-  ike-group {{
-    secret = "{GROUP_PSK}"
-  }}
-  xauth-user {{
-    id = {USER}
-    secret = "{PASSWORD}"
-  }}
-}}
-"""
+{SECRETS}"""
 
 
 def start_gateway(lab: Lab) -> Host:
