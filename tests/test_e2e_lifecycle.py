@@ -405,6 +405,32 @@ def test_client_reconnects_after_tcp_reset() -> None:
 # --- 5. MOBIKE -----------------------------------------------------------------------------
 
 
+def wait_moved(c1: Host, gw: Host, prefix: str, label: str) -> None:
+    """After c1's address changed: its connection comes from ``prefix`` (ADDR: or [ADDR]:),
+    the tunnel pings again, and only the new connection is left on both sides."""
+
+    def moved() -> tuple[dict[str, Any], dict[str, Any]] | None:
+        c, g = one_conn(c1), one_conn(gw)
+        if c is None or g is None or not c["local"].startswith(prefix):
+            return None
+        return (c, g) if g["peer"].startswith(prefix) else None
+
+    wait_for(
+        label,
+        lambda: (c := one_conn(c1)) and c["local"].startswith(prefix),
+        8.0,
+        detail=diagnose(c1, gw),
+    )
+    wait_for(
+        "ping after move",
+        lambda: ping(c1, gw.inner4, c1.inner4) == (3, 3),
+        4,
+        0.1,
+        diagnose(c1, gw),
+    )
+    wait_for("only the new connection on both sides", moved, 3.0, detail=diagnose(c1, gw))
+
+
 def test_mobike_address_change_moves_connection() -> None:
     """c1 moves from 198.18.1.2 to 198.18.1.3: charon's UPDATE_SA_ADDRESSES leaves from the
     new address over a new TCP connection, the old one closes on both sides, ping works."""
@@ -418,27 +444,7 @@ def test_mobike_address_change_moves_connection() -> None:
         c1.run("ip", "addr", "add", "198.18.1.3/24", "dev", c1.veth)
         c1.run("ip", "addr", "del", "198.18.1.2/24", "dev", c1.veth)
         c1.run("ip", "route", "replace", "default", "via", "198.18.1.1")
-
-        def moved() -> tuple[dict[str, Any], dict[str, Any]] | None:
-            c, g = one_conn(c1), one_conn(gw)
-            if c is None or g is None or not c["local"].startswith("198.18.1.3:"):
-                return None
-            return (c, g) if g["peer"].startswith("198.18.1.3:") else None
-
-        wait_for(
-            "c1 moved",
-            lambda: (c := one_conn(c1)) and c["local"].startswith("198.18.1.3:"),
-            8.0,
-            detail=diagnose(c1, gw),
-        )
-        wait_for(
-            "ping after move",
-            lambda: ping(c1, gw.inner4, c1.inner4) == (3, 3),
-            4,
-            0.1,
-            diagnose(c1, gw),
-        )
-        wait_for("only the new connection on both sides", moved, 3.0, detail=diagnose(c1, gw))
+        wait_moved(c1, gw, "198.18.1.3:", "c1 moved")
         sa = ike_sa(gw, NAME)
         assert (sa["remote-host"], sa["initiator-spi"]) == ("198.18.1.3", spi), sa
         for h in (c1, gw):
@@ -472,27 +478,7 @@ def test_mobike_change_of_address_family() -> None:
         spi = ike_sa(c1, NAME)["initiator-spi"]
         c1.run("ip", "-4", "addr", "flush", "dev", c1.veth)
         c1.run("ip", "-4", "route", "flush", "dev", c1.veth)
-
-        def moved() -> tuple[dict[str, Any], dict[str, Any]] | None:
-            c, g = one_conn(c1), one_conn(gw)
-            if c is None or g is None or not c["local"].startswith(f"[{c1.outer6}]:"):
-                return None
-            return (c, g) if g["peer"].startswith(f"[{c1.outer6}]:") else None
-
-        wait_for(
-            "c1 moved to IPv6",
-            lambda: (c := one_conn(c1)) and c["local"].startswith(f"[{c1.outer6}]:"),
-            8.0,
-            detail=diagnose(c1, gw),
-        )
-        wait_for(
-            "ping after move",
-            lambda: ping(c1, gw.inner4, c1.inner4) == (3, 3),
-            4,
-            0.1,
-            diagnose(c1, gw),
-        )
-        wait_for("only the new connection on both sides", moved, 3.0, detail=diagnose(c1, gw))
+        wait_moved(c1, gw, f"[{c1.outer6}]:", "c1 moved to IPv6")
         sa = ike_sa(gw, NAME)
         assert (sa["remote-host"], sa["initiator-spi"]) == (c1.outer6, spi), sa
         for h in (c1, gw):
