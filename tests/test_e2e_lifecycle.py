@@ -389,13 +389,7 @@ def test_client_reconnects_after_tcp_reset() -> None:
         (c, g), _ = wait_for("reconnect", reconnected, 6.0, detail=diagnose(c1, gw))
         assert c["id"] == before["c1"]["id"], (c, before["c1"])  # same connection slot
         assert g["id"] != before["gw"]["id"], (g, before["gw"])
-        wait_for(
-            "ping after reconnect",
-            lambda: ping(c1, gw.inner4, c1.inner4) == (3, 3),
-            4,
-            0.1,
-            diagnose(c1, gw),
-        )
+        wait_ping(c1, gw, "ping after reconnect", 4)
         assert ike_sa(c1, NAME)["initiator-spi"] == spi
         assert ike_sa(gw, NAME)["initiator-spi"] == spi
         for h in (c1, gw):
@@ -403,6 +397,17 @@ def test_client_reconnects_after_tcp_reset() -> None:
 
 
 # --- 5. MOBIKE -----------------------------------------------------------------------------
+
+
+def wait_ping(c1: Host, gw: Host, label: str, timeout: float) -> None:
+    """Until c1's inner address reaches gw's with 3 of 3 pings (or ``timeout``)."""
+    wait_for(
+        label,
+        lambda: ping(c1, gw.inner4, c1.inner4) == (3, 3),
+        timeout,
+        0.1,
+        diagnose(c1, gw),
+    )
 
 
 def wait_moved(c1: Host, gw: Host, prefix: str, label: str) -> None:
@@ -421,13 +426,7 @@ def wait_moved(c1: Host, gw: Host, prefix: str, label: str) -> None:
         8.0,
         detail=diagnose(c1, gw),
     )
-    wait_for(
-        "ping after move",
-        lambda: ping(c1, gw.inner4, c1.inner4) == (3, 3),
-        4,
-        0.1,
-        diagnose(c1, gw),
-    )
+    wait_ping(c1, gw, "ping after move", 4)
     wait_for("only the new connection on both sides", moved, 3.0, detail=diagnose(c1, gw))
 
 

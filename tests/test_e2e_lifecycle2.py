@@ -29,6 +29,7 @@ from test_e2e_lifecycle import (
     setup,
     spawn_ping,
     wait_for,
+    wait_ping,
 )
 
 from tcpencap.lab import Host, Lab, ping, psk_conf, tcpencap_conf
@@ -169,13 +170,7 @@ def test_client_charon_restart() -> None:
         c1.charon.initiate(NAME, timeout=10)
         new_spi = ike_sa(c1, NAME)["initiator-spi"]
         assert new_spi != old_spi
-        wait_for(
-            "ping over the new SA",
-            lambda: ping(c1, gw.inner4, c1.inner4) == (3, 3),
-            4.0,
-            0.1,
-            diagnose(c1, gw),
-        )
+        wait_ping(c1, gw, "ping over the new SA", 4.0)
         caps[0].stop()
         assert caps[0].count_udp_ike() == 0, "the new SA leaked UDP 500/4500"
         assert caps[0].count_tcp(4500) > 0
@@ -219,13 +214,7 @@ def test_gateway_charon_restart(how: str) -> None:
         c1.charon.initiate(NAME, timeout=10)
         new_spi = ike_sa(c1, NAME)["initiator-spi"]
         assert new_spi != old_spi
-        wait_for(
-            "ping after re-initiation",
-            lambda: ping(c1, gw.inner4, c1.inner4) == (3, 3),
-            4.0,
-            0.1,
-            diagnose(c1, gw),
-        )
+        wait_ping(c1, gw, "ping after re-initiation", 4.0)
         assert ike_sa(gw, NAME)["initiator-spi"] == new_spi
         for h in (c1, gw):
             c = consistent(h, timeout=5)
