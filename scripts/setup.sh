@@ -5,9 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
-  strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-extra-plugins
-  iptables iproute2 iperf3 socat ipset tshark tcpdump iputils-ping procps
+  strongswan-charon strongswan-swanctl libstrongswan-standard-plugins libstrongswan-extra-plugins
+  libcharon-extra-plugins libcharon-extauth-plugins
+  iptables iproute2 iperf3 socat ipset tshark tcpdump iputils-ping procps systemd git
   libnetfilter-queue-dev gcc libc6-dev python3-dev python3-venv vpnc
+  qemu-system-x86 debootstrap busybox-static cpio
 )
 
 if [ "$(id -u)" != 0 ]; then
@@ -38,4 +40,40 @@ if ! .venv/bin/python -c "import tcpencap, vici, netfilterqueue, scapy, pyroute2
   .venv/bin/python -m pip install -q -e '.[test]'
   touch .venv/.installed
 fi
+# Verify, so a missing piece fails here, naming its package, instead of deep inside a test.
+# Every strongSwan plugin the lab loads (tests/test_setup.py holds this list equal to lab.py's).
+PLUGIN_PACKAGES=(
+  random:libstrongswan nonce:libstrongswan pem:libstrongswan pkcs1:libstrongswan
+  pkcs8:libstrongswan x509:libstrongswan pubkey:libstrongswan kdf:libstrongswan
+  hmac:libstrongswan sha1:libstrongswan sha2:libstrongswan aes:libstrongswan
+  kernel-netlink:libstrongswan openssl:libstrongswan-standard-plugins
+  gcm:libstrongswan-standard-plugins curve25519:libstrongswan-extra-plugins
+  kernel-libipsec:libcharon-extra-plugins unity:libcharon-extra-plugins
+  eap-identity:libcharon-extra-plugins eap-md5:libcharon-extra-plugins
+  xauth-generic:libcharon-extauth-plugins eap-mschapv2:libcharon-extauth-plugins
+  socket-default:strongswan-libcharon vici:strongswan-swanctl
+)
+# Every tool the demo, the tests and the benchmarks call.
+TOOL_PACKAGES=(
+  ip:iproute2 iptables:iptables ip6tables:iptables ipset:ipset tcpdump:tcpdump tshark:tshark
+  ping:iputils-ping iperf3:iperf3 socat:socat vpnc:vpnc gcc:gcc swanctl:strongswan-swanctl
+  ps:procps systemd-analyze:systemd git:git qemu-system-x86_64:qemu-system-x86
+  debootstrap:debootstrap busybox:busybox-static cpio:cpio
+)
+problems=()
+[ -x /usr/lib/ipsec/charon ] || problems+=("/usr/lib/ipsec/charon is missing: install strongswan-charon")
+for entry in "${PLUGIN_PACKAGES[@]}"; do
+  plugin=${entry%%:*} package=${entry#*:}
+  [ -f "/usr/lib/ipsec/plugins/libstrongswan-$plugin.so" ] \
+    || problems+=("strongSwan plugin '$plugin' is missing: install $package")
+done
+for entry in "${TOOL_PACKAGES[@]}"; do
+  tool=${entry%%:*} package=${entry#*:}
+  command -v "$tool" >/dev/null || problems+=("'$tool' is not on PATH: install $package")
+done
+if [ ${#problems[@]} -gt 0 ]; then
+  printf 'setup: %s\n' "${problems[@]}" >&2
+  exit 1
+fi
+
 echo "setup: done ($(.venv/bin/python --version), $(/usr/lib/ipsec/charon --version 2>/dev/null | head -1 || echo charon))"

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -229,6 +230,6 @@ def run_hostile(
     """Run every case at once from ``host``; each waits at most ``cap`` seconds for closure."""
     spec = json.dumps({k: v.hex() for k, v in cases.items()})
     proc = host.run(
-        "python3", "-c", HOSTILE_SCRIPT, addr, str(port), str(cap), spec, timeout=cap + 10
+        sys.executable, "-c", HOSTILE_SCRIPT, addr, str(port), str(cap), spec, timeout=cap + 10
     )
     return json.loads(proc.stdout)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -261,7 +262,7 @@ def test_gateway_under_attack_keeps_honest_tunnels() -> None:
             ]
             time.sleep(1.0)
             attack = pool.submit(
-                fw.run, "python3", "-c", ATTACK_SCRIPT, gw.outer4, "4500", spec, timeout=90
+                fw.run, sys.executable, "-c", ATTACK_SCRIPT, gw.outer4, "4500", spec, timeout=90
             )
             while not attack.done():
                 rss_peak = max(rss_peak, _proc_rss(pid))

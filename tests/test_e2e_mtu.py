@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -159,9 +160,9 @@ else:
 
 def _check_transfer(lab: Lab) -> None:
     c1, gw = lab.clients[0], lab.gw
-    server = gw.spawn(["python3", "-c", _TRANSFER, "server", gw.inner(4), "5201"], "xfer.log")
+    server = gw.spawn([sys.executable, "-c", _TRANSFER, "server", gw.inner(4), "5201"], "xfer.log")
     server.wait_for_log("listening", timeout=5)
-    out = c1.run("python3", "-c", _TRANSFER, "client", gw.inner(4), "5201", timeout=90)
+    out = c1.run(sys.executable, "-c", _TRANSFER, "client", gw.inner(4), "5201", timeout=90)
     n, digest, want_digest, want_n = out.stdout.split()
     assert (int(n), digest) == (int(want_n), want_digest), out.stdout
 
@@ -333,6 +334,6 @@ def _fragmented_syn(lab: Lab) -> None:
     """A SYN split into 16-octet IP fragments from c2 still draws the gateway's SYN-ACK:
     the kernel reassembles before the raw-table NFQUEUE rule hands it to the shim."""
     c2, gw = lab.clients[1], lab.gw
-    out = c2.run("python3", "-c", _FRAG_SYN, str(gw.outer4), str(CTCP_PORT), timeout=30)
+    out = c2.run(sys.executable, "-c", _FRAG_SYN, str(gw.outer4), str(CTCP_PORT), timeout=30)
     flags = json.loads(out.stdout)
     assert flags and flags[0] & 0x12 == 0x12, (flags, out.stderr)
