@@ -9,7 +9,7 @@ APT_PACKAGES=(
   libcharon-extra-plugins libcharon-extauth-plugins
   iptables iproute2 iperf3 socat ipset tshark tcpdump iputils-ping procps systemd git
   libnetfilter-queue-dev gcc libc6-dev python3-dev python3-venv vpnc
-  qemu-system-x86 debootstrap busybox-static cpio
+  qemu-system-x86 debootstrap
 )
 
 if [ "$(id -u)" != 0 ]; then
@@ -58,7 +58,7 @@ TOOL_PACKAGES=(
   ip:iproute2 iptables:iptables ip6tables:iptables ipset:ipset tcpdump:tcpdump tshark:tshark
   ping:iputils-ping iperf3:iperf3 socat:socat vpnc:vpnc gcc:gcc swanctl:strongswan-swanctl
   ps:procps systemd-analyze:systemd git:git qemu-system-x86_64:qemu-system-x86
-  debootstrap:debootstrap busybox:busybox-static cpio:cpio
+  debootstrap:debootstrap
 )
 problems=()
 [ -x /usr/lib/ipsec/charon ] || problems+=("/usr/lib/ipsec/charon is missing: install strongswan-charon")
