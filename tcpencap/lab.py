@@ -15,7 +15,7 @@ gateway 198.19.200.1/32 and fd00:200::1/128, all on ``lo`` (this kernel has no d
 
 API::
 
-    with Lab(clients=2, workdir=None, keep=False) as lab:   # teardown always runs
+    with Lab(clients=2, workdir=None, keep=False, ipsec="libipsec") as lab:  # or "kernel"
         # lab.dir: a new temp dir (removed unless keep) or workdir (never removed);
         # lab.prefix: 'te' + 6 hex; lab.fw, lab.gw: Host; lab.clients: list[Host];
         # lab.hosts: [fw, gw, *clients]; lab.processes, lab.rules: what teardown undoes
@@ -78,6 +78,11 @@ BASE_PLUGINS = (
     "random nonce openssl pem pkcs1 pkcs8 x509 pubkey kdf hmac sha1 sha2 aes gcm curve25519 "
     "kernel-libipsec kernel-netlink socket-default vici"
 ).split()
+# Where ESP runs: "libipsec" (user space, a TUN device; this machine's kernel has no ESP) or
+# "kernel" (XFRM through kernel-netlink, as on the servers people deploy on; the VM lab).
+# TCPENCAP_LAB_IPSEC sets the default, so the same lab tests run on either (tests/vm/).
+IPSEC_BACKENDS = ("libipsec", "kernel")
+DEFAULT_IPSEC = os.environ.get("TCPENCAP_LAB_IPSEC", "libipsec")
 SWANCTL_SUBDIRS = (
     "x509 x509ca x509ocsp x509aa x509ac x509crl pubkey private rsa ecdsa bliss pkcs8 pkcs12"
 ).split()
@@ -233,7 +238,7 @@ class Host:
         return proc
 
     def start_charon(self, plugins_extra: Iterable[str] = (), settings: str = "") -> Charon:
-        """Start charon with kernel-libipsec, a private /run and its own VICI socket.
+        """Start charon with the lab's IPsec backend, a private /run and its own VICI socket.
 
         ``settings`` is extra strongswan.conf text placed inside the ``charon { }`` section.
         """
@@ -249,7 +254,10 @@ class Host:
         log = cdir / "charon.log"
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
-        plugins = " ".join(dict.fromkeys([*BASE_PLUGINS, *plugins_extra]))
+        skip = {"kernel-libipsec"} if self.lab.ipsec == "kernel" else set()
+        plugins = " ".join(
+            p for p in dict.fromkeys([*BASE_PLUGINS, *plugins_extra]) if p not in skip
+        )
         conf = cdir / "strongswan.conf"
         conf.write_text(
             f"""charon {{
@@ -525,9 +533,18 @@ class Capture:
 class Lab:
     """The namespaces, links, processes and rules of one lab; a context manager."""
 
-    def __init__(self, clients: int = 2, workdir: Path | None = None, keep: bool = False) -> None:
+    def __init__(
+        self,
+        clients: int = 2,
+        workdir: Path | None = None,
+        keep: bool = False,
+        ipsec: str = DEFAULT_IPSEC,
+    ) -> None:
         if not 1 <= clients <= 50:
             raise ValueError("clients must be 1..50")
+        if ipsec not in IPSEC_BACKENDS:
+            raise ValueError(f"ipsec must be one of {IPSEC_BACKENDS}")
+        self.ipsec = ipsec
         self.prefix = "te" + secrets.token_hex(3)
         self.keep = keep
         self._own_dir = workdir is None

@@ -19,6 +19,7 @@ CAP_NET_ADMIN = 12
 CAP_NET_RAW = 13
 KEEP = (CAP_NET_BIND_SERVICE, CAP_NET_ADMIN, CAP_NET_RAW)
 
+_PR_CAPBSET_READ = 23
 _PR_CAPBSET_DROP = 24
 _PR_SET_NO_NEW_PRIVS = 38
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -48,7 +49,11 @@ def keep_only(keep: tuple[int, ...] = KEEP) -> None:
     """Drop every capability but ``keep``; raises OSError if the kernel refuses."""
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     for cap in range(_last_cap() + 1):
-        if cap not in keep and libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+        # Under systemd's CapabilityBoundingSet= the others are gone already, and dropping
+        # one that is still there needs CAP_SETPCAP, which such a unit does not grant.
+        if cap in keep or libc.prctl(_PR_CAPBSET_READ, cap, 0, 0, 0) == 0:
+            continue
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
             err = ctypes.get_errno()
             if err != 22:  # EINVAL: capability unknown to this kernel
                 raise OSError(err, f"PR_CAPBSET_DROP {cap}: {os.strerror(err)}")

@@ -511,7 +511,7 @@ def test_unit_file_keys() -> None:
         ("RuntimeDirectory", "tcpencap"),
     ):
         assert svc.get(key) == [want], (key, svc.get(key))
-    caps = {"CAP_NET_ADMIN", "CAP_NET_RAW"}
+    caps = {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_NET_BIND_SERVICE"}
     assert set(svc["CapabilityBoundingSet"][0].split()) == caps
     assert set(svc["AmbientCapabilities"][0].split()) == caps
     assert set(svc["RestrictAddressFamilies"][0].split()) == {
@@ -525,13 +525,13 @@ def test_unit_file_keys() -> None:
 
 def test_unit_file_verifies(tmp_path: Path) -> None:
     """systemd-analyze verify in a scratch root with the system's units, a stub
-    strongswan.service and a stub /usr/local/bin/tcpencap: no warning at all."""
+    strongswan.service and a stub /opt/tcpencap/.venv/bin/tcpencap: no warning at all."""
     tool = shutil.which("systemd-analyze")
     assert tool, "systemd-analyze is needed (Debian package systemd; scripts/setup.sh installs it)"
     root = tmp_path / "root"
     (root / "etc/systemd/system").mkdir(parents=True)
     shutil.copytree("/lib/systemd/system", root / "lib/systemd/system", symlinks=True)
-    for exe in ("usr/local/bin/tcpencap", "bin/kill"):
+    for exe in ("opt/tcpencap/.venv/bin/tcpencap", "bin/kill"):
         p = root / exe
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("#!/bin/sh\n")

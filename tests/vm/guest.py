@@ -1,0 +1,359 @@
+"""A real Debian 12 guest under QEMU: the stock kernel (XFRM with ESP, as modules) and systemd.
+
+This machine's kernel has no ESP transform, so everything that needs the kernel's IPsec, or
+systemd as PID 1, runs here. Test-side code: never installed with the daemon.
+
+- ``base_rootfs()``: Debian 12 made by debootstrap from the Debian registry, with the packages
+  in ``GUEST_PACKAGES`` and a venv holding tcpencap's dependencies. Cached outside the repo,
+  keyed by everything that decides its content, and never changed after it is built.
+- ``build_image(tree, out)``: that root file system plus this checkout (installed into the venv
+  with ``pip install``, as the README's deployment section says) as one ext4 image.
+- ``boot(image, script, results, timeout)``: boots systemd in the image under software
+  emulation (KVM guests hang on these machines), runs ``script`` as root from a unit ordered
+  after multi-user.target with ``/results`` shared with the host, and powers off.
+
+Measured here: pure Python runs about 19x slower in the guest (TCG) than on the host, so the
+guest is for what only a real kernel or systemd can show, never for performance figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+SUITE = "bookworm"
+MIRROR = "http://deb.debian.org/debian"
+CACHE = Path(os.environ.get("TCPENCAP_VM_CACHE", "/var/cache/tcpencap-vm"))
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VENV = "/opt/tcpencap/.venv"
+SRC = "/opt/tcpencap/src"
+
+GUEST_PACKAGES = (
+    # a bootable Debian with systemd as PID 1
+    "linux-image-amd64 systemd systemd-sysv udev kmod procps iproute2 "
+    # strongSwan as a server runs it: charon-systemd (strongswan.service) and the lab's charon
+    "charon-systemd strongswan-charon strongswan-swanctl libstrongswan-standard-plugins "
+    "libstrongswan-extra-plugins libcharon-extra-plugins libcharon-extauth-plugins "
+    # what tcpencap and the lab call
+    "iptables ipset tcpdump iputils-ping "
+    # to build netfilterqueue into the venv
+    "python3 python3-venv python3-dev gcc libc6-dev libnetfilter-queue-dev"
+).split()
+
+# Written into the guest: fstab for the shares, and the unit that runs the host's script.
+FSTAB = """\
+/dev/vda / ext4 rw,noatime 0 1
+results /results 9p trans=virtio,version=9p2000.L,msize=262144,rw 0 0
+"""
+RUN_UNIT = """\
+[Unit]
+Description=Run the host's test script, then power off
+After=multi-user.target
+RequiresMountsFor=/results
+SuccessAction=poweroff-force
+FailureAction=poweroff-force
+
+[Service]
+Type=oneshot
+ExecStart=/bin/sh -c '/bin/sh /results/run.sh >/results/run.log 2>&1; echo $? >/results/rc'
+TimeoutStartSec=infinity
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+class GuestError(RuntimeError):
+    """The guest could not be built or booted; the message carries the log tail."""
+
+
+def _run(argv: list[str], log: Path | None = None, timeout: float = 1800, **kw) -> None:
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+    if log is not None:
+        with open(log, "a") as f:
+            f.write(f"$ {' '.join(argv)}\n{res.stdout}{res.stderr}")
+    if res.returncode != 0:
+        tail = "\n".join((res.stdout + res.stderr).splitlines()[-30:])
+        raise GuestError(f"{' '.join(argv[:6])} -> {res.returncode}:\n{tail}")
+
+
+def _requirements() -> list[str]:
+    """tcpencap's runtime and test requirements, read from setup.cfg (one source of truth)."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO_ROOT / "setup.cfg")
+    reqs = cfg["options"]["install_requires"].split()
+    reqs += cfg["options.extras_require"]["test"].split()
+    return sorted(r for r in reqs if not r.startswith("ruff"))
+
+
+def cache_key() -> str:
+    text = "\n".join([SUITE, MIRROR, *GUEST_PACKAGES, *_requirements(), FSTAB, RUN_UNIT])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+HOST_CA = "/run/host-ca.pem"  # inside the chroot, on a tmpfs gone with it
+
+
+def _chroot_env() -> dict[str, str]:
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
+    if _host_ca():
+        env["PIP_CERT"] = HOST_CA
+    return env
+
+
+def _host_ca() -> str | None:
+    """The CA bundle this machine's own pip trusts, if one is set: the network here passes
+    TLS through an intercepting proxy whose CA only that bundle has. A property of the
+    machine's network, not of the guest, so it goes no further than the chroot's pip."""
+    path = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE")
+    return path if path and os.path.isfile(path) else None
+
+
+@contextlib.contextmanager
+def _chroot_mounts(root: Path) -> Iterator[None]:
+    """/proc, /sys, /dev and a resolv.conf, for package scripts and pip inside ``root``."""
+    done: list[Path] = []
+    try:
+        for fs, target, opts in (
+            ("proc", "proc", ["-t", "proc"]),
+            ("/sys", "sys", ["--rbind"]),
+            ("/dev", "dev", ["--rbind"]),
+            ("tmpfs", "run", ["-t", "tmpfs"]),
+        ):
+            path = root / target
+            subprocess.run(["mount", *opts, fs, str(path)], check=True)
+            done.append(path)
+        shutil.copyfile("/etc/resolv.conf", root / "etc/resolv.conf")
+        if ca := _host_ca():
+            shutil.copyfile(ca, root / HOST_CA.lstrip("/"))
+        yield
+    finally:
+        for path in reversed(done):
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def base_rootfs(log: Path) -> Path:
+    """The cached guest root file system, built on first use (a few minutes)."""
+    base = CACHE / f"guest-{cache_key()}"
+    if (base / ".complete").exists():
+        return base
+    tmp = base.with_name(base.name + ".tmp")
+    if not (tmp / ".debootstrapped").exists():  # a finished debootstrap is kept for a retry
+        shutil.rmtree(tmp, ignore_errors=True)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        _run(
+            ["debootstrap", "--variant=minbase", f"--include={','.join(GUEST_PACKAGES)}", SUITE]
+            + [str(tmp), MIRROR],
+            log,
+        )
+        (tmp / ".debootstrapped").touch()
+    with _chroot_mounts(tmp):
+        _run(["chroot", str(tmp), "python3", "-m", "venv", "--clear", VENV], log)
+        pip = [f"{VENV}/bin/python", "-m", "pip", "install", "-q", "--no-cache-dir"]
+        _run(["chroot", str(tmp), *pip, *_requirements()], log, env=_chroot_env())
+    (tmp / "etc/fstab").write_text(FSTAB)
+    (tmp / "etc/hostname").write_text("tcpencap-guest\n")
+    (tmp / "results").mkdir(exist_ok=True)
+    unit = tmp / "etc/systemd/system/tcpencap-guest-run.service"
+    unit.write_text(RUN_UNIT)
+    wants = tmp / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    (wants / unit.name).symlink_to(f"/etc/systemd/system/{unit.name}")
+    # Installing charon-systemd enabled strongswan.service; the tests start it themselves.
+    for enabled in wants.glob("strongswan*.service"):
+        enabled.unlink()
+    (tmp / ".complete").touch()
+    tmp.rename(base)
+    return base
+
+
+@dataclass
+class Image:
+    path: Path
+    kernel: Path
+    initrd: Path
+
+
+def build_image(out: Path, log: Path, tree: Path = REPO_ROOT) -> Image:
+    """An ext4 image: the cached base plus ``tree``'s files (tracked and untracked, not
+    ignored), pip-installed into the venv and byte-compiled (imports in the guest are slow
+    enough already)."""
+    base = base_rootfs(log)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="guest-overlay.", dir=out))
+    merged, upper, wdir = work / "merged", work / "upper", work / "work"
+    for d in (merged, upper, wdir):
+        d.mkdir()
+    _run(
+        ["mount", "-t", "overlay", "overlay", "-o"]
+        + [f"lowerdir={base},upperdir={upper},workdir={wdir}", str(merged)]
+    )
+    try:
+        src = merged / SRC.lstrip("/")
+        src.parent.mkdir(parents=True, exist_ok=True)
+        files = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(tree),
+                "ls-files",
+                "-z",
+                "--cached",
+                "--others",
+                "--exclude-standard",
+            ],
+            capture_output=True,
+            check=True,
+        ).stdout.split(b"\0")
+        for name in filter(None, files):
+            rel = Path(os.fsdecode(name))
+            if (tree / rel).is_file():
+                (src / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(tree / rel, src / rel)
+        with _chroot_mounts(merged):
+            env = _chroot_env()
+            pip = [
+                f"{VENV}/bin/python",
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "--no-cache-dir",
+            ]
+            _run(["chroot", str(merged), *pip, SRC], log, env=env)
+            _run(["chroot", str(merged), f"{VENV}/bin/python", "-m", "compileall", "-q", SRC], log)
+        kernel = sorted((merged / "boot").glob("vmlinuz-*"))[-1]
+        initrd = sorted((merged / "boot").glob("initrd.img-*"))[-1]
+        image = Image(out / "guest.img", out / "vmlinuz", out / "initrd.img")
+        shutil.copyfile(kernel, image.kernel)
+        shutil.copyfile(initrd, image.initrd)
+        image.path.unlink(missing_ok=True)
+        _run(
+            ["mke2fs", "-q", "-t", "ext4", "-L", "root", "-d", str(merged), str(image.path), "4G"],
+            log,
+        )
+        return image
+    finally:
+        subprocess.run(["umount", "-l", str(merged)], check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@dataclass
+class Boot:
+    returncode: int | None  # the script's exit code; None if it never finished
+    seconds: float  # wall time from qemu's start to its exit
+    console: str  # what the guest printed on its serial console
+    results: Path  # the shared folder: run.log, rc and whatever the script wrote
+
+    def run_log(self) -> str:
+        try:
+            return (self.results / "run.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+def boot(
+    image: Image, script: str, results: Path, timeout: float = 900, memory_mb: int = 3072
+) -> Boot:
+    """Boot the guest, run ``script`` (sh) as root after multi-user.target, return when it powers
+    off. qemu is killed (by its PID) if it outlives ``timeout``."""
+    if shutil.which("qemu-system-x86_64") is None:
+        raise GuestError("qemu-system-x86_64 is needed (qemu-system-x86; scripts/setup.sh)")
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "run.sh").write_text(script)
+    (results / "rc").unlink(missing_ok=True)
+    console = results / "console.log"
+    argv = [
+        "qemu-system-x86_64",
+        "-machine", "q35",
+        "-cpu", "max",
+        "-accel", "tcg,thread=multi",
+        "-smp", str(os.cpu_count() or 2),
+        "-m", str(memory_mb),
+        "-nodefaults", "-display", "none", "-no-reboot",
+        "-serial", f"file:{console}",
+        "-kernel", str(image.kernel),
+        "-initrd", str(image.initrd),
+        "-append", "root=/dev/vda rw console=ttyS0 panic=-1 net.ifnames=0 systemd.show_status=1",
+        "-drive", f"file={image.path},format=raw,if=virtio,snapshot=on",
+        "-fsdev", f"local,id=results,path={results},security_model=none",
+        "-device", "virtio-9p-pci,fsdev=results,mount_tag=results",
+        "-nic", "none",
+    ]  # fmt: skip
+    start = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+    seconds = time.monotonic() - start
+    text = console.read_text(errors="replace") if console.exists() else ""
+    if out:
+        text += "\n[qemu] " + out.decode(errors="replace")
+    rc_file = results / "rc"
+    rc = int(rc_file.read_text()) if rc_file.exists() else None
+    return Boot(rc, seconds, text, results)
+
+
+def run_pytest(
+    work: Path, test_file: str, timeout: float
+) -> tuple[Boot, dict[str, dict[str, str]]]:
+    """Build the image, boot it once and run ``test_file`` (relative to the checkout) under
+    pytest in the guest with the kernel-IPsec lab; returns the boot and, per test name, its
+    time, failure text ("" if it passed) and output."""
+    import xml.etree.ElementTree as ET
+
+    image = build_image(work / "image", work / "build.log")
+    script = f"""\
+cd {SRC}
+echo "guest kernel: $(uname -r)"
+export TCPENCAP_LAB_IPSEC=kernel PYTHONPATH={SRC}/tests PYTHONDONTWRITEBYTECODE=1
+timeout {int(timeout) - 120} {VENV}/bin/python -m pytest -p no:cacheprovider -v -s -rA \\
+    --junitxml=/results/junit.xml {test_file}
+rc=$?
+journalctl -b --no-pager -o short-monotonic >/results/journal.txt 2>&1
+exit $rc
+"""
+    result = boot(image, script, work / "results", timeout=timeout)
+    image.path.unlink(missing_ok=True)  # 4 GB (sparse); the logs stay
+    cases: dict[str, dict[str, str]] = {}
+    junit = result.results / "junit.xml"
+    if junit.exists():
+        for case in ET.parse(junit).iter("testcase"):
+            bad = case.find("failure")
+            if bad is None:
+                bad = case.find("error")
+            text = "" if bad is None else f"{bad.get('message', '')}\n{bad.text or ''}"
+            cases[case.get("name", "")] = {
+                "time": case.get("time", "?"),
+                "failure": text,
+                "out": case.findtext("system-out") or "",
+            }
+    return result, cases
+
+
+def section(log: str, name: str) -> str:
+    """What one test printed in the guest's verbose pytest log (its -s output)."""
+    lines = log.splitlines()
+    start = next((i for i, line in enumerate(lines) if f"::{name} " in line), None)
+    if start is None:
+        return ""
+    out = []
+    for line in lines[start + 1 :]:
+        if "::test_" in line:
+            break
+        out.append(line)
+    return "\n".join(out)

@@ -1,0 +1,282 @@
+"""Stock-kernel lab scenarios: run inside the Debian guest (tests/vm/test_vm_kernel.py boots it),
+with ESP in the kernel's XFRM through charon's kernel-netlink, as on the servers people deploy on.
+
+What only a real kernel shows: ESP-in-UDP made by XFRM passing tcpencap's OUTPUT queue, and
+ESP-in-UDP that tcpencap injects being decapsulated by the kernel's UDP-encap socket. In every
+scenario: `ip xfrm state` holds the SAs with UDP encapsulation, pings cross both ways, and a
+capture on the client's link sees no UDP 500/4500.
+
+Not collected on the host (the name has no test_ prefix): the host kernel has no ESP.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from e2e_helpers import assert_pings, ike_sa, listen_addr
+
+from tcpencap.lab import Capture, Host, Lab, ping, psk_conf
+
+NAME = "c1-gw"
+PORTS = {"rfc9329": 4500, "ctcp": 10000}
+# Everything in the guest runs under software emulation, Python about 19x slower than on
+# the host: waits are long, the checks are the same.
+WAIT = 60.0
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = WAIT) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = probe()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout}s (last: {got!r})")
+        time.sleep(0.5)
+
+
+def tcpencap_confs(c1: Host, gw: Host, encap: str, family: int) -> tuple[str, str]:
+    """(client, gateway) tcpencap.conf for one encapsulation."""
+    port = PORTS[encap]
+    listen_key = "listen" if encap == "rfc9329" else "ctcp_listen"
+    conn_extra = "encapsulation = ctcp" if encap == "ctcp" else f"remote_port = {port}"
+    common = "  vici_socket = {uri}\n  status_socket = {dir}/tcpencap.ctl\n"
+    client = (
+        "tcpencap {\n" + common.format(uri=c1.charon.uri, dir=c1.dir)
+        + f"  connections {{\n    {NAME} {{\n      {conn_extra}\n    }}\n  }}\n}}\n"
+    )  # fmt: skip
+    gateway = (
+        "tcpencap {\n" + common.format(uri=gw.charon.uri, dir=gw.dir)
+        + f"  gateway {{\n    {listen_key} = {listen_addr(gw, family, port)}\n  }}\n}}\n"
+    )  # fmt: skip
+    return client, gateway
+
+
+def start(
+    lab: Lab,
+    encap: str,
+    family: int = 4,
+    version: int = 2,
+    edit: Callable[[str], str] = lambda conf: conf,
+) -> tuple[Host, Host]:
+    """c1 and gw with charon (kernel-netlink) and tcpencap, c1's UDP dropped in fw; not yet
+    initiated. ``edit`` changes both swanctl configurations."""
+    assert lab.ipsec == "kernel", "these scenarios are for the kernel's XFRM"
+    c1, gw = lab.clients[0], lab.gw
+    lab.block_udp(c1)
+    for host, peer in ((c1, gw), (gw, c1)):
+        host.start_charon()
+        conf = edit(psk_conf(host, peer, family=family))
+        if version == 1:
+            conf = conf.replace("version = 2", "version = 1\n    aggressive = no")
+        host.charon.load(conf)
+    client_conf, gw_conf = tcpencap_confs(c1, gw, encap, family)
+    gw.start_tcpencap(gw_conf, log_level="info")
+    c1.start_tcpencap(client_conf, log_level="info")
+    return c1, gw
+
+
+def xfrm_states(host: Host) -> list[dict[str, str]]:
+    """`ip xfrm state` of ``host``: one dict per SA (src, dst, proto, spi, encap)."""
+    out = host.run("ip", "xfrm", "state").stdout
+    states = []
+    for block in re.split(r"\n(?=src )", out.strip()):
+        if not block:
+            continue
+        m = re.match(r"src (\S+) dst (\S+)\s+proto (\S+) spi (0x[0-9a-f]+)", block)
+        assert m, block
+        enc = re.search(r"encap type (\S+) sport (\d+) dport (\d+)", block)
+        states.append(
+            {
+                "src": m.group(1),
+                "dst": m.group(2),
+                "proto": m.group(3),
+                "spi": m.group(4),
+                "encap": f"{enc.group(1)} {enc.group(2)}->{enc.group(3)}" if enc else "",
+            }
+        )
+    return states
+
+
+def assert_kernel_path(lab: Lab, c1: Host, gw: Host, cap: Capture) -> None:
+    """The three checks of every scenario: UDP-encapsulated ESP SAs in XFRM on both sides
+    (matching charon's CHILD SAs), pings both ways, no UDP 500/4500 on c1's link."""
+    assert_pings(c1, gw)
+    for host in (c1, gw):
+        states = xfrm_states(host)
+        children = [
+            child
+            for entry in host.charon.list_sas()
+            for sa in entry.values()
+            for child in sa.get("child-sas", {}).values()
+            if child.get("state") == "INSTALLED"
+        ]
+        assert children, f"{host.role}: no INSTALLED CHILD SA"
+        spis = {f"0x{c[k]}" for c in children for k in ("spi-in", "spi-out")}
+        assert spis <= {s["spi"] for s in states}, (host.role, spis, states)
+        for s in states:
+            assert s["proto"] == "esp" and s["encap"].startswith("espinudp "), (host.role, s)
+        print(f"{host.role} ip xfrm state: {states}")
+    packets = cap.stop()
+    leaks = cap.count_udp_ike()
+    assert leaks == 0, f"{leaks} UDP 500/4500 packets on c1's link"
+    print(f"capture on c1's link: {len(packets)} packets, 0 UDP 500/4500")
+
+
+def assert_esp_in_kernel(host: Host) -> None:
+    """The kernel's ESP, not libipsec, carries the tunnel: esp4/esp6 loaded, no ipsec0."""
+    modules = open("/proc/modules").read()
+    assert re.search(r"^esp[46] ", modules, re.M), "esp4/esp6 module not loaded"
+    links = host.run("ip", "-o", "link").stdout
+    assert "ipsec0" not in links, links
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("encap", ["rfc9329", "ctcp"])
+def test_ikev2_psk(encap: str, family: int) -> None:
+    with Lab(clients=1, ipsec="kernel") as lab:
+        c1, gw = start(lab, encap, family)
+        cap = lab.capture(c1)
+        c1.charon.initiate(NAME, timeout=WAIT)
+        assert_esp_in_kernel(c1)
+        assert_kernel_path(lab, c1, gw, cap)
+
+
+def test_ikev1_main_mode_over_ctcp() -> None:
+    with Lab(clients=1, ipsec="kernel") as lab:
+        c1, gw = start(lab, "ctcp", version=1)
+        cap = lab.capture(c1)
+        c1.charon.initiate(NAME, timeout=WAIT)
+        assert ike_sa(c1, NAME)["version"] == "IKEv1"
+        assert_kernel_path(lab, c1, gw, cap)
+
+
+def ping_log(host: Host, dst: str, src: str, seconds: int) -> Any:
+    argv = ["ping", "-n", "-q", "-i", "0.2", "-W", "2", "-w", str(seconds), "-I", src, dst]
+    return host.spawn(argv, "ping.log")
+
+
+def ping_counts(proc: Any) -> tuple[int, int]:
+    proc.popen.wait(30)
+    m = re.search(r"(\d+) packets transmitted, (\d+) (?:packets )?received", proc.log_text())
+    assert m, proc.log_text()
+    return int(m.group(1)), int(m.group(2))
+
+
+@pytest.mark.parametrize("encap", ["rfc9329", "ctcp"])
+def test_rekeys_under_ping(encap: str) -> None:
+    """Short lifetimes (IKE 20 s, CHILD 12 s) under a ping every 200 ms for 45 s: new SPIs in
+    XFRM, at most a few pings lost per rekey, and the tunnel stays on TCP throughout."""
+
+    def lifetimes(conf: str) -> str:
+        ike = "    rekey_time = 20s\n    rand_time = 0s\n"
+        conf = conf.replace("    proposals = ", ike + "    proposals = ", 1)
+        return conf.replace(
+            "        esp_proposals = ",
+            "        rekey_time = 12s\n        life_time = 60s\n        rand_time = 0s\n"
+            "        esp_proposals = ",
+            1,
+        )
+
+    with Lab(clients=1, ipsec="kernel") as lab:
+        c1, gw = start(lab, encap, edit=lifetimes)
+        cap = lab.capture(c1)
+        c1.charon.initiate(NAME, timeout=WAIT)
+        first_ike = ike_sa(c1, NAME)["initiator-spi"]
+        first_esp = {s["spi"] for s in xfrm_states(c1)}
+        proc = ping_log(c1, gw.inner4, c1.inner4, 45)
+        sent, received = ping_counts(proc)
+        print(f"ping under rekeys: {received}/{sent}")
+        assert ike_sa(c1, NAME)["initiator-spi"] != first_ike, "no IKE rekey in 45 s"
+        assert not first_esp & {s["spi"] for s in xfrm_states(c1)}, "no CHILD rekey in 45 s"
+        assert sent >= 150 and sent - received <= 10, (sent, received)
+        assert_kernel_path(lab, c1, gw, cap)
+
+
+def ike_spis(host: Host) -> list[str]:
+    """Initiator SPIs of every IKE SA called NAME (two while a rekey is in flight)."""
+    return [sa["initiator-spi"] for e in host.charon.list_sas() for n, sa in e.items() if n == NAME]
+
+
+def move_client(c1: Host) -> None:
+    """c1's outer IPv4 address changes from 198.18.1.2 to 198.18.1.3 (MOBIKE follows)."""
+    c1.run("sysctl", "-q", "-w", f"net.ipv4.conf.{c1.veth}.promote_secondaries=1")
+    c1.run("ip", "addr", "add", "198.18.1.3/24", "dev", c1.veth)
+    c1.run("ip", "addr", "del", "198.18.1.2/24", "dev", c1.veth)
+    c1.run("ip", "route", "replace", "default", "via", "198.18.1.1")
+
+
+def wait_moved(c1: Host, gw: Host) -> None:
+    wait_for(
+        "gw's IKE SA follows c1 to 198.18.1.3",
+        lambda: (
+            [sa["remote-host"] for e in gw.charon.list_sas() for sa in e.values()] == ["198.18.1.3"]
+        ),
+    )
+    wait_for("ping after the move", lambda: ping(c1, gw.inner4, c1.inner4) == (3, 3))
+    wait_for(
+        "XFRM SAs on gw point at the new address",
+        lambda: (
+            any(s["dst"] == "198.18.1.3" for s in xfrm_states(gw))
+            and not any("198.18.1.2" in (s["src"], s["dst"]) for s in xfrm_states(gw))
+        ),
+    )
+
+
+@pytest.mark.parametrize("encap", ["rfc9329", "ctcp"])
+def test_mobike_address_change(encap: str) -> None:
+    with Lab(clients=1, ipsec="kernel") as lab:
+        c1, gw = start(lab, encap)
+        c1.charon.initiate(NAME, timeout=WAIT)
+        spi = ike_sa(c1, NAME)["initiator-spi"]
+        cap = lab.capture(c1)
+        move_client(c1)
+        wait_moved(c1, gw)
+        assert ike_sa(gw, NAME)["initiator-spi"] == spi
+        assert_kernel_path(lab, c1, gw, cap)
+
+
+@pytest.mark.parametrize("encap", ["rfc9329", "ctcp"])
+def test_tcpencap_restart(encap: str) -> None:
+    """The client's tcpencap dies (SIGKILL) and is started again: the same IKE SA carries
+    traffic again, and nothing leaked as UDP while it was down (fail-closed)."""
+    with Lab(clients=1, ipsec="kernel") as lab:
+        c1, gw = start(lab, encap)
+        c1.charon.initiate(NAME, timeout=WAIT)
+        spi = ike_sa(c1, NAME)["initiator-spi"]
+        cap = lab.capture(c1)
+        os.kill(c1.tcpencap.pid, signal.SIGKILL)
+        c1.tcpencap.popen.wait(10)
+        assert ping(c1, gw.inner4, c1.inner4)[1] == 0, "traffic passed with tcpencap dead"
+        conf = (c1.dir / "tcpencap.conf").read_text()
+        c1.start_tcpencap(conf, log_level="info")
+        wait_for("ping after the restart", lambda: ping(c1, gw.inner4, c1.inner4) == (3, 3))
+        assert ike_sa(c1, NAME)["initiator-spi"] == spi
+        assert_kernel_path(lab, c1, gw, cap)
+
+
+@pytest.mark.parametrize("encap", ["rfc9329", "ctcp"])
+def test_ike_rekey_then_mobike(encap: str) -> None:
+    """An IKE rekey immediately followed by a MOBIKE address change (a known failure of the
+    QuickSec engine's TCP encapsulation): the INFORMATIONAL that deletes the old IKE SA must
+    still travel over TCP, so the gateway ends with exactly one IKE SA, the new one, and
+    nothing leaves c1 as UDP."""
+    with Lab(clients=1, ipsec="kernel") as lab:
+        c1, gw = start(lab, encap)
+        c1.charon.initiate(NAME, timeout=WAIT)
+        old = ike_sa(c1, NAME)["initiator-spi"]
+        cap = lab.capture(c1)
+        c1.charon.session().rekey({"ike": NAME})
+        move_client(c1)
+        wait_for("c1's IKE SA rekeyed", lambda: ike_spis(c1) not in ([], [old]))
+        wait_for("c1 holds only the new IKE SA", lambda: len(ike_spis(c1)) == 1)
+        [new] = ike_spis(c1)
+        wait_moved(c1, gw)
+        wait_for("gw holds only the new IKE SA", lambda: ike_spis(gw) == [new])
+        assert_kernel_path(lab, c1, gw, cap)

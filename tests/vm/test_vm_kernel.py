@@ -1,0 +1,59 @@
+"""The stock-kernel lab: tests/vm/kernel_scenarios.py run inside a Debian 12 guest (the stock
+kernel, ESP in XFRM through kernel-netlink), one boot for all of them. Each scenario is reported
+here as its own test, with what it printed in the guest.
+
+Run with `bash scripts/vm-test.sh` (CI does). Needs root, qemu-system-x86_64 and debootstrap;
+the first run builds the cached guest root file system (a few minutes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import guest
+import pytest
+
+pytestmark = pytest.mark.vm
+
+# Every scenario the guest must run; one missing from its report fails below.
+SCENARIOS = [
+    "test_ikev2_psk[rfc9329-4]",
+    "test_ikev2_psk[rfc9329-6]",
+    "test_ikev2_psk[ctcp-4]",
+    "test_ikev2_psk[ctcp-6]",
+    "test_ikev1_main_mode_over_ctcp",
+    "test_rekeys_under_ping[rfc9329]",
+    "test_rekeys_under_ping[ctcp]",
+    "test_mobike_address_change[rfc9329]",
+    "test_mobike_address_change[ctcp]",
+    "test_tcpencap_restart[rfc9329]",
+    "test_tcpencap_restart[ctcp]",
+    "test_ike_rekey_then_mobike[rfc9329]",
+    "test_ike_rekey_then_mobike[ctcp]",
+]
+
+
+@pytest.fixture(scope="module")
+def guest_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    work = tmp_path_factory.mktemp("vm-kernel")
+    boot, cases = guest.run_pytest(work, "tests/vm/kernel_scenarios.py", timeout=3000)
+    print(f"\nguest boot + scenarios: {boot.seconds:.0f} s wall, exit {boot.returncode}; {work}")
+    return {"boot": boot, "cases": cases}
+
+
+def test_guest_ran_every_scenario(guest_run: dict[str, Any]) -> None:
+    boot = guest_run["boot"]
+    assert set(guest_run["cases"]) == set(SCENARIOS), (
+        f"guest ran {sorted(guest_run['cases'])}; exit {boot.returncode}\n"
+        f"--- run.log tail:\n{boot.run_log()[-3000:]}\n--- console tail:\n{boot.console[-3000:]}"
+    )
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_scenario(guest_run: dict[str, Any], name: str) -> None:
+    case = guest_run["cases"].get(name)
+    assert case is not None, f"{name} did not run in the guest"
+    print(
+        f"{name}: {case['time']} s in the guest\n{guest.section(guest_run['boot'].run_log(), name)}"
+    )
+    assert not case["failure"], f"{name} failed in the guest:\n{case['failure'][-4000:]}"

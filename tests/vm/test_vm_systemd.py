@@ -1,0 +1,45 @@
+"""systemd for real: tests/vm/systemd_scenarios.py in a Debian 12 guest booted with systemd as
+PID 1, charon-systemd's strongswan.service and configs/tcpencap.service installed as the README
+says. Each step is reported here as its own test, with what it printed in the guest.
+
+Run with `bash scripts/vm-test.sh` (CI does).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import guest
+import pytest
+
+pytestmark = pytest.mark.vm
+
+STEPS = [
+    "test_1_systemctl_start_and_traffic_over_tcp",
+    "test_2_journal_shows_tcpencap",
+    "test_3_reload_applies_a_change",
+    "test_4_sigkill_is_restarted_and_sas_resume",
+    "test_5_stopping_strongswan_stops_tcpencap_and_leaves_no_rules",
+]
+
+
+@pytest.fixture(scope="module")
+def guest_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    work = tmp_path_factory.mktemp("vm-systemd")
+    boot, cases = guest.run_pytest(work, "tests/vm/systemd_scenarios.py", timeout=1500)
+    print(
+        f"\nguest boot + systemd steps: {boot.seconds:.0f} s wall, exit {boot.returncode}; {work}"
+    )
+    return {"boot": boot, "cases": cases}
+
+
+@pytest.mark.parametrize("name", STEPS)
+def test_step(guest_run: dict[str, Any], name: str) -> None:
+    boot = guest_run["boot"]
+    case = guest_run["cases"].get(name)
+    assert case is not None, (
+        f"{name} did not run in the guest (exit {boot.returncode})\n"
+        f"--- run.log tail:\n{boot.run_log()[-3000:]}\n--- console tail:\n{boot.console[-2000:]}"
+    )
+    print(f"{name}: {case['time']} s in the guest\n{guest.section(boot.run_log(), name)}")
+    assert not case["failure"], f"{name} failed in the guest:\n{case['failure'][-4000:]}"
