@@ -6,8 +6,9 @@
 # commands exactly as written: `bash scripts/demo.sh`, then `bash scripts/test.sh`. Nothing
 # this machine has installed by hand is visible in there; the chroot shares only the kernel.
 #
-# Usage: bash scripts/fresh-machine-check.sh [--out DIR] [--rebuild] [-- TEST ARGS...]
+# Usage: bash scripts/fresh-machine-check.sh [--out DIR] [--rev REV] [--rebuild] [-- TEST ARGS...]
 #   --out DIR   where the two logs and the summary go (default: a new /tmp/fresh-check.*)
+#   --rev REV   check that commit instead of HEAD
 #   --rebuild   rebuild the cached root file system
 #   TEST ARGS   passed to scripts/test.sh (e.g. -- -m "not lab" for a quick look)
 # Run it before resolving any change to set-up, packaging or dependencies. Exit 0 only if
@@ -16,13 +17,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 
-out="" rebuild=0 test_args=()
+out="" rev=HEAD rebuild=0 test_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out=$2; shift 2 ;;
+    --rev) rev=$2; shift 2 ;;
     --rebuild) rebuild=1; shift ;;
     --) shift; test_args=("$@"); break ;;
-    *) echo "usage: $0 [--out DIR] [--rebuild] [-- TEST ARGS...]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--out DIR] [--rev REV] [--rebuild] [-- TEST ARGS...]" >&2; exit 2 ;;
   esac
 done
 [ "$(id -u)" = 0 ] || { echo "fresh-machine-check: run as root" >&2; exit 1; }
@@ -85,8 +87,9 @@ if [ -n "$host_ca" ] && [ -f "$host_ca" ]; then
   pip_env=(PIP_CERT=/run/host-ca.pem)
 fi
 
-# The newcomer's checkout: a clone of the committed HEAD (what would land), not the work tree.
+# The newcomer's checkout: a clone of a commit (what would land), not the work tree.
 git clone -q --no-hardlinks "$repo" "$root/root/tcpencap"
+git -C "$root/root/tcpencap" checkout -q --detach "$(git rev-parse "$rev")"
 git -C "$root/root/tcpencap" log -1 --format='fresh-machine-check: checkout %h %s' | tee "$out/summary.txt"
 
 run_step() {  # name, command...: runs in the chroot, logs, records the wall time

@@ -5,5 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-[ $# -gt 0 ] || set -- tests/vm
-exec .venv/bin/python -m pytest -q -p no:cacheprovider -rA "$@"
+# Arguments go to pytest; without a test path among them, all of tests/vm runs.
+paths=(tests/vm)
+for arg in "$@"; do if [[ $arg == tests/* ]]; then paths=(); fi; done
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -rA "${paths[@]}" "$@"

@@ -244,10 +244,17 @@ class CtcpEngine:
         else:
             entry = self.table.lookup_esp(ip.src, ip.dst, c.spi)
             entry = entry or self.table.newest_for_pair(ip.src, ip.dst)
-            if entry is None:
+            if entry is not None:
+                flow = self.by_id[entry.conn_id]
+            elif ip.dst in self.peers:
+                # The client's SA outlived its connection (a restart of tcpencap, a reset):
+                # like RFC 9329's originator, it opens a new one and sends the packet there.
+                flow = self._open_client(now, ip.src, ip.dst)
+                if flow is None:
+                    return []
+            else:
                 _count(self.counters, "esp-no-connection")
                 return []
-            flow = self.by_id[entry.conn_id]
             self.table.bind_esp(flow.entry.conn_id, c.spi)
             flow.conn.sa_bound(now)
         flow.conn.send_packet(now, packet)

@@ -133,3 +133,30 @@ def test_keepalives_and_non_peers_are_not_sent():
     other = addr_bytes("198.18.9.9")
     assert client.outbound(0.0, _ike(C, other)) == []
     assert client.counters["not-a-ctcp-peer"] == 1 and not client.flows
+
+
+def _handshake(client: CtcpEngine, gw: CtcpEngine, out: list, now: float) -> list:
+    """SYN (in ``out``) -> SYN/ACK -> ACK and held data; returns what gw delivered."""
+    synack = _exchange(client, gw, out, now)
+    ack_and_data = _exchange(gw, client, synack, now + 0.1)
+    return _exchange(client, gw, ack_and_data, now + 0.2)
+
+
+def test_restarted_client_reconnects_on_esp_alone():
+    """A client tcpencap restarted under a live SA (found in the VM lab: the tunnel never
+    came back) sees ESP before any IKE: it opens a new connection, as RFC 9329's originator
+    does, and the gateway delivers the ESP on it. A gateway never opens one for ESP."""
+    client, gw = _engines()
+    delivered = _handshake(client, gw, client.outbound(0.0, _ike(C, G)), 0.1)
+    assert [type(o) for o in delivered] == [Steer, Inject]
+    restarted = CtcpEngine(peers={G: 10000}, ports=PortAllocator(41000), rng=random.Random(3))
+    out = restarted.outbound(5.0, _esp(C, G, 0xC0FFEE02))
+    (syn,) = _sends(out)
+    assert read_segment(syn).flags == TCP_SYN and "esp-no-connection" not in restarted.counters
+    got = _handshake(restarted, gw, out, 5.1)
+    injected = [o for o in got if type(o) is Inject]
+    assert len(injected) == 1 and parse_udp(parse_ip(injected[0].packet).payload).payload[:4] == (
+        0xC0FFEE02
+    ).to_bytes(4, "big")
+    assert gw.outbound(6.0, _esp(G, addr_bytes("198.18.7.7"), 0xABCDEF01)) == []
+    assert gw.counters["esp-no-connection"] == 1 and len(gw.flows) == 2

@@ -345,6 +345,21 @@ exit $rc
     return result, cases
 
 
+def report(cases: dict[str, dict[str, str]], boot: Boot, name: str) -> str:
+    """For one guest test: its time and output, or why it is missing; raises if it failed."""
+    case = cases.get(name)
+    if case is None:
+        raise AssertionError(
+            f"{name} did not run in the guest (exit {boot.returncode})\n"
+            f"--- run.log tail:\n{boot.run_log()[-3000:]}\n"
+            f"--- console tail:\n{boot.console[-2000:]}"
+        )
+    print(f"{name}: {case['time']} s in the guest\n{section(boot.run_log(), name)}")
+    if case["failure"]:
+        raise AssertionError(f"{name} failed in the guest:\n{case['failure'][-4000:]}")
+    return case["out"]
+
+
 def section(log: str, name: str) -> str:
     """What one test printed in the guest's verbose pytest log (its -s output)."""
     lines = log.splitlines()

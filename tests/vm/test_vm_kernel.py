@@ -51,9 +51,4 @@ def test_guest_ran_every_scenario(guest_run: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_scenario(guest_run: dict[str, Any], name: str) -> None:
-    case = guest_run["cases"].get(name)
-    assert case is not None, f"{name} did not run in the guest"
-    print(
-        f"{name}: {case['time']} s in the guest\n{guest.section(guest_run['boot'].run_log(), name)}"
-    )
-    assert not case["failure"], f"{name} failed in the guest:\n{case['failure'][-4000:]}"
+    guest.report(guest_run["cases"], guest_run["boot"], name)

@@ -35,11 +35,4 @@ def guest_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.mark.parametrize("name", STEPS)
 def test_step(guest_run: dict[str, Any], name: str) -> None:
-    boot = guest_run["boot"]
-    case = guest_run["cases"].get(name)
-    assert case is not None, (
-        f"{name} did not run in the guest (exit {boot.returncode})\n"
-        f"--- run.log tail:\n{boot.run_log()[-3000:]}\n--- console tail:\n{boot.console[-2000:]}"
-    )
-    print(f"{name}: {case['time']} s in the guest\n{guest.section(boot.run_log(), name)}")
-    assert not case["failure"], f"{name} failed in the guest:\n{case['failure'][-4000:]}"
+    guest.report(guest_run["cases"], guest_run["boot"], name)
