@@ -366,7 +366,8 @@ def section(log: str, name: str) -> str:
     start = next((i for i, line in enumerate(lines) if f"::{name} " in line), None)
     if start is None:
         return ""
-    out = []
+    # pytest -v -s prints the test's first line of output right after its name
+    out = [lines[start].split(f"::{name} ", 1)[1]]
     for line in lines[start + 1 :]:
         if "::test_" in line:
             break
