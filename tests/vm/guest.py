@@ -329,6 +329,7 @@ exit $rc
 """
     result = boot(image, script, work / "results", timeout=timeout)
     image.path.unlink(missing_ok=True)  # 4 GB (sparse); the logs stay
+    print(f"\nguest: {test_file}: {result.seconds:.0f} s wall, exit {result.returncode}; {work}")
     cases: dict[str, dict[str, str]] = {}
     junit = result.results / "junit.xml"
     if junit.exists():

@@ -37,7 +37,6 @@ SCENARIOS = [
 def guest_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     work = tmp_path_factory.mktemp("vm-kernel")
     boot, cases = guest.run_pytest(work, "tests/vm/kernel_scenarios.py", timeout=3000)
-    print(f"\nguest boot + scenarios: {boot.seconds:.0f} s wall, exit {boot.returncode}; {work}")
     return {"boot": boot, "cases": cases}
 
 

@@ -27,9 +27,6 @@ STEPS = [
 def guest_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     work = tmp_path_factory.mktemp("vm-systemd")
     boot, cases = guest.run_pytest(work, "tests/vm/systemd_scenarios.py", timeout=1500)
-    print(
-        f"\nguest boot + systemd steps: {boot.seconds:.0f} s wall, exit {boot.returncode}; {work}"
-    )
     return {"boot": boot, "cases": cases}
 
 
