@@ -227,21 +227,27 @@ def move_client(c1: Host) -> None:
     c1.run("ip", "route", "replace", "default", "via", "198.18.1.1")
 
 
-def wait_moved(c1: Host, gw: Host) -> None:
-    wait_for(
-        "gw's IKE SA follows c1 to 198.18.1.3",
-        lambda: (
-            [sa["remote-host"] for e in gw.charon.list_sas() for sa in e.values()] == ["198.18.1.3"]
-        ),
-    )
+def wait_moved(c1: Host, gw: Host) -> str:
+    """After move_client: gw's IKE SA and its XFRM SAs leave 198.18.1.2 for one of c1's
+    addresses that still work (MOBIKE may pick the new IPv4 one or the IPv6 one, both are
+    listed), and the tunnel pings again; returns the address gw now uses."""
+    new = {"198.18.1.3", c1.outer6}
+
+    def moved() -> str | None:
+        hosts = [sa["remote-host"] for e in gw.charon.list_sas() for sa in e.values()]
+        return hosts[0] if len(hosts) == 1 and hosts[0] in new else None
+
+    addr = wait_for("gw's IKE SA follows c1 off 198.18.1.2", moved)
     wait_for("ping after the move", lambda: ping(c1, gw.inner4, c1.inner4) == (3, 3))
     wait_for(
-        "XFRM SAs on gw point at the new address",
+        f"XFRM SAs on gw point at {addr}, none at 198.18.1.2",
         lambda: (
-            any(s["dst"] == "198.18.1.3" for s in xfrm_states(gw))
+            any(s["dst"] == addr for s in xfrm_states(gw))
             and not any("198.18.1.2" in (s["src"], s["dst"]) for s in xfrm_states(gw))
         ),
     )
+    print(f"MOBIKE moved the IKE SA to {addr}")
+    return addr
 
 
 @pytest.mark.parametrize("encap", ["rfc9329", "ctcp"])

@@ -145,7 +145,10 @@ def test_2_journal_shows_tcpencap(lab: dict[str, Any]) -> None:
     log = sh("journalctl", "-u", "tcpencap", "--no-pager", "-o", "cat")
     print(log[-2000:])
     assert "tcpencap running" in log
-    assert "listening" in log or "4500" in log
+    assert "listening on 198.19.0.2:4500" in log
+    # `systemctl help tcpencap` opens what Documentation= names: pip installed it there
+    docs = prop("tcpencap.service", "Documentation").split()
+    assert docs and all(Path(d.removeprefix("file://")).is_file() for d in docs), docs
 
 
 def test_3_reload_applies_a_change(lab: dict[str, Any]) -> None:
