@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -88,9 +89,14 @@ def start(
     return c1, gw
 
 
-def xfrm_states(host: Host) -> list[dict[str, str]]:
-    """`ip xfrm state` of ``host``: one dict per SA (src, dst, proto, spi, encap)."""
-    out = host.run("ip", "xfrm", "state").stdout
+def xfrm_states(host: Host | None) -> list[dict[str, str]]:
+    """`ip xfrm state` of ``host`` (None: the root namespace): one dict per SA (src, dst,
+    proto, spi, encap)."""
+    argv = ["ip", "xfrm", "state"]
+    if host is None:
+        out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    else:
+        out = host.run(*argv).stdout
     states = []
     for block in re.split(r"\n(?=src )", out.strip()):
         if not block:
