@@ -80,9 +80,7 @@ BASE_PLUGINS = (
 ).split()
 # Where ESP runs: "libipsec" (user space, a TUN device; this machine's kernel has no ESP) or
 # "kernel" (XFRM through kernel-netlink, as on the servers people deploy on; the VM lab).
-# TCPENCAP_LAB_IPSEC sets the default, so the same lab tests run on either (tests/vm/).
 IPSEC_BACKENDS = ("libipsec", "kernel")
-DEFAULT_IPSEC = os.environ.get("TCPENCAP_LAB_IPSEC", "libipsec")
 SWANCTL_SUBDIRS = (
     "x509 x509ca x509ocsp x509aa x509ac x509crl pubkey private rsa ecdsa bliss pkcs8 pkcs12"
 ).split()
@@ -538,7 +536,7 @@ class Lab:
         clients: int = 2,
         workdir: Path | None = None,
         keep: bool = False,
-        ipsec: str = DEFAULT_IPSEC,
+        ipsec: str = "libipsec",
     ) -> None:
         if not 1 <= clients <= 50:
             raise ValueError("clients must be 1..50")
