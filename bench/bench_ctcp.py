@@ -13,8 +13,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tcpencap.ctcp import decapsulate, encapsulate  # noqa: E402
-from tcpencap.packet import (  # noqa: E402
+from tcpencap.wire.ctcp import decapsulate, encapsulate  # noqa: E402
+from tcpencap.wire.packet import (  # noqa: E402
     PROTO_ESP,
     addr_bytes,
     build_ipv4,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tcpencap.rfc9329 import NeedData, Role, StreamCodec, frame_esp, frame_ike  # noqa: E402
+from tcpencap.wire.rfc9329 import NeedData, Role, StreamCodec, frame_esp, frame_ike  # noqa: E402
 
 CHUNK = 64 * 1024
 IKE_MSG = bytes(range(1, 9)) + bytes(8) + b"\x21\x20\x23\x08" + bytes(8) + bytes(272)  # 300 B

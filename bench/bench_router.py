@@ -13,9 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tcpencap.packet import addr_bytes, build_udp_packet  # noqa: E402
-from tcpencap.router import Router  # noqa: E402
-from tcpencap.table import ConnectionTable  # noqa: E402
+from tcpencap.core.router import Router  # noqa: E402
+from tcpencap.core.table import ConnectionTable  # noqa: E402
+from tcpencap.wire.packet import addr_bytes, build_udp_packet  # noqa: E402
 
 
 def rate(fn, n: int) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 
-from tcpencap.packet import addr_text
+from tcpencap.wire.packet import addr_text
 
 
 class RawInjector:

@@ -13,9 +13,9 @@ import logging
 import sys
 from typing import Any
 
-from . import __version__
-from .config import Config, load_config
-from .confparse import ConfError
+from tcpencap import __version__
+from tcpencap.config import Config, load_config
+from tcpencap.confparse import ConfError
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 
@@ -32,7 +32,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    from .daemon import Daemon
+    from tcpencap.aio.daemon import Daemon
 
     try:
         asyncio.run(Daemon(cfg).run())
@@ -74,7 +74,7 @@ def _ask(args: argparse.Namespace, command: str) -> dict[str, Any] | None:
     """One command over the control socket; None (after a message) if it failed."""
     cfg = _load(args.config)  # a broken file is refused before the daemon is bothered
     path = args.socket or cfg.status_socket
-    from .daemon import query_status
+    from tcpencap.aio.daemon import query_status
 
     try:
         return asyncio.run(query_status(path, command=command))

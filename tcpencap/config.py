@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .confparse import ConfError, FileReader, Reader, Section, Setting, parse
+from tcpencap.confparse import ConfError, FileReader, Reader, Section, Setting, parse
 
 DEFAULT_PATH = "/etc/strongswan.d/tcpencap.conf"
 DEFAULTS_SOURCE = "(defaults)"

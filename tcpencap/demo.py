@@ -15,8 +15,8 @@ import subprocess
 import sys
 import time
 
-from .cli import _fmt_status
-from .lab import Lab, LabError, ping, psk_conf, tcpencap_conf
+from tcpencap.cli import _fmt_status
+from tcpencap.lab import Lab, LabError, ping, psk_conf, tcpencap_conf
 
 
 def step(text: str) -> None:

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from tcpencap import __version__
+from tcpencap.aio.daemon import Daemon, TcpConnection
 from tcpencap.config import parse_config
-from tcpencap.daemon import Daemon, TcpConnection
-from tcpencap.packet import addr_bytes
-from tcpencap.router import Side
+from tcpencap.core.router import Side
+from tcpencap.wire.packet import addr_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 

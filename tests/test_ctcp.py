@@ -12,8 +12,8 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrHopByHop
 from scapy.packet import Raw
 
-from tcpencap import ctcp
-from tcpencap.ctcp import (
+from tcpencap.wire import ctcp
+from tcpencap.wire.ctcp import (
     CTCPError,
     build_control,
     build_trailer,
@@ -23,7 +23,7 @@ from tcpencap.ctcp import (
     parse_trailer,
     read_segment,
 )
-from tcpencap.packet import (
+from tcpencap.wire.packet import (
     PROTO_ESP,
     PROTO_TCP,
     PROTO_UDP,

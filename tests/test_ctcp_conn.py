@@ -11,8 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tcpencap.ctcp import Segment, build_control, decapsulate, encapsulate, read_segment
-from tcpencap.ctcp_conn import (
+from tcpencap.core.ctcp_conn import (
     TRANSITIONS,
     Closed,
     Connection,
@@ -24,7 +23,8 @@ from tcpencap.ctcp_conn import (
     TransmitSegment,
     stray_reply,
 )
-from tcpencap.packet import (
+from tcpencap.wire.ctcp import Segment, build_control, decapsulate, encapsulate, read_segment
+from tcpencap.wire.packet import (
     PROTO_ESP,
     PROTO_TCP,
     PROTO_UDP,

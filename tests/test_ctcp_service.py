@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import random
 
-from tcpencap.ctcp import read_segment
-from tcpencap.ctcp_conn import State
-from tcpencap.ctcp_service import CtcpEngine, Inject, Send, Steer
-from tcpencap.packet import (
+from tcpencap.aio.ctcp_service import CtcpEngine, Inject, Send, Steer
+from tcpencap.core.ctcp_conn import State
+from tcpencap.core.ports import PortAllocator
+from tcpencap.wire.ctcp import read_segment
+from tcpencap.wire.packet import (
     PROTO_UDP,
     TCP_ACK,
     TCP_RST,
@@ -19,7 +20,6 @@ from tcpencap.packet import (
     parse_ip,
     parse_udp,
 )
-from tcpencap.ports import PortAllocator
 
 C, G = addr_bytes("198.18.1.2"), addr_bytes("198.19.0.2")
 SPI_I = bytes.fromhex("1122334455667788")

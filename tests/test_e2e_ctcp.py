@@ -30,7 +30,7 @@ from tcpencap.lab import (
     psk_conf,
     tcpencap_conf,
 )
-from tcpencap.packet import TCP_ACK, TCP_RST, TCP_SYN
+from tcpencap.wire.packet import TCP_ACK, TCP_RST, TCP_SYN
 
 pytestmark = pytest.mark.lab
 PORT = 10000

@@ -1,7 +1,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tcpencap.fallback import FallbackMonitor, Switch
+from tcpencap.core.fallback import FallbackMonitor, Switch
 
 
 def sa(name: str, spi: str, state: str) -> dict:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import struct
 
-from tcpencap.packet import addr_bytes, build_udp_packet
-from tcpencap.router import Router, Send
-from tcpencap.table import ConnectionTable
-from vici_bridge.sync import SaSync
+from tcpencap.core.router import Router, Send
+from tcpencap.core.sa_sync import SaSync
+from tcpencap.core.table import ConnectionTable
+from tcpencap.wire.packet import addr_bytes, build_udp_packet
 
 GW, CLIENT = addr_bytes("198.19.0.2"), addr_bytes("198.18.1.2")
 SPI_I, SPI_R = bytes.fromhex("1111111111111111"), bytes.fromhex("2222222222222222")

@@ -1,4 +1,4 @@
-"""Tests for tcpencap.ike: the fixed IKE header and UDP 500/4500 classification.
+"""Tests for tcpencap.wire.ike: the fixed IKE header and UDP 500/4500 classification.
 
 Some messages are built with scapy's ISAKMP (IKEv1) and IKEv2 layers so the header layout
 is checked against an independent implementation, not only against struct calls here.
@@ -18,9 +18,9 @@ from scapy.layers.ipsec import ESP, NAT_KEEPALIVE, NON_ESP
 from scapy.layers.isakmp import ISAKMP, ISAKMP_payload_SA
 from scapy.packet import Raw
 
-from tcpencap import ike as I
-from tcpencap import packet as P
-from tcpencap.ike import IKEError, Kind
+from tcpencap.wire import ike as I
+from tcpencap.wire import packet as P
+from tcpencap.wire.ike import IKEError, Kind
 
 SPI_I = bytes.fromhex("0102030405060708")
 SPI_R = bytes.fromhex("a1a2a3a4a5a6a7a8")

@@ -17,10 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tcpencap.aio.daemon import Daemon, TcpConnection
 from tcpencap.config import default_config
-from tcpencap.daemon import Daemon, TcpConnection
+from tcpencap.core.router import Side
 from tcpencap.metrics import render
-from tcpencap.router import Side
 
 METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")

@@ -1,4 +1,4 @@
-"""Packet-size helpers (tcpencap/mtu.py) checked against scapy's own decoders and
+"""Packet-size helpers (tcpencap/wire/mtu.py) checked against scapy's own decoders and
 reassembly, plus the RFC 9329 codec with large IKE messages and oversized frames."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, UDP, IPerror, UDPerror
 from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6, IPv6ExtHdrFragment
 
-from tcpencap import mtu, rfc9329
-from tcpencap.ctcp import encapsulate
-from tcpencap.ctcp_service import CtcpService, RouteMtu
-from tcpencap.packet import PacketError, build_ipv4, build_ipv6, build_udp_packet
+from tcpencap.aio.ctcp_service import CtcpService, RouteMtu
+from tcpencap.wire import mtu, rfc9329
+from tcpencap.wire.ctcp import encapsulate
+from tcpencap.wire.packet import PacketError, build_ipv4, build_ipv6, build_udp_packet
 
 SRC4, DST4 = bytes([198, 18, 1, 2]), bytes([198, 19, 0, 2])
 SRC6 = bytes.fromhex("fd000001000000000000000000000002")

@@ -1,4 +1,4 @@
-"""Tests for tcpencap.packet: IPv4/IPv6/UDP/TCP parsing, building and checksums.
+"""Tests for tcpencap.wire.packet: IPv4/IPv6/UDP/TCP parsing, building and checksums.
 
 scapy is used as an independent implementation: what the core builds must read back in
 scapy with the same fields and checksums scapy agrees with, and what scapy builds must
@@ -23,8 +23,8 @@ from scapy.layers.inet6 import (
 from scapy.layers.ipsec import AH, ESP
 from scapy.packet import Raw
 
-from tcpencap import packet as P
-from tcpencap.packet import PacketError
+from tcpencap.wire import packet as P
+from tcpencap.wire.packet import PacketError
 
 A4 = P.addr_bytes("198.18.0.1")
 B4 = P.addr_bytes("198.19.255.254")

@@ -8,7 +8,7 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import given
 
-from tcpencap.ports import PortAllocator, PortsExhausted
+from tcpencap.core.ports import PortAllocator, PortsExhausted
 
 
 def test_fixed_port_returned_as_is_for_every_connection():

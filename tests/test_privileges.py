@@ -12,7 +12,7 @@ import pytest
 
 CHILD = """
 import ctypes, ctypes.util
-from tcpencap import privileges as p
+from tcpencap.aio import privileges as p
 libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 for cap in range(p._last_cap() + 1):  # what CapabilityBoundingSet= leaves
     if cap not in p.KEEP:
@@ -37,7 +37,7 @@ def test_keep_only_inside_a_systemd_bounding_set() -> None:
 @pytest.mark.parametrize("cap", [0, 21])  # CAP_CHOWN, CAP_SYS_ADMIN
 def test_keep_only_still_drops_what_the_bounding_set_has(cap: int) -> None:
     code = (
-        "from tcpencap import privileges as p; import ctypes, ctypes.util\n"
+        "from tcpencap.aio import privileges as p; import ctypes, ctypes.util\n"
         "p.keep_only()\n"
         "libc = ctypes.CDLL(ctypes.util.find_library('c'))\n"
         f"print(libc.prctl(23, {cap}, 0, 0, 0), hex(p.effective_caps()))\n"

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tcpencap.ike import parse_ike_header
-from tcpencap.rfc9329 import (
+from tcpencap.wire.ike import parse_ike_header
+from tcpencap.wire.rfc9329 import (
     PREFIX,
     ConnectionClosed,
     ESPPacket,

@@ -4,7 +4,7 @@ packet charon sees for a frame that arrived over TCP.
 Client side (TCP originator): inbound packets mirror the ports charon last used. Gateway side
 (TCP responder): a connection is the UDP endpoint (peer IP, TCP source port) and everything is
 delivered to 4500 behind the non-ESP marker. Injected packets are checked by parsing them back
-(tcpencap.packet) and, for checksums, also with scapy.
+(tcpencap.wire.packet) and, for checksums, also with scapy.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 
-from tcpencap import rfc9329
-from tcpencap.ike import NON_ESP_MARKER
-from tcpencap.packet import (
+from tcpencap.core.router import ConnView, Drop, Inject, Open, Router, Send, Side
+from tcpencap.core.table import ConnectionTable
+from tcpencap.wire import rfc9329
+from tcpencap.wire.ike import NON_ESP_MARKER
+from tcpencap.wire.packet import (
     PROTO_ESP,
     PROTO_TCP,
     PROTO_UDP,
@@ -36,8 +38,6 @@ from tcpencap.packet import (
     parse_ip,
     parse_udp,
 )
-from tcpencap.router import ConnView, Drop, Inject, Open, Router, Send, Side
-from tcpencap.table import ConnectionTable
 
 LOCAL = addr_bytes("198.18.1.2")
 PEER = addr_bytes("198.19.0.2")

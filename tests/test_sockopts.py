@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tcpencap import sockopts
+from tcpencap.aio import sockopts
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -88,7 +88,7 @@ def test_the_two_directions_differ_only_in_dir(kernel_abi):
 # In the namespace: set the bypass on fresh TCP sockets, list the kernel's socket policies.
 NS_SCRIPT = r"""
 import json, socket, subprocess, sys
-from tcpencap.sockopts import set_ipsec_bypass
+from tcpencap.aio.sockopts import set_ipsec_bypass
 
 def policies():
     out = subprocess.run(["ip", "xfrm", "policy"], capture_output=True, text=True, check=True)

@@ -17,8 +17,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from tcpencap.packet import addr_bytes
-from tcpencap.table import DEFAULT_MAX_SPIS, Bind, ConnectionTable
+from tcpencap.core.table import DEFAULT_MAX_SPIS, Bind, ConnectionTable
+from tcpencap.wire.packet import addr_bytes
 
 L4 = addr_bytes("198.18.0.1")
 P4 = addr_bytes("198.19.0.2")

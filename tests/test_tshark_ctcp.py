@@ -12,8 +12,8 @@ import struct
 import subprocess
 from pathlib import Path
 
-from tcpencap.ctcp import encapsulate
-from tcpencap.packet import PROTO_ESP, addr_bytes, build_ipv4, build_ipv6, build_udp
+from tcpencap.wire.ctcp import encapsulate
+from tcpencap.wire.packet import PROTO_ESP, addr_bytes, build_ipv4, build_ipv6, build_udp
 
 V4A, V4B = addr_bytes("198.18.0.1"), addr_bytes("198.18.1.2")
 V6A, V6B = addr_bytes("fd00::1"), addr_bytes("fd00:1::2")

@@ -14,17 +14,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tcpencap import ctcp, rfc9329
 from tcpencap.config import parse_config
 from tcpencap.confparse import ConfError, MemoryReader
-from tcpencap.ike import (
+from tcpencap.core.router import Drop, Inject, Open, Router, Send
+from tcpencap.core.sa_sync import ExpireOld, Retire, SaSync, SpiLimit
+from tcpencap.core.table import ConnectionTable
+from tcpencap.wire import ctcp, rfc9329
+from tcpencap.wire.ike import (
     IKEError,
     Kind,
     classify_frame_payload,
     classify_udp_payload,
     parse_ike_header,
 )
-from tcpencap.packet import (
+from tcpencap.wire.packet import (
     PROTO_ESP,
     PROTO_UDP,
     PacketError,
@@ -38,9 +41,6 @@ from tcpencap.packet import (
     parse_udp,
     rebuild_ip,
 )
-from tcpencap.router import Drop, Inject, Open, Router, Send
-from tcpencap.table import ConnectionTable
-from vici_bridge.sync import ExpireOld, Retire, SaSync, SpiLimit
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -38,8 +38,8 @@ def test_targets_reach_their_success_paths() -> None:
     (a target that always bailed out early would pass every fuzz run)."""
     from fuzz_targets import Bytes, _inner, _outbound_packet, _router
 
-    from tcpencap import ctcp, rfc9329
-    from tcpencap.router import Send
+    from tcpencap.core.router import Send
+    from tcpencap.wire import ctcp, rfc9329
 
     seg = ctcp.encapsulate(_inner(Bytes(b"\x01\x10" + b"x" * 16 + b"\x01")), sport=1,
                            dport=10000, seq=1, ack=1)  # fmt: skip

@@ -22,7 +22,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from .packet import (
+from tcpencap.wire.packet import (
     PacketError,
     build_ipv4,
     build_ipv6,

@@ -3,7 +3,7 @@
 cTCP is not a byte stream: each IKE (UDP) or ESP IP packet becomes exactly one TCP
 segment. The IP header is kept (protocol/next header set to 6), a 20-byte TCP header is
 inserted before the original L4 bytes and a 16-byte trailer naming the inner protocol is
-appended. Pure functions over bytes; the connection state lives in :mod:`tcpencap.ctcp_conn`.
+appended. Pure functions over bytes; the connection state lives in :mod:`tcpencap.core.ctcp_conn`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from .packet import (
+from tcpencap.wire.packet import (
     PROTO_ESP,
     PROTO_TCP,
     PROTO_UDP,

@@ -18,7 +18,7 @@ delivered as ESP too, for a kernel that has the ESP transform.
 
 :class:`CtcpEngine` holds the decisions (no I/O: it takes packets and ``now`` and returns
 outputs); :class:`CtcpService` is the thin asyncio wrapper; run alone with
-``python3 -m tcpencap.ctcp_service --config FILE``.
+``python3 -m tcpencap.aio.ctcp_service --config FILE``.
 
 An IPsec SA counts as bound (which stops the 60 s no-SA reset of A.6) once ESP flows in
 either direction or our own charon sends an encrypted IKE message on the connection
@@ -42,8 +42,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .ctcp import CTCPError, read_segment
-from .ctcp_conn import (
+from tcpencap.core.ctcp_conn import (
     Closed,
     Connection,
     DeliverInner,
@@ -54,10 +53,13 @@ from .ctcp_conn import (
     TransmitSegment,
     stray_reply,
 )
-from .ike import IKEV2_SA_INIT, Kind, classify_udp_payload
-from .metrics import add_closed, new_totals
-from .mtu import CTCP_OVERHEAD, check_inner, ctcp_original, plan
-from .packet import (
+from tcpencap.core.ports import PortAllocator, PortsExhausted
+from tcpencap.core.table import ConnectionTable, Entry
+from tcpencap.metrics import add_closed, new_totals
+from tcpencap.wire.ctcp import CTCPError, read_segment
+from tcpencap.wire.ike import IKEV2_SA_INIT, Kind, classify_udp_payload
+from tcpencap.wire.mtu import CTCP_OVERHEAD, check_inner, ctcp_original, plan
+from tcpencap.wire.packet import (
     PROTO_UDP,
     TCP_ACK,
     TCP_FIN,
@@ -68,10 +70,8 @@ from .packet import (
     parse_ip,
     parse_udp,
 )
-from .ports import PortAllocator, PortsExhausted
-from .table import ConnectionTable, Entry
 
-log = logging.getLogger("tcpencap.ctcp")
+log = logging.getLogger("tcpencap.wire.ctcp")
 
 CTCP_MARK = 0x63746370  # same value as nfq.ctcp_rules.CTCP_MARK (core must not import nfq)
 SO_MARK = getattr(socket, "SO_MARK", 36)
@@ -639,7 +639,7 @@ class CtcpService:
         for key in touched:
             self._arm(key)
 
-    # --- packet size (tcpencap/mtu.py decides, docs/mtu.md explains) ------------------------
+    # --- packet size (tcpencap/wire/mtu.py decides, docs/mtu.md explains) ------------------------
 
     def path_mtu(self, dst: bytes, now: float) -> int:
         """The route's MTU to ``dst``, not the smaller PMTU exception our own ICMP created
@@ -742,10 +742,9 @@ class CtcpService:
 
 def _main(argv: list[str] | None = None) -> int:
     from nfq.inject import RawInjector
+    from tcpencap.config import ConfigError, load_config
 
-    from .config import ConfigError, load_config
-
-    ap = argparse.ArgumentParser(prog="python3 -m tcpencap.ctcp_service")
+    ap = argparse.ArgumentParser(prog="python3 -m tcpencap.aio.ctcp_service")
     ap.add_argument("--config", required=True)
     ap.add_argument("--log-level", default=None)
     args = ap.parse_args(argv)

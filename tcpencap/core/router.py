@@ -21,8 +21,9 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import rfc9329
-from .ike import (
+from tcpencap.core.table import Bind, ConnectionTable, Entry
+from tcpencap.wire import rfc9329
+from tcpencap.wire.ike import (
     IKE_PORT,
     NATT_PORT,
     NON_ESP_MARKER,
@@ -31,10 +32,9 @@ from .ike import (
     classify_udp_payload,
     parse_ike_header,
 )
-from .packet import PROTO_UDP, PacketError, fold, parse_ip, parse_udp, word_sum
-from .table import Bind, ConnectionTable, Entry
+from tcpencap.wire.packet import PROTO_UDP, PacketError, fold, parse_ip, parse_udp, word_sum
 
-log = logging.getLogger("tcpencap.router")
+log = logging.getLogger("tcpencap.core.router")
 
 _NATT_PORT_BYTES = NATT_PORT.to_bytes(2, "big")
 _V4_UDP = struct.Struct("!BBHHHBBH4s4s")

@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from tcpencap.router import ConnView, Open, Router, Side
-from tcpencap.table import Bind, Entry
+from tcpencap.core.router import ConnView, Open, Router, Side
+from tcpencap.core.table import Bind, Entry
 
 log = logging.getLogger("tcpencap.vici")
 

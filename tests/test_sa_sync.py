@@ -1,4 +1,4 @@
-"""Tests for vici_bridge.sync.SaSync: charon's VICI events and list-sas applied to the table.
+"""Tests for tcpencap.core.sa_sync.SaSync: charon's VICI events and list-sas applied to the table.
 
 Event shapes follow what charon 5.9.8 emits (values decoded to str): ike-updown,
 child-updown, child-rekey, ike-rekey, ike-update (new endpoints at the top level, old ones
@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tcpencap.packet import addr_bytes
-from tcpencap.router import Open, Router, Side
-from tcpencap.table import ConnectionTable
-from vici_bridge.sync import ExpireOld, Retire, SaSync
+from tcpencap.core.router import Open, Router, Side
+from tcpencap.core.sa_sync import ExpireOld, Retire, SaSync
+from tcpencap.core.table import ConnectionTable
+from tcpencap.wire.packet import addr_bytes
 
 C1 = "198.18.1.2"  # the client host (TCP originator)
 C1_NEW = "198.18.2.2"  # the client after a MOBIKE move

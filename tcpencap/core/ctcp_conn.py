@@ -17,8 +17,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .ctcp import CTCPError, Segment, build_control, encapsulate_info
-from .packet import PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from tcpencap.wire.ctcp import CTCPError, Segment, build_control, encapsulate_info
+from tcpencap.wire.packet import PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 
 _MASK = 0xFFFFFFFF
 

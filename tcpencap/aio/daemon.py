@@ -20,21 +20,20 @@ from typing import Any
 from nfq.inject import RawInjector
 from nfq.queue import QueueReader
 from nfq.rules import SteeringRules
+from tcpencap.aio.ctcp_service import CtcpService
+from tcpencap.aio.sockopts import set_ipsec_bypass, set_nodelay
+from tcpencap.config import Config
+from tcpencap.confparse import ConfError
+from tcpencap.core.fallback import FallbackMonitor
+from tcpencap.core.ports import PortAllocator, PortsExhausted
+from tcpencap.core.router import ConnView, Drop, Inject, Open, Router, Send, Side
+from tcpencap.core.sa_sync import ExpireOld, Retire, SaSync, SpiLimit
+from tcpencap.core.table import ConnectionTable
+from tcpencap.metrics import add_closed, new_totals
+from tcpencap.wire import rfc9329
+from tcpencap.wire.packet import addr_bytes, addr_text
 from vici_bridge.bridge import ViciBridge
 from vici_bridge.resolve import list_sas
-from vici_bridge.sync import ExpireOld, Retire, SaSync, SpiLimit
-
-from . import rfc9329
-from .config import Config
-from .confparse import ConfError
-from .ctcp_service import CtcpService
-from .fallback import FallbackMonitor
-from .metrics import add_closed, new_totals
-from .packet import addr_bytes, addr_text
-from .ports import PortAllocator, PortsExhausted
-from .router import ConnView, Drop, Inject, Open, Router, Send, Side
-from .sockopts import set_ipsec_bypass, set_nodelay
-from .table import ConnectionTable
 
 log = logging.getLogger("tcpencap")
 
@@ -840,7 +839,7 @@ class Daemon:
             setup_pool.shutdown(wait=True)
             loop.set_default_executor(ThreadPoolExecutor(thread_name_prefix="worker"))
             if self.config.drop_capabilities:
-                from .privileges import keep_only
+                from tcpencap.aio.privileges import keep_only
 
                 try:
                     keep_only()
@@ -916,7 +915,7 @@ class Daemon:
     async def _metrics_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        from .metrics import render
+        from tcpencap.metrics import render
 
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
@@ -942,7 +941,7 @@ class Daemon:
     async def reload(self) -> dict[str, Any]:
         """Re-read the configuration: new listeners and peers take effect, removed ones
         stop, and existing TCP connections are kept."""
-        from .config import load_config
+        from tcpencap.config import load_config
 
         path = None if self.config.source == "(defaults)" else self.config.source
         try:
@@ -1102,7 +1101,7 @@ class Daemon:
 
 
 def _cap_eff() -> int:
-    from .privileges import effective_caps
+    from tcpencap.aio.privileges import effective_caps
 
     try:
         return effective_caps()

@@ -1,0 +1,1 @@
+"""Wire formats: bytes to records and back, no state and no clock."""
