@@ -99,10 +99,7 @@ class CtcpRules:
                 # iptables-nft, and the queue must see whole cTCP segments (docs/mtu.md).
                 _run(fam, "-I", LO_CHAIN, "1", "-m", "conntrack", "--ctstate", "INVALID")
             for addr, port in peers:
-                fam, p = _family(addr), str(port)
-                _run(fam, "-A", IN_CHAIN, "-p", "tcp", "-s", addr, "--sport", p, *self._queue())
-                _run(fam, "-A", LO_CHAIN, "-p", "tcp", "-d", addr, "--dport", p, "-j", "DROP")
-                log.info("cTCP: queueing TCP from %s port %d", addr, port)
+                self.add_peer_endpoint(addr, port)
             self.steering.install()
         except BaseException:
             self.remove(quiet=True)
@@ -121,6 +118,24 @@ class CtcpRules:
                         log.info("removed raw chain %s (IPv%d)", chain, fam)
         self.steering.remove(quiet=quiet)
         self.installed = False
+
+    def _peer_rules(self, addr: str, port: int) -> list[tuple[str, ...]]:
+        p = str(port)
+        return [
+            (IN_CHAIN, "-p", "tcp", "-s", addr, "--sport", p, *self._queue()),
+            (LO_CHAIN, "-p", "tcp", "-d", addr, "--dport", p, "-j", "DROP"),
+        ]
+
+    def add_peer_endpoint(self, addr: str, port: int) -> None:
+        """Queue TCP from the cTCP peer ``addr``:``port`` (a client's server); only our
+        marked raw segments may go to it."""
+        for rule in self._peer_rules(addr, port):
+            _run(_family(addr), "-A", *rule)
+        log.info("cTCP: queueing TCP from %s port %d", addr, port)
+
+    def remove_peer_endpoint(self, addr: str, port: int) -> None:
+        for rule in self._peer_rules(addr, port):
+            _run(_family(addr), "-D", *rule, check=False)
 
     def add_peer(self, peer: str) -> bool:
         """Queue charon's UDP 500/4500 to ``peer``."""

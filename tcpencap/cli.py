@@ -74,7 +74,7 @@ def _ask(args: argparse.Namespace, command: str) -> dict[str, Any] | None:
     """One command over the control socket; None (after a message) if it failed."""
     cfg = _load(args.config)  # a broken file is refused before the daemon is bothered
     path = args.socket or cfg.status_socket
-    from tcpencap.aio.daemon import query_status
+    from tcpencap.aio.control import query_status
 
     try:
         return asyncio.run(query_status(path, command=command))

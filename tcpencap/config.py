@@ -67,6 +67,7 @@ class GatewayConfig:
     max_per_source: int = 32  # connections from one source address
     max_pending: int = 256  # connections that have not yet delivered a first message
     first_message_timeout: float = 5.0
+    no_sa_timeout: float = 30.0  # after the first message, an IKE SA must exist by then
     max_buffer: int = 262144
     max_frame_rate: int = 20000  # frames per second on one connection before it is cut
     # Cisco cTCP listen endpoints: no socket is bound, the segments are taken from NFQUEUE.
@@ -177,6 +178,7 @@ def _gateway(v: _Values) -> GatewayConfig:
         max_pending=v.take("max_pending", _int_range(1, 1_000_000), 256),
         max_frame_rate=v.take("max_frame_rate", _int_range(1, 10_000_000), 20000),
         first_message_timeout=v.take("first_message_timeout", _duration, 5.0),
+        no_sa_timeout=v.take("no_sa_timeout", _duration, 30.0),
         max_buffer=v.take("max_buffer", _int_range(1024, 1 << 30), 262144),
         ctcp_listen=v.take("ctcp_listen", _listen, ()),
         ctcp_handshake_timeout=v.take("ctcp_handshake_timeout", _duration, 3.0),

@@ -14,13 +14,15 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from tcpencap import __version__
-from tcpencap.aio.daemon import Daemon, TcpConnection
+from tcpencap.aio.daemon import Daemon
 from tcpencap.config import parse_config
+from tcpencap.core.rfc9329_engine import State
 from tcpencap.core.router import Side
 from tcpencap.wire.packet import addr_bytes
 
@@ -163,30 +165,26 @@ def daemon_status() -> dict:
     """What a daemon with one connection of each side answers, built by the real code."""
     cfg = parse_config(GOOD_CONF, "/etc/strongswan.d/tcpencap.conf")
     d = Daemon(cfg)
+    e = d.engine
     d.rules.add_peer("198.19.0.2")
     d.rules.add_peer("fd00:19::2")
-    d.router.drops["nat-keepalive"] = 3
+    e.router.drops["nat-keepalive"] = 3
 
-    gw = TcpConnection(d, Side.GATEWAY)
-    gw.view = d.router.add_gateway_conn(addr_bytes("198.18.0.1"), addr_bytes("198.19.5.5"), 40000)
-    gw.state = "open"
-    gw.local_text, gw.local_port = "198.18.0.1", 4500
-    gw.peer_text, gw.peer_port = "198.19.5.5", 40000
+    now = time.monotonic()
+    gid = e.accept(now, "198.18.0.1", 4500, "198.19.5.5", 40000)
+    assert gid is not None
+    gw = e.conns[gid]
+    gw.state = State.OPEN
     gw.frames_in, gw.frames_out, gw.bytes_in, gw.bytes_out = 5, 4, 1500, 1200
-    d.table.bind_ike(gw.conn_id, bytes.fromhex("0102030405060708"))
-    d.table.rekey_ike(
-        gw.conn_id, bytes.fromhex("0102030405060708"), bytes.fromhex("1112131415161718")
-    )
-    d.table.bind_esp(gw.conn_id, 0xC0FFEE01)
+    e.table.bind_ike(gid, bytes.fromhex("0102030405060708"))
+    e.table.rekey_ike(gid, bytes.fromhex("0102030405060708"), bytes.fromhex("1112131415161718"))
+    e.table.bind_esp(gid, 0xC0FFEE01)
     gw.drops["esp-congested"] = 2
     gw.view.drop("ike-spi-held-elsewhere")
-    d.conns[gw.conn_id] = gw
 
-    cl = TcpConnection(d, Side.CLIENT)
-    cl.view = d.router.add_client_conn(addr_bytes("fd00::1"), addr_bytes("fd00:19::2"))
-    cl.local_text, cl.local_port = "fd00::1", 50123
-    cl.peer_text, cl.peer_port = "fd00:19::2", 443
-    d.conns[cl.conn_id] = cl
+    view = e.router.add_client_conn(addr_bytes("fd00::1"), addr_bytes("fd00:19::2"))
+    cl = e._new_conn(now, view, Side.CLIENT, "fd00::1", "fd00:19::2")
+    cl.local_port, cl.peer_port = 50123, 443
     return d.status()
 
 

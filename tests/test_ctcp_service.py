@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import random
 
-from tcpencap.aio.ctcp_service import CtcpEngine, Inject, Send, Steer
 from tcpencap.core.ctcp_conn import State
+from tcpencap.core.ctcp_engine import CtcpEngine as _Engine
+from tcpencap.core.outputs import Inject, Steer, Transmit
 from tcpencap.core.ports import PortAllocator
 from tcpencap.wire.ctcp import read_segment
 from tcpencap.wire.packet import (
@@ -20,6 +21,23 @@ from tcpencap.wire.packet import (
     parse_ip,
     parse_udp,
 )
+
+
+class CtcpEngine(_Engine):
+    """The engine plus the shell's pull: each input returns what it output."""
+
+    def outbound(self, now: float, packet: bytes) -> list:  # type: ignore[override]
+        super().outbound(now, packet)
+        return self.pull()
+
+    def inbound(self, now: float, packet: bytes) -> list:  # type: ignore[override]
+        super().inbound(now, packet)
+        return self.pull()
+
+    def fire(self, now: float) -> list:
+        super().handle_timer(now)
+        return self.pull()
+
 
 C, G = addr_bytes("198.18.1.2"), addr_bytes("198.19.0.2")
 SPI_I = bytes.fromhex("1122334455667788")
@@ -44,11 +62,11 @@ def _engines(max_connections: int = 10) -> tuple[CtcpEngine, CtcpEngine]:
 
 
 def _sends(out: list) -> list[bytes]:
-    return [o.data for o in out if type(o) is Send]
+    return [o.data for o in out if type(o) is Transmit]
 
 
 def _exchange(a: CtcpEngine, b: CtcpEngine, out: list, now: float) -> list:
-    """Feed a's Send outputs into b; return everything b produced."""
+    """Feed a's Transmit outputs into b; return everything b produced."""
     res: list = []
     for data in _sends(out):
         res += b.inbound(now, data)
@@ -118,8 +136,8 @@ def test_handshake_timeouts_remove_or_reset_flows():
     _exchange(client, gw, out, 0.0)
     (gkey,) = gw.flows
     (ckey,) = client.flows
-    assert gw.handle_timer(3.0, gkey) == [] and not gw.flows  # SYN_RCVD: silently
-    assert client.handle_timer(3.0, ckey) == []
+    assert gw.fire(3.0) == [] and not gw.flows  # SYN_RCVD: silently
+    assert client.fire(3.0) == []
     assert client.flows[ckey].conn.state is State.CLOSED
     # the next IKE retransmission sends a new SYN on the same flow
     (syn,) = _sends(client.outbound(4.0, _ike(C, G)))

@@ -17,11 +17,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tcpencap.aio.daemon import Daemon, TcpConnection
+from tcpencap.aio.daemon import Daemon
 from tcpencap.config import default_config
+from tcpencap.core.rfc9329_engine import Conn, Rfc9329Engine, State
 from tcpencap.core.router import Side
 from tcpencap.metrics import render
 
+row = Rfc9329Engine.row
 METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 TYPES = ("counter", "gauge", "histogram", "summary", "untyped")
@@ -264,14 +266,17 @@ def counters_of(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
     }
 
 
-def make_conn(daemon: Daemon, i: int, drops: dict[str, int], reason: str) -> TcpConnection:
-    """A connection with counters, as the daemon holds it (no socket needed)."""
-    conn = TcpConnection(daemon, Side.GATEWAY if i % 2 else Side.CLIENT)
+def make_conn(daemon: Daemon, i: int, drops: dict[str, int], reason: str) -> Conn:
+    """A connection with counters, as the engine holds it (no socket needed)."""
+    e = daemon.engine
+    side = Side.GATEWAY if i % 2 else Side.CLIENT
+    view = e.router.add_client_conn(bytes([198, 18, 0, 1]), bytes([198, 18, 1, i % 250]))
+    conn = e._new_conn(0.0, view, side, "198.18.0.1", f"198.18.1.{i % 250}")
     conn.frames_in, conn.frames_out = 3 * i + 1, 2 * i
     conn.bytes_in, conn.bytes_out = 100 * i + 7, 90 * i
     conn.drops = dict(drops)
     conn.close_reason = reason
-    conn.state = "open"
+    conn.state = State.OPEN
     return conn
 
 
@@ -302,15 +307,15 @@ def test_counters_do_not_go_backwards_when_connections_close(
     frame totals stay exactly equal."""
     daemon = Daemon(default_config())
     conns = [make_conn(daemon, i, d, r) for i, (d, r) in enumerate(specs, start=1)]
-    # Status rows are built by TcpConnection.status, keyed by position (no router view).
+    # Status rows are built by Rfc9329Engine.row, as the daemon builds them.
     live = list(conns)
-    before = counters_of(render(status_of([c.status(0.0) for c in live]), daemon.totals))
+    before = counters_of(render(status_of([row(c, 0.0) for c in live]), daemon.engine.totals))
     order.shuffle(conns)
     for conn in conns:
-        totals_before = copy.deepcopy(daemon.totals)
-        daemon._fold_totals(conn)
+        totals_before = copy.deepcopy(daemon.engine.totals)
+        daemon.engine.totals_fold(conn)
         live.remove(conn)
-        after = counters_of(render(status_of([c.status(0.0) for c in live]), daemon.totals))
+        after = counters_of(render(status_of([row(c, 0.0) for c in live]), daemon.engine.totals))
         for key, v in before.items():
             assert key in after, f"counter {key} vanished when a connection closed"
             assert after[key] >= v, f"counter {key} went back: {v} -> {after[key]}"
@@ -330,9 +335,9 @@ def test_counter_fold_equivalence_simple() -> None:
     for every counter, as the brief of metrics.py promises."""
     daemon = Daemon(default_config())
     conn = make_conn(daemon, 4, {"keepalive": 3}, "closed by peer")
-    with_conn = counters_of(render(status_of([conn.status(0.0)]), daemon.totals))
-    daemon._fold_totals(conn)
-    without = counters_of(render(status_of([]), daemon.totals))
+    with_conn = counters_of(render(status_of([Rfc9329Engine.row(conn, 0.0)]), daemon.engine.totals))
+    daemon.engine.totals_fold(conn)
+    without = counters_of(render(status_of([]), daemon.engine.totals))
     closed_key = ("tcpencap_closed_total", (("reason", "closed-by-peer"),))
     assert without.pop(closed_key) == 1
     assert with_conn == without

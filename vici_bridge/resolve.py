@@ -79,10 +79,15 @@ def list_sas(uri: str) -> list[dict[str, Any]]:
         session.transport.close()
 
 
+class ViciUnreachable(OSError):
+    """charon's VICI socket did not answer within the wait."""
+
+
 async def resolve_remote_addrs(
-    uri: str, names: list[str], status: Any = None, wait: float = 30.0
+    uri: str, names: list[str], wait: float = 30.0
 ) -> dict[str, list[str]]:
-    """Ask charon, retrying with backoff while it is not up yet (at most ``wait`` s)."""
+    """Ask charon, retrying with backoff while it is not up yet (at most ``wait`` s);
+    :class:`ViciUnreachable` when it never answers."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     delay = 0.1
@@ -92,14 +97,10 @@ async def resolve_remote_addrs(
         except OSError as exc:
             if loop.time() + delay > deadline:
                 log.error("VICI %s unreachable (%s): connections %s not resolved", uri, exc, names)
-                if status is not None:
-                    status.vici_state = f"unreachable: {exc}"
-                return {}
+                raise ViciUnreachable(str(exc)) from exc
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
             continue
-        if status is not None:
-            status.vici_state = "connected"
         found = remote_addrs_from_conns(conns, names)
         for name in names:
             if name not in found:

@@ -31,49 +31,25 @@ import argparse
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import logging
 import random
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
-from tcpencap.core.ctcp_conn import (
-    Closed,
-    Connection,
-    DeliverInner,
-    Dropped,
-    Role,
-    State,
-    Timers,
-    TransmitSegment,
-    stray_reply,
-)
-from tcpencap.core.ports import PortAllocator, PortsExhausted
-from tcpencap.core.table import ConnectionTable, Entry
-from tcpencap.metrics import add_closed, new_totals
-from tcpencap.wire.ctcp import CTCPError, read_segment
-from tcpencap.wire.ike import IKEV2_SA_INIT, Kind, classify_udp_payload
+from nfq.ctcp_rules import CTCP_MARK
+from tcpencap.core.ctcp_conn import Timers
+from tcpencap.core.ctcp_engine import CtcpEngine
+from tcpencap.core.outputs import Inject, Steer, Transmit, bracket, count
+from tcpencap.core.ports import PortAllocator
 from tcpencap.wire.mtu import CTCP_OVERHEAD, check_inner, ctcp_original, plan
-from tcpencap.wire.packet import (
-    PROTO_UDP,
-    TCP_ACK,
-    TCP_FIN,
-    TCP_RST,
-    TCP_SYN,
-    PacketError,
-    addr_text,
-    parse_ip,
-    parse_udp,
-)
+from tcpencap.wire.packet import PROTO_UDP, PacketError, addr_text, parse_ip
 
-log = logging.getLogger("tcpencap.wire.ctcp")
+log = logging.getLogger("tcpencap.ctcp")
 
-CTCP_MARK = 0x63746370  # same value as nfq.ctcp_rules.CTCP_MARK (core must not import nfq)
 SO_MARK = getattr(socket, "SO_MARK", 36)
 IP_NODEFRAG = getattr(socket, "IP_NODEFRAG", 22)
 IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
@@ -82,334 +58,6 @@ PMTUDISC_PROBE = 3  # IP_PMTUDISC_PROBE / IPV6_PMTUDISC_PROBE: device MTU, not t
 IP_MTU = getattr(socket, "IP_MTU", 14)
 IPV6_MTU = getattr(socket, "IPV6_MTU", 24)
 MTU_CACHE_SECONDS = 10.0
-Key = tuple[bytes, int, bytes, int]  # local address, local port, peer address, peer port
-
-
-def _count(d: dict[str, int], key: str) -> None:
-    d[key] = d.get(key, 0) + 1
-
-
-# --- engine outputs -------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Send this cTCP segment (a whole IP packet) to ``dst``."""
-
-    data: bytes
-    dst: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Inject:
-    """Hand this decapsulated IKE/ESP packet to the local stack (``dst`` is local)."""
-
-    packet: bytes
-    dst: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Steer:
-    """Start (``on``) or stop queueing charon's UDP to ``peer``."""
-
-    peer: bytes
-    on: bool
-
-
-Output = Send | Inject | Steer
-
-
-@dataclass(slots=True)
-class Flow:
-    """One cTCP connection plus its table entry and counters."""
-
-    key: Key
-    conn: Connection
-    entry: Entry
-    side: str  # "gateway" | "client"
-    created: float
-    steered: bool = False
-    frames_in: int = 0
-    frames_out: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    drops: dict[str, int] = field(default_factory=dict)
-
-
-def _bracket(text: str) -> str:
-    return f"[{text}]" if ":" in text else text
-
-
-def _is_syn(flags: int) -> bool:
-    """Exactly a SYN, ECN bits ignored (A.6 step 1)."""
-    return flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
-
-
-class CtcpEngine:
-    """All cTCP connections of this host. ``listen`` are gateway (ADDR, PORT) endpoints
-    (wildcards allowed), ``peers`` maps a client peer address to its TCP port."""
-
-    def __init__(
-        self,
-        *,
-        listen: Iterable[tuple[str, int]] = (),
-        peers: dict[bytes, int] | None = None,
-        ports: PortAllocator | None = None,
-        max_connections: int = 1000,
-        timers: Timers | None = None,
-        rng: random.Random | None = None,
-    ) -> None:
-        self._listen_exact: set[tuple[bytes, int]] = set()
-        self._listen_any: set[tuple[int, int]] = set()  # (address length, port)
-        for host, port in listen:
-            addr = ipaddress.ip_address(host)
-            if addr.is_unspecified:
-                self._listen_any.add((len(addr.packed), port))
-            else:
-                self._listen_exact.add((addr.packed, port))
-        self.peers = dict(peers or {})
-        self.ports = ports or PortAllocator()
-        self.max_connections = max_connections
-        self.timers = timers or Timers()
-        self._rng = rng
-        self.table = ConnectionTable()
-        self.flows: dict[Key, Flow] = {}
-        self.by_id: dict[int, Flow] = {}
-        self.gateway_peers: dict[bytes, int] = {}
-        self.counters: dict[str, int] = {}
-        self.totals: dict[str, Any] = new_totals()
-        self.touched: set[Key] = set()  # flows whose timer may have changed
-
-    # --- lookups ------------------------------------------------------------------------
-
-    def listening(self, addr: bytes, port: int) -> bool:
-        return (addr, port) in self._listen_exact or (len(addr), port) in self._listen_any
-
-    def _gateway_count(self) -> int:
-        return sum(1 for f in self.flows.values() if f.side == "gateway")
-
-    def _new_flow(self, role: Role, local: bytes, lport: int, peer: bytes, pport: int,
-                  now: float) -> Flow:  # fmt: skip
-        conn = Connection(
-            role,
-            local=local,
-            peer=peer,
-            local_port=lport,
-            peer_port=pport,
-            rng=self._rng,
-            timers=self.timers,
-        )
-        entry = self.table.add(local, peer)
-        side = "gateway" if role is Role.LISTENER else "client"
-        flow = Flow((local, lport, peer, pport), conn, entry, side, now)
-        self.flows[flow.key] = flow
-        self.by_id[entry.conn_id] = flow
-        return flow
-
-    # --- inputs ---------------------------------------------------------------------------
-
-    def outbound(self, now: float, packet: bytes) -> list[Output]:
-        """A UDP packet charon sent to a cTCP peer (queued in OUTPUT)."""
-        try:
-            ip = parse_ip(packet)
-            if ip.proto != PROTO_UDP:
-                _count(self.counters, "outbound-not-udp")
-                return []
-            udp = parse_udp(ip.payload)
-        except PacketError:
-            _count(self.counters, "outbound-malformed")
-            return []
-        c = classify_udp_payload(udp.sport, udp.payload)
-        if c.kind is Kind.KEEPALIVE:
-            _count(self.counters, "nat-keepalive")
-            return []
-        if c.kind is Kind.INVALID:
-            _count(self.counters, "outbound-invalid")
-            return []
-        flow: Flow | None = None
-        if c.kind is Kind.IKE:
-            assert c.ike is not None
-            entry = self.table.lookup_ike(ip.src, ip.dst, c.ike.spi_i)
-            entry = entry or self.table.newest_for_pair(ip.src, ip.dst)
-            if entry is None:
-                flow = self._open_client(now, ip.src, ip.dst)
-                if flow is None:
-                    return []
-            else:
-                flow = self.by_id[entry.conn_id]
-            self.table.bind_ike(flow.entry.conn_id, c.ike.spi_i)
-            encrypted = c.ike.exchange != IKEV2_SA_INIT if c.ike.major == 2 else c.ike.flags & 1
-            if encrypted:
-                flow.conn.sa_bound(now)
-        else:
-            entry = self.table.lookup_esp(ip.src, ip.dst, c.spi)
-            entry = entry or self.table.newest_for_pair(ip.src, ip.dst)
-            if entry is not None:
-                flow = self.by_id[entry.conn_id]
-            elif ip.dst in self.peers:
-                # The client's SA outlived its connection (a restart of tcpencap, a reset):
-                # like RFC 9329's originator, it opens a new one and sends the packet there.
-                flow = self._open_client(now, ip.src, ip.dst)
-                if flow is None:
-                    return []
-            else:
-                _count(self.counters, "esp-no-connection")
-                return []
-            self.table.bind_esp(flow.entry.conn_id, c.spi)
-            flow.conn.sa_bound(now)
-        flow.conn.send_packet(now, packet)
-        return self._drain(now, flow)
-
-    def _open_client(self, now: float, local: bytes, peer: bytes) -> Flow | None:
-        pport = self.peers.get(peer)
-        if pport is None:
-            _count(self.counters, "not-a-ctcp-peer")
-            return None
-        in_use = {f.key[1] for f in self.flows.values() if f.key[2] == peer}
-        try:
-            lport = self.ports.allocate(in_use)
-        except PortsExhausted:
-            _count(self.counters, "ports-exhausted")
-            return None
-        return self._new_flow(Role.CLIENT, local, lport, peer, pport, now)
-
-    def inbound(self, now: float, packet: bytes) -> list[Output]:
-        """A TCP segment from the wire (queued in raw PREROUTING)."""
-        try:
-            seg = read_segment(packet)
-        except CTCPError:
-            _count(self.counters, "inbound-malformed")
-            return []
-        key = (seg.dst, seg.dport, seg.src, seg.sport)
-        flow = self.flows.get(key)
-        if flow is None:
-            if _is_syn(seg.flags) and self.listening(seg.dst, seg.dport):
-                if self._gateway_count() >= self.max_connections:
-                    _count(self.counters, "refused-limit")
-                    return []
-                flow = self._new_flow(Role.LISTENER, seg.dst, seg.dport, seg.src, seg.sport, now)
-            else:
-                reply = stray_reply(seg)
-                if reply is None:
-                    _count(self.counters, "stray-dropped")
-                    return []
-                _count(self.counters, "stray-reset")
-                return [Send(reply.data, seg.src)]
-        flow.conn.receive_segment(now, seg)
-        return self._drain(now, flow)
-
-    def handle_timer(self, now: float, key: Key) -> list[Output]:
-        flow = self.flows.get(key)
-        if flow is None:
-            return []
-        flow.conn.handle_timer(now)
-        return self._drain(now, flow)
-
-    # --- outputs --------------------------------------------------------------------------
-
-    def _drain(self, now: float, flow: Flow) -> list[Output]:
-        out: list[Output] = []
-        conn = flow.conn
-        if flow.side == "gateway" and not flow.steered and conn.state is State.ESTABLISHED:
-            flow.steered = True  # before the first Inject: charon's reply must be queued
-            refs = self.gateway_peers.get(flow.key[2], 0)
-            self.gateway_peers[flow.key[2]] = refs + 1
-            if not refs:
-                out.append(Steer(flow.key[2], True))
-        while (act := conn.next_action()) is not None:
-            t = type(act)
-            if t is TransmitSegment:
-                out.append(Send(act.data, flow.key[2]))  # type: ignore[union-attr]
-                if act.inner_proto is not None:  # type: ignore[union-attr]
-                    flow.frames_out += 1
-                    flow.bytes_out += len(act.data)  # type: ignore[union-attr]
-            elif t is DeliverInner:
-                flow.frames_in += 1
-                flow.bytes_in += len(act.packet)  # type: ignore[union-attr]
-                self._learn(now, flow, act.packet)  # type: ignore[union-attr]
-                out.append(Inject(act.packet, flow.key[0]))  # type: ignore[union-attr]
-            elif t is Dropped:
-                _count(flow.drops, act.reason)  # type: ignore[union-attr]
-            elif t is Closed:
-                out.extend(self._remove(flow, act.reason))  # type: ignore[union-attr]
-        if flow.key in self.flows:
-            self.touched.add(flow.key)
-        return out
-
-    def _learn(self, now: float, flow: Flow, packet: bytes) -> None:
-        """Inbound IKE teaches the table its SPI; inbound ESP means an SA is in use."""
-        try:
-            ip = parse_ip(packet)
-            if ip.proto != PROTO_UDP:
-                flow.conn.sa_bound(now)  # raw ESP
-                return
-            udp = parse_udp(ip.payload)
-        except PacketError:
-            return
-        c = classify_udp_payload(udp.dport, udp.payload)
-        if c.kind is Kind.IKE and c.ike is not None:
-            self.table.bind_ike(flow.entry.conn_id, c.ike.spi_i)
-        elif c.kind is Kind.ESP:
-            flow.conn.sa_bound(now)
-
-    def _remove(self, flow: Flow, reason: str) -> list[Output]:
-        out: list[Output] = []
-        if self.flows.get(flow.key) is flow:
-            del self.flows[flow.key]
-            # Keep closed flows' figures so the daemon's metrics never go backwards.
-            f = flow
-            add_closed(self.totals, f.frames_in, f.frames_out, f.bytes_in, f.bytes_out, f.drops)
-        self.by_id.pop(flow.entry.conn_id, None)
-        self.table.remove(flow.entry.conn_id)
-        self.touched.add(flow.key)
-        if flow.side == "client":
-            self.ports.release(flow.key[1])
-        elif flow.steered:
-            peer = flow.key[2]
-            left = self.gateway_peers.get(peer, 1) - 1
-            if left <= 0:
-                self.gateway_peers.pop(peer, None)
-                out.append(Steer(peer, False))
-            else:
-                self.gateway_peers[peer] = left
-        log.info("cTCP %s closed: %s", self.describe(flow), reason)
-        return out
-
-    # --- status -----------------------------------------------------------------------------
-
-    @staticmethod
-    def describe(flow: Flow) -> str:
-        local, lport, peer, pport = flow.key
-        return (
-            f"conn {flow.entry.conn_id} {flow.side} "
-            f"{_bracket(addr_text(local))}:{lport} <-> {_bracket(addr_text(peer))}:{pport}"
-        )
-
-    def status(self, now: float) -> list[dict[str, Any]]:
-        rows = []
-        for flow in sorted(self.flows.values(), key=lambda f: f.entry.conn_id):
-            local, lport, peer, pport = flow.key
-            e = flow.entry
-            rows.append(
-                {
-                    "id": e.conn_id,
-                    "side": flow.side,
-                    "state": flow.conn.state.value,
-                    "local": f"{_bracket(addr_text(local))}:{lport}",
-                    "peer": f"{_bracket(addr_text(peer))}:{pport}",
-                    "ike_spis": sorted(s.hex() for s in e.ike_spis),
-                    "ike_spis_old": sorted(s.hex() for s in e.ike_spis_old),
-                    "esp_spis": sorted(f"{s:08x}" for s in e.esp_spis),
-                    "frames_in": flow.frames_in,
-                    "frames_out": flow.frames_out,
-                    "bytes_in": flow.bytes_in,
-                    "bytes_out": flow.bytes_out,
-                    "drops": dict(flow.drops),
-                    "age": round(now - flow.created, 1),
-                    "encapsulation": "ctcp",
-                }
-            )
-        return rows
 
 
 # --- I/O --------------------------------------------------------------------------------
@@ -484,8 +132,15 @@ class RouteMtu:
 class CtcpService:
     """Runs the cTCP engine in the daemon's asyncio loop."""
 
-    def __init__(self, config: Any, injector: Any, log_limited: Callable[..., None]) -> None:
+    def __init__(
+        self,
+        config: Any,
+        injector: Any,
+        log_limited: Callable[..., None],
+        ports: PortAllocator | None = None,
+    ) -> None:
         self.config = config
+        self.ports = ports
         self.injector = injector
         self.log_limited = log_limited
         self.queue_num = config.queue_num + 1
@@ -499,50 +154,21 @@ class CtcpService:
         self._ptb_last: dict[bytes, float] = {}
         self._frag_ident = random.getrandbits(32)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._timers: dict[Key, tuple[float, asyncio.TimerHandle]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self.peers: dict[bytes, int] = {}
         self.counters: dict[str, int] = {}
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.config.gateway.ctcp_listen or self._ctcp_connections())
-
-    def _ctcp_connections(self) -> dict[str, Any]:
-        return {
-            n: c
-            for n, c in self.config.connections.items()
-            if c.encapsulation == "ctcp" and c.transport != "udp"
-        }
-
-    async def _client_peers(self) -> dict[bytes, int]:
-        wanted = self._ctcp_connections()
-        needs = [n for n, c in wanted.items() if not c.remote_addrs]
-        resolved: dict[str, list[str]] = {}
-        if needs:
-            from vici_bridge.resolve import resolve_remote_addrs
-
-            resolved = await resolve_remote_addrs(self.config.vici_socket, needs)
-        peers: dict[bytes, int] = {}
-        for name, c in wanted.items():
-            for text in list(c.remote_addrs) or resolved.get(name, []):
-                try:
-                    peers[ipaddress.ip_address(text).packed] = c.remote_port
-                except ValueError:
-                    log.warning("cTCP connection %s: remote %r is not an address", name, text)
-            if not (c.remote_addrs or resolved.get(name)):
-                log.warning("cTCP connection %s: no remote address known", name)
-        return peers
-
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Listeners from the configuration; client peers come with set_peers."""
         from nfq.ctcp_rules import CtcpRules
         from nfq.queue import QueueReader
 
         self._loop = loop
         cfg = self.config
-        peers = await self._client_peers()
         self.engine = CtcpEngine(
             listen=cfg.gateway.ctcp_listen,
-            peers=peers,
-            ports=PortAllocator(cfg.client.port, *cfg.client.port_range),
+            ports=self.ports or PortAllocator(cfg.client.port, *cfg.client.port_range),
             max_connections=cfg.gateway.max_connections,
             timers=Timers(
                 handshake=cfg.gateway.ctcp_handshake_timeout,
@@ -552,25 +178,38 @@ class CtcpService:
         self.sender = RawSender()
         self.rules = CtcpRules(self.queue_num)
         try:
-            self.rules.install(
-                cfg.gateway.ctcp_listen, [(addr_text(p), port) for p, port in peers.items()]
-            )
-            for p in peers:
-                self.rules.add_peer(addr_text(p))
+            self.rules.install(cfg.gateway.ctcp_listen)
             self.queue = QueueReader(self.queue_num, self._on_queued)
             self.queue.start(loop)
         except BaseException:
             await self.stop()
             raise
         for host, port in cfg.gateway.ctcp_listen:
-            log.info("cTCP listening on %s:%d", _bracket(host), port)
+            log.info("cTCP listening on %s:%d", bracket(host), port)
+
+    async def set_peers(self, peers: dict[bytes, int]) -> None:
+        """The cTCP client peers are now exactly ``peers`` (address -> TCP port): new
+        ones are queued before removed ones stop being queued."""
+        assert self.engine is not None and self.rules is not None
+        old = self.peers
         for p, port in peers.items():
-            log.info("cTCP peer %s port %d", addr_text(p), port)
+            if old.get(p) != port:
+                self.rules.add_peer_endpoint(addr_text(p), port)
+                self.rules.add_peer(addr_text(p))
+                log.info("cTCP peer %s port %d", addr_text(p), port)
+        self.engine.set_peers(peers)
+        for p, port in old.items():
+            if peers.get(p) != port:
+                self.rules.remove_peer_endpoint(addr_text(p), port)
+                if p not in peers:
+                    self.rules.remove_peer(addr_text(p))
+                log.info("cTCP peer %s port %d removed", addr_text(p), port)
+        self.peers = dict(peers)
 
     async def stop(self) -> None:
-        for _, handle in self._timers.values():
-            handle.cancel()
-        self._timers.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = self._timer_at = None
         if self.queue is not None:
             with contextlib.suppress(Exception):
                 self.queue.stop()
@@ -613,16 +252,16 @@ class CtcpService:
         if proto == PROTO_UDP:
             if self._too_big(now, packet):
                 return
-            out = self.engine.outbound(now, packet)
+            self.engine.outbound(now, packet)
         else:
-            out = self.engine.inbound(now, packet)
-        self._execute(out)
+            self.engine.inbound(now, packet)
+        self._execute()
 
-    def _execute(self, out: list[Output]) -> None:
-        assert self.engine is not None and self.sender is not None
-        for o in out:
+    def _execute(self) -> None:
+        assert self.engine is not None and self.sender is not None and self._loop is not None
+        for o in self.engine.pull():
             try:
-                if type(o) is Send:
+                if type(o) is Transmit:
                     self._send(o.data, o.dst)
                 elif type(o) is Inject:
                     self.injector.inject(o.packet, o.dst)
@@ -633,11 +272,15 @@ class CtcpService:
                     else:
                         self.rules.remove_peer(peer)
             except OSError as exc:
-                _count(self.counters, f"{type(o).__name__.lower()}-failed")
+                count(self.counters, f"{type(o).__name__.lower()}-failed")
                 self.log_limited("ctcp-io", "cTCP: %s failed: %s", type(o).__name__, exc)
-        touched, self.engine.touched = self.engine.touched, set()
-        for key in touched:
-            self._arm(key)
+        due = self.engine.get_timer()
+        if due != self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = due
+            if due is not None:
+                self._timer = self._loop.call_at(due, self._fire)
 
     # --- packet size (tcpencap/wire/mtu.py decides, docs/mtu.md explains) ------------------------
 
@@ -665,12 +308,12 @@ class CtcpService:
             return False
         if decision is None or decision.signal is None:
             return False
-        _count(self.counters, "too-big-df")
+        count(self.counters, "too-big-df")
         try:
             self._tell(decision.signal, packet[12:16], dst, base - CTCP_OVERHEAD, base)
-            _count(self.counters, "icmp-frag-needed-sent")
+            count(self.counters, "icmp-frag-needed-sent")
         except OSError as exc:
-            _count(self.counters, "icmp-failed")
+            count(self.counters, "icmp-failed")
             self.log_limited("ctcp-icmp", "cTCP: ICMP frag needed failed: %s", exc)
         return True
 
@@ -686,7 +329,7 @@ class CtcpService:
             else:
                 self._frag_ident = (self._frag_ident + 1) & 0xFFFFFFFF
                 decision = plan(data, base, self._frag_ident, ctcp_original(data))
-                _count(self.counters, decision.reason)
+                count(self.counters, decision.reason)
             if decision.signal is not None:
                 self._signal(decision.signal, data, dst, base, now)
             try:
@@ -697,47 +340,51 @@ class CtcpService:
                 if exc.errno != errno.EMSGSIZE or attempt:
                     raise
                 self.mtus.forget(dst)  # the route changed under the cache: look again
-                _count(self.counters, "mtu-refresh")
+                count(self.counters, "mtu-refresh")
 
     def _signal(self, icmp: bytes, data: bytes, dst: bytes, base: int, now: float) -> None:
         """ICMP for a segment already queued (IPv6 fragments; a DF race): at most once a
         second per destination, the packets themselves are fragmented or counted anyway."""
         if now - self._ptb_last.get(dst, -10.0) < 1.0:
-            _count(self.counters, "icmp-suppressed")
+            count(self.counters, "icmp-suppressed")
             return
         self._ptb_last[dst] = now
         local = data[12:16] if data[0] >> 4 == 4 else data[8:24]
         try:
             self._tell(icmp, local, dst, base - CTCP_OVERHEAD, base)
-            _count(self.counters, "icmp-too-big-sent")
+            count(self.counters, "icmp-too-big-sent")
         except OSError as exc:
-            _count(self.counters, "icmp-failed")
+            count(self.counters, "icmp-failed")
             self.log_limited("ctcp-icmp", "cTCP: ICMP too big failed: %s", exc)
 
-    def _arm(self, key: Key) -> None:
+    def _fire(self) -> None:
         assert self.engine is not None and self._loop is not None
-        flow = self.engine.flows.get(key)
-        deadline = flow.conn.get_timer() if flow else None
-        old = self._timers.get(key)
-        if old is not None and old[0] == deadline:
-            return
-        if old is not None:
-            old[1].cancel()
-            del self._timers[key]
-        if deadline is not None:
-            handle = self._loop.call_at(deadline, self._fire, key)
-            self._timers[key] = (deadline, handle)
-
-    def _fire(self, key: Key) -> None:
-        assert self.engine is not None and self._loop is not None
-        self._timers.pop(key, None)
+        self._timer = self._timer_at = None
         try:
-            self._execute(self.engine.handle_timer(self._loop.time(), key))
+            self.engine.handle_timer(self._loop.time())
+            self._execute()
         except Exception:
             log.exception("cTCP timer")
 
 
 # --- standalone runner --------------------------------------------------------------------
+
+
+async def _configured_peers(cfg: Any) -> dict[bytes, int]:
+    """The cTCP client peers: remote_addrs, else charon's get-conns."""
+    from tcpencap.core.reload import intent_of
+    from vici_bridge.resolve import ViciUnreachable, resolve_remote_addrs
+
+    names = [
+        n
+        for n, c in cfg.connections.items()
+        if c.encapsulation == "ctcp" and c.transport != "udp" and not c.remote_addrs
+    ]
+    resolved: dict[str, list[str]] = {}
+    if names:
+        with contextlib.suppress(ViciUnreachable):
+            resolved = await resolve_remote_addrs(cfg.vici_socket, names)
+    return intent_of(cfg, resolved).ctcp_peers()
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -775,6 +422,7 @@ def _main(argv: list[str] | None = None) -> int:
         svc = CtcpService(cfg, injector, log_limited)
         try:
             await svc.start(loop)
+            await svc.set_peers(await _configured_peers(cfg))
             log.info("ctcp service running")
             await stop.wait()
         finally:

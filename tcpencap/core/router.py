@@ -21,6 +21,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from tcpencap.core.outputs import Inject
 from tcpencap.core.table import Bind, ConnectionTable, Entry
 from tcpencap.wire import rfc9329
 from tcpencap.wire.ike import (
@@ -34,7 +35,7 @@ from tcpencap.wire.ike import (
 )
 from tcpencap.wire.packet import PROTO_UDP, PacketError, fold, parse_ip, parse_udp, word_sum
 
-log = logging.getLogger("tcpencap.core.router")
+log = logging.getLogger("tcpencap.router")
 
 _NATT_PORT_BYTES = NATT_PORT.to_bytes(2, "big")
 _V4_UDP = struct.Struct("!BBHHHBBH4s4s")
@@ -100,12 +101,6 @@ class Open:
     peer: bytes
     frame: bytes
     frame_is_ike: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class Inject:
-    packet: bytes
-    dst: bytes
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,3 +117,26 @@ def _ike(msg: bytes, *, marker: bool) -> Classified:
 def classify_frame_payload(payload: bytes) -> Classified:
     """Classify the content of an RFC 9329 frame: marker + IKE, or ESP (non-zero SPI)."""
     return classify_udp_payload(NATT_PORT, payload)
+
+
+# Exchange types a first message may carry. IKEv2 (RFC 7296 §3.1; IKE_SESSION_RESUME
+# RFC 5723, IKE_INTERMEDIATE RFC 9242, IKE_FOLLOWUP_KE RFC 9370); IKEv1 (RFC 2408 §3.1,
+# Quick Mode and New Group RFC 2409, Transaction = Mode Config / XAuth).
+IKEV2_EXCHANGES = frozenset({34, 35, 36, 37, 38, 43, 44})
+IKEV1_EXCHANGES = frozenset({1, 2, 3, 4, 5, 6, 32, 33})
+
+
+def check_first_ike(msg: bytes) -> str:
+    """Why ``msg`` (a whole frame's IKE message) is not a well-formed IKE message, or ""
+    when it is: a valid header whose length field is the frame's length and a known
+    exchange type for its version. A connection's first frame must pass this."""
+    try:
+        hdr = parse_ike_header(msg)
+    except IKEError as exc:
+        return str(exc)
+    if hdr.length != len(msg):
+        return f"IKE length field {hdr.length} in a {len(msg)}-octet frame"
+    known = IKEV2_EXCHANGES if hdr.major == 2 else IKEV1_EXCHANGES
+    if hdr.exchange not in known:
+        return f"IKEv{hdr.major} exchange type {hdr.exchange}"
+    return ""

@@ -1,0 +1,961 @@
+"""The RFC 9329 engine: every TCP connection of this host, without I/O.
+
+The shell feeds it what happens - a queued packet from charon, bytes read from a TCP
+connection, a connection accepted, made, failed or lost, a VICI event, an answer from
+``list-sas`` - always with the current time, and pulls :mod:`outputs` (``pull()``). It
+arms one timer for ``get_timer()`` and calls ``handle_timer(now)`` when it fires. The same
+shape as :class:`tcpencap.core.ctcp_engine.CtcpEngine`.
+
+Here live the rules that change a connection's state: admission and the first-message
+deadline, the no-SA deadline, reconnect with backoff (the TCP originator only, RFC 9329
+§6.1, resending an outstanding request, §6.2), retire delays, orphaned SAs waiting for
+their client, gateway peers that stay steered while charon may still talk to them, and
+the UDP-first fallback.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from tcpencap.core.fallback import FallbackMonitor
+from tcpencap.core.outputs import (
+    Close,
+    Connect,
+    Inject,
+    Output,
+    Query,
+    Steer,
+    Transmit,
+    bracket,
+    count,
+    describe,
+    status_row,
+)
+from tcpencap.core.peers import SteeringRefs
+from tcpencap.core.ports import PortAllocator, PortsExhausted
+from tcpencap.core.reload import (
+    Operation,
+    SteerTcp,
+    UnsteerTcp,
+    UnwatchFallback,
+    WatchFallback,
+)
+from tcpencap.core.router import ConnView, Drop, Open, Router, Send, Side
+from tcpencap.core.sa_sync import ExpireOld, Retire, SaSync, SpiLimit
+from tcpencap.core.table import ConnectionTable, Entry
+from tcpencap.core.timers import LogLimiter, TimerQueue
+from tcpencap.metrics import add_closed, new_totals
+from tcpencap.wire import rfc9329
+from tcpencap.wire.ike import check_first_ike
+from tcpencap.wire.packet import addr_text
+
+log = logging.getLogger("tcpencap")
+
+CLIENT_CLOSE_DELAY = 0.5  # after the last IKE SA is gone
+GATEWAY_CLOSE_DELAY = 5.0  # the client (TCP originator) should close first
+RECONNECT_BASE = 0.2
+RECONNECT_MAX = 10.0
+MAX_RECONNECTS = 40
+FALLBACK_POLL = 1.0
+PEER_RELEASE_DELAY = 30.0  # a gateway peer without connection stays steered at least this long
+PEER_RELEASE_POLL = 5.0
+ORPHAN_GRACE = 30.0  # how long a closed gateway connection's SAs wait for its client
+RECONCILE_AFTER_EVENT = 2.0  # check ESP SPIs against list-sas this long after a rekey
+RECONCILE_PERIOD = 60.0
+PENDING_LIMIT = 64  # frames held while a client connection is being opened
+LINGER = "linger"  # steering reason of a gateway peer whose connections are gone
+
+
+class State(enum.Enum):
+    CONNECTING = "connecting"  # client: the TCP connect is under way
+    ACCEPTED = "accepted"  # gateway: waiting for the prefix
+    PREFIX_RECEIVED = "prefix-received"  # gateway: waiting for the first message
+    OPEN = "open"
+    CLOSING = "closing"  # Close was output; the shell reports the loss
+    CLOSED = "closed"
+
+
+# Every transition a connection may make; _goto refuses anything else.
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.CONNECTING: frozenset({State.OPEN, State.CLOSING, State.CLOSED}),
+    State.ACCEPTED: frozenset({State.PREFIX_RECEIVED, State.CLOSING, State.CLOSED}),
+    State.PREFIX_RECEIVED: frozenset({State.OPEN, State.CLOSING, State.CLOSED}),
+    State.OPEN: frozenset({State.CLOSING, State.CLOSED}),
+    State.CLOSING: frozenset({State.CLOSED}),
+    State.CLOSED: frozenset(),
+}
+_WAITING = (State.ACCEPTED, State.PREFIX_RECEIVED)
+
+
+@dataclass(slots=True, eq=False)
+class Conn:
+    """One RFC 9329 connection (one TCP connection at a time: a reconnect is a new
+    ``generation`` of the same connection, keeping its table entry)."""
+
+    view: ConnView
+    side: Side
+    state: State
+    codec: rfc9329.StreamCodec
+    created: float
+    local_text: str
+    peer_text: str
+    local_port: int = 0
+    peer_port: int = 0
+    generation: int = 0
+    frames_in: int = 0
+    frames_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    reads_in: int = 0  # data_received calls: frames_in / reads_in is the batching
+    drops: dict[str, int] = field(default_factory=dict)
+    pending: list[tuple[bytes, bool]] = field(default_factory=list)
+    outstanding: bytes | None = None  # last IKEv2 request sent, resent after a reconnect
+    attempt: int = 0
+    got_ike: bool = False
+    first_at: float | None = None  # when the first complete message arrived
+    sa_seen: bool = False  # evidence of an IKE SA on this connection (see _sa_evidence)
+    first_ike: bytes | None = None  # the first message, if it was IKE
+    counted: bool = False  # in the gateway's admission counts
+    retiring: bool = False  # closed on purpose: no reconnect
+    close_reason: str = ""
+    win_start: float = 0.0
+    win_frames: int = 0
+
+    @property
+    def conn_id(self) -> int:
+        return self.view.entry.conn_id
+
+    @property
+    def entry(self) -> Entry:
+        return self.view.entry
+
+    def __str__(self) -> str:
+        return describe(
+            self.conn_id,
+            self.side.value,
+            self.local_text,
+            self.local_port,
+            self.peer_text,
+            self.peer_port,
+        )
+
+
+@dataclass(slots=True)
+class Orphan:
+    """SAs of a gateway connection that closed, waiting for their client's reconnect."""
+
+    deadline: float
+    ike: list[bytes]
+    esp: list[int]
+    sa_seen: bool
+
+
+def _packed(text: Any) -> bytes | None:
+    try:
+        return ipaddress.ip_address(text).packed if isinstance(text, str) else None
+    except ValueError:
+        return None
+
+
+def _spi_int(text: Any) -> int | None:
+    try:
+        return int(text, 16) if isinstance(text, str) else None
+    except ValueError:
+        return None
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    return [v for v in value.values() if isinstance(v, dict)] if isinstance(value, dict) else []
+
+
+class Rfc9329Engine:
+    def __init__(self, config: Any, now: float) -> None:
+        self.config = config
+        self.table = ConnectionTable(max_spis=config.max_spis)
+        self.router = Router(self.table, self._is_client_peer)
+        self.sync = SaSync(self.router)
+        self.fallback = FallbackMonitor()
+        self.steering = SteeringRefs()
+        self.ports = PortAllocator(
+            config.client.port, config.client.port_range[0], config.client.port_range[1]
+        )
+        self.conns: dict[int, Conn] = {}
+        self.client_peers: dict[bytes, int] = {}  # steered client peer -> TCP port
+        self.peer_ports: dict[bytes, int] = {}  # every configured peer -> TCP port
+        self.orphans: dict[tuple[bytes, bytes], Orphan] = {}
+        self.release_at: dict[bytes, float] = {}  # lingering gateway peer -> next check
+        self.n_gateway = 0  # admitted gateway connections
+        self.n_pending = 0  # ... without a first message yet
+        self.per_source: dict[str, int] = {}
+        self.vici_connected = False
+        self.inbound_spis: dict[int, bytes] = {}  # charon's inbound ESP SPI -> peer (VICI)
+        self.stopping = False
+        self.timers = TimerQueue()
+        self.log_limited = LogLimiter(log.warning)
+        self.totals: dict[str, Any] = new_totals(closed={}, connect_failures=0)
+        self._out: list[Output] = []
+        self._fallback_polling = False
+        self._reconcile_due = False
+        self.timers.call_at(now + RECONCILE_PERIOD, self._reconcile_tick)
+        self.timers.call_at(now + PEER_RELEASE_POLL, self._release_tick)
+
+    # --- the shell's side -------------------------------------------------------------
+
+    def pull(self) -> list[Output]:
+        """Everything the engine asked for since the last pull, in order."""
+        out, self._out = self._out, []
+        return out
+
+    def get_timer(self) -> float | None:
+        return self.timers.next_due()
+
+    def handle_timer(self, now: float) -> None:
+        self.timers.run_due(now)
+
+    @property
+    def events(self) -> dict[str, int]:
+        return self.log_limited.events
+
+    # --- configuration (reload plans) -------------------------------------------------
+
+    def apply(self, now: float, ops: list[Operation]) -> None:
+        """Run the steering part of a reload plan (tcpencap.core.reload.plan)."""
+        for op in ops:
+            if isinstance(op, SteerTcp):
+                self._set_reason(f"tcp:{op.name}", op.peers, op.port)
+            elif isinstance(op, UnsteerTcp):
+                self._set_reason(f"tcp:{op.name}", (), 0)
+            elif isinstance(op, WatchFallback):
+                old = self.fallback.conns.get(op.name)
+                self.fallback.add(op.name, [addr_text(p) for p in op.peers], op.timeout)
+                for p in op.peers:
+                    self.peer_ports[p] = op.port
+                if old is not None and old.on_tcp:
+                    self._set_reason(f"fallback:{op.name}", (), 0)
+                self._poll_fallback_soon(now)
+            elif isinstance(op, UnwatchFallback):
+                self.fallback.conns.pop(op.name, None)
+                self._set_reason(f"fallback:{op.name}", (), 0)
+
+    def _set_reason(self, reason: str, peers: tuple[bytes, ...], port: int) -> None:
+        """Steer exactly ``peers`` for ``reason``: new ones first, then the others stop."""
+        for p in peers:
+            if port:
+                self.peer_ports[p] = port
+            self.client_peers[p] = self.peer_ports.get(p, 4500)
+            if self.steering.add(p, reason):
+                self._out.append(Steer(p, True))
+        for p in [p for p in self.steering.peers() if p not in peers]:
+            if self.steering.has(p, reason) and self.steering.remove(p, reason):
+                self._out.append(Steer(p, False))
+        for p in list(self.client_peers):
+            if not any(r.startswith(("tcp:", "fallback:")) for r in self.steering.reasons(p)):
+                del self.client_peers[p]
+
+    def _is_client_peer(self, addr: bytes) -> bool:
+        return addr in self.client_peers
+
+    # --- charon's packets -------------------------------------------------------------
+
+    def outbound(self, now: float, packet: bytes) -> None:
+        """A UDP packet charon sent to a steered peer (queued in OUTPUT)."""
+        res = self.router.outbound(packet)
+        t = type(res)
+        if t is Send:
+            conn = self.conns.get(res.conn_id)  # type: ignore[union-attr]
+            if conn is None:
+                count(self.router.drops, "connection-gone")
+            else:
+                if not res.is_ike:  # type: ignore[union-attr]
+                    conn.sa_seen = True  # charon sends ESP only with a CHILD SA
+                elif not conn.sa_seen and not self.vici_connected:
+                    self._sa_evidence(conn, res.frame)  # type: ignore[union-attr]
+                if res.request:  # type: ignore[union-attr]
+                    conn.outstanding = res.frame  # type: ignore[union-attr]
+                self._send(conn, res.frame, res.is_ike)  # type: ignore[union-attr]
+        elif t is Open:
+            self._open_client(now, res)  # type: ignore[arg-type]
+        else:
+            assert isinstance(res, Drop)
+            if res.reason != "nat-keepalive":
+                self.log_limited(now, res.reason, "dropped outbound packet: %s", res.reason)
+        if self.router.emptied:
+            emptied, self.router.emptied = self.router.emptied, []
+            for cid in emptied:
+                self.retire(now, cid, "its SAs moved to another connection")
+
+    @staticmethod
+    def _sa_evidence(conn: Conn, frame: bytes) -> None:
+        """Without VICI, charon encrypting an IKE message on this connection is the best
+        local evidence that an IKE SA with keys exists (frame: length, marker, header)."""
+        if len(frame) >= 6 + 28:
+            major, flags, np = frame[6 + 17] >> 4, frame[6 + 19], frame[6 + 16]
+            if (major == 2 and np in (46, 53)) or (major == 1 and flags & 1):
+                conn.sa_seen = True
+
+    def _send(self, conn: Conn, frame: bytes, is_ike: bool) -> None:
+        state = conn.state
+        if state is State.OPEN:
+            conn.frames_out += 1
+            conn.bytes_out += len(frame)
+            self._out.append(Transmit(conn.conn_id, frame, is_ike))
+        elif state is State.CONNECTING:
+            if len(conn.pending) >= PENDING_LIMIT and not is_ike:
+                count(conn.drops, "esp-while-connecting")
+            else:
+                conn.pending.append((frame, is_ike))
+        elif is_ike:
+            count(conn.drops, "ike-on-closed")
+        else:
+            count(conn.drops, "esp-on-closed")
+
+    # --- client connections -----------------------------------------------------------
+
+    def _open_client(self, now: float, req: Open) -> None:
+        view = self.router.views[req.conn_id]
+        conn = self._new_conn(now, view, Side.CLIENT, addr_text(req.local), addr_text(req.peer))
+        conn.peer_port = self.peer_ports.get(req.peer, 4500)
+        if req.frame:
+            conn.pending.append((req.frame, req.frame_is_ike))
+        self._connect(conn)
+        spis = ", ".join(s.hex() for s in view.entry.ike_spis)
+        log.info("%s: opening for IKE SA %s", conn, spis)
+
+    def _new_conn(self, now: float, view: ConnView, side: Side, local: str, peer: str) -> Conn:
+        role = rfc9329.Role.ORIGINATOR if side is Side.CLIENT else rfc9329.Role.RESPONDER
+        state = State.CONNECTING if side is Side.CLIENT else State.ACCEPTED
+        conn = Conn(
+            view,
+            side,
+            state,
+            rfc9329.StreamCodec(role, max_frame=self.config.max_frame),
+            now,
+            local,
+            peer,
+            win_start=now,
+        )
+        self.conns[view.entry.conn_id] = conn
+        return conn
+
+    def _connect(self, conn: Conn) -> None:
+        try:
+            conn.local_port = self.ports.allocate()
+        except PortsExhausted:
+            conn.local_port = 0
+        e = conn.entry
+        self._out.append(
+            Connect(conn.conn_id, conn.generation, e.local, conn.local_port, e.peer, conn.peer_port)
+        )
+
+    def connect_port_refused(self, conn_id: int, generation: int) -> int | None:
+        """The shell could not bind the port it was given: another one (None: none left)."""
+        conn = self._current(conn_id, generation)
+        if conn is None:
+            return None
+        refused = {conn.local_port}
+        self.ports.release(conn.local_port)
+        try:
+            conn.local_port = self.ports.allocate(refused)
+        except PortsExhausted:
+            conn.local_port = 0
+            return None
+        return conn.local_port
+
+    def local_port(self, conn_id: int) -> int:
+        conn = self.conns.get(conn_id)
+        return conn.local_port if conn else 0
+
+    def connected(self, now: float, conn_id: int, generation: int) -> None:
+        conn = self._current(conn_id, generation)
+        if conn is None or conn.state is not State.CONNECTING:
+            return
+        conn.attempt = 0
+        log.info("%s: connected, sending prefix and %d held frame(s)", conn, len(conn.pending))
+        self._goto(conn, State.OPEN)
+        self._out.append(Transmit(conn.conn_id, conn.codec.send_prefix(), True))
+        conn.bytes_out += len(rfc9329.PREFIX)
+        pending, conn.pending = conn.pending, []
+        for frame, is_ike in pending:
+            self._send(conn, frame, is_ike)
+
+    def connect_failed(self, now: float, conn_id: int, generation: int, reason: str) -> None:
+        conn = self._current(conn_id, generation)
+        if conn is None:
+            return
+        conn.close_reason = f"connect failed: {reason}"
+        log.warning("%s: %s", conn, conn.close_reason)
+        self._lost(now, conn)
+
+    def _reconnect(self, now: float, conn: Conn) -> None:
+        """The TCP originator re-establishes a broken connection while its SA lives."""
+        conn.attempt += 1
+        conn.generation += 1
+        reason, conn.close_reason = conn.close_reason, ""
+        conn.codec = rfc9329.StreamCodec(rfc9329.Role.ORIGINATOR, max_frame=self.config.max_frame)
+        conn.state = State.CONNECTING
+        conn.pending = [(conn.outstanding, True)] if conn.outstanding is not None else []
+        delay = min(RECONNECT_BASE * (2 ** (conn.attempt - 1)), RECONNECT_MAX)
+        log.info(
+            "%s: lost (%s), reconnecting in %.1fs (attempt %d)", conn, reason, delay, conn.attempt
+        )
+        self.timers.call_at(now + delay, self._reconnect_due, conn, conn.generation)
+
+    def _reconnect_due(self, now: float, conn: Conn, generation: int) -> None:
+        if self.conns.get(conn.conn_id) is conn and conn.generation == generation:
+            self._connect(conn)
+
+    # --- gateway connections ----------------------------------------------------------
+
+    def accept(
+        self, now: float, local: str, local_port: int, peer: str, peer_port: int
+    ) -> int | None:
+        """A TCP connection arrived on a listener: its connection id, or None when a
+        limit refuses it (the shell closes the socket)."""
+        gw = self.config.gateway
+        refusal = None
+        if self.n_gateway >= gw.max_connections:
+            refusal = ("limit-connections", f"{self.n_gateway} connections")
+        elif self.per_source.get(peer, 0) >= gw.max_per_source:
+            refusal = ("limit-per-source", f"{self.per_source[peer]} connections from {peer}")
+        elif self.n_pending >= gw.max_pending:
+            refusal = ("limit-pending", f"{self.n_pending} connections without a first message")
+        if refusal is not None:
+            name = f"{bracket(local)}:{local_port} <-> {bracket(peer)}:{peer_port}"
+            self.log_limited(now, refusal[0], "refused %s: %s", name, refusal[1])
+            return None
+        view = self.router.add_gateway_conn(
+            ipaddress.ip_address(local).packed, ipaddress.ip_address(peer).packed, peer_port
+        )
+        conn = self._new_conn(now, view, Side.GATEWAY, local, peer)
+        conn.local_port, conn.peer_port = local_port, peer_port
+        conn.counted = True
+        self.n_gateway += 1
+        self.n_pending += 1
+        self.per_source[peer] = self.per_source.get(peer, 0) + 1
+        self.timers.call_at(now + gw.first_message_timeout, self._first_deadline, conn)
+        log.info("%s: accepted", conn)
+        return conn.conn_id
+
+    def _first_deadline(self, now: float, conn: Conn) -> None:
+        if conn.state in _WAITING and self.conns.get(conn.conn_id) is conn:
+            count(conn.drops, "first-message-timeout")
+            what = "message" if conn.codec.prefix_received else "prefix"
+            self.log_limited(
+                now, "deadline", "%s: no well-formed first %s within the deadline", conn, what
+            )
+            self.close(conn, "first-message deadline")
+
+    def _sa_deadline(self, now: float, conn: Conn) -> None:
+        """A gateway connection must carry an IKE SA soon after its first message; one
+        that only ever exchanges unauthenticated messages would pin a connection slot."""
+        if conn.sa_seen or self.conns.get(conn.conn_id) is not conn:
+            return
+        if conn.state is State.OPEN:
+            count(conn.drops, "no-sa-timeout")
+            self.log_limited(
+                now, "limit-no-sa", "%s: no IKE SA %gs after its first message, closing",
+                conn, self.config.gateway.no_sa_timeout,
+            )  # fmt: skip
+            self.close(conn, "no IKE SA")
+
+    def _first_message(self, now: float, conn: Conn) -> None:
+        """The first well-formed message: past the first-message deadline."""
+        self._goto(conn, State.OPEN)
+        conn.first_at = now
+        if conn.side is not Side.GATEWAY:
+            return
+        if conn.counted:
+            self.n_pending -= 1
+        e = conn.entry
+        orphan = self.orphans.pop((e.local, e.peer), None) if self.orphans else None
+        if orphan is not None and orphan.deadline >= now and not e.carries_sa:
+            # A reconnect resumes an existing SA: ESP, or IKE of one of the orphaned SAs.
+            # An IKE_SA_INIT (or another SA's message) means a new SA: the orphan is stale.
+            first = conn.first_ike
+            if first is None or first[:8] in orphan.ike:
+                self._adopt(conn, orphan.ike, orphan.esp, orphan.sa_seen)
+        peer = e.peer
+        if self.steering.add(peer, f"conn:{conn.conn_id}"):
+            if len(self.steering) > self.config.gateway.max_connections:
+                self.steering.remove(peer, f"conn:{conn.conn_id}")
+                self.log_limited(now, "limit-steered", "refused %s: steering set full", conn)
+                self.close(conn, "limit-steered")
+                return
+            self._out.append(Steer(peer, True))
+        self.release_at.pop(peer, None)
+        if not conn.sa_seen:
+            self.timers.call_at(now + self.config.gateway.no_sa_timeout, self._sa_deadline, conn)
+
+    def _adopt(self, conn: Conn, ike: list[bytes], esp: list[int], sa_seen: bool) -> None:
+        # First come: an SPI charon has meanwhile placed on another connection stays there.
+        self.table.bind_all(conn.conn_id, ike, esp)
+        conn.sa_seen = conn.sa_seen or sa_seen
+        log.info("%s: SAs of an earlier connection handed over (reconnect)", conn)
+
+    # --- bytes from a connection ------------------------------------------------------
+
+    def receive_data(self, now: float, conn_id: int, generation: int, data: bytes) -> None:
+        conn = self._current(conn_id, generation)
+        if conn is None or conn.state is State.CLOSING or conn.state is State.CLOSED:
+            return  # what a closing connection still receives is not delivered
+        conn.reads_in += 1
+        conn.bytes_in += len(data)
+        codec = conn.codec
+        codec.receive_data(data)
+        self._drain(now, conn)
+        if conn.side is Side.GATEWAY and conn.state is not State.CLOSING:
+            if now - conn.win_start >= 1.0:
+                conn.win_start, conn.win_frames = now, conn.frames_in
+            elif conn.frames_in - conn.win_frames > self.config.gateway.max_frame_rate:
+                self.log_limited(
+                    now, "limit-frame-rate", "%s: over max_frame_rate frames/s, closing", conn
+                )
+                self.close(conn, "frame rate limit")
+
+    def eof_received(self, now: float, conn_id: int, generation: int) -> None:
+        conn = self._current(conn_id, generation)
+        if conn is not None:
+            conn.codec.receive_data(b"")
+            self._drain(now, conn)
+
+    def _drain(self, now: float, conn: Conn) -> None:
+        codec = conn.codec
+        router = self.router
+        out = self._out
+        cid = conn.conn_id
+        while conn.state is not State.CLOSING:
+            ev = codec.next_event()
+            t = type(ev)
+            if t is rfc9329.ESPPacket:
+                conn.frames_in += 1
+                if conn.state is not State.OPEN and not self._admit_esp(now, conn, ev.data):  # type: ignore[union-attr]
+                    continue
+                res = router.inbound_esp(cid, ev.data)  # type: ignore[union-attr]
+            elif t is rfc9329.IKEMessage:
+                conn.frames_in += 1
+                msg = ev.data  # type: ignore[union-attr]
+                if conn.state is not State.OPEN and not self._admit_ike(now, conn, msg):
+                    continue
+                if conn.outstanding is not None and len(msg) > 19 and msg[19] & 0x20:
+                    conn.outstanding = None  # the response to our request arrived
+                conn.got_ike = True
+                res = router.inbound_ike(cid, msg)
+            elif t is rfc9329.NeedData:
+                return
+            elif t is rfc9329.PrefixReceived:
+                if conn.state is State.ACCEPTED:
+                    self._goto(conn, State.PREFIX_RECEIVED)
+                continue
+            elif t is rfc9329.Keepalive:
+                count(conn.drops, "keepalive")
+                continue
+            elif t is rfc9329.InvalidFrame:
+                count(conn.drops, "invalid-frame")
+                self.log_limited(now, "invalid-frame", "%s: dropped frame: %s", conn, ev)
+                continue
+            elif t is rfc9329.ConnectionClosed:
+                self.close(conn, "peer closed the connection")
+                return
+            else:  # ProtocolError
+                count(conn.drops, "protocol-error")
+                self.close(conn, f"protocol error: {ev.reason}")  # type: ignore[union-attr]
+                return
+            if type(res) is Inject:
+                out.append(res)
+            else:
+                count(conn.drops, res.reason)  # type: ignore[union-attr]
+
+    def _admit_ike(self, now: float, conn: Conn, msg: bytes) -> bool:
+        """Before its first message, a connection passes only a well-formed IKE message
+        (header consistent with the frame, a known exchange type)."""
+        problem = check_first_ike(msg)
+        if problem:
+            count(conn.drops, "malformed-first-ike")
+            self.log_limited(now, "malformed-first", "%s: first message refused: %s", conn, problem)
+            return False
+        conn.first_ike = msg
+        self._first_message(now, conn)
+        return conn.state is State.OPEN
+
+    def _admit_esp(self, now: float, conn: Conn, packet: bytes) -> bool:
+        """... or ESP for an SPI charon has an inbound CHILD SA for with this peer (an SA
+        resuming on a new connection, §6.1): a stranger's ESP is dropped and the deadline
+        keeps running. Without VICI there is no such list: plausible ESP passes, and the
+        no-SA deadline then asks for charon's own traffic on the connection."""
+        spi = int.from_bytes(packet[:4], "big") if len(packet) >= 8 else 0
+        if self.vici_connected:
+            known = self.inbound_spis.get(spi) == conn.entry.peer
+        else:
+            known = spi >= 256  # 1-255 are reserved (RFC 4303 §2.1)
+        if not known:
+            count(conn.drops, "esp-unknown-spi-first")
+            self.log_limited(
+                now, "unknown-esp-first", "%s: first message refused: ESP for unknown SPI", conn
+            )
+            return False
+        conn.sa_seen = self.vici_connected
+        self._first_message(now, conn)
+        return conn.state is State.OPEN
+
+    # --- closing ----------------------------------------------------------------------
+
+    def close(self, conn: Conn, reason: str) -> None:
+        if not conn.close_reason:
+            conn.close_reason = reason
+        if conn.state not in (State.CLOSING, State.CLOSED):
+            conn.state = State.CLOSING
+            self._out.append(Close(conn.conn_id, reason))
+
+    def retire(self, now: float, conn_id: int, reason: str, graceful: bool = True) -> None:
+        """Close a connection that carries no IKE SA any more. The TCP originator closes
+        (RFC 9329 §6.1) shortly after, so the last IKE message can still leave; a gateway
+        gives the client time to do so first."""
+        conn = self.conns.get(conn_id)
+        if conn is None:
+            self.router.remove(conn_id)
+            return
+        delay = 0.0
+        if graceful:
+            delay = CLIENT_CLOSE_DELAY if conn.side is Side.CLIENT else GATEWAY_CLOSE_DELAY
+        self.timers.call_at(now + delay, self._retire_due, conn, reason)
+
+    def _retire_due(self, now: float, conn: Conn, reason: str) -> None:
+        if self.conns.get(conn.conn_id) is not conn:
+            return
+        if conn.entry.ike_spis or conn.entry.ike_spis_old:
+            return  # a new SA arrived meanwhile
+        conn.retiring = True
+        self.close(conn, reason)
+
+    def connection_lost(
+        self, now: float, conn_id: int, generation: int, error: str | None = None
+    ) -> None:
+        conn = self._current(conn_id, generation)
+        if conn is None:
+            return
+        if not conn.close_reason:
+            conn.close_reason = f"error: {error}" if error else "closed by peer"
+        self._lost(now, conn)
+
+    def _lost(self, now: float, conn: Conn) -> None:
+        self.totals_fold(conn)
+        conn.state = State.CLOSED
+        if conn.side is Side.CLIENT and conn.local_port:
+            self.ports.release(conn.local_port)
+        if conn.counted:
+            conn.counted = False
+            self.n_gateway -= 1
+            if conn.first_at is None:
+                self.n_pending -= 1
+            left = self.per_source.get(conn.peer_text, 1) - 1
+            if left > 0:
+                self.per_source[conn.peer_text] = left
+            else:
+                self.per_source.pop(conn.peer_text, None)
+        entry = conn.entry
+        if (
+            conn.side is Side.CLIENT
+            and not conn.retiring
+            and not self.stopping
+            and (conn.got_ike or conn.attempt)
+            and (entry.ike_spis or entry.ike_spis_old)
+            and conn.attempt < MAX_RECONNECTS
+        ):
+            self._reconnect(now, conn)
+            return
+        if conn.side is Side.GATEWAY and entry.carries_sa:
+            self._hand_over(now, conn)
+        del self.conns[conn.conn_id]
+        self.router.remove(conn.conn_id)
+        if conn.side is Side.GATEWAY and conn.first_at is not None:
+            peer = entry.peer
+            # Keep steering: charon may still talk to this peer (DPD, rekey, a client about
+            # to reconnect), and that must not leave as UDP. The peer is released once
+            # charon has no IKE SA with it (see _release_tick).
+            self.steering.add(peer, LINGER)
+            self.steering.remove(peer, f"conn:{conn.conn_id}")
+            if not any(r.startswith("conn:") for r in self.steering.reasons(peer)):
+                self.release_at[peer] = now + PEER_RELEASE_DELAY
+        log.info(
+            "%s: closed (%s) after %.1fs, frames in/out %d/%d",
+            conn,
+            conn.close_reason,
+            now - conn.created,
+            conn.frames_in,
+            conn.frames_out,
+        )
+
+    def _hand_over(self, now: float, conn: Conn) -> None:
+        """A gateway connection that carried SAs is gone. Its client is expected back on a
+        new connection: the newest connection of the same pair that carries no SA of its
+        own takes the SPIs, now or when its first message arrives within ORPHAN_GRACE."""
+        old = conn.entry
+        ike, esp = self.table.release(old.conn_id)
+        newer = [
+            e
+            for e in self.table.for_pair(old.local, old.peer)
+            if not e.carries_sa and e.conn_id != old.conn_id
+        ]
+        target = self.conns.get(newer[-1].conn_id) if newer else None
+        if target is not None and target.state is State.OPEN:
+            self._adopt(target, ike, esp, conn.sa_seen)
+        else:
+            self.orphans[(old.local, old.peer)] = Orphan(now + ORPHAN_GRACE, ike, esp, conn.sa_seen)
+
+    def totals_fold(self, conn: Conn) -> None:
+        """Counters of closed connections, so metrics never go backwards."""
+        t = self.totals
+        drops = {**conn.view.drops, **conn.drops}
+        add_closed(t, conn.frames_in, conn.frames_out, conn.bytes_in, conn.bytes_out, drops)
+        key = conn.close_reason.split(":")[0].strip().replace(" ", "-") or "unknown"
+        t["closed"][key] = t["closed"].get(key, 0) + 1
+        if conn.close_reason.startswith("connect failed"):
+            t["connect_failures"] += 1
+
+    def stop(self) -> None:
+        """tcpencap is stopping: close everything, reconnect nothing."""
+        self.stopping = True
+        for conn in list(self.conns.values()):
+            self.close(conn, "tcpencap stopping")
+
+    # --- charon's view (VICI) ---------------------------------------------------------
+
+    def vici_state(self, now: float, connected: bool) -> None:
+        self.vici_connected = connected
+        # While charon reports CHILD SAs, only VICI binds ESP SPIs (so retired SPIs stay
+        # gone); without it, charon's own outbound packets teach the table.
+        self.router.learn_esp = not connected
+
+    def vici_event(self, now: float, label: str, event: dict[str, Any]) -> None:
+        up = event.get("up") == "yes"
+        if label == "ike-updown" and not up and self.orphans:
+            self._forget_orphans(event)
+        self._apply_effects(now, self.sync.handle(label, event))
+        self._learn_inbound(label, up, event)
+        if label in ("ike-updown", "child-updown") and up or label == "ike-rekey":
+            self._mark_sa_seen(event)
+        if label in ("child-rekey", "ike-update", "ike-rekey"):
+            self._reconcile_soon(now, RECONCILE_AFTER_EVENT)
+
+    def vici_resync(self, now: float, sas: list[dict[str, Any]]) -> None:
+        self._apply_effects(now, self.sync.resync(sas))
+        self._inbound_from_list(sas)
+        for item in sas:
+            self._mark_sa_seen(item)
+
+    def _learn_inbound(self, label: str, up: bool, event: dict[str, Any]) -> None:
+        """charon's inbound ESP SPIs by peer: what a resuming client may send first."""
+        for sa in event.values():
+            if not isinstance(sa, dict):
+                continue
+            if label == "ike-rekey":
+                continue
+            peer = _packed(sa.get("remote-host"))
+            for child in _dicts(sa.get("child-sas")):
+                pairs = [(child, up)]
+                if label == "child-rekey":
+                    pairs = [(child.get("old"), False), (child.get("new"), True)]
+                elif label == "ike-updown" and up:
+                    pairs = [(child, True)]
+                for c, add in pairs:
+                    spi = _spi_int(c.get("spi-in")) if isinstance(c, dict) else None
+                    if spi is None:
+                        continue
+                    if add and peer is not None:
+                        self.inbound_spis[spi] = peer
+                    elif not add:
+                        self.inbound_spis.pop(spi, None)
+
+    def _inbound_from_list(self, sas: list[dict[str, Any]]) -> None:
+        spis: dict[int, bytes] = {}
+        for item in sas:
+            for sa in item.values():
+                if not isinstance(sa, dict):
+                    continue
+                peer = _packed(sa.get("remote-host"))
+                for child in _dicts(sa.get("child-sas")):
+                    spi = _spi_int(child.get("spi-in"))
+                    if spi is not None and peer is not None:
+                        spis[spi] = peer
+        self.inbound_spis = spis
+
+    def _mark_sa_seen(self, event: dict[str, Any]) -> None:
+        """charon's word that an IKE SA exists: the connections carrying it pass the
+        no-SA deadline."""
+        for sa in event.values():
+            if not isinstance(sa, dict):
+                continue
+            for s in (sa, sa.get("new")):
+                spi = s.get("initiator-spi") if isinstance(s, dict) else None
+                if not isinstance(spi, str):
+                    continue
+                try:
+                    entry = self.table.find_ike_spi(bytes.fromhex(spi))
+                except ValueError:
+                    continue
+                conn = self.conns.get(entry.conn_id) if entry else None
+                if conn is not None:
+                    conn.sa_seen = True
+
+    def _forget_orphans(self, event: dict[str, Any]) -> None:
+        """charon deleted these IKE SAs: no reconnect will resume them."""
+        gone: set[bytes] = set()
+        for sa in event.values():
+            spi = sa.get("initiator-spi") if isinstance(sa, dict) else None
+            if isinstance(spi, str):
+                try:
+                    gone.add(bytes.fromhex(spi))
+                except ValueError:
+                    pass
+        for pair, orphan in list(self.orphans.items()):
+            orphan.ike = [spi for spi in orphan.ike if spi not in gone]
+            if not orphan.ike:
+                del self.orphans[pair]
+
+    def _apply_effects(self, now: float, effects: list[Any]) -> None:
+        for eff in effects:
+            if isinstance(eff, Retire):
+                self.retire(now, eff.conn_id, eff.reason, eff.graceful)
+            elif isinstance(eff, Open):
+                self._open_client(now, eff)
+            elif isinstance(eff, SpiLimit):
+                conn = self.conns.get(eff.conn_id)
+                if conn is not None:
+                    count(conn.drops, "spi-limit")
+                log.warning(
+                    "conn %d: CHILD SA with SPI %08x not indexed: max_spis (%d) reached; "
+                    "it is carried on the connection of its address pair",
+                    eff.conn_id,
+                    eff.spi,
+                    self.config.max_spis,
+                )
+            elif isinstance(eff, ExpireOld):
+                self.timers.call_at(now + eff.delay, self._expire_old, eff.conn_id, eff.spi)
+
+    def _expire_old(self, now: float, conn_id: int, spi: bytes) -> None:
+        self._apply_effects(now, self.sync.expire_old(conn_id, spi))
+
+    # --- questions to charon (list-sas) -----------------------------------------------
+
+    def _reconcile_soon(self, now: float, delay: float) -> None:
+        if not self._reconcile_due:
+            self._reconcile_due = True
+            self.timers.call_at(now + delay, self._ask, "reconcile")
+
+    def _ask(self, now: float, purpose: str) -> None:
+        if purpose == "reconcile":
+            self._reconcile_due = False
+        self._out.append(Query(purpose))
+
+    def _reconcile_tick(self, now: float) -> None:
+        self.timers.call_at(now + RECONCILE_PERIOD, self._reconcile_tick)
+        if self.vici_connected and len(self.table):
+            self._reconcile_soon(now, 0.0)
+
+    def _release_tick(self, now: float) -> None:
+        self.timers.call_at(now + PEER_RELEASE_POLL, self._release_tick)
+        for pair in [p for p, o in self.orphans.items() if o.deadline < now]:
+            del self.orphans[pair]
+        if any(t <= now for t in self.release_at.values()):
+            self._out.append(Query("peer-release"))
+
+    def _poll_fallback_soon(self, now: float) -> None:
+        if not self._fallback_polling and self.fallback.conns:
+            self._fallback_polling = True
+            self.timers.call_at(now + FALLBACK_POLL, self._fallback_tick)
+
+    def _fallback_tick(self, now: float) -> None:
+        self._fallback_polling = False
+        if self.fallback.conns:
+            self._out.append(Query("fallback"))
+            self._poll_fallback_soon(now)
+
+    def sas_listed(self, now: float, purpose: str, sas: list[dict[str, Any]] | None) -> None:
+        """charon's IKE SAs for a Query; None: charon could not be asked."""
+        if sas is None:
+            return  # without charon's word, keep everything as it is (fail-closed)
+        if purpose == "reconcile":
+            self.sync.reconcile_esp(sas)
+            self._inbound_from_list(sas)
+        elif purpose == "peer-release":
+            self._release_peers(now, sas)
+        elif purpose == "fallback":
+            self._fallback_update(now, sas)
+
+    def _release_peers(self, now: float, sas: list[dict[str, Any]]) -> None:
+        """Stop steering gateway peers that have no connection and no IKE SA in charon."""
+        busy: set[bytes] = set()
+        for item in sas:
+            for sa in item.values():
+                host = sa.get("remote-host") if isinstance(sa, dict) else None
+                try:
+                    busy.add(ipaddress.ip_address(host).packed)  # type: ignore[arg-type]
+                except ValueError:
+                    pass
+        for peer in [p for p, t in self.release_at.items() if t <= now]:
+            if any(r.startswith("conn:") for r in self.steering.reasons(peer)):
+                del self.release_at[peer]
+            elif peer in busy:
+                self.release_at[peer] = now + PEER_RELEASE_DELAY
+            else:
+                del self.release_at[peer]
+                if self.steering.remove(peer, LINGER):
+                    self._out.append(Steer(peer, False))
+
+    def _fallback_update(self, now: float, sas: list[dict[str, Any]]) -> None:
+        for sw in self.fallback.update(now, sas):
+            peers = tuple(ipaddress.ip_address(p).packed for p in sw.peers)
+            if sw.tcp:
+                log.warning(
+                    "connection %s: no answer over UDP, falling back to TCP for %s",
+                    sw.name,
+                    ", ".join(sw.peers),
+                )
+                self._set_reason(f"fallback:{sw.name}", peers, 0)
+            else:
+                log.info("connection %s: no SA left, back to UDP first", sw.name)
+                self._set_reason(f"fallback:{sw.name}", (), 0)
+
+    # --- helpers and status -----------------------------------------------------------
+
+    def _current(self, conn_id: int, generation: int) -> Conn | None:
+        conn = self.conns.get(conn_id)
+        return conn if conn is not None and conn.generation == generation else None
+
+    @staticmethod
+    def _goto(conn: Conn, new: State) -> None:
+        if new not in TRANSITIONS[conn.state]:
+            raise AssertionError(f"{conn}: {conn.state.value} -> {new.value}")
+        conn.state = new
+
+    def conn(self, conn_id: int) -> Conn | None:
+        return self.conns.get(conn_id)
+
+    def status(self, now: float) -> list[dict[str, Any]]:
+        return [self.row(self.conns[cid], now) for cid in sorted(self.conns)]
+
+    @staticmethod
+    def row(c: Conn, now: float) -> dict[str, Any]:
+        """One connection's line of ``tcpencap status``."""
+        return status_row(
+            c.conn_id,
+            "rfc9329",
+            c.side.value,
+            c.state.value,
+            f"{bracket(c.local_text)}:{c.local_port}",
+            f"{bracket(c.peer_text)}:{c.peer_port}",
+            c.entry,
+            {
+                "frames_in": c.frames_in,
+                "frames_out": c.frames_out,
+                "bytes_in": c.bytes_in,
+                "bytes_out": c.bytes_out,
+                "reads_in": c.reads_in,
+                "drops": {**c.view.drops, **c.drops},
+                "age": round(now - c.created, 1),
+            },
+        )
