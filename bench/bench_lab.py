@@ -5,7 +5,7 @@ on timings. Run as root from anywhere::
 
     python3 bench/bench_lab.py [--duration 10] [--scale 100,500,1000] [--json PATH] [--keep]
 
-One lab (c1 - fw - gw, see tcpencap/lab.py) is built. Phase "udp": charon to charon over UDP,
+One lab (c1 - fw - gw, see tests/lab/) is built. Phase "udp": charon to charon over UDP,
 nothing blocked, no tcpencap. Phase "tcp": fw drops all UDP of c1 and tcpencap runs on both
 ends. Each phase measures inner TCP throughput (iperf3, 1 and 4 streams), inner ping RTT, an
 inner UDP flood (packets/s and loss), CPU seconds per GB of charon and tcpencap, IKE_SA +
@@ -37,14 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hop_floor import measure_floor  # noqa: E402  (this directory is sys.path[0])
 
-from tcpencap.lab import (  # noqa: E402
+from tests.lab import (  # noqa: E402
     CharonError,
     Host,
     Lab,
-    _decode,
     ike_id,
     psk_conf,
     tcpencap_conf,
+    vici_to_str,
 )
 
 PSK = "bench-shared-secret-0123456789"
@@ -363,7 +363,7 @@ def up_counter(host: Host, event: str, prefix: str) -> Iterator[Callable[[], tup
                     break
                 if name is None:
                     continue
-                msg = _decode(msg)  # keys and values as str, whatever vici returned
+                msg = vici_to_str(msg)  # keys and values as str, whatever vici returned
                 if msg.get("up") != "yes":
                     continue
                 if any(k.startswith(prefix) for k in msg if k != "up"):

@@ -3,15 +3,19 @@
 Usage: ``python3 bench/compare_trees.py TREE [tcp|udp]``: brings up the lab from TREE's own
 code, measures the inner ping RTT median (200 pings, 10 ms) and one iperf3 stream (8 s), and
 tcpencap's CPU seconds per GB on both sides; prints one JSON line. Run it alternately for an
-old and a new tree (``git worktree add /tmp/old REV``) to get before/after figures.
+old and a new tree (``git worktree add /tmp/old REV``) to get before/after figures. TREE's
+lab is ``tests.lab`` (test-side, today) or ``tcpencap.lab`` (trees from before it moved).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import statistics
 import sys
 import time
+from pathlib import Path
+from types import ModuleType
 
 
 def cpu_seconds(pid: int) -> float:
@@ -20,10 +24,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / 100
 
 
+def import_lab(tree: str) -> ModuleType:
+    """TREE's own lab: ``tests.lab``, or ``tcpencap.lab`` in a tree from before it moved to
+    the test side. It must come from TREE, not from another checkout or an installed copy."""
+    root = Path(tree).resolve()
+    name = "tests.lab" if (root / "tests" / "lab" / "__init__.py").is_file() else "tcpencap.lab"
+    sys.path.insert(0, str(root))
+    lab = importlib.import_module(name)
+    if root not in Path(lab.__file__).resolve().parents:
+        raise SystemExit(f"{name} came from {lab.__file__}, not from {root}")
+    return lab
+
+
 def main() -> None:
     tree, mode = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "tcp")
-    sys.path.insert(0, tree)
-    from tcpencap.lab import Lab, psk_conf, tcpencap_conf
+    lab_module = import_lab(tree)
+    Lab, psk_conf, tcpencap_conf = lab_module.Lab, lab_module.psk_conf, lab_module.tcpencap_conf
 
     with Lab(clients=1) as lab:
         c1, gw = lab.clients[0], lab.gw

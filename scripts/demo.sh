@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m tcpencap.demo "$@"
+# The demo is test-side code (tests/lab/demo.py): run from the checkout, not the package.
+exec .venv/bin/python -m tests.lab.demo "$@"

@@ -13,14 +13,16 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from tcpencap.lab import (
+from tests.lab import (
     Host,
     Lab,
+    LabError,
     cert_conf,
     default_name,
     ike_id,
     make_ca,
     make_cert,
+    netns,
     ping,
     psk_conf,
     tcpencap_conf,
@@ -37,11 +39,12 @@ def private_netns(prefix: str, tools: tuple[str, ...]) -> Iterator[str]:
     for tool in tools:
         assert shutil.which(tool), f"{tool} is needed"
     name = f"{prefix}-{uuid.uuid4().hex[:10]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
+    netns.create(name)
     try:
         yield name
     finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+        with contextlib.suppress(LabError):  # the check below says what is left
+            netns.remove(name)
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert name not in listed, f"namespace {name} left behind"
 

@@ -18,7 +18,8 @@ import time
 
 import pytest
 
-from tcpencap.lab import (
+from tcpencap.wire.packet import TCP_ACK, TCP_RST, TCP_SYN
+from tests.lab import (
     Host,
     Lab,
     Process,
@@ -30,7 +31,6 @@ from tcpencap.lab import (
     psk_conf,
     tcpencap_conf,
 )
-from tcpencap.wire.packet import TCP_ACK, TCP_RST, TCP_SYN
 
 pytestmark = pytest.mark.lab
 PORT = 10000
@@ -54,7 +54,7 @@ def _start_ctcp(host: Host, conf: str) -> Process:
 
 
 def _repo() -> str:
-    from tcpencap.lab import REPO_ROOT
+    from tests.lab import REPO_ROOT
 
     return str(REPO_ROOT)
 

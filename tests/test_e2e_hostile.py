@@ -33,7 +33,7 @@ from e2e_helpers import (
     load_tunnel,
 )
 
-from tcpencap.lab import Host, Lab, default_name, ping, tcpencap_conf
+from tests.lab import Host, Lab, default_name, ping, tcpencap_conf
 
 pytestmark = pytest.mark.lab
 

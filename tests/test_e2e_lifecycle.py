@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from e2e_helpers import ike_sa, listen_addr
 
-from tcpencap.lab import Host, Lab, Process, ping, psk_conf, tcpencap_conf
+from tests.lab import Host, Lab, Process, ping, psk_conf, tcpencap_conf
 
 pytestmark = pytest.mark.lab
 

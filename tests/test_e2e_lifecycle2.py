@@ -32,7 +32,7 @@ from test_e2e_lifecycle import (
     wait_ping,
 )
 
-from tcpencap.lab import Host, Lab, ping, psk_conf, tcpencap_conf
+from tests.lab import Host, Lab, ping, psk_conf, tcpencap_conf
 
 pytestmark = pytest.mark.lab
 

@@ -20,15 +20,15 @@ from typing import Any
 import pytest
 from e2e_helpers import listen_addr
 
-from tcpencap.lab import (
+from tests.lab import (
     Host,
     Lab,
     Pki,
-    _write_pki,
     cert_conf,
     ike_id,
     psk_conf,
     tcpencap_conf,
+    write_pki,
 )
 
 pytestmark = pytest.mark.lab
@@ -250,7 +250,7 @@ def _rsa_cert(identity: str, issuer: Pki | None, ca: bool, directory: Path, stem
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), False
         )
     cert = b.sign(issuer.key if issuer else key, hashes.SHA256())
-    return _write_pki(identity, directory, stem, cert, key)
+    return write_pki(identity, directory, stem, cert, key)
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from e2e_helpers import (
     start_tcp_pair,
 )
 
-from tcpencap.lab import (
+from tests.lab import (
     REPO_ROOT,
     Host,
     Lab,

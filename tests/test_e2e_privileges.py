@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from tcpencap.lab import Lab, ping, psk_conf, tcpencap_conf
+from tests.lab import Lab, ping, psk_conf, tcpencap_conf
 
 pytestmark = pytest.mark.lab
 

@@ -26,7 +26,7 @@ from e2e_helpers import (
     tcpencap_sets,
 )
 
-from tcpencap.lab import Host, Lab, Process, ping, psk_conf
+from tests.lab import Host, Lab, Process, ping, psk_conf
 
 pytestmark = pytest.mark.lab
 

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tcpencap.lab import Host, Lab, Process, ping
+from tests.lab import Host, Lab, Process, ping
 
 pytestmark = pytest.mark.lab
 PORT = 10000

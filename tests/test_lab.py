@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tcpencap.lab import (
+from tests.lab import (
     CharonError,
     Host,
     Lab,

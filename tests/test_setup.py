@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tcpencap.lab import BASE_PLUGINS, OPTIONAL_PLUGINS
+from tests.lab import BASE_PLUGINS, OPTIONAL_PLUGINS
 
 SETUP = Path(__file__).resolve().parent.parent / "scripts" / "setup.sh"
 

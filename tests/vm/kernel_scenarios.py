@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from e2e_helpers import ike_sa, listen_addr
 
-from tcpencap.lab import Capture, Host, Lab, ping, psk_conf
+from tests.lab import Capture, Host, Lab, ping, psk_conf
 
 NAME = "c1-gw"
 PORTS = {"rfc9329": 4500, "ctcp": 10000}

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from kernel_scenarios import WAIT, ike_spis, wait_for, xfrm_states
 
-from tcpencap.lab import REPO_ROOT, Host, Lab, ping, psk_conf, tcpencap_conf
+from tests.lab import REPO_ROOT, Host, Lab, ping, psk_conf, tcpencap_conf
 
 NAME = "c1-gw"
 UNIT = Path("/etc/systemd/system/tcpencap.service")

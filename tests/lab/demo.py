@@ -5,7 +5,8 @@ starts charon and tcpencap in both namespaces, brings the IKEv2 SA up over TCP, 
 through the tunnel both ways, prints ``tcpencap status`` of both sides and what a capture
 on the client's link saw, and tears everything down.
 
-Usage: ``python3 -m tcpencap.demo [--ipv6] [--port 4500] [--keep]`` (as root).
+Usage: ``bash scripts/demo.sh [--ipv6] [--port 4500] [--keep]`` (as root), which runs
+``.venv/bin/python -m tests.lab.demo`` from the checkout. Test-side: not installed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import sys
 import time
 
 from tcpencap.cli import _fmt_status
-from tcpencap.lab import Lab, LabError, ping, psk_conf, tcpencap_conf
+
+from . import Lab, LabError, ping, psk_conf, tcpencap_conf
 
 
 def step(text: str) -> None:
@@ -24,7 +26,7 @@ def step(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="tcpencap.demo", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="demo.sh", description=__doc__.splitlines()[0])
     ap.add_argument("--ipv6", action="store_true", help="IPv6 outer addresses")
     ap.add_argument("--port", type=int, default=4500, help="TCP port of the gateway")
     ap.add_argument("--keep", action="store_true", help="keep the lab directory (logs)")
