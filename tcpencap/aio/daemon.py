@@ -10,7 +10,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -18,9 +17,11 @@ from typing import Any
 from nfq.inject import RawInjector
 from nfq.queue import QueueReader
 from nfq.rules import SteeringRules
+from tcpencap.aio.connect import connect
 from tcpencap.aio.control import start_control, start_metrics
 from tcpencap.aio.ctcp_service import CtcpService
-from tcpencap.aio.sockopts import set_ipsec_bypass, set_nodelay
+from tcpencap.aio.sockopts import set_ipsec_bypass
+from tcpencap.aio.status import daemon_status
 from tcpencap.aio.tcp import TcpProtocol
 from tcpencap.config import Config
 from tcpencap.confparse import ConfError
@@ -81,7 +82,7 @@ class Daemon:
                 else:
                     self.rules.remove_peer(peer)
             elif t is Connect:
-                self._spawn(self._connect(o))  # type: ignore[arg-type]
+                self._spawn(connect(self, o))  # type: ignore[arg-type]
             elif t is Close:
                 self._close(o)  # type: ignore[arg-type]
             elif t is Query:
@@ -120,42 +121,6 @@ class Daemon:
 
     def log_limited(self, key: str, fmt: str, *args: object) -> None:
         self.engine.log_limited(time.monotonic(), key, fmt, *args)
-
-    async def _connect(self, o: Connect) -> None:
-        loop = asyncio.get_running_loop()
-        local, peer = addr_text(o.local), addr_text(o.peer)
-        family = socket.AF_INET6 if len(o.local) == 16 else socket.AF_INET
-        sock: socket.socket | None = None
-        port: int | None = o.local_port
-        try:
-            for _ in range(8):
-                if not port:
-                    raise OSError("no local port free in client.port_range")
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                sock.setblocking(False)
-                set_ipsec_bypass(sock)
-                set_nodelay(sock)
-                if self.config.client.port:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    sock.bind((local, port))
-                    break
-                except OSError:
-                    sock.close()
-                    sock = None
-                    port = self.engine.connect_port_refused(o.conn_id, o.generation)
-            if sock is None:
-                raise OSError("no local port could be bound")
-            timeout = self.config.client.connect_timeout
-            await asyncio.wait_for(loop.sock_connect(sock, (peer, o.port)), timeout)
-            proto = TcpProtocol(self, o.conn_id, o.generation)
-            await loop.create_connection(lambda: proto, sock=sock)
-        except (OSError, TimeoutError) as exc:
-            if sock is not None:
-                sock.close()
-            reason = str(exc) or type(exc).__name__
-            self.engine.connect_failed(time.monotonic(), o.conn_id, o.generation, reason)
-            self.after()
 
     # --- charon: NFQUEUE, VICI, list-sas ------------------------------------------------
 
@@ -246,7 +211,9 @@ class Daemon:
     async def _ctcp_peers(self, peers: dict[bytes, int]) -> None:
         if self.ctcp is None:
             assert self.injector is not None
-            self.ctcp = CtcpService(self.config, self.injector, self.log_limited)
+            self.ctcp = CtcpService(
+                self.config, self.injector, self.log_limited, ports=self.engine.ports
+            )
             await self.ctcp.start(asyncio.get_running_loop())
         await self.ctcp.set_peers(peers)
 
@@ -276,30 +243,7 @@ class Daemon:
     # --- status -----------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        now = time.monotonic()
-        q = self.queue
-        e = self.engine
-        return {
-            "pid": os.getpid(),
-            "uptime": round(now - self.started, 1),
-            "config": self.config.source,
-            "vici": self.vici_state,
-            "capabilities": f"{_cap_eff():x}",
-            "listening": [f"{bracket(h)}:{p}" for h, p in self.config.gateway.listen],
-            "steered_peers": sorted(self.rules.peers),
-            "client_peers": sorted(addr_text(p) for p in e.client_peers),
-            "queue": {
-                "num": self.config.queue_num,
-                "packets": q.packets if q else 0,
-                "errors": q.errors if q else 0,
-                "reads": q.batches if q else 0,
-                "verdict_errors": q.verdict_errors if q else 0,
-            },
-            "drops": dict(e.router.drops),
-            "events": dict(e.events),
-            "connections": e.status(now) + (self.ctcp.status() if self.ctcp else []),
-            "ctcp": self.ctcp.summary() if self.ctcp else None,
-        }
+        return daemon_status(self)
 
     def totals(self) -> dict[str, Any]:
         return self.engine.totals
@@ -379,12 +323,3 @@ class Daemon:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.status_socket)
         await asyncio.sleep(0)
-
-
-def _cap_eff() -> int:
-    from tcpencap.aio.privileges import effective_caps
-
-    try:
-        return effective_caps()
-    except OSError:
-        return -1

@@ -32,9 +32,9 @@ from tcpencap.core.ctcp_conn import (
     TransmitSegment,
     stray_reply,
 )
+from tcpencap.core.engine import Engine
 from tcpencap.core.outputs import (
     Inject,
-    Output,
     Steer,
     Transmit,
     bracket,
@@ -45,7 +45,6 @@ from tcpencap.core.outputs import (
 from tcpencap.core.peers import SteeringRefs
 from tcpencap.core.ports import PortAllocator, PortsExhausted
 from tcpencap.core.table import ConnectionTable, Entry
-from tcpencap.core.timers import TimerQueue
 from tcpencap.metrics import add_closed, new_totals
 from tcpencap.wire.ctcp import CTCPError, read_segment
 from tcpencap.wire.ike import IKEV2_SA_INIT, Kind, classify_udp_payload
@@ -89,7 +88,7 @@ def _is_syn(flags: int) -> bool:
     return flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
 
 
-class CtcpEngine:
+class CtcpEngine(Engine):
     """All cTCP connections of this host. ``listen`` are gateway (ADDR, PORT) endpoints
     (wildcards allowed), ``peers`` maps a client peer address to its TCP port."""
 
@@ -103,6 +102,7 @@ class CtcpEngine:
         timers: Timers | None = None,
         rng: random.Random | None = None,
     ) -> None:
+        super().__init__()
         self._listen_exact: set[tuple[bytes, int]] = set()
         self._listen_any: set[tuple[int, int]] = set()  # (address length, port)
         for host, port in listen:
@@ -122,8 +122,6 @@ class CtcpEngine:
         self.steering = SteeringRefs()  # gateway peers with an established connection
         self.counters: dict[str, int] = {}
         self.totals: dict[str, Any] = new_totals()
-        self.timer_queue = TimerQueue()
-        self._out: list[Output] = []
 
     def set_peers(self, peers: dict[bytes, int]) -> None:
         """The client peers are now exactly these (reload). Connections to a removed peer
@@ -250,17 +248,6 @@ class CtcpEngine:
         self._drain(now, flow)
 
     # --- the shell's side -------------------------------------------------------------
-
-    def pull(self) -> list[Output]:
-        """Everything the engine asked for since the last pull, in order."""
-        out, self._out = self._out, []
-        return out
-
-    def get_timer(self) -> float | None:
-        return self.timer_queue.next_due()
-
-    def handle_timer(self, now: float) -> None:
-        self.timer_queue.run_due(now)
 
     def _arm(self, flow: Flow) -> None:
         """Queue the flow's next deadline once (the per-packet cost is one compare)."""

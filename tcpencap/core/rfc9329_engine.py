@@ -15,25 +15,21 @@ the UDP-first fallback.
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
+from tcpencap.core.engine import Engine
 from tcpencap.core.fallback import FallbackMonitor
 from tcpencap.core.outputs import (
     Close,
     Connect,
     Inject,
-    Output,
     Query,
     Steer,
     Transmit,
     bracket,
     count,
-    describe,
-    status_row,
 )
 from tcpencap.core.peers import SteeringRefs
 from tcpencap.core.ports import PortAllocator, PortsExhausted
@@ -44,10 +40,12 @@ from tcpencap.core.reload import (
     UnwatchFallback,
     WatchFallback,
 )
+from tcpencap.core.rfc9329_conn import TRANSITIONS, WAITING, Conn, Orphan, State, status_of
 from tcpencap.core.router import ConnView, Drop, Open, Router, Send, Side
 from tcpencap.core.sa_sync import ExpireOld, Retire, SaSync, SpiLimit
-from tcpencap.core.table import ConnectionTable, Entry
-from tcpencap.core.timers import LogLimiter, TimerQueue
+from tcpencap.core.table import ConnectionTable
+from tcpencap.core.timers import LogLimiter
+from tcpencap.core.vici_facts import ike_spis, inbound_changes, inbound_spis
 from tcpencap.metrics import add_closed, new_totals
 from tcpencap.wire import rfc9329
 from tcpencap.wire.ike import check_first_ike
@@ -70,110 +68,9 @@ PENDING_LIMIT = 64  # frames held while a client connection is being opened
 LINGER = "linger"  # steering reason of a gateway peer whose connections are gone
 
 
-class State(enum.Enum):
-    CONNECTING = "connecting"  # client: the TCP connect is under way
-    ACCEPTED = "accepted"  # gateway: waiting for the prefix
-    PREFIX_RECEIVED = "prefix-received"  # gateway: waiting for the first message
-    OPEN = "open"
-    CLOSING = "closing"  # Close was output; the shell reports the loss
-    CLOSED = "closed"
-
-
-# Every transition a connection may make; _goto refuses anything else.
-TRANSITIONS: dict[State, frozenset[State]] = {
-    State.CONNECTING: frozenset({State.OPEN, State.CLOSING, State.CLOSED}),
-    State.ACCEPTED: frozenset({State.PREFIX_RECEIVED, State.CLOSING, State.CLOSED}),
-    State.PREFIX_RECEIVED: frozenset({State.OPEN, State.CLOSING, State.CLOSED}),
-    State.OPEN: frozenset({State.CLOSING, State.CLOSED}),
-    State.CLOSING: frozenset({State.CLOSED}),
-    State.CLOSED: frozenset(),
-}
-_WAITING = (State.ACCEPTED, State.PREFIX_RECEIVED)
-
-
-@dataclass(slots=True, eq=False)
-class Conn:
-    """One RFC 9329 connection (one TCP connection at a time: a reconnect is a new
-    ``generation`` of the same connection, keeping its table entry)."""
-
-    view: ConnView
-    side: Side
-    state: State
-    codec: rfc9329.StreamCodec
-    created: float
-    local_text: str
-    peer_text: str
-    local_port: int = 0
-    peer_port: int = 0
-    generation: int = 0
-    frames_in: int = 0
-    frames_out: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    reads_in: int = 0  # data_received calls: frames_in / reads_in is the batching
-    drops: dict[str, int] = field(default_factory=dict)
-    pending: list[tuple[bytes, bool]] = field(default_factory=list)
-    outstanding: bytes | None = None  # last IKEv2 request sent, resent after a reconnect
-    attempt: int = 0
-    got_ike: bool = False
-    first_at: float | None = None  # when the first complete message arrived
-    sa_seen: bool = False  # evidence of an IKE SA on this connection (see _sa_evidence)
-    first_ike: bytes | None = None  # the first message, if it was IKE
-    counted: bool = False  # in the gateway's admission counts
-    retiring: bool = False  # closed on purpose: no reconnect
-    close_reason: str = ""
-    win_start: float = 0.0
-    win_frames: int = 0
-
-    @property
-    def conn_id(self) -> int:
-        return self.view.entry.conn_id
-
-    @property
-    def entry(self) -> Entry:
-        return self.view.entry
-
-    def __str__(self) -> str:
-        return describe(
-            self.conn_id,
-            self.side.value,
-            self.local_text,
-            self.local_port,
-            self.peer_text,
-            self.peer_port,
-        )
-
-
-@dataclass(slots=True)
-class Orphan:
-    """SAs of a gateway connection that closed, waiting for their client's reconnect."""
-
-    deadline: float
-    ike: list[bytes]
-    esp: list[int]
-    sa_seen: bool
-
-
-def _packed(text: Any) -> bytes | None:
-    try:
-        return ipaddress.ip_address(text).packed if isinstance(text, str) else None
-    except ValueError:
-        return None
-
-
-def _spi_int(text: Any) -> int | None:
-    try:
-        return int(text, 16) if isinstance(text, str) else None
-    except ValueError:
-        return None
-
-
-def _dicts(value: Any) -> list[dict[str, Any]]:
-    return [v for v in value.values() if isinstance(v, dict)] if isinstance(value, dict) else []
-
-
-class Rfc9329Engine:
+class Rfc9329Engine(Engine):
     def __init__(self, config: Any, now: float) -> None:
+        super().__init__()
         self.config = config
         self.table = ConnectionTable(max_spis=config.max_spis)
         self.router = Router(self.table, self._is_client_peer)
@@ -194,27 +91,14 @@ class Rfc9329Engine:
         self.vici_connected = False
         self.inbound_spis: dict[int, bytes] = {}  # charon's inbound ESP SPI -> peer (VICI)
         self.stopping = False
-        self.timers = TimerQueue()
         self.log_limited = LogLimiter(log.warning)
         self.totals: dict[str, Any] = new_totals(closed={}, connect_failures=0)
-        self._out: list[Output] = []
         self._fallback_polling = False
         self._reconcile_due = False
-        self.timers.call_at(now + RECONCILE_PERIOD, self._reconcile_tick)
-        self.timers.call_at(now + PEER_RELEASE_POLL, self._release_tick)
+        self.timer_queue.call_at(now + RECONCILE_PERIOD, self._reconcile_tick)
+        self.timer_queue.call_at(now + PEER_RELEASE_POLL, self._release_tick)
 
     # --- the shell's side -------------------------------------------------------------
-
-    def pull(self) -> list[Output]:
-        """Everything the engine asked for since the last pull, in order."""
-        out, self._out = self._out, []
-        return out
-
-    def get_timer(self) -> float | None:
-        return self.timers.next_due()
-
-    def handle_timer(self, now: float) -> None:
-        self.timers.run_due(now)
 
     @property
     def events(self) -> dict[str, int]:
@@ -402,7 +286,7 @@ class Rfc9329Engine:
         log.info(
             "%s: lost (%s), reconnecting in %.1fs (attempt %d)", conn, reason, delay, conn.attempt
         )
-        self.timers.call_at(now + delay, self._reconnect_due, conn, conn.generation)
+        self.timer_queue.call_at(now + delay, self._reconnect_due, conn, conn.generation)
 
     def _reconnect_due(self, now: float, conn: Conn, generation: int) -> None:
         if self.conns.get(conn.conn_id) is conn and conn.generation == generation:
@@ -436,12 +320,12 @@ class Rfc9329Engine:
         self.n_gateway += 1
         self.n_pending += 1
         self.per_source[peer] = self.per_source.get(peer, 0) + 1
-        self.timers.call_at(now + gw.first_message_timeout, self._first_deadline, conn)
+        self.timer_queue.call_at(now + gw.first_message_timeout, self._first_deadline, conn)
         log.info("%s: accepted", conn)
         return conn.conn_id
 
     def _first_deadline(self, now: float, conn: Conn) -> None:
-        if conn.state in _WAITING and self.conns.get(conn.conn_id) is conn:
+        if conn.state in WAITING and self.conns.get(conn.conn_id) is conn:
             count(conn.drops, "first-message-timeout")
             what = "message" if conn.codec.prefix_received else "prefix"
             self.log_limited(
@@ -488,7 +372,9 @@ class Rfc9329Engine:
             self._out.append(Steer(peer, True))
         self.release_at.pop(peer, None)
         if not conn.sa_seen:
-            self.timers.call_at(now + self.config.gateway.no_sa_timeout, self._sa_deadline, conn)
+            self.timer_queue.call_at(
+                now + self.config.gateway.no_sa_timeout, self._sa_deadline, conn
+            )
 
     def _adopt(self, conn: Conn, ike: list[bytes], esp: list[int], sa_seen: bool) -> None:
         # First come: an SPI charon has meanwhile placed on another connection stays there.
@@ -621,7 +507,7 @@ class Rfc9329Engine:
         delay = 0.0
         if graceful:
             delay = CLIENT_CLOSE_DELAY if conn.side is Side.CLIENT else GATEWAY_CLOSE_DELAY
-        self.timers.call_at(now + delay, self._retire_due, conn, reason)
+        self.timer_queue.call_at(now + delay, self._retire_due, conn, reason)
 
     def _retire_due(self, now: float, conn: Conn, reason: str) -> None:
         if self.conns.get(conn.conn_id) is not conn:
@@ -743,74 +629,30 @@ class Rfc9329Engine:
 
     def vici_resync(self, now: float, sas: list[dict[str, Any]]) -> None:
         self._apply_effects(now, self.sync.resync(sas))
-        self._inbound_from_list(sas)
+        self.inbound_spis = inbound_spis(sas)
         for item in sas:
             self._mark_sa_seen(item)
 
     def _learn_inbound(self, label: str, up: bool, event: dict[str, Any]) -> None:
         """charon's inbound ESP SPIs by peer: what a resuming client may send first."""
-        for sa in event.values():
-            if not isinstance(sa, dict):
-                continue
-            if label == "ike-rekey":
-                continue
-            peer = _packed(sa.get("remote-host"))
-            for child in _dicts(sa.get("child-sas")):
-                pairs = [(child, up)]
-                if label == "child-rekey":
-                    pairs = [(child.get("old"), False), (child.get("new"), True)]
-                elif label == "ike-updown" and up:
-                    pairs = [(child, True)]
-                for c, add in pairs:
-                    spi = _spi_int(c.get("spi-in")) if isinstance(c, dict) else None
-                    if spi is None:
-                        continue
-                    if add and peer is not None:
-                        self.inbound_spis[spi] = peer
-                    elif not add:
-                        self.inbound_spis.pop(spi, None)
-
-    def _inbound_from_list(self, sas: list[dict[str, Any]]) -> None:
-        spis: dict[int, bytes] = {}
-        for item in sas:
-            for sa in item.values():
-                if not isinstance(sa, dict):
-                    continue
-                peer = _packed(sa.get("remote-host"))
-                for child in _dicts(sa.get("child-sas")):
-                    spi = _spi_int(child.get("spi-in"))
-                    if spi is not None and peer is not None:
-                        spis[spi] = peer
-        self.inbound_spis = spis
+        for spi, peer in inbound_changes(label, up, event):
+            if peer is None:
+                self.inbound_spis.pop(spi, None)
+            else:
+                self.inbound_spis[spi] = peer
 
     def _mark_sa_seen(self, event: dict[str, Any]) -> None:
         """charon's word that an IKE SA exists: the connections carrying it pass the
         no-SA deadline."""
-        for sa in event.values():
-            if not isinstance(sa, dict):
-                continue
-            for s in (sa, sa.get("new")):
-                spi = s.get("initiator-spi") if isinstance(s, dict) else None
-                if not isinstance(spi, str):
-                    continue
-                try:
-                    entry = self.table.find_ike_spi(bytes.fromhex(spi))
-                except ValueError:
-                    continue
-                conn = self.conns.get(entry.conn_id) if entry else None
-                if conn is not None:
-                    conn.sa_seen = True
+        for spi in ike_spis(event):
+            entry = self.table.find_ike_spi(spi)
+            conn = self.conns.get(entry.conn_id) if entry else None
+            if conn is not None:
+                conn.sa_seen = True
 
     def _forget_orphans(self, event: dict[str, Any]) -> None:
         """charon deleted these IKE SAs: no reconnect will resume them."""
-        gone: set[bytes] = set()
-        for sa in event.values():
-            spi = sa.get("initiator-spi") if isinstance(sa, dict) else None
-            if isinstance(spi, str):
-                try:
-                    gone.add(bytes.fromhex(spi))
-                except ValueError:
-                    pass
+        gone = set(ike_spis(event))
         for pair, orphan in list(self.orphans.items()):
             orphan.ike = [spi for spi in orphan.ike if spi not in gone]
             if not orphan.ike:
@@ -834,7 +676,7 @@ class Rfc9329Engine:
                     self.config.max_spis,
                 )
             elif isinstance(eff, ExpireOld):
-                self.timers.call_at(now + eff.delay, self._expire_old, eff.conn_id, eff.spi)
+                self.timer_queue.call_at(now + eff.delay, self._expire_old, eff.conn_id, eff.spi)
 
     def _expire_old(self, now: float, conn_id: int, spi: bytes) -> None:
         self._apply_effects(now, self.sync.expire_old(conn_id, spi))
@@ -844,7 +686,7 @@ class Rfc9329Engine:
     def _reconcile_soon(self, now: float, delay: float) -> None:
         if not self._reconcile_due:
             self._reconcile_due = True
-            self.timers.call_at(now + delay, self._ask, "reconcile")
+            self.timer_queue.call_at(now + delay, self._ask, "reconcile")
 
     def _ask(self, now: float, purpose: str) -> None:
         if purpose == "reconcile":
@@ -852,12 +694,12 @@ class Rfc9329Engine:
         self._out.append(Query(purpose))
 
     def _reconcile_tick(self, now: float) -> None:
-        self.timers.call_at(now + RECONCILE_PERIOD, self._reconcile_tick)
+        self.timer_queue.call_at(now + RECONCILE_PERIOD, self._reconcile_tick)
         if self.vici_connected and len(self.table):
             self._reconcile_soon(now, 0.0)
 
     def _release_tick(self, now: float) -> None:
-        self.timers.call_at(now + PEER_RELEASE_POLL, self._release_tick)
+        self.timer_queue.call_at(now + PEER_RELEASE_POLL, self._release_tick)
         for pair in [p for p, o in self.orphans.items() if o.deadline < now]:
             del self.orphans[pair]
         if any(t <= now for t in self.release_at.values()):
@@ -866,7 +708,7 @@ class Rfc9329Engine:
     def _poll_fallback_soon(self, now: float) -> None:
         if not self._fallback_polling and self.fallback.conns:
             self._fallback_polling = True
-            self.timers.call_at(now + FALLBACK_POLL, self._fallback_tick)
+            self.timer_queue.call_at(now + FALLBACK_POLL, self._fallback_tick)
 
     def _fallback_tick(self, now: float) -> None:
         self._fallback_polling = False
@@ -880,7 +722,7 @@ class Rfc9329Engine:
             return  # without charon's word, keep everything as it is (fail-closed)
         if purpose == "reconcile":
             self.sync.reconcile_esp(sas)
-            self._inbound_from_list(sas)
+            self.inbound_spis = inbound_spis(sas)
         elif purpose == "peer-release":
             self._release_peers(now, sas)
         elif purpose == "fallback":
@@ -936,26 +778,6 @@ class Rfc9329Engine:
         return self.conns.get(conn_id)
 
     def status(self, now: float) -> list[dict[str, Any]]:
-        return [self.row(self.conns[cid], now) for cid in sorted(self.conns)]
+        return [status_of(self.conns[cid], now) for cid in sorted(self.conns)]
 
-    @staticmethod
-    def row(c: Conn, now: float) -> dict[str, Any]:
-        """One connection's line of ``tcpencap status``."""
-        return status_row(
-            c.conn_id,
-            "rfc9329",
-            c.side.value,
-            c.state.value,
-            f"{bracket(c.local_text)}:{c.local_port}",
-            f"{bracket(c.peer_text)}:{c.peer_port}",
-            c.entry,
-            {
-                "frames_in": c.frames_in,
-                "frames_out": c.frames_out,
-                "bytes_in": c.bytes_in,
-                "bytes_out": c.bytes_out,
-                "reads_in": c.reads_in,
-                "drops": {**c.view.drops, **c.drops},
-                "age": round(now - c.created, 1),
-            },
-        )
+    row = staticmethod(status_of)
