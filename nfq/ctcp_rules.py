@@ -30,7 +30,7 @@ import logging
 import subprocess
 from collections.abc import Iterable
 
-from .rules import RuleError, SteeringRules
+from .rules import SteeringRules, run_iptables
 
 log = logging.getLogger("tcpencap.nfq")
 
@@ -44,12 +44,7 @@ Endpoint = tuple[str, int]
 
 
 def _run(family: int, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    tool = "iptables" if family == 4 else "ip6tables"
-    argv = [tool, "-w", "5", "-t", "raw", *args]
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if check and proc.returncode != 0:
-        raise RuleError(f"{' '.join(argv)}: {proc.stderr.strip()}")
-    return proc
+    return run_iptables(family, *args, table="raw", check=check)
 
 
 def _family(addr: str) -> int:

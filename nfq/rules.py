@@ -41,12 +41,20 @@ def _tool(family: int) -> str:
     return "iptables" if family == 4 else "ip6tables"
 
 
-def _run(family: int, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    argv = [_tool(family), "-w", "5", "-t", TABLE, *args]
+def run_iptables(
+    family: int, *args: str, table: str = TABLE, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """One iptables/ip6tables call (waiting up to 5 s for the xtables lock); RuleError
+    with the command and its message when ``check`` and it fails."""
+    argv = [_tool(family), "-w", "5", "-t", table, *args]
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if check and proc.returncode != 0:
         raise RuleError(f"{' '.join(argv)}: {proc.stderr.strip()}")
     return proc
+
+
+def _run(family: int, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run_iptables(family, *args, check=check)
 
 
 def set_name(chain: str, family: int) -> str:

@@ -28,11 +28,11 @@ SPI_I = bytes.fromhex("1122334455667788")
 SPI_R = bytes.fromhex("99aabbccddeeff00")
 
 
-def client_config(transport: str = "tcp", extra: str = "") -> Any:
+def client_config(transport: str = "tcp", timeout: str = "2s") -> Any:
     return parse_config(
         "tcpencap {\n connections {\n  c1-gw {\n"
-        f"   remote_addrs = {G}\n   transport = {transport}\n   fallback_timeout = 2s\n"
-        f"  }}\n{extra} }}\n}}\n",
+        f"   remote_addrs = {G}\n   transport = {transport}\n   fallback_timeout = {timeout}\n"
+        "  }\n }\n}\n",
         "/etc/strongswan.d/tcpencap.conf",
     )
 
@@ -542,3 +542,22 @@ def test_reload_steers_before_it_unsteers() -> None:
     new = plans.intent_of(client_config("fallback"))
     ops = plans.plan(old, new)
     assert [type(o) for o in ops] == [plans.WatchFallback, plans.UnsteerTcp]
+
+
+def test_reload_of_a_fallback_connection_on_tcp_keeps_it_on_tcp() -> None:
+    """Changing only fallback_timeout of a connection that already fell back must not
+    send its live SA's traffic back to UDP (found by the daemon-level reload test)."""
+    w = Wire(client_config("fallback"))
+    w.sas = [{"c1-gw": {"state": "CONNECTING", "initiator-spi": SPI_I.hex()}}]
+    w.advance(3.5)
+    assert w.steered_c == {GB}
+    w.sas = [{"c1-gw": {"state": "ESTABLISHED", "initiator-spi": SPI_I.hex()}}]
+    w.advance(2.0)
+    ops = w.configure(client_config("fallback", timeout="9s"))
+    assert [type(o) for o in ops] == [plans.WatchFallback]
+    assert w.steered_c == {GB}
+    w.advance(5.0)
+    assert w.steered_c == {GB}  # the SA lives: still TCP
+    w.sas = []
+    w.advance(2.0)
+    assert w.steered_c == set()  # no SA left: back to UDP first

@@ -119,7 +119,10 @@ class Rfc9329Engine(Engine):
                 for p in op.peers:
                     self.peer_ports[p] = op.port
                 if old is not None and old.on_tcp:
-                    self._set_reason(f"fallback:{op.name}", (), 0)
+                    # Already on TCP: it stays there (with its new peers) while its SAs
+                    # live, as if it had just fallen back; the poll brings it back to UDP.
+                    self.fallback.conns[op.name].on_tcp = True
+                    self._set_reason(f"fallback:{op.name}", op.peers, op.port)
                 self._poll_fallback_soon(now)
             elif isinstance(op, UnwatchFallback):
                 self.fallback.conns.pop(op.name, None)

@@ -14,8 +14,11 @@ def packed(text: Any) -> bytes | None:
 
 
 def spi_int(text: Any) -> int | None:
+    """An ESP SPI as charon writes it (up to eight hex digits); None for anything else."""
+    if not isinstance(text, str) or not 0 < len(text) <= 8:
+        return None
     try:
-        return int(text, 16) if isinstance(text, str) else None
+        return int(text, 16) if text.isalnum() else None
     except ValueError:
         return None
 
@@ -61,7 +64,7 @@ def ike_spis(event: dict[str, Any]) -> list[bytes]:
     for sa in dicts(event):
         for s in (sa, sa.get("new")):
             text = s.get("initiator-spi") if isinstance(s, dict) else None
-            if isinstance(text, str):
+            if isinstance(text, str) and len(text) == 16:
                 try:
                     spis.append(bytes.fromhex(text))
                 except ValueError:
