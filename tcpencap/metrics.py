@@ -10,30 +10,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from tcpencap.core.totals import FLOW_KEYS as _FLOW_KEYS
+
 PREFIX = "tcpencap"
-_FLOW_KEYS = ("frames_in", "frames_out", "bytes_in", "bytes_out")
-
-
-def new_totals(**extra: Any) -> dict[str, Any]:
-    """Zeroed totals of closed connections, as ``add_closed`` folds into them; ``extra``
-    adds the daemon's own keys (closed reasons, connect failures)."""
-    return {**dict.fromkeys(_FLOW_KEYS, 0), "drops": {}, **extra}
-
-
-def add_closed(
-    totals: dict[str, Any],
-    frames_in: int,
-    frames_out: int,
-    bytes_in: int,
-    bytes_out: int,
-    drops: dict[str, int],
-) -> None:
-    """Fold a closed connection's counters into ``totals`` (the daemon's, the cTCP
-    service's), so the cumulative metrics never go backwards."""
-    for key, n in zip(_FLOW_KEYS, (frames_in, frames_out, bytes_in, bytes_out), strict=True):
-        totals[key] += n
-    for reason, n in drops.items():
-        totals["drops"][reason] = totals["drops"].get(reason, 0) + n
 
 
 def _esc(value: str) -> str:

@@ -45,7 +45,7 @@ from tcpencap.core.outputs import (
 from tcpencap.core.peers import SteeringRefs
 from tcpencap.core.ports import PortAllocator, PortsExhausted
 from tcpencap.core.table import ConnectionTable, Entry
-from tcpencap.metrics import add_closed, new_totals
+from tcpencap.core.totals import add_closed, new_totals
 from tcpencap.wire.ctcp import CTCPError, read_segment
 from tcpencap.wire.ike import IKEV2_SA_INIT, Kind, classify_udp_payload
 from tcpencap.wire.packet import (

@@ -45,8 +45,8 @@ from tcpencap.core.router import ConnView, Drop, Open, Router, Send, Side
 from tcpencap.core.sa_sync import ExpireOld, Retire, SaSync, SpiLimit
 from tcpencap.core.table import ConnectionTable
 from tcpencap.core.timers import LogLimiter
+from tcpencap.core.totals import add_closed, new_totals
 from tcpencap.core.vici_facts import ike_spis, inbound_changes, inbound_spis
-from tcpencap.metrics import add_closed, new_totals
 from tcpencap.wire import rfc9329
 from tcpencap.wire.ike import check_first_ike
 from tcpencap.wire.packet import addr_text
