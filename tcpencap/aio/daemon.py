@@ -63,30 +63,10 @@ class Daemon:
     def after(self) -> None:
         """Run what the engine asked for, then re-arm its timer."""
         engine = self.engine
-        for o in engine.pull():
-            t = type(o)
-            if t is Transmit:
-                proto = self.protocols.get(o.conn_id)  # type: ignore[union-attr]
-                if proto is not None:
-                    proto.send(o.data, o.is_ike)  # type: ignore[union-attr]
-            elif t is Inject:
-                try:
-                    self.injector.inject(o.packet, o.dst)  # type: ignore[union-attr]
-                except OSError as exc:
-                    count(engine.router.drops, "inject-failed")
-                    self.log_limited("inject", "injection failed: %s", exc)
-            elif t is Steer:
-                peer = addr_text(o.peer)  # type: ignore[union-attr]
-                if o.on:  # type: ignore[union-attr]
-                    self.rules.add_peer(peer)
-                else:
-                    self.rules.remove_peer(peer)
-            elif t is Connect:
-                self._spawn(connect(self, o))  # type: ignore[arg-type]
-            elif t is Close:
-                self._close(o)  # type: ignore[arg-type]
-            elif t is Query:
-                self._spawn(self._query(o.purpose))  # type: ignore[union-attr]
+        outs = engine.pull()
+        while outs:
+            self._execute(outs)
+            outs = engine.pull()  # executing may have fed the engine (a close while connecting)
         due = engine.get_timer()
         if due != self._timer_at:
             if self._timer is not None:
@@ -95,6 +75,33 @@ class Daemon:
             if due is not None:
                 loop = asyncio.get_running_loop()
                 self._timer = loop.call_at(due - time.monotonic() + loop.time(), self._fire)
+
+    def _execute(self, outs: list[Any]) -> None:
+        engine = self.engine
+        for o in outs:
+            t = type(o)
+            if t is Transmit:
+                proto = self.protocols.get(o.conn_id)
+                if proto is not None:
+                    proto.send(o.data, o.is_ike)
+            elif t is Inject:
+                try:
+                    self.injector.inject(o.packet, o.dst)  # type: ignore[union-attr]
+                except OSError as exc:
+                    count(engine.router.drops, "inject-failed")
+                    self.log_limited("inject", "injection failed: %s", exc)
+            elif t is Steer:
+                peer = addr_text(o.peer)
+                if o.on:
+                    self.rules.add_peer(peer)
+                else:
+                    self.rules.remove_peer(peer)
+            elif t is Connect:
+                self._spawn(connect(self, o))
+            elif t is Close:
+                self._close(o)
+            elif t is Query:
+                self._spawn(self._query(o.purpose))
 
     def _fire(self) -> None:
         self._timer = self._timer_at = None
