@@ -61,7 +61,7 @@ class Conn:
     got_ike: bool = False
     first_at: float | None = None  # when the first complete message arrived
     sa_seen: bool = False  # evidence of an IKE SA on this connection (see _sa_evidence)
-    first_ike: bytes | None = None  # the first message, if it was IKE
+    first_spi: bytes | None = None  # the initiator SPI of the first message, if IKE
     counted: bool = False  # in the gateway's admission counts
     retiring: bool = False  # closed on purpose: no reconnect
     close_reason: str = ""

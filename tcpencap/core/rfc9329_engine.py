@@ -362,8 +362,8 @@ class Rfc9329Engine(Engine):
         if orphan is not None and orphan.deadline >= now and not e.carries_sa:
             # A reconnect resumes an existing SA: ESP, or IKE of one of the orphaned SAs.
             # An IKE_SA_INIT (or another SA's message) means a new SA: the orphan is stale.
-            first = conn.first_ike
-            if first is None or first[:8] in orphan.ike:
+            first = conn.first_spi
+            if first is None or first in orphan.ike:
                 self._adopt(conn, orphan.ike, orphan.esp, orphan.sa_seen)
         peer = e.peer
         if self.steering.add(peer, f"conn:{conn.conn_id}"):
@@ -466,7 +466,7 @@ class Rfc9329Engine(Engine):
             count(conn.drops, "malformed-first-ike")
             self.log_limited(now, "malformed-first", "%s: first message refused: %s", conn, problem)
             return False
-        conn.first_ike = msg
+        conn.first_spi = msg[:8]  # (not the message: an IKE_SA_INIT is ~1 KB per connection)
         self._first_message(now, conn)
         return conn.state is State.OPEN
 
