@@ -561,3 +561,17 @@ def test_reload_of_a_fallback_connection_on_tcp_keeps_it_on_tcp() -> None:
     w.sas = []
     w.advance(2.0)
     assert w.steered_c == set()  # no SA left: back to UDP first
+
+
+def test_a_connect_that_finishes_after_its_close_is_refused() -> None:
+    """Closed while connecting (here: tcpencap stopping): when the connect completes
+    afterwards, the engine says so and the shell closes the socket."""
+    w = Wire()
+    w.c.outbound(w.now, from_charon(C, G, 500, 500, ike()))
+    (connect,) = [o for o in w.c.pull() if isinstance(o, Connect)]
+    w.c.stop()
+    (close,) = w.c.pull()
+    assert isinstance(close, Close)
+    w.c.connection_lost(w.now, connect.conn_id, connect.generation, close.reason)
+    assert not w.c.connected(w.now, connect.conn_id, connect.generation)
+    assert w.c.conns == {} and w.c.pull() == []

@@ -48,9 +48,11 @@ class TcpProtocol(asyncio.Protocol):
         now = time.monotonic()
         d = self.daemon
         if self.conn_id:  # client
-            d.protocols[self.conn_id] = self
-            self.registered = True
-            self.engine.connected(now, self.conn_id, self.generation)
+            if self.engine.connected(now, self.conn_id, self.generation):
+                d.protocols[self.conn_id] = self
+                self.registered = True
+            else:
+                transport.close()  # closed while it was connecting: this socket is not wanted
         else:
             local = transport.get_extra_info("sockname")
             peer = transport.get_extra_info("peername")

@@ -256,10 +256,12 @@ class Rfc9329Engine(Engine):
         conn = self.conns.get(conn_id)
         return conn.local_port if conn else 0
 
-    def connected(self, now: float, conn_id: int, generation: int) -> None:
+    def connected(self, now: float, conn_id: int, generation: int) -> bool:
+        """The TCP connect succeeded. False: the connection was closed or replaced while
+        connecting, and the shell must close this socket."""
         conn = self._current(conn_id, generation)
         if conn is None or conn.state is not State.CONNECTING:
-            return
+            return False
         conn.attempt = 0
         log.info("%s: connected, sending prefix and %d held frame(s)", conn, len(conn.pending))
         self._goto(conn, State.OPEN)
@@ -268,6 +270,7 @@ class Rfc9329Engine(Engine):
         pending, conn.pending = conn.pending, []
         for frame, is_ike in pending:
             self._send(conn, frame, is_ike)
+        return True
 
     def connect_failed(self, now: float, conn_id: int, generation: int, reason: str) -> None:
         conn = self._current(conn_id, generation)
