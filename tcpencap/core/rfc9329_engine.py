@@ -46,7 +46,7 @@ from tcpencap.core.sa_sync import ExpireOld, Retire, SaSync, SpiLimit
 from tcpencap.core.table import ConnectionTable
 from tcpencap.core.timers import LogLimiter
 from tcpencap.core.totals import add_closed, new_totals
-from tcpencap.core.vici_facts import ike_spis, inbound_changes, inbound_spis
+from tcpencap.core.vici_facts import address, ike_spis, inbound_changes, inbound_spis
 from tcpencap.wire import rfc9329
 from tcpencap.wire.ike import check_first_ike
 from tcpencap.wire.packet import addr_text
@@ -739,11 +739,9 @@ class Rfc9329Engine(Engine):
         busy: set[bytes] = set()
         for item in sas:
             for sa in item.values():
-                host = sa.get("remote-host") if isinstance(sa, dict) else None
-                try:
-                    busy.add(ipaddress.ip_address(host).packed)  # type: ignore[arg-type]
-                except ValueError:
-                    pass
+                host = address(sa.get("remote-host")) if isinstance(sa, dict) else None
+                if host is not None:
+                    busy.add(host)
         for peer in [p for p, t in self.release_at.items() if t <= now]:
             if any(r.startswith("conn:") for r in self.steering.reasons(peer)):
                 del self.release_at[peer]

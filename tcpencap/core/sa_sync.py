@@ -12,7 +12,6 @@ with the new endpoints at the top level and the old ones in the SA.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 
 from tcpencap.core.router import ConnView, Open, Router, Side
 from tcpencap.core.table import Bind, Entry
+from tcpencap.core.vici_facts import address, as_dict, children, esp_spi, ike_spi, port
 
 log = logging.getLogger("tcpencap.vici")
 
@@ -59,52 +59,6 @@ class SpiLimit:
 Effect = Retire | Open | ExpireOld | SpiLimit
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    """VICI values are whatever charon (or a bug) sends: treat anything but a dict as empty."""
-    return value if isinstance(value, dict) else {}
-
-
-def _children(sa: SA) -> list[dict[str, Any]]:
-    return [c for c in _dict(sa.get("child-sas")).values() if isinstance(c, dict)]
-
-
-def _addr(text: Any) -> bytes | None:
-    if not text or not isinstance(text, str):
-        return None
-    try:
-        addr = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    return None if addr.is_unspecified else addr.packed
-
-
-def _spi(text: Any) -> bytes | None:
-    if not text or not isinstance(text, str):
-        return None
-    try:
-        raw = bytes.fromhex(text)
-    except ValueError:
-        return None
-    return raw if len(raw) == 8 and raw != bytes(8) else None
-
-
-def _esp_spi(text: Any) -> int | None:
-    """An outbound SPI as VICI writes it: 8 hex digits, not zero."""
-    if not isinstance(text, str) or not 0 < len(text) <= 8:
-        return None
-    if any(c not in "0123456789abcdefABCDEF" for c in text):
-        return None
-    return int(text, 16) or None
-
-
-def _port(text: Any, default: int) -> int:
-    try:
-        port = int(text)
-    except (TypeError, ValueError):
-        return default
-    return port if 0 < port < 65536 else default
-
-
 def _sas(event: dict[str, Any]) -> Iterable[tuple[str, SA]]:
     for key, value in event.items():
         if isinstance(value, dict):
@@ -119,10 +73,10 @@ class SaSync:
     # --- lookups ------------------------------------------------------------------------
 
     def _entry(self, sa: SA) -> Entry | None:
-        spi = _spi(sa.get("initiator-spi"))
+        spi = ike_spi(sa.get("initiator-spi"))
         if spi is None:
             return None
-        local, remote = _addr(sa.get("local-host")), _addr(sa.get("remote-host"))
+        local, remote = address(sa.get("local-host")), address(sa.get("remote-host"))
         if local is not None and remote is not None:
             entry = self.table.lookup_ike(local, remote, spi)
             if entry is not None:
@@ -131,8 +85,8 @@ class SaSync:
 
     def _bind_children(self, entry: Entry, sa: SA) -> list[Effect]:
         effects: list[Effect] = []
-        for child in _children(sa):
-            spi = _esp_spi(child.get("spi-out"))
+        for child in children(sa):
+            spi = esp_spi(child.get("spi-out"))
             if spi is not None:
                 effects += self._bind_esp(entry, spi)
         return effects
@@ -162,15 +116,15 @@ class SaSync:
             entry = self._entry(sa)
             if entry is None:
                 continue
-            spi = _spi(sa.get("initiator-spi"))
+            spi = ike_spi(sa.get("initiator-spi"))
             assert spi is not None
             if up:
                 self.table.move_ike(entry.conn_id, spi)
                 effects += self._bind_children(entry, sa)
                 continue
             self.table.unbind_ike(entry.conn_id, spi)
-            for child in _children(sa):
-                espi = _esp_spi(child.get("spi-out"))
+            for child in children(sa):
+                espi = esp_spi(child.get("spi-out"))
                 if espi is not None:
                     self.table.unbind_esp(entry.conn_id, espi)
             if not entry.ike_spis:
@@ -186,8 +140,8 @@ class SaSync:
             entry = self._entry(sa)
             if entry is None:
                 continue
-            for child in _children(sa):
-                espi = _esp_spi(child.get("spi-out"))
+            for child in children(sa):
+                espi = esp_spi(child.get("spi-out"))
                 if espi is None:
                     continue
                 if up:
@@ -202,9 +156,9 @@ class SaSync:
             entry = self._entry(sa)
             if entry is None:
                 continue
-            for pair in _children(sa):
-                new = _esp_spi(_dict(pair.get("new")).get("spi-out"))
-                old = _esp_spi(_dict(pair.get("old")).get("spi-out"))
+            for pair in children(sa):
+                new = esp_spi(as_dict(pair.get("new")).get("spi-out"))
+                old = esp_spi(as_dict(pair.get("old")).get("spi-out"))
                 if old is not None and old != new:
                     self.table.unbind_esp(entry.conn_id, old)
                 if new is not None:
@@ -214,9 +168,9 @@ class SaSync:
     def _on_ike_rekey(self, event: dict[str, Any]) -> list[Effect]:
         effects: list[Effect] = []
         for _, pair in _sas(event):
-            old, new = _dict(pair.get("old")), _dict(pair.get("new"))
+            old, new = as_dict(pair.get("old")), as_dict(pair.get("new"))
             entry = self._entry(old) or self._entry(new)
-            old_spi, new_spi = _spi(old.get("initiator-spi")), _spi(new.get("initiator-spi"))
+            old_spi, new_spi = ike_spi(old.get("initiator-spi")), ike_spi(new.get("initiator-spi"))
             if entry is None or new_spi is None:
                 continue
             if old_spi is not None:
@@ -234,15 +188,15 @@ class SaSync:
         return self._retire_if_empty(entry, "IKE SA deleted")
 
     def _on_ike_update(self, event: dict[str, Any]) -> list[Effect]:
-        new_local, new_remote = _addr(event.get("local-host")), _addr(event.get("remote-host"))
+        new_local, new_remote = address(event.get("local-host")), address(event.get("remote-host"))
         effects: list[Effect] = []
         for _, sa in _sas(event):
             # Only an authenticated SA moves anything: the responder's ike-update during
             # IKE_SA_INIT (unnamed SA, from 0.0.0.0) names an SPI anyone can choose.
             if sa.get("state") != "ESTABLISHED":
                 continue
-            spi = _spi(sa.get("initiator-spi"))
-            old_local, old_remote = _addr(sa.get("local-host")), _addr(sa.get("remote-host"))
+            spi = ike_spi(sa.get("initiator-spi"))
+            old_local, old_remote = address(sa.get("local-host")), address(sa.get("remote-host"))
             if None in (spi, old_local, old_remote, new_local, new_remote):
                 continue
             entry = self.table.lookup_ike(old_local, old_remote, spi)  # type: ignore[arg-type]
@@ -290,11 +244,11 @@ class SaSync:
         for item in sas:
             for _, sa in _sas(item):
                 entry = self._entry(sa)
-                for child in _children(sa):
+                for child in children(sa):
                     state = child.get("state")
                     if isinstance(state, str) and state in _GONE:
                         continue
-                    spi = _esp_spi(child.get("spi-out"))
+                    spi = esp_spi(child.get("spi-out"))
                     if spi is None:
                         continue
                     live.add(spi)
@@ -313,7 +267,7 @@ class SaSync:
         opened: list[Effect] = []
         for item in sas:
             for _, sa in _sas(item):
-                spi = _spi(sa.get("initiator-spi"))
+                spi = ike_spi(sa.get("initiator-spi"))
                 if spi is None:
                     continue
                 live.add(spi)
@@ -322,7 +276,7 @@ class SaSync:
                     self.table.move_ike(entry.conn_id, spi)
                     opened += self._bind_children(entry, sa)
                     continue
-                local, remote = _addr(sa.get("local-host")), _addr(sa.get("remote-host"))
+                local, remote = address(sa.get("local-host")), address(sa.get("remote-host"))
                 if (
                     local is not None
                     and remote is not None
@@ -332,8 +286,8 @@ class SaSync:
                     # An SA that outlived its connection (tcpencap restarted): as TCP
                     # originator, re-establish it now rather than at the next packet.
                     view = self.router.add_client_conn(local, remote)
-                    view.charon_sport = _port(sa.get("local-port"), 4500)
-                    view.charon_dport = _port(sa.get("remote-port"), 4500)
+                    view.charon_sport = port(sa.get("local-port"), 4500)
+                    view.charon_dport = port(sa.get("remote-port"), 4500)
                     self.table.bind_ike(view.conn_id, spi)
                     opened += self._bind_children(view.entry, sa)
                     opened.append(Open(view.conn_id, local, remote, b""))
