@@ -159,8 +159,10 @@ class Rfc9329Engine(Engine):
             else:
                 if not res.is_ike:  # type: ignore[union-attr]
                     conn.sa_seen = True  # charon sends ESP only with a CHILD SA
-                elif not conn.sa_seen and not self.vici_connected:
-                    self._sa_evidence(conn, res.frame)  # type: ignore[union-attr]
+                elif res.protected and not self.vici_connected:  # type: ignore[union-attr]
+                    # Without VICI, charon encrypting IKE on this connection is the best
+                    # local evidence that an IKE SA with keys exists.
+                    conn.sa_seen = True
                 if res.request:  # type: ignore[union-attr]
                     conn.outstanding = res.frame  # type: ignore[union-attr]
                 self._send(conn, res.frame, res.is_ike)  # type: ignore[union-attr]
@@ -174,15 +176,6 @@ class Rfc9329Engine(Engine):
             emptied, self.router.emptied = self.router.emptied, []
             for cid in emptied:
                 self.retire(now, cid, "its SAs moved to another connection")
-
-    @staticmethod
-    def _sa_evidence(conn: Conn, frame: bytes) -> None:
-        """Without VICI, charon encrypting an IKE message on this connection is the best
-        local evidence that an IKE SA with keys exists (frame: length, marker, header)."""
-        if len(frame) >= 6 + 28:
-            major, flags, np = frame[6 + 17] >> 4, frame[6 + 19], frame[6 + 16]
-            if (major == 2 and np in (46, 53)) or (major == 1 and flags & 1):
-                conn.sa_seen = True
 
     def _send(self, conn: Conn, frame: bytes, is_ike: bool) -> None:
         state = conn.state

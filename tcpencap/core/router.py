@@ -90,6 +90,7 @@ class Send:
     frame: bytes
     is_ike: bool
     request: bool = False  # an IKEv2 request: resent if the connection is re-established
+    protected: bool = False  # IKE encrypted with an IKE SA's keys: charon has that SA
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +223,7 @@ class Router:
             spi = hdr.spi_i
             frame = rfc9329.frame_ike(c.body)
             request = hdr.major == 2 and not hdr.is_response
+            protected = _protected(hdr)
             if view is None:
                 entry = self.table.lookup_ike(ip.src, ip.dst, spi)
                 if entry is None:
@@ -248,16 +250,16 @@ class Router:
                     self.table.bind_ike(view.conn_id, spi)
                 if view.side is Side.CLIENT:
                     view.charon_sport, view.charon_dport = udp.sport, udp.dport
-                return Send(view.conn_id, frame, True, request)
+                return Send(view.conn_id, frame, True, request, protected)
             if view.side is Side.CLIENT:
                 view.charon_sport, view.charon_dport = udp.sport, udp.dport
-            elif self.table.bind_ike(view.conn_id, spi) is Bind.CONFLICT and _protected(hdr):
+            elif self.table.bind_ike(view.conn_id, spi) is Bind.CONFLICT and protected:
                 # charon sends a message protected by the SA's keys to this endpoint: it
                 # authenticated the peer there (reconnect from a new source port), so the
                 # SA follows charon. An unprotected one (an IKE_SA_INIT answer echoing an
                 # SPI anyone may quote) moves nothing.
                 self._take_ike(view, spi)
-            return Send(view.conn_id, frame, True, request)
+            return Send(view.conn_id, frame, True, request, protected)
         # ESP-in-UDP
         if view is None:
             entry = self.table.lookup_esp(ip.src, ip.dst, c.spi)
