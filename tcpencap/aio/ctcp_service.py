@@ -41,6 +41,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nfq.ctcp_rules import CTCP_MARK
+from tcpencap.aio.engine_timer import EngineTimer
 from tcpencap.core.ctcp_conn import Timers
 from tcpencap.core.ctcp_engine import CtcpEngine
 from tcpencap.core.outputs import Inject, Steer, Transmit, bracket, count
@@ -154,8 +155,7 @@ class CtcpService:
         self._ptb_last: dict[bytes, float] = {}
         self._frag_ident = random.getrandbits(32)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._timer: EngineTimer | None = None
         self.peers: dict[bytes, int] = {}
         self.counters: dict[str, int] = {}
 
@@ -165,6 +165,7 @@ class CtcpService:
         from nfq.queue import QueueReader
 
         self._loop = loop
+        self._timer = EngineTimer(self._fire, loop.time)
         cfg = self.config
         self.engine = CtcpEngine(
             listen=cfg.gateway.ctcp_listen,
@@ -209,7 +210,6 @@ class CtcpService:
     async def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = self._timer_at = None
         if self.queue is not None:
             with contextlib.suppress(Exception):
                 self.queue.stop()
@@ -274,13 +274,8 @@ class CtcpService:
             except OSError as exc:
                 count(self.counters, f"{type(o).__name__.lower()}-failed")
                 self.log_limited("ctcp-io", "cTCP: %s failed: %s", type(o).__name__, exc)
-        due = self.engine.get_timer()
-        if due != self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = due
-            if due is not None:
-                self._timer = self._loop.call_at(due, self._fire)
+        assert self._timer is not None
+        self._timer.arm(self.engine.get_timer())
 
     # --- packet size (tcpencap/wire/mtu.py decides, docs/mtu.md explains) ------------------------
 
@@ -359,7 +354,6 @@ class CtcpService:
 
     def _fire(self) -> None:
         assert self.engine is not None and self._loop is not None
-        self._timer = self._timer_at = None
         try:
             self.engine.handle_timer(self._loop.time())
             self._execute()

@@ -20,6 +20,7 @@ from nfq.rules import SteeringRules
 from tcpencap.aio.connect import connect
 from tcpencap.aio.control import start_control, start_metrics
 from tcpencap.aio.ctcp_service import CtcpService
+from tcpencap.aio.engine_timer import EngineTimer
 from tcpencap.aio.sockopts import set_ipsec_bypass
 from tcpencap.aio.status import daemon_status
 from tcpencap.aio.tcp import TcpProtocol
@@ -53,8 +54,7 @@ class Daemon:
         self.started = time.monotonic()
         self.batching = False
         self.dirty: list[TcpProtocol] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self.timer = EngineTimer(self._fire)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
 
@@ -67,14 +67,7 @@ class Daemon:
         while outs:
             self._execute(outs)
             outs = engine.pull()  # executing may have fed the engine (a close while connecting)
-        due = engine.get_timer()
-        if due != self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = due
-            if due is not None:
-                loop = asyncio.get_running_loop()
-                self._timer = loop.call_at(due - time.monotonic() + loop.time(), self._fire)
+        self.timer.arm(engine.get_timer())
 
     def _execute(self, outs: list[Any]) -> None:
         engine = self.engine
@@ -104,7 +97,6 @@ class Daemon:
                 self._spawn(self._query(o.purpose))
 
     def _fire(self) -> None:
-        self._timer = self._timer_at = None
         self.engine.handle_timer(time.monotonic())
         self.after()
 
@@ -315,8 +307,7 @@ class Daemon:
         self.engine.stop()
         with contextlib.suppress(RuntimeError):
             self.after()
-        if self._timer is not None:
-            self._timer.cancel()
+        self.timer.cancel()
         if self.queue is not None:
             with contextlib.suppress(Exception):
                 self.queue.stop()
