@@ -575,3 +575,18 @@ def test_a_connect_that_finishes_after_its_close_is_refused() -> None:
     w.c.connection_lost(w.now, connect.conn_id, connect.generation, close.reason)
     assert not w.c.connected(w.now, connect.conn_id, connect.generation)
     assert w.c.conns == {} and w.c.pull() == []
+
+
+def test_unresolved_names_what_charon_must_be_asked_for() -> None:
+    def conf(addrs: str, port: int = 4500) -> Any:
+        line = f"   remote_addrs = {addrs}\n" if addrs else ""
+        return parse_config(
+            "tcpencap {\n connections {\n"
+            f"  a {{\n{line}   remote_port = {port}\n  }}\n"
+            "  b {\n   remote_addrs = 198.19.0.9\n  }\n"
+            "  u {\n   transport = udp\n  }\n }\n}\n"
+        )
+
+    assert plans.unresolved(conf("")) == ["a"]  # b has addresses, u is not carried
+    assert plans.unresolved(conf(""), conf(""), {"a": ["198.19.0.2"]}) == []
+    assert plans.unresolved(conf("", 443), conf(""), {"a": ["198.19.0.2"]}) == ["a"]

@@ -366,14 +366,10 @@ class CtcpService:
 
 async def _configured_peers(cfg: Any) -> dict[bytes, int]:
     """The cTCP client peers: remote_addrs, else charon's get-conns."""
-    from tcpencap.core.reload import intent_of
+    from tcpencap.core.reload import intent_of, unresolved
     from vici_bridge.resolve import ViciUnreachable, resolve_remote_addrs
 
-    names = [
-        n
-        for n, c in cfg.connections.items()
-        if c.encapsulation == "ctcp" and c.transport != "udp" and not c.remote_addrs
-    ]
+    names = [n for n in unresolved(cfg) if cfg.connections[n].encapsulation == "ctcp"]
     resolved: dict[str, list[str]] = {}
     if names:
         with contextlib.suppress(ViciUnreachable):

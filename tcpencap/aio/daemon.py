@@ -172,15 +172,7 @@ class Daemon:
     async def apply_config(self, new: Config, prefix: str = "") -> list[str]:
         """Plan from the current intent to ``new``'s and run it; the lines to report. At
         start-up (no ``prefix``), a listener that cannot be opened is fatal."""
-        old = self.config
-        names = [
-            n
-            for n, c in new.connections.items()
-            if c.transport != "udp"
-            and not c.remote_addrs
-            and (n not in self.resolved or old.connections.get(n) != c)
-        ]
-        await self._resolve(new, names)
+        await self._resolve(new, plans.unresolved(new, self.config, self.resolved))
         intent = plans.intent_of(new, self.resolved)
         ops = plans.plan(self.intent, intent)
         self.config = self.engine.config = new

@@ -115,6 +115,17 @@ def restart_only(config: Any) -> tuple[tuple[str, Any], ...]:
     return (*keys, ("ctcp_listen", tuple(config.gateway.ctcp_listen)))
 
 
+def unresolved(new: Any, old: Any = None, known: Any = ()) -> list[str]:
+    """Connections carried over TCP whose addresses must come from charon's get-conns: no
+    remote_addrs, and new, changed since ``old`` or not among the ``known`` answers."""
+    before = old.connections if old is not None else {}
+    return [
+        n
+        for n, c in new.connections.items()
+        if c.transport != "udp" and not c.remote_addrs and (n not in known or before.get(n) != c)
+    ]
+
+
 def intent_of(config: Any, resolved: dict[str, list[str]] | None = None) -> Intent:
     """The TCP-relevant part of ``config``; ``resolved`` holds get-conns addresses for
     connections without ``remote_addrs``."""
