@@ -29,6 +29,10 @@ class RawInjector:
         else:
             self._v6.sendto(packet, (text, 0))
 
+    def fds(self) -> tuple[int, int]:
+        """The IPv4 and IPv6 sockets, for the native path's batched sends."""
+        return self._v4.fileno(), self._v6.fileno()
+
     def close(self) -> None:
         self._v4.close()
         self._v6.close()

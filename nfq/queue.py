@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from typing import Any
 
 from netfilterqueue import NetfilterQueue
 
@@ -21,6 +22,8 @@ log = logging.getLogger("tcpencap.nfq")
 
 QUEUE_MAXLEN = 4096
 SOCK_RCVBUF = 4 * 1024 * 1024
+NATIVE_BATCH = 64  # messages per FlowCache.read_queue (one recvmmsg)
+NATIVE_ROUNDS = 8  # reads per wake-up before the loop serves the TCP side again
 
 
 class QueueReader:
@@ -29,6 +32,10 @@ class QueueReader:
     Every read of the queue socket handles all packets waiting in it; ``on_batch``
     brackets that run (True before, False after) so the caller can coalesce its own
     writes, e.g. one TCP send per connection instead of one per packet.
+
+    With ``flows`` (tcpencap.native's FlowCache) the socket is read by the native path
+    instead: ``on_native_batch(misses, hits)`` gets each recvmmsg's packets, those the
+    cache framed already and the rest as bytes. libnetfilter_queue still binds the queue.
     """
 
     def __init__(
@@ -36,10 +43,16 @@ class QueueReader:
         num: int,
         handler: Callable[[bytes], None],
         on_batch: Callable[[bool], None] | None = None,
+        *,
+        flows: Any = None,
+        on_native_batch: Callable[[list[bytes], list[tuple[int, bytes, int]]], None] | None = None,
     ) -> None:
         self.num = num
         self._handler = handler
         self._on_batch = on_batch
+        self._flows = flows if on_native_batch is not None else None
+        self._on_native_batch = on_native_batch
+        self.overruns = 0  # the kernel dropped queued packets (ENOBUFS on the socket)
         self.batches = 0
         self._nfq = NetfilterQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -69,6 +82,9 @@ class QueueReader:
 
     def _on_readable(self) -> None:
         self.batches += 1
+        if self._flows is not None:
+            self._read_native()
+            return
         try:
             if self._on_batch is None:
                 self._nfq.run(block=False)
@@ -80,6 +96,44 @@ class QueueReader:
                 self._on_batch(False)
         finally:
             self._settle()
+
+    def _read_native(self) -> None:
+        assert self._flows is not None and self._on_native_batch is not None
+        fd = self._nfq.get_fd()
+        for _ in range(NATIVE_ROUNDS):
+            last_id, n, misses, hits, overruns = self._flows.read_queue(fd)
+            if overruns:
+                self.overruns += overruns
+                log.warning("queue %d: the kernel dropped queued packets (socket full)", self.num)
+            if last_id < 0:
+                return
+            self.packets += n
+            if self._on_batch is not None:
+                self._on_batch(True)
+            try:
+                self._on_native_batch(misses, hits)
+            except Exception:  # a bug in one batch's path must not stop the queue
+                self.errors += 1
+                log.exception("error handling queued packets")
+            finally:
+                if self._on_batch is not None:
+                    self._on_batch(False)
+                self._verdict(last_id)
+            if n < NATIVE_BATCH:
+                return
+
+    def _verdict(self, last_id: int) -> None:
+        self._seq += 1
+        msg = verdict_batch(self.num, last_id, seq=self._seq)
+        assert self._sock is not None
+        for attempt in (1, 2):
+            try:
+                self._sock.send(msg)
+                return
+            except OSError as exc:
+                self.verdict_errors += 1
+                log.warning("queue %d: batch verdict failed (%s), attempt %d", self.num, exc,
+                            attempt)  # fmt: skip
 
     def _settle(self) -> None:
         """Drop every packet of this read with one verdict; one by one if that fails."""

@@ -8,7 +8,7 @@ APT_PACKAGES=(
   strongswan-charon strongswan-swanctl libstrongswan-standard-plugins libstrongswan-extra-plugins
   libcharon-extra-plugins libcharon-extauth-plugins
   iptables iproute2 iperf3 socat ipset tshark tcpdump iputils-ping procps systemd git
-  libnetfilter-queue-dev gcc libc6-dev python3-dev python3-venv vpnc
+  libnetfilter-queue-dev gcc libc6-dev python3-dev python3-venv vpnc openvpn
   qemu-system-x86 debootstrap
 )
 
@@ -33,8 +33,11 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$PY" -m venv .venv
 fi
+# The editable install builds the native data path (tcpencap/native/fastpath.c) in place:
+# a changed C source or build file means building it again.
 if ! .venv/bin/python -c "import tcpencap, vici, netfilterqueue, scapy, pyroute2, cryptography, pytest, hypothesis" 2>/dev/null \
-   || [ setup.cfg -nt .venv/.installed ]; then
+   || [ setup.cfg -nt .venv/.installed ] || [ setup.py -nt .venv/.installed ] \
+   || [ tcpencap/native/fastpath.c -nt .venv/.installed ]; then
   echo "setup: installing Python packages into .venv"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test]'
@@ -59,9 +62,14 @@ TOOL_PACKAGES=(
   ip:iproute2 iptables:iptables ip6tables:iptables ipset:ipset tcpdump:tcpdump tshark:tshark
   ping:iputils-ping iperf3:iperf3 socat:socat vpnc:vpnc gcc:gcc swanctl:strongswan-swanctl
   ps:procps systemd-analyze:systemd git:git qemu-system-x86_64:qemu-system-x86
-  debootstrap:debootstrap
+  debootstrap:debootstrap openvpn:openvpn
 )
 problems=()
+# The build makes the extension optional (a deployment without a compiler still runs, on the
+# Python path); this machine has gcc and the headers, so here a missing extension is an error.
+native=$(.venv/bin/python -c 'from tcpencap.native import load; m, why = load(); print(why)' 2>&1) \
+  || native="cannot import tcpencap.native: $native"
+[ -z "$native" ] || problems+=("the native data path did not build ($native): gcc and python3-dev are needed, then rerun")
 [ -x /usr/lib/ipsec/charon ] || problems+=("/usr/lib/ipsec/charon is missing: install strongswan-charon")
 for entry in "${PLUGIN_PACKAGES[@]}"; do
   plugin=${entry%%:*} package=${entry#*:}

@@ -45,6 +45,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _fmt_status(st: dict[str, Any]) -> str:
     lines = [
         f"tcpencap pid {st['pid']}, up {st['uptime']}s, config {st['config']}, VICI {st['vici']}",
+        f"data path: {st.get('datapath', 'python')}",
         f"listening: {', '.join(st['listening']) or '-'}",
         f"steered peers: {', '.join(st['steered_peers']) or '-'}",
         f"queue: {st['queue']['packets']} packets, drops: {st['drops'] or '-'}",

@@ -28,6 +28,7 @@ VICI_FALLBACK_KEY = "charon.plugins.vici.socket"
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 INJECT_MODES = ("raw",)
+DATAPATHS = ("auto", "native", "python")
 TRANSPORTS = ("tcp", "fallback", "udp")
 ENCAPSULATIONS = ("rfc9329", "ctcp")
 
@@ -88,6 +89,9 @@ class Config:
     metrics_listen: tuple[str, int] | None = None  # Prometheus endpoint, e.g. 127.0.0.1:9555
     drop_capabilities: bool = True  # keep only NET_ADMIN, NET_RAW, NET_BIND_SERVICE after set-up
     log_level: str = "info"
+    # native: the C data path (tcpencap.native); python: the reference path; auto: native
+    # where the extension loads. Either way a missing extension means Python and a warning.
+    datapath: str = "auto"
     client: ClientConfig = field(default_factory=ClientConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     connections: dict[str, ConnectionConfig] = field(default_factory=dict)
@@ -143,6 +147,7 @@ def config_from_tree(root: Section, source: str) -> Config:
         metrics_listen=v.take("metrics_listen", _one_endpoint, None),
         drop_capabilities=v.take("drop_capabilities", _yes_no, True),
         log_level=v.take("log_level", _choice(LOG_LEVELS), "info"),
+        datapath=v.take("datapath", _choice(DATAPATHS), "auto"),
         client=_client(v.sub("client")),
         gateway=_gateway(v.sub("gateway")),
         connections=_connections(v.sub("connections")),

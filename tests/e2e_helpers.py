@@ -78,9 +78,11 @@ def start_tcp_pair(
     auth: str = "psk",
     extra: str = "",
     gateway_extra: str = "",
+    client_extra: str = "",
 ) -> None:
     """UDP blocked for ``client``; charon and tcpencap on it and on gw, tunnel configured
-    (not yet initiated)."""
+    (not yet initiated). ``extra`` goes into the gateway's tcpencap section,
+    ``client_extra`` into the client's."""
     gw = lab.gw
     lab.block_udp(client)
     for h in (client, gw):
@@ -95,7 +97,9 @@ def start_tcp_pair(
             gateway_extra=gateway_extra,
         )
     )
-    client.start_tcpencap(tcpencap_conf(client, connections={default_name(client, gw): port}))
+    client.start_tcpencap(
+        tcpencap_conf(client, connections={default_name(client, gw): port}, extra=client_extra)
+    )
 
 
 def assert_pings(a: Host, b: Host, count: int = 3) -> None:

@@ -98,9 +98,9 @@ class FakeCtcpRules(FakeSteeringRules):
 
 
 class FakeQueueReader:
-    def __init__(self, num, handler, on_batch=None) -> None:
+    def __init__(self, num, handler, on_batch=None, **native) -> None:
         self.num = num
-        self.packets = self.errors = self.batches = self.verdict_errors = 0
+        self.packets = self.errors = self.batches = self.verdict_errors = self.overruns = 0
 
     def start(self, loop) -> None:
         pass

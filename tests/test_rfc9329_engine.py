@@ -18,6 +18,7 @@ from tcpencap.core.rfc9329_engine import (
     Rfc9329Engine,
     State,
 )
+from tcpencap.native import load as load_native
 from tcpencap.wire import rfc9329
 from tcpencap.wire.ike import NON_ESP_MARKER
 from tcpencap.wire.packet import addr_bytes, build_udp_packet, parse_ip, parse_udp
@@ -26,6 +27,44 @@ C, G = "198.18.1.2", "198.19.0.2"
 CB, GB = addr_bytes(C), addr_bytes(G)
 SPI_I = bytes.fromhex("1122334455667788")
 SPI_R = bytes.fromhex("99aabbccddeeff00")
+
+
+NATIVE, NATIVE_ERROR = load_native()
+_datapath: dict[str, Any] = {"native": None}
+
+
+@pytest.fixture(autouse=True, params=["python", "native"])
+def datapath(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on both data paths: the Python reference and the C one."""
+    if request.param == "native":
+        assert NATIVE is not None, f"the native extension must be built: {NATIVE_ERROR}"
+        _datapath["native"] = NATIVE
+    else:
+        _datapath["native"] = None
+    yield request.param
+    _datapath["native"] = None
+
+
+def make_engine(cfg: Any, now: float) -> Rfc9329Engine:
+    return Rfc9329Engine(cfg, now, _datapath["native"])
+
+
+def feed_outbound(e: Rfc9329Engine, now: float, packet: bytes) -> None:
+    """What the daemon's queue reader does with one queued packet, on either path."""
+    flows = e.ready_flows()
+    if flows is None:
+        e.outbound(now, packet)
+        return
+    misses, hits = flows.classify([packet])
+    e.outbound_batch(now, [packet] if misses else [], hits)
+
+
+def injected(e: Rfc9329Engine, outs: list[Any]) -> list[bytes]:
+    """The packets an engine handed to charon: Inject outputs, then the native batch."""
+    packets = [o.packet for o in outs if isinstance(o, Inject)]
+    if e.inject_batch is not None:
+        packets += e.inject_batch.take()
+    return packets
 
 
 def client_config(transport: str = "tcp", timeout: str = "2s") -> Any:
@@ -69,10 +108,12 @@ class Wire:
     """The two engines, fake TCP between them, and a fake clock. ``pump`` delivers every
     output until both engines are quiet."""
 
-    def __init__(self, client_cfg: Any = None, gw_cfg: Any = None) -> None:
+    def __init__(self, client_cfg: Any = None, gw_cfg: Any = None, native: Any = "fixture") -> None:
         self.now = 100.0
-        self.c = Rfc9329Engine(client_cfg or client_config(), self.now)
-        self.g = Rfc9329Engine(gw_cfg or gateway_config(), self.now)
+        if native == "fixture":
+            native = _datapath["native"]
+        self.c = Rfc9329Engine(client_cfg or client_config(), self.now, native)
+        self.g = Rfc9329Engine(gw_cfg or gateway_config(), self.now, native)
         self.links: dict[int, tuple[int, int]] = {}  # gateway conn -> (client conn, gen)
         self.to_gw: dict[tuple[int, int], int] = {}
         self.charon_c: list[bytes] = []  # packets injected to the client's charon
@@ -98,6 +139,10 @@ class Wire:
     def pump(self) -> None:
         for _ in range(1000):
             moved = self._deliver_client(self.c.pull()) + self._deliver_gw(self.g.pull())
+            for e, charon in ((self.c, self.charon_c), (self.g, self.charon_g)):
+                if e.inject_batch is not None and len(e.inject_batch):
+                    charon += e.inject_batch.take()
+                    moved += 1
             if not moved:
                 return
         raise AssertionError("engines never went quiet")
@@ -181,11 +226,11 @@ class Wire:
 
     # charon's packets
     def client_sends(self, payload: bytes, sport: int = 500, dport: int = 500) -> None:
-        self.c.outbound(self.now, from_charon(C, G, sport, dport, payload))
+        feed_outbound(self.c, self.now, from_charon(C, G, sport, dport, payload))
         self.pump()
 
     def gw_sends(self, payload: bytes, dport: int) -> None:
-        self.g.outbound(self.now, from_charon(G, C, 4500, dport, payload))
+        feed_outbound(self.g, self.now, from_charon(G, C, 4500, dport, payload))
         self.pump()
 
     def gw_conn(self) -> Any:
@@ -217,6 +262,15 @@ def test_ike_and_esp_cross_both_ways() -> None:
     assert udp_payload(w.charon_g[-1])[2] == esp(0xC0FFEE01)
     w.gw_sends(esp(0xBEEF0001), dport=conn.peer_port)
     assert udp_payload(w.charon_c[-1]) == (4500, 4500, esp(0xBEEF0001))
+    # Without VICI the first packet of a flow teaches the table, the second the native
+    # cache, and the third is framed by it (the gateway learns from every packet).
+    for n in (60, 61):
+        w.client_sends(esp(0xC0FFEE01, n), 4500, 4500)
+        w.gw_sends(esp(0xBEEF0001, n), dport=conn.peer_port)
+        assert udp_payload(w.charon_g[-1])[2] == esp(0xC0FFEE01, n)
+        assert udp_payload(w.charon_c[-1]) == (4500, 4500, esp(0xBEEF0001, n))
+    if w.c.flows is not None:
+        assert w.c.flows.stats()["hits"] == 1 and w.g.flows.stats()["hits"] == 0
 
 
 def test_nat_keepalives_never_cross() -> None:
@@ -292,7 +346,7 @@ def test_gateway_hands_orphaned_sas_to_the_reconnected_client() -> None:
 
 
 def raw_gateway(**gw: str) -> tuple[Rfc9329Engine, int]:
-    g = Rfc9329Engine(gateway_config(**gw), 0.0)
+    g = make_engine(gateway_config(**gw), 0.0)
     gid = g.accept(0.0, G, 4500, C, 50000)
     assert gid is not None
     return g, gid
@@ -331,7 +385,7 @@ def test_only_a_well_formed_first_message_passes_the_deadline(frame: bytes) -> N
     g.receive_data(1.0, gid, 0, data)
     conn = g.conns[gid]
     assert conn.state is State.PREFIX_RECEIVED
-    assert not [o for o in g.pull() if isinstance(o, Inject)]  # nothing reached charon
+    assert not injected(g, g.pull())  # nothing reached charon
     g.handle_timer(10.0)
     assert "first-message deadline" in closes(g)
     assert g.n_pending == 1  # still counted as pending until the shell reports the loss
@@ -437,7 +491,7 @@ def test_encrypted_ike_from_charon_counts_without_vici_but_not_with_it() -> None
 
 
 def test_limits_refuse_and_count() -> None:
-    g = Rfc9329Engine(gateway_config(max_per_source="2", max_pending="3", max_connections="4"), 0)
+    g = make_engine(gateway_config(max_per_source="2", max_pending="3", max_connections="4"), 0)
     assert g.accept(0, G, 4500, C, 1) and g.accept(0, G, 4500, C, 2)
     assert g.accept(0, G, 4500, C, 3) is None  # per source
     assert g.accept(0, G, 4500, "198.18.1.3", 1)

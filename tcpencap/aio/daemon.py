@@ -29,6 +29,7 @@ from tcpencap.confparse import ConfError
 from tcpencap.core import reload as plans
 from tcpencap.core.outputs import Close, Connect, Inject, Query, Steer, Transmit, bracket, count
 from tcpencap.core.rfc9329_engine import Rfc9329Engine
+from tcpencap.native import load as load_native
 from tcpencap.wire.packet import addr_text
 from vici_bridge.bridge import ViciBridge
 from vici_bridge.resolve import ViciUnreachable, list_sas, resolve_remote_addrs
@@ -39,7 +40,8 @@ log = logging.getLogger("tcpencap")
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.engine = Rfc9329Engine(config, time.monotonic())
+        self.datapath, native = choose_datapath(config.datapath)
+        self.engine = Rfc9329Engine(config, time.monotonic(), native)
         self.rules = SteeringRules(config.queue_num)
         self.injector: RawInjector | None = None
         self.queue: QueueReader | None = None
@@ -67,6 +69,13 @@ class Daemon:
         while outs:
             self._execute(outs)
             outs = engine.pull()  # executing may have fed the engine (a close while connecting)
+        batch = engine.inject_batch
+        if batch is not None and len(batch) and self.injector is not None:
+            _, failed = batch.send(*self.injector.fds())
+            if failed:
+                drops = engine.router.drops
+                drops["inject-failed"] = drops.get("inject-failed", 0) + failed
+                self.log_limited("inject", "injection failed: %s", os.strerror(batch.last_errno))
         self.timer.arm(engine.get_timer())
 
     def _execute(self, outs: list[Any]) -> None:
@@ -76,7 +85,7 @@ class Daemon:
             if t is Transmit:
                 proto = self.protocols.get(o.conn_id)
                 if proto is not None:
-                    proto.send(o.data, o.is_ike)
+                    proto.send(o.data, o.is_ike, o.frames)
             elif t is Inject:
                 try:
                     self.injector.inject(o.packet, o.dst)  # type: ignore[union-attr]
@@ -132,6 +141,10 @@ class Daemon:
 
     def on_queued(self, packet: bytes) -> None:
         self.engine.outbound(time.monotonic(), packet)
+        self.after()
+
+    def on_queue_batch(self, misses: list[bytes], hits: list[tuple[int, bytes, int]]) -> None:
+        self.engine.outbound_batch(time.monotonic(), misses, hits)
         self.after()
 
     def on_vici_event(self, label: str, event: dict[str, Any]) -> None:
@@ -264,7 +277,7 @@ class Daemon:
                     log.warning("could not drop capabilities: %s", exc)
             assert self.bridge is not None
             self.bridge.start()  # after the drop: its thread inherits the reduced set
-            log.info("tcpencap running (pid %d)", os.getpid())
+            log.info("tcpencap running (pid %d, %s data path)", os.getpid(), self.datapath)
             await self._stop.wait()
             log.info("stopping")
         finally:
@@ -276,7 +289,13 @@ class Daemon:
         if cfg.gateway.ctcp_listen:
             await self._ctcp_peers({})
         self.rules.install()
-        self.queue = QueueReader(cfg.queue_num, self.on_queued, self._batch)
+        self.queue = QueueReader(
+            cfg.queue_num,
+            self.on_queued,
+            self._batch,
+            flows=self.engine.flows,
+            on_native_batch=self.on_queue_batch,
+        )
         self.queue.start(loop)
         if cfg.status_socket:
             self.others.append(await start_control(cfg.status_socket, self.status, self.reload))
@@ -313,3 +332,15 @@ class Daemon:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.status_socket)
         await asyncio.sleep(0)
+
+
+def choose_datapath(setting: str) -> tuple[str, Any]:
+    """("native", the extension) or ("python", None); a wanted native path that cannot
+    load is a warning, not a failure: the Python path carries the same traffic."""
+    if setting == "python":
+        return "python", None
+    native, why = load_native()
+    if native is None:
+        log.warning("native data path unavailable (%s): using the Python data path", why)
+        return "python", None
+    return "native", native

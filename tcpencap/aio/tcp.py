@@ -95,7 +95,7 @@ class TcpProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         pass
 
-    def send(self, frame: bytes, is_ike: bool) -> None:
+    def send(self, frame: bytes, is_ike: bool, frames: int = 1) -> None:
         tr = self.transport
         if tr is None or tr.is_closing():
             return
@@ -104,7 +104,7 @@ class TcpProtocol(asyncio.Protocol):
         if size > limit:
             drops = self.daemon.drops_of(self.conn_id)
             if not is_ike:
-                count(drops, "esp-congested")
+                drops["esp-congested"] = drops.get("esp-congested", 0) + frames
                 return
             if size > limit * IKE_HARD_LIMIT_FACTOR:
                 count(drops, "ike-congested")

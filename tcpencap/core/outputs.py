@@ -15,13 +15,16 @@ class Transmit:
     whole cTCP segment to ``dst`` through the raw socket. ``is_ike`` frames are never
     dropped silently; ESP may be dropped when the connection is congested."""
 
-    __slots__ = ("conn_id", "data", "is_ike", "dst")
+    __slots__ = ("conn_id", "data", "is_ike", "dst", "frames")
 
-    def __init__(self, conn_id: int, data: bytes, is_ike: bool = False, dst: bytes = b"") -> None:
+    def __init__(
+        self, conn_id: int, data: bytes, is_ike: bool = False, dst: bytes = b"", frames: int = 1
+    ) -> None:
         self.conn_id = conn_id
         self.data = data
         self.is_ike = is_ike
         self.dst = dst
+        self.frames = frames  # ESP frames in data (the native path frames a batch at once)
 
     def __repr__(self) -> str:
         return f"Transmit({self.conn_id}, {len(self.data)} octets, ike={self.is_ike})"

@@ -69,9 +69,18 @@ LINGER = "linger"  # steering reason of a gateway peer whose connections are gon
 
 
 class Rfc9329Engine(Engine):
-    def __init__(self, config: Any, now: float) -> None:
+    """``native``: the extension of :mod:`tcpencap.native` (or None for the Python path).
+    With it, ESP frames of open connections become packets in ``inject_batch`` (sent by the
+    shell) instead of Inject outputs, and the shell reads the queue through ``flows``."""
+
+    def __init__(self, config: Any, now: float, native: Any = None) -> None:
         super().__init__()
         self.config = config
+        self.native = native
+        self.flows = native.FlowCache() if native is not None else None
+        self.inject_batch = native.InjectBatch() if native is not None else None
+        self.epoch = 0  # bumped when a connection changes state (see _flows_key)
+        self._flows_at: tuple[int, int] = (-1, -1)
         self.table = ConnectionTable(max_spis=config.max_spis)
         self.router = Router(self.table, self._is_client_peer)
         self.sync = SaSync(self.router)
@@ -103,6 +112,48 @@ class Rfc9329Engine(Engine):
     @property
     def events(self) -> dict[str, int]:
         return self.log_limited.events
+
+    def pull(self) -> list[Any]:
+        self._sync_flows()
+        return super().pull()
+
+    # --- the native flow cache ----------------------------------------------------------
+    # An entry repeats one decision of Router's fast path plus "the connection is open",
+    # which depend only on the table (its version) and connection states (the epoch).
+
+    def _flows_key(self) -> tuple[int, int]:
+        return (self.table.version, self.epoch)
+
+    def _sync_flows(self) -> None:
+        if self.flows is not None and self._flows_at != self._flows_key():
+            self.flows.clear()
+            self._flows_at = self._flows_key()
+
+    def ready_flows(self) -> Any:
+        """The flow cache, valid now: what the shell reads the queue with (None: the
+        Python path)."""
+        self._sync_flows()
+        return self.flows
+
+    def _codec(self, role: rfc9329.Role) -> Any:
+        if self.native is not None:
+            return self.native.Deframer(role, max_frame=self.config.max_frame)
+        return rfc9329.StreamCodec(role, max_frame=self.config.max_frame)
+
+    def outbound_batch(
+        self, now: float, misses: list[bytes], hits: list[tuple[int, bytes, int]]
+    ) -> None:
+        """One read of the queue by the native path: ``hits`` are framed already, by
+        flows installed at this cache's version; ``misses`` take the Python path."""
+        out = self._out
+        conns = self.conns
+        for cid, data, frames in hits:
+            conn = conns[cid]  # open: its state has not changed since the entry was made
+            conn.frames_out += frames
+            conn.bytes_out += len(data)
+            out.append(Transmit(cid, data, False, frames=frames))
+        for packet in misses:
+            self.outbound(now, packet)
 
     # --- configuration (reload plans) -------------------------------------------------
 
@@ -150,6 +201,7 @@ class Rfc9329Engine(Engine):
 
     def outbound(self, now: float, packet: bytes) -> None:
         """A UDP packet charon sent to a steered peer (queued in OUTPUT)."""
+        before = self._flows_key()
         res = self.router.outbound(packet)
         t = type(res)
         if t is Send:
@@ -166,6 +218,14 @@ class Rfc9329Engine(Engine):
                 if res.request:  # type: ignore[union-attr]
                     conn.outstanding = res.frame  # type: ignore[union-attr]
                 self._send(conn, res.frame, res.is_ike)  # type: ignore[union-attr]
+                if (
+                    self.flows is not None
+                    and self.router.fast_hit
+                    and conn.state is State.OPEN
+                    and self._flows_key() == before
+                ):
+                    self._sync_flows()
+                    self.flows.install(packet, conn.conn_id)
         elif t is Open:
             self._open_client(now, res)  # type: ignore[arg-type]
         else:
@@ -212,7 +272,7 @@ class Rfc9329Engine(Engine):
             view,
             side,
             state,
-            rfc9329.StreamCodec(role, max_frame=self.config.max_frame),
+            self._codec(role),
             now,
             local,
             peer,
@@ -278,8 +338,9 @@ class Rfc9329Engine(Engine):
         conn.attempt += 1
         conn.generation += 1
         reason, conn.close_reason = conn.close_reason, ""
-        conn.codec = rfc9329.StreamCodec(rfc9329.Role.ORIGINATOR, max_frame=self.config.max_frame)
+        conn.codec = self._codec(rfc9329.Role.ORIGINATOR)
         conn.state = State.CONNECTING
+        self.epoch += 1
         conn.pending = [(conn.outstanding, True)] if conn.outstanding is not None else []
         delay = min(RECONNECT_BASE * (2 ** (conn.attempt - 1)), RECONNECT_MAX)
         log.info(
@@ -412,8 +473,20 @@ class Rfc9329Engine(Engine):
         router = self.router
         out = self._out
         cid = conn.conn_id
+        batch = self.inject_batch
+        view = router.views.get(cid)
+        pump_args: tuple[Any, ...] | None = None
         while conn.state is not State.CLOSING:
-            ev = codec.next_event()
+            if batch is not None and conn.state is State.OPEN and view is not None:
+                # The native path: ESP frames become packets as router.inbound_esp builds
+                # them; what else arrives comes back as the event next_event() would give.
+                if pump_args is None:
+                    e = view.entry
+                    pump_args = (batch, e.peer, e.local, *router.ports_of(view, False))
+                ev, esp = codec.pump(*pump_args)
+                conn.frames_in += esp
+            else:
+                ev = codec.next_event()
             t = type(ev)
             if t is rfc9329.ESPPacket:
                 conn.frames_in += 1
@@ -493,6 +566,7 @@ class Rfc9329Engine(Engine):
             conn.close_reason = reason
         if conn.state not in (State.CLOSING, State.CLOSED):
             conn.state = State.CLOSING
+            self.epoch += 1
             self._out.append(Close(conn.conn_id, reason))
 
     def retire(self, now: float, conn_id: int, reason: str, graceful: bool = True) -> None:
@@ -529,6 +603,7 @@ class Rfc9329Engine(Engine):
     def _lost(self, now: float, conn: Conn) -> None:
         self.totals_fold(conn)
         conn.state = State.CLOSED
+        self.epoch += 1
         if conn.side is Side.CLIENT and conn.local_port:
             self.ports.release(conn.local_port)
         if conn.counted:
@@ -614,6 +689,7 @@ class Rfc9329Engine(Engine):
         # While charon reports CHILD SAs, only VICI binds ESP SPIs (so retired SPIs stay
         # gone); without it, charon's own outbound packets teach the table.
         self.router.learn_esp = not connected
+        self.epoch += 1
 
     def vici_event(self, now: float, label: str, event: dict[str, Any]) -> None:
         up = event.get("up") == "yes"
@@ -765,11 +841,11 @@ class Rfc9329Engine(Engine):
         conn = self.conns.get(conn_id)
         return conn if conn is not None and conn.generation == generation else None
 
-    @staticmethod
-    def _goto(conn: Conn, new: State) -> None:
+    def _goto(self, conn: Conn, new: State) -> None:
         if new not in TRANSITIONS[conn.state]:
             raise AssertionError(f"{conn}: {conn.state.value} -> {new.value}")
         conn.state = new
+        self.epoch += 1
 
     def conn(self, conn_id: int) -> Conn | None:
         return self.conns.get(conn_id)

@@ -128,6 +128,9 @@ class Router:
         # Connections that lost their last SA to another connection (reconnect, MOBIKE);
         # the daemon drains this list and retires them.
         self.emptied: list[int] = []
+        # The last outbound() was decided by the fast path alone (a function of source,
+        # destination, port and SPI): the native flow cache may repeat that decision.
+        self.fast_hit = False
 
     def _drop(self, reason: str) -> Drop:
         self.drops[reason] = self.drops.get(reason, 0) + 1
@@ -152,6 +155,7 @@ class Router:
     # --- outbound: a packet charon (or libipsec) sent to a TCP peer -------------------
 
     def outbound(self, packet: bytes) -> Outbound:
+        self.fast_hit = False
         # Fast path for the bulk of the traffic: ESP-in-UDP from port 4500 in an IPv4
         # packet without options or fragmentation, to a connection already known.
         if (
@@ -197,6 +201,7 @@ class Router:
         elif self.learn_esp:
             return None
         frame = (total - esp_at + 2).to_bytes(2, "big") + packet[esp_at:total]
+        self.fast_hit = True
         return Send(entry.conn_id, frame, False)
 
     def _outbound(self, packet: bytes) -> Outbound:
@@ -327,7 +332,7 @@ class Router:
 
     # --- inbound: a frame that arrived on a TCP connection ----------------------------
 
-    def _ports(self, view: ConnView, ike: bool) -> tuple[int, int]:
+    def ports_of(self, view: ConnView, ike: bool) -> tuple[int, int]:
         """(source port, destination port) of the UDP packet charon will see."""
         if view.side is Side.GATEWAY:
             return view.entry.peer_port, NATT_PORT
@@ -349,7 +354,7 @@ class Router:
                 # Another connection holds this SPI: do not move it (only VICI may). charon
                 # still judges the message; it follows a new endpoint only if authentic.
                 view.drop("ike-spi-held-elsewhere")
-        sport, dport = self._ports(view, True)
+        sport, dport = self.ports_of(view, True)
         payload = NON_ESP_MARKER + message if dport != IKE_PORT else message
         return self._inject(view, sport, dport, payload)
 
@@ -357,7 +362,7 @@ class Router:
         view = self.views.get(conn_id)
         if view is None:
             return self._drop("unknown-connection")
-        sport, dport = self._ports(view, False)
+        sport, dport = self.ports_of(view, False)
         return self._inject(view, sport, dport, packet)
 
     def _inject(self, view: ConnView, sport: int, dport: int, payload: bytes) -> Inject:

@@ -68,6 +68,9 @@ class ConnectionTable:
         self._pair: dict[Pair, list[int]] = {}
         # IKE SPI alone -> connection id: finds an SA whose addresses changed (MOBIKE)
         self._ike_spi: dict[bytes, list[int]] = {}
+        # Bumped whenever by_endpoint() or lookup_esp() may answer differently: the native
+        # data path's flow cache is valid for one version.
+        self.version = 0
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -80,6 +83,7 @@ class ConnectionTable:
     def add(self, local: bytes, peer: bytes, peer_port: int = 0) -> Entry:
         """A new connection; with ``peer_port`` it is also found by its UDP endpoint."""
         entry = Entry(next(self._ids), local, peer, peer_port)
+        self.version += 1
         self._by_id[entry.conn_id] = entry
         self._pair.setdefault(entry.pair, []).append(entry.conn_id)
         if peer_port:
@@ -94,6 +98,7 @@ class ConnectionTable:
         entry = self._by_id.pop(conn_id, None)
         if entry is None:
             return None
+        self.version += 1
         for spi in entry.ike_spis | entry.ike_spis_old:
             self._ike.pop((entry.local, entry.peer, spi), None)
             self._forget_spi(spi, conn_id)
@@ -206,6 +211,7 @@ class ConnectionTable:
         if len(entry.esp_spis) >= self.max_spis:
             return Bind.LIMIT
         self._esp[key] = conn_id
+        self.version += 1
         entry.esp_spis.add(spi)
         return Bind.NEW
 
@@ -217,6 +223,7 @@ class ConnectionTable:
         if self._esp.get(key) != conn_id:
             return False
         del self._esp[key]
+        self.version += 1
         entry.esp_spis.discard(spi)
         return True
 

@@ -136,6 +136,8 @@ def test_2_journal_shows_tcpencap(lab: dict[str, Any]) -> None:
     log = sh("journalctl", "-u", "tcpencap", "--no-pager", "-o", "cat")
     print(log[-2000:])
     assert "tcpencap running" in log
+    # pip install in the guest built the extension: the unit runs the native data path
+    assert "native data path)" in log and "native data path unavailable" not in log
     assert "listening on 198.19.0.2:4500" in log
     # `systemctl help tcpencap` opens what Documentation= names: pip installed it there
     docs = prop("tcpencap.service", "Documentation").split()

@@ -1,0 +1,1307 @@
+/*
+ * The per-packet work of the RFC 9329 data path, in C.
+ *
+ * Python keeps every decision that is not per packet (connections, the SPI table, VICI,
+ * timers); this module only repeats, packet by packet, decisions Python has already made:
+ *
+ *   FlowCache    charon's ESP-in-UDP packet -> the connection Python routed the same
+ *                (source, destination, port, SPI) to, and its RFC 9329 frame. Python
+ *                installs an entry after routing a packet itself and clears the cache
+ *                whenever its table or a connection's state changes, so a hit here is
+ *                exactly what the Python router would have decided. read_queue() reads a
+ *                whole batch of NFQUEUE messages with one recvmmsg.
+ *   Deframer     the same events as tcpencap.wire.rfc9329.StreamCodec (the reference);
+ *                pump() turns the ESP frames of an open connection straight into the
+ *                IP/UDP packets the router would have built, into an InjectBatch.
+ *   InjectBatch  packets waiting for injection; send() hands them to the raw sockets with
+ *                one sendmmsg per run of one address family.
+ *
+ * Everything but read_queue() and send() is pure: bytes in, bytes and counts out.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <linux/netlink.h>
+
+#define PROTO_UDP 17
+#define NATT_PORT 4500
+#define LENGTH_SIZE 2
+#define MAX_FRAME 0xFFFF
+#define ESP_MIN_LEN 8
+#define PREFIX "IKETCP"
+#define PREFIX_LEN 6
+
+/* ------------------------------------------------------------------------------------ */
+/* Event objects of tcpencap.wire.rfc9329, handed over by bind_events().                 */
+
+static PyObject *ev_need_data, *ev_keepalive, *ev_prefix_received, *ev_closed;
+static PyObject *cls_ike, *cls_esp, *cls_invalid, *cls_protocol_error, *role_responder;
+
+static PyObject *
+bind_events(PyObject *mod, PyObject *args)
+{
+    PyObject *o[9];
+    if (!PyArg_ParseTuple(args, "OOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
+                          &o[6], &o[7], &o[8]))
+        return NULL;
+    PyObject **slots[9] = {&ev_need_data, &ev_keepalive, &ev_prefix_received, &ev_closed,
+                           &cls_ike, &cls_esp, &cls_invalid, &cls_protocol_error,
+                           &role_responder};
+    for (int i = 0; i < 9; i++) {
+        Py_INCREF(o[i]);
+        Py_XSETREF(*slots[i], o[i]);
+    }
+    Py_RETURN_NONE;
+}
+
+static int
+events_bound(void)
+{
+    if (ev_need_data == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "bind_events() was not called");
+        return 0;
+    }
+    return 1;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Checksums: sums congruent modulo 0xFFFF to the one's complement sum of 16-bit words,   */
+/* as tcpencap.wire.packet.word_sum/fold compute them.                                    */
+
+static uint64_t
+word_sum(const uint8_t *p, size_t n)
+{
+    uint64_t s = 0;
+    while (n >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        w = __builtin_bswap64(w);
+        s += w;
+        if (s < w)
+            s++; /* 2**64 == 1 (mod 0xFFFF): the end-around carry keeps the congruence */
+        p += 8;
+        n -= 8;
+    }
+    uint64_t t = 0;
+    while (n >= 2) {
+        t += ((uint32_t)p[0] << 8) | p[1];
+        p += 2;
+        n -= 2;
+    }
+    if (n)
+        t += (uint32_t)p[0] << 8;
+    return (s % 0xFFFF) + t;
+}
+
+static uint16_t
+fold(uint64_t total)
+{
+    uint64_t t = total % 0xFFFF;
+    if (t == 0)
+        t = 0xFFFF;
+    return (uint16_t)(~t & 0xFFFF);
+}
+
+static inline void
+put16(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* InjectBatch                                                                            */
+
+typedef struct {
+    size_t off, len;
+    uint8_t v6;
+} Pending;
+
+typedef struct {
+    PyObject_HEAD
+    uint8_t *buf;
+    size_t len, cap;
+    Pending *pk;
+    size_t n, pcap;
+    Py_ssize_t sent, failed; /* totals over the batch's life */
+    int last_errno;
+} InjectBatch;
+
+static int
+batch_reserve(InjectBatch *b, size_t bytes)
+{
+    if (b->n == b->pcap) {
+        size_t ncap = b->pcap ? b->pcap * 2 : 64;
+        Pending *np = PyMem_Realloc(b->pk, ncap * sizeof(Pending));
+        if (np == NULL)
+            return -1;
+        b->pk = np;
+        b->pcap = ncap;
+    }
+    if (b->len + bytes > b->cap) {
+        size_t ncap = b->cap ? b->cap : 65536;
+        while (ncap < b->len + bytes)
+            ncap *= 2;
+        uint8_t *nb = PyMem_Realloc(b->buf, ncap);
+        if (nb == NULL)
+            return -1;
+        b->buf = nb;
+        b->cap = ncap;
+    }
+    return 0;
+}
+
+static void
+batch_reset(InjectBatch *b)
+{
+    b->n = 0;
+    b->len = 0;
+    if (b->cap > (1u << 20)) { /* a burst is over: give the memory back */
+        PyMem_Free(b->buf);
+        b->buf = NULL;
+        b->cap = 0;
+    }
+}
+
+/* The packet Router._inject builds: source = the peer, destination = our address. */
+static int
+batch_add(InjectBatch *b, const uint8_t *peer, const uint8_t *local, int v6, uint32_t sport,
+          uint32_t dport, const uint8_t *payload, size_t plen)
+{
+    size_t hlen = v6 ? 48 : 28;
+    if (batch_reserve(b, hlen + plen) < 0)
+        return -1;
+    uint8_t *h = b->buf + b->len;
+    uint64_t addr_sum = word_sum(peer, v6 ? 16 : 4) + word_sum(local, v6 ? 16 : 4);
+    if (!v6) {
+        uint32_t n = (uint32_t)(28 + plen);
+        uint16_t csum = fold(0x4500 + ((64 << 8) | PROTO_UDP) + n + addr_sum);
+        h[0] = 0x45;
+        h[1] = 0;
+        put16(h + 2, n);
+        memset(h + 4, 0, 4);
+        h[8] = 64;
+        h[9] = PROTO_UDP;
+        put16(h + 10, csum);
+        memcpy(h + 12, peer, 4);
+        memcpy(h + 16, local, 4);
+        put16(h + 20, sport);
+        put16(h + 22, dport);
+        put16(h + 24, n - 20);
+        put16(h + 26, 0); /* IPv4 allows UDP checksum 0 */
+    } else {
+        uint32_t n = (uint32_t)(8 + plen);
+        uint64_t total = addr_sum + PROTO_UDP + n + sport + dport + n + word_sum(payload, plen);
+        uint16_t csum = fold(total);
+        if (csum == 0)
+            csum = 0xFFFF;
+        h[0] = 0x60;
+        memset(h + 1, 0, 3);
+        put16(h + 4, n);
+        h[6] = PROTO_UDP;
+        h[7] = 64;
+        memcpy(h + 8, peer, 16);
+        memcpy(h + 24, local, 16);
+        put16(h + 40, sport);
+        put16(h + 42, dport);
+        put16(h + 44, n);
+        put16(h + 46, csum);
+    }
+    memcpy(h + hlen, payload, plen);
+    Pending *p = &b->pk[b->n++];
+    p->off = b->len;
+    p->len = hlen + plen;
+    p->v6 = (uint8_t)v6;
+    b->len += hlen + plen;
+    return 0;
+}
+
+static void
+InjectBatch_dealloc(InjectBatch *b)
+{
+    PyMem_Free(b->buf);
+    PyMem_Free(b->pk);
+    Py_TYPE(b)->tp_free((PyObject *)b);
+}
+
+static PyObject *
+InjectBatch_take(InjectBatch *b, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *list = PyList_New((Py_ssize_t)b->n);
+    if (list == NULL)
+        return NULL;
+    for (size_t i = 0; i < b->n; i++) {
+        PyObject *o = PyBytes_FromStringAndSize((char *)b->buf + b->pk[i].off,
+                                                (Py_ssize_t)b->pk[i].len);
+        if (o == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, o);
+    }
+    batch_reset(b);
+    return list;
+}
+
+#define SEND_CHUNK 64
+
+/* send(fd4, fd6) -> (sent, failed): every packet goes to its own destination address. */
+static PyObject *
+InjectBatch_send(InjectBatch *b, PyObject *args)
+{
+    int fd4, fd6;
+    if (!PyArg_ParseTuple(args, "ii", &fd4, &fd6))
+        return NULL;
+    struct mmsghdr msgs[SEND_CHUNK];
+    struct iovec iov[SEND_CHUNK];
+    union {
+        struct sockaddr_in v4;
+        struct sockaddr_in6 v6;
+    } dst[SEND_CHUNK];
+    Py_ssize_t sent = 0, failed = 0;
+    size_t i = 0;
+    while (i < b->n) {
+        int v6 = b->pk[i].v6;
+        int k = 0;
+        while (i + k < b->n && k < SEND_CHUNK && b->pk[i + k].v6 == v6) {
+            Pending *p = &b->pk[i + k];
+            uint8_t *pkt = b->buf + p->off;
+            memset(&msgs[k], 0, sizeof(msgs[k]));
+            memset(&dst[k], 0, sizeof(dst[k]));
+            iov[k].iov_base = pkt;
+            iov[k].iov_len = p->len;
+            if (v6) {
+                dst[k].v6.sin6_family = AF_INET6;
+                memcpy(&dst[k].v6.sin6_addr, pkt + 24, 16);
+                msgs[k].msg_hdr.msg_namelen = sizeof(struct sockaddr_in6);
+            } else {
+                dst[k].v4.sin_family = AF_INET;
+                memcpy(&dst[k].v4.sin_addr, pkt + 16, 4);
+                msgs[k].msg_hdr.msg_namelen = sizeof(struct sockaddr_in);
+            }
+            msgs[k].msg_hdr.msg_name = &dst[k];
+            msgs[k].msg_hdr.msg_iov = &iov[k];
+            msgs[k].msg_hdr.msg_iovlen = 1;
+            k++;
+        }
+        int fd = v6 ? fd6 : fd4;
+        int done = 0;
+        while (done < k) {
+            int r = sendmmsg(fd, msgs + done, (unsigned)(k - done), MSG_DONTWAIT);
+            if (r < 0) {
+                if (errno == EINTR)
+                    continue;
+                b->last_errno = errno;
+                failed++; /* the first packet of the rest failed: skip it, go on */
+                done++;
+            } else {
+                sent += r;
+                done += r;
+            }
+        }
+        i += (size_t)k;
+    }
+    b->sent += sent;
+    b->failed += failed;
+    batch_reset(b);
+    return Py_BuildValue("nn", sent, failed);
+}
+
+static Py_ssize_t
+InjectBatch_len(InjectBatch *b)
+{
+    return (Py_ssize_t)b->n;
+}
+
+static PyObject *
+InjectBatch_get_errno(InjectBatch *b, void *closure)
+{
+    return PyLong_FromLong(b->last_errno);
+}
+
+static PyMethodDef InjectBatch_methods[] = {
+    {"take", (PyCFunction)InjectBatch_take, METH_NOARGS,
+     "The waiting packets as bytes, in order; the batch is emptied."},
+    {"send", (PyCFunction)InjectBatch_send, METH_VARARGS,
+     "send(fd4, fd6) -> (sent, failed): inject through the raw sockets; the batch is emptied."},
+    {NULL},
+};
+
+static PyGetSetDef InjectBatch_getset[] = {
+    {"last_errno", (getter)InjectBatch_get_errno, NULL, "errno of the last failed send", NULL},
+    {NULL},
+};
+
+static PySequenceMethods InjectBatch_seq = {.sq_length = (lenfunc)InjectBatch_len};
+
+static PyTypeObject InjectBatchType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tcpencap.native._fastpath.InjectBatch",
+    .tp_basicsize = sizeof(InjectBatch),
+    .tp_dealloc = (destructor)InjectBatch_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Packets to inject, built by Deframer.pump().",
+    .tp_methods = InjectBatch_methods,
+    .tp_getset = InjectBatch_getset,
+    .tp_as_sequence = &InjectBatch_seq,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ------------------------------------------------------------------------------------ */
+/* Deframer                                                                               */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *role;
+    int responder;
+    int max_frame;
+    int prefix_received;
+    int awaiting_prefix;
+    int prefix_sent;
+    int eof;
+    Py_ssize_t frames_in;
+    uint8_t *buf;
+    size_t len, cap, pos;
+    PyObject *error; /* the ProtocolError every later event repeats */
+} Deframer;
+
+enum kind { K_NEED, K_CLOSED, K_ERROR, K_IKE, K_ESP, K_KEEPALIVE, K_INVALID };
+
+static void
+deframer_drop_buffer(Deframer *d)
+{
+    PyMem_Free(d->buf);
+    d->buf = NULL;
+    d->len = d->cap = d->pos = 0;
+}
+
+static PyObject *
+deframer_fail(Deframer *d, const char *reason)
+{
+    PyObject *err = PyObject_CallFunction(cls_protocol_error, "s", reason);
+    if (err == NULL)
+        return NULL;
+    Py_XSETREF(d->error, err);
+    deframer_drop_buffer(d);
+    Py_INCREF(err);
+    return err;
+}
+
+static int
+Deframer_init(Deframer *d, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"role", "max_frame", NULL};
+    PyObject *role;
+    int max_frame = MAX_FRAME;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|$i", kwlist, &role, &max_frame))
+        return -1;
+    if (!events_bound())
+        return -1;
+    if (max_frame < LENGTH_SIZE || max_frame > MAX_FRAME) {
+        PyErr_Format(PyExc_ValueError, "max_frame %d outside %d..%d", max_frame, LENGTH_SIZE,
+                     MAX_FRAME);
+        return -1;
+    }
+    Py_INCREF(role);
+    Py_XSETREF(d->role, role);
+    d->responder = role == role_responder;
+    d->max_frame = max_frame;
+    d->awaiting_prefix = d->responder;
+    return 0;
+}
+
+static void
+Deframer_dealloc(Deframer *d)
+{
+    Py_XDECREF(d->role);
+    Py_XDECREF(d->error);
+    PyMem_Free(d->buf);
+    Py_TYPE(d)->tp_free((PyObject *)d);
+}
+
+static PyObject *
+Deframer_receive_data(Deframer *d, PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *res = NULL;
+    if (d->error != NULL) {
+        res = Py_NewRef(Py_None);
+        goto done;
+    }
+    if (view.len == 0) {
+        d->eof = 1;
+        res = Py_NewRef(Py_None);
+        goto done;
+    }
+    if (d->eof) {
+        PyObject *e = deframer_fail(d, "data received after EOF");
+        if (e == NULL)
+            goto done;
+        Py_DECREF(e);
+        res = Py_NewRef(Py_None);
+        goto done;
+    }
+    if (d->pos) {
+        if (d->pos >= d->len) {
+            d->len = 0;
+        } else {
+            memmove(d->buf, d->buf + d->pos, d->len - d->pos);
+            d->len -= d->pos;
+        }
+        d->pos = 0;
+    }
+    size_t need = d->len + (size_t)view.len;
+    if (need > d->cap) {
+        size_t ncap = d->cap ? d->cap : 4096;
+        while (ncap < need)
+            ncap *= 2;
+        uint8_t *nb = PyMem_Realloc(d->buf, ncap);
+        if (nb == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        d->buf = nb;
+        d->cap = ncap;
+    }
+    memcpy(d->buf + d->len, view.buf, (size_t)view.len);
+    d->len = need;
+    res = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&view);
+    return res;
+}
+
+/* After NeedData nothing but a partial frame is left: keep an idle connection small. */
+static void
+deframer_settle(Deframer *d)
+{
+    if (d->pos >= d->len) {
+        d->pos = d->len = 0;
+        if (d->cap > 16384)
+            deframer_drop_buffer(d);
+    }
+}
+
+static PyObject *
+deframer_prefix(Deframer *d)
+{
+    size_t avail = d->len - d->pos;
+    size_t k = avail < PREFIX_LEN ? avail : PREFIX_LEN;
+    for (size_t i = 0; i < k; i++) {
+        uint8_t got = d->buf[d->pos + i];
+        if (got != (uint8_t)PREFIX[i]) {
+            char reason[128];
+            snprintf(reason, sizeof reason,
+                     "stream prefix octet %zu is 0x%02x, expected 0x%02x (b'IKETCP')", i, got,
+                     (unsigned)(uint8_t)PREFIX[i]);
+            return deframer_fail(d, reason);
+        }
+    }
+    if (k < PREFIX_LEN) {
+        if (!d->eof)
+            return Py_NewRef(ev_need_data);
+        if (avail == 0)
+            return Py_NewRef(ev_closed);
+        char reason[64];
+        snprintf(reason, sizeof reason, "EOF after %zu of %d prefix octets", avail, PREFIX_LEN);
+        return deframer_fail(d, reason);
+    }
+    d->pos += PREFIX_LEN;
+    d->prefix_received = 1;
+    d->awaiting_prefix = 0;
+    return Py_NewRef(ev_prefix_received);
+}
+
+/* The next frame after the prefix: its kind, and where its payload is. *reason gets the
+   text of K_ERROR and K_INVALID. */
+static enum kind
+deframer_frame(Deframer *d, size_t *start, size_t *n, char *reason, size_t rlen)
+{
+    size_t avail = d->len - d->pos;
+    if (avail < LENGTH_SIZE) {
+        if (!d->eof)
+            return K_NEED;
+        if (avail == 0)
+            return K_CLOSED;
+        snprintf(reason, rlen, "EOF inside a frame length");
+        return K_ERROR;
+    }
+    const uint8_t *b = d->buf;
+    size_t pos = d->pos;
+    unsigned length = ((unsigned)b[pos] << 8) | b[pos + 1];
+    if (length < LENGTH_SIZE) {
+        snprintf(reason, rlen, "frame length %u", length);
+        return K_ERROR;
+    }
+    if (length > (unsigned)d->max_frame) {
+        snprintf(reason, rlen, "frame length %u exceeds max_frame %d", length, d->max_frame);
+        return K_ERROR;
+    }
+    if (avail < length) {
+        if (d->eof) {
+            snprintf(reason, rlen, "EOF inside a %u-octet frame (%zu octets in)", length, avail);
+            return K_ERROR;
+        }
+        return K_NEED;
+    }
+    d->pos = pos + length;
+    d->frames_in++;
+    size_t s = pos + LENGTH_SIZE;
+    size_t m = length - LENGTH_SIZE;
+    *start = s;
+    *n = m;
+    int marker = m >= 4 && b[s] == 0 && b[s + 1] == 0 && b[s + 2] == 0 && b[s + 3] == 0;
+    if (m >= 5) {
+        if (marker)
+            return K_IKE;
+        if (m < ESP_MIN_LEN) {
+            snprintf(reason, rlen, "ESP packet of %zu octets, shorter than SPI + sequence", m);
+            return K_INVALID;
+        }
+        return K_ESP;
+    }
+    if (m == 1) {
+        if (b[s] == 0xFF)
+            return K_KEEPALIVE;
+        snprintf(reason, rlen, "1-octet payload %02x, not a keepalive", b[s]);
+        return K_INVALID;
+    }
+    if (m == 0)
+        snprintf(reason, rlen, "empty frame");
+    else if (m == 4 && marker)
+        snprintf(reason, rlen, "non-ESP marker without an IKE message");
+    else
+        snprintf(reason, rlen, "%zu-octet payload, too short for IKE or ESP", m);
+    return K_INVALID;
+}
+
+/* The Python event of a frame that pump() does not turn into a packet itself. */
+static PyObject *
+deframer_event(Deframer *d, enum kind k, size_t start, size_t n, const char *reason)
+{
+    switch (k) {
+    case K_NEED:
+        deframer_settle(d);
+        return Py_NewRef(ev_need_data);
+    case K_CLOSED:
+        return Py_NewRef(ev_closed);
+    case K_ERROR:
+        return deframer_fail(d, reason);
+    case K_KEEPALIVE:
+        return Py_NewRef(ev_keepalive);
+    case K_INVALID:
+        return PyObject_CallFunction(cls_invalid, "s", reason);
+    case K_IKE:
+    case K_ESP: {
+        size_t off = k == K_IKE ? 4 : 0;
+        PyObject *data = PyBytes_FromStringAndSize((char *)d->buf + start + off,
+                                                   (Py_ssize_t)(n - off));
+        if (data == NULL)
+            return NULL;
+        PyObject *ev = PyObject_CallOneArg(k == K_IKE ? cls_ike : cls_esp, data);
+        Py_DECREF(data);
+        return ev;
+    }
+    }
+    Py_UNREACHABLE();
+}
+
+static PyObject *
+Deframer_next_event(Deframer *d, PyObject *Py_UNUSED(ignored))
+{
+    if (d->error != NULL)
+        return Py_NewRef(d->error);
+    if (d->awaiting_prefix)
+        return deframer_prefix(d);
+    size_t start = 0, n = 0;
+    char reason[128];
+    enum kind k = deframer_frame(d, &start, &n, reason, sizeof reason);
+    return deframer_event(d, k, start, n, reason);
+}
+
+static int
+addr_arg(PyObject *o, const uint8_t **p, Py_ssize_t *len)
+{
+    if (!PyBytes_Check(o)) {
+        PyErr_SetString(PyExc_TypeError, "addresses must be bytes");
+        return -1;
+    }
+    *p = (const uint8_t *)PyBytes_AS_STRING(o);
+    *len = PyBytes_GET_SIZE(o);
+    return 0;
+}
+
+/* pump(batch, peer, local, sport, dport) -> (event, esp_frames): every ESP frame up to the
+   next other event becomes a packet in batch; that event is returned as next_event() would. */
+static PyObject *
+Deframer_pump(Deframer *d, PyObject *args)
+{
+    PyObject *batch, *peer_o, *local_o;
+    unsigned int sport, dport;
+    if (!PyArg_ParseTuple(args, "O!OOII", &InjectBatchType, &batch, &peer_o, &local_o, &sport,
+                          &dport))
+        return NULL;
+    const uint8_t *peer, *local;
+    Py_ssize_t plen, llen;
+    if (addr_arg(peer_o, &peer, &plen) < 0 || addr_arg(local_o, &local, &llen) < 0)
+        return NULL;
+    if (plen != llen || (plen != 4 && plen != 16)) {
+        PyErr_SetString(PyExc_ValueError, "peer and local must both be IPv4 or both IPv6");
+        return NULL;
+    }
+    int v6 = plen == 16;
+    Py_ssize_t esp = 0;
+    PyObject *ev;
+    if (d->error != NULL) {
+        ev = Py_NewRef(d->error);
+    } else if (d->awaiting_prefix) {
+        ev = deframer_prefix(d);
+    } else {
+        for (;;) {
+            size_t start = 0, n = 0;
+            char reason[128];
+            enum kind k = deframer_frame(d, &start, &n, reason, sizeof reason);
+            if (k == K_ESP) {
+                if (batch_add((InjectBatch *)batch, peer, local, v6, sport, dport,
+                              d->buf + start, n) < 0)
+                    return PyErr_NoMemory();
+                esp++;
+                continue;
+            }
+            ev = deframer_event(d, k, start, n, reason);
+            break;
+        }
+    }
+    if (ev == NULL)
+        return NULL;
+    PyObject *res = Py_BuildValue("Nn", ev, esp);
+    return res;
+}
+
+static PyObject *
+Deframer_send_prefix(Deframer *d, PyObject *Py_UNUSED(ignored))
+{
+    if (d->responder) {
+        PyErr_SetString(PyExc_ValueError, "only the TCP Originator sends the stream prefix");
+        return NULL;
+    }
+    if (d->prefix_sent) {
+        PyErr_SetString(PyExc_ValueError, "stream prefix already sent on this connection");
+        return NULL;
+    }
+    d->prefix_sent = 1;
+    return PyBytes_FromStringAndSize(PREFIX, PREFIX_LEN);
+}
+
+static PyObject *
+Deframer_get_prefix_received(Deframer *d, void *c)
+{
+    return PyBool_FromLong(d->prefix_received);
+}
+
+static PyObject *
+Deframer_get_frames_in(Deframer *d, void *c)
+{
+    return PyLong_FromSsize_t(d->frames_in);
+}
+
+static PyObject *
+Deframer_get_bytes_buffered(Deframer *d, void *c)
+{
+    return PyLong_FromSize_t(d->len - d->pos);
+}
+
+static PyObject *
+Deframer_get_role(Deframer *d, void *c)
+{
+    return Py_NewRef(d->role ? d->role : Py_None);
+}
+
+static PyObject *
+Deframer_get_max_frame(Deframer *d, void *c)
+{
+    return PyLong_FromLong(d->max_frame);
+}
+
+static PyObject *
+Deframer_get_allocated(Deframer *d, void *c)
+{
+    return PyLong_FromSize_t(d->cap);
+}
+
+static PyMethodDef Deframer_methods[] = {
+    {"receive_data", (PyCFunction)Deframer_receive_data, METH_O,
+     "Append received octets; b'' marks EOF."},
+    {"next_event", (PyCFunction)Deframer_next_event, METH_NOARGS,
+     "The next event, as StreamCodec.next_event."},
+    {"pump", (PyCFunction)Deframer_pump, METH_VARARGS,
+     "pump(batch, peer, local, sport, dport) -> (event, esp_frames)."},
+    {"send_prefix", (PyCFunction)Deframer_send_prefix, METH_NOARGS, "The IKETCP prefix, once."},
+    {NULL},
+};
+
+static PyGetSetDef Deframer_getset[] = {
+    {"prefix_received", (getter)Deframer_get_prefix_received, NULL, NULL, NULL},
+    {"frames_in", (getter)Deframer_get_frames_in, NULL, NULL, NULL},
+    {"bytes_buffered", (getter)Deframer_get_bytes_buffered, NULL, NULL, NULL},
+    {"role", (getter)Deframer_get_role, NULL, NULL, NULL},
+    {"max_frame", (getter)Deframer_get_max_frame, NULL, NULL, NULL},
+    {"allocated", (getter)Deframer_get_allocated, NULL, "octets of receive buffer held", NULL},
+    {NULL},
+};
+
+static PyTypeObject DeframerType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tcpencap.native._fastpath.Deframer",
+    .tp_basicsize = sizeof(Deframer),
+    .tp_dealloc = (destructor)Deframer_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "RFC 9329 receive side with StreamCodec's events, and pump().",
+    .tp_methods = Deframer_methods,
+    .tp_getset = Deframer_getset,
+    .tp_init = (initproc)Deframer_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ------------------------------------------------------------------------------------ */
+/* FlowCache                                                                              */
+
+typedef struct {
+    uint8_t used, v6;
+    uint16_t dport;
+    uint32_t spi;
+    uint8_t src[16], dst[16];
+} FlowKey;
+
+typedef struct {
+    FlowKey key;
+    uint32_t conn_id;
+} Flow;
+
+#define FLOW_MAX (1u << 17)
+#define QUEUE_BATCH 64
+#define QUEUE_BUF (65536 + 1024)
+
+typedef struct {
+    PyObject_HEAD
+    Flow *flows;
+    size_t cap, count;
+    Py_ssize_t hits, misses, refused;
+    uint8_t *qbuf; /* QUEUE_BATCH receive buffers for read_queue() */
+} FlowCache;
+
+/* The conditions of Router.outbound's fast path, octet for octet: ESP-in-UDP from port
+   4500, IPv4 without options or fragments or IPv6 without extension headers. */
+static int
+flow_key(const uint8_t *p, size_t len, FlowKey *k, size_t *esp_at, size_t *total)
+{
+    memset(k, 0, sizeof *k);
+    k->used = 1;
+    if (len >= 36 && p[0] == 0x45 && p[9] == PROTO_UDP && p[20] == (NATT_PORT >> 8) &&
+        p[21] == (NATT_PORT & 0xFF) && !((p[6] & 0x3F) || p[7]) &&
+        (p[28] | p[29] | p[30] | p[31]) != 0) {
+        size_t t = ((size_t)p[2] << 8) | p[3];
+        if (t < 36 || t > len)
+            return 0;
+        k->v6 = 0;
+        memcpy(k->src, p + 12, 4);
+        memcpy(k->dst, p + 16, 4);
+        k->dport = (uint16_t)((p[22] << 8) | p[23]);
+        k->spi = ((uint32_t)p[28] << 24) | ((uint32_t)p[29] << 16) | ((uint32_t)p[30] << 8) | p[31];
+        *esp_at = 28;
+        *total = t;
+        return 1;
+    }
+    if (len >= 56 && (p[0] >> 4) == 6 && p[6] == PROTO_UDP && p[40] == (NATT_PORT >> 8) &&
+        p[41] == (NATT_PORT & 0xFF) && (p[48] | p[49] | p[50] | p[51]) != 0) {
+        size_t t = 40 + (((size_t)p[4] << 8) | p[5]);
+        if (t < 56 || t > len)
+            return 0;
+        k->v6 = 1;
+        memcpy(k->src, p + 8, 16);
+        memcpy(k->dst, p + 24, 16);
+        k->dport = (uint16_t)((p[42] << 8) | p[43]);
+        k->spi = ((uint32_t)p[48] << 24) | ((uint32_t)p[49] << 16) | ((uint32_t)p[50] << 8) | p[51];
+        *esp_at = 48;
+        *total = t;
+        return 1;
+    }
+    return 0;
+}
+
+static size_t
+flow_hash(const FlowKey *k)
+{
+    const uint8_t *p = (const uint8_t *)k;
+    uint64_t h = 1469598103934665603ULL;
+    for (size_t i = 0; i < sizeof *k; i++) {
+        h ^= p[i];
+        h *= 1099511628211ULL;
+    }
+    return (size_t)(h ^ (h >> 29));
+}
+
+static Flow *
+flow_find(FlowCache *c, const FlowKey *k)
+{
+    if (c->cap == 0)
+        return NULL;
+    size_t mask = c->cap - 1;
+    for (size_t i = flow_hash(k) & mask;; i = (i + 1) & mask) {
+        Flow *f = &c->flows[i];
+        if (!f->key.used)
+            return NULL;
+        if (memcmp(&f->key, k, sizeof *k) == 0)
+            return f;
+    }
+}
+
+static int
+flow_grow(FlowCache *c)
+{
+    size_t ncap = c->cap ? c->cap * 2 : 64;
+    Flow *nf = PyMem_Calloc(ncap, sizeof(Flow));
+    if (nf == NULL)
+        return -1;
+    for (size_t i = 0; i < c->cap; i++) {
+        Flow *f = &c->flows[i];
+        if (!f->key.used)
+            continue;
+        size_t j = flow_hash(&f->key) & (ncap - 1);
+        while (nf[j].key.used)
+            j = (j + 1) & (ncap - 1);
+        nf[j] = *f;
+    }
+    PyMem_Free(c->flows);
+    c->flows = nf;
+    c->cap = ncap;
+    return 0;
+}
+
+static void
+FlowCache_dealloc(FlowCache *c)
+{
+    PyMem_Free(c->flows);
+    PyMem_Free(c->qbuf);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+static PyObject *
+FlowCache_clear(FlowCache *c, PyObject *Py_UNUSED(ignored))
+{
+    if (c->count) {
+        if (c->cap > 1024) { /* shrink back after a burst of flows */
+            PyMem_Free(c->flows);
+            c->flows = NULL;
+            c->cap = 0;
+        } else {
+            memset(c->flows, 0, c->cap * sizeof(Flow));
+        }
+        c->count = 0;
+    }
+    Py_RETURN_NONE;
+}
+
+/* install(packet, conn_id) -> bool: packets like this one now go to conn_id. */
+static PyObject *
+FlowCache_install(FlowCache *c, PyObject *args)
+{
+    Py_buffer view;
+    unsigned int conn_id;
+    if (!PyArg_ParseTuple(args, "y*I", &view, &conn_id))
+        return NULL;
+    FlowKey k;
+    size_t esp_at, total;
+    int ok = flow_key(view.buf, (size_t)view.len, &k, &esp_at, &total);
+    PyBuffer_Release(&view);
+    if (!ok)
+        Py_RETURN_FALSE;
+    Flow *f = flow_find(c, &k);
+    if (f != NULL) {
+        f->conn_id = conn_id;
+        Py_RETURN_TRUE;
+    }
+    if (c->count >= FLOW_MAX) {
+        c->refused++;
+        Py_RETURN_FALSE;
+    }
+    if ((c->count + 1) * 2 > c->cap && flow_grow(c) < 0)
+        return PyErr_NoMemory();
+    size_t mask = c->cap - 1;
+    size_t i = flow_hash(&k) & mask;
+    while (c->flows[i].key.used)
+        i = (i + 1) & mask;
+    c->flows[i].key = k;
+    c->flows[i].conn_id = conn_id;
+    c->count++;
+    Py_RETURN_TRUE;
+}
+
+typedef struct {
+    const uint8_t *p;
+    size_t esp_at, total;
+    int slot; /* -1: not a hit */
+} Classified;
+
+typedef struct {
+    uint32_t conn_id;
+    size_t bytes;
+    Py_ssize_t frames;
+    PyObject *data;
+    size_t fill;
+} Slot;
+
+/* Sort packets into hits (framed per connection, in arrival order) and misses. */
+static int
+classify(FlowCache *c, Classified *pk, size_t n, Slot *slots, size_t *nslots)
+{
+    *nslots = 0;
+    for (size_t i = 0; i < n; i++) {
+        pk[i].slot = -1;
+        if (pk[i].p == NULL)
+            continue;
+        FlowKey k;
+        if (!flow_key(pk[i].p, pk[i].total, &k, &pk[i].esp_at, &pk[i].total)) {
+            c->misses++;
+            continue;
+        }
+        Flow *f = flow_find(c, &k);
+        if (f == NULL) {
+            c->misses++;
+            continue;
+        }
+        c->hits++;
+        size_t s = 0;
+        while (s < *nslots && slots[s].conn_id != f->conn_id)
+            s++;
+        if (s == *nslots) {
+            slots[s].conn_id = f->conn_id;
+            slots[s].bytes = 0;
+            slots[s].frames = 0;
+            slots[s].data = NULL;
+            slots[s].fill = 0;
+            (*nslots)++;
+        }
+        slots[s].bytes += LENGTH_SIZE + pk[i].total - pk[i].esp_at;
+        slots[s].frames++;
+        pk[i].slot = (int)s;
+    }
+    for (size_t s = 0; s < *nslots; s++) {
+        slots[s].data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)slots[s].bytes);
+        if (slots[s].data == NULL)
+            return -1;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (pk[i].slot < 0)
+            continue;
+        Slot *sl = &slots[pk[i].slot];
+        uint8_t *out = (uint8_t *)PyBytes_AS_STRING(sl->data) + sl->fill;
+        size_t m = pk[i].total - pk[i].esp_at;
+        put16(out, (uint32_t)(m + LENGTH_SIZE));
+        memcpy(out + LENGTH_SIZE, pk[i].p + pk[i].esp_at, m);
+        sl->fill += LENGTH_SIZE + m;
+    }
+    return 0;
+}
+
+static PyObject *
+slots_list(Slot *slots, size_t nslots)
+{
+    PyObject *list = PyList_New((Py_ssize_t)nslots);
+    if (list == NULL)
+        return NULL;
+    for (size_t s = 0; s < nslots; s++) {
+        PyObject *t = Py_BuildValue("INn", slots[s].conn_id, slots[s].data, slots[s].frames);
+        slots[s].data = NULL;
+        if (t == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)s, t);
+    }
+    return list;
+}
+
+static void
+slots_free(Slot *slots, size_t nslots)
+{
+    for (size_t s = 0; s < nslots; s++)
+        Py_CLEAR(slots[s].data);
+}
+
+/* classify(packets) -> (misses: list[int], hits: list[(conn_id, frames_bytes, frames)]) */
+static PyObject *
+FlowCache_classify(FlowCache *c, PyObject *arg)
+{
+    PyObject *seq = PySequence_Fast(arg, "classify() takes a sequence of bytes");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Classified *pk = PyMem_Calloc((size_t)n + 1, sizeof(Classified));
+    Slot *slots = PyMem_Calloc((size_t)n + 1, sizeof(Slot));
+    PyObject *res = NULL, *misses = NULL, *hits = NULL;
+    size_t nslots = 0;
+    if (pk == NULL || slots == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *o = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyBytes_Check(o)) {
+            PyErr_SetString(PyExc_TypeError, "packets must be bytes");
+            goto done;
+        }
+        pk[i].p = (const uint8_t *)PyBytes_AS_STRING(o);
+        pk[i].total = (size_t)PyBytes_GET_SIZE(o);
+    }
+    if (classify(c, pk, (size_t)n, slots, &nslots) < 0)
+        goto done;
+    misses = PyList_New(0);
+    if (misses == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (pk[i].slot >= 0)
+            continue;
+        PyObject *idx = PyLong_FromSsize_t(i);
+        if (idx == NULL || PyList_Append(misses, idx) < 0) {
+            Py_XDECREF(idx);
+            goto done;
+        }
+        Py_DECREF(idx);
+    }
+    hits = slots_list(slots, nslots);
+    if (hits == NULL)
+        goto done;
+    res = PyTuple_Pack(2, misses, hits);
+done:
+    Py_XDECREF(misses);
+    Py_XDECREF(hits);
+    if (slots != NULL)
+        slots_free(slots, nslots);
+    PyMem_Free(slots);
+    PyMem_Free(pk);
+    Py_DECREF(seq);
+    return res;
+}
+
+#define NFNL_SUBSYS_QUEUE 3
+#define NFQNL_MSG_PACKET 0
+#define NFQA_PACKET_HDR 1
+#define NFQA_PAYLOAD 10
+#define NLA_TYPE_MASK_ ((uint16_t)~((1 << 15) | (1 << 14)))
+
+/* One queued packet out of a netlink datagram: its id and payload. */
+static int
+nfq_packet(const uint8_t *d, size_t len, uint32_t *id, const uint8_t **payload, size_t *plen)
+{
+    while (len >= sizeof(struct nlmsghdr)) {
+        const struct nlmsghdr *nh = (const struct nlmsghdr *)d;
+        size_t mlen = nh->nlmsg_len;
+        if (mlen < sizeof(struct nlmsghdr) || mlen > len)
+            return 0;
+        if (nh->nlmsg_type == ((NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET) &&
+            mlen >= NLMSG_HDRLEN + 4) {
+            const uint8_t *a = d + NLMSG_HDRLEN + 4; /* after struct nfgenmsg */
+            size_t alen = mlen - NLMSG_HDRLEN - 4;
+            int have_id = 0;
+            *payload = NULL;
+            *plen = 0;
+            while (alen >= 4) {
+                uint16_t al, at;
+                memcpy(&al, a, 2);
+                memcpy(&at, a + 2, 2);
+                if (al < 4 || al > alen)
+                    break;
+                at &= NLA_TYPE_MASK_;
+                if (at == NFQA_PACKET_HDR && al >= 8) {
+                    *id = ((uint32_t)a[4] << 24) | ((uint32_t)a[5] << 16) |
+                          ((uint32_t)a[6] << 8) | a[7];
+                    have_id = 1;
+                } else if (at == NFQA_PAYLOAD) {
+                    *payload = a + 4;
+                    *plen = al - 4u;
+                }
+                size_t step = NLA_ALIGN(al);
+                if (step > alen)
+                    break;
+                a += step;
+                alen -= step;
+            }
+            if (have_id)
+                return 1; /* the kernel sends one packet per datagram */
+        }
+        size_t step = NLMSG_ALIGN(mlen);
+        if (step > len)
+            break;
+        d += step;
+        len -= step;
+    }
+    return 0;
+}
+
+/* read_queue(fd) -> (last_id, packets, misses: list[bytes], hits, overruns): one recvmmsg;
+   last_id is -1 when nothing was read. */
+static PyObject *
+FlowCache_read_queue(FlowCache *c, PyObject *args)
+{
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    if (c->qbuf == NULL) {
+        c->qbuf = PyMem_Malloc((size_t)QUEUE_BATCH * QUEUE_BUF);
+        if (c->qbuf == NULL)
+            return PyErr_NoMemory();
+    }
+    struct mmsghdr msgs[QUEUE_BATCH];
+    struct iovec iov[QUEUE_BATCH];
+    memset(msgs, 0, sizeof msgs);
+    for (int i = 0; i < QUEUE_BATCH; i++) {
+        iov[i].iov_base = c->qbuf + (size_t)i * QUEUE_BUF;
+        iov[i].iov_len = QUEUE_BUF;
+        msgs[i].msg_hdr.msg_iov = &iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    long overruns = 0;
+    int r;
+    for (;;) {
+        r = recvmmsg(fd, msgs, QUEUE_BATCH, MSG_DONTWAIT, NULL);
+        if (r >= 0)
+            break;
+        if (errno == EINTR)
+            continue;
+        if (errno == ENOBUFS) { /* the kernel dropped queued packets: go on reading */
+            overruns++;
+            if (overruns < 4)
+                continue;
+        }
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) {
+            r = 0;
+            break;
+        }
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Classified pk[QUEUE_BATCH];
+    Slot slots[QUEUE_BATCH];
+    long long last_id = -1;
+    size_t n = 0;
+    for (int i = 0; i < r; i++) {
+        uint32_t id = 0;
+        const uint8_t *payload;
+        size_t plen;
+        if (msgs[i].msg_hdr.msg_flags & MSG_TRUNC)
+            continue;
+        if (!nfq_packet(c->qbuf + (size_t)i * QUEUE_BUF, msgs[i].msg_len, &id, &payload, &plen))
+            continue;
+        if ((long long)id > last_id)
+            last_id = id;
+        pk[n].p = payload; /* NULL (no payload attribute) stays a miss */
+        pk[n].total = plen;
+        n++;
+    }
+    size_t nslots = 0;
+    PyObject *misses = NULL, *hits = NULL, *res = NULL;
+    if (classify(c, pk, n, slots, &nslots) < 0)
+        goto done;
+    misses = PyList_New(0);
+    if (misses == NULL)
+        goto done;
+    for (size_t i = 0; i < n; i++) {
+        if (pk[i].slot >= 0)
+            continue;
+        PyObject *b = PyBytes_FromStringAndSize(pk[i].p ? (const char *)pk[i].p : "",
+                                                (Py_ssize_t)(pk[i].p ? pk[i].total : 0));
+        if (b == NULL || PyList_Append(misses, b) < 0) {
+            Py_XDECREF(b);
+            goto done;
+        }
+        Py_DECREF(b);
+    }
+    hits = slots_list(slots, nslots);
+    if (hits == NULL)
+        goto done;
+    res = Py_BuildValue("LnOOl", last_id, (Py_ssize_t)n, misses, hits, overruns);
+done:
+    Py_XDECREF(misses);
+    Py_XDECREF(hits);
+    slots_free(slots, nslots);
+    return res;
+}
+
+static Py_ssize_t
+FlowCache_len(FlowCache *c)
+{
+    return (Py_ssize_t)c->count;
+}
+
+static PyObject *
+FlowCache_stats(FlowCache *c, PyObject *Py_UNUSED(ignored))
+{
+    return Py_BuildValue("{s:n,s:n,s:n,s:n}", "flows", (Py_ssize_t)c->count, "hits", c->hits,
+                         "misses", c->misses, "refused", c->refused);
+}
+
+static PyMethodDef FlowCache_methods[] = {
+    {"clear", (PyCFunction)FlowCache_clear, METH_NOARGS, "Forget every flow."},
+    {"install", (PyCFunction)FlowCache_install, METH_VARARGS,
+     "install(packet, conn_id) -> bool: route packets like this one to conn_id."},
+    {"classify", (PyCFunction)FlowCache_classify, METH_O,
+     "classify(packets) -> (miss indices, [(conn_id, frames, count)])."},
+    {"read_queue", (PyCFunction)FlowCache_read_queue, METH_VARARGS,
+     "read_queue(fd) -> (last_id, packets, misses, hits, overruns)."},
+    {"stats", (PyCFunction)FlowCache_stats, METH_NOARGS, "Counters."},
+    {NULL},
+};
+
+static PySequenceMethods FlowCache_seq = {.sq_length = (lenfunc)FlowCache_len};
+
+static PyTypeObject FlowCacheType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tcpencap.native._fastpath.FlowCache",
+    .tp_basicsize = sizeof(FlowCache),
+    .tp_dealloc = (destructor)FlowCache_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Outbound ESP flows Python has routed, and the queue reader that uses them.",
+    .tp_methods = FlowCache_methods,
+    .tp_as_sequence = &FlowCache_seq,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ------------------------------------------------------------------------------------ */
+
+static PyMethodDef module_methods[] = {
+    {"bind_events", bind_events, METH_VARARGS,
+     "bind_events(NeedData(), Keepalive(), PrefixReceived(), ConnectionClosed(), IKEMessage, "
+     "ESPPacket, InvalidFrame, ProtocolError, Role.RESPONDER)"},
+    {NULL},
+};
+
+static struct PyModuleDef fastpath_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_fastpath",
+    .m_doc = "The native RFC 9329 data path.",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__fastpath(void)
+{
+    if (PyType_Ready(&InjectBatchType) < 0 || PyType_Ready(&DeframerType) < 0 ||
+        PyType_Ready(&FlowCacheType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&fastpath_module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "InjectBatch", (PyObject *)&InjectBatchType) < 0 ||
+        PyModule_AddObjectRef(m, "Deframer", (PyObject *)&DeframerType) < 0 ||
+        PyModule_AddObjectRef(m, "FlowCache", (PyObject *)&FlowCacheType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

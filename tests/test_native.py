@@ -1,0 +1,435 @@
+"""The native data path (tcpencap/native/fastpath.c) against the Python reference: the same
+traffic must give the same bytes and the same decisions. Hypothesis drives the framer, the
+packet builder, the flow cache and two whole engines; the queue reader and the batched
+injection are checked on real sockets."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_rfc9329_engine import SPI_I, Wire, child_sa_event, esp, ike
+
+from nfq.netlink import attr, nfnl_message
+from tcpencap.core.router import Router, Send
+from tcpencap.core.table import ConnectionTable
+from tcpencap.native import load
+from tcpencap.wire import rfc9329
+from tcpencap.wire.ike import NON_ESP_MARKER
+from tcpencap.wire.packet import addr_bytes, build_udp_packet, parse_ip, parse_udp
+
+NATIVE, WHY = load()
+
+
+@pytest.fixture(autouse=True)
+def _built() -> None:
+    assert NATIVE is not None, f"the native extension must be built (scripts/setup.sh): {WHY}"
+
+
+def native() -> Any:
+    assert NATIVE is not None
+    return NATIVE
+
+
+# --- the framer ---------------------------------------------------------------------------
+
+payloads = st.one_of(
+    st.binary(max_size=9),  # empty, keepalive-sized, marker-only, too short
+    st.just(b"\xff"),
+    st.binary(max_size=60).map(lambda b: NON_ESP_MARKER + b),  # IKE (or marker only)
+    st.tuples(st.integers(1, 2**32 - 1), st.binary(max_size=80)).map(
+        lambda t: t[0].to_bytes(4, "big") + t[1]
+    ),  # ESP, or too short for one
+    st.integers(1400, 3000).map(lambda n: b"\x01\x02\x03\x04" + bytes(n)),  # big ESP
+)
+frames = st.one_of(
+    payloads.map(lambda p: (len(p) + 2).to_bytes(2, "big") + p),
+    st.binary(min_size=1, max_size=3),  # garbage: bad lengths, truncation
+)
+prefixes = st.one_of(st.just(rfc9329.PREFIX), st.binary(max_size=6), st.just(rfc9329.PREFIX[:3]))
+
+
+@st.composite
+def streams(draw: Any) -> tuple[rfc9329.Role, int, list[bytes], bool]:
+    role = draw(st.sampled_from(list(rfc9329.Role)))
+    body = b"".join(draw(st.lists(frames, max_size=12)))
+    data = (draw(prefixes) if role is rfc9329.Role.RESPONDER else b"") + body
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=6)))
+    chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+    max_frame = draw(st.sampled_from([2, 7, 40, 1500, rfc9329.MAX_FRAME]))
+    return role, max_frame, [c for c in chunks if c], draw(st.booleans())
+
+
+def drain(codec: Any, step: Any) -> list[Any]:
+    events = []
+    for _ in range(10_000):
+        ev = step(codec)
+        events.append(ev)
+        if isinstance(ev, rfc9329.NeedData | rfc9329.ConnectionClosed | rfc9329.ProtocolError):
+            return events
+    raise AssertionError("no end of events")
+
+
+def feed(codec: Any, chunks: list[bytes], eof: bool, step: Any) -> list[Any]:
+    events = []
+    for chunk in [*chunks, *([b""] if eof else [])]:
+        codec.receive_data(chunk)
+        events += drain(codec, step)
+        events.append(("state", codec.prefix_received, codec.frames_in, codec.bytes_buffered))
+    return events
+
+
+@given(streams())
+@settings(max_examples=400, deadline=None)
+def test_deframer_gives_the_events_of_the_stream_codec(s: Any) -> None:
+    role, max_frame, chunks, eof = s
+    ref = rfc9329.StreamCodec(role, max_frame=max_frame)
+    nat = native().Deframer(role, max_frame=max_frame)
+    assert feed(nat, chunks, eof, type(nat).next_event) == feed(
+        ref, chunks, eof, type(ref).next_event
+    )
+
+
+def test_deframer_refuses_what_the_stream_codec_refuses() -> None:
+    for bad in (1, 0x10000):
+        with pytest.raises(ValueError, match="max_frame"):
+            native().Deframer(rfc9329.Role.RESPONDER, max_frame=bad)
+    d = native().Deframer(rfc9329.Role.ORIGINATOR)
+    assert d.send_prefix() == rfc9329.PREFIX
+    with pytest.raises(ValueError, match="already sent"):
+        d.send_prefix()
+    with pytest.raises(ValueError, match="only the TCP Originator"):
+        native().Deframer(rfc9329.Role.RESPONDER).send_prefix()
+
+
+def test_an_idle_deframer_gives_its_buffer_back() -> None:
+    d = native().Deframer(rfc9329.Role.ORIGINATOR)
+    big = esp(0x1234, 60_000)
+    d.receive_data((len(big) + 2).to_bytes(2, "big") + big)
+    assert d.allocated >= 60_000
+    batch = native().InjectBatch()
+    ev, n = d.pump(batch, addr_bytes("198.18.0.1"), addr_bytes("198.18.0.2"), 4500, 4500)
+    assert (ev, n, len(batch)) == (rfc9329.NeedData(), 1, 1)
+    assert d.allocated == 0
+
+
+# --- inbound: frames to packets -----------------------------------------------------------
+
+ADDRS = {4: ("198.18.0.1", "198.19.0.2"), 6: ("fd00::1", "fd00:1::2")}
+
+
+@given(streams(), st.sampled_from([4, 6]), st.booleans(), st.integers(1, 65535))
+@settings(max_examples=300, deadline=None)
+def test_pump_injects_what_the_router_builds(s: Any, family: int, gateway: bool, port: int) -> None:
+    role, max_frame, chunks, eof = s
+    local, peer = (addr_bytes(a) for a in ADDRS[family])
+    router = Router(ConnectionTable(), lambda _a: False)
+    view = (
+        router.add_gateway_conn(local, peer, port)
+        if gateway
+        else router.add_client_conn(local, peer)
+    )
+    cid = view.conn_id
+
+    ref = rfc9329.StreamCodec(role, max_frame=max_frame)
+    ref_packets: list[bytes] = []
+
+    def ref_step(codec: Any) -> Any:
+        while True:
+            ev = codec.next_event()
+            if type(ev) is not rfc9329.ESPPacket:
+                return ev
+            ref_packets.append(router.inbound_esp(cid, ev.data).packet)
+
+    batch = native().InjectBatch()
+    args = (batch, view.entry.peer, view.entry.local, *router.ports_of(view, False))
+    nat = native().Deframer(role, max_frame=max_frame)
+    counted = []
+
+    def nat_step(codec: Any) -> Any:
+        ev, n = codec.pump(*args)
+        counted.append(n)
+        return ev
+
+    assert feed(nat, chunks, eof, nat_step) == feed(ref, chunks, eof, ref_step)
+    assert batch.take() == ref_packets
+    assert sum(counted) == len(ref_packets)
+
+
+# --- outbound: the flow cache -------------------------------------------------------------
+
+POOL = {4: ["198.18.0.1", "198.18.0.2", "198.19.0.2"], 6: ["fd00::1", "fd00::2", "fd00:1::2"]}
+SPIS = [0x100, 0x101, 0xC0FFEE01, 0xFFFFFFFF]
+PORTS = [4500, 50000, 50001]
+
+
+@st.composite
+def outbound_packets(draw: Any, family: int) -> bytes:
+    src, dst = (addr_bytes(draw(st.sampled_from(POOL[family]))) for _ in range(2))
+    sport = draw(st.sampled_from([4500, 4500, 4500, 500]))
+    dport = draw(st.sampled_from(PORTS))
+    spi = draw(st.sampled_from([*SPIS, 0]))
+    body = spi.to_bytes(4, "big") + draw(st.binary(min_size=0, max_size=40))
+    p = bytearray(build_udp_packet(src, dst, sport, dport, body))
+    mutation = draw(st.sampled_from(["none"] * 6 + ["frag", "options", "long", "short", "tcp"]))
+    if mutation == "frag":
+        p[6 if family == 4 else 7] |= 0x20
+    elif mutation == "options" and family == 4:
+        p[0] = 0x46
+    elif mutation == "long":
+        at = 2 if family == 4 else 4
+        p[at : at + 2] = (int.from_bytes(p[at : at + 2], "big") + 4).to_bytes(2, "big")
+    elif mutation == "short":
+        p = p[: draw(st.integers(0, len(p)))]
+    elif mutation == "tcp":
+        p[9 if family == 4 else 6] = 6
+    return bytes(p)
+
+
+@st.composite
+def outbound_cases(draw: Any) -> tuple[int, list[Any], bool, list[bytes]]:
+    family = draw(st.sampled_from([4, 6]))
+    conns = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(POOL[family]),
+                st.sampled_from(POOL[family]),
+                st.sampled_from([0, *PORTS]),  # 0: a client connection
+                st.lists(st.sampled_from(SPIS), max_size=3),
+            ),
+            max_size=4,
+        )
+    )
+    packets = draw(st.lists(outbound_packets(family), max_size=30))
+    return family, conns, draw(st.booleans()), packets
+
+
+@given(outbound_cases())
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_flow_cache_repeats_the_routers_decisions(case: Any) -> None:
+    _family, conns, learn, packets = case
+    table = ConnectionTable()
+    router = Router(table, lambda _a: False)
+    router.learn_esp = learn
+    for local, peer, port, spis in conns:
+        l_, p_ = addr_bytes(local), addr_bytes(peer)
+        if port and table.by_endpoint(p_, port) is None:
+            view = router.add_gateway_conn(l_, p_, port)
+        else:
+            view = router.add_client_conn(l_, p_)
+        for spi in spis:
+            table.bind_esp(view.conn_id, spi)
+    flows = native().FlowCache()
+    version = table.version
+
+    def route(p: bytes) -> Any:
+        nonlocal version
+        if table.version != version:  # what the engine's _sync_flows does
+            flows.clear()
+            version = table.version
+        res = router.outbound(p)
+        if router.fast_hit and table.version == version:
+            assert isinstance(res, Send) and flows.install(p, res.conn_id)
+        return res
+
+    for p in packets:
+        before = table.version
+        misses, hits = flows.classify([p])
+        res = route(p)
+        if hits:
+            ((cid, data, n),) = hits
+            assert router.fast_hit and isinstance(res, Send) and table.version == before
+            assert (cid, data, n) == (res.conn_id, res.frame, 1)
+        else:
+            assert misses == [0]
+    # A whole batch: one framed run per connection, packets in arrival order.
+    for _ in range(3):
+        before = table.version
+        expected: dict[int, list[bytes]] = {}
+        for p in packets:
+            res = route(p)
+            if router.fast_hit:
+                expected.setdefault(res.conn_id, []).append(res.frame)
+        if table.version == before:
+            break
+    else:
+        pytest.fail("the table never settled")
+    misses, hits = flows.classify(packets)
+    assert {cid: (data, n) for cid, data, n in hits} == {
+        cid: (b"".join(f), len(f)) for cid, f in expected.items()
+    }
+    assert len(misses) == len(packets) - sum(len(f) for f in expected.values())
+
+
+def test_flow_cache_refuses_what_is_not_fast_path_esp() -> None:
+    flows = native().FlowCache()
+    src, dst = addr_bytes("198.18.0.1"), addr_bytes("198.19.0.2")
+    assert not flows.install(build_udp_packet(src, dst, 4500, 4500, NON_ESP_MARKER + ike()), 1)
+    assert not flows.install(build_udp_packet(src, dst, 500, 500, esp(0x100)), 1)
+    assert flows.install(build_udp_packet(src, dst, 4500, 4500, esp(0x100)), 1)
+    assert len(flows) == 1
+    flows.clear()
+    assert len(flows) == 0
+
+
+# --- the queue reader (a datagram socket stands in for nfnetlink) -------------------------
+
+NFQA_PACKET_HDR, NFQA_MARK, NFQA_PAYLOAD = 1, 3, 10
+
+
+def queued(packet_id: int, payload: bytes | None) -> bytes:
+    attrs = attr(NFQA_PACKET_HDR, struct.pack("!IHB", packet_id, 0x0800, 3))
+    attrs += attr(NFQA_MARK, struct.pack("!I", 7))
+    if payload is not None:
+        attrs += attr(NFQA_PAYLOAD, payload)
+    return nfnl_message(3, 0, attrs, seq=0, flags=0, res_id=4500)
+
+
+def test_read_queue_parses_nfnetlink_and_frames_the_hits() -> None:
+    src, dst = addr_bytes("198.18.0.1"), addr_bytes("198.19.0.2")
+    hit = build_udp_packet(src, dst, 4500, 4500, esp(0x100))
+    miss = build_udp_packet(src, dst, 500, 500, ike())
+    flows = native().FlowCache()
+    assert flows.install(hit, 9)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with a, b:
+        b.setblocking(False)
+        assert flows.read_queue(b.fileno()) == (-1, 0, [], [], 0)  # nothing waiting
+        for dgram in (
+            queued(5, hit),
+            queued(6, miss),
+            b"\x10\x00\x00\x00\x02\x00" + bytes(10),  # an NLMSG_ERROR: not a packet
+            queued(8, hit),
+            queued(9, None),  # a packet without payload (copy range 0): a miss
+            queued(10, hit)[:-3],  # shorter than its header says: not trusted, skipped
+        ):
+            a.send(dgram)
+        last_id, n, misses, hits, overruns = flows.read_queue(b.fileno())
+    frame = (len(esp(0x100)) + 2).to_bytes(2, "big") + esp(0x100)
+    # Packet 10 is settled by the next batch verdict that covers its id (or the queue's).
+    assert (last_id, n, overruns) == (9, 4, 0)
+    assert hits == [(9, frame * 2, 2)]
+    assert misses == [miss, b""]
+
+
+# --- injection through real raw sockets (root, loopback only) -----------------------------
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_injected_packets_reach_a_udp_socket(family: int) -> None:
+    fam = socket.AF_INET if family == 4 else socket.AF_INET6
+    host = "127.0.0.1" if family == 4 else "::1"
+    rx = socket.socket(fam, socket.SOCK_DGRAM)
+    raw4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    raw6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    with rx, raw4, raw6:
+        rx.bind((host, 0))
+        rx.settimeout(2)
+        port = rx.getsockname()[1]
+        d = native().Deframer(rfc9329.Role.ORIGINATOR)
+        sizes = [8, 9, 101, 1400, 1401]  # odd sizes: the IPv6 checksum pads
+        d.receive_data(b"".join((n + 2).to_bytes(2, "big") + esp(0x100, n - 8) for n in sizes))
+        batch = native().InjectBatch()
+        local = peer = addr_bytes(host)
+        assert d.pump(batch, peer, local, 4500, port) == (rfc9329.NeedData(), len(sizes))
+        assert batch.send(raw4.fileno(), raw6.fileno()) == (len(sizes), 0)
+        got = [rx.recvfrom(4096) for _ in sizes]  # a bad checksum would never arrive
+    assert [data for data, _ in got] == [esp(0x100, n - 8) for n in sizes]
+    assert {addr[1] for _, addr in got} == {4500}
+
+
+# --- two whole engines, back to back ------------------------------------------------------
+
+ops = st.one_of(
+    st.tuples(st.just("c_esp"), st.sampled_from(SPIS), st.integers(0, 300)),
+    st.tuples(st.just("g_esp"), st.sampled_from(SPIS), st.integers(0, 300)),
+    st.tuples(st.just("c_ike"), st.booleans(), st.just(0)),
+    st.tuples(st.just("g_ike"), st.booleans(), st.just(0)),
+    st.tuples(st.just("child"), st.sampled_from(SPIS), st.booleans()),
+    st.tuples(st.just("break"), st.just(0), st.just(0)),
+    st.tuples(st.just("wait"), st.sampled_from([0.1, 1.0, 40.0]), st.just(0)),
+)
+
+
+def by_kind(packets: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """(ESP, IKE) packets, each in order: the native path sends them through two channels."""
+    kinds: tuple[list[bytes], list[bytes]] = ([], [])
+    for p in packets:
+        u = parse_udp(parse_ip(p).payload)
+        ike_ = u.dport == 500 or u.payload[:4] == NON_ESP_MARKER
+        kinds[ike_].append(p)
+    return kinds
+
+
+def observe(w: Wire) -> Any:
+    def conns(e: Any) -> Any:
+        return [
+            (c.conn_id, c.state, c.frames_in, c.frames_out, c.bytes_out, dict(c.drops))
+            for c in e.conns.values()
+        ]
+
+    return (
+        by_kind(w.charon_c),
+        by_kind(w.charon_g),
+        conns(w.c),
+        conns(w.g),
+        dict(w.c.router.drops),
+        dict(w.g.router.drops),
+    )
+
+
+def play(w: Wire, script: list[Any]) -> list[Any]:
+    seen = []
+    w.g.vici_state(w.now, True)
+    w.client_sends(ike())
+    for op, a, b in script:
+        gw = list(w.g.conns.values())
+        port = gw[-1].peer_port if gw else 50000
+        if op == "c_esp":
+            w.client_sends(esp(a, b), 4500, 4500)
+        elif op == "g_esp":
+            w.gw_sends(esp(a, b), dport=port)
+        elif op == "c_ike":
+            w.client_sends(NON_ESP_MARKER + ike(exchange=37, np=46 if a else 33), 4500, 4500)
+        elif op == "g_ike":
+            w.gw_sends(NON_ESP_MARKER + ike(spi_r=SPI_I, response=True), dport=port)
+        elif op == "child":
+            ev = child_sa_event(a, up=b)
+            ev["c1-gw"]["remote-port"] = str(port)
+            w.g.vici_event(w.now, "child-updown", ev)
+            w.pump()
+        elif op == "break":
+            if w.links:
+                w.break_link(next(iter(w.links)), "reset")
+                w.pump()
+        else:
+            w.advance(a)
+        seen.append(observe(w))
+    return seen
+
+
+@given(st.lists(ops, max_size=25))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_engines_on_both_paths_deliver_the_same_packets(script: list[Any]) -> None:
+    assert play(Wire(native=native()), script) == play(Wire(native=None), script)
+
+
+# --- the setting, and the fallback --------------------------------------------------------
+
+
+def test_datapath_setting_and_fallback(monkeypatch: pytest.MonkeyPatch, caplog: Any) -> None:
+    from tcpencap.aio import daemon
+
+    assert daemon.choose_datapath("python") == ("python", None)
+    assert daemon.choose_datapath("auto") == ("native", NATIVE)
+    assert daemon.choose_datapath("native") == ("native", NATIVE)
+    monkeypatch.setattr(daemon, "load_native", lambda: (None, "no _fastpath module"))
+    for setting in ("native", "auto"):
+        caplog.clear()
+        assert daemon.choose_datapath(setting) == ("python", None)
+        assert "native data path unavailable (no _fastpath module)" in caplog.text
+        assert caplog.records[-1].levelname == "WARNING"
