@@ -33,9 +33,12 @@ class QueueReader:
     brackets that run (True before, False after) so the caller can coalesce its own
     writes, e.g. one TCP send per connection instead of one per packet.
 
-    With ``flows`` (tcpencap.native's FlowCache) the socket is read by the native path
-    instead: ``on_native_batch(misses, hits)`` gets each recvmmsg's packets, those the
-    cache framed already and the rest as bytes. libnetfilter_queue still binds the queue.
+    With ``flows`` (a callable giving tcpencap.native's FlowCache, valid at the moment of
+    the call: the engine clears it when its table changed) the socket is read by the native path
+    instead, which writes the packets it knows to their connections' TcpWriters and gives
+    the batch verdict itself. Only the rest reaches Python: ``on_native_batch(misses,
+    hits)`` (hits: framed for a connection without writer) and ``on_stalled(conn_ids)``
+    (writers with octets the socket did not take). libnetfilter_queue binds the queue.
     """
 
     def __init__(
@@ -44,14 +47,16 @@ class QueueReader:
         handler: Callable[[bytes], None],
         on_batch: Callable[[bool], None] | None = None,
         *,
-        flows: Any = None,
+        flows: Callable[[], Any] | None = None,
         on_native_batch: Callable[[list[bytes], list[tuple[int, bytes, int]]], None] | None = None,
+        on_stalled: Callable[[list[int]], None] | None = None,
     ) -> None:
         self.num = num
         self._handler = handler
         self._on_batch = on_batch
         self._flows = flows if on_native_batch is not None else None
         self._on_native_batch = on_native_batch
+        self._on_stalled = on_stalled
         self.overruns = 0  # the kernel dropped queued packets (ENOBUFS on the socket)
         self.batches = 0
         self._nfq = NetfilterQueue()
@@ -101,23 +106,34 @@ class QueueReader:
         assert self._flows is not None and self._on_native_batch is not None
         fd = self._nfq.get_fd()
         for _ in range(NATIVE_ROUNDS):
-            last_id, n, misses, hits, overruns = self._flows.read_queue(fd)
+            flows = self._flows()
+            last_id, n, misses, hits, overruns, stalled, verdict_errno = flows.read_queue(
+                fd, self.num
+            )
             if overruns:
                 self.overruns += overruns
                 log.warning("queue %d: the kernel dropped queued packets (socket full)", self.num)
             if last_id < 0:
                 return
             self.packets += n
-            if self._on_batch is not None:
-                self._on_batch(True)
             try:
-                self._on_native_batch(misses, hits)
+                if stalled and self._on_stalled is not None:
+                    self._on_stalled(stalled)
+                if misses or hits:
+                    if self._on_batch is not None:
+                        self._on_batch(True)
+                    try:
+                        self._on_native_batch(misses, hits)
+                    finally:
+                        if self._on_batch is not None:
+                            self._on_batch(False)
             except Exception:  # a bug in one batch's path must not stop the queue
                 self.errors += 1
                 log.exception("error handling queued packets")
-            finally:
-                if self._on_batch is not None:
-                    self._on_batch(False)
+            if verdict_errno:
+                self.verdict_errors += 1
+                log.warning("queue %d: batch verdict failed (%s), again from Python", self.num,
+                            os.strerror(verdict_errno))  # fmt: skip
                 self._verdict(last_id)
             if n < NATIVE_BATCH:
                 return

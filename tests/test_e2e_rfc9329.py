@@ -114,6 +114,7 @@ def test_each_datapath_carries_bulk_traffic(datapath: str, family: int) -> None:
             st = host.tcpencap_status()
             assert st["datapath"] == datapath, st
             assert "inject-failed" not in st["drops"], st["drops"]
+            assert st["queue"]["errors"] == 0, host.tcpencap.log_tail()
             assert st["queue"]["packets"] > 2000, st["queue"]
             if datapath == "native":
                 # the flow cache framed most of what charon sent (misses: IKE, each

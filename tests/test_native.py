@@ -298,7 +298,7 @@ def test_read_queue_parses_nfnetlink_and_frames_the_hits() -> None:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     with a, b:
         b.setblocking(False)
-        assert flows.read_queue(b.fileno()) == (-1, 0, [], [], 0)  # nothing waiting
+        assert flows.read_queue(b.fileno()) == (-1, 0, [], [], 0, [], 0)  # nothing waiting
         for dgram in (
             queued(5, hit),
             queued(6, miss),
@@ -308,12 +308,75 @@ def test_read_queue_parses_nfnetlink_and_frames_the_hits() -> None:
             queued(10, hit)[:-3],  # shorter than its header says: not trusted, skipped
         ):
             a.send(dgram)
-        last_id, n, misses, hits, overruns = flows.read_queue(b.fileno())
+        last_id, n, misses, hits, overruns, stalled, verdict = flows.read_queue(b.fileno())
     frame = (len(esp(0x100)) + 2).to_bytes(2, "big") + esp(0x100)
     # Packet 10 is settled by the next batch verdict that covers its id (or the queue's).
-    assert (last_id, n, overruns) == (9, 4, 0)
+    assert (last_id, n, overruns, stalled, verdict) == (9, 4, 0, [], 0)
     assert hits == [(9, frame * 2, 2)]
     assert misses == [miss, b""]
+
+
+def test_read_queue_writes_hits_to_the_writer_and_then_gives_the_verdict() -> None:
+    src, dst = addr_bytes("198.18.0.1"), addr_bytes("198.19.0.2")
+    hit = build_udp_packet(src, dst, 4500, 4500, esp(0x100))
+    frame = (len(esp(0x100)) + 2).to_bytes(2, "big") + esp(0x100)
+    flows = native().FlowCache()
+    assert flows.install(hit, 9)
+    q_kernel, q_ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    tcp_ours, tcp_peer = socket.socketpair()
+    with q_kernel, q_ours, tcp_ours, tcp_peer:
+        q_ours.setblocking(False)
+        writer = native().TcpWriter(tcp_ours.fileno(), 1 << 20)
+        flows.set_writer(9, writer)
+        q_kernel.send(queued(41, hit))
+        q_kernel.send(queued(42, hit))
+        assert flows.read_queue(q_ours.fileno(), 4500) == (42, 2, [], [], 0, [], 0)
+        assert tcp_peer.recv(4096) == frame * 2  # written in C, in order
+        assert (writer.direct_frames, writer.direct_bytes) == (2, 2 * len(frame))
+        # the batch verdict followed the writes: NF_DROP up to id 42 on queue 4500
+        verdict = q_kernel.recv(100)
+        body = verdict[16:]
+        assert struct.unpack("=IHH", verdict[:8]) == (len(verdict), (3 << 8) | 3, 1)
+        assert body[:4] == b"\x00\x00\x11\x94" and body[8:] == struct.pack("!II", 0, 42)
+        flows.drop_writer(9)
+        q_kernel.send(queued(43, hit))
+        assert flows.read_queue(q_ours.fileno())[3] == [(9, frame, 1)]  # back to Python
+
+
+def test_writer_bounds_esp_and_ike_and_keeps_order() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        w = native().TcpWriter(a.fileno(), 10_000)
+        chunk = bytes(range(256)) * 8
+        sent = b""
+        while w.pending <= 10_000:  # fill the socket, then the writer's own buffer
+            assert w.write(chunk)
+            sent += chunk
+        assert not w.write(b"esp")  # over the bound: ESP is dropped and counted
+        assert w.write(b"ike", True)  # IKE may overshoot, up to four times the bound
+        sent += b"ike"
+        while w.pending <= 40_000:
+            assert w.write(chunk, True)
+            sent += chunk
+        assert not w.write(b"ike", True)
+        assert (w.esp_dropped, w.ike_dropped) == (1, 1)
+        got = b""
+        b.setblocking(False)
+        while len(got) < len(sent):
+            try:
+                got += b.recv(65536)
+            except BlockingIOError:
+                w.flush()
+        assert got == sent and w.pending == 0
+        w.close()
+        assert not w.write(b"late") and w.fd == -1
+
+
+def test_a_writer_without_socket_collects() -> None:
+    w = native().TcpWriter(-1, 100)
+    assert w.write(b"abc") and w.write(b"def")
+    assert w.take() == b"abcdef" and w.pending == 0
 
 
 # --- injection through real raw sockets (root, loopback only) -----------------------------

@@ -147,6 +147,13 @@ class Daemon:
         self.engine.outbound_batch(time.monotonic(), misses, hits)
         self.after()
 
+    def on_stalled(self, conn_ids: list[int]) -> None:
+        """Writers the native path filled beyond what their sockets took."""
+        for cid in conn_ids:
+            proto = self.protocols.get(cid)
+            if proto is not None:
+                proto.want_write()
+
     def on_vici_event(self, label: str, event: dict[str, Any]) -> None:
         self.engine.vici_event(time.monotonic(), label, event)
         self.after()
@@ -293,8 +300,9 @@ class Daemon:
             cfg.queue_num,
             self.on_queued,
             self._batch,
-            flows=self.engine.flows,
+            flows=self.engine.ready_flows if self.engine.flows is not None else None,
             on_native_batch=self.on_queue_batch,
+            on_stalled=self.on_stalled,
         )
         self.queue.start(loop)
         if cfg.status_socket:

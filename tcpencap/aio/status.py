@@ -18,6 +18,8 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
     now = time.monotonic()
     q = d.queue
     e = d.engine
+    for proto in list(d.protocols.values()):
+        proto.report_writer()  # what the native path wrote counts in the rows below
     return {
         "pid": os.getpid(),
         "uptime": round(now - d.started, 1),

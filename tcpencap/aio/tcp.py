@@ -1,14 +1,19 @@
 """The asyncio protocol of one RFC 9329 TCP connection: feeds the engine what the socket
 delivers and writes what the engine transmits. Decisions are the engine's; this file only
-knows about transports: write batching and the send-buffer bound."""
+knows about transports: write batching and the send-buffer bound.
+
+On the native data path the socket's send side belongs to a TcpWriter (tcpencap.native):
+the queue reader writes the ESP it recognises straight into it, in C, and the engine's own
+frames go through the same buffer, so both keep their order. asyncio still reads."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import ipaddress
+import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tcpencap.aio.sockopts import set_ipsec_bypass, set_nodelay
 from tcpencap.core.outputs import count
@@ -17,6 +22,7 @@ if TYPE_CHECKING:
     from tcpencap.aio.daemon import Daemon
 
 IKE_HARD_LIMIT_FACTOR = 4  # IKE may overshoot the send buffer bound this many times
+FLUSH_BEFORE_CLOSE = 5.0  # seconds a closing connection's writer gets to send its rest
 
 
 def host_text(text: str) -> str:
@@ -36,6 +42,11 @@ class TcpProtocol(asyncio.Protocol):
         self.registered = False
         self._wbuf: list[bytes] = []  # frames of the current queue batch
         self._wlen = 0
+        self.writer: Any = None  # the native path's TcpWriter
+        self._fd = -1
+        self._writing = False  # add_writer is armed for the writer's rest
+        self._close_pending = False
+        self._reported = (0, 0, 0, 0)  # writer counters already handed to the engine
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -65,7 +76,57 @@ class TcpProtocol(asyncio.Protocol):
                 self.conn_id = cid
                 d.protocols[cid] = self
                 self.registered = True
+        if self.registered and self.engine.native is not None and sock is not None:
+            # Its own descriptor of the socket: asyncio refuses add_writer on the
+            # transport's, and a closed transport cannot leave the writer a reused number.
+            self._fd = os.dup(sock.fileno())
+            self.writer = self.engine.native.TcpWriter(self._fd, d.config.gateway.max_buffer)
+            self.engine.flows.set_writer(self.conn_id, self.writer)
         d.after()
+
+    # --- the native writer ------------------------------------------------------------
+
+    def want_write(self) -> None:
+        if not self._writing and self.writer is not None and self._fd >= 0:
+            self._writing = True
+            asyncio.get_running_loop().add_writer(self._fd, self._on_writable)
+
+    def _on_writable(self) -> None:
+        w = self.writer
+        if w is None or w.flush() == 0 or w.error:
+            self._stop_writing()
+            if self._close_pending:
+                self._close_now()
+
+    def _stop_writing(self) -> None:
+        if self._writing:
+            self._writing = False
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_writer(self._fd)
+
+    def report_writer(self) -> None:
+        """Hand the engine what the writer sent or dropped on its behalf since last time."""
+        w = self.writer
+        if w is None or not self.registered:
+            return
+        now = (w.direct_frames, w.direct_bytes, w.esp_dropped, w.ike_dropped)
+        delta = [a - b for a, b in zip(now, self._reported, strict=True)]
+        self._reported = now
+        if any(delta):
+            self.engine.fast_path_sent(self.conn_id, *delta)
+
+    def _detach_writer(self) -> None:
+        w, self.writer = self.writer, None
+        if w is None:
+            return
+        self._stop_writing()
+        flows = self.engine.flows
+        if flows is not None:
+            flows.drop_writer(self.conn_id)
+        w.close()
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def data_received(self, data: bytes) -> None:
         if self.registered:
@@ -81,6 +142,8 @@ class TcpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.registered:
             return
+        self.report_writer()
+        self._detach_writer()
         self.registered = False
         d = self.daemon
         if d.protocols.get(self.conn_id) is self:
@@ -98,6 +161,16 @@ class TcpProtocol(asyncio.Protocol):
     def send(self, frame: bytes, is_ike: bool, frames: int = 1) -> None:
         tr = self.transport
         if tr is None or tr.is_closing():
+            return
+        w = self.writer
+        if w is not None:  # the writer applies the same bound and counts its drops
+            if not w.write(frame, is_ike, frames):
+                if is_ike:
+                    self.daemon.log_limited(
+                        "ike-congested", "conn %d: IKE dropped: send buffer full", self.conn_id
+                    )
+            elif w.pending:
+                self.want_write()
             return
         size = tr.get_write_buffer_size() + self._wlen
         limit = self.daemon.config.gateway.max_buffer
@@ -127,5 +200,23 @@ class TcpProtocol(asyncio.Protocol):
             tr.write(buf[0] if len(buf) == 1 else b"".join(buf))
 
     def close(self) -> None:
+        w = self.writer
+        if w is not None:
+            flows = self.engine.flows
+            if flows is not None:
+                flows.drop_writer(self.conn_id)  # nothing new is written from now on
+            if w.pending and not w.error and not self._close_pending:
+                # the last frames (an IKE DELETE, say) leave before the connection closes
+                self._close_pending = True
+                self.want_write()
+                asyncio.get_running_loop().call_later(FLUSH_BEFORE_CLOSE, self._close_now)
+                return
+            if self._close_pending:
+                return
+        self._close_now()
+
+    def _close_now(self) -> None:
+        self.report_writer()
+        self._detach_writer()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()

@@ -666,6 +666,20 @@ class Rfc9329Engine(Engine):
         else:
             self.orphans[(old.local, old.peer)] = Orphan(now + ORPHAN_GRACE, ike, esp, conn.sa_seen)
 
+    def fast_path_sent(
+        self, conn_id: int, frames: int, nbytes: int, esp_dropped: int, ike_dropped: int
+    ) -> None:
+        """The native path wrote (or dropped, over the send bound) this much on a
+        connection since its last report: counted as if the engine had sent it."""
+        conn = self.conns.get(conn_id)
+        if conn is None:
+            return
+        conn.frames_out += frames
+        conn.bytes_out += nbytes
+        for key, n in (("esp-congested", esp_dropped), ("ike-congested", ike_dropped)):
+            if n:
+                conn.drops[key] = conn.drops.get(key, 0) + n
+
     def totals_fold(self, conn: Conn) -> None:
         """Counters of closed connections, so metrics never go backwards."""
         t = self.totals

@@ -770,6 +770,223 @@ static PyTypeObject DeframerType = {
 };
 
 /* ------------------------------------------------------------------------------------ */
+/* TcpWriter                                                                              */
+/* The send side of one RFC 9329 connection: Python's frames (IKE, misses) and the flow     */
+/* cache's hits share one buffer, so they leave in the order they were written.            */
+
+#define IKE_HARD_LIMIT_FACTOR 4 /* IKE may overshoot the buffer bound this many times */
+
+typedef struct {
+    PyObject_HEAD
+    int fd; /* -1: detached, or collecting for take() when collect is set */
+    int collect;
+    size_t limit;
+    uint8_t *buf;
+    size_t len, cap, pos;
+    Py_ssize_t direct_frames, direct_bytes; /* written by the flow cache, not by Python */
+    Py_ssize_t esp_dropped, ike_dropped;
+    int error; /* errno of a failed send: the connection is broken, writes are dropped */
+} TcpWriter;
+
+static int
+writer_room(TcpWriter *w, size_t n)
+{
+    if (w->pos && w->pos == w->len)
+        w->pos = w->len = 0;
+    if (w->len + n <= w->cap)
+        return 0;
+    if (w->pos) { /* move the unsent rest to the front before growing */
+        memmove(w->buf, w->buf + w->pos, w->len - w->pos);
+        w->len -= w->pos;
+        w->pos = 0;
+        if (w->len + n <= w->cap)
+            return 0;
+    }
+    size_t ncap = w->cap ? w->cap : 16384;
+    while (ncap < w->len + n)
+        ncap *= 2;
+    uint8_t *nb = PyMem_Realloc(w->buf, ncap);
+    if (nb == NULL)
+        return -1;
+    w->buf = nb;
+    w->cap = ncap;
+    return 0;
+}
+
+/* May this frame be queued? ESP is dropped over the bound, IKE only far over it. */
+static int
+writer_admit(TcpWriter *w, int is_ike, Py_ssize_t frames)
+{
+    size_t queued = w->len - w->pos;
+    if (w->error) {
+        if (is_ike)
+            w->ike_dropped++;
+        else
+            w->esp_dropped += frames;
+        return 0;
+    }
+    if (queued > w->limit) {
+        if (!is_ike) {
+            w->esp_dropped += frames;
+            return 0;
+        }
+        if (queued > w->limit * IKE_HARD_LIMIT_FACTOR) {
+            w->ike_dropped++;
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static void
+writer_flush(TcpWriter *w)
+{
+    if (w->fd < 0 || w->collect || w->error)
+        return;
+    while (w->pos < w->len) {
+        ssize_t r = send(w->fd, w->buf + w->pos, w->len - w->pos, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (r > 0) {
+            w->pos += (size_t)r;
+            continue;
+        }
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return;
+        w->error = r < 0 ? errno : EPIPE;
+        w->pos = w->len = 0;
+        return;
+    }
+    w->pos = w->len = 0;
+    if (w->cap > (1u << 20)) { /* a burst is over */
+        PyMem_Free(w->buf);
+        w->buf = NULL;
+        w->cap = 0;
+    }
+}
+
+static int
+TcpWriter_init(TcpWriter *w, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"fd", "limit", NULL};
+    int fd;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "in", kwlist, &fd, &limit))
+        return -1;
+    if (limit < 0) {
+        PyErr_SetString(PyExc_ValueError, "limit must not be negative");
+        return -1;
+    }
+    w->fd = fd;
+    w->collect = fd < 0;
+    w->limit = (size_t)limit;
+    return 0;
+}
+
+static void
+TcpWriter_dealloc(TcpWriter *w)
+{
+    PyMem_Free(w->buf);
+    Py_TYPE(w)->tp_free((PyObject *)w);
+}
+
+/* write(data, is_ike=False, frames=1) -> bool: queued (and sent as far as the socket
+   takes it) or dropped by the bound. */
+static PyObject *
+TcpWriter_write(TcpWriter *w, PyObject *args)
+{
+    Py_buffer view;
+    int is_ike = 0;
+    Py_ssize_t frames = 1;
+    if (!PyArg_ParseTuple(args, "y*|pn", &view, &is_ike, &frames))
+        return NULL;
+    if (!writer_admit(w, is_ike, frames)) {
+        PyBuffer_Release(&view);
+        Py_RETURN_FALSE;
+    }
+    if (writer_room(w, (size_t)view.len) < 0) {
+        PyBuffer_Release(&view);
+        return PyErr_NoMemory();
+    }
+    memcpy(w->buf + w->len, view.buf, (size_t)view.len);
+    w->len += (size_t)view.len;
+    PyBuffer_Release(&view);
+    writer_flush(w);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+TcpWriter_flush(TcpWriter *w, PyObject *Py_UNUSED(ignored))
+{
+    writer_flush(w);
+    return PyLong_FromSize_t(w->len - w->pos);
+}
+
+static PyObject *
+TcpWriter_take(TcpWriter *w, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *b = PyBytes_FromStringAndSize((char *)w->buf + w->pos, (Py_ssize_t)(w->len - w->pos));
+    w->pos = w->len = 0;
+    return b;
+}
+
+static PyObject *
+TcpWriter_close(TcpWriter *w, PyObject *Py_UNUSED(ignored))
+{
+    w->fd = -1;
+    w->collect = 0;
+    if (!w->error)
+        w->error = EBADF; /* later writes are dropped and counted */
+    PyMem_Free(w->buf);
+    w->buf = NULL;
+    w->len = w->cap = w->pos = 0;
+    Py_RETURN_NONE;
+}
+
+#define WRITER_GETTER(name, expr)                                                            \
+    static PyObject *TcpWriter_get_##name(TcpWriter *w, void *c) { return expr; }
+
+WRITER_GETTER(pending, PyLong_FromSize_t(w->len - w->pos))
+WRITER_GETTER(fd, PyLong_FromLong(w->fd))
+WRITER_GETTER(error, PyLong_FromLong(w->error))
+WRITER_GETTER(direct_frames, PyLong_FromSsize_t(w->direct_frames))
+WRITER_GETTER(direct_bytes, PyLong_FromSsize_t(w->direct_bytes))
+WRITER_GETTER(esp_dropped, PyLong_FromSsize_t(w->esp_dropped))
+WRITER_GETTER(ike_dropped, PyLong_FromSsize_t(w->ike_dropped))
+
+static PyMethodDef TcpWriter_methods[] = {
+    {"write", (PyCFunction)TcpWriter_write, METH_VARARGS,
+     "write(data, is_ike=False, frames=1) -> bool: queued, or dropped by the bound."},
+    {"flush", (PyCFunction)TcpWriter_flush, METH_NOARGS, "Send what the socket takes; -> pending."},
+    {"take", (PyCFunction)TcpWriter_take, METH_NOARGS, "The queued octets (fd -1: tests)."},
+    {"close", (PyCFunction)TcpWriter_close, METH_NOARGS, "Forget the socket and the queue."},
+    {NULL},
+};
+
+static PyGetSetDef TcpWriter_getset[] = {
+    {"pending", (getter)TcpWriter_get_pending, NULL, "octets queued, not yet sent", NULL},
+    {"fd", (getter)TcpWriter_get_fd, NULL, NULL, NULL},
+    {"error", (getter)TcpWriter_get_error, NULL, "errno of the send that broke it", NULL},
+    {"direct_frames", (getter)TcpWriter_get_direct_frames, NULL, NULL, NULL},
+    {"direct_bytes", (getter)TcpWriter_get_direct_bytes, NULL, NULL, NULL},
+    {"esp_dropped", (getter)TcpWriter_get_esp_dropped, NULL, NULL, NULL},
+    {"ike_dropped", (getter)TcpWriter_get_ike_dropped, NULL, NULL, NULL},
+    {NULL},
+};
+
+static PyTypeObject TcpWriterType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tcpencap.native._fastpath.TcpWriter",
+    .tp_basicsize = sizeof(TcpWriter),
+    .tp_dealloc = (destructor)TcpWriter_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "TcpWriter(fd, limit): one connection's send buffer, shared with the flow cache.",
+    .tp_methods = TcpWriter_methods,
+    .tp_getset = TcpWriter_getset,
+    .tp_init = (initproc)TcpWriter_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ------------------------------------------------------------------------------------ */
 /* FlowCache                                                                              */
 
 typedef struct {
@@ -792,8 +1009,10 @@ typedef struct {
     PyObject_HEAD
     Flow *flows;
     size_t cap, count;
-    Py_ssize_t hits, misses, refused;
+    Py_ssize_t hits, misses, refused, direct;
+    Py_ssize_t seq; /* of our verdict messages */
     uint8_t *qbuf; /* QUEUE_BATCH receive buffers for read_queue() */
+    PyObject *writers; /* conn_id -> TcpWriter: hits for these are written here, in C */
 } FlowCache;
 
 /* The conditions of Router.outbound's fast path, octet for octet: ESP-in-UDP from port
@@ -889,6 +1108,7 @@ FlowCache_dealloc(FlowCache *c)
 {
     PyMem_Free(c->flows);
     PyMem_Free(c->qbuf);
+    Py_XDECREF(c->writers);
     Py_TYPE(c)->tp_free((PyObject *)c);
 }
 
@@ -954,12 +1174,15 @@ typedef struct {
     size_t bytes;
     Py_ssize_t frames;
     PyObject *data;
+    TcpWriter *writer; /* borrowed from FlowCache.writers for the call */
     size_t fill;
 } Slot;
 
-/* Sort packets into hits (framed per connection, in arrival order) and misses. */
+/* Sort packets into hits (framed per connection, in arrival order) and misses. The hits
+   of a connection with a writer are written to it (and conn ids whose writer could not
+   send everything are appended to stalled); the others are framed into slot.data. */
 static int
-classify(FlowCache *c, Classified *pk, size_t n, Slot *slots, size_t *nslots)
+classify(FlowCache *c, Classified *pk, size_t n, Slot *slots, size_t *nslots, PyObject *stalled)
 {
     *nslots = 0;
     for (size_t i = 0; i < n; i++) {
@@ -985,6 +1208,7 @@ classify(FlowCache *c, Classified *pk, size_t n, Slot *slots, size_t *nslots)
             slots[s].bytes = 0;
             slots[s].frames = 0;
             slots[s].data = NULL;
+            slots[s].writer = NULL;
             slots[s].fill = 0;
             (*nslots)++;
         }
@@ -993,6 +1217,22 @@ classify(FlowCache *c, Classified *pk, size_t n, Slot *slots, size_t *nslots)
         pk[i].slot = (int)s;
     }
     for (size_t s = 0; s < *nslots; s++) {
+        if (c->writers != NULL && PyDict_GET_SIZE(c->writers)) {
+            PyObject *key = PyLong_FromUnsignedLong(slots[s].conn_id);
+            if (key == NULL)
+                return -1;
+            slots[s].writer = (TcpWriter *)PyDict_GetItemWithError(c->writers, key);
+            Py_DECREF(key);
+            if (slots[s].writer != NULL) {
+                if (writer_room(slots[s].writer, slots[s].bytes) < 0) {
+                    PyErr_NoMemory();
+                    return -1;
+                }
+                continue;
+            }
+            if (PyErr_Occurred())
+                return -1;
+        }
         slots[s].data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)slots[s].bytes);
         if (slots[s].data == NULL)
             return -1;
@@ -1001,11 +1241,37 @@ classify(FlowCache *c, Classified *pk, size_t n, Slot *slots, size_t *nslots)
         if (pk[i].slot < 0)
             continue;
         Slot *sl = &slots[pk[i].slot];
-        uint8_t *out = (uint8_t *)PyBytes_AS_STRING(sl->data) + sl->fill;
         size_t m = pk[i].total - pk[i].esp_at;
+        uint8_t *out;
+        TcpWriter *w = sl->writer;
+        if (w != NULL) {
+            if (!writer_admit(w, 0, 1))
+                continue;
+            out = w->buf + w->len;
+            w->len += LENGTH_SIZE + m;
+            w->direct_frames++;
+            w->direct_bytes += (Py_ssize_t)(LENGTH_SIZE + m);
+            c->direct++;
+        } else {
+            out = (uint8_t *)PyBytes_AS_STRING(sl->data) + sl->fill;
+            sl->fill += LENGTH_SIZE + m;
+        }
         put16(out, (uint32_t)(m + LENGTH_SIZE));
         memcpy(out + LENGTH_SIZE, pk[i].p + pk[i].esp_at, m);
-        sl->fill += LENGTH_SIZE + m;
+    }
+    for (size_t s = 0; s < *nslots; s++) {
+        TcpWriter *w = slots[s].writer;
+        if (w == NULL)
+            continue;
+        writer_flush(w);
+        if (w->len > w->pos && stalled != NULL) {
+            PyObject *cid = PyLong_FromUnsignedLong(slots[s].conn_id);
+            if (cid == NULL || PyList_Append(stalled, cid) < 0) {
+                Py_XDECREF(cid);
+                return -1;
+            }
+            Py_DECREF(cid);
+        }
     }
     return 0;
 }
@@ -1013,17 +1279,20 @@ classify(FlowCache *c, Classified *pk, size_t n, Slot *slots, size_t *nslots)
 static PyObject *
 slots_list(Slot *slots, size_t nslots)
 {
-    PyObject *list = PyList_New((Py_ssize_t)nslots);
+    PyObject *list = PyList_New(0);
     if (list == NULL)
         return NULL;
     for (size_t s = 0; s < nslots; s++) {
+        if (slots[s].data == NULL)
+            continue; /* written by its connection's writer */
         PyObject *t = Py_BuildValue("INn", slots[s].conn_id, slots[s].data, slots[s].frames);
         slots[s].data = NULL;
-        if (t == NULL) {
+        if (t == NULL || PyList_Append(list, t) < 0) {
+            Py_XDECREF(t);
             Py_DECREF(list);
             return NULL;
         }
-        PyList_SET_ITEM(list, (Py_ssize_t)s, t);
+        Py_DECREF(t);
     }
     return list;
 }
@@ -1060,7 +1329,7 @@ FlowCache_classify(FlowCache *c, PyObject *arg)
         pk[i].p = (const uint8_t *)PyBytes_AS_STRING(o);
         pk[i].total = (size_t)PyBytes_GET_SIZE(o);
     }
-    if (classify(c, pk, (size_t)n, slots, &nslots) < 0)
+    if (classify(c, pk, (size_t)n, slots, &nslots, NULL) < 0)
         goto done;
     misses = PyList_New(0);
     if (misses == NULL)
@@ -1145,13 +1414,47 @@ nfq_packet(const uint8_t *d, size_t len, uint32_t *id, const uint8_t **payload, 
     return 0;
 }
 
-/* read_queue(fd) -> (last_id, packets, misses: list[bytes], hits, overruns): one recvmmsg;
-   last_id is -1 when nothing was read. */
+/* NFQNL_MSG_VERDICT_BATCH: NF_DROP for every packet of the queue up to last_id (the same
+   message as nfq.verdict.verdict_batch). -> 0 or errno. */
+static int
+verdict_batch(int fd, int queue_num, uint32_t last_id, uint32_t seq)
+{
+    uint8_t msg[NLMSG_HDRLEN + 4 + 4 + 8];
+    struct nlmsghdr nh = {.nlmsg_len = sizeof msg,
+                          .nlmsg_type = (NFNL_SUBSYS_QUEUE << 8) | 3,
+                          .nlmsg_flags = NLM_F_REQUEST,
+                          .nlmsg_seq = seq};
+    memcpy(msg, &nh, sizeof nh);
+    uint8_t *b = msg + NLMSG_HDRLEN;
+    b[0] = 0; /* AF_UNSPEC */
+    b[1] = 0; /* NFNETLINK_V0 */
+    put16(b + 2, (uint32_t)queue_num);
+    uint16_t al = 12, at = 2; /* NFQA_VERDICT_HDR */
+    memcpy(b + 4, &al, 2);
+    memcpy(b + 6, &at, 2);
+    memset(b + 8, 0, 4); /* NF_DROP */
+    b[12] = (uint8_t)(last_id >> 24);
+    b[13] = (uint8_t)(last_id >> 16);
+    b[14] = (uint8_t)(last_id >> 8);
+    b[15] = (uint8_t)last_id;
+    for (int attempt = 0; attempt < 3; attempt++) {
+        if (send(fd, msg, sizeof msg, MSG_DONTWAIT) == (ssize_t)sizeof msg)
+            return 0;
+        if (errno != EINTR && errno != ENOBUFS && errno != EAGAIN)
+            break;
+    }
+    return errno ? errno : EIO;
+}
+
+/* read_queue(fd, queue_num=-1) -> (last_id, packets, misses: list[bytes], hits, overruns,
+   stalled, verdict_errno): one recvmmsg; last_id is -1 when nothing was read. Hits of a
+   connection with a writer are written before this returns (stalled: those whose writer
+   has octets left); with queue_num the batch verdict is sent too, after the writes. */
 static PyObject *
 FlowCache_read_queue(FlowCache *c, PyObject *args)
 {
-    int fd;
-    if (!PyArg_ParseTuple(args, "i", &fd))
+    int fd, queue_num = -1;
+    if (!PyArg_ParseTuple(args, "i|i", &fd, &queue_num))
         return NULL;
     if (c->qbuf == NULL) {
         c->qbuf = PyMem_Malloc((size_t)QUEUE_BATCH * QUEUE_BUF);
@@ -1205,9 +1508,13 @@ FlowCache_read_queue(FlowCache *c, PyObject *args)
         n++;
     }
     size_t nslots = 0;
+    int verdict_errno = 0;
     PyObject *misses = NULL, *hits = NULL, *res = NULL;
-    if (classify(c, pk, n, slots, &nslots) < 0)
+    PyObject *stalled = PyList_New(0);
+    if (stalled == NULL || classify(c, pk, n, slots, &nslots, stalled) < 0)
         goto done;
+    if (queue_num >= 0 && last_id >= 0)
+        verdict_errno = verdict_batch(fd, queue_num, (uint32_t)last_id, (uint32_t)++c->seq);
     misses = PyList_New(0);
     if (misses == NULL)
         goto done;
@@ -1225,8 +1532,10 @@ FlowCache_read_queue(FlowCache *c, PyObject *args)
     hits = slots_list(slots, nslots);
     if (hits == NULL)
         goto done;
-    res = Py_BuildValue("LnOOl", last_id, (Py_ssize_t)n, misses, hits, overruns);
+    res = Py_BuildValue("LnOOlOi", last_id, (Py_ssize_t)n, misses, hits, overruns, stalled,
+                        verdict_errno);
 done:
+    Py_XDECREF(stalled);
     Py_XDECREF(misses);
     Py_XDECREF(hits);
     slots_free(slots, nslots);
@@ -1242,8 +1551,40 @@ FlowCache_len(FlowCache *c)
 static PyObject *
 FlowCache_stats(FlowCache *c, PyObject *Py_UNUSED(ignored))
 {
-    return Py_BuildValue("{s:n,s:n,s:n,s:n}", "flows", (Py_ssize_t)c->count, "hits", c->hits,
-                         "misses", c->misses, "refused", c->refused);
+    return Py_BuildValue("{s:n,s:n,s:n,s:n,s:n}", "flows", (Py_ssize_t)c->count, "hits",
+                         c->hits, "misses", c->misses, "refused", c->refused, "written",
+                         c->direct);
+}
+
+/* set_writer(conn_id, writer): hits for conn_id are written by C from now on. */
+static PyObject *
+FlowCache_set_writer(FlowCache *c, PyObject *args)
+{
+    unsigned int conn_id;
+    PyObject *w;
+    if (!PyArg_ParseTuple(args, "IO!", &conn_id, &TcpWriterType, &w))
+        return NULL;
+    if (c->writers == NULL && (c->writers = PyDict_New()) == NULL)
+        return NULL;
+    PyObject *key = PyLong_FromUnsignedLong(conn_id);
+    if (key == NULL)
+        return NULL;
+    int r = PyDict_SetItem(c->writers, key, w);
+    Py_DECREF(key);
+    if (r < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+FlowCache_drop_writer(FlowCache *c, PyObject *arg)
+{
+    if (c->writers != NULL && PyDict_DelItem(c->writers, arg) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_KeyError))
+            return NULL;
+        PyErr_Clear();
+    }
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef FlowCache_methods[] = {
@@ -1253,7 +1594,11 @@ static PyMethodDef FlowCache_methods[] = {
     {"classify", (PyCFunction)FlowCache_classify, METH_O,
      "classify(packets) -> (miss indices, [(conn_id, frames, count)])."},
     {"read_queue", (PyCFunction)FlowCache_read_queue, METH_VARARGS,
-     "read_queue(fd) -> (last_id, packets, misses, hits, overruns)."},
+     "read_queue(fd, queue_num=-1) -> (last_id, packets, misses, hits, overruns, stalled, "
+     "verdict_errno)."},
+    {"set_writer", (PyCFunction)FlowCache_set_writer, METH_VARARGS,
+     "set_writer(conn_id, writer): write that connection's hits in C."},
+    {"drop_writer", (PyCFunction)FlowCache_drop_writer, METH_O, "drop_writer(conn_id)."},
     {"stats", (PyCFunction)FlowCache_stats, METH_NOARGS, "Counters."},
     {NULL},
 };
@@ -1292,14 +1637,15 @@ PyMODINIT_FUNC
 PyInit__fastpath(void)
 {
     if (PyType_Ready(&InjectBatchType) < 0 || PyType_Ready(&DeframerType) < 0 ||
-        PyType_Ready(&FlowCacheType) < 0)
+        PyType_Ready(&TcpWriterType) < 0 || PyType_Ready(&FlowCacheType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&fastpath_module);
     if (m == NULL)
         return NULL;
     if (PyModule_AddObjectRef(m, "InjectBatch", (PyObject *)&InjectBatchType) < 0 ||
         PyModule_AddObjectRef(m, "Deframer", (PyObject *)&DeframerType) < 0 ||
-        PyModule_AddObjectRef(m, "FlowCache", (PyObject *)&FlowCacheType) < 0) {
+        PyModule_AddObjectRef(m, "FlowCache", (PyObject *)&FlowCacheType) < 0 ||
+        PyModule_AddObjectRef(m, "TcpWriter", (PyObject *)&TcpWriterType) < 0) {
         Py_DECREF(m);
         return NULL;
     }
