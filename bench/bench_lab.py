@@ -1,16 +1,24 @@
-"""End-to-end lab benchmark: the same libipsec tunnel over plain UDP and over RFC 9329 TCP.
+"""End-to-end lab benchmark: the same libipsec tunnel over plain UDP, over RFC 9329 TCP and
+over Cisco cTCP, beside OpenVPN over TCP and a socat relay, all in one lab and one run.
 
 Not a test: it prints figures next to a baseline measured in the same run and never asserts
 on timings. Run as root from anywhere::
 
     python3 bench/bench_lab.py [--duration 10] [--scale 100,500,1000] [--json PATH] [--keep]
+        [--datapath native,python] [--phases udp,tcp,ctcp,openvpn,socat,floor]
 
 One lab (c1 - fw - gw, see tests/lab/) is built. Phase "udp": charon to charon over UDP,
-nothing blocked, no tcpencap. Phase "tcp": fw drops all UDP of c1 and tcpencap runs on both
-ends. Each phase measures inner TCP throughput (iperf3, 1 and 4 streams), inner ping RTT, an
+nothing blocked, no tcpencap: the baseline. From then on fw drops all UDP of c1. Phases
+"tcp" (RFC 9329) and "ctcp" (Cisco cTCP): tcpencap runs on both ends, once per
+``--datapath`` (written as ``datapath = X`` into both tcpencap.conf; "" writes no key).
+Each of these measures inner TCP throughput (iperf3, 1 and 4 streams), inner ping RTT, an
 inner UDP flood (packets/s and loss), CPU seconds per GB of charon and tcpencap, IKE_SA +
-CHILD_SA set-up time, and N concurrent childless IKE SAs from c1 (set-up rate, tcpencap
-memory per connection).
+CHILD_SA set-up time; udp and tcp also N concurrent childless IKE SAs from c1 (set-up rate,
+tcpencap memory per connection). Phase "openvpn" (bench/openvpn_lab.py): OpenVPN 2.6 over
+TCP between the same hosts, with defaults and with --tcp-nodelay: throughput, ping, CPU per
+GB of both openvpn processes. Phase "socat": the same iperf3 traffic through a pair of socat
+TCP relays (c1 and gw), the C floor for a user-space relay's CPU per GB. Phase "floor":
+bench/hop_floor.py's round-trip floor of user-space relays.
 """
 
 from __future__ import annotations
@@ -36,11 +44,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hop_floor import measure_floor  # noqa: E402  (this directory is sys.path[0])
+from openvpn_lab import OpenVpnPair  # noqa: E402
 
 from tests.lab import (  # noqa: E402
     CharonError,
     Host,
     Lab,
+    LabError,
+    Process,
     ike_id,
     psk_conf,
     tcpencap_conf,
@@ -52,6 +63,13 @@ SCALE_ID = "scale.lab.test"  # identity of every scale connection (own peer conf
 # Every address the benchmark puts on the wire must stay inside the lab's range.
 LAB_NET = ipaddress.ip_network("198.18.0.0/15")
 CONN = "c1-gw"
+IPERF_PORT = 5201  # iperf3's default; the server listens on gw.inner4
+RFC9329_PORT = 4500
+CTCP_PORT = 10000
+RELAY_PORT = 5301  # the socat relays' listening port, on c1.inner4 and gw.outer4
+DATAPATHS = ("auto", "native", "python")  # tcpencap.datapath
+PHASES = ("udp", "tcp", "ctcp", "openvpn", "socat", "floor")
+BUSY = 0.1  # CPU s per second used by other processes: the phase ran on a busy machine
 T0 = time.monotonic()
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -92,11 +110,42 @@ def machine_info(host: Host | None) -> dict[str, Any]:
     }
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat from field 3 (state) on, as strings; the command may hold spaces."""
     stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid`` (field 4 of stat(5))."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                if int(_stat_fields(int(entry.name))[1]) == int(pid):
+                    out.append(int(entry.name))
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads) and of its children, live or reaped,
+    in seconds: utime+stime+cutime+cstime (fields 14 to 17 of stat(5)) plus the same for
+    every live descendant. A relay that forks per connection (socat) is charged for its
+    children, and so would be a daemon that hands its data path to a helper process."""
+    fields = _stat_fields(pid)
+    total = sum(int(f) for f in fields[11:15]) / CLK_TCK
+    for child in _children(pid):
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(child)
+    return total
+
+
+def wait_children_gone(pid: int, timeout: float = 5.0) -> None:
+    """Until ``pid`` has no live child (socat's per-connection children exit, and are
+    reaped, once iperf3 closes its connections), so their time is in its cutime."""
+    deadline = time.monotonic() + timeout
+    while _children(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def rss_kib(pid: int) -> int:
@@ -106,8 +155,8 @@ def rss_kib(pid: int) -> int:
 
 
 def watched_pids(lab: Lab, tcp: bool) -> dict[str, int]:
-    """The processes whose CPU time is charged to the tunnel. ``ip netns exec`` execs its
-    command and charon's ``sh -c 'mount ... && exec charon'`` does too, so the spawned
+    """The processes whose CPU time is charged to the IPsec tunnel. ``ip netns exec`` execs
+    its command and charon's ``sh -c 'mount ... && exec charon'`` does too, so the spawned
     process ids are the daemons' own."""
     c1, gw = lab.clients[0], lab.gw
     assert c1.charon and gw.charon
@@ -226,14 +275,54 @@ QUIET_NET_LOG = """  filelog {
 # --- measurements -------------------------------------------------------------------------
 
 
-def iperf(c1: Host, gw: Host, extra: list[str], seconds: float) -> dict[str, Any]:
-    """Run an iperf3 client in c1 against gw's inner address; the parsed JSON or an error."""
-    argv = ["iperf3", "-c", gw.inner4 or "", "-B", c1.inner4 or "", "-J", *extra]
+IPERF_LOG = "iperf3-server.log"
+_iperf_servers: dict[str, Process] = {}  # gw namespace -> the iperf3 server we started
+
+
+def start_iperf_server(gw: Host) -> Process:
+    """iperf3 -s on gw's inner address (also where the socat relay and OpenVPN lead)."""
+    argv = ["iperf3", "-s", "--forceflush", "-B", gw.inner4 or "", "-p", str(IPERF_PORT)]
+    proc = gw.spawn(argv, IPERF_LOG)
+    _iperf_servers[gw.name] = proc
+    proc.wait_for_log("Server listening", timeout=5)
+    return proc
+
+
+def iperf_server_ready(gw: Host, timeout: float = 10) -> bool:
+    """Wait until the server has finished its last test (iperf3 serves one at a time and
+    answers a client that comes too early with a reset); a server still stuck after
+    ``timeout`` (a test whose control connection was starved by a flood) is restarted.
+    Returns False if it had to be restarted."""
+    log = gw.dir / IPERF_LOG
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        if text.rfind("Server listening") > text.rfind("Accepted connection"):
+            return True
+        time.sleep(0.05)
+    progress(f"  iperf3 server busy for {timeout}s: restarting it")
+    _iperf_servers[gw.name].stop()
+    start_iperf_server(gw)
+    return False
+
+
+def iperf(
+    c1: Host,
+    dst: str,
+    extra: list[str],
+    seconds: float,
+    port: int = IPERF_PORT,
+    grace: float = 30,
+) -> dict[str, Any]:
+    """Run an iperf3 client in c1 from c1's inner address against ``dst`` (gw's inner
+    address, or a relay); the parsed JSON or an error. ``grace``: seconds allowed past
+    ``seconds`` for the end-of-test exchange."""
+    argv = ["iperf3", "-c", dst, "-p", str(port), "-B", c1.inner4 or "", "-J", *extra]
     argv += ["-t", str(seconds)]
     try:
-        proc = c1.run(*argv, check=False, timeout=seconds + 30)
+        proc = c1.run(*argv, check=False, timeout=seconds + grace)
     except subprocess.TimeoutExpired:
-        return {"error": f"iperf3 timed out after {seconds + 30}s"}
+        return {"error": f"iperf3 timed out after {seconds + grace}s"}
     try:
         out = json.loads(proc.stdout)
     except json.JSONDecodeError:
@@ -243,14 +332,28 @@ def iperf(c1: Host, gw: Host, extra: list[str], seconds: float) -> dict[str, Any
     return out
 
 
-def throughput(lab: Lab, tcp: bool, streams: int, seconds: float) -> dict[str, Any]:
+def throughput(
+    lab: Lab,
+    pids: dict[str, int],
+    streams: int,
+    seconds: float,
+    dst: str | None = None,
+    port: int = IPERF_PORT,
+    forking: bool = False,
+) -> dict[str, Any]:
+    """iperf3 TCP with ``streams`` streams; CPU seconds of ``pids`` over the run, per GB
+    received. ``forking``: the watched processes fork per connection; wait for those
+    children to be gone (and reaped into the parent's time) before the last sample."""
     c1, gw = lab.clients[0], lab.gw
-    pids = watched_pids(lab, tcp)
+    server_ok = iperf_server_ready(gw)
     before = {k: cpu_seconds(p) for k, p in pids.items()}
-    out = iperf(c1, gw, ["-P", str(streams)], seconds)
+    out = iperf(c1, dst or gw.inner4 or "", ["-P", str(streams)], seconds, port)
+    if forking:
+        for p in pids.values():
+            wait_children_gone(p)
     after = {k: cpu_seconds(p) for k, p in pids.items()}
     if "error" in out:
-        return {"streams": streams, "error": out["error"]}
+        return {"streams": streams, "error": out["error"], "server_was_ready": server_ok}
     recv = out["end"]["sum_received"]
     gbytes = recv["bytes"] / 1e9
     cpu = {k: round(after[k] - before[k], 3) for k in pids}
@@ -266,7 +369,11 @@ def throughput(lab: Lab, tcp: bool, streams: int, seconds: float) -> dict[str, A
 
 def udp_flood(lab: Lab, seconds: float, rate: str, size: int) -> dict[str, Any]:
     c1, gw = lab.clients[0], lab.gw
-    out = iperf(c1, gw, ["-u", "-b", rate, "-l", str(size)], seconds)
+    iperf_server_ready(gw)
+    # The end-of-test exchange runs over the iperf3 control connection, through the same
+    # tunnel, behind whatever the flood left queued: over cTCP that took 20-30 s to drain
+    # after a 5 s flood (the receiver span below), so give it a minute.
+    out = iperf(c1, gw.inner4 or "", ["-u", "-b", rate, "-l", str(size)], seconds, grace=60)
     if "error" in out:
         return {"error": out["error"]}
     end = out["end"]
@@ -526,56 +633,87 @@ def step(results: dict[str, Any], key: str, fn: Callable[[], Any]) -> Any:
     return results[key]
 
 
-def measure(lab: Lab, args: argparse.Namespace, tcp: bool) -> dict[str, Any]:
-    label = "tcp" if tcp else "udp"
-    r: dict[str, Any] = {}
-    progress(f"[{label}] ping RTT: {args.pings} pings at {args.ping_interval}s")
-    step(r, "ping", lambda: ping_rtt(lab, args.pings, args.ping_interval))
+def measure(
+    lab: Lab,
+    args: argparse.Namespace,
+    label: str,
+    r: dict[str, Any],
+    pids: dict[str, int],
+    what: set[str],
+    dst: str | None = None,
+    port: int = IPERF_PORT,
+    forking: bool = False,
+) -> None:
+    """The figures of one phase into ``r``: always iperf3 TCP with 1 and 4 streams (CPU of
+    ``pids`` over each); ``what`` adds "ping", "flood", "setup" and "scale"."""
+    if "ping" in what:
+        progress(f"[{label}] ping RTT: {args.pings} pings at {args.ping_interval}s")
+        res = step(r, "ping", lambda: ping_rtt(lab, args.pings, args.ping_interval))
+        if "median_ms" in res:
+            progress(f"  median {res['median_ms']:.3f} ms, p99 {res['p99_ms']:.3f} ms")
     for streams in (1, 4):
         progress(f"[{label}] iperf3 TCP, {streams} stream(s), {args.duration}s")
-        res = step(r, f"tcp_{streams}", lambda s=streams: throughput(lab, tcp, s, args.duration))
+        res = step(
+            r,
+            f"tcp_{streams}",
+            lambda s=streams: throughput(lab, pids, s, args.duration, dst, port, forking),
+        )
         if "bits_per_second" in res:
-            progress(f"  {res['bits_per_second'] / 1e9:.3f} Gbit/s")
-    progress(f"[{label}] UDP flood {args.flood_rate} x {args.flood_size} B, {args.flood_time}s")
-    step(r, "flood", lambda: udp_flood(lab, args.flood_time, args.flood_rate, args.flood_size))
-    progress(f"[{label}] IKE_SA+CHILD_SA set-up, {args.cycles} cycles")
-    step(r, "setup", lambda: setup_time(lab, args.cycles))
-    if tcp or args.udp_scale:
-        r["scale"] = []
-        for n in args.scale:
-            progress(f"[{label}] scale: {n} IKE SAs from c1")
-            res: dict[str, Any] = {"n": n}
-            try:
-                res = scale(lab, n, tcp, args.scale_budget)
-                progress(
-                    f"  {res['established_gw']}/{n} IKE SAs established on gw "
-                    f"({res['established_c1']} on c1), {res['sas_per_second'] or 0:.1f} SAs/s, "
-                    f"gw tcpencap connections {res.get('gw_tcp_connections', '-')}, "
-                    f"{res.get('gw_kib_per_conn', 0):.1f} KiB/conn"
-                )
-                if "gw_status_error" in res:
-                    progress(f"  tcpencap status: {res['gw_status_error']}")
-            except Exception as exc:  # noqa: BLE001
-                res["error"] = f"{type(exc).__name__}: {exc}"
-                progress(f"  scale {n} FAILED: {exc}")
-            if tcp and res.get("established_gw", 0) < n:
-                res["tcpencap_gw_log"] = log_tail(lab.gw.dir / "tcpencap.log")
-                res["tcpencap_c1_log"] = log_tail(lab.clients[0].dir / "tcpencap.log")
-                lab.keep = True
-            try:
-                res["left_after_teardown"] = scale_teardown(lab, n)
-            except Exception as exc:  # noqa: BLE001
-                res["teardown_error"] = str(exc)
-            r["scale"].append(res)
-            for key in ("tcpencap_gw", "tcpencap_c1"):
-                proc = (lab.gw if key.endswith("gw") else lab.clients[0]).tcpencap
-                if tcp and proc is not None and not proc.alive():
-                    progress(f"  {key} DIED (rc {proc.popen.returncode})")
-                    res[f"{key}_died"] = proc.popen.returncode
-                    lab.keep = True
-            if any(k.endswith("_died") for k in res):
-                break
-    return r
+            cpu = ", ".join(f"{k} {v:.2f}" for k, v in res["cpu_seconds_per_gb"].items() if v)
+            progress(f"  {res['bits_per_second'] / 1e9:.3f} Gbit/s; CPU s/GB: {cpu}")
+    if "flood" in what:
+        progress(f"[{label}] UDP flood {args.flood_rate} x {args.flood_size} B, {args.flood_time}s")
+        step(r, "flood", lambda: udp_flood(lab, args.flood_time, args.flood_rate, args.flood_size))
+    if "setup" in what:
+        progress(f"[{label}] IKE_SA+CHILD_SA set-up, {args.cycles} cycles")
+        step(r, "setup", lambda: setup_time(lab, args.cycles))
+    if "scale" in what:
+        r["scale"] = scale_steps(lab, args, label, tcp=any(k.startswith("tcpencap") for k in pids))
+
+
+def scale_steps(lab: Lab, args: argparse.Namespace, label: str, tcp: bool) -> list[dict[str, Any]]:
+    """The scale test for each N of ``--scale``; stops early if a tcpencap died."""
+    out: list[dict[str, Any]] = []
+    for n in args.scale:
+        progress(f"[{label}] scale: {n} IKE SAs from c1")
+        res: dict[str, Any] = {"n": n}
+        try:
+            res = scale(lab, n, tcp, args.scale_budget)
+            progress(
+                f"  {res['established_gw']}/{n} IKE SAs established on gw "
+                f"({res['established_c1']} on c1), {res['sas_per_second'] or 0:.1f} SAs/s, "
+                f"gw tcpencap connections {res.get('gw_tcp_connections', '-')}, "
+                f"{res.get('gw_kib_per_conn', 0):.1f} KiB/conn"
+            )
+            if "gw_status_error" in res:
+                progress(f"  tcpencap status: {res['gw_status_error']}")
+        except Exception as exc:  # noqa: BLE001
+            res["error"] = f"{type(exc).__name__}: {exc}"
+            progress(f"  scale {n} FAILED: {exc}")
+        if tcp and res.get("established_gw", 0) < n:
+            res["tcpencap_gw_log"] = log_tail(lab.gw.dir / "tcpencap.log")
+            res["tcpencap_c1_log"] = log_tail(lab.clients[0].dir / "tcpencap.log")
+            lab.keep = True
+        try:
+            res["left_after_teardown"] = scale_teardown(lab, n)
+        except Exception as exc:  # noqa: BLE001
+            res["teardown_error"] = str(exc)
+        out.append(res)
+        if tcp and died(lab, res):
+            break
+    return out
+
+
+def died(lab: Lab, res: dict[str, Any]) -> bool:
+    """Record (and say) a tcpencap that is no longer running; keep the lab's logs then."""
+    dead = False
+    for host in (lab.gw, lab.clients[0]):
+        proc = host.tcpencap
+        if proc is not None and not proc.alive():
+            progress(f"  tcpencap_{host.role} DIED (rc {proc.popen.returncode})")
+            res[f"tcpencap_{host.role}_died"] = proc.popen.returncode
+            lab.keep = dead = True
+    return dead
 
 
 def log_tail(path: Path, lines: int = 40) -> list[str]:
@@ -588,39 +726,13 @@ def log_tail(path: Path, lines: int = 40) -> list[str]:
     return bad[-20:] + ["--- tail ---"] + text[-lines:]
 
 
-def run(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    """Both phases in one lab; ``results`` is filled as it goes, so a failure keeps the rest."""
-    results["args"] = {k: v for k, v in vars(args).items() if k != "json"}
-    max_n = max(args.scale) if args.scale else 0
-    with Lab(clients=1, keep=args.keep) as lab:
-        c1, gw = lab.clients[0], lab.gw
-        results["lab_dir"] = str(lab.dir)
-        progress(f"lab {lab.prefix} up in {lab.dir}; starting charon in gw and c1")
-        quiet = "" if args.charon_net_log else QUIET_NET_LOG
-        gw.start_charon(settings=GW_CHARON_SETTINGS + quiet)
-        c1.start_charon(settings=C1_CHARON_SETTINGS + quiet)
-        results["machine"] = machine_info(gw)
-        progress("machine: " + ", ".join(f"{k}={v}" for k, v in results["machine"].items()))
-        gw.charon.load(psk_conf(gw, c1, psk=PSK))
-        c1.charon.load(psk_conf(c1, gw, psk=PSK))
-        check_lab_addrs(c1, gw)
-        if max_n:
-            gw.charon.load(gw_scale_conf(c1, gw))
-            t = time.monotonic()
-            c1.charon.load(client_scale_conf(c1, gw, max_n))
-            progress(f"loaded {max_n} scale connections in c1 in {time.monotonic() - t:.1f}s")
-        srv = gw.spawn(["iperf3", "-s", "--forceflush", "-B", gw.inner4 or ""], "iperf3-server.log")
-        srv.wait_for_log("Server listening", timeout=5)
-
-        progress("== phase udp: plain ESP-in-UDP, no tcpencap ==")
-        c1.charon.initiate(CONN, timeout=15)
-        results["udp"] = measure(lab, args, tcp=False)
-        with contextlib.suppress(CharonError):
-            c1.charon.terminate(CONN, timeout=10)
-
-        progress("== phase tcp: UDP of c1 dropped in fw, RFC 9329 through tcpencap ==")
-        lab.block_udp(c1)
-        listen = [f"{gw.outer4}:4500"]
+def tcpencap_confs(c1: Host, gw: Host, kind: str, datapath: str, max_n: int) -> tuple[str, str]:
+    """tcpencap.conf texts for gw and c1: RFC 9329 ("tcp", with the scale connections) or
+    cTCP ("ctcp", as tests/test_e2e_ctcp.py sets it up: ``ctcp_listen`` on gw,
+    ``encapsulation = ctcp`` on c1's connection); ``datapath = X`` at the top level of
+    both unless ``datapath`` is empty."""
+    extra = f"  datapath = {datapath}" if datapath else ""
+    if kind == "tcp":
         # One client charon opens all N connections from one address at once: lift the
         # per-source and pending limits (internet defaults: 32 and 256) for this bench.
         limit = max(1000, max_n + 100)
@@ -628,19 +740,277 @@ def run(args: argparse.Namespace, results: dict[str, Any]) -> None:
             f"    max_connections = {limit}\n    max_per_source = {limit}\n"
             f"    max_pending = {limit}"
         )
-        gw.start_tcpencap(
-            tcpencap_conf(gw, listen=listen, gateway_extra=gw_extra), log_level=args.log_level
-        )
-        conns = {CONN: 4500} | dict.fromkeys(scale_names(max_n), 4500)
-        c1.start_tcpencap(tcpencap_conf(c1, connections=conns), log_level=args.log_level)
-        c1.charon.initiate(CONN, timeout=15)
-        results["tcp"] = measure(lab, args, tcp=True)
-        results["loadavg_at_end"] = os.getloadavg()
-        if lab.keep:
-            progress(f"logs kept in {lab.dir}")
-    if args.floor:
+        listen = [f"{gw.outer4}:{RFC9329_PORT}"]
+        gw_conf = tcpencap_conf(gw, listen=listen, gateway_extra=gw_extra, extra=extra)
+        conns = {CONN: RFC9329_PORT} | dict.fromkeys(scale_names(max_n), RFC9329_PORT)
+        return gw_conf, tcpencap_conf(c1, connections=conns, extra=extra)
+    gw_extra = f"    ctcp_listen = {gw.outer4}:{CTCP_PORT}"
+    gw_conf = tcpencap_conf(gw, gateway_extra=gw_extra, extra=extra)
+    c1_conf = tcpencap_conf(c1, connections={CONN: CTCP_PORT}, extra=extra)
+    port_line = f"      remote_port = {CTCP_PORT}\n"
+    if port_line not in c1_conf:
+        raise LabError(f"unexpected tcpencap_conf layout:\n{c1_conf}")
+    return gw_conf, c1_conf.replace(port_line, port_line + "      encapsulation = ctcp\n")
+
+
+def start_tcpencap_pair(
+    lab: Lab, args: argparse.Namespace, kind: str, datapath: str, max_n: int
+) -> None:
+    c1, gw = lab.clients[0], lab.gw
+    gw_conf, c1_conf = tcpencap_confs(c1, gw, kind, datapath, max_n)
+    gw.start_tcpencap(gw_conf, log_level=args.log_level)
+    c1.start_tcpencap(c1_conf, log_level=args.log_level)
+    if kind == "ctcp":
+        for h in (gw, c1):
+            if h.tcpencap_status().get("ctcp") is None:
+                raise LabError(f"tcpencap in {h.role} did not start its cTCP service")
+
+
+def stop_tcpencap_pair(lab: Lab) -> None:
+    """Stop every tcpencap this lab started (by its Process, so by the PID we spawned),
+    also one whose start failed half-way; TERM lets it remove its rules and sets."""
+    for proc in lab.processes:
+        if proc.alive() and proc.argv[1:3] == ["-m", "tcpencap"]:
+            proc.stop()
+    for host in (lab.gw, lab.clients[0]):
+        host.tcpencap = None
+
+
+def status_digest(host: Host) -> dict[str, Any]:
+    """What ``tcpencap status`` says about the data path and what went through it."""
+    try:
+        s = host.tcpencap_status()
+    except Exception as exc:  # noqa: BLE001 - a missing fact, not a failed phase
+        return {"error": f"{type(exc).__name__}: {str(exc)[-300:]}"}
+    out = {k: v for k, v in s.items() if "datapath" in k}
+    out |= {k: s.get(k) for k in ("queue", "drops", "ctcp", "flows") if k in s}
+    out["connections"] = len(s.get("connections") or [])
+    # what the daemon said about its data path (a native path that cannot load falls back)
+    log = host.tcpencap.log_text() if host.tcpencap else ""
+    pat = re.compile("datapath|data path|native", re.I)
+    out["datapath_log"] = [ln for ln in log.splitlines() if pat.search(ln)][:5]
+    return out
+
+
+PHASE_TITLES = {
+    "udp": "UDP baseline: ESP-in-UDP charon to charon, nothing blocked, no tcpencap",
+    "tcp": "RFC 9329 over TCP {port} through tcpencap",
+    "ctcp": "Cisco cTCP over TCP {port} through tcpencap",
+    "openvpn": "OpenVPN 2.6 over TCP 1194, TLS, AES-256-GCM, p2p; {mode}",
+    "socat": "no tunnel: iperf3 TCP through socat relays in c1 and gw (fork per connection)",
+}
+
+
+def cpu_account() -> dict[str, float]:
+    """Machine-wide CPU seconds so far, split so that what other jobs used can be told
+    apart: ``busy`` (user + nice + system of /proc/stat; irq and softirq time, mostly the
+    lab's own packets, left out), ``ours`` (this process and every descendant, live or
+    reaped: the whole lab), ``kthreads`` (kernel threads, e.g. ksoftirqd carrying the
+    lab's packets) and ``steal`` (time the hypervisor gave to other VMs)."""
+    cols = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    kthreads = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if not (entry / "cmdline").read_bytes():  # kernel thread (or a zombie)
+                    kthreads += sum(int(f) for f in _stat_fields(int(entry.name))[11:13])
+    return {
+        "busy": sum(cols[0:3]) / CLK_TCK,
+        "steal": (cols[7] if len(cols) > 7 else 0) / CLK_TCK,
+        "kthreads": kthreads / CLK_TCK,
+        "ours": cpu_seconds(os.getpid()),
+    }
+
+
+def others_per_second(before: dict[str, float], after: dict[str, float], wall: float) -> float:
+    """CPU seconds per second that processes outside this benchmark used in between."""
+    d = {k: after[k] - before[k] for k in before}
+    return max(0.0, d["busy"] - d["ours"] - d["kthreads"]) / wall if wall > 0 else 0.0
+
+
+@contextlib.contextmanager
+def phase(
+    lab: Lab,
+    results: dict[str, Any],
+    label: str,
+    kind: str,
+    title: str,
+    datapath: str | None = None,
+) -> Iterator[dict[str, Any]]:
+    """One phase's result dict; a failure inside is recorded and the run goes on. Records
+    the phase's wall time and how much CPU other processes used meanwhile."""
+    r: dict[str, Any] = {"kind": kind, "title": title}
+    if datapath is not None:
+        r["datapath"] = datapath or "(not set)"
+    r["loadavg_at_start"] = list(os.getloadavg())
+    results["phases"][label] = r
+    progress(f"== phase {label}: {title} (load {r['loadavg_at_start'][0]:.2f}) ==")
+    before, t0 = cpu_account(), time.monotonic()
+    try:
+        yield r
+    except Exception as exc:  # noqa: BLE001 - the next phase still runs
+        r["error"] = f"{type(exc).__name__}: {str(exc)[:3000]}"
+        progress(f"  phase {label} FAILED: {str(exc)[:2000]}")
+    finally:
+        wall = time.monotonic() - t0
+        after = cpu_account()
+        others = others_per_second(before, after, wall)
+        r["seconds"] = round(wall, 1)
+        r["cpu_account_s"] = {k: round(after[k] - before[k], 2) for k in before}
+        r["others_cpu_per_second"] = round(others, 3)
+        r["steal_per_second"] = round((after["steal"] - before["steal"]) / wall, 3) if wall else 0
+        if others > BUSY:
+            progress(f"  machine busy: other processes used {others:.2f} CPU/s meanwhile")
+
+
+def ipsec_phase(
+    lab: Lab,
+    args: argparse.Namespace,
+    results: dict[str, Any],
+    kind: str,
+    datapath: str,
+    max_n: int,
+) -> None:
+    """One phase of the strongSwan tunnel: "udp" (no tcpencap), "tcp" or "ctcp"."""
+    c1 = lab.clients[0]
+    assert c1.charon
+    label = kind if kind == "udp" else ("rfc9329" if kind == "tcp" else "ctcp")
+    title = PHASE_TITLES[kind].format(port=RFC9329_PORT if kind == "tcp" else CTCP_PORT)
+    if datapath:
+        label, title = f"{label}/{datapath}", f"{title}, datapath = {datapath}"
+    elif kind != "udp":
+        title += ", no datapath key"
+    with phase(lab, results, label, kind, title, None if kind == "udp" else datapath) as r:
+        try:
+            if kind != "udp":
+                start_tcpencap_pair(lab, args, kind, datapath, max_n)
+            c1.charon.initiate(CONN, timeout=15)
+            what = {"ping", "flood", "setup"}
+            if args.scale and (kind == "tcp" or (kind == "udp" and args.udp_scale)):
+                what.add("scale")
+            measure(lab, args, label, r, watched_pids(lab, kind != "udp"), what)
+            if kind != "udp":
+                r["tcpencap_status"] = {h.role: status_digest(h) for h in (c1, lab.gw)}
+                died(lab, r)
+        finally:
+            with contextlib.suppress(CharonError):
+                c1.charon.terminate(CONN, timeout=10)
+            stop_tcpencap_pair(lab)
+
+
+def openvpn_phase(
+    lab: Lab, args: argparse.Namespace, results: dict[str, Any], nodelay: bool
+) -> None:
+    """OpenVPN over TCP between c1 and gw (the IPsec tunnel is down), same iperf3 and ping
+    as the IPsec phases: bench/openvpn_lab.py routes gw.inner4 through its tun device."""
+    label = "openvpn/nodelay" if nodelay else "openvpn"
+    mode = "--tcp-nodelay on both ends" if nodelay else "defaults (Nagle on)"
+    title = PHASE_TITLES["openvpn"].format(mode=mode)
+    with phase(lab, results, label, "openvpn", title) as r:
+        pair = OpenVpnPair(lab, nodelay)
+        try:
+            r["openvpn"] = pair.start()
+            measure(lab, args, label, r, pair.pids(), {"ping"})
+            for key, proc in pair.procs.items():
+                if not proc.alive():
+                    r[f"{key}_died"] = proc.popen.returncode
+                    lab.keep = True
+        finally:
+            pair.stop()
+
+
+def start_relays(lab: Lab) -> dict[str, Process]:
+    """socat in gw (gw.outer4:RELAY_PORT -> iperf3 on gw.inner4) and in c1 (c1.inner4:
+    RELAY_PORT -> gw's relay): one user-space hop per side, as tcpencap has, in C and
+    doing nothing else; nodelay on the hop between the hosts, as tcpencap sets it."""
+    c1, gw = lab.clients[0], lab.gw
+    relays = {}
+    listen = f"TCP-LISTEN:{RELAY_PORT},reuseaddr,fork"
+    relays["socat_gw"] = gw.spawn(
+        [
+            "socat",
+            "-d",
+            "-d",
+            f"{listen},bind={gw.outer4},nodelay",
+            f"TCP:{gw.inner4}:{IPERF_PORT}",
+        ],
+        "socat-gw.log",
+    )
+    relays["socat_c1"] = c1.spawn(
+        [
+            "socat",
+            "-d",
+            "-d",
+            f"{listen},bind={c1.inner4}",
+            f"TCP:{gw.outer4}:{RELAY_PORT},nodelay",
+        ],
+        "socat-c1.log",
+    )
+    for proc in relays.values():
+        proc.wait_for_log("listening on", timeout=5)
+    return relays
+
+
+def socat_phase(lab: Lab, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    label = "socat"
+    with phase(lab, results, label, "socat", PHASE_TITLES["socat"]) as r:
+        relays: dict[str, Process] = {}
+        try:
+            relays = start_relays(lab)
+            pids = {k: p.pid for k, p in relays.items()}
+            dst = lab.clients[0].inner4
+            measure(lab, args, label, r, pids, set(), dst, RELAY_PORT, forking=True)
+        finally:
+            for proc in relays.values():
+                proc.stop()
+
+
+def run(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """All phases in one lab; ``results`` is filled as it goes, so a failure keeps the rest."""
+    results["args"] = {k: v for k, v in vars(args).items() if k != "json"}
+    results["phases"] = {}
+    lab_phases = [p for p in PHASES if p in args.phases and p != "floor"]
+    scaled = "tcp" in lab_phases or ("udp" in lab_phases and args.udp_scale)
+    max_n = max(args.scale) if args.scale and scaled else 0
+    if lab_phases:
+        with Lab(clients=1, keep=args.keep) as lab:
+            c1, gw = lab.clients[0], lab.gw
+            results["lab_dir"] = str(lab.dir)
+            progress(f"lab {lab.prefix} up in {lab.dir}; starting charon in gw and c1")
+            quiet = "" if args.charon_net_log else QUIET_NET_LOG
+            gw.start_charon(settings=GW_CHARON_SETTINGS + quiet)
+            c1.start_charon(settings=C1_CHARON_SETTINGS + quiet)
+            results["machine"] = machine_info(gw)
+            progress("machine: " + ", ".join(f"{k}={v}" for k, v in results["machine"].items()))
+            gw.charon.load(psk_conf(gw, c1, psk=PSK))
+            c1.charon.load(psk_conf(c1, gw, psk=PSK))
+            check_lab_addrs(c1, gw)
+            if max_n:
+                gw.charon.load(gw_scale_conf(c1, gw))
+                t = time.monotonic()
+                c1.charon.load(client_scale_conf(c1, gw, max_n))
+                progress(f"loaded {max_n} scale connections in c1 in {time.monotonic() - t:.1f}s")
+            start_iperf_server(gw)
+
+            if "udp" in lab_phases:
+                ipsec_phase(lab, args, results, "udp", "", max_n)
+            lab.block_udp(c1)  # from here on, as in a hotel network
+            for kind in ("tcp", "ctcp"):
+                if kind in lab_phases:
+                    for datapath in args.datapath:
+                        ipsec_phase(lab, args, results, kind, datapath, max_n)
+            if "openvpn" in lab_phases:
+                for nodelay in (False, True):
+                    openvpn_phase(lab, args, results, nodelay)
+            if "socat" in lab_phases:
+                socat_phase(lab, args, results)
+            results["loadavg_at_end"] = os.getloadavg()
+            if lab.keep:
+                progress(f"logs kept in {lab.dir}")
+    if "floor" in args.phases:
         progress(f"== hop floor: UDP echo direct and via relay pairs, {args.pings} probes ==")
         step(results, "floor", lambda: measure_floor(args.pings, args.ping_interval))
+    results.setdefault("loadavg_at_end", os.getloadavg())
 
 
 # --- report -------------------------------------------------------------------------------
@@ -658,92 +1028,278 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def report(res: dict[str, Any]) -> str:
-    u, t = res.get("udp", {}), res.get("tcp", {})
-    rows: list[tuple[str, str, str, str]] = []
+def _cmp(a: float | None, b: float | None, kind: str, spec: str) -> str:
+    """``b`` against the baseline ``a``: xRATIO, or +DIFF and xRATIO ("diff")."""
+    if a is None or b is None:
+        return "-"
+    ratio = f"x{b / a:.2f}" if a else ""
+    return ratio if kind == "ratio" else f"{b - a:+{spec}} {ratio}".strip()
 
-    def ratio(path: tuple[Any, ...], scale: float, spec: str, label: str, kind: str) -> None:
+
+def _cpu(phase: dict[str, Any], streams: int, proc: str) -> float | None:
+    return _get(phase, f"tcp_{streams}", "cpu_seconds_per_gb", proc)
+
+
+def _cpu_sum(phase: dict[str, Any], streams: int, pred: Callable[[str], bool]) -> float | None:
+    """Sum of the CPU s/GB of the phase's processes that ``pred`` selects; None if none."""
+    per = _get(phase, f"tcp_{streams}", "cpu_seconds_per_gb") or {}
+    vals = [v for k, v in per.items() if pred(k)]
+    return sum(vals) if vals and None not in vals else None
+
+
+def _cpu_procs(phase: dict[str, Any]) -> list[str]:
+    keys: dict[str, None] = {}
+    for s in (1, 4):
+        keys |= dict.fromkeys(_get(phase, f"tcp_{s}", "cpu_seconds_per_gb") or {})
+    return list(keys)
+
+
+Row = tuple[str, str, str, str]
+
+
+def phase_rows(u: dict[str, Any], t: dict[str, Any]) -> list[Row]:
+    """The rows of one phase against the UDP baseline ``u``: (metric, UDP, phase, vs UDP).
+    A metric the phase did not measure has no row."""
+    rows: list[Row] = []
+
+    def add(path: tuple[Any, ...], scale: float, spec: str, label: str, kind: str) -> None:
         a, b = _get(u, *path), _get(t, *path)
+        if b is None:
+            return
         a2 = a * scale if a is not None else None
-        b2 = b * scale if b is not None else None
-        cmp = "-"
-        if a2 is not None and b2 is not None:
-            cmp = f"x{b2 / a2:.2f}" if kind == "ratio" and a2 else f"{b2 - a2:+{spec}}"
-        rows.append((label, _fmt(a2, spec), _fmt(b2, spec), cmp))
+        rows.append((label, _fmt(a2, spec), _fmt(b * scale, spec), _cmp(a2, b * scale, kind, spec)))
 
-    for s in (1, 4):
-        ratio((f"tcp_{s}", "bits_per_second"), 1e-9, ".3f", f"TCP {s} stream(s) Gbit/s", "ratio")
-    ratio(("ping", "median_ms"), 1, ".3f", "ping RTT median ms", "diff")
-    ratio(("ping", "p99_ms"), 1, ".3f", "ping RTT p99 ms", "diff")
-    floor = res.get("floor") or {}
-    for key, label in (("socat", "C relays (socat)"), ("asyncio", "asyncio relays")):
-        if "added_ms" in floor.get(key, {}):
-            added = f"{floor[key]['added_ms']:+.3f}"
-            rows.append((f"hop floor: RTT added by {label}", "", "", added))
-    ratio(("flood", "received_pps"), 1, ".0f", "UDP flood received pkt/s", "ratio")
-    ratio(("flood", "loss_percent"), 1, ".1f", "UDP flood loss %", "diff")
-    for s in (1, 4):
-        for proc in ("charon_c1", "charon_gw", "tcpencap_c1", "tcpencap_gw"):
-            ratio((f"tcp_{s}", "cpu_seconds_per_gb", proc), 1, ".2f", f"CPU s/GB {proc} P{s}", "-")
-            rows[-1] = (*rows[-1][:3], "")
-    ratio(("setup", "median_s"), 1e3, ".1f", "IKE+CHILD set-up median ms", "diff")
-    for i, sc in enumerate(t.get("scale", [])):
-        us = (u.get("scale") or [{}] * (i + 1))[i] if i < len(u.get("scale", [])) else {}
+    def pair(label: str, get: Callable[[dict[str, Any], int], float | None]) -> None:
+        a, b = [get(u, s) for s in (1, 4)], [get(t, s) for s in (1, 4)]
+        if b == [None, None]:
+            return
+        cells = [" / ".join(_fmt(x, ".2f") for x in v) for v in (a, b)]
+        cmps = " / ".join(_cmp(x, y, "ratio", ".2f") for x, y in zip(a, b, strict=True))
+        rows.append((label, cells[0], cells[1], cmps))
+
+    add(("tcp_1", "bits_per_second"), 1e-9, ".3f", "TCP 1 stream Gbit/s", "ratio")
+    add(("tcp_4", "bits_per_second"), 1e-9, ".3f", "TCP 4 streams Gbit/s", "ratio")
+    add(("ping", "median_ms"), 1, ".3f", "ping RTT median ms", "diff")
+    add(("ping", "p99_ms"), 1, ".3f", "ping RTT p99 ms", "diff")
+    add(("flood", "received_pps"), 1, ".0f", "UDP flood received pkt/s", "ratio")
+    add(("flood", "loss_percent"), 1, ".1f", "UDP flood loss %", "diff")
+    add(("flood", "receiver_seconds"), 1, ".1f", "UDP flood receiver span s", "diff")
+    add(("flood", "received_pps_receiver_span"), 1, ".0f", "  pkt/s over receiver span", "ratio")
+    for proc in _cpu_procs(t):
+        pair(f"CPU s/GB {proc} (P1 / P4)", lambda ph, s, p=proc: _cpu(ph, s, p))
+    for side in ("c1", "gw"):
+        pair(
+            f"CPU s/GB all of {side} (P1 / P4)",
+            lambda ph, s, sd=side: _cpu_sum(ph, s, lambda k: k.endswith("_" + sd)),
+        )
+    pair("CPU s/GB both sides (P1 / P4)", lambda ph, s: _cpu_sum(ph, s, lambda k: True))
+    add(("setup", "median_s"), 1e3, ".1f", "IKE+CHILD set-up median ms", "diff")
+    uscale = u.get("scale") or []
+    for i, sc in enumerate(t.get("scale") or []):
+        us = uscale[i] if i < len(uscale) and uscale[i].get("n") == sc.get("n") else {}
         n = sc.get("n")
-        rows.append(
-            (
-                f"scale N={n} established (gw)",
-                _fmt(us.get("established_gw"), "d"),
-                _fmt(sc.get("established_gw"), "d"),
-                "",
-            )
-        )
-        rows.append(
-            (
-                f"scale N={n} set-up SAs/s",
-                _fmt(us.get("sas_per_second"), ".1f"),
-                _fmt(sc.get("sas_per_second"), ".1f"),
-                "",
-            )
-        )
-        before, after = sc.get("gw_rss_before_kib"), sc.get("gw_rss_after_kib")
-        rss = f"{_fmt(before, 'd')} -> {_fmt(after, 'd')}"
+        for key, spec, what in (
+            ("established_gw", "d", "established (gw)"),
+            ("sas_per_second", ".1f", "set-up SAs/s"),
+        ):
+            a, b = us.get(key), sc.get(key)
+            cmp = _cmp(a, b, "ratio", spec) if key == "sas_per_second" else ""
+            rows.append((f"scale N={n} {what}", _fmt(a, spec), _fmt(b, spec), cmp))
+        rss = f"{_fmt(sc.get('gw_rss_before_kib'), 'd')} -> {_fmt(sc.get('gw_rss_after_kib'), 'd')}"
         rows.append((f"scale N={n} gw tcpencap RSS KiB", "", rss, ""))
         rows.append(
             (f"scale N={n} gw KiB/connection", "", _fmt(sc.get("gw_kib_per_conn"), ".1f"), "")
         )
-        rows.append(
-            (
-                f"scale N={n} gw tcpencap connections",
-                "",
-                _fmt(sc.get("gw_tcp_connections"), "d"),
-                "",
-            )
+        conns = _fmt(sc.get("gw_tcp_connections"), "d")
+        rows.append((f"scale N={n} gw tcpencap connections", "", conns, ""))
+    return rows
+
+
+def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """Left-aligned first column, the others right-aligned, widths from the content."""
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+
+    def line(r: tuple[str, ...]) -> str:
+        cells = [r[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)
+        ]
+        return "  ".join(cells).rstrip()
+
+    out = [line(header), "-" * len(line(header))]
+    return out + [line(r) for r in rows]
+
+
+def short(label: str) -> str:
+    """A phase's label as the report prints it: UDP, RFC9329/native, cTCP/python, ..."""
+    if label in ("udp", "socat"):
+        return {"udp": "UDP", "socat": "socat relays"}[label]
+    kind, _, rest = label.partition("/")
+    name = {"rfc9329": "RFC9329", "ctcp": "cTCP", "openvpn": "OpenVPN"}.get(kind, kind)
+    return f"{name}/{rest}" if rest else name
+
+
+def _is_relay(proc: str, side: str) -> bool:
+    """tcpencap, openvpn or socat on ``side`` ("_c1", "_gw"): not charon."""
+    return proc.endswith(side) and not proc.startswith("charon")
+
+
+def summary_rows(phases: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One line per phase: throughput, RTT and CPU per GB next to the UDP baseline."""
+    u = phases.get("udp", {})
+    rows = []
+    for label, t in phases.items():
+        cells = [short(label) + (" FAILED" if "error" in t else "")]
+        for s in (1, 4):
+            a, b = _get(u, f"tcp_{s}", "bits_per_second"), _get(t, f"tcp_{s}", "bits_per_second")
+            cmp = "" if label == "udp" or a is None else " " + _cmp(a, b, "ratio", ".3f")
+            cells.append("-" if b is None else f"{b / 1e9:.3f}{cmp}")
+        a, b = _get(u, "ping", "median_ms"), _get(t, "ping", "median_ms")
+        cmp = "" if label == "udp" or a is None else f" ({_cmp(a, b, 'diff', '.2f')})"
+        cells.append("-" if b is None else f"{b:.2f}{cmp}")
+        for s in (1, 4):
+            relay = [_cpu_sum(t, s, lambda k, sd=sd: _is_relay(k, sd)) for sd in ("_c1", "_gw")]
+            cells.append(" / ".join(_fmt(x, ".2f") for x in relay) if relay != [None] * 2 else "-")
+        for s in (1, 4):
+            a, b = _cpu_sum(u, s, lambda k: True), _cpu_sum(t, s, lambda k: True)
+            cmp = "" if label == "udp" or a is None else " " + _cmp(a, b, "ratio", ".2f")
+            cells.append("-" if b is None else f"{b:.2f}{cmp}")
+        rows.append(tuple(cells))
+    return rows
+
+
+def conditions(phase: dict[str, Any]) -> str:
+    """Load average at the phase's start and other processes' CPU use during it."""
+    load = (phase.get("loadavg_at_start") or [None])[0]
+    others = phase.get("others_cpu_per_second")
+    flag = " BUSY" if (others or 0) > BUSY else ""
+    return f"load {_fmt(load, '.2f')}, others {_fmt(others, '.2f')} CPU/s{flag}"
+
+
+def relay_rows(phases: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Each phase's user-space relay (tcpencap, openvpn) per side and stream count, with
+    its ratio to socat's in the same run."""
+    floor = phases.get("socat", {})
+    rows = []
+    for label, t in phases.items():
+        procs = [k for k in _cpu_procs(t) if not k.startswith("charon")]
+        if not procs:
+            continue
+        cells = [short(label), procs[0].rsplit("_", 1)[0]]
+        for s in (1, 4):
+            for side in ("_c1", "_gw"):
+                v = _cpu_sum(t, s, lambda k, sd=side: _is_relay(k, sd))
+                f = _cpu_sum(floor, s, lambda k, sd=side: _is_relay(k, sd))
+                cmp = f" x{v / f:.1f}" if v is not None and f and label != "socat" else ""
+                cells.append(f"{_fmt(v, '.2f')}{cmp}")
+        rows.append(tuple(cells))
+    return rows
+
+
+def report(res: dict[str, Any]) -> str:
+    phases: dict[str, Any] = res.get("phases", {})
+    u = phases.get("udp", {})
+    lines: list[str] = []
+    for label, t in phases.items():
+        if label == "udp":
+            continue
+        lines += ["", f"== {short(label)}: {t.get('title', '')} =="]
+        lines.append(conditions(t) + "; UDP baseline: " + (conditions(u) if u else "not run"))
+        rows = phase_rows(u, t)
+        st = t.get("tcpencap_status") or {}
+        used = [f"{h} {st[h]['datapath']}" for h in ("c1", "gw") if "datapath" in st.get(h, {})]
+        if used:
+            lines.append("data path in effect (tcpencap status): " + ", ".join(used))
+        if rows:
+            lines += table(("metric", "UDP baseline", short(label), "vs UDP"), rows)
+        if "error" in t:
+            lines.append(f"phase FAILED: {t['error'][:500]}")
+    floor = res.get("floor") or {}
+    if "direct" in floor:
+        lines += [
+            "",
+            "== hop floor: UDP echo RTT, direct and through relay pairs (hop_floor.py) ==",
+        ]
+        rows = [("direct UDP echo median ms", _fmt(floor["direct"].get("median_ms"), ".3f"), "")]
+        for key, name in (("socat", "C relays (socat)"), ("asyncio", "asyncio relays")):
+            if key in floor:
+                added = _fmt(floor[key].get("added_ms"), "+.3f")
+                rows.append(
+                    (f"via {name} median ms", _fmt(floor[key].get("median_ms"), ".3f"), added)
+                )
+        lines += table(("metric", "value", "added"), rows)
+    if phases:
+        lines += ["", "== summary: each figure beside this run's UDP baseline =="]
+        header = (
+            "phase",
+            "P1 Gbit/s",
+            "P4 Gbit/s",
+            "ping median ms",
+            "relay s/GB P1 c1 / gw",
+            "P4 c1 / gw",
+            "all s/GB P1",
+            "all P4",
         )
-    w = max(len(r[0]) for r in rows)
-    lines = [f"{'metric':<{w}}  {'UDP':>14}  {'RFC9329/TCP':>20}  {'TCP vs UDP':>10}"]
-    lines.append("-" * len(lines[0]))
-    lines += [f"{a:<{w}}  {b:>14}  {c:>20}  {d:>10}" for a, b, c, d in rows]
-    errs = [
-        f"{phase}.{k}: {v['error']}"
-        for phase in ("udp", "tcp")
-        for k, v in res.get(phase, {}).items()
-        if isinstance(v, dict) and "error" in v
-    ]
-    errs += [
-        f"{phase}.scale N={sc.get('n')}: {sc['error']}"
-        for phase in ("udp", "tcp")
-        for sc in res.get(phase, {}).get("scale", [])
-        if "error" in sc
-    ]
+        lines += table(header, summary_rows(phases))
+        lines.append(
+            "P1/P4: iperf3 TCP with 1/4 streams; relay = CPU s/GB of tcpencap, openvpn or socat "
+            "per side; all = of every watched process of both sides, charon included"
+        )
+        relay = relay_rows(phases)
+        if relay:
+            lines += ["", "== user-space relay CPU s/GB per side, against socat's (the C floor) =="]
+            header = ("phase", "relay", "c1 P1", "gw P1", "c1 P4", "gw P4")
+            lines += table(header, relay)
+        busy = [
+            f"{short(k)} {v['others_cpu_per_second']:.2f}"
+            for k, v in phases.items()
+            if (v.get("others_cpu_per_second") or 0) > BUSY
+        ]
+        if busy:
+            lines += [
+                "",
+                "machine busy (CPU/s used by processes outside this lab): " + ", ".join(busy),
+            ]
+    errs = []
+    for label, t in phases.items():
+        if "error" in t:
+            errs.append(f"{label}: phase FAILED: {t['error'].splitlines()[-1][:300]}")
+        for k, v in t.items():
+            if isinstance(v, dict) and "error" in v:
+                errs.append(f"{label}.{k}: {v['error'][:300]}")
+        errs += [
+            f"{label}.scale N={sc.get('n')}: {sc['error']}"
+            for sc in t.get("scale") or []
+            if "error" in sc
+        ]
+    if isinstance(res.get("floor"), dict) and "error" in res["floor"]:
+        errs.append(f"floor: {res['floor']['error']}")
     if errs:
         lines += ["", "errors:", *("  " + e for e in errs)]
     return "\n".join(lines)
 
 
+def parse_list(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if x not in allowed]
+    if bad:
+        raise SystemExit(f"bench_lab: unknown {what} {', '.join(bad)} (use {', '.join(allowed)})")
+    return items
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=10, help="seconds per iperf3 TCP run")
+    ap.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help=f"comma-separated subset of {','.join(PHASES)} (always run in that order)",
+    )
+    ap.add_argument(
+        "--datapath",
+        default="native,python",
+        help="tcpencap datapath values for the tcp and ctcp phases, one phase each; "
+        "'' writes no datapath key (one phase each)",
+    )
     ap.add_argument("--scale", default="100", help="comma-separated N for the scale test")
     ap.add_argument("--scale-budget", type=float, default=180, help="max seconds per N")
     ap.add_argument("--no-udp-scale", dest="udp_scale", action="store_false",
@@ -753,7 +1309,8 @@ def main(argv: list[str] | None = None) -> int:
         "--no-floor",
         dest="floor",
         action="store_false",
-        help="skip the hop floor (bench/hop_floor.py; needs socat)",
+        help="skip the hop floor (bench/hop_floor.py; needs socat); same as leaving it out of "
+        "--phases",
     )
     ap.add_argument("--ping-interval", type=float, default=0.01)
     ap.add_argument("--flood-time", type=float, default=5)
@@ -767,6 +1324,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the lab directory (logs)")
     args = ap.parse_args(argv)
     args.scale = [int(x) for x in args.scale.split(",") if x.strip()]
+    args.phases = parse_list(args.phases, PHASES, "phase")
+    if not args.floor and "floor" in args.phases:
+        args.phases.remove("floor")
+    args.datapath = parse_list(args.datapath, DATAPATHS, "datapath") or [""]
     if os.geteuid() != 0:
         print("bench_lab: needs root (network namespaces)", file=sys.stderr)
         return 2
@@ -779,13 +1340,17 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         rc = 130 if isinstance(exc, KeyboardInterrupt) else 1
     results.setdefault("machine", machine_info(None))
+    results["elapsed_s"] = round(time.monotonic() - T0, 1)
     print()
     m = results["machine"]
     print(
         f"machine: {m['nproc']} x {m['cpu_model']}, kernel {m['kernel']}, {m['strongswan']}, "
         f"Python {m['python']}, {m.get('iperf3', '?')}"
     )
-    print(f"load average at start {m.get('loadavg_at_start')}, end {results.get('loadavg_at_end')}")
+    print(
+        f"load average at start {m.get('loadavg_at_start')}, end {results.get('loadavg_at_end')};"
+        f" {results['elapsed_s']} s"
+    )
     print(report(results))
     Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"\nresults written to {args.json}")

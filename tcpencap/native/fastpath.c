@@ -478,15 +478,13 @@ done:
     return res;
 }
 
-/* After NeedData nothing but a partial frame is left: keep an idle connection small. */
+/* After NeedData nothing but a partial frame is left; when nothing is, the buffer goes, so
+   an idle connection holds no receive memory (the next read allocates again). */
 static void
 deframer_settle(Deframer *d)
 {
-    if (d->pos >= d->len) {
-        d->pos = d->len = 0;
-        if (d->cap > 16384)
-            deframer_drop_buffer(d);
-    }
+    if (d->pos >= d->len)
+        deframer_drop_buffer(d);
 }
 
 static PyObject *
@@ -802,7 +800,7 @@ writer_room(TcpWriter *w, size_t n)
         if (w->len + n <= w->cap)
             return 0;
     }
-    size_t ncap = w->cap ? w->cap : 16384;
+    size_t ncap = w->cap ? w->cap : 4096;
     while (ncap < w->len + n)
         ncap *= 2;
     uint8_t *nb = PyMem_Realloc(w->buf, ncap);
@@ -857,12 +855,10 @@ writer_flush(TcpWriter *w)
         w->pos = w->len = 0;
         return;
     }
-    w->pos = w->len = 0;
-    if (w->cap > (1u << 20)) { /* a burst is over */
-        PyMem_Free(w->buf);
-        w->buf = NULL;
-        w->cap = 0;
-    }
+    /* all sent: an idle connection keeps no send memory */
+    PyMem_Free(w->buf);
+    w->buf = NULL;
+    w->pos = w->len = w->cap = 0;
 }
 
 static int
@@ -904,14 +900,35 @@ TcpWriter_write(TcpWriter *w, PyObject *args)
         PyBuffer_Release(&view);
         Py_RETURN_FALSE;
     }
-    if (writer_room(w, (size_t)view.len) < 0) {
-        PyBuffer_Release(&view);
-        return PyErr_NoMemory();
+    const uint8_t *src = view.buf;
+    size_t n = (size_t)view.len;
+    if (w->pos == w->len && w->fd >= 0 && !w->collect) {
+        /* nothing queued: send straight from the caller's bytes, queue only the rest */
+        while (n) {
+            ssize_t r = send(w->fd, src, n, MSG_DONTWAIT | MSG_NOSIGNAL);
+            if (r > 0) {
+                src += r;
+                n -= (size_t)r;
+            } else if (r < 0 && errno == EINTR) {
+                continue;
+            } else {
+                if (!(r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)))
+                    w->error = r < 0 ? errno : EPIPE;
+                break;
+            }
+        }
+        if (w->error)
+            n = 0;
     }
-    memcpy(w->buf + w->len, view.buf, (size_t)view.len);
-    w->len += (size_t)view.len;
+    if (n) {
+        if (writer_room(w, n) < 0) {
+            PyBuffer_Release(&view);
+            return PyErr_NoMemory();
+        }
+        memcpy(w->buf + w->len, src, n);
+        w->len += n;
+    }
     PyBuffer_Release(&view);
-    writer_flush(w);
     Py_RETURN_TRUE;
 }
 
