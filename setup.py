@@ -10,7 +10,8 @@ setup(
         Extension(
             "tcpencap.native._fastpath",
             ["tcpencap/native/fastpath.c"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-pthread"],
+            extra_link_args=["-pthread"],
             optional=True,
         )
     ]

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -34,11 +35,12 @@ class QueueReader:
     writes, e.g. one TCP send per connection instead of one per packet.
 
     With ``flows`` (a callable giving tcpencap.native's FlowCache, valid at the moment of
-    the call: the engine clears it when its table changed) the socket is read by the native path
-    instead, which writes the packets it knows to their connections' TcpWriters and gives
-    the batch verdict itself. Only the rest reaches Python: ``on_native_batch(misses,
-    hits)`` (hits: framed for a connection without writer) and ``on_stalled(conn_ids)``
-    (writers with octets the socket did not take). libnetfilter_queue binds the queue.
+    the call: the engine clears it when its table changed) the socket is read by the native
+    path instead (with ``native``, the extension, by a QueueWorker on a thread of its own).
+    It writes the packets it knows to their connections' TcpWriters and gives the batch
+    verdict itself. Only the rest reaches Python: ``on_native_batch(misses, hits)`` (hits:
+    framed for a connection without writer) and ``on_stalled(conn_ids)`` (writers with
+    octets the socket did not take). libnetfilter_queue binds the queue.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class QueueReader:
         flows: Callable[[], Any] | None = None,
         on_native_batch: Callable[[list[bytes], list[tuple[int, bytes, int]]], None] | None = None,
         on_stalled: Callable[[list[int]], None] | None = None,
+        native: Any = None,
     ) -> None:
         self.num = num
         self._handler = handler
@@ -57,6 +60,9 @@ class QueueReader:
         self._flows = flows if on_native_batch is not None else None
         self._on_native_batch = on_native_batch
         self._on_stalled = on_stalled
+        self._native = native  # with flows: read by a QueueWorker thread, not by the loop
+        self._worker: Any = None
+        self._thread: threading.Thread | None = None
         self.overruns = 0  # the kernel dropped queued packets (ENOBUFS on the socket)
         self.batches = 0
         self._nfq = NetfilterQueue()
@@ -83,7 +89,25 @@ class QueueReader:
         fd = self._nfq.get_fd()
         self._sock = socket.socket(fileno=os.dup(fd))
         self._loop = loop
+        if self._flows is not None and self._native is not None:
+            self._worker = self._native.QueueWorker(self._flows(), fd, self.num)
+            self._thread = threading.Thread(
+                target=self._run_worker, name=f"queue-{self.num}", daemon=True
+            )
+            self._thread.start()
+            return
         loop.add_reader(fd, self._on_readable)
+
+    @property
+    def threaded(self) -> bool:
+        return self._thread is not None
+
+    def stats(self) -> dict[str, int]:
+        """packets and reads, from whichever reads the queue."""
+        if self._worker is not None:
+            st = self._worker.stats()
+            return {"packets": st["packets"], "reads": st["reads"]}
+        return {"packets": self.packets, "reads": self.batches}
 
     def _on_readable(self) -> None:
         self.batches += 1
@@ -103,40 +127,58 @@ class QueueReader:
             self._settle()
 
     def _read_native(self) -> None:
-        assert self._flows is not None and self._on_native_batch is not None
+        assert self._flows is not None
         fd = self._nfq.get_fd()
         for _ in range(NATIVE_ROUNDS):
-            flows = self._flows()
-            last_id, n, misses, hits, overruns, stalled, verdict_errno = flows.read_queue(
-                fd, self.num
-            )
-            if overruns:
-                self.overruns += overruns
-                log.warning("queue %d: the kernel dropped queued packets (socket full)", self.num)
-            if last_id < 0:
+            result = self._flows().read_queue(fd, self.num)
+            if result[0] < 0:
                 return
-            self.packets += n
-            try:
-                if stalled and self._on_stalled is not None:
-                    self._on_stalled(stalled)
-                if misses or hits:
+            self.packets += result[1]
+            self._handle_round(result)
+            if result[1] < NATIVE_BATCH:
+                return
+
+    def _run_worker(self) -> None:
+        """The worker thread: reads the queue in C until stop()."""
+        assert self._worker is not None
+        try:
+            self._worker.run(self._deliver)
+        except Exception:
+            log.exception("queue %d: the reader thread failed", self.num)
+            self.errors += 1
+
+    def _deliver(self, result: tuple[Any, ...]) -> None:
+        """On the worker thread: what Python must see goes to the event loop."""
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._handle_round, result)
+
+    def _handle_round(self, result: tuple[Any, ...]) -> None:
+        """One read's leftovers, on the event loop: stalled writers, misses, a verdict that
+        C could not send."""
+        last_id, _n, misses, hits, overruns, stalled, verdict_errno = result
+        if overruns:
+            self.overruns += overruns
+            log.warning("queue %d: the kernel dropped queued packets (socket full)", self.num)
+        try:
+            if stalled and self._on_stalled is not None:
+                self._on_stalled(stalled)
+            if (misses or hits) and self._on_native_batch is not None:
+                if self._on_batch is not None:
+                    self._on_batch(True)
+                try:
+                    self._on_native_batch(misses, hits)
+                finally:
                     if self._on_batch is not None:
-                        self._on_batch(True)
-                    try:
-                        self._on_native_batch(misses, hits)
-                    finally:
-                        if self._on_batch is not None:
-                            self._on_batch(False)
-            except Exception:  # a bug in one batch's path must not stop the queue
-                self.errors += 1
-                log.exception("error handling queued packets")
-            if verdict_errno:
-                self.verdict_errors += 1
-                log.warning("queue %d: batch verdict failed (%s), again from Python", self.num,
-                            os.strerror(verdict_errno))  # fmt: skip
-                self._verdict(last_id)
-            if n < NATIVE_BATCH:
-                return
+                        self._on_batch(False)
+        except Exception:  # a bug in one batch's path must not stop the queue
+            self.errors += 1
+            log.exception("error handling queued packets")
+        if verdict_errno:
+            self.verdict_errors += 1
+            log.warning("queue %d: batch verdict failed (%s), again from Python", self.num,
+                        os.strerror(verdict_errno))  # fmt: skip
+            self._verdict(last_id)
 
     def _verdict(self, last_id: int) -> None:
         self._seq += 1
@@ -173,9 +215,16 @@ class QueueReader:
                 log.warning("queue %d: verdict for packet failed: %s", self.num, exc)
 
     def stop(self) -> None:
-        if self._loop is not None:
+        if self._worker is not None:
+            self._worker.stop()  # run() sees it within its 0.2 s poll
+            if self._thread is not None:
+                self._thread.join(2.0)
+                if self._thread.is_alive():
+                    log.warning("queue %d: the reader thread did not stop", self.num)
+            self._worker = self._thread = None
+        elif self._loop is not None:
             self._loop.remove_reader(self._nfq.get_fd())
-            self._loop = None
+        self._loop = None
         if self._sock is not None:
             self._sock.close()
             self._sock = None

@@ -69,10 +69,12 @@ class SteeringRules:
         self,
         queue_num: int,
         *,
+        queues: int = 1,
         chain: str = DEFAULT_CHAIN,
         ike_ports: Iterable[int] = (500, 4500),
     ) -> None:
         self.queue_num = queue_num
+        self.queues = queues
         self.chain = chain
         self.ike_ports = ",".join(str(p) for p in ike_ports)
         self._peers: set[str] = set()
@@ -104,8 +106,14 @@ class SteeringRules:
             "dst",
             "-j",
             "NFQUEUE",
-            "--queue-num",
-            str(self.queue_num),
+            # Several queues: spread by the packet's address pair (the kernel hashes source
+            # and destination), so one peer's packets stay in one queue and in order;
+            # --queue-cpu-fanout would spread by CPU and reorder a peer's packets.
+            *(
+                ["--queue-balance", f"{self.queue_num}:{self.queue_num + self.queues - 1}"]
+                if self.queues > 1
+                else ["--queue-num", str(self.queue_num)]
+            ),
         ]
 
     def install(self) -> None:

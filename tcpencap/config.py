@@ -83,6 +83,10 @@ class Config:
     vici_socket: str = DEFAULT_VICI_SOCKET
     status_socket: str = DEFAULT_STATUS_SOCKET
     queue_num: int = 4500
+    # NFQUEUEs for RFC 9329 (queue_num .. queue_num + queues - 1, spread by address pair
+    # with --queue-balance), each read by its own thread on the native path; cTCP takes the
+    # next one.
+    queues: int = 1
     inject: str = "raw"
     max_frame: int = 65535
     max_spis: int = 16  # ESP SPIs indexed per connection (QuickSec's limit)
@@ -148,12 +152,21 @@ def config_from_tree(root: Section, source: str) -> Config:
         drop_capabilities=v.take("drop_capabilities", _yes_no, True),
         log_level=v.take("log_level", _choice(LOG_LEVELS), "info"),
         datapath=v.take("datapath", _choice(DATAPATHS), "auto"),
+        queues=v.take("queues", _int_range(1, 64), 1),
         client=_client(v.sub("client")),
         gateway=_gateway(v.sub("gateway")),
         connections=_connections(v.sub("connections")),
         source=source,
     )
     v.finish(("client", "gateway", "connections"))
+    queues = top.get("queues")
+    if queues is not None and cfg.queue_num + cfg.queues > 65535:
+        raise ConfigError(
+            queues.path,
+            queues.line,
+            f"tcpencap.queues: queues {cfg.queue_num}..{cfg.queue_num + cfg.queues - 1} and "
+            "the cTCP queue after them do not fit below 65536",
+        )
     buf = top.get("gateway.max_buffer")
     if buf is not None and cfg.gateway.max_buffer < cfg.max_frame + 2:
         raise ConfigError(

@@ -102,8 +102,13 @@ class FakeQueueReader:
         self.num = num
         self.packets = self.errors = self.batches = self.verdict_errors = self.overruns = 0
 
+    threaded = False
+
     def start(self, loop) -> None:
         pass
+
+    def stats(self) -> dict[str, int]:
+        return {"packets": 0, "reads": 0}
 
     def stop(self) -> None:
         pass

@@ -20,13 +20,15 @@ from e2e_helpers import (
     assert_pings,
     assert_status_matches_sa,
     assert_steering,
+    chain_rules,
+    load_tunnel,
     mangle_rules,
     run_hostile,
     start_tcp_pair,
     tcpencap_sets,
 )
 
-from tests.lab import Host, Lab, Process, ping, psk_conf
+from tests.lab import Host, Lab, Process, default_name, ping, psk_conf, tcpencap_conf
 
 pytestmark = pytest.mark.lab
 
@@ -123,6 +125,34 @@ def test_each_datapath_carries_bulk_traffic(datapath: str, family: int) -> None:
             else:
                 assert st["flows"] is None
         assert_established(c1, NAME)
+
+
+def test_several_queues_each_with_its_thread() -> None:
+    """queues = 2 on a gateway with four clients: --queue-balance spreads the peers over
+    queues 4500 and 4501 (one peer's packets stay in one), a reader thread per queue."""
+    with Lab(clients=4) as lab:
+        gw, clients = lab.gw, lab.clients
+        for c in clients:
+            lab.block_udp(c)
+        for h in (gw, *clients):
+            h.start_charon()
+        for c in clients:
+            load_tunnel(lab, c, "psk", 4)
+        gw.start_tcpencap(tcpencap_conf(gw, listen=[f"{gw.outer4}:4500"], extra="  queues = 2"))
+        for c in clients:
+            c.start_tcpencap(tcpencap_conf(c, connections={default_name(c, gw): 4500}))
+            c.charon.initiate(default_name(c, gw), timeout=10)
+        for tool in ("iptables", "ip6tables"):
+            rules = chain_rules(gw, tool)
+            assert [r.endswith("-j NFQUEUE --queue-balance 4500:4501") for r in rules] == [True]
+        for c in clients:
+            got = ping(gw, c.inner4, gw.inner4, count=20, interval=0.01)
+            assert got[1] == got[0] == 20, (c.role, got)
+        q = gw.tcpencap_status()["queue"]
+        assert (q["queues"], q["threads"], q["errors"]) == (2, 2, 0), q
+        per = q["per_queue"]
+        assert sum(per.values()) == q["packets"] >= 80, q  # every reply went through a queue
+        print("packets per queue:", per)
 
 
 # --- 3: one TCP client and one plain UDP client on the same gateway -------------------

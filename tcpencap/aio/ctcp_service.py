@@ -144,7 +144,7 @@ class CtcpService:
         self.ports = ports
         self.injector = injector
         self.log_limited = log_limited
-        self.queue_num = config.queue_num + 1
+        self.queue_num = config.queue_num + config.queues
         self.engine: CtcpEngine | None = None
         self.rules: Any = None
         self.queue: Any = None

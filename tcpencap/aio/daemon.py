@@ -42,9 +42,9 @@ class Daemon:
         self.config = config
         self.datapath, native = choose_datapath(config.datapath)
         self.engine = Rfc9329Engine(config, time.monotonic(), native)
-        self.rules = SteeringRules(config.queue_num)
+        self.rules = SteeringRules(config.queue_num, queues=config.queues)
         self.injector: RawInjector | None = None
-        self.queue: QueueReader | None = None
+        self.queues: list[QueueReader] = []
         self.protocols: dict[int, TcpProtocol] = {}
         self.servers: dict[tuple[str, int], asyncio.base_events.Server] = {}
         self.others: list[asyncio.base_events.Server] = []  # control socket, metrics
@@ -296,15 +296,18 @@ class Daemon:
         if cfg.gateway.ctcp_listen:
             await self._ctcp_peers({})
         self.rules.install()
-        self.queue = QueueReader(
-            cfg.queue_num,
-            self.on_queued,
-            self._batch,
-            flows=self.engine.ready_flows if self.engine.flows is not None else None,
-            on_native_batch=self.on_queue_batch,
-            on_stalled=self.on_stalled,
-        )
-        self.queue.start(loop)
+        for k in range(cfg.queues):
+            queue = QueueReader(
+                cfg.queue_num + k,
+                self.on_queued,
+                self._batch,
+                flows=self.engine.ready_flows if self.engine.flows is not None else None,
+                on_native_batch=self.on_queue_batch,
+                on_stalled=self.on_stalled,
+                native=self.engine.native,
+            )
+            queue.start(loop)
+            self.queues.append(queue)
         if cfg.status_socket:
             self.others.append(await start_control(cfg.status_socket, self.status, self.reload))
         if cfg.metrics_listen:
@@ -327,9 +330,9 @@ class Daemon:
         with contextlib.suppress(RuntimeError):
             self.after()
         self.timer.cancel()
-        if self.queue is not None:
+        for queue in self.queues:
             with contextlib.suppress(Exception):
-                self.queue.stop()
+                queue.stop()
         self.rules.remove()
         if self.ctcp is not None:
             with contextlib.suppress(Exception):

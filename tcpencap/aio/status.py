@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 def daemon_status(d: Daemon) -> dict[str, Any]:
     """What ``tcpencap status`` prints and /metrics renders."""
     now = time.monotonic()
-    q = d.queue
+    qs = d.queues
+    stats = [q.stats() for q in qs]
     e = d.engine
     for proto in list(d.protocols.values()):
         proto.report_writer()  # what the native path wrote counts in the rows below
@@ -33,11 +34,14 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
         "client_peers": sorted(addr_text(p) for p in e.client_peers),
         "queue": {
             "num": d.config.queue_num,
-            "packets": q.packets if q else 0,
-            "errors": q.errors if q else 0,
-            "reads": q.batches if q else 0,
-            "verdict_errors": q.verdict_errors if q else 0,
-            "overruns": q.overruns if q else 0,
+            "queues": len(qs),
+            "threads": sum(1 for q in qs if q.threaded),
+            "packets": sum(s["packets"] for s in stats),
+            "per_queue": {q.num: s["packets"] for q, s in zip(qs, stats, strict=True)},
+            "errors": sum(q.errors for q in qs),
+            "reads": sum(s["reads"] for s in stats),
+            "verdict_errors": sum(q.verdict_errors for q in qs),
+            "overruns": sum(q.overruns for q in qs),
         },
         "drops": dict(e.router.drops),
         "events": dict(e.events),

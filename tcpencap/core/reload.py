@@ -16,7 +16,7 @@ from typing import Any
 
 log = logging.getLogger("tcpencap")
 
-RESTART_ONLY = ("queue_num", "status_socket", "vici_socket", "metrics_listen")
+RESTART_ONLY = ("queue_num", "queues", "status_socket", "vici_socket", "metrics_listen")
 
 
 @dataclass(frozen=True, slots=True)

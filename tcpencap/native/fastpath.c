@@ -22,7 +22,10 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <poll.h>
+#include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -770,13 +773,16 @@ static PyTypeObject DeframerType = {
 /* ------------------------------------------------------------------------------------ */
 /* TcpWriter                                                                              */
 /* The send side of one RFC 9329 connection: Python's frames (IKE, misses) and the flow     */
-/* cache's hits share one buffer, so they leave in the order they were written.            */
+/* cache's hits share one buffer, so they leave in the order they were written. The queue  */
+/* workers write without the GIL, so every access holds the writer's mutex.                */
 
 #define IKE_HARD_LIMIT_FACTOR 4 /* IKE may overshoot the buffer bound this many times */
 
 typedef struct {
     PyObject_HEAD
-    int fd; /* -1: detached, or collecting for take() when collect is set */
+    pthread_mutex_t mu;
+    int ready; /* mu is initialised */
+    int fd;    /* -1: detached, or collecting for take() when collect is set */
     int collect;
     size_t limit;
     uint8_t *buf;
@@ -803,7 +809,7 @@ writer_room(TcpWriter *w, size_t n)
     size_t ncap = w->cap ? w->cap : 4096;
     while (ncap < w->len + n)
         ncap *= 2;
-    uint8_t *nb = PyMem_Realloc(w->buf, ncap);
+    uint8_t *nb = realloc(w->buf, ncap); /* not PyMem: workers call this without the GIL */
     if (nb == NULL)
         return -1;
     w->buf = nb;
@@ -837,6 +843,14 @@ writer_admit(TcpWriter *w, int is_ike, Py_ssize_t frames)
 }
 
 static void
+writer_forget(TcpWriter *w)
+{
+    free(w->buf);
+    w->buf = NULL;
+    w->pos = w->len = w->cap = 0;
+}
+
+static void
 writer_flush(TcpWriter *w)
 {
     if (w->fd < 0 || w->collect || w->error)
@@ -852,13 +866,39 @@ writer_flush(TcpWriter *w)
         if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
             return;
         w->error = r < 0 ? errno : EPIPE;
-        w->pos = w->len = 0;
-        return;
+        break;
     }
-    /* all sent: an idle connection keeps no send memory */
-    PyMem_Free(w->buf);
-    w->buf = NULL;
-    w->pos = w->len = w->cap = 0;
+    writer_forget(w); /* all sent (or broken): an idle connection keeps no send memory */
+}
+
+/* Queue data (sent first straight from the caller's octets when nothing waits). */
+static int
+writer_put(TcpWriter *w, const uint8_t *src, size_t n)
+{
+    if (w->pos == w->len && w->fd >= 0 && !w->collect) {
+        while (n) {
+            ssize_t r = send(w->fd, src, n, MSG_DONTWAIT | MSG_NOSIGNAL);
+            if (r > 0) {
+                src += r;
+                n -= (size_t)r;
+            } else if (r < 0 && errno == EINTR) {
+                continue;
+            } else {
+                if (!(r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))) {
+                    w->error = r < 0 ? errno : EPIPE;
+                    return 0;
+                }
+                break;
+            }
+        }
+    }
+    if (n) {
+        if (writer_room(w, n) < 0)
+            return -1;
+        memcpy(w->buf + w->len, src, n);
+        w->len += n;
+    }
+    return 0;
 }
 
 static int
@@ -873,6 +913,10 @@ TcpWriter_init(TcpWriter *w, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_ValueError, "limit must not be negative");
         return -1;
     }
+    if (!w->ready) {
+        pthread_mutex_init(&w->mu, NULL);
+        w->ready = 1;
+    }
     w->fd = fd;
     w->collect = fd < 0;
     w->limit = (size_t)limit;
@@ -882,8 +926,21 @@ TcpWriter_init(TcpWriter *w, PyObject *args, PyObject *kw)
 static void
 TcpWriter_dealloc(TcpWriter *w)
 {
-    PyMem_Free(w->buf);
+    free(w->buf);
+    if (w->ready)
+        pthread_mutex_destroy(&w->mu);
     Py_TYPE(w)->tp_free((PyObject *)w);
+}
+
+static int
+writer_lock(TcpWriter *w)
+{
+    if (!w->ready) {
+        PyErr_SetString(PyExc_RuntimeError, "TcpWriter.__init__ was not called");
+        return -1;
+    }
+    pthread_mutex_lock(&w->mu);
+    return 0;
 }
 
 /* write(data, is_ike=False, frames=1) -> bool: queued (and sent as far as the socket
@@ -896,72 +953,65 @@ TcpWriter_write(TcpWriter *w, PyObject *args)
     Py_ssize_t frames = 1;
     if (!PyArg_ParseTuple(args, "y*|pn", &view, &is_ike, &frames))
         return NULL;
-    if (!writer_admit(w, is_ike, frames)) {
+    if (writer_lock(w) < 0) {
         PyBuffer_Release(&view);
-        Py_RETURN_FALSE;
+        return NULL;
     }
-    const uint8_t *src = view.buf;
-    size_t n = (size_t)view.len;
-    if (w->pos == w->len && w->fd >= 0 && !w->collect) {
-        /* nothing queued: send straight from the caller's bytes, queue only the rest */
-        while (n) {
-            ssize_t r = send(w->fd, src, n, MSG_DONTWAIT | MSG_NOSIGNAL);
-            if (r > 0) {
-                src += r;
-                n -= (size_t)r;
-            } else if (r < 0 && errno == EINTR) {
-                continue;
-            } else {
-                if (!(r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)))
-                    w->error = r < 0 ? errno : EPIPE;
-                break;
-            }
-        }
-        if (w->error)
-            n = 0;
-    }
-    if (n) {
-        if (writer_room(w, n) < 0) {
-            PyBuffer_Release(&view);
-            return PyErr_NoMemory();
-        }
-        memcpy(w->buf + w->len, src, n);
-        w->len += n;
-    }
+    int ok = writer_admit(w, is_ike, frames);
+    int err = ok ? writer_put(w, view.buf, (size_t)view.len) : 0;
+    pthread_mutex_unlock(&w->mu);
     PyBuffer_Release(&view);
-    Py_RETURN_TRUE;
+    if (err < 0)
+        return PyErr_NoMemory();
+    return PyBool_FromLong(ok);
 }
 
 static PyObject *
 TcpWriter_flush(TcpWriter *w, PyObject *Py_UNUSED(ignored))
 {
+    if (writer_lock(w) < 0)
+        return NULL;
     writer_flush(w);
-    return PyLong_FromSize_t(w->len - w->pos);
+    size_t left = w->len - w->pos;
+    pthread_mutex_unlock(&w->mu);
+    return PyLong_FromSize_t(left);
 }
 
 static PyObject *
 TcpWriter_take(TcpWriter *w, PyObject *Py_UNUSED(ignored))
 {
+    if (writer_lock(w) < 0)
+        return NULL;
     PyObject *b = PyBytes_FromStringAndSize((char *)w->buf + w->pos, (Py_ssize_t)(w->len - w->pos));
-    w->pos = w->len = 0;
+    if (b != NULL)
+        writer_forget(w);
+    pthread_mutex_unlock(&w->mu);
     return b;
 }
 
 static PyObject *
 TcpWriter_close(TcpWriter *w, PyObject *Py_UNUSED(ignored))
 {
+    if (writer_lock(w) < 0)
+        return NULL;
     w->fd = -1;
     w->collect = 0;
     if (!w->error)
         w->error = EBADF; /* later writes are dropped and counted */
-    PyMem_Free(w->buf);
-    w->buf = NULL;
-    w->len = w->cap = w->pos = 0;
+    writer_forget(w);
+    pthread_mutex_unlock(&w->mu);
     Py_RETURN_NONE;
 }
 
 #define WRITER_GETTER(name, expr)                                                            \
-    static PyObject *TcpWriter_get_##name(TcpWriter *w, void *c) { return expr; }
+    static PyObject *TcpWriter_get_##name(TcpWriter *w, void *c)                             \
+    {                                                                                        \
+        if (writer_lock(w) < 0)                                                              \
+            return NULL;                                                                     \
+        PyObject *v = expr;                                                                  \
+        pthread_mutex_unlock(&w->mu);                                                        \
+        return v;                                                                            \
+    }
 
 WRITER_GETTER(pending, PyLong_FromSize_t(w->len - w->pos))
 WRITER_GETTER(fd, PyLong_FromLong(w->fd))
@@ -1018,19 +1068,32 @@ typedef struct {
     uint32_t conn_id;
 } Flow;
 
+typedef struct {
+    uint32_t conn_id; /* 0: empty */
+    TcpWriter *writer; /* strong reference, taken and released with the GIL */
+} WriterSlot;
+
 #define FLOW_MAX (1u << 17)
+#define WRITER_MAX (1u << 20)
 #define QUEUE_BATCH 64
 #define QUEUE_BUF (65536 + 1024)
 
+/* Flows and writers are read by the queue workers without the GIL (read lock) and changed
+   by Python with it (write lock); no thread holding the lock ever waits for the GIL. */
 typedef struct {
     PyObject_HEAD
+    pthread_rwlock_t lock;
+    int ready; /* lock is initialised */
     Flow *flows;
     size_t cap, count;
-    Py_ssize_t hits, misses, refused, direct;
-    Py_ssize_t seq; /* of our verdict messages */
-    uint8_t *qbuf; /* QUEUE_BATCH receive buffers for read_queue() */
-    PyObject *writers; /* conn_id -> TcpWriter: hits for these are written here, in C */
+    WriterSlot *writers;
+    size_t wcap, wcount;
+    Py_ssize_t hits, misses, refused, direct; /* updated atomically */
+    Py_ssize_t seq;  /* of read_queue's verdict messages */
+    uint8_t *qbuf;   /* QUEUE_BATCH receive buffers for read_queue() */
 } FlowCache;
+
+#define ADD(field, n) __atomic_fetch_add(&(field), (n), __ATOMIC_RELAXED)
 
 /* The conditions of Router.outbound's fast path, octet for octet: ESP-in-UDP from port
    4500, IPv4 without options or fragments or IPv6 without extension headers. */
@@ -1102,7 +1165,7 @@ static int
 flow_grow(FlowCache *c)
 {
     size_t ncap = c->cap ? c->cap * 2 : 64;
-    Flow *nf = PyMem_Calloc(ncap, sizeof(Flow));
+    Flow *nf = calloc(ncap, sizeof(Flow));
     if (nf == NULL)
         return -1;
     for (size_t i = 0; i < c->cap; i++) {
@@ -1114,27 +1177,106 @@ flow_grow(FlowCache *c)
             j = (j + 1) & (ncap - 1);
         nf[j] = *f;
     }
-    PyMem_Free(c->flows);
+    free(c->flows);
     c->flows = nf;
     c->cap = ncap;
+    return 0;
+}
+
+static size_t
+writer_hash(uint32_t conn_id)
+{
+    return (size_t)((conn_id * 2654435761u) >> 7);
+}
+
+static TcpWriter *
+writer_find(FlowCache *c, uint32_t conn_id)
+{
+    if (c->wcap == 0)
+        return NULL;
+    size_t mask = c->wcap - 1;
+    for (size_t i = writer_hash(conn_id) & mask;; i = (i + 1) & mask) {
+        if (c->writers[i].conn_id == 0)
+            return NULL;
+        if (c->writers[i].conn_id == conn_id)
+            return c->writers[i].writer;
+    }
+}
+
+/* Rebuild the writer table at ncap, leaving out conn_id skip (0: none): linear probing
+   has no cheap deletion, and writers change only when connections come and go. */
+static int
+writers_rebuild(FlowCache *c, size_t ncap, uint32_t skip, TcpWriter **dropped)
+{
+    WriterSlot *nw = calloc(ncap, sizeof(WriterSlot));
+    if (nw == NULL)
+        return -1;
+    size_t n = 0;
+    for (size_t i = 0; i < c->wcap; i++) {
+        WriterSlot *s = &c->writers[i];
+        if (s->conn_id == 0)
+            continue;
+        if (s->conn_id == skip) {
+            *dropped = s->writer;
+            continue;
+        }
+        size_t j = writer_hash(s->conn_id) & (ncap - 1);
+        while (nw[j].conn_id)
+            j = (j + 1) & (ncap - 1);
+        nw[j] = *s;
+        n++;
+    }
+    free(c->writers);
+    c->writers = nw;
+    c->wcap = ncap;
+    c->wcount = n;
+    return 0;
+}
+
+static int
+FlowCache_init(FlowCache *c, PyObject *args, PyObject *kw)
+{
+    if (!PyArg_ParseTuple(args, ""))
+        return -1;
+    if (!c->ready) {
+        pthread_rwlock_init(&c->lock, NULL);
+        c->ready = 1;
+    }
     return 0;
 }
 
 static void
 FlowCache_dealloc(FlowCache *c)
 {
-    PyMem_Free(c->flows);
+    for (size_t i = 0; i < c->wcap; i++)
+        Py_XDECREF(c->writers[i].writer);
+    free(c->writers);
+    free(c->flows);
     PyMem_Free(c->qbuf);
-    Py_XDECREF(c->writers);
+    if (c->ready)
+        pthread_rwlock_destroy(&c->lock);
     Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+/* Take the write lock without holding the GIL while waiting: a worker that holds the read
+   lock never waits for the GIL, so this cannot deadlock, and the GIL is not blocked. */
+static void
+cache_wrlock(FlowCache *c)
+{
+    if (pthread_rwlock_trywrlock(&c->lock) == 0)
+        return;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_rwlock_wrlock(&c->lock);
+    Py_END_ALLOW_THREADS
 }
 
 static PyObject *
 FlowCache_clear(FlowCache *c, PyObject *Py_UNUSED(ignored))
 {
+    cache_wrlock(c);
     if (c->count) {
         if (c->cap > 1024) { /* shrink back after a burst of flows */
-            PyMem_Free(c->flows);
+            free(c->flows);
             c->flows = NULL;
             c->cap = 0;
         } else {
@@ -1142,6 +1284,7 @@ FlowCache_clear(FlowCache *c, PyObject *Py_UNUSED(ignored))
         }
         c->count = 0;
     }
+    pthread_rwlock_unlock(&c->lock);
     Py_RETURN_NONE;
 }
 
@@ -1159,25 +1302,87 @@ FlowCache_install(FlowCache *c, PyObject *args)
     PyBuffer_Release(&view);
     if (!ok)
         Py_RETURN_FALSE;
+    cache_wrlock(c);
+    int res = 1;
     Flow *f = flow_find(c, &k);
     if (f != NULL) {
         f->conn_id = conn_id;
-        Py_RETURN_TRUE;
+    } else if (c->count >= FLOW_MAX) {
+        ADD(c->refused, 1);
+        res = 0;
+    } else if ((c->count + 1) * 2 > c->cap && flow_grow(c) < 0) {
+        res = -1;
+    } else {
+        size_t mask = c->cap - 1;
+        size_t i = flow_hash(&k) & mask;
+        while (c->flows[i].key.used)
+            i = (i + 1) & mask;
+        c->flows[i].key = k;
+        c->flows[i].conn_id = conn_id;
+        c->count++;
     }
-    if (c->count >= FLOW_MAX) {
-        c->refused++;
-        Py_RETURN_FALSE;
-    }
-    if ((c->count + 1) * 2 > c->cap && flow_grow(c) < 0)
+    pthread_rwlock_unlock(&c->lock);
+    if (res < 0)
         return PyErr_NoMemory();
-    size_t mask = c->cap - 1;
-    size_t i = flow_hash(&k) & mask;
-    while (c->flows[i].key.used)
-        i = (i + 1) & mask;
-    c->flows[i].key = k;
-    c->flows[i].conn_id = conn_id;
-    c->count++;
-    Py_RETURN_TRUE;
+    return PyBool_FromLong(res);
+}
+
+/* set_writer(conn_id, writer): hits for conn_id are written by C from now on. */
+static PyObject *
+FlowCache_set_writer(FlowCache *c, PyObject *args)
+{
+    unsigned int conn_id;
+    PyObject *w;
+    if (!PyArg_ParseTuple(args, "IO!", &conn_id, &TcpWriterType, &w))
+        return NULL;
+    if (conn_id == 0) {
+        PyErr_SetString(PyExc_ValueError, "connection id 0 is not a connection");
+        return NULL;
+    }
+    TcpWriter *old = NULL;
+    cache_wrlock(c);
+    int res = 0;
+    if (writer_find(c, conn_id) != NULL)
+        res = writers_rebuild(c, c->wcap, conn_id, &old);
+    if (res == 0 && (c->wcount + 1) * 2 > c->wcap)
+        res = c->wcount >= WRITER_MAX ? -2 : writers_rebuild(c, c->wcap ? c->wcap * 2 : 64, 0, &old);
+    if (res == 0) {
+        size_t mask = c->wcap - 1;
+        size_t i = writer_hash(conn_id) & mask;
+        while (c->writers[i].conn_id)
+            i = (i + 1) & mask;
+        Py_INCREF(w);
+        c->writers[i].conn_id = conn_id;
+        c->writers[i].writer = (TcpWriter *)w;
+        c->wcount++;
+    }
+    pthread_rwlock_unlock(&c->lock);
+    Py_XDECREF(old);
+    if (res == -1)
+        return PyErr_NoMemory();
+    if (res == -2) {
+        PyErr_SetString(PyExc_OverflowError, "too many writers");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+FlowCache_drop_writer(FlowCache *c, PyObject *arg)
+{
+    unsigned long conn_id = PyLong_AsUnsignedLong(arg);
+    if (conn_id == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    TcpWriter *old = NULL;
+    cache_wrlock(c);
+    int res = 0;
+    if (writer_find(c, (uint32_t)conn_id) != NULL)
+        res = writers_rebuild(c, c->wcap, (uint32_t)conn_id, &old);
+    pthread_rwlock_unlock(&c->lock);
+    Py_XDECREF(old); /* after the unlock: no worker can still be using it */
+    if (res < 0)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
 }
 
 typedef struct {
@@ -1190,43 +1395,41 @@ typedef struct {
     uint32_t conn_id;
     size_t bytes;
     Py_ssize_t frames;
+    int direct; /* written by the connection's writer */
     PyObject *data;
-    TcpWriter *writer; /* borrowed from FlowCache.writers for the call */
     size_t fill;
 } Slot;
 
-/* Sort packets into hits (framed per connection, in arrival order) and misses. The hits
-   of a connection with a writer are written to it (and conn ids whose writer could not
-   send everything are appended to stalled); the others are framed into slot.data. */
+/* Without the GIL: sort packets into hits (per connection, in arrival order) and misses,
+   and write the hits of connections with a writer. stalled gets the conn ids whose writer
+   kept octets the socket did not take. -> 0, or -1 when out of memory. */
 static int
-classify(FlowCache *c, Classified *pk, size_t n, Slot *slots, size_t *nslots, PyObject *stalled)
+classify_direct(FlowCache *c, Classified *pk, size_t n, Slot *slots, size_t *nslots,
+                uint32_t *stalled, size_t *nstalled)
 {
+    int res = 0;
     *nslots = 0;
+    *nstalled = 0;
+    pthread_rwlock_rdlock(&c->lock);
     for (size_t i = 0; i < n; i++) {
         pk[i].slot = -1;
         if (pk[i].p == NULL)
             continue;
         FlowKey k;
-        if (!flow_key(pk[i].p, pk[i].total, &k, &pk[i].esp_at, &pk[i].total)) {
-            c->misses++;
-            continue;
-        }
-        Flow *f = flow_find(c, &k);
+        Flow *f = NULL;
+        if (flow_key(pk[i].p, pk[i].total, &k, &pk[i].esp_at, &pk[i].total))
+            f = flow_find(c, &k);
         if (f == NULL) {
-            c->misses++;
+            ADD(c->misses, 1);
             continue;
         }
-        c->hits++;
+        ADD(c->hits, 1);
         size_t s = 0;
         while (s < *nslots && slots[s].conn_id != f->conn_id)
             s++;
         if (s == *nslots) {
+            memset(&slots[s], 0, sizeof slots[s]);
             slots[s].conn_id = f->conn_id;
-            slots[s].bytes = 0;
-            slots[s].frames = 0;
-            slots[s].data = NULL;
-            slots[s].writer = NULL;
-            slots[s].fill = 0;
             (*nslots)++;
         }
         slots[s].bytes += LENGTH_SIZE + pk[i].total - pk[i].esp_at;
@@ -1234,61 +1437,56 @@ classify(FlowCache *c, Classified *pk, size_t n, Slot *slots, size_t *nslots, Py
         pk[i].slot = (int)s;
     }
     for (size_t s = 0; s < *nslots; s++) {
-        if (c->writers != NULL && PyDict_GET_SIZE(c->writers)) {
-            PyObject *key = PyLong_FromUnsignedLong(slots[s].conn_id);
-            if (key == NULL)
-                return -1;
-            slots[s].writer = (TcpWriter *)PyDict_GetItemWithError(c->writers, key);
-            Py_DECREF(key);
-            if (slots[s].writer != NULL) {
-                if (writer_room(slots[s].writer, slots[s].bytes) < 0) {
-                    PyErr_NoMemory();
-                    return -1;
-                }
+        TcpWriter *w = writer_find(c, slots[s].conn_id);
+        if (w == NULL)
+            continue;
+        slots[s].direct = 1;
+        pthread_mutex_lock(&w->mu);
+        for (size_t i = 0; i < n; i++) {
+            if (pk[i].slot != (int)s || !writer_admit(w, 0, 1))
                 continue;
+            size_t m = pk[i].total - pk[i].esp_at;
+            if (writer_room(w, LENGTH_SIZE + m) < 0) {
+                res = -1;
+                break;
             }
-            if (PyErr_Occurred())
-                return -1;
+            uint8_t *out = w->buf + w->len;
+            put16(out, (uint32_t)(m + LENGTH_SIZE));
+            memcpy(out + LENGTH_SIZE, pk[i].p + pk[i].esp_at, m);
+            w->len += LENGTH_SIZE + m;
+            w->direct_frames++;
+            w->direct_bytes += (Py_ssize_t)(LENGTH_SIZE + m);
+            ADD(c->direct, 1);
         }
+        writer_flush(w);
+        if (w->len > w->pos)
+            stalled[(*nstalled)++] = slots[s].conn_id;
+        pthread_mutex_unlock(&w->mu);
+    }
+    pthread_rwlock_unlock(&c->lock);
+    return res;
+}
+
+/* With the GIL: the hits of connections without writer, framed into one bytes each. */
+static int
+classify_collect(Classified *pk, size_t n, Slot *slots, size_t nslots)
+{
+    for (size_t s = 0; s < nslots; s++) {
+        if (slots[s].direct)
+            continue;
         slots[s].data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)slots[s].bytes);
         if (slots[s].data == NULL)
             return -1;
     }
     for (size_t i = 0; i < n; i++) {
-        if (pk[i].slot < 0)
+        if (pk[i].slot < 0 || slots[pk[i].slot].direct)
             continue;
         Slot *sl = &slots[pk[i].slot];
         size_t m = pk[i].total - pk[i].esp_at;
-        uint8_t *out;
-        TcpWriter *w = sl->writer;
-        if (w != NULL) {
-            if (!writer_admit(w, 0, 1))
-                continue;
-            out = w->buf + w->len;
-            w->len += LENGTH_SIZE + m;
-            w->direct_frames++;
-            w->direct_bytes += (Py_ssize_t)(LENGTH_SIZE + m);
-            c->direct++;
-        } else {
-            out = (uint8_t *)PyBytes_AS_STRING(sl->data) + sl->fill;
-            sl->fill += LENGTH_SIZE + m;
-        }
+        uint8_t *out = (uint8_t *)PyBytes_AS_STRING(sl->data) + sl->fill;
         put16(out, (uint32_t)(m + LENGTH_SIZE));
         memcpy(out + LENGTH_SIZE, pk[i].p + pk[i].esp_at, m);
-    }
-    for (size_t s = 0; s < *nslots; s++) {
-        TcpWriter *w = slots[s].writer;
-        if (w == NULL)
-            continue;
-        writer_flush(w);
-        if (w->len > w->pos && stalled != NULL) {
-            PyObject *cid = PyLong_FromUnsignedLong(slots[s].conn_id);
-            if (cid == NULL || PyList_Append(stalled, cid) < 0) {
-                Py_XDECREF(cid);
-                return -1;
-            }
-            Py_DECREF(cid);
-        }
+        sl->fill += LENGTH_SIZE + m;
     }
     return 0;
 }
@@ -1321,6 +1519,23 @@ slots_free(Slot *slots, size_t nslots)
         Py_CLEAR(slots[s].data);
 }
 
+static PyObject *
+id_list(const uint32_t *ids, size_t n)
+{
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    if (list == NULL)
+        return NULL;
+    for (size_t i = 0; i < n; i++) {
+        PyObject *v = PyLong_FromUnsignedLong(ids[i]);
+        if (v == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, v);
+    }
+    return list;
+}
+
 /* classify(packets) -> (misses: list[int], hits: list[(conn_id, frames_bytes, frames)]) */
 static PyObject *
 FlowCache_classify(FlowCache *c, PyObject *arg)
@@ -1331,9 +1546,10 @@ FlowCache_classify(FlowCache *c, PyObject *arg)
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     Classified *pk = PyMem_Calloc((size_t)n + 1, sizeof(Classified));
     Slot *slots = PyMem_Calloc((size_t)n + 1, sizeof(Slot));
+    uint32_t *stalled = PyMem_Calloc((size_t)n + 1, sizeof(uint32_t));
     PyObject *res = NULL, *misses = NULL, *hits = NULL;
-    size_t nslots = 0;
-    if (pk == NULL || slots == NULL) {
+    size_t nslots = 0, nstalled = 0;
+    if (pk == NULL || slots == NULL || stalled == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -1346,7 +1562,11 @@ FlowCache_classify(FlowCache *c, PyObject *arg)
         pk[i].p = (const uint8_t *)PyBytes_AS_STRING(o);
         pk[i].total = (size_t)PyBytes_GET_SIZE(o);
     }
-    if (classify(c, pk, (size_t)n, slots, &nslots, NULL) < 0)
+    if (classify_direct(c, pk, (size_t)n, slots, &nslots, stalled, &nstalled) < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (classify_collect(pk, (size_t)n, slots, nslots) < 0)
         goto done;
     misses = PyList_New(0);
     if (misses == NULL)
@@ -1370,6 +1590,7 @@ done:
     Py_XDECREF(hits);
     if (slots != NULL)
         slots_free(slots, nslots);
+    PyMem_Free(stalled);
     PyMem_Free(slots);
     PyMem_Free(pk);
     Py_DECREF(seq);
@@ -1463,6 +1684,122 @@ verdict_batch(int fd, int queue_num, uint32_t last_id, uint32_t seq)
     return errno ? errno : EIO;
 }
 
+/* One read of the queue, without the GIL: recvmmsg, classify, write, verdict. */
+typedef struct {
+    int r;          /* messages read, or -1 with err */
+    int err;
+    long overruns;
+    long long last_id;
+    size_t n;       /* packets among them */
+    Classified pk[QUEUE_BATCH];
+    Slot slots[QUEUE_BATCH];
+    size_t nslots;
+    uint32_t stalled[QUEUE_BATCH];
+    size_t nstalled;
+    int verdict_errno;
+    int nomem;
+} Round;
+
+static void
+queue_round(FlowCache *c, int fd, int queue_num, uint8_t *qbuf, uint32_t seq, int flags,
+            Round *rd)
+{
+    struct mmsghdr msgs[QUEUE_BATCH];
+    struct iovec iov[QUEUE_BATCH];
+    memset(msgs, 0, sizeof msgs);
+    for (int i = 0; i < QUEUE_BATCH; i++) {
+        iov[i].iov_base = qbuf + (size_t)i * QUEUE_BUF;
+        iov[i].iov_len = QUEUE_BUF;
+        msgs[i].msg_hdr.msg_iov = &iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    rd->overruns = 0;
+    rd->err = 0;
+    rd->last_id = -1;
+    rd->n = rd->nslots = rd->nstalled = 0;
+    rd->verdict_errno = 0;
+    rd->nomem = 0;
+    int r;
+    for (;;) {
+        r = recvmmsg(fd, msgs, QUEUE_BATCH, flags, NULL);
+        if (r >= 0)
+            break;
+        if (errno == EINTR)
+            continue;
+        if (errno == ENOBUFS) { /* the kernel dropped queued packets: go on reading */
+            rd->overruns++;
+            if (rd->overruns < 4)
+                continue;
+        }
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) {
+            r = 0;
+            break;
+        }
+        rd->err = errno;
+        rd->r = -1;
+        return;
+    }
+    rd->r = r;
+    for (int i = 0; i < r; i++) {
+        uint32_t id = 0;
+        const uint8_t *payload;
+        size_t plen;
+        if (msgs[i].msg_hdr.msg_flags & MSG_TRUNC)
+            continue;
+        if (!nfq_packet(qbuf + (size_t)i * QUEUE_BUF, msgs[i].msg_len, &id, &payload, &plen))
+            continue;
+        if ((long long)id > rd->last_id)
+            rd->last_id = id;
+        rd->pk[rd->n].p = payload; /* NULL (no payload attribute) stays a miss */
+        rd->pk[rd->n].total = plen;
+        rd->n++;
+    }
+    if (classify_direct(c, rd->pk, rd->n, rd->slots, &rd->nslots, rd->stalled, &rd->nstalled) < 0)
+        rd->nomem = 1;
+    if (queue_num >= 0 && rd->last_id >= 0)
+        rd->verdict_errno = verdict_batch(fd, queue_num, (uint32_t)rd->last_id, seq);
+}
+
+/* With the GIL: the round as read_queue()'s tuple. */
+static PyObject *
+round_result(Round *rd)
+{
+    PyObject *misses = NULL, *hits = NULL, *stalled = NULL, *res = NULL;
+    if (rd->nomem) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (classify_collect(rd->pk, rd->n, rd->slots, rd->nslots) < 0)
+        goto done;
+    misses = PyList_New(0);
+    if (misses == NULL)
+        goto done;
+    for (size_t i = 0; i < rd->n; i++) {
+        Classified *p = &rd->pk[i];
+        if (p->slot >= 0)
+            continue;
+        PyObject *b = PyBytes_FromStringAndSize(p->p ? (const char *)p->p : "",
+                                                (Py_ssize_t)(p->p ? p->total : 0));
+        if (b == NULL || PyList_Append(misses, b) < 0) {
+            Py_XDECREF(b);
+            goto done;
+        }
+        Py_DECREF(b);
+    }
+    hits = slots_list(rd->slots, rd->nslots);
+    stalled = id_list(rd->stalled, rd->nstalled);
+    if (hits == NULL || stalled == NULL)
+        goto done;
+    res = Py_BuildValue("LnOOlOi", rd->last_id, (Py_ssize_t)rd->n, misses, hits, rd->overruns,
+                        stalled, rd->verdict_errno);
+done:
+    Py_XDECREF(misses);
+    Py_XDECREF(hits);
+    Py_XDECREF(stalled);
+    slots_free(rd->slots, rd->nslots);
+    return res;
+}
+
 /* read_queue(fd, queue_num=-1) -> (last_id, packets, misses: list[bytes], hits, overruns,
    stalled, verdict_errno): one recvmmsg; last_id is -1 when nothing was read. Hits of a
    connection with a writer are written before this returns (stalled: those whose writer
@@ -1478,84 +1815,18 @@ FlowCache_read_queue(FlowCache *c, PyObject *args)
         if (c->qbuf == NULL)
             return PyErr_NoMemory();
     }
-    struct mmsghdr msgs[QUEUE_BATCH];
-    struct iovec iov[QUEUE_BATCH];
-    memset(msgs, 0, sizeof msgs);
-    for (int i = 0; i < QUEUE_BATCH; i++) {
-        iov[i].iov_base = c->qbuf + (size_t)i * QUEUE_BUF;
-        iov[i].iov_len = QUEUE_BUF;
-        msgs[i].msg_hdr.msg_iov = &iov[i];
-        msgs[i].msg_hdr.msg_iovlen = 1;
+    Round *rd = PyMem_Malloc(sizeof(Round));
+    if (rd == NULL)
+        return PyErr_NoMemory();
+    queue_round(c, fd, queue_num, c->qbuf, (uint32_t)++c->seq, MSG_DONTWAIT, rd);
+    PyObject *res;
+    if (rd->r < 0) {
+        errno = rd->err;
+        res = PyErr_SetFromErrno(PyExc_OSError);
+    } else {
+        res = round_result(rd);
     }
-    long overruns = 0;
-    int r;
-    for (;;) {
-        r = recvmmsg(fd, msgs, QUEUE_BATCH, MSG_DONTWAIT, NULL);
-        if (r >= 0)
-            break;
-        if (errno == EINTR)
-            continue;
-        if (errno == ENOBUFS) { /* the kernel dropped queued packets: go on reading */
-            overruns++;
-            if (overruns < 4)
-                continue;
-        }
-        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) {
-            r = 0;
-            break;
-        }
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    Classified pk[QUEUE_BATCH];
-    Slot slots[QUEUE_BATCH];
-    long long last_id = -1;
-    size_t n = 0;
-    for (int i = 0; i < r; i++) {
-        uint32_t id = 0;
-        const uint8_t *payload;
-        size_t plen;
-        if (msgs[i].msg_hdr.msg_flags & MSG_TRUNC)
-            continue;
-        if (!nfq_packet(c->qbuf + (size_t)i * QUEUE_BUF, msgs[i].msg_len, &id, &payload, &plen))
-            continue;
-        if ((long long)id > last_id)
-            last_id = id;
-        pk[n].p = payload; /* NULL (no payload attribute) stays a miss */
-        pk[n].total = plen;
-        n++;
-    }
-    size_t nslots = 0;
-    int verdict_errno = 0;
-    PyObject *misses = NULL, *hits = NULL, *res = NULL;
-    PyObject *stalled = PyList_New(0);
-    if (stalled == NULL || classify(c, pk, n, slots, &nslots, stalled) < 0)
-        goto done;
-    if (queue_num >= 0 && last_id >= 0)
-        verdict_errno = verdict_batch(fd, queue_num, (uint32_t)last_id, (uint32_t)++c->seq);
-    misses = PyList_New(0);
-    if (misses == NULL)
-        goto done;
-    for (size_t i = 0; i < n; i++) {
-        if (pk[i].slot >= 0)
-            continue;
-        PyObject *b = PyBytes_FromStringAndSize(pk[i].p ? (const char *)pk[i].p : "",
-                                                (Py_ssize_t)(pk[i].p ? pk[i].total : 0));
-        if (b == NULL || PyList_Append(misses, b) < 0) {
-            Py_XDECREF(b);
-            goto done;
-        }
-        Py_DECREF(b);
-    }
-    hits = slots_list(slots, nslots);
-    if (hits == NULL)
-        goto done;
-    res = Py_BuildValue("LnOOlOi", last_id, (Py_ssize_t)n, misses, hits, overruns, stalled,
-                        verdict_errno);
-done:
-    Py_XDECREF(stalled);
-    Py_XDECREF(misses);
-    Py_XDECREF(hits);
-    slots_free(slots, nslots);
+    PyMem_Free(rd);
     return res;
 }
 
@@ -1568,40 +1839,10 @@ FlowCache_len(FlowCache *c)
 static PyObject *
 FlowCache_stats(FlowCache *c, PyObject *Py_UNUSED(ignored))
 {
-    return Py_BuildValue("{s:n,s:n,s:n,s:n,s:n}", "flows", (Py_ssize_t)c->count, "hits",
-                         c->hits, "misses", c->misses, "refused", c->refused, "written",
-                         c->direct);
-}
-
-/* set_writer(conn_id, writer): hits for conn_id are written by C from now on. */
-static PyObject *
-FlowCache_set_writer(FlowCache *c, PyObject *args)
-{
-    unsigned int conn_id;
-    PyObject *w;
-    if (!PyArg_ParseTuple(args, "IO!", &conn_id, &TcpWriterType, &w))
-        return NULL;
-    if (c->writers == NULL && (c->writers = PyDict_New()) == NULL)
-        return NULL;
-    PyObject *key = PyLong_FromUnsignedLong(conn_id);
-    if (key == NULL)
-        return NULL;
-    int r = PyDict_SetItem(c->writers, key, w);
-    Py_DECREF(key);
-    if (r < 0)
-        return NULL;
-    Py_RETURN_NONE;
-}
-
-static PyObject *
-FlowCache_drop_writer(FlowCache *c, PyObject *arg)
-{
-    if (c->writers != NULL && PyDict_DelItem(c->writers, arg) < 0) {
-        if (!PyErr_ExceptionMatches(PyExc_KeyError))
-            return NULL;
-        PyErr_Clear();
-    }
-    Py_RETURN_NONE;
+    return Py_BuildValue("{s:n,s:n,s:n,s:n,s:n,s:n}", "flows", (Py_ssize_t)c->count, "hits",
+                         ADD(c->hits, 0), "misses", ADD(c->misses, 0), "refused",
+                         ADD(c->refused, 0), "written", ADD(c->direct, 0), "writers",
+                         (Py_ssize_t)c->wcount);
 }
 
 static PyMethodDef FlowCache_methods[] = {
@@ -1630,6 +1871,134 @@ static PyTypeObject FlowCacheType = {
     .tp_doc = "Outbound ESP flows Python has routed, and the queue reader that uses them.",
     .tp_methods = FlowCache_methods,
     .tp_as_sequence = &FlowCache_seq,
+    .tp_init = (initproc)FlowCache_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ------------------------------------------------------------------------------------ */
+/* QueueWorker: one NFQUEUE read on a thread of its own, the GIL taken only for what     */
+/* Python must see (misses, stalled writers, a failed verdict).                          */
+
+typedef struct {
+    PyObject_HEAD
+    FlowCache *cache;
+    int fd, queue_num;
+    uint8_t *qbuf;
+    int stop; /* atomic */
+    int running;
+    Py_ssize_t packets, reads, rounds_to_python; /* atomic */
+    uint32_t seq;
+} QueueWorker;
+
+static int
+QueueWorker_init(QueueWorker *q, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"cache", "fd", "queue_num", NULL};
+    PyObject *cache;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!ii", kwlist, &FlowCacheType, &cache, &q->fd,
+                                     &q->queue_num))
+        return -1;
+    Py_INCREF(cache);
+    Py_XSETREF(q->cache, (FlowCache *)cache);
+    return 0;
+}
+
+static void
+QueueWorker_dealloc(QueueWorker *q)
+{
+    Py_XDECREF(q->cache);
+    PyMem_RawFree(q->qbuf);
+    Py_TYPE(q)->tp_free((PyObject *)q);
+}
+
+/* run(deliver): until stop(), read the queue; deliver(result) gets read_queue()'s tuple
+   whenever Python has something to do. Polls with a timeout so stop() is seen. */
+static PyObject *
+QueueWorker_run(QueueWorker *q, PyObject *deliver)
+{
+    if (q->running) {
+        PyErr_SetString(PyExc_RuntimeError, "this worker is running already");
+        return NULL;
+    }
+    if (q->qbuf == NULL && (q->qbuf = PyMem_RawMalloc((size_t)QUEUE_BATCH * QUEUE_BUF)) == NULL)
+        return PyErr_NoMemory();
+    Round *rd = PyMem_RawMalloc(sizeof(Round));
+    if (rd == NULL)
+        return PyErr_NoMemory();
+    q->running = 1;
+    PyObject *failure = NULL;
+    while (!__atomic_load_n(&q->stop, __ATOMIC_RELAXED)) {
+        int ready;
+        Py_BEGIN_ALLOW_THREADS
+        struct pollfd pfd = {.fd = q->fd, .events = POLLIN};
+        ready = poll(&pfd, 1, 200);
+        if (ready > 0) {
+            queue_round(q->cache, q->fd, q->queue_num, q->qbuf, ++q->seq, MSG_DONTWAIT, rd);
+        }
+        Py_END_ALLOW_THREADS
+        if (ready <= 0)
+            continue;
+        if (rd->r < 0) {
+            errno = rd->err;
+            failure = PyErr_SetFromErrno(PyExc_OSError);
+            break;
+        }
+        ADD(q->reads, 1);
+        ADD(q->packets, (Py_ssize_t)rd->n);
+        int slow = rd->nomem || rd->overruns || rd->verdict_errno || rd->nstalled;
+        for (size_t i = 0; !slow && i < rd->n; i++)
+            slow = rd->pk[i].slot < 0 || !rd->slots[rd->pk[i].slot].direct;
+        if (!slow)
+            continue; /* everything went to its writer in C */
+        ADD(q->rounds_to_python, 1);
+        PyObject *res = round_result(rd);
+        if (res == NULL) {
+            failure = NULL;
+            break;
+        }
+        PyObject *r = PyObject_CallOneArg(deliver, res);
+        Py_DECREF(res);
+        if (r == NULL)
+            break;
+        Py_DECREF(r);
+    }
+    q->running = 0;
+    PyMem_RawFree(rd);
+    if (PyErr_Occurred() || failure != NULL)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+QueueWorker_stop(QueueWorker *q, PyObject *Py_UNUSED(ignored))
+{
+    __atomic_store_n(&q->stop, 1, __ATOMIC_RELAXED);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+QueueWorker_stats(QueueWorker *q, PyObject *Py_UNUSED(ignored))
+{
+    return Py_BuildValue("{s:n,s:n,s:n}", "packets", ADD(q->packets, 0), "reads",
+                         ADD(q->reads, 0), "to_python", ADD(q->rounds_to_python, 0));
+}
+
+static PyMethodDef QueueWorker_methods[] = {
+    {"run", (PyCFunction)QueueWorker_run, METH_O,
+     "run(deliver): read the queue until stop(); deliver(read_queue-style tuple)."},
+    {"stop", (PyCFunction)QueueWorker_stop, METH_NOARGS, "Make run() return (within 0.2 s)."},
+    {"stats", (PyCFunction)QueueWorker_stats, METH_NOARGS, "Counters."},
+    {NULL},
+};
+
+static PyTypeObject QueueWorkerType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tcpencap.native._fastpath.QueueWorker",
+    .tp_basicsize = sizeof(QueueWorker),
+    .tp_dealloc = (destructor)QueueWorker_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "QueueWorker(cache, fd, queue_num): reads one queue on its own thread.",
+    .tp_methods = QueueWorker_methods,
+    .tp_init = (initproc)QueueWorker_init,
     .tp_new = PyType_GenericNew,
 };
 
@@ -1654,7 +2023,8 @@ PyMODINIT_FUNC
 PyInit__fastpath(void)
 {
     if (PyType_Ready(&InjectBatchType) < 0 || PyType_Ready(&DeframerType) < 0 ||
-        PyType_Ready(&TcpWriterType) < 0 || PyType_Ready(&FlowCacheType) < 0)
+        PyType_Ready(&TcpWriterType) < 0 || PyType_Ready(&FlowCacheType) < 0 ||
+        PyType_Ready(&QueueWorkerType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&fastpath_module);
     if (m == NULL)
@@ -1662,7 +2032,8 @@ PyInit__fastpath(void)
     if (PyModule_AddObjectRef(m, "InjectBatch", (PyObject *)&InjectBatchType) < 0 ||
         PyModule_AddObjectRef(m, "Deframer", (PyObject *)&DeframerType) < 0 ||
         PyModule_AddObjectRef(m, "FlowCache", (PyObject *)&FlowCacheType) < 0 ||
-        PyModule_AddObjectRef(m, "TcpWriter", (PyObject *)&TcpWriterType) < 0) {
+        PyModule_AddObjectRef(m, "TcpWriter", (PyObject *)&TcpWriterType) < 0 ||
+        PyModule_AddObjectRef(m, "QueueWorker", (PyObject *)&QueueWorkerType) < 0) {
         Py_DECREF(m);
         return NULL;
     }
