@@ -90,17 +90,23 @@ class QueueReader:
         self._sock = socket.socket(fileno=os.dup(fd))
         self._loop = loop
         if self._flows is not None and self._native is not None:
+            # The thread starts in start_thread(): after the daemon's capability drop,
+            # since a thread keeps the capabilities it was created with.
             self._worker = self._native.QueueWorker(self._flows(), fd, self.num)
+            return
+        loop.add_reader(fd, self._on_readable)
+
+    def start_thread(self) -> None:
+        """Start the native reader thread (no-op on the Python path)."""
+        if self._worker is not None and self._thread is None:
             self._thread = threading.Thread(
                 target=self._run_worker, name=f"queue-{self.num}", daemon=True
             )
             self._thread.start()
-            return
-        loop.add_reader(fd, self._on_readable)
 
     @property
     def threaded(self) -> bool:
-        return self._thread is not None
+        return self._worker is not None
 
     def stats(self) -> dict[str, int]:
         """packets and reads, from whichever reads the queue."""

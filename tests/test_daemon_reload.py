@@ -107,6 +107,9 @@ class FakeQueueReader:
     def start(self, loop) -> None:
         pass
 
+    def start_thread(self) -> None:
+        pass
+
     def stats(self) -> dict[str, int]:
         return {"packets": 0, "reads": 0}
 
@@ -117,6 +120,9 @@ class FakeQueueReader:
 class FakeInjector:
     def inject(self, packet: bytes, dst: bytes) -> None:
         pass
+
+    def fds(self) -> tuple[int, int]:
+        return -1, -1
 
     def close(self) -> None:
         pass

@@ -122,8 +122,10 @@ def test_each_datapath_carries_bulk_traffic(datapath: str, family: int) -> None:
                 # the flow cache framed most of what charon sent (misses: IKE, each
                 # flow's first packets)
                 assert st["flows"]["hits"] > 0.9 * st["queue"]["packets"], st
+                # ... and the inbound worker injected what came over TCP, in C
+                assert st["inbound"]["injected"] > 2000 and st["inbound"]["lent"] == 1, st
             else:
-                assert st["flows"] is None
+                assert st["flows"] is None and st["inbound"] is None
         assert_established(c1, NAME)
 
 

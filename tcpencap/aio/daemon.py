@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -50,6 +51,8 @@ class Daemon:
         self.others: list[asyncio.base_events.Server] = []  # control socket, metrics
         self.bridge: ViciBridge | None = None
         self.ctcp: CtcpService | None = None
+        self.inbound: Any = None  # the native InboundWorker, reading open connections
+        self._inbound_thread: threading.Thread | None = None
         self.intent = plans.Intent(restart_only=plans.restart_only(config))
         self.resolved: dict[str, list[str]] = {}  # get-conns answers, by connection name
         self.vici_state = "not connected"
@@ -146,6 +149,32 @@ class Daemon:
     def on_queue_batch(self, misses: list[bytes], hits: list[tuple[int, bytes, int]]) -> None:
         self.engine.outbound_batch(time.monotonic(), misses, hits)
         self.after()
+
+    def _start_threads(self, loop: asyncio.AbstractEventLoop) -> None:
+        for queue in self.queues:
+            queue.start_thread()
+        if self.inbound is not None:
+            self._inbound_thread = threading.Thread(
+                target=self._run_inbound, args=(loop,), name="inbound", daemon=True
+            )
+            self._inbound_thread.start()
+
+    def _run_inbound(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The inbound worker's thread; what it gives back is handled on the loop."""
+
+        def deliver(items: list[tuple[int, str, int, int, int]]) -> None:
+            loop.call_soon_threadsafe(self._given_back, items)
+
+        try:
+            self.inbound.run(deliver)
+        except Exception:
+            log.exception("the native inbound worker failed")
+
+    def _given_back(self, items: list[tuple[int, str, int, int, int]]) -> None:
+        for cid, reason, frames, nbytes, reads in items:
+            proto = self.protocols.get(cid)
+            if proto is not None:
+                proto.given_back(reason, (frames, nbytes, reads))
 
     def on_stalled(self, conn_ids: list[int]) -> None:
         """Writers the native path filled beyond what their sockets took."""
@@ -284,6 +313,7 @@ class Daemon:
                     log.warning("could not drop capabilities: %s", exc)
             assert self.bridge is not None
             self.bridge.start()  # after the drop: its thread inherits the reduced set
+            self._start_threads(loop)  # the native data path's, after the drop too
             log.info("tcpencap running (pid %d, %s data path)", os.getpid(), self.datapath)
             await self._stop.wait()
             log.info("stopping")
@@ -293,6 +323,8 @@ class Daemon:
     async def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.injector = RawInjector()
         cfg = self.config
+        if self.engine.native is not None:
+            self.inbound = self.engine.native.InboundWorker(*self.injector.fds())
         if cfg.gateway.ctcp_listen:
             await self._ctcp_peers({})
         self.rules.install()
@@ -333,6 +365,10 @@ class Daemon:
         for queue in self.queues:
             with contextlib.suppress(Exception):
                 queue.stop()
+        if self.inbound is not None:
+            self.inbound.stop()
+            if self._inbound_thread is not None:
+                self._inbound_thread.join(2.0)
         self.rules.remove()
         if self.ctcp is not None:
             with contextlib.suppress(Exception):

@@ -20,7 +20,8 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
     stats = [q.stats() for q in qs]
     e = d.engine
     for proto in list(d.protocols.values()):
-        proto.report_writer()  # what the native path wrote counts in the rows below
+        proto.report_writer()  # what the native path wrote and read counts below
+        proto.report_lent()
     return {
         "pid": os.getpid(),
         "uptime": round(now - d.started, 1),
@@ -29,6 +30,7 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
         "capabilities": f"{_cap_eff():x}",
         "datapath": d.datapath,
         "flows": e.flows.stats() if e.flows is not None else None,
+        "inbound": d.inbound.stats() if d.inbound is not None else None,
         "listening": [f"{bracket(h)}:{p}" for h, p in d.config.gateway.listen],
         "steered_peers": sorted(d.rules.peers),
         "client_peers": sorted(addr_text(p) for p in e.client_peers),
@@ -43,11 +45,19 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
             "verdict_errors": sum(q.verdict_errors for q in qs),
             "overruns": sum(q.overruns for q in qs),
         },
-        "drops": dict(e.router.drops),
+        "drops": _drops(d),
         "events": dict(e.events),
         "connections": e.status(now) + (d.ctcp.status() if d.ctcp else []),
         "ctcp": d.ctcp.summary() if d.ctcp else None,
     }
+
+
+def _drops(d: Daemon) -> dict[str, int]:
+    drops = dict(d.engine.router.drops)
+    failed = d.inbound.stats()["inject_failed"] if d.inbound is not None else 0
+    if failed:
+        drops["inject-failed"] = drops.get("inject-failed", 0) + failed
+    return drops
 
 
 def _cap_eff() -> int:

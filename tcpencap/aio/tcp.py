@@ -47,6 +47,7 @@ class TcpProtocol(asyncio.Protocol):
         self._writing = False  # add_writer is armed for the writer's rest
         self._close_pending = False
         self._reported = (0, 0, 0, 0)  # writer counters already handed to the engine
+        self.lent = False  # the native inbound worker reads this connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -116,6 +117,7 @@ class TcpProtocol(asyncio.Protocol):
             self.engine.fast_path_sent(self.conn_id, *delta)
 
     def _detach_writer(self) -> None:
+        self.take_back()  # the worker must let go before the descriptor closes
         w, self.writer = self.writer, None
         if w is None:
             return
@@ -128,10 +130,76 @@ class TcpProtocol(asyncio.Protocol):
         if fd >= 0:
             os.close(fd)
 
+    # --- lending the receive side to the native inbound worker -------------------------
+
+    def maybe_lend(self) -> None:
+        """An open connection's reading goes to the inbound worker (asyncio pauses)."""
+        inbound = self.daemon.inbound
+        tr = self.transport
+        if (
+            inbound is None
+            or self.lent
+            or not self.registered
+            or self._fd < 0
+            or self._close_pending
+            or tr is None
+            or tr.is_closing()
+        ):
+            return
+        args = self.engine.lend_args(self.conn_id)
+        if args is None:
+            return
+        tr.pause_reading()
+        try:
+            inbound.attach(self.conn_id, self._fd, *args)
+        except (OSError, ValueError) as exc:
+            tr.resume_reading()
+            self.daemon.log_limited("lend", "conn %d: not lent to the worker: %s", self.conn_id,
+                                    exc)  # fmt: skip
+            return
+        self.lent = True
+
+    def given_back(self, reason: str, counts: tuple[int, int, int]) -> None:
+        """The worker stopped reading: a frame for the engine, EOF, an error or a flood."""
+        if not self.lent:
+            return
+        self.lent = False
+        now = time.monotonic()
+        self.engine.lent_received(
+            now, self.conn_id, self.generation, counts, drain=True, over_rate=reason == "rate"
+        )
+        self.daemon.after()
+        if reason == "frame":
+            self.maybe_lend()  # still open: back to the worker
+        if not self.lent and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()  # asyncio reads again (and sees EOF or the error)
+
+    def take_back(self) -> None:
+        """Before the socket closes: the worker lets go (its counts go to the engine)."""
+        if not self.lent:
+            return
+        self.lent = False
+        inbound = self.daemon.inbound
+        counts = inbound.detach(self.conn_id) if inbound is not None else None
+        if counts is not None:
+            self.engine.lent_received(
+                time.monotonic(), self.conn_id, self.generation, counts, drain=False
+            )
+
+    def report_lent(self) -> None:
+        inbound = self.daemon.inbound
+        if self.lent and inbound is not None:
+            counts = inbound.counts(self.conn_id)
+            if counts is not None and any(counts):
+                self.engine.lent_received(
+                    time.monotonic(), self.conn_id, self.generation, counts, drain=False
+                )
+
     def data_received(self, data: bytes) -> None:
         if self.registered:
             self.engine.receive_data(time.monotonic(), self.conn_id, self.generation, data)
             self.daemon.after()
+            self.maybe_lend()
 
     def eof_received(self) -> bool | None:
         if self.registered:
@@ -142,6 +210,7 @@ class TcpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.registered:
             return
+        self.take_back()
         self.report_writer()
         self._detach_writer()
         self.registered = False
@@ -200,6 +269,7 @@ class TcpProtocol(asyncio.Protocol):
             tr.write(buf[0] if len(buf) == 1 else b"".join(buf))
 
     def close(self) -> None:
+        self.take_back()  # what arrives now is not delivered (the engine is closing it)
         w = self.writer
         if w is not None:
             flows = self.engine.flows

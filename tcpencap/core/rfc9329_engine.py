@@ -453,6 +453,9 @@ class Rfc9329Engine(Engine):
         codec = conn.codec
         codec.receive_data(data)
         self._drain(now, conn)
+        self._check_rate(now, conn)
+
+    def _check_rate(self, now: float, conn: Conn) -> None:
         if conn.side is Side.GATEWAY and conn.state is not State.CLOSING:
             if now - conn.win_start >= 1.0:
                 conn.win_start, conn.win_frames = now, conn.frames_in
@@ -461,6 +464,47 @@ class Rfc9329Engine(Engine):
                     now, "limit-frame-rate", "%s: over max_frame_rate frames/s, closing", conn
                 )
                 self.close(conn, "frame rate limit")
+
+    # --- connections lent to the native inbound worker ---------------------------------
+
+    def lend_args(self, conn_id: int) -> tuple[Any, ...] | None:
+        """(deframer, peer, local, sport, dport, max_rate) of an open connection the
+        native inbound worker may read for us, or None."""
+        conn = self.conns.get(conn_id)
+        view = self.router.views.get(conn_id)
+        if self.native is None or conn is None or view is None or conn.state is not State.OPEN:
+            return None
+        rate = self.config.gateway.max_frame_rate if conn.side is Side.GATEWAY else 0
+        e = view.entry
+        return (conn.codec, e.peer, e.local, *self.router.ports_of(view, False), rate)
+
+    def lent_received(
+        self,
+        now: float,
+        conn_id: int,
+        generation: int,
+        counts: tuple[int, int, int],
+        drain: bool = True,
+        over_rate: bool = False,
+    ) -> None:
+        """The inbound worker read (frames ESP frames injected, bytes, reads) for us; with
+        ``drain`` it stopped before a frame the engine must see, which is handled now;
+        ``over_rate``: it counted more than max_frame_rate frames in a second."""
+        conn = self._current(conn_id, generation)
+        if conn is None:
+            return
+        frames, nbytes, reads = counts
+        conn.frames_in += frames
+        conn.bytes_in += nbytes
+        conn.reads_in += reads
+        if over_rate and conn.state is not State.CLOSING and conn.state is not State.CLOSED:
+            self.log_limited(
+                now, "limit-frame-rate", "%s: over max_frame_rate frames/s, closing", conn
+            )
+            self.close(conn, "frame rate limit")
+        elif drain and conn.state is not State.CLOSING and conn.state is not State.CLOSED:
+            self._drain(now, conn)
+            self._check_rate(now, conn)
 
     def eof_received(self, now: float, conn_id: int, generation: int) -> None:
         conn = self._current(conn_id, generation)
