@@ -37,7 +37,7 @@ fi
 # a changed C source or build file means building it again.
 if ! .venv/bin/python -c "import tcpencap, vici, netfilterqueue, scapy, pyroute2, cryptography, pytest, hypothesis" 2>/dev/null \
    || [ setup.cfg -nt .venv/.installed ] || [ setup.py -nt .venv/.installed ] \
-   || [ tcpencap/native/fastpath.c -nt .venv/.installed ]; then
+   || [ -n "$(find tcpencap/native -name '*.[ch]' -newer .venv/.installed 2>/dev/null)" ]; then
   echo "setup: installing Python packages into .venv"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test]'

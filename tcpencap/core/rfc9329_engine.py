@@ -65,6 +65,7 @@ ORPHAN_GRACE = 30.0  # how long a closed gateway connection's SAs wait for its c
 RECONCILE_AFTER_EVENT = 2.0  # check ESP SPIs against list-sas this long after a rekey
 RECONCILE_PERIOD = 60.0
 PENDING_LIMIT = 64  # frames held while a client connection is being opened
+LEND_AFTER_FRAMES = 64  # a connection is read by the native inbound worker once it carries ESP
 LINGER = "linger"  # steering reason of a gateway peer whose connections are gone
 
 
@@ -474,6 +475,8 @@ class Rfc9329Engine(Engine):
         view = self.router.views.get(conn_id)
         if self.native is None or conn is None or view is None or conn.state is not State.OPEN:
             return None
+        if conn.frames_in < LEND_AFTER_FRAMES:
+            return None  # IKE alone (set-up, DPD) is cheaper on the loop than a thread hand-off
         rate = self.config.gateway.max_frame_rate if conn.side is Side.GATEWAY else 0
         e = view.entry
         return (conn.codec, e.peer, e.local, *self.router.ports_of(view, False), rate)
