@@ -138,7 +138,7 @@ def main() -> int:
         pass
     for k in ("c1", "gw"):
         data = str(tmp / f"{k}.data")
-        dsos = shares(report(data, "--sort", "dso"))
+        dsos = shares(report(data, "--no-children", "--sort", "dso"))
         children = shares(report(data, "--children", "--sort", "sym"))
         side = result[k]
         assert isinstance(side, dict)
