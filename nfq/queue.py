@@ -23,8 +23,6 @@ log = logging.getLogger("tcpencap.nfq")
 
 QUEUE_MAXLEN = 4096
 SOCK_RCVBUF = 4 * 1024 * 1024
-NATIVE_BATCH = 64  # messages per FlowCache.read_queue (one recvmmsg)
-NATIVE_ROUNDS = 8  # reads per wake-up before the loop serves the TCP side again
 
 
 class QueueReader:
@@ -34,13 +32,13 @@ class QueueReader:
     brackets that run (True before, False after) so the caller can coalesce its own
     writes, e.g. one TCP send per connection instead of one per packet.
 
-    With ``flows`` (a callable giving tcpencap.native's FlowCache, valid at the moment of
-    the call: the engine clears it when its table changed) the socket is read by the native
-    path instead (with ``native``, the extension, by a QueueWorker on a thread of its own).
-    It writes the packets it knows to their connections' TcpWriters and gives the batch
-    verdict itself. Only the rest reaches Python: ``on_native_batch(misses, hits)`` (hits:
-    framed for a connection without writer) and ``on_stalled(conn_ids)`` (writers with
-    octets the socket did not take). libnetfilter_queue binds the queue.
+    With ``flows`` (tcpencap.native's FlowCache, which the engine clears whenever its
+    table changed) and ``native`` (the extension) the socket is read by a QueueWorker on a
+    thread of its own instead. It writes the packets it knows to their connections'
+    TcpWriters and gives the batch verdict itself. Only the rest reaches Python:
+    ``on_native_batch(misses, hits)`` (hits: framed for a connection without writer) and
+    ``on_stalled(conn_ids)`` (writers with octets the socket did not take).
+    libnetfilter_queue binds the queue.
     """
 
     def __init__(
@@ -49,7 +47,7 @@ class QueueReader:
         handler: Callable[[bytes], None],
         on_batch: Callable[[bool], None] | None = None,
         *,
-        flows: Callable[[], Any] | None = None,
+        flows: Any = None,
         on_native_batch: Callable[[list[bytes], list[tuple[int, bytes, int]]], None] | None = None,
         on_stalled: Callable[[list[int]], None] | None = None,
         native: Any = None,
@@ -57,10 +55,10 @@ class QueueReader:
         self.num = num
         self._handler = handler
         self._on_batch = on_batch
-        self._flows = flows if on_native_batch is not None else None
+        self._flows = flows if on_native_batch is not None and native is not None else None
         self._on_native_batch = on_native_batch
         self._on_stalled = on_stalled
-        self._native = native  # with flows: read by a QueueWorker thread, not by the loop
+        self._native = native
         self._worker: Any = None
         self._thread: threading.Thread | None = None
         self.overruns = 0  # the kernel dropped queued packets (ENOBUFS on the socket)
@@ -89,10 +87,10 @@ class QueueReader:
         fd = self._nfq.get_fd()
         self._sock = socket.socket(fileno=os.dup(fd))
         self._loop = loop
-        if self._flows is not None and self._native is not None:
+        if self._flows is not None:
             # The thread starts in start_thread(): after the daemon's capability drop,
             # since a thread keeps the capabilities it was created with.
-            self._worker = self._native.QueueWorker(self._flows(), fd, self.num)
+            self._worker = self._native.QueueWorker(self._flows, fd, self.num)
             return
         loop.add_reader(fd, self._on_readable)
 
@@ -117,9 +115,6 @@ class QueueReader:
 
     def _on_readable(self) -> None:
         self.batches += 1
-        if self._flows is not None:
-            self._read_native()
-            return
         try:
             if self._on_batch is None:
                 self._nfq.run(block=False)
@@ -131,18 +126,6 @@ class QueueReader:
                 self._on_batch(False)
         finally:
             self._settle()
-
-    def _read_native(self) -> None:
-        assert self._flows is not None
-        fd = self._nfq.get_fd()
-        for _ in range(NATIVE_ROUNDS):
-            result = self._flows().read_queue(fd, self.num)
-            if result[0] < 0:
-                return
-            self.packets += result[1]
-            self._handle_round(result)
-            if result[1] < NATIVE_BATCH:
-                return
 
     def _run_worker(self) -> None:
         """The worker thread: reads the queue in C until stop()."""
@@ -186,18 +169,23 @@ class QueueReader:
                         os.strerror(verdict_errno))  # fmt: skip
             self._verdict(last_id)
 
-    def _verdict(self, last_id: int) -> None:
+    def _send_verdict(self, last_id: int) -> OSError | None:
+        """NF_DROP for every packet up to ``last_id``, one message; the error if it failed."""
         self._seq += 1
-        msg = verdict_batch(self.num, last_id, seq=self._seq)
         assert self._sock is not None
+        try:
+            self._sock.send(verdict_batch(self.num, last_id, seq=self._seq))
+        except OSError as exc:
+            self.verdict_errors += 1
+            return exc
+        return None
+
+    def _verdict(self, last_id: int) -> None:
         for attempt in (1, 2):
-            try:
-                self._sock.send(msg)
+            exc = self._send_verdict(last_id)
+            if exc is None:
                 return
-            except OSError as exc:
-                self.verdict_errors += 1
-                log.warning("queue %d: batch verdict failed (%s), attempt %d", self.num, exc,
-                            attempt)  # fmt: skip
+            log.warning("queue %d: batch verdict failed (%s), attempt %d", self.num, exc, attempt)
 
     def _settle(self) -> None:
         """Drop every packet of this read with one verdict; one by one if that fails."""
@@ -205,15 +193,10 @@ class QueueReader:
         if not held:
             return
         self._held = []
-        self._seq += 1
-        last_id = held[-1].id  # type: ignore[attr-defined]
-        try:
-            assert self._sock is not None
-            self._sock.send(verdict_batch(self.num, last_id, seq=self._seq))
+        exc = self._send_verdict(held[-1].id)  # type: ignore[attr-defined]
+        if exc is None:
             return
-        except OSError as exc:
-            self.verdict_errors += 1
-            log.warning("queue %d: batch verdict failed (%s), dropping one by one", self.num, exc)
+        log.warning("queue %d: batch verdict failed (%s), dropping one by one", self.num, exc)
         for pkt in held:
             try:
                 pkt.drop()  # type: ignore[attr-defined]

@@ -333,7 +333,7 @@ class Daemon:
                 cfg.queue_num + k,
                 self.on_queued,
                 self._batch,
-                flows=self.engine.ready_flows if self.engine.flows is not None else None,
+                flows=self.engine.ready_flows(),
                 on_native_batch=self.on_queue_batch,
                 on_stalled=self.on_stalled,
                 native=self.engine.native,
