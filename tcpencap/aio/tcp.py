@@ -210,9 +210,8 @@ class TcpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.registered:
             return
-        self.take_back()
         self.report_writer()
-        self._detach_writer()
+        self._detach_writer()  # takes the connection back from the inbound worker first
         self.registered = False
         d = self.daemon
         if d.protocols.get(self.conn_id) is self:

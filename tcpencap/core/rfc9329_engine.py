@@ -340,8 +340,7 @@ class Rfc9329Engine(Engine):
         conn.generation += 1
         reason, conn.close_reason = conn.close_reason, ""
         conn.codec = self._codec(rfc9329.Role.ORIGINATOR)
-        conn.state = State.CONNECTING
-        self.epoch += 1
+        self._set_state(conn, State.CONNECTING)
         conn.pending = [(conn.outstanding, True)] if conn.outstanding is not None else []
         delay = min(RECONNECT_BASE * (2 ** (conn.attempt - 1)), RECONNECT_MAX)
         log.info(
@@ -478,8 +477,12 @@ class Rfc9329Engine(Engine):
         if conn.frames_in < LEND_AFTER_FRAMES:
             return None  # IKE alone (set-up, DPD) is cheaper on the loop than a thread hand-off
         rate = self.config.gateway.max_frame_rate if conn.side is Side.GATEWAY else 0
-        e = view.entry
-        return (conn.codec, e.peer, e.local, *self.router.ports_of(view, False), rate)
+        return (conn.codec, *self._esp_template(view), rate)
+
+    def _esp_template(self, view: ConnView) -> tuple[bytes, bytes, int, int]:
+        """(source, destination, source port, destination port) of the packets a
+        connection's ESP becomes, as router.inbound_esp builds them."""
+        return (view.entry.peer, view.entry.local, *self.router.ports_of(view, False))
 
     def lent_received(
         self,
@@ -528,8 +531,7 @@ class Rfc9329Engine(Engine):
                 # The native path: ESP frames become packets as router.inbound_esp builds
                 # them; what else arrives comes back as the event next_event() would give.
                 if pump_args is None:
-                    e = view.entry
-                    pump_args = (batch, e.peer, e.local, *router.ports_of(view, False))
+                    pump_args = (batch, *self._esp_template(view))
                 ev, esp = codec.pump(*pump_args)
                 conn.frames_in += esp
             else:
@@ -612,8 +614,7 @@ class Rfc9329Engine(Engine):
         if not conn.close_reason:
             conn.close_reason = reason
         if conn.state not in (State.CLOSING, State.CLOSED):
-            conn.state = State.CLOSING
-            self.epoch += 1
+            self._set_state(conn, State.CLOSING)
             self._out.append(Close(conn.conn_id, reason))
 
     def retire(self, now: float, conn_id: int, reason: str, graceful: bool = True) -> None:
@@ -649,8 +650,7 @@ class Rfc9329Engine(Engine):
 
     def _lost(self, now: float, conn: Conn) -> None:
         self.totals_fold(conn)
-        conn.state = State.CLOSED
-        self.epoch += 1
+        self._set_state(conn, State.CLOSED)
         if conn.side is Side.CLIENT and conn.local_port:
             self.ports.release(conn.local_port)
         if conn.counted:
@@ -905,6 +905,10 @@ class Rfc9329Engine(Engine):
     def _goto(self, conn: Conn, new: State) -> None:
         if new not in TRANSITIONS[conn.state]:
             raise AssertionError(f"{conn}: {conn.state.value} -> {new.value}")
+        self._set_state(conn, new)
+
+    def _set_state(self, conn: Conn, new: State) -> None:
+        """Every state change goes here: the native flow cache is valid for one epoch."""
         conn.state = new
         self.epoch += 1
 
