@@ -118,6 +118,34 @@ Deframer_dealloc(Deframer *d)
     Py_TYPE(d)->tp_free((PyObject *)d);
 }
 
+/* Room for n more octets after what is unread (consumed octets are dropped first). No
+   Python objects: the inbound worker calls it without the GIL. -> 0, or -1 out of memory. */
+static int
+deframer_reserve(Deframer *d, size_t n)
+{
+    if (d->pos) {
+        if (d->pos >= d->len) {
+            d->len = 0;
+        } else {
+            memmove(d->buf, d->buf + d->pos, d->len - d->pos);
+            d->len -= d->pos;
+        }
+        d->pos = 0;
+    }
+    size_t need = d->len + n;
+    if (need > d->cap) {
+        size_t ncap = d->cap ? d->cap : 4096;
+        while (ncap < need)
+            ncap *= 2;
+        uint8_t *nb = PyMem_RawRealloc(d->buf, ncap);
+        if (nb == NULL)
+            return -1;
+        d->buf = nb;
+        d->cap = ncap;
+    }
+    return 0;
+}
+
 static PyObject *
 Deframer_receive_data(Deframer *d, PyObject *arg)
 {
@@ -144,30 +172,12 @@ Deframer_receive_data(Deframer *d, PyObject *arg)
         res = Py_NewRef(Py_None);
         goto done;
     }
-    if (d->pos) {
-        if (d->pos >= d->len) {
-            d->len = 0;
-        } else {
-            memmove(d->buf, d->buf + d->pos, d->len - d->pos);
-            d->len -= d->pos;
-        }
-        d->pos = 0;
-    }
-    size_t need = d->len + (size_t)view.len;
-    if (need > d->cap) {
-        size_t ncap = d->cap ? d->cap : 4096;
-        while (ncap < need)
-            ncap *= 2;
-        uint8_t *nb = PyMem_RawRealloc(d->buf, ncap);
-        if (nb == NULL) {
-            PyErr_NoMemory();
-            goto done;
-        }
-        d->buf = nb;
-        d->cap = ncap;
+    if (deframer_reserve(d, (size_t)view.len) < 0) {
+        PyErr_NoMemory();
+        goto done;
     }
     memcpy(d->buf + d->len, view.buf, (size_t)view.len);
-    d->len = need;
+    d->len += (size_t)view.len;
     res = Py_NewRef(Py_None);
 done:
     PyBuffer_Release(&view);
@@ -322,15 +332,24 @@ Deframer_next_event(Deframer *d, PyObject *Py_UNUSED(ignored))
     return deframer_event(d, k, start, n, reason);
 }
 
+/* The (peer, local) address pair of an inject template: both IPv4 or both IPv6 bytes.
+   -> 0 with *v6 set, or -1 with an exception. */
 static int
-addr_arg(PyObject *o, const uint8_t **p, Py_ssize_t *len)
+addr_pair(PyObject *peer_o, PyObject *local_o, const uint8_t **peer, const uint8_t **local,
+          int *v6)
 {
-    if (!PyBytes_Check(o)) {
+    if (!PyBytes_Check(peer_o) || !PyBytes_Check(local_o)) {
         PyErr_SetString(PyExc_TypeError, "addresses must be bytes");
         return -1;
     }
-    *p = (const uint8_t *)PyBytes_AS_STRING(o);
-    *len = PyBytes_GET_SIZE(o);
+    Py_ssize_t plen = PyBytes_GET_SIZE(peer_o);
+    if (plen != PyBytes_GET_SIZE(local_o) || (plen != 4 && plen != 16)) {
+        PyErr_SetString(PyExc_ValueError, "peer and local must both be IPv4 or both IPv6");
+        return -1;
+    }
+    *peer = (const uint8_t *)PyBytes_AS_STRING(peer_o);
+    *local = (const uint8_t *)PyBytes_AS_STRING(local_o);
+    *v6 = plen == 16;
     return 0;
 }
 
@@ -347,14 +366,9 @@ Deframer_pump(Deframer *d, PyObject *args)
                           &dport))
         return NULL;
     const uint8_t *peer, *local;
-    Py_ssize_t plen, llen;
-    if (addr_arg(peer_o, &peer, &plen) < 0 || addr_arg(local_o, &local, &llen) < 0)
+    int v6;
+    if (addr_pair(peer_o, local_o, &peer, &local, &v6) < 0)
         return NULL;
-    if (plen != llen || (plen != 4 && plen != 16)) {
-        PyErr_SetString(PyExc_ValueError, "peer and local must both be IPv4 or both IPv6");
-        return NULL;
-    }
-    int v6 = plen == 16;
     Py_ssize_t esp = 0;
     PyObject *ev;
     if (d->error != NULL) {

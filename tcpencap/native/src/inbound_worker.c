@@ -148,13 +148,10 @@ InboundWorker_attach(InboundWorker *w, PyObject *args)
     if (!worker_ready(w))
         return NULL;
     const uint8_t *peer, *local;
-    Py_ssize_t plen, llen;
-    if (addr_arg(peer_o, &peer, &plen) < 0 || addr_arg(local_o, &local, &llen) < 0)
+    int v6;
+    if (addr_pair(peer_o, local_o, &peer, &local, &v6) < 0)
         return NULL;
-    if (plen != llen || (plen != 4 && plen != 16)) {
-        PyErr_SetString(PyExc_ValueError, "peer and local must both be IPv4 or both IPv6");
-        return NULL;
-    }
+    size_t alen = v6 ? 16 : 4;
     Deframer *df = (Deframer *)d;
     if (df->lent || df->error != NULL || df->awaiting_prefix || df->eof) {
         PyErr_SetString(PyExc_ValueError, "only an open stream past its prefix can be lent");
@@ -166,9 +163,9 @@ InboundWorker_attach(InboundWorker *w, PyObject *args)
     l->conn_id = conn_id;
     l->fd = fd;
     l->d = df;
-    memcpy(l->peer, peer, (size_t)plen);
-    memcpy(l->local, local, (size_t)llen);
-    l->v6 = plen == 16;
+    memcpy(l->peer, peer, alen);
+    memcpy(l->local, local, alen);
+    l->v6 = v6;
     l->sport = sport;
     l->dport = dport;
     l->max_rate = max_rate;
@@ -211,24 +208,35 @@ InboundWorker_attach(InboundWorker *w, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* A conn_id argument of a ready worker. -> 0, or -1 with an exception. */
+static int
+conn_id_arg(InboundWorker *w, PyObject *arg, uint32_t *conn_id)
+{
+    unsigned long v = PyLong_AsUnsignedLong(arg);
+    if (v == (unsigned long)-1 && PyErr_Occurred())
+        return -1;
+    if (!worker_ready(w))
+        return -1;
+    *conn_id = (uint32_t)v;
+    return 0;
+}
+
 /* detach(conn_id) -> (frames, bytes, reads) not yet reported, or None if not lent. */
 static PyObject *
 InboundWorker_detach(InboundWorker *w, PyObject *arg)
 {
-    unsigned long conn_id = PyLong_AsUnsignedLong(arg);
-    if (conn_id == (unsigned long)-1 && PyErr_Occurred())
-        return NULL;
-    if (!worker_ready(w))
+    uint32_t conn_id;
+    if (conn_id_arg(w, arg, &conn_id) < 0)
         return NULL;
     worker_lock(w);
     Lent *l = NULL;
-    ssize_t i = lent_index(w, (uint32_t)conn_id);
+    ssize_t i = lent_index(w, conn_id);
     if (i >= 0) {
         l = w->lent[i];
         lent_remove(w, (size_t)i);
     } else {
         for (size_t k = 0; k < w->nback; k++) {
-            if (w->back[k]->conn_id == (uint32_t)conn_id) {
+            if (w->back[k]->conn_id == conn_id) {
                 l = w->back[k];
                 w->back[k] = w->back[--w->nback];
                 break;
@@ -247,13 +255,11 @@ InboundWorker_detach(InboundWorker *w, PyObject *arg)
 static PyObject *
 InboundWorker_counts(InboundWorker *w, PyObject *arg)
 {
-    unsigned long conn_id = PyLong_AsUnsignedLong(arg);
-    if (conn_id == (unsigned long)-1 && PyErr_Occurred())
-        return NULL;
-    if (!worker_ready(w))
+    uint32_t conn_id;
+    if (conn_id_arg(w, arg, &conn_id) < 0)
         return NULL;
     worker_lock(w);
-    ssize_t i = lent_index(w, (uint32_t)conn_id);
+    ssize_t i = lent_index(w, conn_id);
     Py_ssize_t f = 0, b = 0, r = 0;
     if (i >= 0) {
         Lent *l = w->lent[i];
@@ -272,24 +278,9 @@ lent_read(InboundWorker *w, Lent *l)
 {
     Deframer *d = l->d;
     for (int round = 0; round < 8; round++) {
-        if (d->pos && d->pos >= d->len)
-            d->pos = d->len = 0;
-        if (d->pos) {
-            memmove(d->buf, d->buf + d->pos, d->len - d->pos);
-            d->len -= d->pos;
-            d->pos = 0;
-        }
         size_t want = 65536;
-        if (d->len + want > d->cap) {
-            size_t ncap = d->cap ? d->cap : 4096;
-            while (ncap < d->len + want)
-                ncap *= 2;
-            uint8_t *nb = PyMem_RawRealloc(d->buf, ncap);
-            if (nb == NULL)
-                return R_NOMEM;
-            d->buf = nb;
-            d->cap = ncap;
-        }
+        if (deframer_reserve(d, want) < 0)
+            return R_NOMEM;
         ssize_t r = recv(l->fd, d->buf + d->len, d->cap - d->len, MSG_DONTWAIT);
         if (r == 0)
             return R_EOF;
@@ -334,11 +325,7 @@ lent_read(InboundWorker *w, Lent *l)
         if ((size_t)r < want)
             break; /* the socket is empty for now */
     }
-    if (d->pos >= d->len) { /* idle: no receive memory */
-        PyMem_RawFree(d->buf);
-        d->buf = NULL;
-        d->pos = d->len = d->cap = 0;
-    }
+    deframer_settle(d); /* idle: no receive memory */
     return 0;
 }
 

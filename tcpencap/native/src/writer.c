@@ -78,25 +78,35 @@ writer_forget(TcpWriter *w)
     w->pos = w->len = w->cap = 0;
 }
 
+/* Send as much of src as the socket takes now; a hard error is kept in w->error.
+   -> the octets sent. */
+static size_t
+writer_send(TcpWriter *w, const uint8_t *src, size_t n)
+{
+    size_t done = 0;
+    while (done < n) {
+        ssize_t r = send(w->fd, src + done, n - done, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (r > 0) {
+            done += (size_t)r;
+            continue;
+        }
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (!(r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)))
+            w->error = r < 0 ? errno : EPIPE;
+        break;
+    }
+    return done;
+}
+
 static void
 writer_flush(TcpWriter *w)
 {
     if (w->fd < 0 || w->collect || w->error)
         return;
-    while (w->pos < w->len) {
-        ssize_t r = send(w->fd, w->buf + w->pos, w->len - w->pos, MSG_DONTWAIT | MSG_NOSIGNAL);
-        if (r > 0) {
-            w->pos += (size_t)r;
-            continue;
-        }
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-            return;
-        w->error = r < 0 ? errno : EPIPE;
-        break;
-    }
-    writer_forget(w); /* all sent (or broken): an idle connection keeps no send memory */
+    w->pos += writer_send(w, w->buf + w->pos, w->len - w->pos);
+    if (w->pos == w->len || w->error)
+        writer_forget(w); /* all sent (or broken): an idle connection keeps no send memory */
 }
 
 /* Queue data (sent first straight from the caller's octets when nothing waits). */
@@ -104,21 +114,11 @@ static int
 writer_put(TcpWriter *w, const uint8_t *src, size_t n)
 {
     if (w->pos == w->len && w->fd >= 0 && !w->collect) {
-        while (n) {
-            ssize_t r = send(w->fd, src, n, MSG_DONTWAIT | MSG_NOSIGNAL);
-            if (r > 0) {
-                src += r;
-                n -= (size_t)r;
-            } else if (r < 0 && errno == EINTR) {
-                continue;
-            } else {
-                if (!(r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))) {
-                    w->error = r < 0 ? errno : EPIPE;
-                    return 0;
-                }
-                break;
-            }
-        }
+        size_t sent = writer_send(w, src, n);
+        if (w->error)
+            return 0;
+        src += sent;
+        n -= sent;
     }
     if (n) {
         if (writer_room(w, n) < 0)
