@@ -102,6 +102,27 @@ def start_tcp_pair(
     )
 
 
+def start_tcp_clients(
+    lab: Lab, clients: list[Host], extra: str = "", gateway_extra: str = ""
+) -> None:
+    """Several clients with UDP blocked, each with its IPv4 PSK tunnel over TCP 4500 to gw,
+    initiated. ``extra`` goes into the gateway's tcpencap section, ``gateway_extra`` into
+    its gateway section."""
+    gw = lab.gw
+    for c in clients:
+        lab.block_udp(c)
+    for h in (gw, *clients):
+        h.start_charon()
+    for c in clients:
+        load_tunnel(lab, c, "psk", 4)
+    gw.start_tcpencap(
+        tcpencap_conf(gw, listen=[f"{gw.outer4}:4500"], extra=extra, gateway_extra=gateway_extra)
+    )
+    for c in clients:
+        c.start_tcpencap(tcpencap_conf(c, connections={default_name(c, gw): 4500}))
+        c.charon.initiate(default_name(c, gw), timeout=10)
+
+
 def assert_pings(a: Host, b: Host, count: int = 3) -> None:
     """Inner addresses answer each other, both directions, both inner families."""
     for family in (4, 6):

@@ -30,10 +30,10 @@ from e2e_helpers import (
     assert_pings,
     assert_steering,
     ike_sa,
-    load_tunnel,
+    start_tcp_clients,
 )
 
-from tests.lab import Host, Lab, default_name, ping, tcpencap_conf
+from tests.lab import Host, Lab, default_name, ping
 
 pytestmark = pytest.mark.lab
 
@@ -190,20 +190,6 @@ def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def _start_pair(lab: Lab, clients: list[Host], gateway_extra: str = "") -> None:
-    gw = lab.gw
-    for c in clients:
-        lab.block_udp(c)
-    for h in (gw, *clients):
-        h.start_charon()
-    for c in clients:
-        load_tunnel(lab, c, "psk", 4)
-    gw.start_tcpencap(tcpencap_conf(gw, listen=[f"{gw.outer4}:4500"], gateway_extra=gateway_extra))
-    for c in clients:
-        c.start_tcpencap(tcpencap_conf(c, connections={default_name(c, gw): 4500}))
-        c.charon.initiate(default_name(c, gw), timeout=10)
-
-
 def _honest(gw: Host, clients: list[Host]) -> dict[str, dict[str, Any]]:
     """Per client: its gateway connection row and charon's SA (gateway side)."""
     conns = gw.tcpencap_status()["connections"]
@@ -235,7 +221,7 @@ def test_gateway_under_attack_keeps_honest_tunnels() -> None:
     with Lab(clients=2) as lab:
         c1, c2, gw, fw = lab.clients[0], lab.clients[1], lab.gw, lab.fw
         clients = [c1, c2]
-        _start_pair(lab, clients, gateway_extra=_conf_limits())
+        start_tcp_clients(lab, clients, gateway_extra=_conf_limits())
         assert_pings(c1, gw, count=2)
         assert_pings(c2, gw, count=2)
         sources = [f"198.19.0.{101 + i}" for i in range(N_SOURCES)]
@@ -332,7 +318,7 @@ def test_tunnel_survives_two_percent_loss() -> None:
     with Lab(clients=1) as lab:
         c1, gw, fw = lab.clients[0], lab.gw, lab.fw
         name = default_name(c1, gw)
-        _start_pair(lab, [c1])
+        start_tcp_clients(lab, [c1])
         assert_pings(c1, gw)
         spi = assert_established(c1, name)["initiator-spi"]
         fw.run("iptables", "-A", *LOSS_RULE)

@@ -21,14 +21,14 @@ from e2e_helpers import (
     assert_status_matches_sa,
     assert_steering,
     chain_rules,
-    load_tunnel,
     mangle_rules,
     run_hostile,
+    start_tcp_clients,
     start_tcp_pair,
     tcpencap_sets,
 )
 
-from tests.lab import Host, Lab, Process, default_name, ping, psk_conf, tcpencap_conf
+from tests.lab import Host, Lab, Process, ping, psk_conf
 
 pytestmark = pytest.mark.lab
 
@@ -134,16 +134,7 @@ def test_several_queues_each_with_its_thread() -> None:
     queues 4500 and 4501 (one peer's packets stay in one), a reader thread per queue."""
     with Lab(clients=4) as lab:
         gw, clients = lab.gw, lab.clients
-        for c in clients:
-            lab.block_udp(c)
-        for h in (gw, *clients):
-            h.start_charon()
-        for c in clients:
-            load_tunnel(lab, c, "psk", 4)
-        gw.start_tcpencap(tcpencap_conf(gw, listen=[f"{gw.outer4}:4500"], extra="  queues = 2"))
-        for c in clients:
-            c.start_tcpencap(tcpencap_conf(c, connections={default_name(c, gw): 4500}))
-            c.charon.initiate(default_name(c, gw), timeout=10)
+        start_tcp_clients(lab, clients, extra="  queues = 2")
         for tool in ("iptables", "ip6tables"):
             rules = chain_rules(gw, tool)
             assert [r.endswith("-j NFQUEUE --queue-balance 4500:4501") for r in rules] == [True]

@@ -5,8 +5,12 @@ injection are checked on real sockets."""
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import socket
 import struct
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -501,62 +505,10 @@ def test_datapath_setting_and_fallback(monkeypatch: pytest.MonkeyPatch, caplog: 
 # --- the inbound worker (a stream socket pair stands in for TCP; loopback only) -----------
 
 
-def test_inbound_worker_injects_esp_and_gives_back_the_rest() -> None:
-    import queue
-    import threading
-
-    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    raw4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-    raw6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
-    peer_end, ours = socket.socketpair()
-    given: queue.Queue[Any] = queue.Queue()
-    worker = native().InboundWorker(raw4.fileno(), raw6.fileno())
-    thread = threading.Thread(target=worker.run, args=(given.put,), daemon=True)
-    with rx, raw4, raw6, peer_end, ours:
-        rx.bind(("127.0.0.1", 0))
-        rx.settimeout(2)
-        port = rx.getsockname()[1]
-        local = addr_bytes("127.0.0.1")
-        d = native().Deframer(rfc9329.Role.ORIGINATOR)
-        thread.start()
-        try:
-            worker.attach(7, ours.fileno(), d, local, local, 4500, port, 0)
-            with pytest.raises(RuntimeError, match="lent"):
-                d.next_event()  # the worker owns it now
-            frames = [esp(0x100 + i, 50 + i) for i in range(3)]
-            peer_end.sendall(b"".join((len(f) + 2).to_bytes(2, "big") + f for f in frames))
-            assert [rx.recv(4096) for _ in frames] == frames
-            ike_frame = NON_ESP_MARKER + ike()
-            late = esp(0x200)
-            peer_end.sendall(
-                (len(ike_frame) + 2).to_bytes(2, "big") + ike_frame
-                + (len(late) + 2).to_bytes(2, "big") + late
-            )  # fmt: skip
-            ((cid, reason, n, nbytes, reads),) = given.get(timeout=2)
-            assert (cid, reason, n) == (7, "frame", 3) and nbytes > 0 and reads >= 1
-            # the frames the engine must see wait, unread, in the deframer
-            assert d.next_event() == rfc9329.IKEMessage(ike())
-            assert d.next_event() == rfc9329.ESPPacket(late)
-            worker.attach(7, ours.fileno(), d, local, local, 4500, port, 0)
-            assert worker.counts(7) == (0, 0, 0)
-            peer_end.shutdown(socket.SHUT_WR)
-            ((cid, reason, n, _, _),) = given.get(timeout=2)
-            assert (cid, reason, n) == (7, "eof", 0)
-            assert worker.detach(7) is None  # given back already
-            worker.attach(8, ours.fileno(), native().Deframer(rfc9329.Role.ORIGINATOR), local,
-                          local, 4500, port, 0)  # fmt: skip
-            assert worker.detach(8) == (0, 0, 0) and worker.stats()["lent"] == 0
-        finally:
-            worker.stop()
-            thread.join(2)
-    assert not thread.is_alive()
-    assert worker.stats()["injected"] == 3
-
-
-def test_inbound_worker_gives_back_a_flood() -> None:
-    import queue
-    import threading
-
+@contextlib.contextmanager
+def inbound_worker() -> Iterator[tuple[Any, queue.Queue[Any], socket.socket, socket.socket]]:
+    """A running InboundWorker on raw sockets, the queue it gives connections back on, and
+    the socket pair's end it reads (the other end is the peer). Stopped on the way out."""
     raw4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     raw6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
     peer_end, ours = socket.socketpair()
@@ -566,15 +518,58 @@ def test_inbound_worker_gives_back_a_flood() -> None:
     with raw4, raw6, peer_end, ours:
         thread.start()
         try:
-            local = addr_bytes("127.0.0.1")
-            d = native().Deframer(rfc9329.Role.RESPONDER)
-            d.receive_data(rfc9329.PREFIX)
-            assert d.next_event() == rfc9329.PrefixReceived()
-            worker.attach(3, ours.fileno(), d, local, local, 50000, 9, 100)  # 100 frames/s
-            f = esp(0x100)
-            peer_end.sendall(((len(f) + 2).to_bytes(2, "big") + f) * 500)
-            ((cid, reason, n, _, _),) = given.get(timeout=2)
-            assert (cid, reason) == (3, "rate") and 100 < n <= 500
+            yield worker, given, peer_end, ours
         finally:
             worker.stop()
             thread.join(2)
+    assert not thread.is_alive()
+
+
+def test_inbound_worker_injects_esp_and_gives_back_the_rest() -> None:
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with rx, inbound_worker() as (worker, given, peer_end, ours):
+        rx.bind(("127.0.0.1", 0))
+        rx.settimeout(2)
+        port = rx.getsockname()[1]
+        local = addr_bytes("127.0.0.1")
+        d = native().Deframer(rfc9329.Role.ORIGINATOR)
+        worker.attach(7, ours.fileno(), d, local, local, 4500, port, 0)
+        with pytest.raises(RuntimeError, match="lent"):
+            d.next_event()  # the worker owns it now
+        frames = [esp(0x100 + i, 50 + i) for i in range(3)]
+        peer_end.sendall(b"".join((len(f) + 2).to_bytes(2, "big") + f for f in frames))
+        assert [rx.recv(4096) for _ in frames] == frames
+        ike_frame = NON_ESP_MARKER + ike()
+        late = esp(0x200)
+        peer_end.sendall(
+            (len(ike_frame) + 2).to_bytes(2, "big") + ike_frame
+            + (len(late) + 2).to_bytes(2, "big") + late
+        )  # fmt: skip
+        ((cid, reason, n, nbytes, reads),) = given.get(timeout=2)
+        assert (cid, reason, n) == (7, "frame", 3) and nbytes > 0 and reads >= 1
+        # the frames the engine must see wait, unread, in the deframer
+        assert d.next_event() == rfc9329.IKEMessage(ike())
+        assert d.next_event() == rfc9329.ESPPacket(late)
+        worker.attach(7, ours.fileno(), d, local, local, 4500, port, 0)
+        assert worker.counts(7) == (0, 0, 0)
+        peer_end.shutdown(socket.SHUT_WR)
+        ((cid, reason, n, _, _),) = given.get(timeout=2)
+        assert (cid, reason, n) == (7, "eof", 0)
+        assert worker.detach(7) is None  # given back already
+        worker.attach(8, ours.fileno(), native().Deframer(rfc9329.Role.ORIGINATOR), local,
+                      local, 4500, port, 0)  # fmt: skip
+        assert worker.detach(8) == (0, 0, 0) and worker.stats()["lent"] == 0
+    assert worker.stats()["injected"] == 3
+
+
+def test_inbound_worker_gives_back_a_flood() -> None:
+    with inbound_worker() as (worker, given, peer_end, ours):
+        local = addr_bytes("127.0.0.1")
+        d = native().Deframer(rfc9329.Role.RESPONDER)
+        d.receive_data(rfc9329.PREFIX)
+        assert d.next_event() == rfc9329.PrefixReceived()
+        worker.attach(3, ours.fileno(), d, local, local, 50000, 9, 100)  # 100 frames/s
+        f = esp(0x100)
+        peer_end.sendall(((len(f) + 2).to_bytes(2, "big") + f) * 500)
+        ((cid, reason, n, _, _),) = given.get(timeout=2)
+        assert (cid, reason) == (3, "rate") and 100 < n <= 500
