@@ -5,11 +5,12 @@ Not a test: it prints figures next to a baseline measured in the same run and ne
 on timings. Run as root from anywhere::
 
     python3 bench/bench_lab.py [--duration 10] [--scale 100,500,1000] [--json PATH] [--keep]
-        [--datapath native,python] [--phases udp,tcp,ctcp,openvpn,socat,floor]
+        [--datapath native,python] [--phases udp,tcp,tls,ctcp,openvpn,socat,floor]
 
 One lab (c1 - fw - gw, see tests/lab/) is built. Phase "udp": charon to charon over UDP,
 nothing blocked, no tcpencap: the baseline. From then on fw drops all UDP of c1. Phases
-"tcp" (RFC 9329) and "ctcp" (Cisco cTCP): tcpencap runs on both ends, once per
+"tcp" (RFC 9329), "tls" (RFC 9329 over TLS 1.3 on 443, Appendix A) and "ctcp" (Cisco
+cTCP): tcpencap runs on both ends, once per
 ``--datapath`` (written as ``datapath = X`` into both tcpencap.conf; "" writes no key).
 Each of these measures inner TCP throughput (iperf3, 1 and 4 streams), inner ping RTT, an
 inner UDP flood (packets/s and loss), CPU seconds per GB of charon and tcpencap, IKE_SA +
@@ -57,6 +58,7 @@ from tests.lab import (  # noqa: E402
     tcpencap_conf,
     vici_to_str,
 )
+from tests.tls_helpers import make_server_cert  # noqa: E402
 
 PSK = "bench-shared-secret-0123456789"
 SCALE_ID = "scale.lab.test"  # identity of every scale connection (own peer config on gw)
@@ -65,10 +67,12 @@ LAB_NET = ipaddress.ip_network("198.18.0.0/15")
 CONN = "c1-gw"
 IPERF_PORT = 5201  # iperf3's default; the server listens on gw.inner4
 RFC9329_PORT = 4500
+TLS_PORT = 443
+TLS_SNI = "vpn.lab.test"
 CTCP_PORT = 10000
 RELAY_PORT = 5301  # the socat relays' listening port, on c1.inner4 and gw.outer4
 DATAPATHS = ("auto", "native", "python")  # tcpencap.datapath
-PHASES = ("udp", "tcp", "ctcp", "openvpn", "socat", "floor")
+PHASES = ("udp", "tcp", "tls", "ctcp", "openvpn", "socat", "floor")
 BUSY = 0.1  # CPU s per second used by other processes: the phase ran on a busy machine
 T0 = time.monotonic()
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -732,7 +736,7 @@ def tcpencap_confs(c1: Host, gw: Host, kind: str, datapath: str, max_n: int) -> 
     ``encapsulation = ctcp`` on c1's connection); ``datapath = X`` at the top level of
     both unless ``datapath`` is empty."""
     extra = f"  datapath = {datapath}" if datapath else ""
-    if kind == "tcp":
+    if kind in ("tcp", "tls"):
         # One client charon opens all N connections from one address at once: lift the
         # per-source and pending limits (internet defaults: 32 and 256) for this bench.
         limit = max(1000, max_n + 100)
@@ -741,8 +745,18 @@ def tcpencap_confs(c1: Host, gw: Host, kind: str, datapath: str, max_n: int) -> 
             f"    max_pending = {limit}"
         )
         listen = [f"{gw.outer4}:{RFC9329_PORT}"]
+        conn: int | dict[str, str] = RFC9329_PORT
+        if kind == "tls":  # the same, over TLS 1.3 on 443 (RFC 9329 Appendix A)
+            cert = make_server_cert(gw.lab.dir / "tls", dns=TLS_SNI, ips=(gw.outer4,))
+            listen = []
+            gw_extra += (
+                f"\n    tls_listen = {gw.outer4}:{TLS_PORT}\n"
+                f"    tls_cert = {cert.cert}\n    tls_key = {cert.key}"
+            )
+            conn = {"remote_port": str(TLS_PORT), "tls": "yes", "tls_ca": str(cert.ca),
+                    "tls_sni": TLS_SNI}  # fmt: skip
         gw_conf = tcpencap_conf(gw, listen=listen, gateway_extra=gw_extra, extra=extra)
-        conns = {CONN: RFC9329_PORT} | dict.fromkeys(scale_names(max_n), RFC9329_PORT)
+        conns = {CONN: conn} | dict.fromkeys(scale_names(max_n), conn)
         return gw_conf, tcpencap_conf(c1, connections=conns, extra=extra)
     gw_extra = f"    ctcp_listen = {gw.outer4}:{CTCP_PORT}"
     gw_conf = tcpencap_conf(gw, gateway_extra=gw_extra, extra=extra)
@@ -795,6 +809,7 @@ def status_digest(host: Host) -> dict[str, Any]:
 PHASE_TITLES = {
     "udp": "UDP baseline: ESP-in-UDP charon to charon, nothing blocked, no tcpencap",
     "tcp": "RFC 9329 over TCP {port} through tcpencap",
+    "tls": "RFC 9329 over TLS 1.3 on TCP {port} through tcpencap (TLS in Python's ssl)",
     "ctcp": "Cisco cTCP over TCP {port} through tcpencap",
     "openvpn": "OpenVPN 2.6 over TCP 1194, TLS, AES-256-GCM, p2p; {mode}",
     "socat": "no tunnel: iperf3 TCP through socat relays in c1 and gw (fork per connection)",
@@ -874,8 +889,9 @@ def ipsec_phase(
     """One phase of the strongSwan tunnel: "udp" (no tcpencap), "tcp" or "ctcp"."""
     c1 = lab.clients[0]
     assert c1.charon
-    label = kind if kind == "udp" else ("rfc9329" if kind == "tcp" else "ctcp")
-    title = PHASE_TITLES[kind].format(port=RFC9329_PORT if kind == "tcp" else CTCP_PORT)
+    label = {"udp": "udp", "tcp": "rfc9329", "tls": "rfc9329-tls", "ctcp": "ctcp"}[kind]
+    port = {"tcp": RFC9329_PORT, "tls": TLS_PORT}.get(kind, CTCP_PORT)
+    title = PHASE_TITLES[kind].format(port=port)
     if datapath:
         label, title = f"{label}/{datapath}", f"{title}, datapath = {datapath}"
     elif kind != "udp":
@@ -886,7 +902,7 @@ def ipsec_phase(
                 start_tcpencap_pair(lab, args, kind, datapath, max_n)
             c1.charon.initiate(CONN, timeout=15)
             what = {"ping", "flood", "setup"}
-            if args.scale and (kind == "tcp" or (kind == "udp" and args.udp_scale)):
+            if args.scale and (kind in ("tcp", "tls") or (kind == "udp" and args.udp_scale)):
                 what.add("scale")
             measure(lab, args, label, r, watched_pids(lab, kind != "udp"), what)
             if kind != "udp":
@@ -970,7 +986,7 @@ def run(args: argparse.Namespace, results: dict[str, Any]) -> None:
     results["args"] = {k: v for k, v in vars(args).items() if k != "json"}
     results["phases"] = {}
     lab_phases = [p for p in PHASES if p in args.phases and p != "floor"]
-    scaled = "tcp" in lab_phases or ("udp" in lab_phases and args.udp_scale)
+    scaled = "tcp" in lab_phases or "tls" in lab_phases or ("udp" in lab_phases and args.udp_scale)
     max_n = max(args.scale) if args.scale and scaled else 0
     if lab_phases:
         with Lab(clients=1, keep=args.keep) as lab:
@@ -995,7 +1011,7 @@ def run(args: argparse.Namespace, results: dict[str, Any]) -> None:
             if "udp" in lab_phases:
                 ipsec_phase(lab, args, results, "udp", "", max_n)
             lab.block_udp(c1)  # from here on, as in a hotel network
-            for kind in ("tcp", "ctcp"):
+            for kind in ("tcp", "tls", "ctcp"):
                 if kind in lab_phases:
                     for datapath in args.datapath:
                         ipsec_phase(lab, args, results, kind, datapath, max_n)
@@ -1134,7 +1150,8 @@ def short(label: str) -> str:
     if label in ("udp", "socat"):
         return {"udp": "UDP", "socat": "socat relays"}[label]
     kind, _, rest = label.partition("/")
-    name = {"rfc9329": "RFC9329", "ctcp": "cTCP", "openvpn": "OpenVPN"}.get(kind, kind)
+    name = {"rfc9329": "RFC9329", "rfc9329-tls": "RFC9329+TLS", "ctcp": "cTCP",
+            "openvpn": "OpenVPN"}.get(kind, kind)  # fmt: skip
     return f"{name}/{rest}" if rest else name
 
 

@@ -9,7 +9,7 @@ APT_PACKAGES=(
   libcharon-extra-plugins libcharon-extauth-plugins
   iptables iproute2 iperf3 socat ipset tshark tcpdump iputils-ping procps systemd git
   libnetfilter-queue-dev gcc libc6-dev python3-dev python3-venv vpnc openvpn linux-perf
-  qemu-system-x86 debootstrap
+  qemu-system-x86 debootstrap haproxy curl openssl
 )
 
 if [ "$(id -u)" != 0 ]; then
@@ -62,7 +62,8 @@ TOOL_PACKAGES=(
   ip:iproute2 iptables:iptables ip6tables:iptables ipset:ipset tcpdump:tcpdump tshark:tshark
   ping:iputils-ping iperf3:iperf3 socat:socat vpnc:vpnc gcc:gcc swanctl:strongswan-swanctl
   ps:procps systemd-analyze:systemd git:git qemu-system-x86_64:qemu-system-x86
-  debootstrap:debootstrap openvpn:openvpn perf:linux-perf
+  debootstrap:debootstrap openvpn:openvpn perf:linux-perf haproxy:haproxy curl:curl
+  openssl:openssl
 )
 problems=()
 # The build makes the extension optional (a deployment without a compiler still runs, on the

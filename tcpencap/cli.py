@@ -113,6 +113,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"{cfg.source}: syntax and values OK")
     if cfg.gateway.listen:
         print("gateway: RFC 9329 on " + ", ".join(_ep(h, p) for h, p in cfg.gateway.listen))
+    if cfg.gateway.tls_listen:
+        print(
+            "gateway: RFC 9329 over TLS on "
+            + ", ".join(_ep(h, p) for h, p in cfg.gateway.tls_listen)
+        )
+    if cfg.gateway.proxy_protocol_from:
+        print(
+            "gateway: PROXY v2 header required from " + ", ".join(cfg.gateway.proxy_protocol_from)
+        )
     if cfg.gateway.ctcp_listen:
         print("gateway: cTCP on " + ", ".join(_ep(h, p) for h, p in cfg.gateway.ctcp_listen))
     conns: dict[str, dict[str, Any]] | None = None

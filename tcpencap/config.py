@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from tcpencap.confparse import ConfError, FileReader, Reader, Section, Setting, parse
+from tcpencap.core.outputs import bracket
+from tcpencap.core.reload import endpoints_overlap
 
 DEFAULT_PATH = "/etc/strongswan.d/tcpencap.conf"
 DEFAULTS_SOURCE = "(defaults)"
@@ -48,6 +50,13 @@ class ConnectionConfig:
     encapsulation: str = "rfc9329"  # rfc9329 | ctcp
     remote_addrs: tuple[str, ...] = ()
     fallback_timeout: float = 5.0  # transport = fallback: UDP gets this long to answer
+    # TLS beneath the prefix (RFC 9329 Appendix A). The server certificate is checked
+    # against tls_ca (else the system's CAs) for tls_sni (else the peer address), and, with
+    # tls_pin, its SHA-256 must match as well (tls_pin alone: only the pin is checked).
+    tls: bool = False
+    tls_ca: str = ""
+    tls_pin: bytes | None = None
+    tls_sni: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +80,14 @@ class GatewayConfig:
     no_sa_timeout: float = 30.0  # after the first message, an IKE SA must exist by then
     max_buffer: int = 262144
     max_frame_rate: int = 20000  # frames per second on one connection before it is cut
+    # TLS listeners (RFC 9329 Appendix A) take TLS and plain RFC 9329 alike; the
+    # certificate and key are read at start and on every reload.
+    tls_listen: tuple[tuple[str, int], ...] = ()
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Load balancers whose connections start with a PROXY v2 header (and must: from
+    # anywhere else a header is refused). Networks, e.g. 127.0.0.1, 10.0.0.0/8.
+    proxy_protocol_from: tuple[str, ...] = ()
     # Cisco cTCP listen endpoints: no socket is bound, the segments are taken from NFQUEUE.
     ctcp_listen: tuple[tuple[str, int], ...] = ()
     # cTCP timers (protocols.md A.6): handshake to finish, IKE to bind an SA after it.
@@ -96,6 +113,7 @@ class Config:
     # native: the C data path (tcpencap.native); python: the reference path; auto: native
     # where the extension loads. Either way a missing extension means Python and a warning.
     datapath: str = "auto"
+    tls_handshake_timeout: float = 5.0  # also the time a proxy gets for its PROXY header
     client: ClientConfig = field(default_factory=ClientConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     connections: dict[str, ConnectionConfig] = field(default_factory=dict)
@@ -153,6 +171,7 @@ def config_from_tree(root: Section, source: str) -> Config:
         log_level=v.take("log_level", _choice(LOG_LEVELS), "info"),
         datapath=v.take("datapath", _choice(DATAPATHS), "auto"),
         queues=v.take("queues", _int_range(1, 64), 1),
+        tls_handshake_timeout=v.take("tls_handshake_timeout", _duration, 5.0),
         client=_client(v.sub("client")),
         gateway=_gateway(v.sub("gateway")),
         connections=_connections(v.sub("connections")),
@@ -199,37 +218,51 @@ def _gateway(v: _Values) -> GatewayConfig:
         no_sa_timeout=v.take("no_sa_timeout", _duration, 30.0),
         max_buffer=v.take("max_buffer", _int_range(1024, 1 << 30), 262144),
         ctcp_listen=v.take("ctcp_listen", _listen, ()),
+        tls_listen=v.take("tls_listen", _listen, ()),
+        tls_cert=v.take("tls_cert", _abs_path, ""),
+        tls_key=v.take("tls_key", _abs_path, ""),
+        proxy_protocol_from=v.take("proxy_protocol_from", _network_list, ()),
         ctcp_handshake_timeout=v.take("ctcp_handshake_timeout", _duration, 3.0),
         ctcp_no_sa_timeout=v.take("ctcp_no_sa_timeout", _duration, 60.0),
     )
     v.finish()
     _check_listen_overlap(v.sec, g)
+    _check_tls_listen(v.sec, g)
     return g
 
 
-def _overlaps(a: tuple[str, int], b: tuple[str, int]) -> bool:
-    """Two listen endpoints that would receive the same segments (same port, same address
-    or a wildcard of the same family)."""
-    if a[1] != b[1]:
-        return False
-    x, y = ipaddress.ip_address(a[0]), ipaddress.ip_address(b[0])
-    return x.version == y.version and (x == y or x.is_unspecified or y.is_unspecified)
+def _check_overlap(
+    sec: Section, key: str, eps: tuple[tuple[str, int], ...],
+    others: tuple[tuple[str, int], ...], what: str,
+) -> None:  # fmt: skip
+    for ep in eps:
+        if any(endpoints_overlap(ep, other) for other in others):
+            s = sec.keys[key]
+            raise ConfigError(
+                s.path, s.line, f"tcpencap.gateway.{key}: '{bracket(ep[0])}:{ep[1]}' is also {what}"
+            )
 
 
 def _check_listen_overlap(sec: Section, g: GatewayConfig) -> None:
     """RFC 9329 listeners are kernel sockets; cTCP ports must have none, or the kernel
     would answer cTCP segments itself."""
-    for ep in g.ctcp_listen:
-        for other in g.listen:
-            if _overlaps(ep, other):
-                s = sec.keys["ctcp_listen"]
-                host = f"[{ep[0]}]" if ":" in ep[0] else ep[0]
-                raise ConfigError(
-                    s.path,
-                    s.line,
-                    f"tcpencap.gateway.ctcp_listen: '{host}:{ep[1]}' is also in "
-                    "tcpencap.gateway.listen",
-                )
+    _check_overlap(sec, "ctcp_listen", g.ctcp_listen, g.listen, "in tcpencap.gateway.listen")
+
+
+def _check_tls_listen(sec: Section, g: GatewayConfig) -> None:
+    """A TLS listener needs its certificate and key, and its own endpoint."""
+    if not g.tls_listen:
+        return
+    s = sec.keys["tls_listen"]
+    for key in ("tls_cert", "tls_key"):
+        if not getattr(g, key):
+            raise ConfigError(
+                s.path, s.line, f"tcpencap.gateway.tls_listen: needs tcpencap.gateway.{key}"
+            )
+    _check_overlap(
+        sec, "tls_listen", g.tls_listen, (*g.listen, *g.ctcp_listen),
+        "a plain or cTCP listener (a TLS listener takes plain RFC 9329 too)",
+    )  # fmt: skip
 
 
 def _connections(v: _Values) -> dict[str, ConnectionConfig]:
@@ -245,10 +278,25 @@ def _connections(v: _Values) -> dict[str, ConnectionConfig]:
             encapsulation=encap,
             remote_addrs=c.take("remote_addrs", _addr_list, ()),
             fallback_timeout=c.take("fallback_timeout", _duration, 5.0),
+            tls=c.take("tls", _yes_no, False),
+            tls_ca=c.take("tls_ca", _abs_path, ""),
+            tls_pin=c.take("tls_pin", _sha256_pin, None),
+            tls_sni=c.take("tls_sni", _dns_name, ""),
         )
+        _check_tls_connection(c.sec, f"tcpencap.connections.{name}", conns[name])
         c.finish()
     v.finish(tuple(v.sec.sections))
     return conns
+
+
+def _check_tls_connection(sec: Section, dotted: str, c: ConnectionConfig) -> None:
+    tls_keys = [k for k in ("tls_ca", "tls_pin", "tls_sni") if getattr(c, k)]
+    if c.tls and c.encapsulation != "rfc9329":
+        s = sec.keys["tls"]
+        raise ConfigError(s.path, s.line, f"{dotted}.tls: TLS is for RFC 9329, not cTCP")
+    if tls_keys and not c.tls:
+        s = sec.keys[tls_keys[0]]
+        raise ConfigError(s.path, s.line, f"{dotted}.{tls_keys[0]}: needs tls = yes")
 
 
 T = TypeVar("T")
@@ -435,6 +483,42 @@ def _address(text: str) -> str:
     ):
         return text
     raise _Bad(text, "is not an IP address or DNS name")
+
+
+def _dns_name(text: str) -> str:
+    """A host name for SNI (RFC 6066 sends names only, never addresses)."""
+    name = _address(text)
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return name
+    raise _Bad(text, "is an address; SNI takes a DNS name")
+
+
+def _sha256_pin(text: str) -> bytes:
+    """``sha256:AB:CD:..`` or 64 hex digits (with or without colons), as ``openssl x509
+    -fingerprint -sha256`` prints it."""
+    raw = text.strip()
+    if raw.lower().startswith("sha256:"):
+        raw = raw[7:]
+    digits = raw.replace(":", "")
+    if not re.fullmatch(r"[0-9A-Fa-f]{64}", digits):
+        raise _Bad(text, "is not a SHA-256 fingerprint (64 hex digits)")
+    return bytes.fromhex(digits)
+
+
+def _network_list(text: str) -> tuple[str, ...]:
+    """Addresses or networks (``ADDR/LEN``), normalised; a bare address is one host."""
+    out: list[str] = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            net = str(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise _Bad(item, "is not an address or network (ADDR or ADDR/LEN)") from None
+        if net not in out:
+            out.append(net)
+    return tuple(out)
 
 
 def _addr_list(text: str) -> tuple[str, ...]:

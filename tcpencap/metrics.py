@@ -105,6 +105,12 @@ def render(status: dict[str, Any], totals: dict[str, Any]) -> str:
         [({"limit": k}, n) for k, n in sorted(events.items()) if k.startswith("limit-")],
     )
     w.metric(
+        "front_failures_total",
+        "counter",
+        "Connections closed for their TLS or PROXY header, by reason (tls-*, proxy-*).",
+        [({"reason": k}, n) for k, n in sorted(events.items()) if k.startswith(("tls-", "proxy-"))],
+    )
+    w.metric(
         "vici_connected",
         "gauge",
         "1 while the VICI event session to charon is up.",

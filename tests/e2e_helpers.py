@@ -135,9 +135,14 @@ def assert_pings(a: Host, b: Host, count: int = 3) -> None:
             )
 
 
+def ike_sas(host: Host, name: str) -> list[dict[str, Any]]:
+    """Every IKE_SA called ``name`` in ``host``'s charon (more than one around a rekey)."""
+    return [sa for entry in host.charon.list_sas() for n, sa in entry.items() if n == name]
+
+
 def ike_sa(host: Host, name: str) -> dict[str, Any]:
     """The one IKE_SA called ``name`` in ``host``'s charon."""
-    sas = [sa for entry in host.charon.list_sas() for n, sa in entry.items() if n == name]
+    sas = ike_sas(host, name)
     assert len(sas) == 1, f"{host.role}: IKE_SAs named {name}: {sas}"
     return sas[0]
 

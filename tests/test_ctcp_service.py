@@ -43,8 +43,10 @@ C, G = addr_bytes("198.18.1.2"), addr_bytes("198.19.0.2")
 SPI_I = bytes.fromhex("1122334455667788")
 
 
-def _ike(src: bytes, dst: bytes, spi_r: bytes = bytes(8), exchange: int = 34) -> bytes:
-    msg = SPI_I + spi_r + bytes([33, 0x20, exchange, 0x08]) + bytes(4) + (28).to_bytes(4, "big")
+def _ike(
+    src: bytes, dst: bytes, spi_r: bytes = bytes(8), exchange: int = 34, spi_i: bytes = SPI_I
+) -> bytes:
+    msg = spi_i + spi_r + bytes([33, 0x20, exchange, 0x08]) + bytes(4) + (28).to_bytes(4, "big")
     return build_ip(src, dst, PROTO_UDP, build_udp(src, dst, 500, 500, msg))
 
 
@@ -178,3 +180,30 @@ def test_restarted_client_reconnects_on_esp_alone():
     ).to_bytes(4, "big")
     assert gw.outbound(6.0, _esp(G, addr_bytes("198.18.7.7"), 0xABCDEF01)) == []
     assert gw.counters["esp-no-connection"] == 1 and len(gw.flows) == 2
+
+
+def test_ike_spis_of_gone_sas_leave_the_index_once_a_flow_holds_max_spis():
+    """cTCP hears of no IKE SA's end (no VICI), so a long-lived flow would index every
+    rekey's and every collision's SPI forever. It keeps max_spis, dropping the SPI seen
+    least recently: the SA still in use stays, however old, and a message with a dropped
+    SPI still reaches the peer on the flow of its address pair."""
+    client, gw = _engines()
+    _handshake(client, gw, client.outbound(0.0, _ike(C, G)), 0.1)
+    (cflow,), (gflow,) = client.flows.values(), gw.flows.values()
+    limit = client.table.max_spis
+    rekeyed = [bytes([0xA0, n]) + bytes(6) for n in range(limit + 4)]
+    now = 1.0
+    for spi in rekeyed:
+        now += 1.0
+        for msg in (_ike(C, G, exchange=37, spi_i=spi), _ike(C, G, exchange=37)):
+            got = _exchange(client, gw, client.outbound(now, msg), now)
+            assert [type(o) for o in got] == [Inject]
+    for flow in (cflow, gflow):
+        assert len(flow.entry.ike_spis) == limit
+        assert SPI_I in flow.entry.ike_spis  # in use all along
+        assert rekeyed[-1] in flow.entry.ike_spis
+        assert not {*rekeyed[:5]} & flow.entry.ike_spis
+    assert len(client.table._ike) == len(gw.table._ike) == limit
+    late = _ike(C, G, exchange=37, spi_i=rekeyed[0])  # its DELETE, long after
+    got = _exchange(client, gw, client.outbound(now + 1, late), now + 1)
+    assert [type(o) for o in got] == [Inject] and len(client.flows) == 1

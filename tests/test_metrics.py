@@ -184,7 +184,7 @@ def status_of(conns: list[dict[str, Any]], **kw: Any) -> dict[str, Any]:
         "client_peers": [],
         "queue": {"packets": 77, "errors": 0, "reads": 12},
         "drops": {"no-connection": 2},
-        "events": {"deadline": 1, "limit-connections": 3},
+        "events": {"deadline": 1, "limit-connections": 3, "tls-verify": 2, "proxy-missing": 4},
         "connections": conns,
         "ctcp": None,
     }
@@ -232,6 +232,8 @@ def test_render_is_valid_and_complete() -> None:
     assert value(fams, "tcpencap_closed_total", reason="x") == 1
     assert value(fams, "tcpencap_limit_hits_total", limit="limit-connections") == 3
     assert value(fams, "tcpencap_deadline_failures_total") == 1
+    assert value(fams, "tcpencap_front_failures_total", reason="tls-verify") == 2
+    assert value(fams, "tcpencap_front_failures_total", reason="proxy-missing") == 4
     assert value(fams, "tcpencap_vici_connected") == 1
     assert value(fams, "tcpencap_steered_peers") == 2
     assert value(fams, "tcpencap_queue_packets_total") == 77

@@ -18,6 +18,7 @@ from tcpencap.core.rfc9329_engine import (
     Rfc9329Engine,
     State,
 )
+from tcpencap.core.sa_sync import UNLISTED_GRACE
 from tcpencap.native import load as load_native
 from tcpencap.wire import rfc9329
 from tcpencap.wire.ike import NON_ESP_MARKER
@@ -473,6 +474,38 @@ def test_charon_reporting_the_ike_sa_keeps_the_connection() -> None:
     g.vici_event(2.0, "ike-updown", {"up": "yes", "c1-gw": sa})
     g.handle_timer(100.0)
     assert closes(g) == [] and g.conns[gid].state is State.OPEN
+
+
+def test_collision_loser_spi_leaves_and_the_connection_goes_with_its_sa() -> None:
+    """A rekey collision's redundant IKE SA is learnt from the wire (its DELETE) and never
+    reported by charon. list-sas is asked after the rekey and again once the grace is over;
+    the SPI goes, so when charon later deletes the real SA the connection is retired
+    instead of being held open by a dead SPI."""
+    g, gid = open_gateway()
+    g.vici_state(1.5, True)
+    sa = {"initiator-spi": SPI_I.hex(), "remote-host": C, "remote-port": "50000",
+          "local-host": G, "state": "ESTABLISHED"}  # fmt: skip
+    g.vici_event(2.0, "ike-updown", {"up": "yes", "c1-gw": sa})
+    loser = bytes.fromhex("0123456789abcdef")
+    frame = NON_ESP_MARKER + ike(exchange=37, np=46, spi_i=loser)
+    g.receive_data(3.0, gid, 0, (len(frame) + 2).to_bytes(2, "big") + frame)
+    g.vici_event(3.0, "child-rekey", {"c1-gw": sa})
+    asked: list[float] = []
+    now = 3.0
+    while now < 40.0:
+        now = max(now, g.get_timer() or 40.0)
+        g.handle_timer(now)
+        for o in g.pull():
+            if isinstance(o, Query) and o.purpose == "reconcile":
+                asked.append(now)
+                g.sas_listed(now, o.purpose, [{"c1-gw": sa}])
+        if loser not in g.conns[gid].entry.ike_spis:
+            break
+    assert asked == [5.0, 5.0 + UNLISTED_GRACE], asked
+    assert g.conns[gid].entry.ike_spis == {SPI_I}
+    g.vici_event(now, "ike-updown", {"up": "no", "c1-gw": {**sa, "state": "DELETING"}})
+    g.handle_timer(now + 60.0)
+    assert closes(g) == ["IKE SA deleted"]
 
 
 def test_encrypted_ike_from_charon_counts_without_vici_but_not_with_it() -> None:

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tcpencap.core.router import Open, Router, Side
-from tcpencap.core.sa_sync import ExpireOld, Retire, SaSync
+from tcpencap.core.sa_sync import UNLISTED_GRACE, ExpireOld, Retire, SaSync
 from tcpencap.core.table import ConnectionTable
 from tcpencap.wire.packet import addr_bytes
 
@@ -661,6 +661,58 @@ def test_reconcile_esp_does_not_bind_for_unknown_sas(env: Env):
     env.sync.reconcile_esp([{"c1-gw": ike_sa(ISPI, children={"c1-gw-1": child()})}])
     assert env.esp(cid) == set()
     assert env.table.index_sizes()["esp"] == 0
+
+
+def test_reconcile_ike_unbinds_a_collision_loser_after_the_grace(env: Env):
+    """The redundant IKE SA of a rekey collision: its SPI was seen on the wire, charon
+    never reports it, list-sas stops showing it. It stays bound through the grace (it may
+    be an SA charon has not processed yet), then goes; the winner stays."""
+    cid = env.client(ike=(ISPI, ISPI_B))  # ISPI_B: the redundant SA
+    sas = [{"c1-gw": ike_sa(ISPI)}]
+    assert env.sync.reconcile_ike(100.0, sas) == []
+    assert env.ike(cid) == {b(ISPI), b(ISPI_B)} and env.sync.unlisted_ike == 1
+    assert env.sync.reconcile_ike(100.0 + UNLISTED_GRACE - 0.1, sas) == []
+    assert env.ike(cid) == {b(ISPI), b(ISPI_B)}
+    assert env.sync.reconcile_ike(100.0 + UNLISTED_GRACE, sas) == []
+    assert env.ike(cid) == {b(ISPI)} and env.sync.unlisted_ike == 0
+    assert env.table.find_ike_spi(b(ISPI_B)) is None
+
+
+def test_reconcile_ike_forgives_an_spi_charon_lists_again(env: Env):
+    """Missing from one answer (charon had not processed its IKE_SA_INIT yet), listed in
+    the next: the clock starts over."""
+    cid = env.client(ike=(ISPI,))
+    env.sync.reconcile_ike(0.0, [])
+    env.sync.reconcile_ike(5.0, [{"c1-gw": ike_sa(ISPI, state="CONNECTING")}])
+    assert env.sync.unlisted_ike == 0
+    env.sync.reconcile_ike(6.0, [])
+    assert env.sync.reconcile_ike(6.0 + UNLISTED_GRACE - 1, []) == []
+    assert env.ike(cid) == {b(ISPI)}
+
+
+def test_reconcile_ike_retires_a_connection_left_without_an_sa(env: Env):
+    """Its only IKE SA never came up (charon gave up on it, no event): the connection is
+    retired, its CHILD SPIs released; another connection with a listed SA is untouched;
+    rekeyed SPIs are left to their own expiry."""
+    lone = env.client(ike=(ISPI_B,), esp=(ESP_OUT_B,))
+    g = env.gateway(40001, ike=(ISPI_NEW,))
+    kept = env.client(peer=GW2, ike=(ISPI,))
+    env.table.rekey_ike(kept, b(ISPI), b("00000000000000aa"))
+    sas = [{"gw-c1": gw_sa(ISPI_NEW)}, {"c1-gw2": ike_sa("00000000000000aa", remote=GW2)}]
+    env.sync.reconcile_ike(0.0, sas)
+    fx = env.sync.reconcile_ike(UNLISTED_GRACE, sas)
+    assert fx == [Retire(lone, "IKE SA unknown to charon")]
+    assert env.table.get(lone) is None or not env.table.get(lone).carries_sa
+    assert env.ike(g) == {b(ISPI_NEW)}
+    assert env.old(kept) == {b(ISPI)}  # ExpireOld's business, not reconcile's
+
+
+def test_reconcile_ike_forgets_suspects_of_removed_connections(env: Env):
+    cid = env.client(ike=(ISPI_B,))
+    env.sync.reconcile_ike(0.0, [])
+    env.table.remove(cid)
+    env.sync.reconcile_ike(1.0, [])
+    assert env.sync.unlisted_ike == 0
 
 
 # --- fuzz -----------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from tcpencap.aio.engine_timer import EngineTimer
 from tcpencap.aio.sockopts import set_ipsec_bypass
 from tcpencap.aio.status import daemon_status
 from tcpencap.aio.tcp import TcpProtocol
+from tcpencap.aio.tls import Fronts
 from tcpencap.config import Config
 from tcpencap.confparse import ConfError
 from tcpencap.core import reload as plans
@@ -51,6 +52,7 @@ class Daemon:
         self.others: list[asyncio.base_events.Server] = []  # control socket, metrics
         self.bridge: ViciBridge | None = None
         self.ctcp: CtcpService | None = None
+        self.fronts = Fronts()  # TLS contexts and trusted proxies
         self.inbound: Any = None  # the native InboundWorker, reading open connections
         self._inbound_thread: threading.Thread | None = None
         self.intent = plans.Intent(restart_only=plans.restart_only(config))
@@ -226,12 +228,17 @@ class Daemon:
         ops = plans.plan(self.intent, intent)
         self.config = self.engine.config = new
         changes: list[str] = []
+        for tls_error in self.fronts.configure(new):
+            if not prefix:
+                raise OSError(tls_error)
+            log.error("%s%s", prefix, tls_error)
+            changes.append(tls_error)
         self.engine.apply(time.monotonic(), ops)
         for op in ops:
             line = plans.describe(op)
             if isinstance(op, plans.Listen):
                 try:
-                    await self._listen(op.host, op.port)
+                    await self._listen(op.host, op.port, op.tls)
                 except OSError as exc:
                     if not prefix:
                         raise
@@ -270,10 +277,14 @@ class Daemon:
         changes = await self.apply_config(new, "reload: ")
         return {"ok": True, "changes": changes}
 
-    async def _listen(self, host: str, port: int) -> None:
+    async def _listen(self, host: str, port: int, tls: bool = False) -> None:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
-            lambda: TcpProtocol(self), host=host, port=port, reuse_address=True, backlog=1024
+            lambda: TcpProtocol(self, tls_listener=tls),
+            host=host,
+            port=port,
+            reuse_address=True,
+            backlog=1024,
         )
         for sock in server.sockets:
             with contextlib.suppress(OSError):

@@ -45,3 +45,14 @@ def set_ipsec_bypass(sock: socket.socket) -> None:
 def set_nodelay(sock: socket.socket) -> None:
     """IKE and ESP are latency-bound datagrams: never let Nagle hold one back."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def is_local_address(addr: str) -> bool:
+    """Is ``addr`` one of this host's addresses (in this namespace)? Binding tells."""
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind((addr, 0))
+        except OSError:
+            return False
+    return True

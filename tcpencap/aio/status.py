@@ -32,6 +32,7 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
         "flows": e.flows.stats() if e.flows is not None else None,
         "inbound": d.inbound.stats() if d.inbound is not None else None,
         "listening": [f"{bracket(h)}:{p}" for h, p in d.config.gateway.listen],
+        "listening_tls": [f"{bracket(h)}:{p}" for h, p in d.config.gateway.tls_listen],
         "steered_peers": sorted(d.rules.peers),
         "client_peers": sorted(addr_text(p) for p in e.client_peers),
         "queue": {
@@ -47,7 +48,7 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
         },
         "drops": _drops(d),
         "events": dict(e.events),
-        "connections": e.status(now) + (d.ctcp.status() if d.ctcp else []),
+        "connections": _with_tls(d, e.status(now)) + (d.ctcp.status() if d.ctcp else []),
         "ctcp": d.ctcp.summary() if d.ctcp else None,
     }
 
@@ -67,3 +68,12 @@ def _cap_eff() -> int:
         return effective_caps()
     except OSError:
         return -1
+
+
+def _with_tls(d: Daemon, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each RFC 9329 row says whether TLS carries it (the front is the shell's)."""
+    for row in rows:
+        proto = d.protocols.get(row["id"])
+        front = proto.front if proto is not None else None
+        row["tls"] = front.secured.version if front is not None and front.secured else None
+    return rows

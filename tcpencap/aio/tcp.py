@@ -10,30 +10,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
+import logging
 import os
 import time
 from typing import TYPE_CHECKING, Any
 
 from tcpencap.aio.sockopts import set_ipsec_bypass, set_nodelay
+from tcpencap.aio.tcp_front import FrontHandling, host_text
+from tcpencap.core.front import StreamFront
 from tcpencap.core.outputs import count
 
 if TYPE_CHECKING:
     from tcpencap.aio.daemon import Daemon
 
+log = logging.getLogger("tcpencap")
+
 IKE_HARD_LIMIT_FACTOR = 4  # IKE may overshoot the send buffer bound this many times
 FLUSH_BEFORE_CLOSE = 5.0  # seconds a closing connection's writer gets to send its rest
 
 
-def host_text(text: str) -> str:
-    return str(ipaddress.ip_address(text.split("%")[0]))
-
-
-class TcpProtocol(asyncio.Protocol):
+class TcpProtocol(FrontHandling, asyncio.Protocol):
     """A gateway connection is given its id by the engine when it is accepted; a client
     connection is created for the engine's Connect (id and generation known)."""
 
-    def __init__(self, daemon: Daemon, conn_id: int = 0, generation: int = 0) -> None:
+    def __init__(
+        self, daemon: Daemon, conn_id: int = 0, generation: int = 0, tls_listener: bool = False
+    ) -> None:
         self.daemon = daemon
         self.engine = daemon.engine
         self.conn_id = conn_id
@@ -48,6 +50,11 @@ class TcpProtocol(asyncio.Protocol):
         self._close_pending = False
         self._reported = (0, 0, 0, 0)  # writer counters already handed to the engine
         self.lent = False  # the native inbound worker reads this connection
+        self.tls_listener = tls_listener
+        self.front: StreamFront | None = None  # PROXY header and TLS, while there are any
+        self._front_timer: asyncio.TimerHandle | None = None
+        self._proxy_slot = False  # admitted as a proxy's connection, no header yet
+        self._sockname: tuple[str, int] = ("", 0)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -60,30 +67,78 @@ class TcpProtocol(asyncio.Protocol):
         now = time.monotonic()
         d = self.daemon
         if self.conn_id:  # client
+            conn = self.engine.conn(self.conn_id)
+            try:
+                if conn is not None:
+                    self.front = d.fronts.client_front(now, conn.entry.peer, d.intent.connections)
+            except OSError as exc:  # never without TLS: the connect fails (and is retried)
+                self.engine.connect_failed(now, self.conn_id, self.generation, str(exc))
+                transport.close()
+                d.after()
+                return
+            if self.front is not None:
+                self._arm_front()
+                self._write_raw(self.front.data_to_send())  # the ClientHello
             if self.engine.connected(now, self.conn_id, self.generation):
-                d.protocols[self.conn_id] = self
-                self.registered = True
+                self._register(self.conn_id)
             else:
                 transport.close()  # closed while it was connecting: this socket is not wanted
         else:
             local = transport.get_extra_info("sockname")
             peer = transport.get_extra_info("peername")
-            cid = self.engine.accept(
-                now, host_text(local[0]), local[1], host_text(peer[0]), peer[1]
-            )
-            if cid is None:
-                transport.close()
+            self._sockname = (host_text(local[0]), local[1])
+            peer_host = host_text(peer[0])
+            proxied = d.fronts.proxied(peer_host)
+            tls = d.fronts.server if self.tls_listener else None
+            if proxied or tls is not None or d.fronts.proxies:
+                # (with proxies configured, a header from anyone else is refused by name)
+                self.front = StreamFront(
+                    now, d.config.tls_handshake_timeout, server_side=True, proxy=proxied, tls=tls
+                )
+                self._arm_front()
+            if proxied:
+                # Admitted (within the limits) until its header names the client.
+                self._proxy_slot = self.engine.admit_proxied(now, self._peer_name())
+                if not self._proxy_slot:
+                    transport.close()
             else:
-                self.conn_id = cid
-                d.protocols[cid] = self
-                self.registered = True
-        if self.registered and self.engine.native is not None and sock is not None:
-            # Its own descriptor of the socket: asyncio refuses add_writer on the
-            # transport's, and a closed transport cannot leave the writer a reused number.
-            self._fd = os.dup(sock.fileno())
-            self.writer = self.engine.native.TcpWriter(self._fd, d.config.gateway.max_buffer)
-            self.engine.flows.set_writer(self.conn_id, self.writer)
+                self._accept(now, self._sockname, (peer_host, peer[1]))
         d.after()
+
+    def _accept(self, now: float, local: tuple[str, int], peer: tuple[str, int]) -> bool:
+        cid = self.engine.accept(now, local[0], local[1], peer[0], peer[1])
+        if cid is None:
+            if self.transport is not None:
+                self.transport.close()
+            return False
+        self._register(cid)
+        return True
+
+    def _register(self, cid: int) -> None:
+        self.conn_id = cid
+        self.daemon.protocols[cid] = self
+        self.registered = True
+        if self.front is None or self.front.done and not self.front.tls:
+            self.front = None
+            self._attach_native()
+
+    def _attach_native(self) -> None:
+        """The native writer takes the socket's send side (plain RFC 9329 only: TLS
+        records are written by asyncio)."""
+        tr = self.transport
+        sock = tr.get_extra_info("socket") if tr is not None else None
+        if self.engine.native is None or sock is None or self.writer is not None:
+            return
+        # Its own descriptor of the socket: asyncio refuses add_writer on the
+        # transport's, and a closed transport cannot leave the writer a reused number.
+        self._fd = os.dup(sock.fileno())
+        self.writer = self.engine.native.TcpWriter(self._fd, self.daemon.config.gateway.max_buffer)
+        self.engine.flows.set_writer(self.conn_id, self.writer)
+
+    def _write_raw(self, data: bytes) -> None:
+        tr = self.transport
+        if data and tr is not None and not tr.is_closing():
+            tr.write(data)
 
     # --- the native writer ------------------------------------------------------------
 
@@ -196,6 +251,10 @@ class TcpProtocol(asyncio.Protocol):
                 )
 
     def data_received(self, data: bytes) -> None:
+        if self.front is not None:
+            self._through_front(data)
+            self.daemon.after()
+            return
         if self.registered:
             self.engine.receive_data(time.monotonic(), self.conn_id, self.generation, data)
             self.daemon.after()
@@ -208,6 +267,10 @@ class TcpProtocol(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._front_timer is not None:
+            self._front_timer.cancel()
+            self._front_timer = None
+        self._release_proxy_slot()
         if not self.registered:
             return
         self.report_writer()
@@ -241,6 +304,8 @@ class TcpProtocol(asyncio.Protocol):
                 self.want_write()
             return
         size = tr.get_write_buffer_size() + self._wlen
+        if self.front is not None:
+            size += self.front.held_octets
         limit = self.daemon.config.gateway.max_buffer
         if size > limit:
             drops = self.daemon.drops_of(self.conn_id)
@@ -257,6 +322,8 @@ class TcpProtocol(asyncio.Protocol):
                 self.daemon.dirty.append(self)
             self._wbuf.append(frame)
             self._wlen += len(frame)
+        elif self.front is not None:
+            self._write_raw(self.front.send(frame))
         else:
             tr.write(frame)
 
@@ -265,7 +332,8 @@ class TcpProtocol(asyncio.Protocol):
         buf, self._wbuf, self._wlen = self._wbuf, [], 0
         tr = self.transport
         if buf and tr is not None and not tr.is_closing():
-            tr.write(buf[0] if len(buf) == 1 else b"".join(buf))
+            data = buf[0] if len(buf) == 1 else b"".join(buf)
+            tr.write(data if self.front is None else self.front.send(data))
 
     def close(self) -> None:
         self.take_back()  # what arrives now is not delivered (the engine is closing it)
@@ -287,5 +355,7 @@ class TcpProtocol(asyncio.Protocol):
     def _close_now(self) -> None:
         self.report_writer()
         self._detach_writer()
+        if self.front is not None and self.front.tls:
+            self._write_raw(self.front.close_notify())
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import random
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +45,7 @@ from tcpencap.core.outputs import (
 )
 from tcpencap.core.peers import SteeringRefs
 from tcpencap.core.ports import PortAllocator, PortsExhausted
-from tcpencap.core.table import ConnectionTable, Entry
+from tcpencap.core.table import Bind, ConnectionTable, Entry
 from tcpencap.core.totals import add_closed, new_totals
 from tcpencap.wire.ctcp import CTCPError, read_segment
 from tcpencap.wire.ike import IKEV2_SA_INIT, Kind, classify_udp_payload
@@ -81,6 +82,7 @@ class Flow:
     bytes_out: int = 0
     drops: dict[str, int] = field(default_factory=dict)
     armed: float | None = None  # the deadline queued in the engine's timers
+    ike_order: deque[bytes] = field(default_factory=deque)  # indexed IKE SPIs, oldest first
 
 
 def _is_syn(flags: int) -> bool:
@@ -185,7 +187,7 @@ class CtcpEngine(Engine):
                     return
             else:
                 flow = self.by_id[entry.conn_id]
-            self.table.bind_ike(flow.entry.conn_id, c.ike.spi_i)
+            self._bind_ike(flow, c.ike.spi_i)
             encrypted = c.ike.exchange != IKEV2_SA_INIT if c.ike.major == 2 else c.ike.flags & 1
             if encrypted:
                 flow.conn.sa_bound(now)
@@ -207,6 +209,20 @@ class CtcpEngine(Engine):
             flow.conn.sa_bound(now)
         flow.conn.send_packet(now, packet)
         self._drain(now, flow)
+
+    def _bind_ike(self, flow: Flow, spi: bytes) -> None:
+        """Index an IKE SPI seen on the flow. cTCP follows no VICI event, so nothing says
+        when a rekeyed or redundant SA is gone: once a flow holds max_spis, the SPI seen
+        least recently leaves. The index only chooses a flow; an unindexed SPI goes to
+        the flow of its address pair."""
+        order = flow.ike_order
+        if self.table.bind_ike(flow.entry.conn_id, spi) is Bind.NEW:
+            order.append(spi)
+            while len(order) > self.table.max_spis:
+                self.table.unbind_ike(flow.entry.conn_id, order.popleft())
+        elif order and order[-1] != spi and spi in order:
+            order.remove(spi)
+            order.append(spi)
 
     def _open_client(self, now: float, local: bytes, peer: bytes) -> Flow | None:
         pport = self.peers.get(peer)
@@ -309,7 +325,7 @@ class CtcpEngine(Engine):
             return
         c = classify_udp_payload(udp.dport, udp.payload)
         if c.kind is Kind.IKE and c.ike is not None:
-            self.table.bind_ike(flow.entry.conn_id, c.ike.spi_i)
+            self._bind_ike(flow, c.ike.spi_i)
         elif c.kind is Kind.ESP:
             flow.conn.sa_bound(now)
 

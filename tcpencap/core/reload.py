@@ -36,6 +36,7 @@ class Intent:
     connections: dict[str, ConnIntent] = field(default_factory=dict)
     listen: tuple[tuple[str, int], ...] = ()
     ctcp_listen: tuple[tuple[str, int], ...] = ()
+    tls_listen: tuple[tuple[str, int], ...] = ()
     restart_only: tuple[tuple[str, Any], ...] = ()
 
     def ctcp_peers(self) -> dict[bytes, int]:
@@ -45,6 +46,15 @@ class Intent:
             if c.encapsulation == "ctcp"
             for p in c.peers
         }
+
+
+def endpoints_overlap(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    """Two listen endpoints that would receive the same segments (same port, same address
+    or a wildcard of the same family)."""
+    if a[1] != b[1]:
+        return False
+    x, y = ipaddress.ip_address(a[0]), ipaddress.ip_address(b[0])
+    return x.version == y.version and (x == y or x.is_unspecified or y.is_unspecified)
 
 
 # --- operations -------------------------------------------------------------------------
@@ -59,6 +69,7 @@ class Notice:
 class Listen:
     host: str
     port: int
+    tls: bool = False  # a TLS listener (gateway.tls_listen)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +163,7 @@ def intent_of(config: Any, resolved: dict[str, list[str]] | None = None) -> Inte
         conns,
         tuple(config.gateway.listen),
         tuple(config.gateway.ctcp_listen),
+        tuple(config.gateway.tls_listen),
         restart_only(config),
     )
 
@@ -168,7 +180,16 @@ def plan(old: Intent, new: Intent) -> list[Operation]:
     for key, value in new_keys.items():
         if key in old_keys and old_keys[key] != value:
             ops.append(Notice(f"{key} changes only on restart"))
+    # A listener that goes away and would take the port of a new one (the same endpoint
+    # changing kind, plain <-> TLS, or an overlapping address) stops first: the kernel
+    # refuses the second bind.
+    new_eps = (*new.listen, *new.tls_listen)
+    going = [ep for ep in old.listen if ep not in new.listen]
+    going += [ep for ep in old.tls_listen if ep not in new.tls_listen]
+    moved = [ep for ep in going if any(endpoints_overlap(ep, n) for n in new_eps)]
+    ops += [StopListening(h, p) for h, p in moved]
     ops += [Listen(h, p) for h, p in new.listen if (h, p) not in old.listen]
+    ops += [Listen(h, p, True) for h, p in new.tls_listen if (h, p) not in old.tls_listen]
     for name, c in new.connections.items():
         if old.connections.get(name) == c:
             continue
@@ -186,7 +207,7 @@ def plan(old: Intent, new: Intent) -> list[Operation]:
             ops.append(UnwatchFallback(name))
         if _rfc9329(c, "tcp") and not _rfc9329(n, "tcp"):
             ops.append(UnsteerTcp(name))
-    ops += [StopListening(h, p) for h, p in old.listen if (h, p) not in new.listen]
+    ops += [StopListening(h, p) for h, p in going if (h, p) not in moved]
     return ops
 
 
@@ -195,7 +216,7 @@ def describe(op: Operation) -> str:
     if isinstance(op, Notice):
         return op.text
     if isinstance(op, Listen):
-        return f"listening on {_ep(op.host, op.port)}"
+        return f"listening on {_ep(op.host, op.port)}{' (TLS)' if op.tls else ''}"
     if isinstance(op, StopListening):
         return f"stopped listening on {_ep(op.host, op.port)}"
     if isinstance(op, SteerTcp):

@@ -42,7 +42,7 @@ from tcpencap.core.reload import (
 )
 from tcpencap.core.rfc9329_conn import TRANSITIONS, WAITING, Conn, Orphan, State, status_of
 from tcpencap.core.router import ConnView, Drop, Open, Router, Send, Side
-from tcpencap.core.sa_sync import ExpireOld, Retire, SaSync, SpiLimit
+from tcpencap.core.sa_sync import UNLISTED_GRACE, ExpireOld, Retire, SaSync, SpiLimit
 from tcpencap.core.table import ConnectionTable
 from tcpencap.core.timers import LogLimiter
 from tcpencap.core.totals import add_closed, new_totals
@@ -62,7 +62,7 @@ FALLBACK_POLL = 1.0
 PEER_RELEASE_DELAY = 30.0  # a gateway peer without connection stays steered at least this long
 PEER_RELEASE_POLL = 5.0
 ORPHAN_GRACE = 30.0  # how long a closed gateway connection's SAs wait for its client
-RECONCILE_AFTER_EVENT = 2.0  # check ESP SPIs against list-sas this long after a rekey
+RECONCILE_AFTER_EVENT = 2.0  # check SPIs against list-sas this long after a rekey
 RECONCILE_PERIOD = 60.0
 PENDING_LIMIT = 64  # frames held while a client connection is being opened
 LEND_AFTER_FRAMES = 64  # a connection is read by the native inbound worker once it carries ESP
@@ -97,6 +97,7 @@ class Rfc9329Engine(Engine):
         self.release_at: dict[bytes, float] = {}  # lingering gateway peer -> next check
         self.n_gateway = 0  # admitted gateway connections
         self.n_pending = 0  # ... without a first message yet
+        self.n_proxied = 0  # connections of a proxy whose PROXY header has not arrived
         self.per_source: dict[str, int] = {}
         self.vici_connected = False
         self.inbound_spis: dict[int, bytes] = {}  # charon's inbound ESP SPI -> peer (VICI)
@@ -360,13 +361,7 @@ class Rfc9329Engine(Engine):
         """A TCP connection arrived on a listener: its connection id, or None when a
         limit refuses it (the shell closes the socket)."""
         gw = self.config.gateway
-        refusal = None
-        if self.n_gateway >= gw.max_connections:
-            refusal = ("limit-connections", f"{self.n_gateway} connections")
-        elif self.per_source.get(peer, 0) >= gw.max_per_source:
-            refusal = ("limit-per-source", f"{self.per_source[peer]} connections from {peer}")
-        elif self.n_pending >= gw.max_pending:
-            refusal = ("limit-pending", f"{self.n_pending} connections without a first message")
+        refusal = self._refusal(self.n_gateway, peer)
         if refusal is not None:
             name = f"{bracket(local)}:{local_port} <-> {bracket(peer)}:{peer_port}"
             self.log_limited(now, refusal[0], "refused %s: %s", name, refusal[1])
@@ -383,6 +378,49 @@ class Rfc9329Engine(Engine):
         self.timer_queue.call_at(now + gw.first_message_timeout, self._first_deadline, conn)
         log.info("%s: accepted", conn)
         return conn.conn_id
+
+    def _refusal(self, connections: int, peer: str | None) -> tuple[str, str] | None:
+        """The gateway limit a new connection would break (the per-source one only for a
+        known ``peer``): its event key and what to log, or None."""
+        gw = self.config.gateway
+        pending = self.n_pending + self.n_proxied
+        if connections >= gw.max_connections:
+            return ("limit-connections", f"{connections} connections")
+        if peer is not None and self.per_source.get(peer, 0) >= gw.max_per_source:
+            return ("limit-per-source", f"{self.per_source[peer]} connections from {peer}")
+        if pending >= gw.max_pending:
+            return ("limit-pending", f"{pending} connections without a first message")
+        return None
+
+    def admit_proxied(self, now: float, name: str) -> bool:
+        """A load balancer's connection, before its PROXY header names the client: it
+        takes a pending slot, and the per-source limit applies to the client later."""
+        refusal = self._refusal(self.n_gateway + self.n_proxied, None)
+        if refusal is not None:
+            self.log_limited(now, refusal[0], "refused %s: %s", name, refusal[1])
+            return False
+        self.n_proxied += 1
+        return True
+
+    def proxied_done(self) -> None:
+        """The PROXY header arrived (``accept`` follows) or the connection went."""
+        self.n_proxied -= 1
+
+    def front_refused(self, now: float, reason: str, name: str, detail: str) -> None:
+        """A connection refused before it was accepted: a bad or missing PROXY header."""
+        self.log_limited(now, reason, "refused %s: %s", name, detail)
+
+    def front_failed(
+        self, now: float, conn_id: int, generation: int, reason: str, detail: str
+    ) -> None:
+        """TLS (or a PROXY header where none belongs) failed on an accepted or client
+        connection: counted, logged (rate-limited) and closed; a client reconnects."""
+        conn = self._current(conn_id, generation)
+        if conn is None:
+            return
+        count(conn.drops, reason)
+        self.log_limited(now, reason, "%s: %s", conn, detail)
+        self.close(conn, reason)
 
     def _first_deadline(self, now: float, conn: Conn) -> None:
         if conn.state in WAITING and self.conns.get(conn.conn_id) is conn:
@@ -858,6 +896,9 @@ class Rfc9329Engine(Engine):
             return  # without charon's word, keep everything as it is (fail-closed)
         if purpose == "reconcile":
             self.sync.reconcile_esp(sas)
+            self._apply_effects(now, self.sync.reconcile_ike(now, sas))
+            if self.sync.unlisted_ike:  # ask again once their grace is over
+                self._reconcile_soon(now, UNLISTED_GRACE)
             self.inbound_spis = inbound_spis(sas)
         elif purpose == "peer-release":
             self._release_peers(now, sas)

@@ -25,6 +25,7 @@ log = logging.getLogger("tcpencap.vici")
 
 SA = dict[str, Any]
 _GONE = frozenset({"DELETING", "DELETED", "DESTROYING"})
+UNLISTED_GRACE = 10.0  # an IKE SPI charon does not list is unbound after this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,8 @@ class SaSync:
     def __init__(self, router: Router) -> None:
         self.router = router
         self.table = router.table
+        # (connection, IKE SPI) bound but not in charon's last answer -> since when
+        self._unlisted: dict[tuple[int, bytes], float] = {}
 
     # --- lookups ------------------------------------------------------------------------
 
@@ -257,6 +260,44 @@ class SaSync:
         for entry in list(self.table):
             for spi in entry.esp_spis - live:
                 self.table.unbind_esp(entry.conn_id, spi)
+
+    @property
+    def unlisted_ike(self) -> int:
+        """IKE SPIs in their grace: bound, but missing from charon's last answer."""
+        return len(self._unlisted)
+
+    def reconcile_ike(self, now: float, sas: list[dict[str, Any]]) -> list[Effect]:
+        """Unbind IKE SPIs charon has not listed for ``UNLISTED_GRACE`` seconds. charon
+        emits no event for an IKE SA that never came up: the redundant SA of a rekey
+        collision, an IKE_SA_INIT it answered with a cookie or gave up on. The table
+        learns their SPIs from the wire, so without this they would stay bound, and
+        keep open a connection whose real SA is gone. The grace covers an SPI seen on
+        the wire a moment before charon answered. A connection left with no IKE SA is
+        retired."""
+        live: set[bytes] = set()
+        for item in sas:
+            for _, sa in _sas(item):
+                spi = ike_spi(sa.get("initiator-spi"))
+                if spi is not None:
+                    live.add(spi)
+        unlisted = {
+            (entry.conn_id, spi): self._unlisted.get((entry.conn_id, spi), now)
+            for entry in self.table
+            for spi in entry.ike_spis
+            if spi not in live
+        }
+        self._unlisted = unlisted
+        effects: list[Effect] = []
+        for (conn_id, spi), since in list(unlisted.items()):
+            if now - since < UNLISTED_GRACE:
+                continue
+            del unlisted[(conn_id, spi)]
+            self.table.unbind_ike(conn_id, spi)
+            entry = self.table.get(conn_id)
+            if entry is not None and not entry.ike_spis and not entry.ike_spis_old:
+                self.table.release(conn_id)
+                effects.append(Retire(conn_id, "IKE SA unknown to charon"))
+        return effects
 
     # --- resync -------------------------------------------------------------------------
 

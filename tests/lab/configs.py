@@ -146,18 +146,19 @@ def tcpencap_conf(
     host: Host,
     *,
     listen: Iterable[str] = (),
-    connections: dict[str, int] | None = None,
+    connections: dict[str, int | dict[str, str]] | None = None,
     extra: str = "",
     gateway_extra: str = "",
 ) -> str:
     """tcpencap.conf for ``host``: its charon's VICI socket, a control socket in the host dir,
     gateway listeners (``ADDR:PORT``, IPv6 in brackets) and client connections
-    (swanctl name -> remote TCP port)."""
+    (swanctl name -> remote TCP port, or -> that connection's settings)."""
     assert host.charon is not None, "start charon first"
-    conns = "".join(
-        f"    {name} {{\n      remote_port = {port}\n    }}\n"
-        for name, port in (connections or {}).items()
-    )
+    conns = ""
+    for name, value in (connections or {}).items():
+        settings = {"remote_port": str(value)} if isinstance(value, int) else value
+        body = "".join(f"      {k} = {v}\n" for k, v in settings.items())
+        conns += f"    {name} {{\n{body}    }}\n"
     return f"""tcpencap {{
   vici_socket = {host.charon.uri}
   status_socket = {host.dir}/tcpencap.ctl

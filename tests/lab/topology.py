@@ -138,6 +138,11 @@ class Host:
         return json.loads(out.stdout)
 
 
+def failed_logs_dir(root: Path, test: str) -> Path:
+    """Where a failed lab of test ``test`` (e.g. ``test_x[ctcp]``) keeps its logs."""
+    return root / re.sub(r"[^A-Za-z0-9_.=-]+", "_", test)
+
+
 class Lab:
     """The namespaces, links, processes and rules of one lab; a context manager."""
 
@@ -176,12 +181,29 @@ class Lab:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            self._keep_failed_logs()
         try:
             self.close()
         except LabError as err:
             if exc_type is None:
                 raise
             warnings.warn(str(err), stacklevel=2)  # do not hide the body's exception
+
+    def _keep_failed_logs(self) -> None:
+        """A failed lab's logs (charon, tcpencap, ...) copied under $TCPENCAP_LAB_FAILED_LOGS,
+        named after the test, for runs whose lab directory is gone when anyone looks (the
+        guest's, CI's)."""
+        keep = os.environ.get("TCPENCAP_LAB_FAILED_LOGS")
+        if not keep or not self.dir.is_dir():
+            return
+        test = os.environ.get("PYTEST_CURRENT_TEST", self.prefix).split(" ")[0]
+        dest = failed_logs_dir(Path(keep), test.split("::")[-1])
+        with contextlib.suppress(OSError):
+            shutil.copytree(
+                self.dir, dest, dirs_exist_ok=True, symlinks=True,
+                ignore=shutil.ignore_patterns("*.vici", "*.ctl", "*.sock", "run"),
+            )  # fmt: skip
 
     def start(self) -> None:
         """Create namespaces and links; on any failure tear down and re-raise."""

@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.lab.topology import failed_logs_dir
+
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 CACHE = Path(os.environ.get("TCPENCAP_VM_CACHE", "/var/cache/tcpencap-vm"))
@@ -320,7 +322,7 @@ def run_pytest(
     script = f"""\
 cd {SRC}
 echo "guest kernel: $(uname -r)"
-export PYTHONPATH={SRC}/tests PYTHONDONTWRITEBYTECODE=1
+export PYTHONPATH={SRC}/tests PYTHONDONTWRITEBYTECODE=1 TCPENCAP_LAB_FAILED_LOGS=/results/labs
 timeout {int(timeout) - 120} {VENV}/bin/python -m pytest -p no:cacheprovider -v -s -rA \\
     --junitxml=/results/junit.xml {test_file}
 rc=$?
@@ -357,8 +359,22 @@ def report(cases: dict[str, dict[str, str]], boot: Boot, name: str) -> str:
         )
     print(f"{name}: {case['time']} s in the guest\n{section(boot.run_log(), name)}")
     if case["failure"]:
-        raise AssertionError(f"{name} failed in the guest:\n{case['failure'][-4000:]}")
+        raise AssertionError(
+            f"{name} failed in the guest:\n{case['failure'][-4000:]}{failed_logs(boot, name)}"
+        )
     return case["out"]
+
+
+def failed_logs(boot: Boot, name: str, lines: int = 60) -> str:
+    """The tails of the charon and tcpencap logs the failed test's lab left in the results
+    (tests/lab keeps them there, see Lab._keep_failed_logs)."""
+    lab = failed_logs_dir(boot.results / "labs", name)
+    logs = sorted(lab.glob("*/charon/charon.log")) + sorted(lab.glob("*/tcpencap.log"))
+    out = [f"\n--- logs kept in {lab}" if logs else f"\n--- no logs kept in {lab}"]
+    for log in logs:
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        out.append(f"--- {log.relative_to(lab)} (last {len(tail)} lines):\n" + "\n".join(tail))
+    return "\n".join(out)
 
 
 def section(log: str, name: str) -> str:
