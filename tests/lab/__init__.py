@@ -56,6 +56,7 @@ API::
     make_cert(ca, identity, directory, kind="ecdsa") -> Pki   # SAN = identity (DNS/IP/email)
     write_pki(identity, directory, stem, cert, key) -> Pki    # PEM files of your own objects
     ping(host, dst, src=None, count=3, interval=0.05, timeout=3.0) -> (sent, received)
+    unanswered(host, dst, src=None, count=3, ...) -> [seq]  # of the first count, no reply
     vici_to_str(obj)                                 # vici's bytes to str, recursively
     LabError, CharonError(LabError)
 """
@@ -73,7 +74,7 @@ from .charon import (
 from .configs import cert_conf, default_name, ike_id, psk_conf, tcpencap_conf
 from .pki import Pki, make_ca, make_cert, write_pki
 from .process import LabError, Process
-from .topology import REPO_ROOT, Host, Lab, ping
+from .topology import REPO_ROOT, Host, Lab, ping, unanswered
 
 __all__ = [
     "BASE_PLUGINS",
@@ -97,6 +98,7 @@ __all__ = [
     "ping",
     "psk_conf",
     "tcpencap_conf",
+    "unanswered",
     "vici_to_str",
     "write_pki",
 ]

@@ -334,12 +334,46 @@ def ping(
     timeout: float = 3.0,
 ) -> tuple[int, int]:
     """Ping ``dst`` from ``host``; returns (sent, received), never raises on loss."""
-    argv = ["ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", "1"]
+    out = _run_ping(host, dst, src, count, interval, timeout, quiet=True)
+    m = re.search(r"(\d+) packets transmitted, (\d+) (?:packets )?received", out)
+    if not m:
+        raise LabError(f"ping {dst} from {host.role}: {out}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def unanswered(
+    host: Host,
+    dst: str,
+    src: str | None = None,
+    count: int = 3,
+    interval: float = 0.05,
+    timeout: float = 3.0,
+) -> list[int]:
+    """The sequence numbers among the first ``count`` echo requests that got no reply.
+
+    ``ping -c N -w T`` sends until N replies are in, so a reply that takes longer than
+    ``interval`` makes it send one more and exit before that one's reply: (N+1, N), as a
+    loss does. Which requests were answered tells the two apart (CI saw the late kind)."""
+    out = _run_ping(host, dst, src, count, interval, timeout, quiet=False)
+    if not re.search(r"\d+ packets transmitted", out):
+        raise LabError(f"ping {dst} from {host.role}: {out}")
+    answered = {int(n) for n in re.findall(r"icmp_seq=(\d+) ", out)}
+    return [n for n in range(1, count + 1) if n not in answered]
+
+
+def _run_ping(
+    host: Host,
+    dst: str,
+    src: str | None,
+    count: int,
+    interval: float,
+    timeout: float,
+    quiet: bool,
+) -> str:
+    argv = ["ping", "-n", "-c", str(count), "-i", str(interval), "-W", "1"]
+    argv += ["-q"] if quiet else []
     argv += ["-w", str(max(1, round(timeout)))]
     if src:
         argv += ["-I", src]
     proc = host.run(*argv, dst, check=False, timeout=timeout + 5)
-    m = re.search(r"(\d+) packets transmitted, (\d+) (?:packets )?received", proc.stdout)
-    if not m:
-        raise LabError(f"ping {dst} from {host.role}: {proc.stdout}{proc.stderr}")
-    return int(m.group(1)), int(m.group(2))
+    return proc.stdout + proc.stderr
