@@ -22,7 +22,7 @@ import pytest
 from e2e_helpers import assert_pings, ike_sa, listen_addr
 
 from tcpencap.core.sa_sync import UNLISTED_GRACE
-from tests.lab import Host, Lab, Process, ping, psk_conf, tcpencap_conf
+from tests.lab import Host, Lab, Process, ping, psk_conf, tcpencap_conf, unanswered
 
 pytestmark = pytest.mark.lab
 
@@ -461,8 +461,8 @@ def test_many_child_sas_share_one_connection() -> None:
         sa = ike_sa(c1, NAME)
         assert len(installed_out(sa)) == 5, sa["child-sas"]
         for k in (1, *extra):
-            got = ping(c1, f"198.19.200.{k}", f"198.18.201.{k}", count=3)
-            assert got == (3, 3), (k, got)
+            lost = unanswered(c1, f"198.19.200.{k}", f"198.18.201.{k}", count=3)
+            assert not lost, (k, lost)
         for h in (c1, gw):
             c = consistent(h, timeout=2)
             assert len(c["esp_spis"]) == 5, c
@@ -484,7 +484,7 @@ def test_connection_on_demand_and_closed_after_terminate() -> None:
             c1.charon.initiate(NAME)
             for h in (c1, gw):
                 assert one_conn(h) is not None, (h.role, conns(h))
-            assert ping(c1, gw.inner4, c1.inner4) == (3, 3)
+            assert not unanswered(c1, gw.inner4, c1.inner4)
             (c1 if terminator == "c1" else gw).charon.terminate(NAME)
             wait_for(
                 f"no connections after terminate by {terminator}",

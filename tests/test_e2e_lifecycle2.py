@@ -158,7 +158,7 @@ def test_client_charon_restart() -> None:
     a new TCP connection, pings, and both sides' status agree with list-sas again."""
     with Lab(clients=1) as lab:
         c1, gw = setup(lab)
-        assert ping(c1, gw.inner4, c1.inner4) == (3, 3)
+        assert not unanswered(c1, gw.inner4, c1.inner4)
         old_spi = ike_sa(c1, NAME)["initiator-spi"]
         old_conn = one_conn(c1)
         assert old_conn is not None
@@ -200,7 +200,7 @@ def test_gateway_charon_restart(how: str) -> None:
     the client re-initiates, after which it pings over TCP again."""
     with Lab(clients=1) as lab:
         c1, gw = setup(lab)
-        assert ping(c1, gw.inner4, c1.inner4) == (3, 3)
+        assert not unanswered(c1, gw.inner4, c1.inner4)
         old_spi = ike_sa(c1, NAME)["initiator-spi"]
         restart_charon(gw, psk_conf(gw, c1), how)
         assert gw.charon.list_sas() == [], gw.charon.list_sas()
@@ -265,7 +265,7 @@ def test_tcp_connection_killed_under_traffic() -> None:
             assert len(sas) == 1, (h.role, sas)
             sa = ike_sa(h, NAME)
             assert (sa["initiator-spi"], sa["uniqueid"]) == ids[h.role], (h.role, sa, ids)
-        assert ping(c1, gw.inner4, c1.inner4) == (3, 3)
+        assert not unanswered(c1, gw.inner4, c1.inner4)
 
 
 # --- 4. three clients behind one NAT --------------------------------------------------------
@@ -326,8 +326,8 @@ def test_three_clients_behind_one_nat() -> None:
             gw_outs = installed_out(sa)
             assert set(by_role[c.role]["esp_spis"]) == gw_outs, (by_role[c.role], gw_outs)
             for src, dst in ((c, gw), (gw, c)):
-                got = ping(src, dst.inner4, src.inner4)
-                assert got == (3, 3), (src.role, dst.role, got, diagnose(gw, c)())
+                lost = unanswered(src, dst.inner4, src.inner4)
+                assert not lost, (src.role, dst.role, lost, diagnose(gw, c)())
 
         frames = {r: (c["frames_in"], c["frames_out"]) for r, c in gw_conns().items()}
         target = clients[1]
@@ -373,7 +373,7 @@ def test_fallback_udp_first_then_tcp() -> None:
         # UDP open: plain NAT-T.
         cap = lab.capture(c1)
         c1.charon.initiate(NAME)
-        assert ping(c1, gw.inner4, c1.inner4) == (3, 3)
+        assert not unanswered(c1, gw.inner4, c1.inner4)
         pkts = cap.stop()
         from scapy.layers.inet import UDP
 
@@ -391,7 +391,7 @@ def test_fallback_udp_first_then_tcp() -> None:
         t0 = time.monotonic()
         c1.charon.initiate(NAME, timeout=20)
         took = time.monotonic() - t0
-        assert ping(c1, gw.inner4, c1.inner4) == (3, 3)
+        assert not unanswered(c1, gw.inner4, c1.inner4)
         pkts = cap.stop()
         assert took < 10.0, f"SA over TCP after {took:.1f}s\n{log_excerpt(c1)}"
         assert took > 3.0, f"SA up after {took:.1f}s: UDP cannot have worked"

@@ -23,6 +23,7 @@ from tests.lab import (
     make_cert,
     ping,
     psk_conf,
+    unanswered,
 )
 
 pytestmark = pytest.mark.lab
@@ -41,8 +42,8 @@ def _fw_rules(lab: Lab) -> str:
 def _assert_tunnel(a: Host, b: Host) -> None:
     """Inner addresses ping each other, both directions, both families."""
     for family in (4, 6):
-        assert ping(a, b.inner(family), a.inner(family), count=3) == (3, 3)
-        assert ping(b, a.inner(family), b.inner(family), count=3) == (3, 3)
+        assert not unanswered(a, b.inner(family), a.inner(family), count=3)
+        assert not unanswered(b, a.inner(family), b.inner(family), count=3)
 
 
 def _child_states(host: Host, name: str) -> list[str]:
@@ -63,9 +64,9 @@ def test_topology(lab: Lab) -> None:
     assert all(len(h.veth) <= 15 and len(h.fw_veth) <= 15 for h in [lab.gw, *lab.clients])
     assert lab.clients[0].inner4 == "198.18.201.1" and lab.gw.inner6 == "fd00:200::1"
     for c in lab.clients:
-        assert ping(c, lab.gw.outer4, count=2) == (2, 2)
-        assert ping(c, lab.gw.outer6, count=2) == (2, 2)
-        assert ping(lab.gw, c.outer6, count=2) == (2, 2)
+        assert not unanswered(c, lab.gw.outer4, count=2)
+        assert not unanswered(c, lab.gw.outer6, count=2)
+        assert not unanswered(lab.gw, c.outer6, count=2)
     # Inner addresses are not routed outside a tunnel: without one they are unreachable.
     c1 = lab.clients[0]
     assert ping(c1, lab.gw.inner4, c1.inner4, count=1, timeout=1)[1] == 0
@@ -132,7 +133,7 @@ def test_block_udp_stops_only_that_client(lab: Lab) -> None:
     assert rules.count(f"{c1.fw_veth} -p udp -j DROP") == 4
     assert c2.fw_veth not in rules
     # ICMP still passes; only UDP is dropped.
-    assert ping(c1, gw.outer4, count=1) == (1, 1)
+    assert not unanswered(c1, gw.outer4, count=1)
     with pytest.raises(CharonError):
         c1.charon.initiate(default_name(c1, gw), timeout=1.5)
     assert default_name(c1, gw) not in {n for e in gw.charon.list_sas() for n in e}
