@@ -357,7 +357,15 @@ def unanswered(
     out = _run_ping(host, dst, src, count, interval, timeout, quiet=False)
     if not re.search(r"\d+ packets transmitted", out):
         raise LabError(f"ping {dst} from {host.role}: {out}")
-    answered = {int(n) for n in re.findall(r"icmp_seq=(\d+) ", out)}
+    return unanswered_in(out, count)
+
+
+def unanswered_in(output: str, count: int) -> list[int]:
+    """Of requests 1..``count``, those without an echo reply in ping's ``output``. An ICMP
+    error ("From X icmp_seq=2 Destination Host Unreachable") names a request too, and
+    answers nothing."""
+    replies = re.findall(r"^\d+ bytes from .*?icmp_seq=(\d+) ", output, re.M)
+    answered = {int(n) for n in replies}
     return [n for n in range(1, count + 1) if n not in answered]
 
 
