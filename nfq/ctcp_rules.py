@@ -4,10 +4,15 @@ cTCP has no kernel socket: every segment is read from NFQUEUE and written throug
 socket (protocols.md A.13). Chains, all owned by tcpencap and created in both families:
 
   raw PREROUTING -> TCPENCAP_CTCP_IN (first rule)
-      -p tcp [-d LISTEN_ADDR] --dport LISTEN_PORT -j NFQUEUE   (gateway listen ports)
-      -p tcp -s PEER --sport PEER_PORT            -j NFQUEUE   (client: the cTCP peers)
+      -p tcp [-d LISTEN_ADDR] --dport LISTEN_PORT -m addrtype --dst-type LOCAL
+                                                  -j NFQUEUE   (gateway listen ports)
+      -p tcp -s PEER --sport PEER_PORT -m addrtype --dst-type LOCAL
+                                                  -j NFQUEUE   (client: the cTCP peers)
     The raw table runs before conntrack and before the host TCP stack; the queue verdict
-    is always DROP, so the kernel never sees these segments and never answers them.
+    is always DROP, so the kernel never sees these segments and never answers them. Only
+    segments for this host's own addresses are queued: a wildcard listener must never act
+    for a host behind a gateway that routes (what it forwards is not ours to answer). They
+    go to a queue of their own (``inbound_queue``), apart from charon's packets.
   raw OUTPUT -> TCPENCAP_CTCP_LO (first rule)
       -m mark --mark CTCP_MARK -j CT --notrack    our own segments: no conntrack state
       -m mark --mark CTCP_MARK -j ACCEPT
@@ -59,14 +64,19 @@ def _addr_match(flag: str, addr: str) -> list[str]:
 class CtcpRules:
     """The raw-table rules for fixed endpoints plus the per-peer UDP steering set."""
 
-    def __init__(self, queue_num: int, *, mark: int = CTCP_MARK) -> None:
+    def __init__(
+        self, queue_num: int, *, inbound_queue: int | None = None, mark: int = CTCP_MARK
+    ) -> None:
         self.queue_num = queue_num
+        self.inbound_queue = queue_num if inbound_queue is None else inbound_queue
         self.mark = mark
         self.steering = SteeringRules(queue_num, chain=OUT_CHAIN)
         self.installed = False
 
     def _queue(self) -> list[str]:
-        return ["-j", "NFQUEUE", "--queue-num", str(self.queue_num)]
+        """Segments from the wire: for local addresses only, into the inbound queue."""
+        return ["-m", "addrtype", "--dst-type", "LOCAL",
+                "-j", "NFQUEUE", "--queue-num", str(self.inbound_queue)]  # fmt: skip
 
     def install(self, listen: Iterable[Endpoint] = (), peers: Iterable[Endpoint] = ()) -> None:
         """Create the chains: ``listen`` are gateway (ADDR, PORT) endpoints, ``peers`` the

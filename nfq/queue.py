@@ -8,6 +8,7 @@ sent after the caller has flushed its writes, so the data leaves before the book
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -39,6 +40,10 @@ class QueueReader:
     ``on_native_batch(misses, hits)`` (hits: framed for a connection without writer) and
     ``on_stalled(conn_ids)`` (writers with octets the socket did not take).
     libnetfilter_queue binds the queue.
+
+    ``max_len`` bounds the packets the kernel holds for this queue (beyond, it drops them);
+    ``budget`` bounds the netlink reads per turn of the event loop, so a queue that strangers
+    fill (cTCP's segments from the wire) cannot keep the loop from the others.
     """
 
     def __init__(
@@ -51,8 +56,12 @@ class QueueReader:
         on_native_batch: Callable[[list[bytes], list[tuple[int, bytes, int]]], None] | None = None,
         on_stalled: Callable[[list[int]], None] | None = None,
         native: Any = None,
+        max_len: int = QUEUE_MAXLEN,
+        budget: int | None = None,
     ) -> None:
         self.num = num
+        self.max_len = max_len
+        self.budget = budget
         self._handler = handler
         self._on_batch = on_batch
         self._flows = flows if on_native_batch is not None and native is not None else None
@@ -83,9 +92,11 @@ class QueueReader:
             log.exception("error handling a queued packet")
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._nfq.bind(self.num, self._callback, max_len=QUEUE_MAXLEN, sock_len=SOCK_RCVBUF)
+        self._nfq.bind(self.num, self._callback, max_len=self.max_len, sock_len=SOCK_RCVBUF)
         fd = self._nfq.get_fd()
         self._sock = socket.socket(fileno=os.dup(fd))
+        if self.budget is not None:
+            self._sock.setblocking(False)
         self._loop = loop
         if self._flows is not None:
             # The thread starts in start_thread(): after the daemon's capability drop,
@@ -113,15 +124,22 @@ class QueueReader:
             return {"packets": st["packets"], "reads": st["reads"]}
         return {"packets": self.packets, "reads": self.batches}
 
+    def _read(self) -> None:
+        if self.budget is None:
+            self._nfq.run(block=False)
+        else:
+            assert self._sock is not None
+            self._nfq.run_socket(_Budgeted(self._sock, self.budget))
+
     def _on_readable(self) -> None:
         self.batches += 1
         try:
             if self._on_batch is None:
-                self._nfq.run(block=False)
+                self._read()
                 return
             self._on_batch(True)
             try:
-                self._nfq.run(block=False)
+                self._read()
             finally:
                 self._on_batch(False)
         finally:
@@ -218,3 +236,18 @@ class QueueReader:
             self._sock.close()
             self._sock = None
         self._nfq.unbind()
+
+
+class _Budgeted:
+    """The queue socket as ``run_socket`` reads it, out of reads after ``budget``: it then
+    says EAGAIN, and the event loop comes back to the rest after the others' turn."""
+
+    def __init__(self, sock: socket.socket, budget: int) -> None:
+        self._sock = sock
+        self._left = budget
+
+    def recv(self, size: int) -> bytes:
+        if self._left <= 0:
+            raise BlockingIOError(errno.EAGAIN, "read budget spent")
+        self._left -= 1
+        return self._sock.recv(size)

@@ -66,6 +66,7 @@ class ClientConfig:
     port: int = 0
     port_range: tuple[int, int] = (32768, 60999)
     connect_timeout: float = 5.0
+    ctcp_keepalive: float = 20.0  # a cTCP keepalive after this long without sending
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +94,13 @@ class GatewayConfig:
     # cTCP timers (protocols.md A.6): handshake to finish, IKE to bind an SA after it.
     ctcp_handshake_timeout: float = 3.0
     ctcp_no_sa_timeout: float = 60.0
+    # A cTCP connection the peer has sent nothing valid on for this long is reset.
+    ctcp_idle_timeout: float = 300.0
+    # SYN+ACKs (and, as many again, RSTs) a second to hosts without a cTCP connection.
+    ctcp_reply_rate: int = 200
+    # Connections from one source network: an IPv4 prefix of ipv4_prefix bits, an IPv6 /64.
+    max_per_prefix: int = 256
+    ipv4_prefix: int = 24
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +110,7 @@ class Config:
     queue_num: int = 4500
     # NFQUEUEs for RFC 9329 (queue_num .. queue_num + queues - 1, spread by address pair
     # with --queue-balance), each read by its own thread on the native path; cTCP takes the
-    # next one.
+    # next two (charon's packets, then the segments from the wire).
     queues: int = 1
     inject: str = "raw"
     max_frame: int = 65535
@@ -162,7 +170,7 @@ def config_from_tree(root: Section, source: str) -> Config:
     cfg = Config(
         vici_socket=vici or DEFAULT_VICI_SOCKET,
         status_socket=v.take("status_socket", _abs_path, DEFAULT_STATUS_SOCKET),
-        queue_num=v.take("queue_num", _int_range(0, 65534), 4500),
+        queue_num=v.take("queue_num", _int_range(0, 65533), 4500),
         inject=v.take("inject", _choice(INJECT_MODES), "raw"),
         max_frame=v.take("max_frame", _int_range(64, 65535), 65535),
         max_spis=v.take("max_spis", _int_range(1, 1024), 16),
@@ -178,13 +186,13 @@ def config_from_tree(root: Section, source: str) -> Config:
         source=source,
     )
     v.finish(("client", "gateway", "connections"))
-    queues = top.get("queues")
-    if queues is not None and cfg.queue_num + cfg.queues > 65535:
+    if cfg.queue_num + cfg.queues + 1 > 65535:
+        where = top.get("queues") or top.get("queue_num")
         raise ConfigError(
-            queues.path,
-            queues.line,
+            where.path if where else source,
+            where.line if where else 0,
             f"tcpencap.queues: queues {cfg.queue_num}..{cfg.queue_num + cfg.queues - 1} and "
-            "the cTCP queue after them do not fit below 65536",
+            "the two cTCP queues after them do not fit below 65536",
         )
     buf = top.get("gateway.max_buffer")
     if buf is not None and cfg.gateway.max_buffer < cfg.max_frame + 2:
@@ -202,6 +210,7 @@ def _client(v: _Values) -> ClientConfig:
         port=v.take("port", _int_range(0, 65535), 0),
         port_range=v.take("port_range", _port_range, (32768, 60999)),
         connect_timeout=v.take("connect_timeout", _duration, 5.0),
+        ctcp_keepalive=v.take("ctcp_keepalive", _duration, 20.0),
     )
     v.finish()
     return c
@@ -224,6 +233,10 @@ def _gateway(v: _Values) -> GatewayConfig:
         proxy_protocol_from=v.take("proxy_protocol_from", _network_list, ()),
         ctcp_handshake_timeout=v.take("ctcp_handshake_timeout", _duration, 3.0),
         ctcp_no_sa_timeout=v.take("ctcp_no_sa_timeout", _duration, 60.0),
+        ctcp_idle_timeout=v.take("ctcp_idle_timeout", _duration, 300.0),
+        ctcp_reply_rate=v.take("ctcp_reply_rate", _int_range(1, 1_000_000), 200),
+        max_per_prefix=v.take("max_per_prefix", _int_range(1, 1_000_000), 256),
+        ipv4_prefix=v.take("ipv4_prefix", _int_range(8, 32), 24),
     )
     v.finish()
     _check_listen_overlap(v.sec, g)

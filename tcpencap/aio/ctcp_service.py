@@ -1,10 +1,13 @@
 """The cTCP (Cisco "IPsec over TCP") data path: NFQUEUE in, raw socket out.
 
 cTCP is a packet transform, not a stream (protocols.md A.1, A.13), so no kernel TCP socket
-is involved. One NFQUEUE (``queue_num + 1``) receives both directions:
-- TCP segments from the wire (gateway listen ports; the client's cTCP peers), queued in
-  the raw table before the host stack sees them (nfq/ctcp_rules.py);
-- charon's UDP 500/4500 packets to cTCP peers, queued in mangle OUTPUT.
+is involved. Two NFQUEUEs, so what strangers send cannot crowd out what charon sends:
+- ``queue_num + queues + 1``: TCP segments from the wire (gateway listen ports, for local
+  addresses only; the client's cTCP peers), queued in the raw table before the host stack
+  sees them (nfq/ctcp_rules.py). Its kernel queue is short and each turn of the event loop
+  reads at most :data:`INBOUND_BUDGET` of it;
+- ``queue_num + queues``: charon's UDP 500/4500 packets to cTCP peers, queued in mangle
+  OUTPUT.
 Segments leave through an IPPROTO_RAW socket marked with SO_MARK = CTCP_MARK, the only TCP
 on those 5-tuples that the rules let out. Decapsulated packets go to charon through
 :class:`nfq.inject.RawInjector`.
@@ -47,7 +50,7 @@ from tcpencap.core.ctcp_engine import CtcpEngine
 from tcpencap.core.outputs import Inject, Steer, Transmit, bracket, count
 from tcpencap.core.ports import PortAllocator
 from tcpencap.wire.mtu import CTCP_OVERHEAD, check_inner, ctcp_original, plan
-from tcpencap.wire.packet import PROTO_UDP, PacketError, addr_text, parse_ip
+from tcpencap.wire.packet import PacketError, addr_text
 
 log = logging.getLogger("tcpencap.ctcp")
 
@@ -59,6 +62,9 @@ PMTUDISC_PROBE = 3  # IP_PMTUDISC_PROBE / IPV6_PMTUDISC_PROBE: device MTU, not t
 IP_MTU = getattr(socket, "IP_MTU", 14)
 IPV6_MTU = getattr(socket, "IPV6_MTU", 24)
 MTU_CACHE_SECONDS = 10.0
+MTU_CACHE_ENTRIES = 4096  # destinations whose path MTU is remembered; oldest go first
+INBOUND_QUEUE_MAXLEN = 1024  # segments from the wire the kernel holds for us
+INBOUND_BUDGET = 256  # netlink reads of the inbound queue per turn of the event loop
 
 
 # --- I/O --------------------------------------------------------------------------------
@@ -97,8 +103,9 @@ class RouteMtu:
     exception, else the outgoing link's MTU): a connected UDP socket's IP_MTU/IPV6_MTU,
     which sends nothing. Cached per destination for :data:`MTU_CACHE_SECONDS`."""
 
-    def __init__(self, ttl: float = MTU_CACHE_SECONDS) -> None:
+    def __init__(self, ttl: float = MTU_CACHE_SECONDS, entries: int = MTU_CACHE_ENTRIES) -> None:
         self.ttl = ttl
+        self.entries = entries
         self._cache: dict[bytes, tuple[float, int]] = {}
 
     def get(self, dst: bytes, now: float) -> int:
@@ -106,7 +113,8 @@ class RouteMtu:
         if hit is not None and hit[0] > now:
             return hit[1]
         mtu = self.lookup(dst)
-        self._cache[dst] = (now + self.ttl, mtu)
+        self._cache.pop(dst, None)
+        bounded_put(self._cache, dst, (now + self.ttl, mtu), self.entries)
         return mtu
 
     def forget(self, dst: bytes) -> None:
@@ -130,6 +138,14 @@ class RouteMtu:
         self._cache.clear()
 
 
+def bounded_put(cache: dict[Any, Any], key: Any, value: Any, entries: int) -> None:
+    """Insert, first evicting the oldest insertions while the dict is full: a cache keyed
+    by addresses a stranger can choose must not grow with them."""
+    while len(cache) >= entries:
+        del cache[next(iter(cache))]
+    cache[key] = value
+
+
 class CtcpService:
     """Runs the cTCP engine in the daemon's asyncio loop."""
 
@@ -145,9 +161,11 @@ class CtcpService:
         self.injector = injector
         self.log_limited = log_limited
         self.queue_num = config.queue_num + config.queues
+        self.inbound_queue_num = self.queue_num + 1
         self.engine: CtcpEngine | None = None
         self.rules: Any = None
         self.queue: Any = None
+        self.inbound_queue: Any = None
         self.sender: RawSender | None = None
         self.mtus = RouteMtu()
         # dst -> (MTU we told the local stack, the path MTU it was derived from)
@@ -167,21 +185,35 @@ class CtcpService:
         self._loop = loop
         self._timer = EngineTimer(self._fire, loop.time)
         cfg = self.config
+        gw = cfg.gateway
         self.engine = CtcpEngine(
-            listen=cfg.gateway.ctcp_listen,
+            listen=gw.ctcp_listen,
             ports=self.ports or PortAllocator(cfg.client.port, *cfg.client.port_range),
-            max_connections=cfg.gateway.max_connections,
+            max_connections=gw.max_connections,
+            max_per_address=gw.max_per_source,
+            max_per_prefix=gw.max_per_prefix,
+            ipv4_prefix=gw.ipv4_prefix,
+            reply_rate=gw.ctcp_reply_rate,
             timers=Timers(
-                handshake=cfg.gateway.ctcp_handshake_timeout,
-                no_sa=cfg.gateway.ctcp_no_sa_timeout,
+                handshake=gw.ctcp_handshake_timeout,
+                no_sa=gw.ctcp_no_sa_timeout,
+                idle=gw.ctcp_idle_timeout,
+                keepalive=cfg.client.ctcp_keepalive,
             ),
         )
         self.sender = RawSender()
-        self.rules = CtcpRules(self.queue_num)
+        self.rules = CtcpRules(self.queue_num, inbound_queue=self.inbound_queue_num)
         try:
-            self.rules.install(cfg.gateway.ctcp_listen)
+            self.rules.install(gw.ctcp_listen)
             self.queue = QueueReader(self.queue_num, self._on_queued)
             self.queue.start(loop)
+            self.inbound_queue = QueueReader(
+                self.inbound_queue_num,
+                self._on_segment,
+                max_len=INBOUND_QUEUE_MAXLEN,
+                budget=INBOUND_BUDGET,
+            )
+            self.inbound_queue.start(loop)
         except BaseException:
             await self.stop()
             raise
@@ -210,10 +242,11 @@ class CtcpService:
     async def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        if self.queue is not None:
-            with contextlib.suppress(Exception):
-                self.queue.stop()
-            self.queue = None
+        for q in (self.queue, self.inbound_queue):
+            if q is not None:
+                with contextlib.suppress(Exception):
+                    q.stop()
+        self.queue = self.inbound_queue = None
         if self.rules is not None:
             self.rules.remove()
             self.rules = None
@@ -232,7 +265,9 @@ class CtcpService:
         eng = self.engine
         return {
             "queue": self.queue_num,
+            "inbound_queue": self.inbound_queue_num,
             "packets": self.queue.packets if self.queue else 0,
+            "segments": self.inbound_queue.packets if self.inbound_queue else 0,
             "counters": {**(eng.counters if eng else {}), **self.counters},
             "totals": eng.totals if eng else {},
         }
@@ -240,21 +275,18 @@ class CtcpService:
     # --- packet path ------------------------------------------------------------------------
 
     def _on_queued(self, packet: bytes) -> None:
+        """charon's UDP to a cTCP peer (the mangle OUTPUT queue)."""
         assert self.engine is not None and self._loop is not None
         now = self._loop.time()
-        version = packet[0] >> 4 if packet else 0
-        proto = packet[9] if version == 4 and len(packet) > 9 else None
-        if version == 6:
-            try:
-                proto = parse_ip(packet).proto
-            except PacketError:
-                proto = None
-        if proto == PROTO_UDP:
-            if self._too_big(now, packet):
-                return
-            self.engine.outbound(now, packet)
-        else:
-            self.engine.inbound(now, packet)
+        if self._too_big(now, packet):
+            return
+        self.engine.outbound(now, packet)
+        self._execute()
+
+    def _on_segment(self, packet: bytes) -> None:
+        """A TCP segment from the wire (the raw PREROUTING queue)."""
+        assert self.engine is not None and self._loop is not None
+        self.engine.inbound(self._loop.time(), packet)
         self._execute()
 
     def _execute(self) -> None:
@@ -287,7 +319,8 @@ class CtcpService:
         return told[1] if told is not None and mtu == told[0] else mtu
 
     def _tell(self, icmp: bytes, local: bytes, dst: bytes, told: int, base: int) -> None:
-        self._told[dst] = (told, base)
+        self._told.pop(dst, None)
+        bounded_put(self._told, dst, (told, base), MTU_CACHE_ENTRIES)
         self.injector.inject(icmp, local)
 
     def _too_big(self, now: float, packet: bytes) -> bool:
@@ -343,7 +376,8 @@ class CtcpService:
         if now - self._ptb_last.get(dst, -10.0) < 1.0:
             count(self.counters, "icmp-suppressed")
             return
-        self._ptb_last[dst] = now
+        self._ptb_last.pop(dst, None)
+        bounded_put(self._ptb_last, dst, now, MTU_CACHE_ENTRIES)
         local = data[12:16] if data[0] >> 4 == 4 else data[8:24]
         try:
             self._tell(icmp, local, dst, base - CTCP_OVERHEAD, base)

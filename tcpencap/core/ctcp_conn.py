@@ -7,6 +7,20 @@ Sans-I/O in the aioquic style: every input takes the current time, ``get_timer()
 when ``handle_timer(now)`` wants to run, and outputs are queued actions drained with
 ``next_action()``. The allowed state changes are data (:data:`TRANSITIONS`), and inbound
 segments are dispatched on (state, segment kind) through :data:`_ON_SEGMENT`.
+
+The gateway side is hostile ground (DESIGN.md, trust boundaries), so unlike QuickSec:
+- a listener connection exists only once the handshake is complete: the engine answers
+  SYNs statelessly (:mod:`tcpencap.core.ctcp_cookie`) and builds the connection with
+  :meth:`Connection.accept` from the ACK that returns the cookie;
+- once established, segments are checked as RFC 5961 asks: a RST only at exactly the next
+  expected sequence number, anything else only with its seq inside the receive window and
+  its ack inside what we sent;
+- only IKE for charon leaves as an injection: inner UDP to port 500/4500 from 500/4500 or
+  the connection's own port, never to any other local service;
+- a listener connection that hears nothing valid for ``Timers.idle`` is reset, so a peer
+  that went away (its close RST can carry seq 0, which the check above refuses) frees its
+  slot; clients send a keepalive (a bare ACK, A.6 step 5) when they have been quiet for
+  ``Timers.keepalive``, so a live tunnel is never idle on the gateway.
 """
 
 from __future__ import annotations
@@ -21,6 +35,13 @@ from tcpencap.wire.ctcp import CTCPError, Segment, build_control, encapsulate_in
 from tcpencap.wire.packet import PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 
 _MASK = 0xFFFFFFFF
+# How far a peer's seq may lie from the next one we expect (either way: cTCP accepts gaps
+# and reordering, A.7). A blind attacker must hit it and ACK_WINDOW at once.
+RECV_WINDOW = 1 << 20
+# How far below the highest ack seen a peer's ack may lie (reordering); above, it may go
+# up to what we sent.
+ACK_WINDOW = 1 << 16
+IKE_PORTS = frozenset({500, 4500})
 
 
 class Role(enum.Enum):
@@ -30,9 +51,7 @@ class Role(enum.Enum):
 
 class State(enum.Enum):
     CLOSED = "closed"  # client only: no connection, the next packet sends a SYN
-    LISTEN = "listen"  # listener only: waiting for the SYN that created this entry
-    SYN_SENT = "syn-sent"
-    SYN_RCVD = "syn-rcvd"
+    SYN_SENT = "syn-sent"  # client only
     ESTABLISHED = "established"
     CLOSE_WAIT = "close-wait"  # last SA gone: only IKE still carried, RST after a delay
     DELETED = "deleted"  # terminal: the entry is to be removed
@@ -40,14 +59,33 @@ class State(enum.Enum):
 
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.CLOSED: frozenset({State.SYN_SENT}),
-    State.LISTEN: frozenset({State.SYN_RCVD, State.DELETED}),
     State.SYN_SENT: frozenset({State.CLOSED, State.ESTABLISHED}),
-    State.SYN_RCVD: frozenset({State.ESTABLISHED, State.DELETED}),
     State.ESTABLISHED: frozenset({State.CLOSE_WAIT, State.DELETED}),
     # A new SA bound during the close delay (a rekey race) keeps the connection.
     State.CLOSE_WAIT: frozenset({State.ESTABLISHED, State.DELETED}),
     State.DELETED: frozenset(),
 }
+
+
+class Drop(enum.Enum):
+    """Why a segment or packet was discarded: a fixed set, so counters and metric labels
+    never grow with what a peer sends (the details go to the rate-limited log)."""
+
+    HANDSHAKE_BUSY = "handshake-in-progress"
+    NOT_CONNECTED = "not-connected"
+    UNEXPECTED = "unexpected-segment"
+    HANDSHAKE_TIMEOUT = "handshake-timeout"
+    BAD_SYNACK = "synack-bad-ack"
+    REFUSED = "connection-refused"
+    RST_BAD_SEQ = "rst-bad-seq"
+    OUT_OF_WINDOW = "out-of-window"
+    NO_ACK = "no-ack-flag"
+    SYN_ESTABLISHED = "syn-on-established"
+    KEEPALIVE = "keepalive"
+    BAD_SEGMENT = "bad-segment"
+    INNER_PORT = "inner-port-refused"
+    ESP_CLOSING = "esp-while-closing"
+    CANNOT_ENCAPSULATE = "cannot-encapsulate"
 
 
 class SegKind(enum.Enum):
@@ -72,9 +110,11 @@ def seg_kind(flags: int) -> SegKind:
 
 @dataclass(frozen=True, slots=True)
 class Timers:
-    handshake: float = 3.0  # SYN_SENT / SYN_RCVD
+    handshake: float = 3.0  # SYN_SENT; a SYN cookie's lifetime on the gateway
     no_sa: float = 60.0  # ESTABLISHED without an IPsec SA bound -> RST
-    close_delay: float = 0.5  # CLOSE_WAIT -> bare RST
+    close_delay: float = 0.5  # CLOSE_WAIT -> RST
+    idle: float = 300.0  # listener: nothing valid from the peer for this long -> RST
+    keepalive: float = 20.0  # client: nothing sent for this long -> a bare ACK
 
 
 # --- actions ----------------------------------------------------------------------------
@@ -108,17 +148,20 @@ class Closed:
 
 @dataclass(frozen=True, slots=True)
 class Dropped:
-    """A packet or segment was discarded (for logs and counters; nothing is sent)."""
+    """A packet or segment was discarded (counted under ``reason``; ``detail`` is for the
+    rate-limited log only)."""
 
-    reason: str
+    reason: Drop
+    detail: str = ""
 
 
 Action = TransmitSegment | DeliverInner | Closed | Dropped
 
 
-def _after(a: int, b: int) -> bool:
-    """a is later than b in 32-bit sequence space."""
-    return 0 < ((a - b) & _MASK) < 0x80000000
+def seq_diff(a: int, b: int) -> int:
+    """a - b in 32-bit sequence space, as a signed number."""
+    d = (a - b) & _MASK
+    return d - (1 << 32) if d & 0x80000000 else d
 
 
 def stray_reply(seg: Segment, *, ident: int = 0) -> TransmitSegment | None:
@@ -136,11 +179,21 @@ def stray_reply(seg: Segment, *, ident: int = 0) -> TransmitSegment | None:
     return TransmitSegment(data, seq, ack, flags)
 
 
+def inner_ports_ok(ports: tuple[int, int] | None, peer_port: int) -> bool:
+    """Inner UDP a peer may have injected: to charon's 500/4500, from 500/4500 or the
+    connection's own port. ``None`` (raw ESP) goes to the kernel's ESP input."""
+    if ports is None:
+        return True
+    sport, dport = ports
+    return dport in IKE_PORTS and (sport in IKE_PORTS or sport == peer_port)
+
+
 class Connection:
     """One cTCP connection between (local, local_port) and (peer, peer_port).
 
     ``rng`` supplies ISNs and the IPv4 ID counter of control segments (inject a seeded
-    ``random.Random`` in tests); ``isn`` fixes the first ISN.
+    ``random.Random`` in tests); ``isn`` fixes the first ISN. Listener connections are
+    made by :meth:`accept`.
     """
 
     def __init__(
@@ -163,17 +216,50 @@ class Connection:
         self.timers = timers or Timers()
         self._rng = rng or random.SystemRandom()
         self._next_isn = isn
-        self.state = State.CLOSED if role is Role.CLIENT else State.LISTEN
+        self.state = State.CLOSED
         self.isn = 0
         self.peer_isn = 0
-        self.seq = 0  # next sequence number we send
-        self.ack = 0  # highest seq+len seen from the peer
+        self.seq = 0  # next sequence number we send (SND.NXT)
+        self.acked = 0  # the highest ack the peer sent (SND.UNA)
+        self.ack = 0  # highest seq+len seen from the peer (RCV.NXT)
         self.has_sa = False
         self.close_reason: str | None = None
         self._trigger: bytes | None = None
-        self._deadline: float | None = None
+        self._deadline: float | None = None  # handshake, no-SA or close delay
+        self._idle_check: float | None = None  # listener: when to look at last_heard
+        self._keepalive_check: float | None = None  # client: when to look at last_sent
+        self.last_heard = 0.0
+        self.last_sent = 0.0
         self._ident = self._rng.getrandbits(16)
         self._actions: deque[Action] = deque()
+
+    @classmethod
+    def accept(
+        cls,
+        now: float,
+        *,
+        local: bytes,
+        peer: bytes,
+        local_port: int,
+        peer_port: int,
+        isn: int,
+        peer_seq: int,
+        rng: random.Random | None = None,
+        timers: Timers | None = None,
+    ) -> Connection:
+        """A listener connection from the ACK that completed a stateless handshake: ``isn``
+        is the cookie our SYN+ACK carried, ``peer_seq`` the ACK's sequence number."""
+        conn = cls(Role.LISTENER, local=local, peer=peer, local_port=local_port,
+                   peer_port=peer_port, rng=rng, timers=timers)  # fmt: skip
+        conn.isn = isn & _MASK
+        conn.seq = conn.acked = (isn + 1) & _MASK
+        conn.peer_isn = (peer_seq - 1) & _MASK
+        conn.ack = peer_seq & _MASK
+        conn.state = State.ESTABLISHED
+        conn.last_heard = now
+        conn._deadline = now + conn.timers.no_sa
+        conn._idle_check = now + conn.timers.idle
+        return conn
 
     # --- outputs ------------------------------------------------------------------------
 
@@ -181,14 +267,16 @@ class Connection:
         return self._actions.popleft() if self._actions else None
 
     def get_timer(self) -> float | None:
-        return self._deadline
+        timers = (self._deadline, self._idle_check, self._keepalive_check)
+        due = [t for t in timers if t is not None]
+        return min(due) if due else None
 
     # --- inputs -------------------------------------------------------------------------
 
     def connect(self, now: float) -> None:
         """Client: send a SYN (without a trigger packet)."""
         if self.role is not Role.CLIENT or self.state is not State.CLOSED:
-            self._drop(f"connect in {self.state.value}")
+            self._drop(Drop.UNEXPECTED, f"connect in {self.state.value}")
             return
         self._send_syn(now)
 
@@ -199,25 +287,26 @@ class Connection:
             self._trigger = inner
             self._send_syn(now)
         elif st is State.ESTABLISHED:
-            self._send_data(inner)
+            self._send_data(now, inner)
         elif st is State.CLOSE_WAIT:
-            self._send_data(inner, ike_only=True)
-        elif st in (State.SYN_SENT, State.SYN_RCVD):
-            self._drop("handshake in progress")
+            self._send_data(now, inner, ike_only=True)
+        elif st is State.SYN_SENT:
+            self._drop(Drop.HANDSHAKE_BUSY)
         else:
-            self._drop(f"not connected ({st.value})")
+            self._drop(Drop.NOT_CONNECTED, st.value)
 
     def receive_segment(self, now: float, seg: Segment) -> None:
         """Process one inbound segment addressed to this connection."""
         kind = seg_kind(seg.flags)
         handler = _ON_SEGMENT.get((self.state, kind))
         if handler is None:
-            self._drop(f"{kind.value} in {self.state.value}")
+            self._drop(Drop.UNEXPECTED, f"{kind.value} in {self.state.value}")
             return
         handler(self, now, seg)
 
     def sa_bound(self, now: float) -> None:
-        """An IPsec SA now uses this connection: the 60 s no-SA limit no longer applies."""
+        """Our charon uses an IPsec SA on this connection: the no-SA limit no longer
+        applies. Only ever called for what charon sends, never for what the peer sends."""
         self.has_sa = True
         if self.state is State.ESTABLISHED:
             self._deadline = None
@@ -233,102 +322,115 @@ class Connection:
             self._deadline = now + self.timers.close_delay
 
     def handle_timer(self, now: float) -> None:
-        if self._deadline is None or now < self._deadline:
-            return
-        self._deadline = None
+        if self._deadline is not None and now >= self._deadline:
+            self._deadline = None
+            self._on_deadline(now)
+        if self._idle_check is not None and now >= self._idle_check:
+            due = self.last_heard + self.timers.idle
+            if due > now:
+                self._idle_check = due
+            else:
+                self._reset("idle")
+        if self._keepalive_check is not None and now >= self._keepalive_check:
+            due = self.last_sent + self.timers.keepalive
+            if due <= now and self.state is State.ESTABLISHED:
+                self._control(self.seq, self.ack, TCP_ACK)
+                self.last_sent = now
+                due = now + self.timers.keepalive
+            self._keepalive_check = due if self.state is State.ESTABLISHED else None
+
+    def _on_deadline(self, now: float) -> None:
         st = self.state
         if st is State.SYN_SENT:
             # The SYN is never retransmitted: the next packet starts a new handshake.
             self._goto(State.CLOSED)
             self._trigger = None
-            self._drop("handshake timeout")
-        elif st is State.SYN_RCVD:
-            self._delete("handshake timeout")  # silently, no RST (A.6 step 3)
+            self._drop(Drop.HANDSHAKE_TIMEOUT)
         elif st is State.ESTABLISHED and not self.has_sa:
-            self._control(self.seq, 0, TCP_RST)
-            self._delete("no IPsec SA bound")
+            self._reset("no IPsec SA bound")
         elif st is State.CLOSE_WAIT:
-            self._control(0, 0, TCP_RST)
-            self._delete("last SA gone")
+            self._reset("last SA gone")
 
     # --- segment handlers ---------------------------------------------------------------
 
-    def _on_listen_syn(self, now: float, seg: Segment) -> None:
-        self.peer_isn = seg.seq
-        self.ack = (seg.seq + 1) & _MASK
-        self.isn = self._new_isn()
-        self.seq = (self.isn + 1) & _MASK
-        self._goto(State.SYN_RCVD)
-        self._control(self.isn, self.ack, TCP_SYN | TCP_ACK)
-        self._deadline = now + self.timers.handshake
-
-    def _on_listen_other(self, now: float, seg: Segment) -> None:
-        reply = stray_reply(seg, ident=self._take_ident())
-        if reply is not None:
-            self._actions.append(reply)
-        self._delete("no handshake")
-
-    def _on_synrcvd_syn(self, now: float, seg: Segment) -> None:
-        # A duplicate SYN (or a client's new attempt): answer again with the same ISN.
-        self.peer_isn = seg.seq
-        self.ack = (seg.seq + 1) & _MASK
-        self._control(self.isn, self.ack, TCP_SYN | TCP_ACK)
-        self._deadline = now + self.timers.handshake
-
-    def _on_synrcvd_other(self, now: float, seg: Segment) -> None:
-        if not seg.flags & TCP_ACK or seg.ack != self.seq:
-            self._drop("unexpected segment in syn-rcvd")
-            return
-        self.ack = seg.seq
-        self._establish(now)
-        if seg.payload_len:
-            self._on_est_other(now, seg)
-
     def _on_synsent_synack(self, now: float, seg: Segment) -> None:
         if seg.ack != self.seq:
-            self._drop("SYN+ACK acknowledges the wrong ISN")
+            self._drop(Drop.BAD_SYNACK)
             return
         self.peer_isn = seg.seq
         self.ack = (seg.seq + 1) & _MASK
+        self.acked = seg.ack
+        self.last_heard = now
+        self._goto(State.ESTABLISHED)
+        self._deadline = None if self.has_sa else now + self.timers.no_sa
         self._control(self.seq, self.ack, TCP_ACK)
-        self._establish(now)
         trigger, self._trigger = self._trigger, None
         if trigger is not None:
-            self._send_data(trigger)
+            self._send_data(now, trigger)
+        self.last_sent = now
+        self._keepalive_check = now + self.timers.keepalive
 
     def _on_synsent_rst(self, now: float, seg: Segment) -> None:
         if seg.flags & TCP_ACK and seg.ack == self.seq:
             self._deadline = None
             self._goto(State.CLOSED)
             self._trigger = None
-            self._drop("connection refused")
+            self._drop(Drop.REFUSED)
         else:
-            self._drop("RST not for our SYN")
+            self._drop(Drop.RST_BAD_SEQ, "RST not for our SYN")
 
     def _on_reset(self, now: float, seg: Segment) -> None:
+        # RFC 5961 3.2: only a RST at exactly RCV.NXT ends the connection, so an off-path
+        # host has one chance in 2**32 per guess, not one in a window's worth.
+        if seg.seq != self.ack:
+            self._drop(Drop.RST_BAD_SEQ, f"RST seq {seg.seq}, expected {self.ack}")
+            return
         self._delete("reset by peer")
 
+    def _acceptable(self, seg: Segment) -> bool:
+        """RFC 5961 4 and 5 for a non-RST segment: seq near RCV.NXT and an ack between
+        what the peer acknowledged before (less a reordering margin) and SND.NXT."""
+        if not seg.flags & TCP_ACK:
+            self._drop(Drop.NO_ACK)
+            return False
+        if not -RECV_WINDOW <= seq_diff(seg.seq, self.ack) < RECV_WINDOW:
+            self._drop(Drop.OUT_OF_WINDOW, f"seq {seg.seq}, expected near {self.ack}")
+            return False
+        if seq_diff(seg.ack, self.seq) > 0 or seq_diff(seg.ack, self.acked) < -ACK_WINDOW:
+            self._drop(Drop.OUT_OF_WINDOW, f"ack {seg.ack}, sent up to {self.seq}")
+            return False
+        if seq_diff(seg.ack, self.acked) > 0:
+            self.acked = seg.ack
+        return True
+
     def _on_est_fin(self, now: float, seg: Segment) -> None:
-        seq = seg.ack if seg.flags & TCP_ACK else 0
-        self._control(seq, 0, TCP_RST)
+        if not self._acceptable(seg):
+            return
+        self._control(seg.ack, 0, TCP_RST)
         self._delete("FIN from peer")
 
     def _on_est_syn(self, now: float, seg: Segment) -> None:
-        self._drop("SYN on an established connection")
+        self._drop(Drop.SYN_ESTABLISHED)
 
     def _on_est_other(self, now: float, seg: Segment) -> None:
+        if not self._acceptable(seg):
+            return
+        self.last_heard = now
         if seg.is_short:
-            self._drop("keepalive")  # no reply, no ACK (A.6 step 5)
+            self._drop(Drop.KEEPALIVE)  # no reply, no ACK (A.6 step 5)
             return
         decap = seg.decap
         if decap is None:
-            self._drop(f"bad segment: {seg.error}")
+            self._drop(Drop.BAD_SEGMENT, seg.error or "")
+            return
+        if not inner_ports_ok(decap.inner_ports, self.peer_port):
+            self._drop(Drop.INNER_PORT, f"inner UDP ports {decap.inner_ports}")
             return
         end = (seg.seq + seg.payload_len) & _MASK
-        if seg.seq == self.ack or _after(end, self.ack):
+        if seq_diff(end, self.ack) > 0:
             self.ack = end
         if self.state is State.CLOSE_WAIT and decap.proto != PROTO_UDP:
-            self._drop("ESP while closing")
+            self._drop(Drop.ESP_CLOSING)
             return
         self._actions.append(DeliverInner(decap.packet, decap.proto))
 
@@ -351,15 +453,11 @@ class Connection:
 
     def _send_syn(self, now: float) -> None:
         self.isn = self._new_isn()
-        self.seq = (self.isn + 1) & _MASK
+        self.seq = self.acked = (self.isn + 1) & _MASK
         self.ack = 0
         self._goto(State.SYN_SENT)
         self._control(self.isn, 0, TCP_SYN)
         self._deadline = now + self.timers.handshake
-
-    def _establish(self, now: float) -> None:
-        self._goto(State.ESTABLISHED)
-        self._deadline = None if self.has_sa else now + self.timers.no_sa
 
     def _control(self, seq: int, ack: int, flags: int) -> None:
         data = build_control(
@@ -374,27 +472,33 @@ class Connection:
         )
         self._actions.append(TransmitSegment(data, seq, ack, flags))
 
-    def _send_data(self, inner: bytes, *, ike_only: bool = False) -> None:
+    def _send_data(self, now: float, inner: bytes, *, ike_only: bool = False) -> None:
         try:
             data, plen, proto = encapsulate_info(
                 inner, sport=self.local_port, dport=self.peer_port, seq=self.seq, ack=self.ack
             )
         except CTCPError as exc:
-            self._drop(f"cannot encapsulate: {exc.reason}")
+            self._drop(Drop.CANNOT_ENCAPSULATE, exc.reason)
             return
         if ike_only and proto != PROTO_UDP:
-            self._drop("ESP while closing")
+            self._drop(Drop.ESP_CLOSING)
             return
         seq = self.seq
         self.seq = (seq + plen) & _MASK
+        self.last_sent = now
         self._actions.append(TransmitSegment(data, seq, self.ack, TCP_ACK, proto))
 
-    def _drop(self, reason: str) -> None:
-        self._actions.append(Dropped(reason))
+    def _drop(self, reason: Drop, detail: str = "") -> None:
+        self._actions.append(Dropped(reason, detail))
+
+    def _reset(self, reason: str) -> None:
+        """End the connection with a RST the peer accepts (at its RCV.NXT, our SND.NXT)."""
+        self._control(self.seq, 0, TCP_RST)
+        self._delete(reason)
 
     def _delete(self, reason: str) -> None:
         self._goto(State.DELETED)
-        self._deadline = None
+        self._deadline = self._idle_check = self._keepalive_check = None
         self._trigger = None
         self.close_reason = reason
         self._actions.append(Closed(reason))
@@ -412,14 +516,6 @@ _ESTABLISHED_HANDLERS: dict[SegKind, _Handler] = {
 
 # (state, segment kind) -> handler. Pairs not listed are dropped with a reason.
 _ON_SEGMENT: dict[tuple[State, SegKind], _Handler] = {
-    (State.LISTEN, SegKind.SYN): _C._on_listen_syn,
-    (State.LISTEN, SegKind.SYN_ACK): _C._on_listen_other,
-    (State.LISTEN, SegKind.FIN): _C._on_listen_other,
-    (State.LISTEN, SegKind.RST): _C._on_listen_other,
-    (State.LISTEN, SegKind.OTHER): _C._on_listen_other,
-    (State.SYN_RCVD, SegKind.SYN): _C._on_synrcvd_syn,
-    (State.SYN_RCVD, SegKind.OTHER): _C._on_synrcvd_other,
-    (State.SYN_RCVD, SegKind.RST): _C._on_reset,
     (State.SYN_SENT, SegKind.SYN_ACK): _C._on_synsent_synack,
     (State.SYN_SENT, SegKind.RST): _C._on_synsent_rst,
     **{(State.ESTABLISHED, k): h for k, h in _ESTABLISHED_HANDLERS.items()},

@@ -7,9 +7,16 @@ segments from the wire (``inbound``) and charon's UDP packets to cTCP peers
 same shape as :class:`tcpencap.core.rfc9329_engine.Rfc9329Engine`. Each connection's TCP
 state machine is :class:`tcpencap.core.ctcp_conn.Connection`.
 
-An IPsec SA counts as bound (which stops the 60 s no-SA reset of A.6) once ESP flows in
-either direction or our own charon sends an encrypted IKE message on the connection
-(without VICI that is the best local evidence that charon has keys with this peer).
+An IPsec SA counts as bound (which stops the 60 s no-SA reset of A.6) once our own charon
+sends ESP on the connection: only charon's side counts, since anybody can send bytes that
+look like ESP, and an encrypted IKE message from charon may be an authentication failure.
+
+What a stranger can make a gateway do is bounded (DESIGN.md, trust boundaries): a SYN gets a
+SYN+ACK with a cookie and creates nothing (:mod:`tcpencap.core.ctcp_cookie`); a connection
+is made only from the ACK that returns the cookie, and only while its source address and
+source prefix hold fewer than their share (:mod:`tcpencap.core.ctcp_limits`); replies to
+strangers are limited in total; drops are counted under fixed names, their details logged at
+most once a second per name.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import random
+import secrets
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -28,11 +36,15 @@ from tcpencap.core.ctcp_conn import (
     DeliverInner,
     Dropped,
     Role,
+    SegKind,
     State,
     Timers,
     TransmitSegment,
+    seg_kind,
     stray_reply,
 )
+from tcpencap.core.ctcp_cookie import SynCookies
+from tcpencap.core.ctcp_limits import SourceSlots, TokenBucket
 from tcpencap.core.engine import Engine
 from tcpencap.core.outputs import (
     Inject,
@@ -46,9 +58,10 @@ from tcpencap.core.outputs import (
 from tcpencap.core.peers import SteeringRefs
 from tcpencap.core.ports import PortAllocator, PortsExhausted
 from tcpencap.core.table import Bind, ConnectionTable, Entry
+from tcpencap.core.timers import LogLimiter
 from tcpencap.core.totals import add_closed, new_totals
-from tcpencap.wire.ctcp import CTCPError, read_segment
-from tcpencap.wire.ike import IKEV2_SA_INIT, Kind, classify_udp_payload
+from tcpencap.wire.ctcp import CTCPError, Segment, build_control, read_segment
+from tcpencap.wire.ike import Kind, classify_udp_payload
 from tcpencap.wire.packet import (
     PROTO_UDP,
     TCP_ACK,
@@ -92,7 +105,10 @@ def _is_syn(flags: int) -> bool:
 
 class CtcpEngine(Engine):
     """All cTCP connections of this host. ``listen`` are gateway (ADDR, PORT) endpoints
-    (wildcards allowed), ``peers`` maps a client peer address to its TCP port."""
+    (wildcards allowed: the rules queue only segments for local addresses), ``peers`` maps
+    a client peer address to its TCP port. ``max_per_address`` and ``max_per_prefix``
+    bound the gateway connections of one source (prefix: ``ipv4_prefix`` bits, /64 for
+    IPv6); ``reply_rate`` bounds SYN+ACKs and RSTs to hosts without a connection."""
 
     def __init__(
         self,
@@ -101,8 +117,13 @@ class CtcpEngine(Engine):
         peers: dict[bytes, int] | None = None,
         ports: PortAllocator | None = None,
         max_connections: int = 1000,
+        max_per_address: int = 64,
+        max_per_prefix: int = 256,
+        ipv4_prefix: int = 24,
+        reply_rate: float = 200.0,
         timers: Timers | None = None,
         rng: random.Random | None = None,
+        secret: bytes | None = None,
     ) -> None:
         super().__init__()
         self._listen_exact: set[tuple[bytes, int]] = set()
@@ -118,8 +139,15 @@ class CtcpEngine(Engine):
         self.max_connections = max_connections
         self.timers = timers or Timers()
         self._rng = rng
+        self.cookies = SynCookies(secret or secrets.token_bytes(32), self.timers.handshake)
+        self.slots = SourceSlots(max_per_address, max_per_prefix, ipv4_prefix)
+        self._syn_acks = TokenBucket(reply_rate, reply_rate)
+        self._resets = TokenBucket(reply_rate, reply_rate)
+        self._ident = 0
+        self.log_limited = LogLimiter(log.warning)
         self.table = ConnectionTable()
         self.flows: dict[Key, Flow] = {}
+        self._gateway_flows = 0
         self.by_id: dict[int, Flow] = {}
         self.steering = SteeringRefs()  # gateway peers with an established connection
         self.counters: dict[str, int] = {}
@@ -136,21 +164,15 @@ class CtcpEngine(Engine):
         return (addr, port) in self._listen_exact or (len(addr), port) in self._listen_any
 
     def _gatewaycount(self) -> int:
-        return sum(1 for f in self.flows.values() if f.side == "gateway")
+        return self._gateway_flows
 
-    def _new_flow(self, role: Role, local: bytes, lport: int, peer: bytes, pport: int,
-                  now: float) -> Flow:  # fmt: skip
-        conn = Connection(
-            role,
-            local=local,
-            peer=peer,
-            local_port=lport,
-            peer_port=pport,
-            rng=self._rng,
-            timers=self.timers,
-        )
+    def _new_flow(self, conn: Connection, now: float) -> Flow:
+        local, lport, peer, pport = conn.local, conn.local_port, conn.peer, conn.peer_port
         entry = self.table.add(local, peer)
-        side = "gateway" if role is Role.LISTENER else "client"
+        side = "gateway" if conn.role is Role.LISTENER else "client"
+        if side == "gateway":
+            self.slots.take(peer)
+            self._gateway_flows += 1
         flow = Flow((local, lport, peer, pport), conn, entry, side, now)
         self.flows[flow.key] = flow
         self.by_id[entry.conn_id] = flow
@@ -188,9 +210,6 @@ class CtcpEngine(Engine):
             else:
                 flow = self.by_id[entry.conn_id]
             self._bind_ike(flow, c.ike.spi_i)
-            encrypted = c.ike.exchange != IKEV2_SA_INIT if c.ike.major == 2 else c.ike.flags & 1
-            if encrypted:
-                flow.conn.sa_bound(now)
         else:
             entry = self.table.lookup_esp(ip.src, ip.dst, c.spi)
             entry = entry or self.table.newest_for_pair(ip.src, ip.dst)
@@ -235,33 +254,91 @@ class CtcpEngine(Engine):
         except PortsExhausted:
             count(self.counters, "ports-exhausted")
             return None
-        return self._new_flow(Role.CLIENT, local, lport, peer, pport, now)
+        conn = Connection(Role.CLIENT, local=local, peer=peer, local_port=lport,
+                          peer_port=pport, rng=self._rng, timers=self.timers)  # fmt: skip
+        return self._new_flow(conn, now)
 
     def inbound(self, now: float, packet: bytes) -> None:
         """A TCP segment from the wire (queued in raw PREROUTING)."""
         try:
             seg = read_segment(packet)
-        except CTCPError:
+        except CTCPError as exc:
             count(self.counters, "inbound-malformed")
+            self.log_limited(now, "inbound-malformed", "cTCP: malformed segment: %s", exc)
             return
         key = (seg.dst, seg.dport, seg.src, seg.sport)
         flow = self.flows.get(key)
         if flow is None:
-            if _is_syn(seg.flags) and self.listening(seg.dst, seg.dport):
-                if self._gatewaycount() >= self.max_connections:
-                    count(self.counters, "refused-limit")
-                    return
-                flow = self._new_flow(Role.LISTENER, seg.dst, seg.dport, seg.src, seg.sport, now)
-            else:
-                reply = stray_reply(seg)
-                if reply is None:
-                    count(self.counters, "stray-dropped")
-                    return
-                count(self.counters, "stray-reset")
-                self._out.append(Transmit(0, reply.data, dst=seg.src))
+            if self.listening(seg.dst, seg.dport):
+                flow = self._handshake(now, seg)
+            if flow is None:
+                return
+            if not seg.payload_len:  # the handshake's own ACK: nothing more to do
+                self._drain(now, flow)
                 return
         flow.conn.receive_segment(now, seg)
         self._drain(now, flow)
+
+    def _handshake(self, now: float, seg: Segment) -> Flow | None:
+        """A segment at a listen port without a connection: a SYN gets a cookie, the ACK
+        that returns one makes the connection (also when it carries the first data),
+        anything else a rate-limited RST. Nothing is kept for the SYN."""
+        refusal = self._refusal(seg.src)
+        if _is_syn(seg.flags):
+            if refusal is not None:
+                self._refuse(now, refusal, seg)
+            elif not self._syn_acks.allow(now):
+                count(self.counters, "syn-ack-limited")
+            else:
+                isn = self.cookies.make(now, seg.dst, seg.dport, seg.src, seg.sport)
+                ack = (seg.seq + 1) & 0xFFFFFFFF
+                data = build_control(seg.dst, seg.src, seg.dport, seg.sport, isn, ack,
+                                     TCP_SYN | TCP_ACK, ident=self._take_ident())  # fmt: skip
+                count(self.counters, "syn-cookie-sent")
+                self._out.append(Transmit(0, data, dst=seg.src))
+            return None
+        cookie = (seg.ack - 1) & 0xFFFFFFFF
+        if (
+            seg_kind(seg.flags) is SegKind.OTHER
+            and seg.flags & TCP_ACK
+            and self.cookies.check(now, seg.dst, seg.dport, seg.src, seg.sport, cookie)
+        ):
+            if refusal is not None:
+                self._refuse(now, refusal, seg)
+                return None
+            count(self.counters, "accepted")
+            conn = Connection.accept(now, local=seg.dst, peer=seg.src, local_port=seg.dport,
+                                     peer_port=seg.sport, isn=cookie, peer_seq=seg.seq,
+                                     rng=self._rng, timers=self.timers)  # fmt: skip
+            return self._new_flow(conn, now)
+        self._stray(now, seg)
+        return None
+
+    def _refusal(self, src: bytes) -> str | None:
+        if self._gatewaycount() >= self.max_connections:
+            return "refused-limit"
+        return self.slots.refusal(src)
+
+    def _refuse(self, now: float, name: str, seg: Segment) -> None:
+        """A source at its limit gets no answer at all (a SYN+ACK would only invite it to
+        try again): counted and logged at most once a second."""
+        count(self.counters, name)
+        self.log_limited(now, name, "cTCP: %s from %s port %d", name, addr_text(seg.src),
+                         seg.sport)  # fmt: skip
+
+    def _stray(self, now: float, seg: Segment) -> None:
+        reply = stray_reply(seg, ident=self._take_ident())
+        if reply is None:
+            count(self.counters, "stray-dropped")
+        elif not self._resets.allow(now):
+            count(self.counters, "stray-reset-limited")
+        else:
+            count(self.counters, "stray-reset")
+            self._out.append(Transmit(0, reply.data, dst=seg.src))
+
+    def _take_ident(self) -> int:
+        self._ident = (self._ident + 1) & 0xFFFF
+        return self._ident
 
     # --- the shell's side -------------------------------------------------------------
 
@@ -307,18 +384,22 @@ class CtcpEngine(Engine):
                 self._learn(now, flow, act.packet)  # type: ignore[union-attr]
                 out.append(Inject(act.packet, flow.key[0]))  # type: ignore[union-attr]
             elif t is Dropped:
-                count(flow.drops, act.reason)  # type: ignore[union-attr]
+                name = act.reason.value  # type: ignore[union-attr]
+                count(flow.drops, name)
+                if act.detail:  # type: ignore[union-attr]
+                    self.log_limited(now, name, "cTCP %s: %s: %s", self.describe(flow), name,
+                                     act.detail)  # type: ignore[union-attr]  # fmt: skip
             elif t is Closed:
                 self._remove(flow, act.reason)  # type: ignore[union-attr]
         if flow.key in self.flows:
             self._arm(flow)
 
     def _learn(self, now: float, flow: Flow, packet: bytes) -> None:
-        """Inbound IKE teaches the table its SPI; inbound ESP means an SA is in use."""
+        """Inbound IKE teaches the table its SPI (for this address pair only). What the
+        peer sends never counts as an SA: that is charon's to say (``outbound``)."""
         try:
             ip = parse_ip(packet)
             if ip.proto != PROTO_UDP:
-                flow.conn.sa_bound(now)  # raw ESP
                 return
             udp = parse_udp(ip.payload)
         except PacketError:
@@ -326,13 +407,14 @@ class CtcpEngine(Engine):
         c = classify_udp_payload(udp.dport, udp.payload)
         if c.kind is Kind.IKE and c.ike is not None:
             self._bind_ike(flow, c.ike.spi_i)
-        elif c.kind is Kind.ESP:
-            flow.conn.sa_bound(now)
 
     def _remove(self, flow: Flow, reason: str) -> None:
         out = self._out
         if self.flows.get(flow.key) is flow:
             del self.flows[flow.key]
+            if flow.side == "gateway":
+                self.slots.give_back(flow.key[2])
+                self._gateway_flows -= 1
             # Keep closed flows' figures so the daemon's metrics never go backwards.
             f = flow
             add_closed(self.totals, f.frames_in, f.frames_out, f.bytes_in, f.bytes_out, f.drops)

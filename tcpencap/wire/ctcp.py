@@ -100,6 +100,7 @@ class Decapsulated:
     window: int
     payload_len: int  # TCP payload length, trailer included
     trailer: Trailer
+    inner_ports: tuple[int, int] | None = None  # inner UDP (sport, dport); None for ESP
 
     @property
     def is_ike(self) -> bool:
@@ -242,8 +243,10 @@ def _decap(pkt: IPPacket, fields: tuple[int, ...], doff: int) -> Decapsulated:
     if proto not in INNER_PROTOS:
         raise CTCPError(f"inner protocol {proto} in trailer")
     body = payload[doff:-TRAILER_LEN]
+    ports: tuple[int, int] | None = None
     if proto == PROTO_UDP:
-        (udp_len,) = struct.unpack_from("!H", body, 4)
+        isport, idport, udp_len = struct.unpack_from("!HHH", body)
+        ports = (isport, idport)
         if udp_len < UDP_HEADER_LEN or udp_len > len(body):
             raise CTCPError(f"inner UDP length {udp_len} for {len(body)} octets")
         udp = bytearray(body)
@@ -265,6 +268,7 @@ def _decap(pkt: IPPacket, fields: tuple[int, ...], doff: int) -> Decapsulated:
         window=window,
         payload_len=plen,
         trailer=trailer,
+        inner_ports=ports,
     )
 
 

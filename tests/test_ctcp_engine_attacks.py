@@ -1,0 +1,266 @@
+"""The cTCP gateway engine against the bytes a remote, unauthenticated host can send.
+
+Each test is one finding of the security review (issue 23, findings 1-3) driven through
+the engine with a fake clock: no charon, no keys, only segments an attacker can forge."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tcpencap.core.ctcp_conn import Drop, State, Timers
+from tcpencap.core.ctcp_engine import CtcpEngine
+from tcpencap.core.ctcp_limits import SourceSlots, TokenBucket, source_prefix
+from tcpencap.core.outputs import Inject, Transmit
+from tcpencap.wire.ctcp import encapsulate, read_segment
+from tcpencap.wire.packet import (
+    PROTO_UDP,
+    TCP_ACK,
+    TCP_RST,
+    TCP_SYN,
+    addr_bytes,
+    build_ip,
+    build_tcp,
+    build_udp,
+    build_udp_packet,
+    parse_ip,
+    parse_udp,
+)
+
+G = addr_bytes("198.19.0.2")
+G6 = addr_bytes("fd00:19::2")
+HONEST = addr_bytes("198.18.1.2")
+ATTACKER = addr_bytes("198.18.66.6")
+IKE = bytes(range(1, 9)) + bytes(8) + b"\x21\x20\x22\x08" + bytes(4) + (28).to_bytes(4, "big")
+
+
+def gateway(**kw) -> CtcpEngine:
+    kw.setdefault("rng", random.Random(5))
+    return CtcpEngine(listen=[("0.0.0.0", 10000), ("::", 10000)], **kw)
+
+
+def syn(gw: CtcpEngine, src: bytes, port: int, now: float, dst: bytes = G) -> int | None:
+    """A SYN; the cookie of the SYN+ACK it got, None if none."""
+    gw.inbound(now, build_ip(src, dst, 6, build_tcp(src, dst, port, 10000, 1000, 0, TCP_SYN)))
+    sends = [o for o in gw.pull() if type(o) is Transmit]
+    assert len(sends) <= 1
+    if not sends:
+        return None
+    r = read_segment(sends[0].data)
+    assert r.flags == TCP_SYN | TCP_ACK and r.ack == 1001
+    return r.seq
+
+
+def connect(gw: CtcpEngine, src: bytes, port: int, now: float, dst: bytes = G) -> bool:
+    """The whole handshake from src:port; whether a connection now exists."""
+    cookie = syn(gw, src, port, now, dst)
+    if cookie is None:
+        return False
+    ack = build_tcp(src, dst, port, 10000, 1001, (cookie + 1) & 0xFFFFFFFF, TCP_ACK)
+    gw.inbound(now, build_ip(src, dst, 6, ack))
+    gw.pull()
+    return (dst, 10000, src, port) in gw.flows
+
+
+def data(gw: CtcpEngine, src: bytes, port: int, inner: bytes, now: float, *,
+         seq: int | None = None, ack: int | None = None) -> list:  # fmt: skip
+    flow = gw.flows[(G, 10000, src, port)]
+    seg = encapsulate(inner, sport=port, dport=10000,
+                      seq=flow.conn.ack if seq is None else seq,
+                      ack=flow.conn.seq if ack is None else ack)  # fmt: skip
+    gw.inbound(now, seg)
+    return gw.pull()
+
+
+def esp_in_udp(src: bytes, dst: bytes, spi: int) -> bytes:
+    body = spi.to_bytes(4, "big") + (1).to_bytes(4, "big") + b"x" * 40
+    return build_ip(src, dst, PROTO_UDP, build_udp(src, dst, 4500, 4500, body))
+
+
+# --- finding 1: any local UDP port ----------------------------------------------------------
+
+
+def test_inner_udp_to_local_services_is_never_injected() -> None:
+    gw = gateway()
+    assert connect(gw, ATTACKER, 40000, 0.0)
+    for port in (53, 123, 161, 11211, 9999):
+        out = data(gw, ATTACKER, 40000, build_udp_packet(ATTACKER, G, 500, port, IKE), 1.0)
+        assert not [o for o in out if type(o) is Inject]
+    flow = gw.flows[(G, 10000, ATTACKER, 40000)]
+    assert flow.drops == {Drop.INNER_PORT.value: 5}
+    out = data(gw, ATTACKER, 40000, build_udp_packet(ATTACKER, G, 500, 500, IKE), 2.0)
+    (inj,) = [o for o in out if type(o) is Inject]
+    assert parse_udp(parse_ip(inj.packet).payload).dport == 500
+
+
+# --- finding 2: no sequence checks --------------------------------------------------------
+
+
+def test_spoofed_rst_fin_and_data_with_random_numbers_change_nothing() -> None:
+    gw = gateway()
+    assert connect(gw, HONEST, 40000, 0.0)
+    flow = gw.flows[(G, 10000, HONEST, 40000)]
+    rng = random.Random(9)
+    injected = 0
+    for _ in range(2000):
+        seq, ack = rng.getrandbits(32), rng.getrandbits(32)
+        for flags in (TCP_RST, TCP_RST | TCP_ACK, 0x11):  # RST, RST+ACK, FIN+ACK
+            if seq == flow.conn.ack and flags & TCP_RST:
+                continue
+            gw.inbound(1.0, build_ip(HONEST, G, 6, build_tcp(HONEST, G, 40000, 10000, seq,
+                                                                ack, flags)))  # fmt: skip
+        out = data(gw, HONEST, 40000, build_udp_packet(HONEST, G, 500, 500, IKE), 1.0,
+                   seq=seq, ack=ack)  # fmt: skip
+        injected += sum(1 for o in out if type(o) is Inject)
+    assert gw.flows.get(flow.key) is flow and flow.conn.state is State.ESTABLISHED
+    assert injected == 0
+    # the honest peer's own segments still work, and its RST at RCV.NXT still closes
+    out = data(gw, HONEST, 40000, build_udp_packet(HONEST, G, 500, 500, IKE), 2.0)
+    assert [type(o) for o in out] == [Inject]
+    rst = build_tcp(HONEST, G, 40000, 10000, flow.conn.ack, 0, TCP_RST)
+    gw.inbound(3.0, build_ip(HONEST, G, 6, rst))
+    gw.pull()
+    assert flow.key not in gw.flows
+
+
+def test_duplicate_syns_leave_no_state_to_search() -> None:
+    gw = gateway()
+    cookies = {syn(gw, HONEST, 40000, t * 0.5) for t in range(600)}
+    assert not gw.flows  # nothing half-open, however long the SYNs go on
+    assert len(cookies) > 1  # the cookie changes with the time slot
+    late = syn(gw, HONEST, 40000, 300.0)
+    assert late is not None
+    ack = build_tcp(HONEST, G, 40000, 10000, 1001, (late + 1) & 0xFFFFFFFF, TCP_ACK)
+    gw.inbound(307.0, build_ip(HONEST, G, 6, ack))  # two slots later: expired
+    out = gw.pull()
+    assert not gw.flows and gw.counters.get("stray-reset") == 1
+    assert [read_segment(o.data).flags for o in out] == [TCP_RST | TCP_ACK]
+
+
+@given(st.integers(0, 0xFFFFFFFF), st.integers(1, 0xFFFF))
+@settings(max_examples=300, deadline=None)
+def test_a_guessed_ack_makes_no_connection(ack: int, port: int) -> None:
+    gw = gateway()
+    real = syn(gw, HONEST, 40000, 0.0)
+    seg = build_tcp(HONEST, G, port, 10000, 1001, ack, TCP_ACK)
+    gw.inbound(0.5, build_ip(HONEST, G, 6, seg))
+    gw.pull()
+    made = bool(gw.flows)
+    assert made == (port == 40000 and ack == ((real or 0) + 1) & 0xFFFFFFFF)
+
+
+# --- finding 3: exhaustion -------------------------------------------------------------------
+
+
+def test_spoofed_syn_flood_fills_nothing_and_an_honest_client_gets_in() -> None:
+    gw = gateway(max_connections=1000, reply_rate=200.0)
+    rng = random.Random(3)
+    for i in range(20000):
+        src = bytes([198, 18, rng.randrange(256), rng.randrange(1, 255)])
+        gw.inbound(i * 0.0001, build_ip(src, G, 6, build_tcp(src, G, rng.randrange(1024, 65536),
+                                                             10000, i, 0, TCP_SYN)))  # fmt: skip
+    out = gw.pull()
+    assert not gw.flows
+    # two seconds of flood: at most the burst plus the rate, never one reply per SYN
+    assert len(out) <= 200 + 2 * 200 + 1
+    assert gw.counters["syn-ack-limited"] >= 19000
+    assert connect(gw, HONEST, 40000, 5.0)
+
+
+def test_one_address_and_one_prefix_hold_only_their_share() -> None:
+    gw = gateway(max_connections=1000, max_per_address=8, max_per_prefix=20, reply_rate=1e6)
+    made = sum(connect(gw, ATTACKER, 20000 + p, 0.0) for p in range(30))
+    assert made == 8 and gw.counters["refused-per-address"] == 22
+    neighbours = [bytes([198, 18, 66, n]) for n in range(10, 20)]
+    made += sum(connect(gw, a, 20000 + p, 0.0) for a in neighbours for p in range(3))
+    assert made == 20 and gw.counters["refused-per-prefix"] >= 1
+    assert connect(gw, HONEST, 40000, 0.0)  # another /24 is not affected
+    # IPv6: one /64 is one source network
+    for n in range(30):
+        connect(gw, addr_bytes(f"fd00:66::{n + 1:x}"), 30000, 0.0, dst=G6)
+    assert sum(1 for k in gw.flows if len(k[2]) == 16) == 20
+    assert connect(gw, addr_bytes("fd00:67::1"), 30000, 0.0, dst=G6)
+    # slots come back when connections end
+    for key in [k for k in gw.flows if k[2] == ATTACKER]:
+        rst = build_tcp(ATTACKER, G, key[3], 10000, gw.flows[key].conn.ack, 0, TCP_RST)
+        gw.inbound(1.0, build_ip(ATTACKER, G, 6, rst))
+    gw.pull()
+    assert connect(gw, ATTACKER, 50000, 2.0)
+
+
+def test_a_peers_own_esp_never_counts_as_an_sa() -> None:
+    gw = gateway(timers=Timers(no_sa=60.0))
+    assert connect(gw, ATTACKER, 40000, 0.0)
+    flow = gw.flows[(G, 10000, ATTACKER, 40000)]
+    for i in range(50):
+        out = data(gw, ATTACKER, 40000, esp_in_udp(ATTACKER, G, 0x1000 + i), 1.0 + i)
+        assert [type(o) for o in out] == [Inject]  # to the kernel, which has no such SA
+    assert not flow.conn.has_sa
+    gw.handle_timer(60.0)
+    out = gw.pull()
+    assert flow.key not in gw.flows
+    assert [read_segment(o.data).flags for o in out if type(o) is Transmit] == [TCP_RST]
+    # charon's ESP does count
+    assert connect(gw, HONEST, 40000, 70.0)
+    gw.outbound(71.0, esp_in_udp(G, HONEST, 0xC0FFEE01))
+    gw.pull()
+    assert gw.flows[(G, 10000, HONEST, 40000)].conn.has_sa
+
+
+def test_drop_and_counter_names_do_not_grow_with_what_peers_send() -> None:
+    gw = gateway(reply_rate=1e6)
+    assert connect(gw, ATTACKER, 40000, 0.0)
+    rng = random.Random(4)
+    for i in range(5000):
+        trailer = bytes(8) + b"!Eli\x10" + bytes([rng.randrange(256)]) + b"\x01\x00"
+        body = rng.randbytes(rng.randrange(0, 60)) + trailer
+        flow = gw.flows[(G, 10000, ATTACKER, 40000)]
+        seg = build_tcp(ATTACKER, G, 40000, 10000, flow.conn.ack, flow.conn.seq, TCP_ACK, body)
+        gw.inbound(1.0 + i * 1e-3, build_ip(ATTACKER, G, 6, seg))
+        src = bytes([198, 18, 70, rng.randrange(256)])
+        stray = build_tcp(src, G, rng.randrange(65536), 10000, i, i, TCP_ACK, b"x" * (i % 50))
+        gw.inbound(1.0 + i * 1e-3, build_ip(src, G, 6, stray))
+        gw.inbound(1.0, bytes(rng.randbytes(rng.randrange(60))))
+    gw.pull()
+    flow = gw.flows[(G, 10000, ATTACKER, 40000)]
+    assert set(flow.drops) <= {d.value for d in Drop}
+    assert set(gw.counters) <= {"accepted", "syn-cookie-sent", "stray-reset", "stray-dropped",
+                                "inbound-malformed", "stray-reset-limited"}  # fmt: skip
+
+
+def test_replies_to_strangers_are_rate_limited() -> None:
+    gw = gateway(reply_rate=100.0)
+    for i in range(5000):
+        src = bytes([198, 18, 80, i % 250 + 1])
+        gw.inbound(i * 0.001, build_ip(src, G, 6, build_tcp(src, G, 1234, 10000, i, i, TCP_ACK)))
+    sent = [o for o in gw.pull() if type(o) is Transmit]
+    assert 100 <= len(sent) <= 100 + 5 * 100 + 1
+    assert gw.counters["stray-reset-limited"] == 5000 - len(sent)
+
+
+def test_limits_helpers() -> None:
+    assert source_prefix(addr_bytes("198.18.66.6"), 24) == source_prefix(
+        addr_bytes("198.18.66.200"), 24
+    )
+    assert source_prefix(addr_bytes("198.18.66.6"), 32) != source_prefix(
+        addr_bytes("198.18.66.7"), 32
+    )
+    assert source_prefix(addr_bytes("fd00:1::1"), 24) == source_prefix(
+        addr_bytes("fd00:1::ffff:1"), 24
+    )
+    slots = SourceSlots(2, 3, 24)
+    a, b = addr_bytes("198.18.0.1"), addr_bytes("198.18.0.2")
+    for _ in range(2):
+        slots.take(a)
+    assert slots.refusal(a) == "refused-per-address" and slots.refusal(b) is None
+    slots.take(b)
+    assert slots.refusal(b) == "refused-per-prefix"
+    for x in (a, a, b):
+        slots.give_back(x)
+    assert len(slots) == 0 and slots.refusal(a) is None
+    tb = TokenBucket(10.0, 5.0)
+    assert sum(tb.allow(0.0) for _ in range(20)) == 5
+    assert sum(tb.allow(1.0) for _ in range(20)) == 5  # refilled to the burst, not beyond
+    assert sum(tb.allow(1.1) for _ in range(20)) == 1
