@@ -96,8 +96,9 @@ class GatewayConfig:
     ctcp_no_sa_timeout: float = 60.0
     # A cTCP connection the peer has sent nothing valid on for this long is reset.
     ctcp_idle_timeout: float = 300.0
-    # SYN+ACKs (and, as many again, RSTs) a second to hosts without a cTCP connection.
-    ctcp_reply_rate: int = 200
+    # SYN+ACKs (and, as many again, RSTs) a second to one source network (ipv4_prefix,
+    # /64) without a cTCP connection; all networks together get 250 times that.
+    ctcp_reply_rate: int = 20
     # Connections from one source network: an IPv4 prefix of ipv4_prefix bits, an IPv6 /64.
     max_per_prefix: int = 256
     ipv4_prefix: int = 24
@@ -234,7 +235,7 @@ def _gateway(v: _Values) -> GatewayConfig:
         ctcp_handshake_timeout=v.take("ctcp_handshake_timeout", _duration, 3.0),
         ctcp_no_sa_timeout=v.take("ctcp_no_sa_timeout", _duration, 60.0),
         ctcp_idle_timeout=v.take("ctcp_idle_timeout", _duration, 300.0),
-        ctcp_reply_rate=v.take("ctcp_reply_rate", _int_range(1, 1_000_000), 200),
+        ctcp_reply_rate=v.take("ctcp_reply_rate", _int_range(1, 1_000_000), 20),
         max_per_prefix=v.take("max_per_prefix", _int_range(1, 1_000_000), 256),
         ipv4_prefix=v.take("ipv4_prefix", _int_range(8, 32), 24),
     )

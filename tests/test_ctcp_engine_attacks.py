@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from tcpencap.core.ctcp_conn import Drop, State, Timers
 from tcpencap.core.ctcp_engine import CtcpEngine
-from tcpencap.core.ctcp_limits import SourceSlots, TokenBucket, source_prefix
+from tcpencap.core.ctcp_limits import PrefixBuckets, SourceSlots, TokenBucket, source_prefix
 from tcpencap.core.outputs import Inject, Transmit
 from tcpencap.wire.ctcp import encapsulate, read_segment
 from tcpencap.wire.packet import (
@@ -155,22 +155,37 @@ def test_a_guessed_ack_makes_no_connection(ack: int, port: int) -> None:
 
 
 def test_spoofed_syn_flood_fills_nothing_and_an_honest_client_gets_in() -> None:
-    gw = gateway(max_connections=1000, reply_rate=200.0)
+    gw = gateway(max_connections=1000, reply_rate=20.0, reply_total=5000.0)
     rng = random.Random(3)
+    answered_to_flood = 0
     for i in range(20000):
-        src = bytes([198, 18, rng.randrange(256), rng.randrange(1, 255)])
-        gw.inbound(i * 0.0001, build_ip(src, G, 6, build_tcp(src, G, rng.randrange(1024, 65536),
-                                                             10000, i, 0, TCP_SYN)))  # fmt: skip
-    out = gw.pull()
-    assert not gw.flows
-    # two seconds of flood: at most the burst plus the rate, never one reply per SYN
-    assert len(out) <= 200 + 2 * 200 + 1
-    assert gw.counters["syn-ack-limited"] >= 19000
-    assert connect(gw, HONEST, 40000, 5.0)
+        src = bytes([198, 18, 66, rng.randrange(1, 255)])  # one /24, two seconds of flood
+        now = i * 0.0001
+        seg = build_tcp(src, G, rng.randrange(1024, 65536), 10000, i, 0, TCP_SYN)
+        gw.inbound(now, build_ip(src, G, 6, seg))
+        answered_to_flood += len(gw.pull())
+        if i == 10000:  # in the middle of it, an honest client from elsewhere
+            assert connect(gw, HONEST, 40000, now)
+    assert list(gw.flows) == [(G, 10000, HONEST, 40000)]  # the flood made nothing
+    # the flooded network got its burst and its rate, never one reply per SYN
+    assert answered_to_flood <= 2 * 20 + 2 * 20 + 1
+    assert gw.counters["syn-ack-limited"] >= 19900
+
+
+def test_replies_to_all_networks_have_a_total_bound() -> None:
+    gw = gateway(reply_rate=20.0, reply_total=500.0)
+    rng = random.Random(4)
+    sent = 0
+    for i in range(20000):  # one second, every SYN from another /24
+        src = bytes([198, 18 + (i >> 8 & 1), i & 0xFF, rng.randrange(1, 255)])
+        gw.inbound(i * 5e-5, build_ip(src, G, 6, build_tcp(src, G, 999, 10000, i, 0, TCP_SYN)))
+        sent += len(gw.pull())
+    assert sent <= 500 + 500 + 1
+    assert len(gw._syn_acks) <= gw._syn_acks.networks
 
 
 def test_one_address_and_one_prefix_hold_only_their_share() -> None:
-    gw = gateway(max_connections=1000, max_per_address=8, max_per_prefix=20, reply_rate=1e6)
+    gw = gateway(max_per_address=8, max_per_prefix=20, reply_rate=1e6, reply_total=1e9)
     made = sum(connect(gw, ATTACKER, 20000 + p, 0.0) for p in range(30))
     assert made == 8 and gw.counters["refused-per-address"] == 22
     neighbours = [bytes([198, 18, 66, n]) for n in range(10, 20)]
@@ -210,7 +225,7 @@ def test_a_peers_own_esp_never_counts_as_an_sa() -> None:
 
 
 def test_drop_and_counter_names_do_not_grow_with_what_peers_send() -> None:
-    gw = gateway(reply_rate=1e6)
+    gw = gateway(reply_rate=1e6, reply_total=1e9)
     assert connect(gw, ATTACKER, 40000, 0.0)
     rng = random.Random(4)
     for i in range(5000):
@@ -230,14 +245,18 @@ def test_drop_and_counter_names_do_not_grow_with_what_peers_send() -> None:
                                 "inbound-malformed", "stray-reset-limited"}  # fmt: skip
 
 
-def test_replies_to_strangers_are_rate_limited() -> None:
+def test_replies_to_strangers_are_rate_limited_per_network() -> None:
     gw = gateway(reply_rate=100.0)
     for i in range(5000):
-        src = bytes([198, 18, 80, i % 250 + 1])
+        src = bytes([198, 18, 80, i % 250 + 1])  # one network, five seconds
         gw.inbound(i * 0.001, build_ip(src, G, 6, build_tcp(src, G, 1234, 10000, i, i, TCP_ACK)))
     sent = [o for o in gw.pull() if type(o) is Transmit]
-    assert 100 <= len(sent) <= 100 + 5 * 100 + 1
+    assert 200 <= len(sent) <= 200 + 5 * 100 + 1
     assert gw.counters["stray-reset-limited"] == 5000 - len(sent)
+    # another network still gets its RST
+    other = addr_bytes("198.18.81.1")
+    gw.inbound(5.0, build_ip(other, G, 6, build_tcp(other, G, 1234, 10000, 1, 1, TCP_ACK)))
+    assert [read_segment(o.data).dport for o in gw.pull()] == [1234]
 
 
 def test_limits_helpers() -> None:
@@ -260,6 +279,10 @@ def test_limits_helpers() -> None:
     for x in (a, a, b):
         slots.give_back(x)
     assert len(slots) == 0 and slots.refusal(a) is None
+    pb = PrefixBuckets(1.0, 100.0, 24, networks=3)
+    nets = [addr_bytes(f"198.18.{n}.1") for n in range(5)]
+    assert all(pb.allow(0.0, a) for a in nets) and len(pb) == 3  # the oldest forgotten
+    assert pb.allow(0.0, nets[4]) and not pb.allow(0.0, nets[4])  # a burst of 2 * rate
     tb = TokenBucket(10.0, 5.0)
     assert sum(tb.allow(0.0) for _ in range(20)) == 5
     assert sum(tb.allow(1.0) for _ in range(20)) == 5  # refilled to the burst, not beyond

@@ -117,6 +117,9 @@ class RouteMtu:
         bounded_put(self._cache, dst, (now + self.ttl, mtu), self.entries)
         return mtu
 
+    def __len__(self) -> int:
+        return len(self._cache)
+
     def forget(self, dst: bytes) -> None:
         self._cache.pop(dst, None)
 
@@ -194,6 +197,7 @@ class CtcpService:
             max_per_prefix=gw.max_per_prefix,
             ipv4_prefix=gw.ipv4_prefix,
             reply_rate=gw.ctcp_reply_rate,
+            reply_total=250 * gw.ctcp_reply_rate,
             timers=Timers(
                 handshake=gw.ctcp_handshake_timeout,
                 no_sa=gw.ctcp_no_sa_timeout,
@@ -268,6 +272,8 @@ class CtcpService:
             "inbound_queue": self.inbound_queue_num,
             "packets": self.queue.packets if self.queue else 0,
             "segments": self.inbound_queue.packets if self.inbound_queue else 0,
+            "mtu_cache": len(self.mtus),
+            "flows": len(eng.flows) if eng else 0,
             "counters": {**(eng.counters if eng else {}), **self.counters},
             "totals": eng.totals if eng else {},
         }

@@ -44,7 +44,7 @@ from tcpencap.core.ctcp_conn import (
     stray_reply,
 )
 from tcpencap.core.ctcp_cookie import SynCookies
-from tcpencap.core.ctcp_limits import SourceSlots, TokenBucket
+from tcpencap.core.ctcp_limits import PrefixBuckets, SourceSlots
 from tcpencap.core.engine import Engine
 from tcpencap.core.outputs import (
     Inject,
@@ -108,7 +108,8 @@ class CtcpEngine(Engine):
     (wildcards allowed: the rules queue only segments for local addresses), ``peers`` maps
     a client peer address to its TCP port. ``max_per_address`` and ``max_per_prefix``
     bound the gateway connections of one source (prefix: ``ipv4_prefix`` bits, /64 for
-    IPv6); ``reply_rate`` bounds SYN+ACKs and RSTs to hosts without a connection."""
+    IPv6); ``reply_rate`` bounds the SYN+ACKs (and as many RSTs) a second sent to one source
+    network without a connection, ``reply_total`` those sent to all of them."""
 
     def __init__(
         self,
@@ -120,7 +121,8 @@ class CtcpEngine(Engine):
         max_per_address: int = 64,
         max_per_prefix: int = 256,
         ipv4_prefix: int = 24,
-        reply_rate: float = 200.0,
+        reply_rate: float = 20.0,
+        reply_total: float = 5000.0,
         timers: Timers | None = None,
         rng: random.Random | None = None,
         secret: bytes | None = None,
@@ -141,8 +143,8 @@ class CtcpEngine(Engine):
         self._rng = rng
         self.cookies = SynCookies(secret or secrets.token_bytes(32), self.timers.handshake)
         self.slots = SourceSlots(max_per_address, max_per_prefix, ipv4_prefix)
-        self._syn_acks = TokenBucket(reply_rate, reply_rate)
-        self._resets = TokenBucket(reply_rate, reply_rate)
+        self._syn_acks = PrefixBuckets(reply_rate, reply_total, ipv4_prefix)
+        self._resets = PrefixBuckets(reply_rate, reply_total, ipv4_prefix)
         self._ident = 0
         self.log_limited = LogLimiter(log.warning)
         self.table = ConnectionTable()
@@ -287,7 +289,7 @@ class CtcpEngine(Engine):
         if _is_syn(seg.flags):
             if refusal is not None:
                 self._refuse(now, refusal, seg)
-            elif not self._syn_acks.allow(now):
+            elif not self._syn_acks.allow(now, seg.src):
                 count(self.counters, "syn-ack-limited")
             else:
                 isn = self.cookies.make(now, seg.dst, seg.dport, seg.src, seg.sport)
@@ -330,7 +332,7 @@ class CtcpEngine(Engine):
         reply = stray_reply(seg, ident=self._take_ident())
         if reply is None:
             count(self.counters, "stray-dropped")
-        elif not self._resets.allow(now):
+        elif not self._resets.allow(now, seg.src):
             count(self.counters, "stray-reset-limited")
         else:
             count(self.counters, "stray-reset")

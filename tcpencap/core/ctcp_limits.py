@@ -3,8 +3,10 @@
 A gateway on the internet must be fair between sources: one address, or one network an
 attacker controls (an IPv6 /64, a few IPv4 addresses), must not take every slot. And what
 the gateway sends to hosts it has no connection with (SYN+ACKs, RSTs for stray segments)
-goes to addresses anybody can forge, so it is limited in total: the gateway is never a
-reflector of more than ``rate`` packets a second.
+goes to addresses anybody can forge, so it is limited per source network (no network is
+sent more than ``rate`` a second) and in total. A total limit alone would let a flood
+spend the replies an honest client's SYN needs; per network, a flood from elsewhere leaves
+the honest client's network its own share.
 """
 
 from __future__ import annotations
@@ -76,3 +78,29 @@ class TokenBucket:
             return False
         self._tokens -= 1.0
         return True
+
+
+class PrefixBuckets:
+    """A :class:`TokenBucket` per source network, at most ``networks`` of them (the oldest
+    go first: a forgotten network starts again with a full burst, which can only favour it),
+    and one for all of them together."""
+
+    def __init__(self, rate: float, total: float, ipv4_prefix: int = 24,
+                 networks: int = 65536) -> None:  # fmt: skip
+        self.rate = rate
+        self.ipv4_prefix = ipv4_prefix
+        self.networks = networks
+        self.total = TokenBucket(total, total)
+        self._buckets: dict[bytes, TokenBucket] = {}
+
+    def allow(self, now: float, addr: bytes) -> bool:
+        key = source_prefix(addr, self.ipv4_prefix)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            while len(self._buckets) >= self.networks:
+                del self._buckets[next(iter(self._buckets))]
+            bucket = self._buckets[key] = TokenBucket(self.rate, 2 * self.rate)
+        return bucket.allow(now) and self.total.allow(now)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
