@@ -664,3 +664,22 @@ def test_random_event_sequences_keep_invariants(role: Role, evs) -> None:
                 assert read_segment(a.data).src == LOCAL
         if c.state is State.DELETED:
             assert c.get_timer() is None
+
+
+def test_client_keepalive_after_silence_only() -> None:
+    c, _ = client_syn_sent()
+    c.receive_segment(0.5, from_peer(TCP_SYN | TCP_ACK, PEER_ISN, ISN + 1))
+    drain(c)
+    c.sa_bound(1.0)
+    c.send_packet(15.0, esp_out())
+    drain(c)
+    c.handle_timer(20.5)  # sent at 15: no keepalive yet, look again at 35
+    assert drain(c) == [] and c.get_timer() == 35.0
+    c.handle_timer(35.0)
+    [ka] = drain(c)
+    check_control(ka, seq=c.seq, ack=c.ack, flags=TCP_ACK)
+    assert c.get_timer() == 55.0
+    # back from CLOSE_WAIT, the keepalives go on
+    c.last_sa_gone(40.0)
+    c.sa_bound(40.1)
+    assert c.state is State.ESTABLISHED and c.get_timer() == 60.1

@@ -221,3 +221,27 @@ def test_ike_spis_of_gone_sas_leave_the_index_once_a_flow_holds_max_spis():
     late = _ike(C, G, exchange=37, spi_i=rekeyed[0])  # its DELETE, long after
     got = _exchange(client, gw, client.outbound(now + 1, late), now + 1)
     assert [type(o) for o in got] == [Inject] and len(client.flows) == 1
+
+
+def test_an_idle_tunnel_lives_on_keepalives_and_a_silent_peer_is_reset():
+    """The client's keepalives keep an idle tunnel's gateway connection; once the client
+    goes silent (gone without a RST the gateway accepts), the gateway resets it."""
+    client, gw = _engines()
+    _handshake(client, gw, client.outbound(0.0, _ike(C, G)), 0.1)
+    gw.outbound(1.0, _esp(G, C, 0xC0FFEE01))  # charon's ESP: an SA
+    client.outbound(1.0, _esp(C, G, 0xC0FFEE02))
+    gw.pull()
+    client.pull()
+    (gflow,) = gw.flows.values()
+    now = 1.0
+    while now < 1000.0:  # nothing but timers for 1000 s
+        now = min(t for t in (client.get_timer(), gw.get_timer()) if t is not None)
+        _exchange(client, gw, client.fire(now), now)
+        gw.fire(now)
+    assert gw.flows.get(gflow.key) is gflow and gflow.drops.get("keepalive", 0) >= 45
+    silent_since = now
+    while gw.flows:  # the client is gone: only the gateway's timers run
+        now = gw.get_timer()
+        out = gw.fire(now)
+    assert 300.0 <= now - silent_since <= 321.0
+    assert [read_segment(d).flags for d in _sends(out)] == [TCP_RST]

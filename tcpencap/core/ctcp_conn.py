@@ -313,6 +313,8 @@ class Connection:
         elif self.state is State.CLOSE_WAIT:
             self._goto(State.ESTABLISHED)
             self._deadline = None
+            if self.role is Role.CLIENT:
+                self._keepalive_check = now + self.timers.keepalive
 
     def last_sa_gone(self, now: float) -> None:
         """The last SA/IKE mapping went away: close with RST after the close delay."""
