@@ -164,7 +164,7 @@ class Daemon:
     def _run_inbound(self, loop: asyncio.AbstractEventLoop) -> None:
         """The inbound worker's thread; what it gives back is handled on the loop."""
 
-        def deliver(items: list[tuple[int, str, int, int, int]]) -> None:
+        def deliver(items: list[tuple[Any, ...]]) -> None:
             loop.call_soon_threadsafe(self._given_back, items)
 
         try:
@@ -172,11 +172,11 @@ class Daemon:
         except Exception:
             log.exception("the native inbound worker failed")
 
-    def _given_back(self, items: list[tuple[int, str, int, int, int]]) -> None:
-        for cid, reason, frames, nbytes, reads in items:
+    def _given_back(self, items: list[tuple[Any, ...]]) -> None:
+        for cid, reason, *counts in items:  # counts: frames, bytes, reads, keepalives
             proto = self.protocols.get(cid)
             if proto is not None:
-                proto.given_back(reason, (frames, nbytes, reads))
+                proto.given_back(reason, tuple(counts))
 
     def on_stalled(self, conn_ids: list[int]) -> None:
         """Writers the native path filled beyond what their sockets took."""

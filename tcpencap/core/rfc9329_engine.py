@@ -591,7 +591,7 @@ class Rfc9329Engine(Engine):
         now: float,
         conn_id: int,
         generation: int,
-        counts: tuple[int, int, int],
+        counts: tuple[int, ...],
         drain: bool = True,
         over_rate: bool = False,
     ) -> None:

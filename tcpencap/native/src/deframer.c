@@ -380,13 +380,14 @@ Deframer_pump(Deframer *d, PyObject *args)
             size_t start = 0, n = 0;
             char reason[128];
             enum kind k = deframer_frame(d, &start, &n, reason, sizeof reason);
-            if (k == K_ESP) {
+            if (k == K_ESP && n <= (v6 ? MAX_UDP_PAYLOAD_V6 : MAX_UDP_PAYLOAD_V4)) {
                 if (batch_add((InjectBatch *)batch, peer, local, v6, sport, dport,
                               d->buf + start, n) < 0)
                     return PyErr_NoMemory();
                 esp++;
                 continue;
             }
+            /* anything else, and ESP no datagram can carry, is the engine's to judge */
             ev = deframer_event(d, k, start, n, reason);
             break;
         }
