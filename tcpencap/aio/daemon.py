@@ -44,7 +44,7 @@ class Daemon:
         self.config = config
         self.datapath, native = choose_datapath(config.datapath)
         self.engine = Rfc9329Engine(config, time.monotonic(), native)
-        self.rules = SteeringRules(config.queue_num, queues=config.queues)
+        self.rules = SteeringRules(config.queue_num, queues=config.queues, endpoints=True)
         self.injector: RawInjector | None = None
         self.queues: list[QueueReader] = []
         self.protocols: dict[int, TcpProtocol] = {}
@@ -99,7 +99,9 @@ class Daemon:
                     self.log_limited("inject", "injection failed: %s", exc)
             elif t is Steer:
                 peer = addr_text(o.peer)
-                if o.on:
+                if o.port:  # a gateway's TCP peer: its UDP endpoint only
+                    (self.rules.add_endpoint if o.on else self.rules.remove_endpoint)(peer, o.port)
+                elif o.on:
                     self.rules.add_peer(peer)
                 else:
                     self.rules.remove_peer(peer)
