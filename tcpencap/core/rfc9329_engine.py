@@ -629,9 +629,6 @@ class Rfc9329Engine(Engine):
         pump_args: tuple[Any, ...] | None = None
         budget = self._frame_budget(now, conn)
         while conn.state is not State.CLOSING:
-            if codec.frames_in > budget:
-                self._over_rate(now, conn)
-                return
             if batch is not None and conn.state is State.OPEN and view is not None:
                 # The native path: ESP frames become packets as router.inbound_esp builds
                 # them; what else arrives comes back as the event next_event() would give.
@@ -639,8 +636,15 @@ class Rfc9329Engine(Engine):
                     pump_args = (batch, *self._esp_template(view))
                 ev, esp = codec.pump(*pump_args)
                 conn.frames_in += esp
+                if codec.keepalives:  # dropped in C, counted here
+                    drops = conn.drops
+                    drops["keepalive"] = drops.get("keepalive", 0) + codec.keepalives
+                    codec.keepalives = 0
             else:
                 ev = codec.next_event()
+            if codec.frames_in > budget:  # every frame counts, whatever it carried
+                self._over_rate(now, conn)
+                return
             t = type(ev)
             if t is rfc9329.ESPPacket:
                 conn.frames_in += 1
