@@ -30,7 +30,13 @@ from test_rfc9329_engine import (  # noqa: F401  (datapath: every test on both p
 )
 
 from tcpencap.core.outputs import Inject, Query, Steer, Transmit
-from tcpencap.core.rfc9329_engine import BRIEF_LINGER, Rfc9329Engine, State
+from tcpencap.core.rfc9329_engine import (
+    BRIEF_LINGER,
+    COOL_DOWN,
+    COOL_DOWN_MAX,
+    Rfc9329Engine,
+    State,
+)
 from tcpencap.wire import rfc9329
 from tcpencap.wire.ike import NON_ESP_MARKER, check_first_ike
 from tcpencap.wire.packet import addr_bytes
@@ -219,6 +225,26 @@ def test_a_keepalive_flood_is_cut_by_the_frame_rate() -> None:
     assert g.events["limit-frame-rate"] == 1
     # Python stops at the limit; the native pump drops a read's keepalives in C first
     assert 99 <= g.conns[gid].drops["keepalive"] <= 5000
+
+
+def test_a_source_that_flooded_cools_down_before_it_connects_again() -> None:
+    """A cut flood resumed at once on a new connection (each one costing an accept and an
+    IKE_SA_INIT for charon): its source prefix is refused for COOL_DOWN, others are not."""
+    g, gid = open_gateway(max_frame_rate="100")
+    g.receive_data(1.5, gid, 0, rfc9329.KEEPALIVE_FRAME * 500)
+    g.connection_lost(1.6, gid, 0, None)
+    assert g.accept(1.7, G, 4500, C, 50001) is None
+    assert g.events["limit-cool-down"] == 1
+    assert g.accept(1.7, G, 4500, "198.18.1.3", 50001) is not None
+    assert g.accept(1.5 + COOL_DOWN, G, 4500, C, 50002) is not None
+    for i in range(COOL_DOWN_MAX + 10):  # bounded, oldest out first
+        g._cool_down(2.0, FakeConn(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/32"))
+    assert len(g.cooling) == COOL_DOWN_MAX
+
+
+class FakeConn:
+    def __init__(self, source: str) -> None:
+        self.source = source
 
 
 def test_empty_frames_count_and_close_after_max_invalid_frames() -> None:

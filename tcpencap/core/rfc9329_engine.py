@@ -66,6 +66,11 @@ PEER_RELEASE_POLL = 5.0
 # nothing on its own, so charon is asked about it after this (not PEER_RELEASE_DELAY), and
 # such endpoints are bounded apart from the steering limit (max_pending, oldest out first).
 BRIEF_LINGER = 2.0
+# A source whose connection was cut for flooding (frame rate, invalid frames) is refused new
+# connections this long, so a flood is not simply resumed at once on a new connection (each
+# costs an accept, charon's IKE_SA_INIT work, steering); at most COOL_DOWN_MAX sources kept.
+COOL_DOWN = 2.0
+COOL_DOWN_MAX = 4096
 ORPHAN_GRACE = 30.0  # how long a closed gateway connection's SAs wait for its client
 RECONCILE_AFTER_EVENT = 2.0  # check SPIs against list-sas this long after a rekey
 RECONCILE_PERIOD = 60.0
@@ -110,6 +115,7 @@ class Rfc9329Engine(Engine):
         self.n_proxied = 0  # connections of a proxy whose PROXY header has not arrived
         self.per_source: dict[str, int] = {}  # source prefix -> admitted connections
         self.pending_per_source: dict[str, int] = {}  # ... of them without a first message
+        self.cooling: dict[str, float] = {}  # source prefix cut for a flood -> refused until
         self.vici_connected = False
         self.inbound_spis: dict[int, bytes] = {}  # charon's inbound ESP SPI -> peer (VICI)
         self.stopping = False
@@ -385,6 +391,8 @@ class Rfc9329Engine(Engine):
         source = self.source_of(peer)
         peer_b = ipaddress.ip_address(peer).packed
         refusal = self._refusal(self.n_gateway, source)
+        if refusal is None and self.cooling.get(source, 0.0) > now:
+            refusal = ("limit-cool-down", f"{source} flooded a connection, cooling down")
         if refusal is None and self.table.by_endpoint(peer_b, peer_port) is not None:
             # Its endpoint is what charon names the connection by: a second connection from
             # the same address and port (a port-preserving NAT, another listener, a proxy's
@@ -554,7 +562,17 @@ class Rfc9329Engine(Engine):
     def _over_rate(self, now: float, conn: Conn) -> None:
         count(conn.drops, "frame-rate")
         self.log_limited(now, "limit-frame-rate", "%s: over max_frame_rate frames/s, closing", conn)
+        self._cool_down(now, conn)
         self.close(conn, "frame rate limit")
+
+    def _cool_down(self, now: float, conn: Conn) -> None:
+        """Refuse the source of a connection cut for flooding for COOL_DOWN."""
+        if not conn.source:
+            return
+        self.cooling.pop(conn.source, None)
+        self.cooling[conn.source] = now + COOL_DOWN
+        while len(self.cooling) > COOL_DOWN_MAX:
+            del self.cooling[next(iter(self.cooling))]
 
     def _invalid(self, now: float, conn: Conn, reason: str) -> None:
         """A frame that carries nothing usable: counted (``reason``, a fixed name), and
@@ -565,6 +583,7 @@ class Rfc9329Engine(Engine):
             self.log_limited(
                 now, "limit-invalid-frames", "%s: %d invalid frames, closing", conn, conn.invalid
             )
+            self._cool_down(now, conn)
             self.close(conn, "too many invalid frames")
 
     # --- connections lent to the native inbound worker ---------------------------------
@@ -981,6 +1000,8 @@ class Rfc9329Engine(Engine):
         self.timer_queue.call_at(now + PEER_RELEASE_POLL, self._release_tick)
         for pair in [p for p, o in self.orphans.items() if o.deadline < now]:
             del self.orphans[pair]
+        for source in [s for s, until in self.cooling.items() if until <= now]:
+            del self.cooling[source]
         self._release_check(now)
 
     def _release_check(self, now: float) -> None:
