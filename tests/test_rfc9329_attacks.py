@@ -16,6 +16,7 @@ from test_rfc9329_engine import (  # noqa: F401  (datapath: every test on both p
     SPI_R,
     C,
     G,
+    child_sa_event,
     closes,
     datapath,
     esp,
@@ -366,3 +367,22 @@ def test_an_encrypted_payload_ends_the_chain_it_must_fill() -> None:
     empty = SPI_I + bytes(8) + struct.pack("!BBBBII", 0, 0x20, 34, 8, 0, 28)
     assert check_first_ike(empty) == "IKE message without payloads"
     assert addr_bytes(C) == CB
+
+
+def test_a_resumed_sa_brings_charons_old_endpoint_to_its_new_connection() -> None:
+    """After a restart of the gateway's tcpencap the client reconnects from a new port and
+    resumes with ESP; charon still names the old port. That endpoint (and only it) is
+    steered and routed to the new connection, and lingers with it."""
+    g, gid = raw_gateway()  # the client's new connection, from port 50000
+    g.vici_state(0.5, True)
+    g.vici_resync(0.5, [{"c1-gw": {**child_sa_event(0xC0FFEE01)["c1-gw"], "remote-port": "41000"}}])
+    g.receive_data(1.0, gid, 0, rfc9329.PREFIX)
+    send_frames(g, gid, 1.0, esp(0xC0FFEE01))
+    assert steers(g.pull()) == [(CB, True, 50000), (CB, True, 41000)]
+    g.outbound(2.0, from_charon(G, C, 4500, 41000, esp(0xBEEF0001)))
+    g.outbound(2.0, from_charon(G, C, 4500, 41000, protected(SPI_I)))
+    assert sent_on(g.pull()) == [gid, gid]
+    other = g.accept(2.0, G, 4500, C, 41000)  # the alias is held: refused like the endpoint
+    assert other is None and g.events["endpoint-in-use"] == 1
+    g.connection_lost(3.0, gid, 0, None)
+    assert set(g.release_at) == {(CB, 50000), (CB, 41000)} and g.brief == {}

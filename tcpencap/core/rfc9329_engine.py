@@ -46,7 +46,15 @@ from tcpencap.core.sa_sync import UNLISTED_GRACE, ExpireOld, Retire, SaSync, Spi
 from tcpencap.core.table import ConnectionTable
 from tcpencap.core.timers import LogLimiter
 from tcpencap.core.totals import add_closed, new_totals
-from tcpencap.core.vici_facts import address, ike_spis, inbound_changes, inbound_spis
+from tcpencap.core.vici_facts import (
+    address,
+    children,
+    dicts,
+    esp_spi,
+    ike_spis,
+    inbound_changes,
+    inbound_spis,
+)
 from tcpencap.core.vici_facts import port as vici_port
 from tcpencap.wire import rfc9329
 from tcpencap.wire.ike import check_first_ike
@@ -118,6 +126,7 @@ class Rfc9329Engine(Engine):
         self.cooling: dict[str, float] = {}  # source prefix cut for a flood -> refused until
         self.vici_connected = False
         self.inbound_spis: dict[int, bytes] = {}  # charon's inbound ESP SPI -> peer (VICI)
+        self.inbound_ports: dict[int, int] = {}  # ... -> the peer port of its IKE SA
         self.stopping = False
         self.log_limited = LogLimiter(log.warning)
         self.totals: dict[str, Any] = new_totals(closed={}, connect_failures=0)
@@ -739,7 +748,26 @@ class Rfc9329Engine(Engine):
             return False
         conn.sa_seen = self.vici_connected
         self._first_message(now, conn)
+        if conn.state is State.OPEN and self.vici_connected:
+            self._resume_endpoint(now, conn, self.inbound_ports.get(spi, 0))
         return conn.state is State.OPEN
+
+    def _resume_endpoint(self, now: float, conn: Conn, port: int) -> None:
+        """A connection resumes an SA of charon's (its first message was that SA's ESP)
+        whose charon endpoint is another port of the same address, e.g. the connection
+        before a restart of tcpencap: until charon follows the new port, what it sends to
+        the old one is this connection's, so that endpoint is steered and routed to it."""
+        e = conn.entry
+        if port == e.peer_port or not self.table.alias(conn.conn_id, port):
+            return
+        ep = (e.peer, port)
+        if self.endpoints.add(ep, f"conn:{conn.conn_id}"):
+            self._out.append(Steer(e.peer, True, port))
+        self.release_at.pop(ep, None)
+        if ep in self.brief:
+            del self.brief[ep]
+            self.endpoints.remove(ep, BRIEF)
+        log.info("%s: resumes an SA charon has with port %d", conn, port)
 
     # --- closing ----------------------------------------------------------------------
 
@@ -809,7 +837,8 @@ class Rfc9329Engine(Engine):
         del self.conns[conn.conn_id]
         self.router.remove(conn.conn_id)
         if conn.side is Side.GATEWAY and conn.first_at is not None:
-            self._linger(now, (entry.peer, entry.peer_port), conn.conn_id, carried)
+            for port in (entry.peer_port, *entry.aliases):
+                self._linger(now, (entry.peer, port), conn.conn_id, carried)
         log.info(
             "%s: closed (%s) after %.1fs, frames in/out %d/%d",
             conn,
@@ -928,6 +957,7 @@ class Rfc9329Engine(Engine):
     def vici_resync(self, now: float, sas: list[dict[str, Any]]) -> None:
         self._apply_effects(now, self.sync.resync(sas))
         self.inbound_spis = inbound_spis(sas)
+        self.inbound_ports = inbound_ports(sas)
         for item in sas:
             self._mark_sa_seen(item)
 
@@ -936,8 +966,11 @@ class Rfc9329Engine(Engine):
         for spi, peer in inbound_changes(label, up, event):
             if peer is None:
                 self.inbound_spis.pop(spi, None)
+                self.inbound_ports.pop(spi, None)
             else:
                 self.inbound_spis[spi] = peer
+        if up or label == "child-rekey":
+            self.inbound_ports.update(inbound_ports([event]))
 
     def _mark_sa_seen(self, event: dict[str, Any]) -> None:
         """charon's word that an IKE SA exists: the connections carrying it pass the
@@ -1029,6 +1062,7 @@ class Rfc9329Engine(Engine):
             if self.sync.unlisted_ike:  # ask again once their grace is over
                 self._reconcile_soon(now, UNLISTED_GRACE)
             self.inbound_spis = inbound_spis(sas)
+            self.inbound_ports = inbound_ports(sas)
         elif purpose == "peer-release":
             self._release_peers(now, sas)
         elif purpose == "fallback":
@@ -1104,3 +1138,18 @@ def _decrement(counts: dict[str, int], key: str) -> None:
         counts[key] = left
     else:
         counts.pop(key, None)
+
+
+def inbound_ports(items: list[dict[str, Any]]) -> dict[int, int]:
+    """charon's inbound ESP SPI -> the remote port of its IKE SA, from list-sas items or
+    events (a child-rekey's new SPIs included)."""
+    ports: dict[int, int] = {}
+    for item in items:
+        for sa in dicts(item):
+            port = vici_port(sa.get("remote-port"), 0)
+            for child in children(sa):
+                for c in (child, child.get("new")):
+                    spi = esp_spi(c.get("spi-in")) if isinstance(c, dict) else None
+                    if spi is not None and port:
+                        ports[spi] = port
+    return ports
