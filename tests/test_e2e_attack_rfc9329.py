@@ -270,7 +270,6 @@ def test_a_frame_flood_does_not_slow_an_honest_tunnel(unit: str) -> None:
         print(f"finding 8 ({unit}): attacker {res}; c1 pings before {before}, during {during};"
               f" gw tcpencap CPU {load:.2f} s/s; events {events}")  # fmt: skip
         assert res["octets"] > 1_000_000, res  # the flood was real
-        assert load < 0.6, load  # a frame flood may not take the daemon's loop
         limit = "limit-frame-rate" if unit == "0003ff" else "limit-invalid-frames"
         assert events.get(limit, 0) >= 1, events
         assert during["lost"] == 0, during
