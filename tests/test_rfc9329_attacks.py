@@ -386,3 +386,16 @@ def test_a_resumed_sa_brings_charons_old_endpoint_to_its_new_connection() -> Non
     assert other is None and g.events["endpoint-in-use"] == 1
     g.connection_lost(3.0, gid, 0, None)
     assert set(g.release_at) == {(CB, 50000), (CB, 41000)} and g.brief == {}
+
+
+def test_a_connection_refused_at_the_steering_limit_leaves_nothing_steered() -> None:
+    g = make_engine(gateway_config(max_connections="1"), 0.0)
+    a = g.accept(0.0, G, 4500, C, 50000)
+    first(g, a)
+    g.conns[a].sa_seen = True
+    g.connection_lost(0.5, a, 0, None)  # lingers: the steering set is full
+    b = g.accept(1.0, G, 4500, "198.18.1.3", 50000)
+    first(g, b, spi=SPI_X)
+    assert closes(g) == ["limit-steered"]
+    g.connection_lost(1.1, b, 0, None)
+    assert list(g.endpoints.peers()) == [(CB, 50000)] and g.brief == {}

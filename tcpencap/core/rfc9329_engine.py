@@ -854,6 +854,8 @@ class Rfc9329Engine(Engine):
         leave as UDP. It is released once charon has no established IKE SA with it (see
         _release_tick); one whose connection never carried an SA is asked about sooner
         and does not count against the steering limit."""
+        if ep not in self.endpoints:
+            return  # never steered (refused at the steering limit)
         real = carried or self.endpoints.has(ep, LINGER)
         self.endpoints.add(ep, LINGER if real else BRIEF)
         self.endpoints.remove(ep, f"conn:{conn_id}")
