@@ -21,6 +21,9 @@ NFNL_SUBSYS_IPSET = 6
 CMD_PROTOCOL, CMD_CREATE, CMD_DESTROY, CMD_ADD, CMD_DEL = 1, 2, 3, 9, 10
 ATTR_PROTOCOL, ATTR_SETNAME, ATTR_TYPENAME, ATTR_REVISION, ATTR_FAMILY, ATTR_DATA = 1, 2, 3, 4, 5, 7
 ATTR_IP, ATTR_IPADDR_IPV4, ATTR_IPADDR_IPV6 = 1, 1, 2
+ATTR_PORT, ATTR_PROTO = 4, 7  # inside ATTR_DATA, for hash:ip,port
+IPPROTO_UDP = 17
+REVISION = {"hash:ip": 0, "hash:ip,port": 1}
 NLA_F_NESTED, NLA_F_NET_BYTEORDER = 0x8000, 0x4000
 NLMSG_ERROR = 2  # acknowledgement or refusal
 NFPROTO = {4: 2, 6: 10}  # NFPROTO_IPV4, NFPROTO_IPV6
@@ -52,14 +55,16 @@ def protocol_request(seq: int) -> bytes:
     return message(CMD_PROTOCOL, attr(ATTR_PROTOCOL, bytes([PROTOCOL_MIN])), seq)
 
 
-def create_request(protocol: int, name: str, family: int, seq: int) -> bytes:
-    """hash:ip (revision 0, which every kernel with ipset has) for ``family`` 4 or 6."""
+def create_request(protocol: int, name: str, family: int, seq: int, kind: str = "hash:ip") -> bytes:
+    """A set of ``kind`` (hash:ip for whole addresses, hash:ip,port for UDP endpoints) for
+    ``family`` 4 or 6, at the oldest revision both every kernel with ipset and the ipset
+    CLI know (the CLI cannot list a hash:ip,port of revision 0)."""
     attrs = b"".join(
         (
             attr(ATTR_PROTOCOL, bytes([protocol])),
             _name(name),
-            attr(ATTR_TYPENAME, b"hash:ip\0"),
-            attr(ATTR_REVISION, b"\0"),
+            attr(ATTR_TYPENAME, kind.encode() + b"\0"),
+            attr(ATTR_REVISION, bytes([REVISION[kind]])),
             attr(ATTR_FAMILY, bytes([NFPROTO[family]])),
             attr(ATTR_DATA | NLA_F_NESTED, b""),
         )
@@ -71,11 +76,15 @@ def destroy_request(protocol: int, name: str, seq: int) -> bytes:
     return message(CMD_DESTROY, attr(ATTR_PROTOCOL, bytes([protocol])) + _name(name), seq)
 
 
-def member_request(cmd: int, protocol: int, name: str, addr: str, seq: int) -> bytes:
-    """ADD or DEL of one address (its family picks the attribute)."""
+def member_request(cmd: int, protocol: int, name: str, addr: str, seq: int, port: int = 0) -> bytes:
+    """ADD or DEL of one address (its family picks the attribute), or with ``port`` of one
+    UDP endpoint (a hash:ip,port member)."""
     ip = ipaddress.ip_address(addr)
     kind = ATTR_IPADDR_IPV4 if ip.version == 4 else ATTR_IPADDR_IPV6
     data = attr(ATTR_IP | NLA_F_NESTED, attr(kind | NLA_F_NET_BYTEORDER, ip.packed))
+    if port:
+        data += attr(ATTR_PORT | NLA_F_NET_BYTEORDER, port.to_bytes(2, "big"))
+        data += attr(ATTR_PROTO, bytes([IPPROTO_UDP]))
     attrs = attr(ATTR_PROTOCOL, bytes([protocol])) + _name(name)
     attrs += attr(ATTR_DATA | NLA_F_NESTED, data)
     return message(cmd, attrs, seq, NFPROTO[ip.version])
@@ -145,17 +154,17 @@ class IpsetSocket:
                 else:
                     raise IpsetError(err, error_text(err))
 
-    def create(self, name: str, family: int) -> None:
-        self._request(lambda seq: create_request(self.protocol, name, family, seq))
+    def create(self, name: str, family: int, kind: str = "hash:ip") -> None:
+        self._request(lambda seq: create_request(self.protocol, name, family, seq, kind))
 
     def destroy(self, name: str) -> None:
         self._request(lambda seq: destroy_request(self.protocol, name, seq))
 
-    def add(self, name: str, addr: str) -> None:
-        self._request(lambda seq: member_request(CMD_ADD, self.protocol, name, addr, seq))
+    def add(self, name: str, addr: str, port: int = 0) -> None:
+        self._request(lambda seq: member_request(CMD_ADD, self.protocol, name, addr, seq, port))
 
-    def delete(self, name: str, addr: str) -> None:
-        self._request(lambda seq: member_request(CMD_DEL, self.protocol, name, addr, seq))
+    def delete(self, name: str, addr: str, port: int = 0) -> None:
+        self._request(lambda seq: member_request(CMD_DEL, self.protocol, name, addr, seq, port))
 
     def close(self) -> None:
         self._sock.close()

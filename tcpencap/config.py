@@ -75,12 +75,19 @@ class GatewayConfig:
 
     listen: tuple[tuple[str, int], ...] = ()
     max_connections: int = 1000
-    max_per_source: int = 32  # connections from one source address
+    max_per_source: int = 32  # connections from one source prefix
     max_pending: int = 256  # connections that have not yet delivered a first message
+    max_pending_per_source: int = 8  # ... of them from one source prefix
+    # A source is its address's prefix of this length: one IPv6 /64 is one subscriber, so
+    # its 2^64 addresses must not each get their own slots; IPv4 /32 by default, because
+    # a carrier-grade NAT already puts many subscribers behind one address.
+    source_prefix_v4: int = 32
+    source_prefix_v6: int = 64
     first_message_timeout: float = 5.0
     no_sa_timeout: float = 30.0  # after the first message, an IKE SA must exist by then
     max_buffer: int = 262144
-    max_frame_rate: int = 20000  # frames per second on one connection before it is cut
+    max_frame_rate: int = 20000  # frames of any kind per second on one connection
+    max_invalid_frames: int = 16  # invalid frames (over a connection's life) before it is cut
     # TLS listeners (RFC 9329 Appendix A) take TLS and plain RFC 9329 alike; the
     # certificate and key are read at start and on every reload.
     tls_listen: tuple[tuple[str, int], ...] = ()
@@ -96,12 +103,9 @@ class GatewayConfig:
     ctcp_no_sa_timeout: float = 60.0
     # A cTCP connection the peer has sent nothing valid on for this long is reset.
     ctcp_idle_timeout: float = 300.0
-    # SYN+ACKs (and, as many again, RSTs) a second to one source network (ipv4_prefix,
-    # /64) without a cTCP connection; all networks together get 250 times that.
+    # SYN+ACKs (and, as many again, RSTs) a second to one source (source_prefix_v4/_v6)
+    # without a cTCP connection; all sources together get 250 times that.
     ctcp_reply_rate: int = 20
-    # Connections from one source network: an IPv4 prefix of ipv4_prefix bits, an IPv6 /64.
-    max_per_prefix: int = 256
-    ipv4_prefix: int = 24
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +227,11 @@ def _gateway(v: _Values) -> GatewayConfig:
         max_connections=v.take("max_connections", _int_range(1, 1_000_000), 1000),
         max_per_source=v.take("max_per_source", _int_range(1, 1_000_000), 32),
         max_pending=v.take("max_pending", _int_range(1, 1_000_000), 256),
+        max_pending_per_source=v.take("max_pending_per_source", _int_range(1, 1_000_000), 8),
+        source_prefix_v4=v.take("source_prefix_v4", _int_range(8, 32), 32),
+        source_prefix_v6=v.take("source_prefix_v6", _int_range(32, 128), 64),
         max_frame_rate=v.take("max_frame_rate", _int_range(1, 10_000_000), 20000),
+        max_invalid_frames=v.take("max_invalid_frames", _int_range(1, 1_000_000), 16),
         first_message_timeout=v.take("first_message_timeout", _duration, 5.0),
         no_sa_timeout=v.take("no_sa_timeout", _duration, 30.0),
         max_buffer=v.take("max_buffer", _int_range(1024, 1 << 30), 262144),
@@ -236,8 +244,6 @@ def _gateway(v: _Values) -> GatewayConfig:
         ctcp_no_sa_timeout=v.take("ctcp_no_sa_timeout", _duration, 60.0),
         ctcp_idle_timeout=v.take("ctcp_idle_timeout", _duration, 300.0),
         ctcp_reply_rate=v.take("ctcp_reply_rate", _int_range(1, 1_000_000), 20),
-        max_per_prefix=v.take("max_per_prefix", _int_range(1, 1_000_000), 256),
-        ipv4_prefix=v.take("ipv4_prefix", _int_range(8, 32), 24),
     )
     v.finish()
     _check_listen_overlap(v.sec, g)

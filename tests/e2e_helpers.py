@@ -192,13 +192,28 @@ def chain_rules(host: Host, tool: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("-A")]
 
 
-def steered_set(host: Host, family: int) -> list[str] | None:
-    """Members of tcpencap's peer set for ``family`` (ipset CLI), None without the set."""
-    proc = host.run("ipset", "list", f"{CHAIN}_{family}", check=False)
+def set_members(host: Host, name: str) -> list[str] | None:
+    """Members of an ipset (ipset CLI), None without the set."""
+    proc = host.run("ipset", "list", name, check=False)
     if proc.returncode:
         return None
     lines = proc.stdout.splitlines()
     return sorted(x.strip() for x in lines[lines.index("Members:") + 1 :] if x.strip())
+
+
+def steered_set(host: Host, family: int) -> list[str] | None:
+    """The addresses steered for ``family``: tcpencap's peer set and the addresses of its
+    endpoint set (``ADDR,udp:PORT``), sorted, or None without the peer set."""
+    whole = set_members(host, f"{CHAIN}_{family}")
+    if whole is None:
+        return None
+    endpoints = set_members(host, f"{CHAIN}_EP{family}") or []
+    return sorted({*whole, *(m.split(",")[0] for m in endpoints)})
+
+
+def steered_endpoints(host: Host, family: int) -> list[str]:
+    """Members of tcpencap's endpoint set for ``family`` as ``ADDR,udp:PORT``."""
+    return set_members(host, f"{CHAIN}_EP{family}") or []
 
 
 def tcpencap_sets(host: Host) -> list[str]:
@@ -207,12 +222,14 @@ def tcpencap_sets(host: Host) -> list[str]:
 
 def assert_steering(host: Host, peers4: list[str], peers6: list[str] | None = None) -> None:
     """Exactly tcpencap's layout: one jump per family (UDP from 500/4500 only), one queue
-    rule matching the family's peer set, and exactly these peers in the sets."""
+    rule matching the family's peer set and one its endpoint set, and exactly these peers
+    in the sets (whole, or one endpoint of them)."""
     for fam, tool in ((4, "iptables"), (6, "ip6tables")):
         jump = f"-A OUTPUT -p udp -m multiport --sports 500,4500 -j {CHAIN}"
         assert jump_rules(host, tool) == [jump], mangle_rules(host)
         queue = f"-A {CHAIN} -m set --match-set {CHAIN}_{fam} dst -j NFQUEUE --queue-num 4500"
-        assert chain_rules(host, tool) == [queue], mangle_rules(host)
+        ep = f"-A {CHAIN} -m set --match-set {CHAIN}_EP{fam} dst,dst -j NFQUEUE --queue-num 4500"
+        assert chain_rules(host, tool) == [queue, ep], mangle_rules(host)
     assert steered_set(host, 4) == sorted(peers4)
     assert steered_set(host, 6) == sorted(peers6 or [])
 

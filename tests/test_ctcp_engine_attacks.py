@@ -159,7 +159,7 @@ def test_spoofed_syn_flood_fills_nothing_and_an_honest_client_gets_in() -> None:
     rng = random.Random(3)
     answered_to_flood = 0
     for i in range(20000):
-        src = bytes([198, 18, 66, rng.randrange(1, 255)])  # one /24, two seconds of flood
+        src = bytes([198, 18, 66, 6])  # one source, two seconds of flood
         now = i * 0.0001
         seg = build_tcp(src, G, rng.randrange(1024, 65536), 10000, i, 0, TCP_SYN)
         gw.inbound(now, build_ip(src, G, 6, seg))
@@ -167,7 +167,7 @@ def test_spoofed_syn_flood_fills_nothing_and_an_honest_client_gets_in() -> None:
         if i == 10000:  # in the middle of it, an honest client from elsewhere
             assert connect(gw, HONEST, 40000, now)
     assert list(gw.flows) == [(G, 10000, HONEST, 40000)]  # the flood made nothing
-    # the flooded network got its burst and its rate, never one reply per SYN
+    # the flooding source got its burst and its rate, never one reply per SYN
     assert answered_to_flood <= 2 * 20 + 2 * 20 + 1
     assert gw.counters["syn-ack-limited"] >= 19900
 
@@ -176,7 +176,7 @@ def test_replies_to_all_networks_have_a_total_bound() -> None:
     gw = gateway(reply_rate=20.0, reply_total=500.0)
     rng = random.Random(4)
     sent = 0
-    for i in range(20000):  # one second, every SYN from another /24
+    for i in range(20000):  # one second, every SYN from another source
         src = bytes([198, 18 + (i >> 8 & 1), i & 0xFF, rng.randrange(1, 255)])
         gw.inbound(i * 5e-5, build_ip(src, G, 6, build_tcp(src, G, 999, 10000, i, 0, TCP_SYN)))
         sent += len(gw.pull())
@@ -184,19 +184,20 @@ def test_replies_to_all_networks_have_a_total_bound() -> None:
     assert len(gw._syn_acks) <= gw._syn_acks.networks
 
 
-def test_one_address_and_one_prefix_hold_only_their_share() -> None:
-    gw = gateway(max_per_address=8, max_per_prefix=20, reply_rate=1e6, reply_total=1e9)
+def test_one_source_holds_only_its_share() -> None:
+    gw = gateway(max_per_source=8, reply_rate=1e6, reply_total=1e9)
     made = sum(connect(gw, ATTACKER, 20000 + p, 0.0) for p in range(30))
-    assert made == 8 and gw.counters["refused-per-address"] == 22
-    neighbours = [bytes([198, 18, 66, n]) for n in range(10, 20)]
-    made += sum(connect(gw, a, 20000 + p, 0.0) for a in neighbours for p in range(3))
-    assert made == 20 and gw.counters["refused-per-prefix"] >= 1
-    assert connect(gw, HONEST, 40000, 0.0)  # another /24 is not affected
-    # IPv6: one /64 is one source network
+    assert made == 8 and gw.counters["refused-per-source"] == 22
+    assert connect(gw, HONEST, 40000, 0.0)  # another source is not affected
+    # IPv6: one /64 is one source, whichever of its addresses connects
     for n in range(30):
         connect(gw, addr_bytes(f"fd00:66::{n + 1:x}"), 30000, 0.0, dst=G6)
-    assert sum(1 for k in gw.flows if len(k[2]) == 16) == 20
+    assert sum(1 for k in gw.flows if len(k[2]) == 16) == 8
     assert connect(gw, addr_bytes("fd00:67::1"), 30000, 0.0, dst=G6)
+    # with source_prefix_v4 = 24, a /24 is one source
+    gw24 = gateway(max_per_source=8, source_bits=(24, 64), reply_rate=1e6, reply_total=1e9)
+    neighbours = [bytes([198, 18, 66, n]) for n in range(10, 30)]
+    assert sum(connect(gw24, a, 20000, 0.0) for a in neighbours) == 8
     # slots come back when connections end
     for key in [k for k in gw.flows if k[2] == ATTACKER]:
         rst = build_tcp(ATTACKER, G, key[3], 10000, gw.flows[key].conn.ack, 0, TCP_RST)
@@ -245,41 +246,34 @@ def test_drop_and_counter_names_do_not_grow_with_what_peers_send() -> None:
                                 "inbound-malformed", "stray-reset-limited"}  # fmt: skip
 
 
-def test_replies_to_strangers_are_rate_limited_per_network() -> None:
+def test_replies_to_strangers_are_rate_limited_per_source() -> None:
     gw = gateway(reply_rate=100.0)
     for i in range(5000):
-        src = bytes([198, 18, 80, i % 250 + 1])  # one network, five seconds
+        src = bytes([198, 18, 80, 1])  # one source, five seconds
         gw.inbound(i * 0.001, build_ip(src, G, 6, build_tcp(src, G, 1234, 10000, i, i, TCP_ACK)))
     sent = [o for o in gw.pull() if type(o) is Transmit]
     assert 200 <= len(sent) <= 200 + 5 * 100 + 1
     assert gw.counters["stray-reset-limited"] == 5000 - len(sent)
-    # another network still gets its RST
+    # another source still gets its RST
     other = addr_bytes("198.18.81.1")
     gw.inbound(5.0, build_ip(other, G, 6, build_tcp(other, G, 1234, 10000, 1, 1, TCP_ACK)))
     assert [read_segment(o.data).dport for o in gw.pull()] == [1234]
 
 
 def test_limits_helpers() -> None:
-    assert source_prefix(addr_bytes("198.18.66.6"), 24) == source_prefix(
-        addr_bytes("198.18.66.200"), 24
-    )
-    assert source_prefix(addr_bytes("198.18.66.6"), 32) != source_prefix(
-        addr_bytes("198.18.66.7"), 32
-    )
-    assert source_prefix(addr_bytes("fd00:1::1"), 24) == source_prefix(
-        addr_bytes("fd00:1::ffff:1"), 24
-    )
-    slots = SourceSlots(2, 3, 24)
-    a, b = addr_bytes("198.18.0.1"), addr_bytes("198.18.0.2")
+    a, b = addr_bytes("198.18.66.6"), addr_bytes("198.18.66.200")
+    assert source_prefix(a, 24) == source_prefix(b, 24) != source_prefix(a, 32)
+    assert source_prefix(addr_bytes("fd00:1::1")) == source_prefix(addr_bytes("fd00:1::ffff:1"))
+    assert source_prefix(addr_bytes("fd00:1::1")) != source_prefix(addr_bytes("fd00:2::1"))
+    assert source_prefix(addr_bytes("0.0.0.0"), 8) != source_prefix(addr_bytes("::"), 8, 8)
+    slots = SourceSlots(2)
     for _ in range(2):
         slots.take(a)
-    assert slots.refusal(a) == "refused-per-address" and slots.refusal(b) is None
-    slots.take(b)
-    assert slots.refusal(b) == "refused-per-prefix"
-    for x in (a, a, b):
-        slots.give_back(x)
-    assert len(slots) == 0 and slots.refusal(a) is None
-    pb = PrefixBuckets(1.0, 100.0, 24, networks=3)
+    assert slots.full(a) and not slots.full(b)
+    for _ in range(2):
+        slots.give_back(a)
+    assert len(slots) == 0 and not slots.full(a)
+    pb = PrefixBuckets(1.0, 100.0, networks=3)
     nets = [addr_bytes(f"198.18.{n}.1") for n in range(5)]
     assert all(pb.allow(0.0, a) for a in nets) and len(pb) == 3  # the oldest forgotten
     assert pb.allow(0.0, nets[4]) and not pb.allow(0.0, nets[4])  # a burst of 2 * rate

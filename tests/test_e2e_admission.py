@@ -61,6 +61,8 @@ TASKS_PER_SOURCE = 36  # 576 connections in flight, 512 of them can be held
 LIMITS = {
     "max_connections": N_SOURCES * PER_SOURCE + 64,
     "max_per_source": PER_SOURCE,
+    # every held connection starts pending: the per-source limit is the one this test binds
+    "max_pending_per_source": PER_SOURCE,
     "max_pending": N_SOURCES * PER_SOURCE + 32,
     "max_frame_rate": 2000,
     "first_message_timeout": f"{FIRST:g}s",

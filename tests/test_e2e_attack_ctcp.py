@@ -10,7 +10,7 @@ through it. The honest client's figures (pings lost, median RTT, set-up time) ar
 - the attacker in fw, on path but blind to the connection's numbers, spoofs c1's address
   and port with RST, FIN and data segments of random seq/ack: c1's connection stays, no
   segment is injected (finding 2);
-- the attacker in fw floods spoofed SYNs from 1016 addresses while c1 sets up its tunnel;
+- the attacker in fw floods spoofed SYNs from 8 addresses while c1 sets up its tunnel;
   the attacker on c2 opens as many real connections as it can and keeps them busy with its
   own "ESP"; stray segments from thousands of IPv6 sources (finding 3);
 - a cTCP gateway that routes (fw) must not answer for the hosts behind it (finding 4).
@@ -88,10 +88,10 @@ elif mode == "spoof":
     send(pkts, inter=args.get("inter", 0))
     out["sent"], out["seconds"] = len(pkts), time.time() - t0
 elif mode == "synflood":
-    # SYNs from 1016 spoofed sources in four /24s (198.18.128.0/22), for a while
+    # SYNs from eight spoofed sources (198.18.128.1-8), for a while
     # (a new 4-tuple each time: none is repeated within a run)
     rng = random.Random(1)
-    batches = [[IP(src=f"198.18.{128 + rng.randrange(4)}.{rng.randrange(1, 255)}", dst=gw)
+    batches = [[IP(src=f"198.18.128.{rng.randrange(1, 9)}", dst=gw)
                 /TCP(sport=rng.randrange(1024, 65536), dport=port, flags="S",
                      seq=rng.getrandbits(32)) for _ in range(1000)] for _ in range(16)]
     t0, sent = time.time(), 0
@@ -380,7 +380,7 @@ def test_one_source_holds_only_its_share_and_its_own_esp_binds_nothing() -> None
         # and never more were held at once
         peak = max(peaks)
         assert res["synacks"] == 30 and peaks[0] == 8 and peak == 8, (res, peaks)
-        assert summary["counters"].get("refused-per-address", 0) >= 22, summary
+        assert summary["counters"].get("refused-per-source", 0) >= 22, summary
         (row,) = ctcp_rows(gw)  # c1's, bound by charon's ESP, untouched
         assert row["peer"].startswith(c1.outer4 + ":") and row["esp_spis"], row
         assert not lost, lost

@@ -40,6 +40,7 @@ pytestmark = pytest.mark.lab
 LIMITS = {
     "max_connections": 150,
     "max_per_source": 32,
+    "max_pending_per_source": 32,  # the burst below trips max_per_source itself
     "max_pending": 64,
     "max_frame_rate": 2000,
     "first_message_timeout": "2s",

@@ -137,7 +137,10 @@ def test_several_queues_each_with_its_thread() -> None:
         start_tcp_clients(lab, clients, extra="  queues = 2")
         for tool in ("iptables", "ip6tables"):
             rules = chain_rules(gw, tool)
-            assert [r.endswith("-j NFQUEUE --queue-balance 4500:4501") for r in rules] == [True]
+            assert [r.endswith("-j NFQUEUE --queue-balance 4500:4501") for r in rules] == [
+                True,
+                True,
+            ]
         for c in clients:
             got = ping(gw, c.inner4, gw.inner4, count=20, interval=0.01)
             assert got[1] == got[0] == 20, (c.role, got)

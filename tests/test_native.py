@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from test_rfc9329_engine import SPI_I, Wire, child_sa_event, esp, ike
 
 from nfq.netlink import attr, nfnl_message
+from tcpencap.core.outputs import Inject
 from tcpencap.core.router import Router, Send
 from tcpencap.core.table import ConnectionTable
 from tcpencap.native import load
@@ -141,13 +142,22 @@ def test_pump_injects_what_the_router_builds(s: Any, family: int, gateway: bool,
 
     ref = rfc9329.StreamCodec(role, max_frame=max_frame)
     ref_packets: list[bytes] = []
+    ref_keepalives = []
 
     def ref_step(codec: Any) -> Any:
+        # pump's contract: ESP becomes packets as the router builds them (what no datagram
+        # can carry is the engine's), keepalives are dropped and counted
         while True:
             ev = codec.next_event()
+            if type(ev) is rfc9329.Keepalive:
+                ref_keepalives.append(ev)
+                continue
             if type(ev) is not rfc9329.ESPPacket:
                 return ev
-            ref_packets.append(router.inbound_esp(cid, ev.data).packet)
+            res = router.inbound_esp(cid, ev.data)
+            if not isinstance(res, Inject):
+                return ev
+            ref_packets.append(res.packet)
 
     batch = native().InjectBatch()
     args = (batch, view.entry.peer, view.entry.local, *router.ports_of(view, False))
@@ -162,6 +172,7 @@ def test_pump_injects_what_the_router_builds(s: Any, family: int, gateway: bool,
     assert feed(nat, chunks, eof, nat_step) == feed(ref, chunks, eof, ref_step)
     assert batch.take() == ref_packets
     assert sum(counted) == len(ref_packets)
+    assert nat.keepalives == len(ref_keepalives)
 
 
 # --- outbound: the flow cache -------------------------------------------------------------
@@ -545,20 +556,20 @@ def test_inbound_worker_injects_esp_and_gives_back_the_rest() -> None:
             (len(ike_frame) + 2).to_bytes(2, "big") + ike_frame
             + (len(late) + 2).to_bytes(2, "big") + late
         )  # fmt: skip
-        ((cid, reason, n, nbytes, reads),) = given.get(timeout=2)
+        ((cid, reason, n, nbytes, reads, _),) = given.get(timeout=2)
         assert (cid, reason, n) == (7, "frame", 3) and nbytes > 0 and reads >= 1
         # the frames the engine must see wait, unread, in the deframer
         assert d.next_event() == rfc9329.IKEMessage(ike())
         assert d.next_event() == rfc9329.ESPPacket(late)
         worker.attach(7, ours.fileno(), d, local, local, 4500, port, 0)
-        assert worker.counts(7) == (0, 0, 0)
+        assert worker.counts(7) == (0, 0, 0, 0)
         peer_end.shutdown(socket.SHUT_WR)
-        ((cid, reason, n, _, _),) = given.get(timeout=2)
+        ((cid, reason, n, _, _, _),) = given.get(timeout=2)
         assert (cid, reason, n) == (7, "eof", 0)
         assert worker.detach(7) is None  # given back already
         worker.attach(8, ours.fileno(), native().Deframer(rfc9329.Role.ORIGINATOR), local,
                       local, 4500, port, 0)  # fmt: skip
-        assert worker.detach(8) == (0, 0, 0) and worker.stats()["lent"] == 0
+        assert worker.detach(8) == (0, 0, 0, 0) and worker.stats()["lent"] == 0
     assert worker.stats()["injected"] == 3
 
 
@@ -571,5 +582,56 @@ def test_inbound_worker_gives_back_a_flood() -> None:
         worker.attach(3, ours.fileno(), d, local, local, 50000, 9, 100)  # 100 frames/s
         f = esp(0x100)
         peer_end.sendall(((len(f) + 2).to_bytes(2, "big") + f) * 500)
-        ((cid, reason, n, _, _),) = given.get(timeout=2)
+        ((cid, reason, n, _, _, _),) = given.get(timeout=2)
         assert (cid, reason) == (3, "rate") and 100 < n <= 500
+
+
+def test_inbound_worker_drops_keepalives_itself_and_counts_them_toward_the_rate() -> None:
+    """Finding 8 of issue 23: every keepalive went back to Python (one thread hand-off and
+    one engine pass per 3 octets), and none counted toward max_frame_rate."""
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with rx, inbound_worker() as (worker, given, peer_end, ours):
+        rx.bind(("127.0.0.1", 0))
+        rx.settimeout(2)
+        local = addr_bytes("127.0.0.1")
+        d = native().Deframer(rfc9329.Role.RESPONDER)
+        d.receive_data(rfc9329.PREFIX)
+        assert d.next_event() == rfc9329.PrefixReceived()
+        worker.attach(4, ours.fileno(), d, local, local, 4500, rx.getsockname()[1], 1000)
+        f = esp(0x100)
+        peer_end.sendall(rfc9329.KEEPALIVE_FRAME * 50 + (len(f) + 2).to_bytes(2, "big") + f)
+        assert rx.recv(4096) == f  # the ESP behind them went out, nothing came back
+        assert given.empty() and worker.counts(4) == (1, 3 * 50 + len(f) + 2, 1, 50)
+        peer_end.sendall(rfc9329.KEEPALIVE_FRAME * 2000)  # keepalives alone: over 1000/s
+        ((cid, reason, n, _, _, keepalives),) = given.get(timeout=2)
+        assert (cid, reason, n) == (4, "rate", 0) and 900 < keepalives <= 1001  # 51 before
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_esp_no_datagram_can_carry_goes_to_the_engine(family: int) -> None:
+    """Finding 9: an ESP frame of 65508 octets or more (IPv4; 65528 for IPv6) overflowed the
+    injected packet's 16-bit lengths; pump and the inbound worker hand it to the engine."""
+    limit = 65507 if family == 4 else 65527
+    peer = addr_bytes("198.18.0.1" if family == 4 else "fd00::1")
+    local = addr_bytes("198.18.0.2" if family == 4 else "fd00::2")
+    fits, too_big = esp(0x1234, limit - 8), esp(0x1234, limit - 7)
+    d = native().Deframer(rfc9329.Role.ORIGINATOR)
+    d.receive_data(b"".join((len(p) + 2).to_bytes(2, "big") + p for p in (fits, too_big)))
+    batch = native().InjectBatch()
+    ev, n = d.pump(batch, peer, local, 4500, 4500)
+    assert (ev, n) == (rfc9329.ESPPacket(too_big), 1)
+    (packet,) = batch.take()
+    assert len(packet) == (20 if family == 4 else 40) + 8 + limit
+    assert parse_udp(parse_ip(packet).payload).payload == fits
+
+
+def test_inbound_worker_gives_back_esp_no_datagram_can_carry() -> None:
+    with inbound_worker() as (worker, given, peer_end, ours):
+        local = addr_bytes("127.0.0.1")
+        d = native().Deframer(rfc9329.Role.ORIGINATOR)
+        worker.attach(5, ours.fileno(), d, local, local, 4500, 9, 0)
+        big = esp(0x100, 65507 - 7)
+        peer_end.sendall((len(big) + 2).to_bytes(2, "big") + big)
+        ((cid, reason, n, _, _, _),) = given.get(timeout=2)
+        assert (cid, reason, n) == (5, "frame", 0)
+        assert d.next_event() == rfc9329.ESPPacket(big)

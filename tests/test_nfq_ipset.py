@@ -173,3 +173,38 @@ def test_client_against_the_kernel(ns):
         "add T6 fd00::7",
     ]
     assert res["end"] == ""
+
+
+def test_endpoint_members_carry_port_and_udp():
+    """hash:ip,port members (a gateway's TCP peers as UDP endpoints, issue 23 finding 5):
+    the port in network order, protocol UDP."""
+    created = attrs_of(create_request(7, "E", 4, 1, "hash:ip,port"))
+    assert (3, b"hash:ip,port\0") in created and (4, b"\x01") in created  # the CLI lists it
+    data = attrs_of(member_request(CMD_ADD, 7, "E", "198.18.0.1", 1, port=4500))[2][1]
+    ip = struct.pack("=HH", 12, 1 | 0x8000) + struct.pack("=HH", 8, 1 | 0x4000)
+    ip += bytes([198, 18, 0, 1])
+    port = struct.pack("=HH", 6, 4 | 0x4000) + (4500).to_bytes(2, "big") + b"\0\0"
+    assert data == ip + port + struct.pack("=HH", 5, 7) + b"\x11\0\0\0"
+
+
+def test_endpoints_against_the_kernel(ns):
+    code = textwrap.dedent(
+        """
+        import json, subprocess
+        from nfq.ipset import IpsetSocket
+        s = IpsetSocket()
+        s.create("E4", 4, "hash:ip,port")
+        s.create("E6", 6, "hash:ip,port")
+        s.add("E4", "198.18.0.1", 4500)
+        s.add("E4", "198.18.0.1", 45678)
+        s.add("E6", "fd00::7", 500)
+        s.delete("E4", "198.18.0.1", 4500)
+        print(subprocess.run(["ipset", "save"], capture_output=True, text=True).stdout)
+        """
+    )
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", code],
+        capture_output=True, text=True, cwd=REPO, check=True,
+    ).stdout  # fmt: skip
+    adds = sorted(line for line in out.splitlines() if line.startswith("add "))
+    assert adds == ["add E4 198.18.0.1,udp:45678", "add E6 fd00::7,udp:500"], out

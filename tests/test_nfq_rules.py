@@ -104,6 +104,17 @@ PRELUDE = textwrap.dedent(
             for r in rules:
                 ipt(fam, *r)
 
+    def counted_link():
+        # A veth with an address in 198.18.1.0/24 and a POSTROUTING counter for UDP to it.
+        for cmd in (
+            "link add te0 type veth peer name te1",
+            "link set te0 up",
+            "link set te1 up",
+            "addr add 198.18.1.2/24 dev te0",
+        ):
+            subprocess.run(["ip", *cmd.split()], check=True)
+        ipt(4, "-A", "POSTROUTING", "-p", "udp", "-d", "198.18.1.0/24")
+
     out = {}
     """
 )
@@ -354,14 +365,7 @@ def test_steered_packets_hit_the_rule_and_others_do_not(ns):
         ns,
         f"""
         import socket
-        for cmd in (
-            "link add te0 type veth peer name te1",
-            "link set te0 up",
-            "link set te1 up",
-            "addr add 198.18.1.2/24 dev te0",
-        ):
-            subprocess.run(["ip", *cmd.split()], check=True)
-        ipt(4, "-A", "POSTROUTING", "-p", "udp", "-d", "198.18.1.0/24")  # a counter
+        counted_link()
         r = SteeringRules(4500)
         r.install()
         r.add_peer("198.18.1.99")
@@ -393,3 +397,53 @@ def test_steered_packets_hit_the_rule_and_others_do_not(ns):
     # Queued with nobody reading: the kernel drops them (fail-closed); only the two
     # others reach POSTROUTING.
     assert res["left"] == [2]
+
+
+def test_endpoint_steering_queues_that_endpoint_only(ns):
+    """A gateway steers a TCP peer's UDP endpoint (issue 23 finding 5): charon's UDP to that
+    address and port is queued; to another port of the same address (a plain-UDP client
+    behind the same NAT) it leaves as UDP. Whole-address steering stays as it was."""
+    res = run_in_ns(
+        ns,
+        f"""
+        import socket
+        counted_link()
+        r = SteeringRules(4500, endpoints=True)
+        r.install()
+        r.add_endpoint("198.18.1.99", 45678)
+        r.add_peer("198.18.1.98")
+        out["rules"] = ipt(4, "-S", "{CHAIN}").stdout.splitlines()
+
+        def send(dst, dport):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("198.18.1.2", 4500))
+            try:
+                s.sendto(b"x" * 40, (dst, dport))
+            finally:
+                s.close()
+
+        for dst, dport in (("198.18.1.99", 45678), ("198.18.1.99", 4500),
+                           ("198.18.1.99", 45679), ("198.18.1.98", 4500)):
+            send(dst, dport)
+        counts = ipt(4, "-L", "{CHAIN}", "-v", "-x", "-n").stdout.splitlines()[2:]
+        out["packets"] = [int(line.split()[0]) for line in counts]
+        post = ipt(4, "-L", "POSTROUTING", "-v", "-x", "-n").stdout.splitlines()[2:]
+        out["left"] = [int(line.split()[0]) for line in post]
+        r.remove_endpoint("198.18.1.99", 45678)
+        send("198.18.1.99", 45678)
+        post = ipt(4, "-L", "POSTROUTING", "-v", "-x", "-n").stdout.splitlines()[2:]
+        out["left_after"] = [int(line.split()[0]) for line in post]
+        r.remove()
+        out["sets_after"] = subprocess.run(["ipset", "list", "-n"], capture_output=True,
+                                           text=True).stdout.split()
+        """,
+    )
+    assert res["rules"][1:] == [
+        queue_rule(4),
+        f"-A {CHAIN} -m set --match-set {CHAIN}_EP4 dst,dst -j NFQUEUE --queue-num 4500",
+    ]
+    assert res["packets"] == [1, 1]  # the whole peer, the one endpoint
+    assert res["left"] == [2]  # the other two ports of .99 went out as UDP
+    assert res["left_after"] == [3]
+    assert res["sets_after"] == []

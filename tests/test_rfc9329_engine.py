@@ -92,9 +92,14 @@ def ike(
     spi_i: bytes = SPI_I,
 ) -> bytes:
     flags = 0x20 if response else 0x08
-    body = b"x" * 40
+    body = payload(b"x" * 36)
     n = 28 + len(body)
     return spi_i + spi_r + struct.pack("!BBBBII", np, 0x20, exchange, flags, 0, n) + body
+
+
+def payload(data: bytes, next_payload: int = 0) -> bytes:
+    """One IKE payload: generic header (next payload, flags, length) and ``data``."""
+    return struct.pack("!BBH", next_payload, 0, 4 + len(data)) + data
 
 
 def esp(spi: int, n: int = 40) -> bytes:
@@ -120,7 +125,7 @@ class Wire:
         self.charon_c: list[bytes] = []  # packets injected to the client's charon
         self.charon_g: list[bytes] = []
         self.steered_c: set[bytes] = set()
-        self.steered_g: set[bytes] = set()
+        self.steered_g: set[tuple[bytes, int]] = set()  # gateway: endpoints
         self.queries: list[tuple[str, str]] = []
         self.sas: list[dict[str, Any]] = []  # what list-sas answers
         self.refuse_connect = False
@@ -178,7 +183,8 @@ class Wire:
             elif isinstance(o, Inject):
                 self.charon_g.append(o.packet)
             elif isinstance(o, Steer):
-                (self.steered_g.add if o.on else self.steered_g.discard)(o.peer)
+                assert o.port, o  # a gateway steers endpoints, never whole addresses
+                (self.steered_g.add if o.on else self.steered_g.discard)((o.peer, o.port))
             elif isinstance(o, Query):
                 self.queries.append(("g", o.purpose))
                 self.g.sas_listed(self.now, o.purpose, self.sas)
@@ -252,7 +258,7 @@ def test_ike_and_esp_cross_both_ways() -> None:
     assert w.steered_c == {GB}
     w.client_sends(ike())
     conn = w.gw_conn()
-    assert conn.state is State.OPEN and w.steered_g == {CB}
+    assert conn.state is State.OPEN and w.steered_g == {(CB, w.client_port)}
     # The gateway's charon sees the client as its own NAT-T endpoint (TCP source port).
     sport, dport, payload = udp_payload(w.charon_g[-1])
     assert (sport, dport, payload) == (conn.peer_port, 4500, NON_ESP_MARKER + ike())
@@ -550,10 +556,16 @@ def test_frame_flood_is_cut() -> None:
 
 def test_gateway_peer_stays_steered_until_charon_has_no_sa() -> None:
     g, gid = open_gateway()
+    g.vici_state(1.5, True)
+    sa = {"remote-host": C, "remote-port": "50000", "initiator-spi": SPI_I.hex(),
+          "state": "ESTABLISHED"}  # fmt: skip
+    g.vici_event(1.6, "ike-updown", {"up": "yes", "x": sa})
     assert [o for o in g.pull()] == []
     g.connection_lost(2.0, gid, 0, None)
-    sa = {"remote-host": C, "initiator-spi": SPI_I.hex()}
-    answers = [[{"x": sa}], []]
+    # Another endpoint of the same address, or an SA still being set up, keeps nothing.
+    other = {**sa, "remote-port": "50001"}
+    half = {**sa, "state": "CONNECTING"}
+    answers = [[{"x": sa, "y": other, "z": half}], [{"y": other, "z": half}]]
     released = []
     now = 2.0
     for _ in range(30):
@@ -563,10 +575,10 @@ def test_gateway_peer_stays_steered_until_charon_has_no_sa() -> None:
             if isinstance(o, Query):
                 g.sas_listed(now, o.purpose, answers[0] if now < 45 else answers[1])
             elif isinstance(o, Steer):
-                released.append((now, o.on))
+                released.append((now, o.on, o.port))
         if released:
             break
-    assert released and released[0][1] is False and released[0][0] >= 62.0
+    assert released and released[0][1:] == (False, 50000) and released[0][0] >= 62.0
 
 
 # --- reload (each case failed on the old daemon; /work/evidence in the closing note) ------

@@ -45,7 +45,7 @@ HOST = "vpn.lab.test"
 def ike_sa_init() -> bytes:
     """An IKEv2 IKE_SA_INIT request (initiator SPI set, responder SPI zero): a well-formed
     first message for the engine."""
-    body = b"x" * 40
+    body = struct.pack("!BBH", 0, 0, 40) + b"x" * 36  # one payload (SA), the last
     head = bytes.fromhex("1122334455667788") + bytes(8)
     return head + struct.pack("!BBBBII", 33, 0x20, 34, 0x08, 0, 28 + len(body)) + body
 
@@ -120,6 +120,14 @@ class FakeRules:
 
     def remove_peer(self, peer: str) -> bool:
         self.removed.append(peer)
+        return True
+
+    def add_endpoint(self, addr: str, port: int) -> bool:
+        self.added.append(f"{addr}:{port}")
+        return True
+
+    def remove_endpoint(self, addr: str, port: int) -> bool:
+        self.removed.append(f"{addr}:{port}")
         return True
 
 
@@ -215,7 +223,7 @@ def assert_proxied_client_accepted(d: Daemon, proto: TcpProtocol, tr: FakeTransp
     assert (conn.local_text, conn.local_port) == LOOPBACK_LOCAL
     assert conn.state is State.OPEN  # the frame after the header reached the engine
     assert d.engine.n_proxied == 0
-    assert d.engine.per_source == {CLIENT: 1}
+    assert d.engine.per_source == {f"{CLIENT}/32": 1}
     assert d.protocols == {conn.conn_id: proto}
     assert proto.registered and proto.front is None
     assert not tr.closed and tr.written == b""
@@ -239,7 +247,7 @@ def test_proxied_connection_is_accepted_as_the_client_the_header_names() -> None
         assert not tr.closed
         proto.data_received(header() + STREAM)
         assert_proxied_client_accepted(d, proto, tr)
-        assert d.rules.added == [CLIENT]  # type: ignore[attr-defined]
+        assert d.rules.added == [f"{CLIENT}:40000"]  # type: ignore[attr-defined]
         await asyncio.sleep(PAST_DEADLINE)  # the front's deadline no longer applies
         assert not tr.closed and d.engine.events == {}
         cleanup(d)
@@ -561,7 +569,7 @@ def test_per_source_limit_applies_to_the_named_client() -> None:
         conn = only_conn(d)
         assert (conn.peer_text, conn.peer_port) == (CLIENT, 40001)
         assert d.protocols == {conn.conn_id: p1} and not p2.registered
-        assert d.engine.n_proxied == 0 and d.engine.per_source == {CLIENT: 1}
+        assert d.engine.n_proxied == 0 and d.engine.per_source == {f"{CLIENT}/32": 1}
         assert injected_sources(d) == [CLIENT]  # only the first one's IKE
         cleanup(d)
 
@@ -581,7 +589,7 @@ def test_per_source_limit_lets_different_clients_through_one_proxy() -> None:
         assert peers == [(CLIENT, 40001), (OTHER_CLIENT, 40002)]
         assert set(d.protocols.values()) == {p1, p2}
         assert d.engine.n_proxied == 0
-        assert d.engine.per_source == {CLIENT: 1, OTHER_CLIENT: 1}
+        assert d.engine.per_source == {f"{CLIENT}/32": 1, f"{OTHER_CLIENT}/32": 1}
         cleanup(d)
 
     run(body)

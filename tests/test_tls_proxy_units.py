@@ -487,7 +487,7 @@ def gw_engine(now: float = 0.0, **gw: str) -> Rfc9329Engine:
 
 def ike_sa_init() -> bytes:
     """An IKEv2 IKE_SA_INIT request header (initiator SPI set, responder SPI zero)."""
-    body = b"x" * 40
+    body = struct.pack("!BBH", 0, 0, 40) + b"x" * 36  # one payload (SA), the last
     head = bytes.fromhex("1122334455667788") + bytes(8)
     return head + struct.pack("!BBBBII", 33, 0x20, 34, 0x08, 0, 28 + len(body)) + body
 

@@ -53,7 +53,8 @@ def test_child_events_add_and_remove_inbound_spis() -> None:
     assert ike_spis({"c": sa("x")}) == [bytes.fromhex("0102030405060708")]
 
 
-def ike(exchange: int, major: int = 2, body: bytes = b"b" * 12) -> bytes:
+def ike(exchange: int, major: int = 2, body: bytes = b"b" * 8) -> bytes:
+    body = struct.pack("!BBH", 0, 0, 4 + len(body)) + body  # one payload, the last
     n = 28 + len(body)
     return b"\x11" * 8 + bytes(8) + struct.pack("!BBBBII", 33, major << 4, exchange, 8, 0, n) + body
 

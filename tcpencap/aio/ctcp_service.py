@@ -193,9 +193,8 @@ class CtcpService:
             listen=gw.ctcp_listen,
             ports=self.ports or PortAllocator(cfg.client.port, *cfg.client.port_range),
             max_connections=gw.max_connections,
-            max_per_address=gw.max_per_source,
-            max_per_prefix=gw.max_per_prefix,
-            ipv4_prefix=gw.ipv4_prefix,
+            max_per_source=gw.max_per_source,
+            source_bits=(gw.source_prefix_v4, gw.source_prefix_v6),
             reply_rate=gw.ctcp_reply_rate,
             reply_total=250 * gw.ctcp_reply_rate,
             timers=Timers(

@@ -44,7 +44,7 @@ class Daemon:
         self.config = config
         self.datapath, native = choose_datapath(config.datapath)
         self.engine = Rfc9329Engine(config, time.monotonic(), native)
-        self.rules = SteeringRules(config.queue_num, queues=config.queues)
+        self.rules = SteeringRules(config.queue_num, queues=config.queues, endpoints=True)
         self.injector: RawInjector | None = None
         self.queues: list[QueueReader] = []
         self.protocols: dict[int, TcpProtocol] = {}
@@ -99,7 +99,9 @@ class Daemon:
                     self.log_limited("inject", "injection failed: %s", exc)
             elif t is Steer:
                 peer = addr_text(o.peer)
-                if o.on:
+                if o.port:  # a gateway's TCP peer: its UDP endpoint only
+                    (self.rules.add_endpoint if o.on else self.rules.remove_endpoint)(peer, o.port)
+                elif o.on:
                     self.rules.add_peer(peer)
                 else:
                     self.rules.remove_peer(peer)
@@ -164,7 +166,7 @@ class Daemon:
     def _run_inbound(self, loop: asyncio.AbstractEventLoop) -> None:
         """The inbound worker's thread; what it gives back is handled on the loop."""
 
-        def deliver(items: list[tuple[int, str, int, int, int]]) -> None:
+        def deliver(items: list[tuple[Any, ...]]) -> None:
             loop.call_soon_threadsafe(self._given_back, items)
 
         try:
@@ -172,11 +174,11 @@ class Daemon:
         except Exception:
             log.exception("the native inbound worker failed")
 
-    def _given_back(self, items: list[tuple[int, str, int, int, int]]) -> None:
-        for cid, reason, frames, nbytes, reads in items:
+    def _given_back(self, items: list[tuple[Any, ...]]) -> None:
+        for cid, reason, *counts in items:  # counts: frames, bytes, reads, keepalives
             proto = self.protocols.get(cid)
             if proto is not None:
-                proto.given_back(reason, (frames, nbytes, reads))
+                proto.given_back(reason, tuple(counts))
 
     def on_stalled(self, conn_ids: list[int]) -> None:
         """Writers the native path filled beyond what their sockets took."""

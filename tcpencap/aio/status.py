@@ -33,7 +33,9 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
         "inbound": d.inbound.stats() if d.inbound is not None else None,
         "listening": [f"{bracket(h)}:{p}" for h, p in d.config.gateway.listen],
         "listening_tls": [f"{bracket(h)}:{p}" for h, p in d.config.gateway.tls_listen],
-        "steered_peers": sorted(d.rules.peers),
+        # addresses with anything steered: whole (a client's peers) or one endpoint of them
+        "steered_peers": sorted(d.rules.peers | {a for a, _ in d.rules.steered_endpoints}),
+        "steered_endpoints": sorted(f"{bracket(a)}:{p}" for a, p in d.rules.steered_endpoints),
         "client_peers": sorted(addr_text(p) for p in e.client_peers),
         "queue": {
             "num": d.config.queue_num,

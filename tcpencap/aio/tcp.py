@@ -214,7 +214,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
             return
         self.lent = True
 
-    def given_back(self, reason: str, counts: tuple[int, int, int]) -> None:
+    def given_back(self, reason: str, counts: tuple[int, ...]) -> None:
         """The worker stopped reading: a frame for the engine, EOF, an error or a flood."""
         if not self.lent:
             return

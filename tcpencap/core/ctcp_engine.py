@@ -106,10 +106,10 @@ def _is_syn(flags: int) -> bool:
 class CtcpEngine(Engine):
     """All cTCP connections of this host. ``listen`` are gateway (ADDR, PORT) endpoints
     (wildcards allowed: the rules queue only segments for local addresses), ``peers`` maps
-    a client peer address to its TCP port. ``max_per_address`` and ``max_per_prefix``
-    bound the gateway connections of one source (prefix: ``ipv4_prefix`` bits, /64 for
-    IPv6); ``reply_rate`` bounds the SYN+ACKs (and as many RSTs) a second sent to one source
-    network without a connection, ``reply_total`` those sent to all of them."""
+    a client peer address to its TCP port. ``max_per_source`` bounds the gateway connections
+    of one source (``source_bits``: the IPv4 and IPv6 prefix lengths that make one source);
+    ``reply_rate`` bounds the SYN+ACKs (and as many RSTs) a second sent to one source without
+    a connection, ``reply_total`` those sent to all of them."""
 
     def __init__(
         self,
@@ -118,9 +118,8 @@ class CtcpEngine(Engine):
         peers: dict[bytes, int] | None = None,
         ports: PortAllocator | None = None,
         max_connections: int = 1000,
-        max_per_address: int = 64,
-        max_per_prefix: int = 256,
-        ipv4_prefix: int = 24,
+        max_per_source: int = 32,
+        source_bits: tuple[int, int] = (32, 64),
         reply_rate: float = 20.0,
         reply_total: float = 5000.0,
         timers: Timers | None = None,
@@ -142,9 +141,9 @@ class CtcpEngine(Engine):
         self.timers = timers or Timers()
         self._rng = rng
         self.cookies = SynCookies(secret or secrets.token_bytes(32), self.timers.handshake)
-        self.slots = SourceSlots(max_per_address, max_per_prefix, ipv4_prefix)
-        self._syn_acks = PrefixBuckets(reply_rate, reply_total, ipv4_prefix)
-        self._resets = PrefixBuckets(reply_rate, reply_total, ipv4_prefix)
+        self.slots = SourceSlots(max_per_source, *source_bits)
+        self._syn_acks = PrefixBuckets(reply_rate, reply_total, *source_bits)
+        self._resets = PrefixBuckets(reply_rate, reply_total, *source_bits)
         self._ident = 0
         self.log_limited = LogLimiter(log.warning)
         self.table = ConnectionTable()
@@ -319,7 +318,7 @@ class CtcpEngine(Engine):
     def _refusal(self, src: bytes) -> str | None:
         if self._gatewaycount() >= self.max_connections:
             return "refused-limit"
-        return self.slots.refusal(src)
+        return "refused-per-source" if self.slots.full(src) else None
 
     def _refuse(self, now: float, name: str, seg: Segment) -> None:
         """A source at its limit gets no answer at all (a SYN+ACK would only invite it to

@@ -1,12 +1,13 @@
 """What one source may hold of a cTCP gateway, and how fast the gateway answers strangers.
 
-A gateway on the internet must be fair between sources: one address, or one network an
-attacker controls (an IPv6 /64, a few IPv4 addresses), must not take every slot. And what
+A gateway on the internet must be fair between sources: one source (an address, or the
+network it is in: an IPv6 /64, an IPv4 prefix as the operator sets it) must not take every
+slot. And what
 the gateway sends to hosts it has no connection with (SYN+ACKs, RSTs for stray segments)
-goes to addresses anybody can forge, so it is limited per source network (no network is
-sent more than ``rate`` a second) and in total. A total limit alone would let a flood
-spend the replies an honest client's SYN needs; per network, a flood from elsewhere leaves
-the honest client's network its own share.
+goes to addresses anybody can forge, so it is limited per source (none is sent more than
+``rate`` a second) and in total. A total limit alone would let a flood spend the replies an
+honest client's SYN needs; per source, a flood from elsewhere leaves the honest client its
+own share.
 """
 
 from __future__ import annotations
@@ -14,50 +15,45 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-def source_prefix(addr: bytes, ipv4_bits: int) -> bytes:
-    """The network a source address counts against: the first ``ipv4_bits`` of an IPv4
-    address, the /64 of an IPv6 one (the smallest network an IPv6 host is given)."""
-    if len(addr) == 16:
-        return addr[:8]
-    value = int.from_bytes(addr, "big") >> (32 - ipv4_bits) if ipv4_bits else 0
-    return bytes([ipv4_bits]) + value.to_bytes(4, "big")
+def source_prefix(addr: bytes, v4_bits: int = 32, v6_bits: int = 64) -> bytes:
+    """The source ``addr`` counts as: its first ``v4_bits`` (IPv4) or ``v6_bits`` (IPv6),
+    as the gateway's ``source_prefix_v4`` / ``source_prefix_v6`` say (an IPv6 /64 is one
+    subscriber), tagged with the family and length so no two prefixes look alike."""
+    bits = v4_bits if len(addr) == 4 else v6_bits
+    value = int.from_bytes(addr, "big") >> (len(addr) * 8 - bits) if bits else 0
+    return bytes([len(addr), bits]) + value.to_bytes(len(addr), "big")
 
 
 @dataclass(slots=True)
 class SourceSlots:
-    """Connections held per source address and per source prefix, with their limits."""
+    """Connections held per source (see :func:`source_prefix`), with their limit."""
 
-    per_address: int
-    per_prefix: int
-    ipv4_prefix: int = 24
-    _by_addr: dict[bytes, int] = field(default_factory=dict)
-    _by_prefix: dict[bytes, int] = field(default_factory=dict)
+    per_source: int
+    v4_bits: int = 32
+    v6_bits: int = 64
+    _held: dict[bytes, int] = field(default_factory=dict)
 
-    def refusal(self, addr: bytes) -> str | None:
-        """The counter name of the limit ``addr`` is at, or None when it may have one more."""
-        if self._by_addr.get(addr, 0) >= self.per_address:
-            return "refused-per-address"
-        if self._by_prefix.get(source_prefix(addr, self.ipv4_prefix), 0) >= self.per_prefix:
-            return "refused-per-prefix"
-        return None
+    def _key(self, addr: bytes) -> bytes:
+        return source_prefix(addr, self.v4_bits, self.v6_bits)
+
+    def full(self, addr: bytes) -> bool:
+        return self._held.get(self._key(addr), 0) >= self.per_source
 
     def take(self, addr: bytes) -> None:
-        pre = source_prefix(addr, self.ipv4_prefix)
-        self._by_addr[addr] = self._by_addr.get(addr, 0) + 1
-        self._by_prefix[pre] = self._by_prefix.get(pre, 0) + 1
+        key = self._key(addr)
+        self._held[key] = self._held.get(key, 0) + 1
 
     def give_back(self, addr: bytes) -> None:
-        pre = source_prefix(addr, self.ipv4_prefix)
-        for table, key in ((self._by_addr, addr), (self._by_prefix, pre)):
-            n = table.get(key, 0) - 1
-            if n > 0:
-                table[key] = n
-            else:
-                table.pop(key, None)
+        key = self._key(addr)
+        n = self._held.get(key, 0) - 1
+        if n > 0:
+            self._held[key] = n
+        else:
+            self._held.pop(key, None)
 
     def __len__(self) -> int:
-        """Sources holding a slot (the tables never hold a source with none)."""
-        return len(self._by_addr)
+        """Sources holding a slot (the table never holds a source with none)."""
+        return len(self._held)
 
 
 @dataclass(slots=True)
@@ -81,20 +77,20 @@ class TokenBucket:
 
 
 class PrefixBuckets:
-    """A :class:`TokenBucket` per source network, at most ``networks`` of them (the oldest
-    go first: a forgotten network starts again with a full burst, which can only favour it),
-    and one for all of them together."""
+    """A :class:`TokenBucket` per source, at most ``networks`` of them (the oldest go first:
+    a forgotten source starts again with a full burst, which can only favour it), and one
+    for all of them together."""
 
-    def __init__(self, rate: float, total: float, ipv4_prefix: int = 24,
+    def __init__(self, rate: float, total: float, v4_bits: int = 32, v6_bits: int = 64,
                  networks: int = 65536) -> None:  # fmt: skip
         self.rate = rate
-        self.ipv4_prefix = ipv4_prefix
+        self.bits = (v4_bits, v6_bits)
         self.networks = networks
         self.total = TokenBucket(total, total)
         self._buckets: dict[bytes, TokenBucket] = {}
 
     def allow(self, now: float, addr: bytes) -> bool:
-        key = source_prefix(addr, self.ipv4_prefix)
+        key = source_prefix(addr, *self.bits)
         bucket = self._buckets.get(key)
         if bucket is None:
             while len(self._buckets) >= self.networks:

@@ -45,19 +45,27 @@ class Inject:
 
 
 class Steer:
-    """Start (``on``) or stop queueing charon's UDP to ``peer`` (packed address)."""
+    """Start (``on``) or stop queueing charon's UDP to ``peer`` (packed address): the whole
+    address, or with ``port`` only that UDP endpoint (a gateway's TCP peer, whose address
+    other hosts behind the same NAT may share over plain UDP)."""
 
-    __slots__ = ("peer", "on")
+    __slots__ = ("peer", "on", "port")
 
-    def __init__(self, peer: bytes, on: bool) -> None:
+    def __init__(self, peer: bytes, on: bool, port: int = 0) -> None:
         self.peer = peer
         self.on = on
+        self.port = port
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Steer) and (other.peer, other.on) == (self.peer, self.on)
+        return isinstance(other, Steer) and (other.peer, other.on, other.port) == (
+            self.peer,
+            self.on,
+            self.port,
+        )
 
     def __repr__(self) -> str:
-        return f"Steer({self.peer.hex()}, {self.on})"
+        at = f":{self.port}" if self.port else ""
+        return f"Steer({self.peer.hex()}{at}, {self.on})"
 
 
 class Connect:

@@ -63,10 +63,12 @@ class Conn:
     sa_seen: bool = False  # evidence of an IKE SA on this connection (see _sa_evidence)
     first_spi: bytes | None = None  # the initiator SPI of the first message, if IKE
     counted: bool = False  # in the gateway's admission counts
+    source: str = ""  # the source prefix the gateway's per-source limits count it under
+    invalid: int = 0  # invalid frames received (max_invalid_frames closes)
     retiring: bool = False  # closed on purpose: no reconnect
     close_reason: str = ""
-    win_start: float = 0.0
-    win_frames: int = 0
+    win_start: float = 0.0  # the frame-rate window: when it began and
+    win_frames: int = 0  # ... the codec's frame count (frames of every kind) then
 
     @property
     def conn_id(self) -> int:

@@ -46,7 +46,16 @@ from tcpencap.core.sa_sync import UNLISTED_GRACE, ExpireOld, Retire, SaSync, Spi
 from tcpencap.core.table import ConnectionTable
 from tcpencap.core.timers import LogLimiter
 from tcpencap.core.totals import add_closed, new_totals
-from tcpencap.core.vici_facts import address, ike_spis, inbound_changes, inbound_spis
+from tcpencap.core.vici_facts import (
+    address,
+    children,
+    dicts,
+    esp_spi,
+    ike_spis,
+    inbound_changes,
+    inbound_spis,
+)
+from tcpencap.core.vici_facts import port as vici_port
 from tcpencap.wire import rfc9329
 from tcpencap.wire.ike import check_first_ike
 from tcpencap.wire.packet import addr_text
@@ -59,14 +68,26 @@ RECONNECT_BASE = 0.2
 RECONNECT_MAX = 10.0
 MAX_RECONNECTS = 40
 FALLBACK_POLL = 1.0
-PEER_RELEASE_DELAY = 30.0  # a gateway peer without connection stays steered at least this long
+PEER_RELEASE_DELAY = 30.0  # a gateway endpoint without connection stays steered at least this long
 PEER_RELEASE_POLL = 5.0
+# An endpoint whose connection never carried an SA: charon, the IKE responder there, sends
+# nothing on its own, so charon is asked about it after this (not PEER_RELEASE_DELAY), and
+# such endpoints are bounded apart from the steering limit (max_pending, oldest out first).
+BRIEF_LINGER = 2.0
+# A source whose connection was cut for flooding (frame rate, invalid frames) is refused new
+# connections this long, so a flood is not simply resumed at once on a new connection (each
+# costs an accept, charon's IKE_SA_INIT work, steering); at most COOL_DOWN_MAX sources kept.
+COOL_DOWN = 2.0
+COOL_DOWN_MAX = 4096
 ORPHAN_GRACE = 30.0  # how long a closed gateway connection's SAs wait for its client
 RECONCILE_AFTER_EVENT = 2.0  # check SPIs against list-sas this long after a rekey
 RECONCILE_PERIOD = 60.0
 PENDING_LIMIT = 64  # frames held while a client connection is being opened
 LEND_AFTER_FRAMES = 64  # a connection is read by the native inbound worker once it carries ESP
-LINGER = "linger"  # steering reason of a gateway peer whose connections are gone
+LINGER = "linger"  # steering reason of a gateway endpoint whose connection is gone
+BRIEF = "brief"  # ... of one whose connection never carried an SA
+
+Endpoint = tuple[bytes, int]  # (peer address, port): the UDP endpoint charon sees
 
 
 class Rfc9329Engine(Engine):
@@ -83,10 +104,11 @@ class Rfc9329Engine(Engine):
         self.epoch = 0  # bumped when a connection changes state (see _flows_key)
         self._flows_at: tuple[int, int] = (-1, -1)
         self.table = ConnectionTable(max_spis=config.max_spis)
-        self.router = Router(self.table, self._is_client_peer)
+        self.router = Router(self.table, self._is_client_peer, self._is_live)
         self.sync = SaSync(self.router)
         self.fallback = FallbackMonitor()
-        self.steering = SteeringRefs()
+        self.steering: SteeringRefs[bytes] = SteeringRefs()  # whole addresses (client)
+        self.endpoints: SteeringRefs[Endpoint] = SteeringRefs()  # gateway peers' endpoints
         self.ports = PortAllocator(
             config.client.port, config.client.port_range[0], config.client.port_range[1]
         )
@@ -94,17 +116,22 @@ class Rfc9329Engine(Engine):
         self.client_peers: dict[bytes, int] = {}  # steered client peer -> TCP port
         self.peer_ports: dict[bytes, int] = {}  # every configured peer -> TCP port
         self.orphans: dict[tuple[bytes, bytes], Orphan] = {}
-        self.release_at: dict[bytes, float] = {}  # lingering gateway peer -> next check
+        self.release_at: dict[Endpoint, float] = {}  # lingering endpoint -> next check
+        self.brief: dict[Endpoint, None] = {}  # lingering endpoints of SA-less connections
         self.n_gateway = 0  # admitted gateway connections
         self.n_pending = 0  # ... without a first message yet
         self.n_proxied = 0  # connections of a proxy whose PROXY header has not arrived
-        self.per_source: dict[str, int] = {}
+        self.per_source: dict[str, int] = {}  # source prefix -> admitted connections
+        self.pending_per_source: dict[str, int] = {}  # ... of them without a first message
+        self.cooling: dict[str, float] = {}  # source prefix cut for a flood -> refused until
         self.vici_connected = False
         self.inbound_spis: dict[int, bytes] = {}  # charon's inbound ESP SPI -> peer (VICI)
+        self.inbound_ports: dict[int, int] = {}  # ... -> the peer port of its IKE SA
         self.stopping = False
         self.log_limited = LogLimiter(log.warning)
         self.totals: dict[str, Any] = new_totals(closed={}, connect_failures=0)
         self._fallback_polling = False
+        self._release_asked_for = 0.0  # when the next brief-linger question is due
         self._reconcile_due = False
         self.timer_queue.call_at(now + RECONCILE_PERIOD, self._reconcile_tick)
         self.timer_queue.call_at(now + PEER_RELEASE_POLL, self._release_tick)
@@ -150,7 +177,12 @@ class Rfc9329Engine(Engine):
         out = self._out
         conns = self.conns
         for cid, data, frames in hits:
-            conn = conns[cid]  # open: its state has not changed since the entry was made
+            conn = conns.get(cid)
+            if conn is None or conn.state is not State.OPEN:
+                # The entry was made before this connection closed (the cache is cleared at
+                # the next pull): its frames have nowhere to go.
+                count(self.router.drops, "flow-stale")
+                continue
             conn.frames_out += frames
             conn.bytes_out += len(data)
             out.append(Transmit(cid, data, False, frames=frames))
@@ -198,6 +230,10 @@ class Rfc9329Engine(Engine):
 
     def _is_client_peer(self, addr: bytes) -> bool:
         return addr in self.client_peers
+
+    def _is_live(self, conn_id: int) -> bool:
+        conn = self.conns.get(conn_id)
+        return conn is not None and conn.state not in (State.CLOSING, State.CLOSED)
 
     # --- charon's packets -------------------------------------------------------------
 
@@ -361,36 +397,64 @@ class Rfc9329Engine(Engine):
         """A TCP connection arrived on a listener: its connection id, or None when a
         limit refuses it (the shell closes the socket)."""
         gw = self.config.gateway
-        refusal = self._refusal(self.n_gateway, peer)
+        source = self.source_of(peer)
+        peer_b = ipaddress.ip_address(peer).packed
+        refusal = self._refusal(self.n_gateway, source)
+        if refusal is None and self.cooling.get(source, 0.0) > now:
+            refusal = ("limit-cool-down", f"{source} flooded a connection, cooling down")
+        if refusal is None and self.table.by_endpoint(peer_b, peer_port) is not None:
+            # Its endpoint is what charon names the connection by: a second connection from
+            # the same address and port (a port-preserving NAT, another listener, a proxy's
+            # client) would take the first one's packets.
+            refusal = ("endpoint-in-use", f"{bracket(peer)}:{peer_port} has a connection")
         if refusal is not None:
             name = f"{bracket(local)}:{local_port} <-> {bracket(peer)}:{peer_port}"
             self.log_limited(now, refusal[0], "refused %s: %s", name, refusal[1])
             return None
-        view = self.router.add_gateway_conn(
-            ipaddress.ip_address(local).packed, ipaddress.ip_address(peer).packed, peer_port
-        )
+        view = self.router.add_gateway_conn(ipaddress.ip_address(local).packed, peer_b, peer_port)
         conn = self._new_conn(now, view, Side.GATEWAY, local, peer)
         conn.local_port, conn.peer_port = local_port, peer_port
         conn.counted = True
+        conn.source = source
         self.n_gateway += 1
         self.n_pending += 1
-        self.per_source[peer] = self.per_source.get(peer, 0) + 1
+        self.per_source[source] = self.per_source.get(source, 0) + 1
+        self.pending_per_source[source] = self.pending_per_source.get(source, 0) + 1
         self.timer_queue.call_at(now + gw.first_message_timeout, self._first_deadline, conn)
         log.info("%s: accepted", conn)
         return conn.conn_id
 
-    def _refusal(self, connections: int, peer: str | None) -> tuple[str, str] | None:
-        """The gateway limit a new connection would break (the per-source one only for a
-        known ``peer``): its event key and what to log, or None."""
+    def source_of(self, peer: str) -> str:
+        """The source prefix ``peer`` counts under (source_prefix_v4 / _v6)."""
+        gw = self.config.gateway
+        addr = ipaddress.ip_address(peer)
+        bits = gw.source_prefix_v4 if addr.version == 4 else gw.source_prefix_v6
+        return str(ipaddress.ip_network((addr, bits), strict=False))
+
+    def _refusal(self, connections: int, source: str | None) -> tuple[str, str] | None:
+        """The gateway limit a new connection would break (the per-source ones only for a
+        known ``source`` prefix): its event key and what to log, or None."""
         gw = self.config.gateway
         pending = self.n_pending + self.n_proxied
         if connections >= gw.max_connections:
             return ("limit-connections", f"{connections} connections")
-        if peer is not None and self.per_source.get(peer, 0) >= gw.max_per_source:
-            return ("limit-per-source", f"{self.per_source[peer]} connections from {peer}")
+        if source is not None:
+            if self.per_source.get(source, 0) >= gw.max_per_source:
+                return ("limit-per-source", f"{self.per_source[source]} connections from {source}")
+            waiting = self.pending_per_source.get(source, 0)
+            if waiting >= gw.max_pending_per_source:
+                return (
+                    "limit-pending-per-source",
+                    f"{waiting} connections from {source} without a first message",
+                )
         if pending >= gw.max_pending:
             return ("limit-pending", f"{pending} connections without a first message")
         return None
+
+    def _unpend(self, conn: Conn) -> None:
+        """A counted gateway connection no longer waits for its first message."""
+        self.n_pending -= 1
+        _decrement(self.pending_per_source, conn.source)
 
     def admit_proxied(self, now: float, name: str) -> bool:
         """A load balancer's connection, before its PROXY header names the client: it
@@ -451,7 +515,7 @@ class Rfc9329Engine(Engine):
         if conn.side is not Side.GATEWAY:
             return
         if conn.counted:
-            self.n_pending -= 1
+            self._unpend(conn)
         e = conn.entry
         orphan = self.orphans.pop((e.local, e.peer), None) if self.orphans else None
         if orphan is not None and orphan.deadline >= now and not e.carries_sa:
@@ -460,15 +524,18 @@ class Rfc9329Engine(Engine):
             first = conn.first_spi
             if first is None or first in orphan.ike:
                 self._adopt(conn, orphan.ike, orphan.esp, orphan.sa_seen)
-        peer = e.peer
-        if self.steering.add(peer, f"conn:{conn.conn_id}"):
-            if len(self.steering) > self.config.gateway.max_connections:
-                self.steering.remove(peer, f"conn:{conn.conn_id}")
+        ep = (e.peer, e.peer_port)
+        if self.endpoints.add(ep, f"conn:{conn.conn_id}"):
+            if len(self.endpoints) - len(self.brief) > self.config.gateway.max_connections:
+                self.endpoints.remove(ep, f"conn:{conn.conn_id}")
                 self.log_limited(now, "limit-steered", "refused %s: steering set full", conn)
                 self.close(conn, "limit-steered")
                 return
-            self._out.append(Steer(peer, True))
-        self.release_at.pop(peer, None)
+            self._out.append(Steer(e.peer, True, e.peer_port))
+        self.release_at.pop(ep, None)
+        if ep in self.brief:
+            del self.brief[ep]
+            self.endpoints.remove(ep, BRIEF)
         if not conn.sa_seen:
             self.timer_queue.call_at(
                 now + self.config.gateway.no_sa_timeout, self._sa_deadline, conn
@@ -491,17 +558,42 @@ class Rfc9329Engine(Engine):
         codec = conn.codec
         codec.receive_data(data)
         self._drain(now, conn)
-        self._check_rate(now, conn)
 
-    def _check_rate(self, now: float, conn: Conn) -> None:
-        if conn.side is Side.GATEWAY and conn.state is not State.CLOSING:
-            if now - conn.win_start >= 1.0:
-                conn.win_start, conn.win_frames = now, conn.frames_in
-            elif conn.frames_in - conn.win_frames > self.config.gateway.max_frame_rate:
-                self.log_limited(
-                    now, "limit-frame-rate", "%s: over max_frame_rate frames/s, closing", conn
-                )
-                self.close(conn, "frame rate limit")
+    def _frame_budget(self, now: float, conn: Conn) -> int:
+        """The codec frame count (every frame: ESP, IKE, keepalive, invalid) at which a
+        gateway connection goes over max_frame_rate in the current one-second window."""
+        if conn.side is not Side.GATEWAY:
+            return 1 << 62
+        if now - conn.win_start >= 1.0:
+            conn.win_start, conn.win_frames = now, conn.codec.frames_in
+        return conn.win_frames + self.config.gateway.max_frame_rate
+
+    def _over_rate(self, now: float, conn: Conn) -> None:
+        count(conn.drops, "frame-rate")
+        self.log_limited(now, "limit-frame-rate", "%s: over max_frame_rate frames/s, closing", conn)
+        self._cool_down(now, conn)
+        self.close(conn, "frame rate limit")
+
+    def _cool_down(self, now: float, conn: Conn) -> None:
+        """Refuse the source of a connection cut for flooding for COOL_DOWN."""
+        if not conn.source:
+            return
+        self.cooling.pop(conn.source, None)
+        self.cooling[conn.source] = now + COOL_DOWN
+        while len(self.cooling) > COOL_DOWN_MAX:
+            del self.cooling[next(iter(self.cooling))]
+
+    def _invalid(self, now: float, conn: Conn, reason: str) -> None:
+        """A frame that carries nothing usable: counted (``reason``, a fixed name), and
+        max_invalid_frames of them close the connection (RFC 9329 §6.1 allows it)."""
+        count(conn.drops, reason)
+        conn.invalid += 1
+        if conn.side is Side.GATEWAY and conn.invalid >= self.config.gateway.max_invalid_frames:
+            self.log_limited(
+                now, "limit-invalid-frames", "%s: %d invalid frames, closing", conn, conn.invalid
+            )
+            self._cool_down(now, conn)
+            self.close(conn, "too many invalid frames")
 
     # --- connections lent to the native inbound worker ---------------------------------
 
@@ -527,28 +619,27 @@ class Rfc9329Engine(Engine):
         now: float,
         conn_id: int,
         generation: int,
-        counts: tuple[int, int, int],
+        counts: tuple[int, ...],
         drain: bool = True,
         over_rate: bool = False,
     ) -> None:
-        """The inbound worker read (frames ESP frames injected, bytes, reads) for us; with
-        ``drain`` it stopped before a frame the engine must see, which is handled now;
-        ``over_rate``: it counted more than max_frame_rate frames in a second."""
+        """The inbound worker read (frames ESP frames injected, bytes, reads, keepalives it
+        dropped) for us; with ``drain`` it stopped before a frame the engine must see,
+        which is handled now; ``over_rate``: it counted more than max_frame_rate frames
+        (of every kind) in a second."""
         conn = self._current(conn_id, generation)
         if conn is None:
             return
-        frames, nbytes, reads = counts
+        frames, nbytes, reads, *rest = counts
         conn.frames_in += frames
         conn.bytes_in += nbytes
         conn.reads_in += reads
+        if rest and rest[0]:
+            conn.drops["keepalive"] = conn.drops.get("keepalive", 0) + rest[0]
         if over_rate and conn.state is not State.CLOSING and conn.state is not State.CLOSED:
-            self.log_limited(
-                now, "limit-frame-rate", "%s: over max_frame_rate frames/s, closing", conn
-            )
-            self.close(conn, "frame rate limit")
+            self._over_rate(now, conn)
         elif drain and conn.state is not State.CLOSING and conn.state is not State.CLOSED:
             self._drain(now, conn)
-            self._check_rate(now, conn)
 
     def eof_received(self, now: float, conn_id: int, generation: int) -> None:
         conn = self._current(conn_id, generation)
@@ -564,6 +655,7 @@ class Rfc9329Engine(Engine):
         batch = self.inject_batch
         view = router.views.get(cid)
         pump_args: tuple[Any, ...] | None = None
+        budget = self._frame_budget(now, conn)
         while conn.state is not State.CLOSING:
             if batch is not None and conn.state is State.OPEN and view is not None:
                 # The native path: ESP frames become packets as router.inbound_esp builds
@@ -572,8 +664,15 @@ class Rfc9329Engine(Engine):
                     pump_args = (batch, *self._esp_template(view))
                 ev, esp = codec.pump(*pump_args)
                 conn.frames_in += esp
+                if codec.keepalives:  # dropped in C, counted here
+                    drops = conn.drops
+                    drops["keepalive"] = drops.get("keepalive", 0) + codec.keepalives
+                    codec.keepalives = 0
             else:
                 ev = codec.next_event()
+            if codec.frames_in > budget:  # every frame counts, whatever it carried
+                self._over_rate(now, conn)
+                return
             t = type(ev)
             if t is rfc9329.ESPPacket:
                 conn.frames_in += 1
@@ -599,8 +698,8 @@ class Rfc9329Engine(Engine):
                 count(conn.drops, "keepalive")
                 continue
             elif t is rfc9329.InvalidFrame:
-                count(conn.drops, "invalid-frame")
                 self.log_limited(now, "invalid-frame", "%s: dropped frame: %s", conn, ev)
+                self._invalid(now, conn, "invalid-frame")
                 continue
             elif t is rfc9329.ConnectionClosed:
                 self.close(conn, "peer closed the connection")
@@ -611,6 +710,11 @@ class Rfc9329Engine(Engine):
                 return
             if type(res) is Inject:
                 out.append(res)
+            elif res.reason == "frame-too-big":  # type: ignore[union-attr]
+                self.log_limited(
+                    now, "frame-too-big", "%s: dropped a frame no UDP datagram can carry", conn
+                )
+                self._invalid(now, conn, "frame-too-big")
             else:
                 count(conn.drops, res.reason)  # type: ignore[union-attr]
 
@@ -619,8 +723,8 @@ class Rfc9329Engine(Engine):
         (header consistent with the frame, a known exchange type)."""
         problem = check_first_ike(msg)
         if problem:
-            count(conn.drops, "malformed-first-ike")
             self.log_limited(now, "malformed-first", "%s: first message refused: %s", conn, problem)
+            self._invalid(now, conn, "malformed-first-ike")
             return False
         conn.first_spi = msg[:8]  # (not the message: an IKE_SA_INIT is ~1 KB per connection)
         self._first_message(now, conn)
@@ -644,7 +748,26 @@ class Rfc9329Engine(Engine):
             return False
         conn.sa_seen = self.vici_connected
         self._first_message(now, conn)
+        if conn.state is State.OPEN and self.vici_connected:
+            self._resume_endpoint(now, conn, self.inbound_ports.get(spi, 0))
         return conn.state is State.OPEN
+
+    def _resume_endpoint(self, now: float, conn: Conn, port: int) -> None:
+        """A connection resumes an SA of charon's (its first message was that SA's ESP)
+        whose charon endpoint is another port of the same address, e.g. the connection
+        before a restart of tcpencap: until charon follows the new port, what it sends to
+        the old one is this connection's, so that endpoint is steered and routed to it."""
+        e = conn.entry
+        if port == e.peer_port or not self.table.alias(conn.conn_id, port):
+            return
+        ep = (e.peer, port)
+        if self.endpoints.add(ep, f"conn:{conn.conn_id}"):
+            self._out.append(Steer(e.peer, True, port))
+        self.release_at.pop(ep, None)
+        if ep in self.brief:
+            del self.brief[ep]
+            self.endpoints.remove(ep, BRIEF)
+        log.info("%s: resumes an SA charon has with port %d", conn, port)
 
     # --- closing ----------------------------------------------------------------------
 
@@ -695,13 +818,10 @@ class Rfc9329Engine(Engine):
             conn.counted = False
             self.n_gateway -= 1
             if conn.first_at is None:
-                self.n_pending -= 1
-            left = self.per_source.get(conn.peer_text, 1) - 1
-            if left > 0:
-                self.per_source[conn.peer_text] = left
-            else:
-                self.per_source.pop(conn.peer_text, None)
+                self._unpend(conn)
+            _decrement(self.per_source, conn.source)
         entry = conn.entry
+        carried = conn.sa_seen
         if (
             conn.side is Side.CLIENT
             and not conn.retiring
@@ -717,14 +837,8 @@ class Rfc9329Engine(Engine):
         del self.conns[conn.conn_id]
         self.router.remove(conn.conn_id)
         if conn.side is Side.GATEWAY and conn.first_at is not None:
-            peer = entry.peer
-            # Keep steering: charon may still talk to this peer (DPD, rekey, a client about
-            # to reconnect), and that must not leave as UDP. The peer is released once
-            # charon has no IKE SA with it (see _release_tick).
-            self.steering.add(peer, LINGER)
-            self.steering.remove(peer, f"conn:{conn.conn_id}")
-            if not any(r.startswith("conn:") for r in self.steering.reasons(peer)):
-                self.release_at[peer] = now + PEER_RELEASE_DELAY
+            for port in (entry.peer_port, *entry.aliases):
+                self._linger(now, (entry.peer, port), conn.conn_id, carried)
         log.info(
             "%s: closed (%s) after %.1fs, frames in/out %d/%d",
             conn,
@@ -733,6 +847,41 @@ class Rfc9329Engine(Engine):
             conn.frames_in,
             conn.frames_out,
         )
+
+    def _linger(self, now: float, ep: Endpoint, conn_id: int, carried: bool) -> None:
+        """Keep steering the endpoint of a gateway connection that closed: charon may
+        still talk to it (DPD, rekey, a client about to reconnect), and that must not
+        leave as UDP. It is released once charon has no established IKE SA with it (see
+        _release_tick); one whose connection never carried an SA is asked about sooner
+        and does not count against the steering limit."""
+        if ep not in self.endpoints:
+            return  # never steered (refused at the steering limit)
+        real = carried or self.endpoints.has(ep, LINGER)
+        self.endpoints.add(ep, LINGER if real else BRIEF)
+        self.endpoints.remove(ep, f"conn:{conn_id}")
+        if real and ep in self.brief:
+            del self.brief[ep]
+            self.endpoints.remove(ep, BRIEF)
+        if any(r.startswith("conn:") for r in self.endpoints.reasons(ep)):
+            return
+        if real:
+            self.release_at[ep] = now + PEER_RELEASE_DELAY
+            return
+        self.brief.pop(ep, None)
+        self.brief[ep] = None
+        self.release_at[ep] = now + BRIEF_LINGER
+        if self._release_asked_for <= now:  # one question at a time, not one per connection
+            self._release_asked_for = now + BRIEF_LINGER
+            self.timer_queue.call_at(now + BRIEF_LINGER, self._release_check)
+        while len(self.brief) > self.config.gateway.max_pending:
+            self._unsteer(next(iter(self.brief)))
+
+    def _unsteer(self, ep: Endpoint) -> None:
+        """Stop steering a lingering endpoint."""
+        self.brief.pop(ep, None)
+        self.release_at.pop(ep, None)
+        if self.endpoints.remove(ep, BRIEF) | self.endpoints.remove(ep, LINGER):
+            self._out.append(Steer(ep[0], False, ep[1]))
 
     def _hand_over(self, now: float, conn: Conn) -> None:
         """A gateway connection that carried SAs is gone. Its client is expected back on a
@@ -746,7 +895,13 @@ class Rfc9329Engine(Engine):
             if not e.carries_sa and e.conn_id != old.conn_id
         ]
         target = self.conns.get(newer[-1].conn_id) if newer else None
-        if target is not None and target.state is State.OPEN:
+        if (
+            target is not None
+            and target.state is State.OPEN
+            and (target.first_spi is None or target.first_spi in ike)
+        ):
+            # Only a connection that resumed one of these SAs (its first message was their
+            # ESP or IKE) takes them now; any other waits as an orphan, like _first_message.
             self._adopt(target, ike, esp, conn.sa_seen)
         else:
             self.orphans[(old.local, old.peer)] = Orphan(now + ORPHAN_GRACE, ike, esp, conn.sa_seen)
@@ -804,6 +959,7 @@ class Rfc9329Engine(Engine):
     def vici_resync(self, now: float, sas: list[dict[str, Any]]) -> None:
         self._apply_effects(now, self.sync.resync(sas))
         self.inbound_spis = inbound_spis(sas)
+        self.inbound_ports = inbound_ports(sas)
         for item in sas:
             self._mark_sa_seen(item)
 
@@ -812,8 +968,11 @@ class Rfc9329Engine(Engine):
         for spi, peer in inbound_changes(label, up, event):
             if peer is None:
                 self.inbound_spis.pop(spi, None)
+                self.inbound_ports.pop(spi, None)
             else:
                 self.inbound_spis[spi] = peer
+        if up or label == "child-rekey":
+            self.inbound_ports.update(inbound_ports([event]))
 
     def _mark_sa_seen(self, event: dict[str, Any]) -> None:
         """charon's word that an IKE SA exists: the connections carrying it pass the
@@ -876,6 +1035,11 @@ class Rfc9329Engine(Engine):
         self.timer_queue.call_at(now + PEER_RELEASE_POLL, self._release_tick)
         for pair in [p for p, o in self.orphans.items() if o.deadline < now]:
             del self.orphans[pair]
+        for source in [s for s, until in self.cooling.items() if until <= now]:
+            del self.cooling[source]
+        self._release_check(now)
+
+    def _release_check(self, now: float) -> None:
         if any(t <= now for t in self.release_at.values()):
             self._out.append(Query("peer-release"))
 
@@ -900,28 +1064,36 @@ class Rfc9329Engine(Engine):
             if self.sync.unlisted_ike:  # ask again once their grace is over
                 self._reconcile_soon(now, UNLISTED_GRACE)
             self.inbound_spis = inbound_spis(sas)
+            self.inbound_ports = inbound_ports(sas)
         elif purpose == "peer-release":
             self._release_peers(now, sas)
         elif purpose == "fallback":
             self._fallback_update(now, sas)
 
     def _release_peers(self, now: float, sas: list[dict[str, Any]]) -> None:
-        """Stop steering gateway peers that have no connection and no IKE SA in charon."""
-        busy: set[bytes] = set()
+        """Stop steering gateway endpoints that have no connection and no IKE SA in
+        charon with that remote host and port, other than one still being set up
+        (CONNECTING: as its responder charon sends nothing unasked; a stranger's
+        IKE_SA_INIT leaves one behind for charon's half-open timeout)."""
+        busy: set[Endpoint] = set()
         for item in sas:
             for sa in item.values():
-                host = address(sa.get("remote-host")) if isinstance(sa, dict) else None
+                if not isinstance(sa, dict) or sa.get("state") == "CONNECTING":
+                    continue
+                host = address(sa.get("remote-host"))
                 if host is not None:
-                    busy.add(host)
-        for peer in [p for p, t in self.release_at.items() if t <= now]:
-            if any(r.startswith("conn:") for r in self.steering.reasons(peer)):
-                del self.release_at[peer]
-            elif peer in busy:
-                self.release_at[peer] = now + PEER_RELEASE_DELAY
+                    busy.add((host, vici_port(sa.get("remote-port"), 0)))
+        for ep in [p for p, t in self.release_at.items() if t <= now]:
+            if any(r.startswith("conn:") for r in self.endpoints.reasons(ep)):
+                del self.release_at[ep]
+            elif ep in busy:
+                self.release_at[ep] = now + PEER_RELEASE_DELAY
+                if ep in self.brief:  # charon has an SA there after all: a real peer
+                    del self.brief[ep]
+                    self.endpoints.add(ep, LINGER)
+                    self.endpoints.remove(ep, BRIEF)
             else:
-                del self.release_at[peer]
-                if self.steering.remove(peer, LINGER):
-                    self._out.append(Steer(peer, False))
+                self._unsteer(ep)
 
     def _fallback_update(self, now: float, sas: list[dict[str, Any]]) -> None:
         for sw in self.fallback.update(now, sas):
@@ -960,3 +1132,26 @@ class Rfc9329Engine(Engine):
         return [status_of(self.conns[cid], now) for cid in sorted(self.conns)]
 
     row = staticmethod(status_of)
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    left = counts.get(key, 1) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
+
+
+def inbound_ports(items: list[dict[str, Any]]) -> dict[int, int]:
+    """charon's inbound ESP SPI -> the remote port of its IKE SA, from list-sas items or
+    events (a child-rekey's new SPIs included)."""
+    ports: dict[int, int] = {}
+    for item in items:
+        for sa in dicts(item):
+            port = vici_port(sa.get("remote-port"), 0)
+            for child in children(sa):
+                for c in (child, child.get("new")):
+                    spi = esp_spi(c.get("spi-in")) if isinstance(c, dict) else None
+                    if spi is not None and port:
+                        ports[spi] = port
+    return ports

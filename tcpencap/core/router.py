@@ -42,6 +42,12 @@ _V4_UDP = struct.Struct("!BBHHHBBH4s4s")
 _UDP_HDR = struct.Struct("!HHHH")
 _V6_UDP = struct.Struct("!IHBB16s16s")
 _V4_CONST_WORDS = 0x4500 + (64 << 8 | PROTO_UDP)  # version/IHL and TTL/protocol
+# The most a UDP datagram carries in one packet: IPv4's total length (16 bits) covers the
+# 20-octet IP and 8-octet UDP headers; IPv6's payload length (no jumbograms) covers UDP's.
+# A frame whose payload (with the non-ESP marker, when one is added) is longer cannot be
+# injected; the native path (inject.c) applies the same bounds.
+MAX_UDP_PAYLOAD_V4 = 0xFFFF - 20 - 8  # 65507
+MAX_UDP_PAYLOAD_V6 = 0xFFFF - 8  # 65527
 
 
 def _protected(hdr: IKEHeader) -> bool:
@@ -118,9 +124,14 @@ class Router:
         self,
         table: ConnectionTable,
         is_tcp_peer: Callable[[bytes], bool],
+        is_live: Callable[[int], bool] = lambda conn_id: True,
     ) -> None:
         self.table = table
         self.is_tcp_peer = is_tcp_peer
+        # Is this connection still up (not closing)? SPIs move away from a live connection
+        # only to the same endpoint: charon answering a replayed message at another
+        # endpoint must not hand one peer's SAs to another connection.
+        self.is_live = is_live
         self.views: dict[int, ConnView] = {}
         self.drops: dict[str, int] = {}
         # Learn ESP SPIs from charon's outbound packets; off while VICI reports them.
@@ -240,7 +251,7 @@ class Router:
                     moved = self._follow_moved_sa(ip.src, ip.dst, spi, udp.sport, udp.dport)
                     if moved is not None:
                         return Open(moved.conn_id, ip.src, ip.dst, frame)
-                    entry = self.table.newest_for_pair(ip.src, ip.dst)
+                    entry = self._newest_client(ip.src, ip.dst)
                     if entry is None:
                         if not self.is_tcp_peer(ip.dst):
                             return self._drop("no-connection")
@@ -269,7 +280,7 @@ class Router:
         if view is None:
             entry = self.table.lookup_esp(ip.src, ip.dst, c.spi)
             if entry is None:
-                entry = self.table.newest_for_pair(ip.src, ip.dst)
+                entry = self._newest_client(ip.src, ip.dst)
                 if entry is None:
                     if not self.is_tcp_peer(ip.dst):
                         return self._drop("no-connection")
@@ -309,11 +320,33 @@ class Router:
         )
         return view
 
+    def _newest_client(self, local: bytes, peer: bytes) -> Entry | None:
+        """The newest connection of an address pair, for traffic that names no known SPI,
+        if it is a client connection. A gateway's connections are told apart by endpoint
+        only: another peer's connection from the same address (a NAT) never gets it."""
+        entry = self.table.newest_for_pair(local, peer)
+        if entry is None:
+            return None
+        view = self.views.get(entry.conn_id)
+        return entry if view is not None and view.side is Side.CLIENT else None
+
+    def _may_take(self, view: ConnView, owner: Entry) -> bool:
+        """May ``view`` take SPIs from ``owner``: it is closing, or the same endpoint."""
+        e = view.entry
+        if (owner.peer, owner.peer_port) == (e.peer, e.peer_port) or not self.is_live(
+            owner.conn_id
+        ):
+            return True
+        view.drop("spi-move-refused")
+        return False
+
     def _take_ike(self, view: ConnView, spi: bytes) -> None:
         e = view.entry
         owner = self.table.lookup_ike(e.local, e.peer, spi)
         if owner is None or owner.conn_id == view.conn_id:
             self.table.move_ike(view.conn_id, spi)
+            return
+        if not self._may_take(view, owner):
             return
         # All of the old connection's SAs go with it: one IKE SA per connection.
         self.table.bind_all(view.conn_id, *self.table.release(owner.conn_id), move=True)
@@ -322,6 +355,8 @@ class Router:
     def _take_esp(self, view: ConnView, spi: int) -> None:
         e = view.entry
         owner = self.table.lookup_esp(e.local, e.peer, spi)
+        if owner is not None and owner.conn_id != view.conn_id and not self._may_take(view, owner):
+            return
         self.table.move_esp(view.conn_id, spi)
         if owner is not None and not owner.carries_sa:
             self.emptied.append(owner.conn_id)
@@ -365,8 +400,10 @@ class Router:
         sport, dport = self.ports_of(view, False)
         return self._inject(view, sport, dport, packet)
 
-    def _inject(self, view: ConnView, sport: int, dport: int, payload: bytes) -> Inject:
+    def _inject(self, view: ConnView, sport: int, dport: int, payload: bytes) -> Inbound:
         e = view.entry
+        if len(payload) > (MAX_UDP_PAYLOAD_V4 if len(e.local) == 4 else MAX_UDP_PAYLOAD_V6):
+            return Drop("frame-too-big")  # no UDP datagram can carry it (counted by the caller)
         # Headers are packed directly (not through packet.build_*): the payload is copied
         # once, and the checksums are summed from their parts with packet.word_sum/fold.
         if len(e.local) == 4:

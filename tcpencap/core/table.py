@@ -47,6 +47,9 @@ class Entry:
     ike_spis: set[bytes] = field(default_factory=set)
     ike_spis_old: set[bytes] = field(default_factory=set)
     esp_spis: set[int] = field(default_factory=set)
+    # Other peer ports charon knows this connection's SAs by (a resumed SA whose charon
+    # endpoint is the previous connection's): also found by by_endpoint.
+    aliases: list[int] = field(default_factory=list)
 
     @property
     def pair(self) -> Pair:
@@ -104,8 +107,9 @@ class ConnectionTable:
             self._forget_spi(spi, conn_id)
         for espi in entry.esp_spis:
             self._esp.pop((entry.local, entry.peer, espi), None)
-        if entry.peer_port and self._endpoint.get((entry.peer, entry.peer_port)) == conn_id:
-            del self._endpoint[(entry.peer, entry.peer_port)]
+        for port in (entry.peer_port, *entry.aliases):
+            if port and self._endpoint.get((entry.peer, port)) == conn_id:
+                del self._endpoint[(entry.peer, port)]
         ids = self._pair.get(entry.pair)
         if ids is not None:
             ids.remove(conn_id)
@@ -116,6 +120,17 @@ class ConnectionTable:
     def by_endpoint(self, peer: bytes, port: int) -> Entry | None:
         cid = self._endpoint.get((peer, port))
         return None if cid is None else self._by_id[cid]
+
+    def alias(self, conn_id: int, port: int) -> bool:
+        """Find connection ``conn_id`` also by (its peer, ``port``), unless another
+        connection holds that endpoint; True when added."""
+        entry = self._by_id.get(conn_id)
+        if entry is None or not port or (entry.peer, port) in self._endpoint:
+            return False
+        self._endpoint[(entry.peer, port)] = conn_id
+        entry.aliases.append(port)
+        self.version += 1
+        return True
 
     def newest_for_pair(self, local: bytes, peer: bytes) -> Entry | None:
         ids = self._pair.get((local, peer))

@@ -126,10 +126,22 @@ IKEV2_EXCHANGES = frozenset({34, 35, 36, 37, 38, 43, 44})
 IKEV1_EXCHANGES = frozenset({1, 2, 3, 4, 5, 6, 32, 33})
 
 
+# Payloads that are encrypted and end the chain a reader can follow: IKEv2 SK and SKF
+# (RFC 7296 §3.14, RFC 7383); what they contain needs the SA's keys.
+IKEV2_ENCRYPTED = frozenset({46, 53})
+IKEV1_FLAG_ENCRYPTED = 0x01
+MAX_CHAIN = 64  # payloads followed; a real first message has far fewer
+
+
 def check_first_ike(msg: bytes) -> str:
     """Why ``msg`` (a whole frame's IKE message) is not a well-formed IKE message, or ""
-    when it is: a valid header whose length field is the frame's length and a known
-    exchange type for its version. A connection's first frame must pass this."""
+    when it is: a valid header whose length field is the frame's length, a known exchange
+    type for its version, and a payload chain that is there: each generic payload header
+    (next payload, flags, length) inside the message and the last one ending exactly at
+    its end, up to an encrypted payload (or IKEv1's encrypted body), which must fill the
+    rest. A header whose first payload is missing would otherwise hold a connection for
+    the no-SA deadline instead of the first-message one. A connection's first frame must
+    pass this."""
     try:
         hdr = parse_ike_header(msg)
     except IKEError as exc:
@@ -139,4 +151,31 @@ def check_first_ike(msg: bytes) -> str:
     known = IKEV2_EXCHANGES if hdr.major == 2 else IKEV1_EXCHANGES
     if hdr.exchange not in known:
         return f"IKEv{hdr.major} exchange type {hdr.exchange}"
+    return _chain_problem(msg, hdr)
+
+
+def _chain_problem(msg: bytes, hdr: IKEHeader) -> str:
+    """What is wrong with the payload chain after the header, or ""."""
+    nxt = hdr.next_payload
+    if nxt == 0:
+        return "IKE message without payloads"
+    end = len(msg)
+    if hdr.major == 1 and hdr.flags & IKEV1_FLAG_ENCRYPTED:
+        # IKEv1's encrypted body has no generic header in the clear; a cipher block at least
+        return "" if end - IKE_HEADER_LEN >= 8 else "IKEv1 encrypted body shorter than a block"
+    pos = IKE_HEADER_LEN
+    for _ in range(MAX_CHAIN):
+        if end - pos < 4:
+            return f"payload {nxt} promised at octet {pos}, {end - pos} octets left"
+        length = (msg[pos + 2] << 8) | msg[pos + 3]
+        if length < 4 or length > end - pos:
+            return f"payload {nxt} at octet {pos} has length {length}, {end - pos} left"
+        if hdr.major == 2 and nxt in IKEV2_ENCRYPTED:
+            if length != end - pos:
+                return f"encrypted payload at octet {pos} does not end the message"
+            return ""
+        nxt = msg[pos]
+        pos += length
+        if nxt == 0:
+            return "" if pos == end else f"{end - pos} octets after the last payload"
     return ""

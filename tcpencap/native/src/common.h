@@ -23,6 +23,10 @@
 #define LENGTH_SIZE 2
 #define MAX_FRAME 0xFFFF
 #define ESP_MIN_LEN 8
+/* The most one injected UDP datagram carries: IPv4's 16-bit total length covers the IP and
+   UDP headers, IPv6's payload length the UDP header (core/router.py has the same bounds). */
+#define MAX_UDP_PAYLOAD_V4 (0xFFFF - 20 - 8)
+#define MAX_UDP_PAYLOAD_V6 (0xFFFF - 8)
 #define PREFIX "IKETCP"
 #define PREFIX_LEN 6
 

@@ -48,6 +48,7 @@ typedef struct {
     int prefix_sent;
     int eof;
     Py_ssize_t frames_in;
+    Py_ssize_t keepalives; /* dropped by pump() itself since the engine last took them */
     uint8_t *buf;
     size_t len, cap, pos;
     PyObject *error; /* the ProtocolError every later event repeats */
@@ -354,7 +355,9 @@ addr_pair(PyObject *peer_o, PyObject *local_o, const uint8_t **peer, const uint8
 }
 
 /* pump(batch, peer, local, sport, dport) -> (event, esp_frames): every ESP frame up to the
-   next other event becomes a packet in batch; that event is returned as next_event() would. */
+   next other event becomes a packet in batch, every keepalive is dropped here (counted in
+   keepalives: a flood of them costs no Python per frame); that event is returned as
+   next_event() would. */
 static PyObject *
 Deframer_pump(Deframer *d, PyObject *args)
 {
@@ -380,13 +383,18 @@ Deframer_pump(Deframer *d, PyObject *args)
             size_t start = 0, n = 0;
             char reason[128];
             enum kind k = deframer_frame(d, &start, &n, reason, sizeof reason);
-            if (k == K_ESP) {
+            if (k == K_ESP && n <= (v6 ? MAX_UDP_PAYLOAD_V6 : MAX_UDP_PAYLOAD_V4)) {
                 if (batch_add((InjectBatch *)batch, peer, local, v6, sport, dport,
                               d->buf + start, n) < 0)
                     return PyErr_NoMemory();
                 esp++;
                 continue;
             }
+            if (k == K_KEEPALIVE) {
+                d->keepalives++;
+                continue;
+            }
+            /* anything else, and ESP no datagram can carry, is the engine's to judge */
             ev = deframer_event(d, k, start, n, reason);
             break;
         }
@@ -422,6 +430,25 @@ static PyObject *
 Deframer_get_frames_in(Deframer *d, void *c)
 {
     return PyLong_FromSsize_t(d->frames_in);
+}
+
+static PyObject *
+Deframer_get_keepalives(Deframer *d, void *c)
+{
+    return PyLong_FromSsize_t(d->keepalives);
+}
+
+static int
+Deframer_set_keepalives(Deframer *d, PyObject *v, void *c)
+{
+    Py_ssize_t n = v == NULL ? -1 : PyLong_AsSsize_t(v);
+    if (n < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "keepalives must be an int >= 0");
+        return -1;
+    }
+    d->keepalives = n;
+    return 0;
 }
 
 static PyObject *
@@ -462,6 +489,8 @@ static PyMethodDef Deframer_methods[] = {
 static PyGetSetDef Deframer_getset[] = {
     {"prefix_received", (getter)Deframer_get_prefix_received, NULL, NULL, NULL},
     {"frames_in", (getter)Deframer_get_frames_in, NULL, NULL, NULL},
+    {"keepalives", (getter)Deframer_get_keepalives, (setter)Deframer_set_keepalives,
+     "keepalives pump() dropped (the engine takes them and sets 0)", NULL},
     {"bytes_buffered", (getter)Deframer_get_bytes_buffered, NULL, NULL, NULL},
     {"role", (getter)Deframer_get_role, NULL, NULL, NULL},
     {"max_frame", (getter)Deframer_get_max_frame, NULL, NULL, NULL},

@@ -1,9 +1,10 @@
 /* ------------------------------------------------------------------------------------ */
 /* InboundWorker: the receive side of open connections on a thread of its own. Python     */
 /* lends it a connection (socket, deframer, the packet charon must see); it reads, turns  */
-/* ESP frames into packets and injects them, without the GIL. At the first frame that is  */
-/* not ESP (left unread in the deframer), at EOF, an error or over the frame rate, it     */
-/* gives the connection back and Python's engine goes on where the worker stopped.        */
+/* ESP frames into packets and injects them, without the GIL; keepalives it drops and     */
+/* counts itself. At the first other frame (left unread in the deframer), at EOF, an      */
+/* error or over the frame rate (frames of every kind), it gives the connection back and  */
+/* Python's engine goes on where the worker stopped.                                      */
 
 enum { R_FRAME = 1, R_EOF, R_ERROR, R_RATE, R_NOMEM };
 static const char *const reason_names[] = {"", "frame", "eof", "error", "rate", "nomem"};
@@ -18,7 +19,7 @@ typedef struct {
     long max_rate; /* frames per second, 0: no limit */
     double win_start;
     Py_ssize_t win_frames;
-    Py_ssize_t frames, bytes, reads; /* not yet reported to Python */
+    Py_ssize_t frames, bytes, reads, keepalives; /* not yet reported to Python */
     int reason;
 } Lent;
 
@@ -221,7 +222,8 @@ conn_id_arg(InboundWorker *w, PyObject *arg, uint32_t *conn_id)
     return 0;
 }
 
-/* detach(conn_id) -> (frames, bytes, reads) not yet reported, or None if not lent. */
+/* detach(conn_id) -> (frames, bytes, reads, keepalives) not yet reported, or None if not
+   lent. */
 static PyObject *
 InboundWorker_detach(InboundWorker *w, PyObject *arg)
 {
@@ -246,12 +248,12 @@ InboundWorker_detach(InboundWorker *w, PyObject *arg)
     pthread_mutex_unlock(&w->mu);
     if (l == NULL)
         Py_RETURN_NONE;
-    PyObject *res = Py_BuildValue("nnn", l->frames, l->bytes, l->reads);
+    PyObject *res = Py_BuildValue("nnnn", l->frames, l->bytes, l->reads, l->keepalives);
     lent_free(l);
     return res;
 }
 
-/* counts(conn_id) -> (frames, bytes, reads) since the last call, or None. */
+/* counts(conn_id) -> (frames, bytes, reads, keepalives) since the last call, or None. */
 static PyObject *
 InboundWorker_counts(InboundWorker *w, PyObject *arg)
 {
@@ -260,16 +262,32 @@ InboundWorker_counts(InboundWorker *w, PyObject *arg)
         return NULL;
     worker_lock(w);
     ssize_t i = lent_index(w, conn_id);
-    Py_ssize_t f = 0, b = 0, r = 0;
+    Py_ssize_t f = 0, b = 0, r = 0, k = 0;
     if (i >= 0) {
         Lent *l = w->lent[i];
-        f = l->frames, b = l->bytes, r = l->reads;
-        l->frames = l->bytes = l->reads = 0;
+        f = l->frames, b = l->bytes, r = l->reads, k = l->keepalives;
+        l->frames = l->bytes = l->reads = l->keepalives = 0;
     }
     pthread_mutex_unlock(&w->mu);
     if (i < 0)
         Py_RETURN_NONE;
-    return Py_BuildValue("nnn", f, b, r);
+    return Py_BuildValue("nnnn", f, b, r, k);
+}
+
+/* One more frame of any kind in the rate window: 1 when it goes over max_rate. */
+static int
+lent_over_rate(Lent *l)
+{
+    l->win_frames++;
+    if (!l->max_rate)
+        return 0;
+    double now = mono_now();
+    if (now - l->win_start >= 1.0) {
+        l->win_start = now;
+        l->win_frames = 0;
+        return 0;
+    }
+    return l->win_frames > l->max_rate;
 }
 
 /* Read what the socket has and inject its ESP; a reason when the connection goes back. */
@@ -299,21 +317,19 @@ lent_read(InboundWorker *w, Lent *l)
             Py_ssize_t fin = d->frames_in;
             char reason[128];
             enum kind k = deframer_frame(d, &start, &n, reason, sizeof reason);
-            if (k == K_ESP) {
+            if (k == K_ESP && n <= (l->v6 ? MAX_UDP_PAYLOAD_V6 : MAX_UDP_PAYLOAD_V4)) {
                 if (batch_add(w->batch, l->peer, l->local, l->v6, l->sport, l->dport,
                               d->buf + start, n) < 0)
                     return R_NOMEM;
                 l->frames++;
-                l->win_frames++;
-                if (l->max_rate) {
-                    double now = mono_now();
-                    if (now - l->win_start >= 1.0) {
-                        l->win_start = now;
-                        l->win_frames = 0;
-                    } else if (l->win_frames > l->max_rate) {
-                        return R_RATE;
-                    }
-                }
+                if (lent_over_rate(l))
+                    return R_RATE;
+                continue;
+            }
+            if (k == K_KEEPALIVE) { /* RFC 9329 §6.6: dropped, but it costs like any frame */
+                l->keepalives++;
+                if (lent_over_rate(l))
+                    return R_RATE;
                 continue;
             }
             d->pos = pos; /* the frame stays for Python's engine */
@@ -338,8 +354,8 @@ back_list(InboundWorker *w)
         return NULL;
     for (size_t i = 0; i < w->nback; i++) {
         Lent *l = w->back[i];
-        PyObject *t = Py_BuildValue("Isnnn", l->conn_id, reason_names[l->reason], l->frames,
-                                    l->bytes, l->reads);
+        PyObject *t = Py_BuildValue("Isnnnn", l->conn_id, reason_names[l->reason], l->frames,
+                                    l->bytes, l->reads, l->keepalives);
         if (t == NULL || PyList_Append(list, t) < 0) {
             Py_XDECREF(t);
             Py_DECREF(list);
@@ -352,8 +368,8 @@ back_list(InboundWorker *w)
     return list;
 }
 
-/* run(deliver): until stop(); deliver([(conn_id, reason, frames, bytes, reads), ...]) for
-   connections given back. */
+/* run(deliver): until stop(); deliver([(conn_id, reason, frames, bytes, reads, keepalives),
+   ...]) for connections given back. */
 static PyObject *
 InboundWorker_run(InboundWorker *w, PyObject *deliver)
 {
@@ -446,9 +462,9 @@ static PyMethodDef InboundWorker_methods[] = {
     {"attach", (PyCFunction)InboundWorker_attach, METH_VARARGS,
      "attach(conn_id, fd, deframer, peer, local, sport, dport, max_rate): lend a connection."},
     {"detach", (PyCFunction)InboundWorker_detach, METH_O,
-     "detach(conn_id) -> (frames, bytes, reads) or None: take a connection back."},
+     "detach(conn_id) -> (frames, bytes, reads, keepalives) or None: take a connection back."},
     {"counts", (PyCFunction)InboundWorker_counts, METH_O,
-     "counts(conn_id) -> (frames, bytes, reads) since the last call, or None."},
+     "counts(conn_id) -> (frames, bytes, reads, keepalives) since the last call, or None."},
     {"run", (PyCFunction)InboundWorker_run, METH_O, "run(deliver): serve until stop()."},
     {"stop", (PyCFunction)InboundWorker_stop, METH_NOARGS, "Make run() return (within 0.2 s)."},
     {"stats", (PyCFunction)InboundWorker_stats, METH_NOARGS, "Counters."},
