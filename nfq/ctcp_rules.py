@@ -22,7 +22,8 @@ socket (protocols.md A.13). Chains, all owned by tcpencap and created in both fa
     SO_MARK = CTCP_MARK (0x63746370, "ctcp"). Every other TCP packet on a cTCP 5-tuple
     (an RST or ACK of the host stack, a stray local socket) is dropped (A.6).
   mangle OUTPUT -> TCPENCAP_CTCP_OUT: charon's UDP 500/4500 to cTCP peers -> NFQUEUE
-    (a :class:`nfq.rules.SteeringRules` with its own chain name).
+    (a :class:`nfq.rules.SteeringRules` with its own chain name): a client's peers by
+    address, a gateway's by the UDP endpoint their IKE came from.
 
 Only these chains and the three jump rules are ever touched; stale copies of a crashed run
 are removed at start and everything is removed on exit.
@@ -70,7 +71,7 @@ class CtcpRules:
         self.queue_num = queue_num
         self.inbound_queue = queue_num if inbound_queue is None else inbound_queue
         self.mark = mark
-        self.steering = SteeringRules(queue_num, chain=OUT_CHAIN)
+        self.steering = SteeringRules(queue_num, chain=OUT_CHAIN, endpoints=True)
         self.installed = False
 
     def _queue(self) -> list[str]:
@@ -148,6 +149,13 @@ class CtcpRules:
 
     def remove_peer(self, peer: str) -> bool:
         return self.steering.remove_peer(peer)
+
+    def steer_endpoint(self, addr: str, port: int, on: bool) -> bool:
+        """Queue (``on``) or stop queueing charon's UDP to the one endpoint ``addr``:``port``
+        (a gateway's cTCP peer: another host behind its address keeps its own traffic)."""
+        if on:
+            return self.steering.add_endpoint(addr, port)
+        return self.steering.remove_endpoint(addr, port)
 
 
 def raw_chain_exists(chain: str, family: int = 4) -> bool:

@@ -74,9 +74,9 @@ def data(gw: CtcpEngine, src: bytes, port: int, inner: bytes, now: float, *,
     return gw.pull()
 
 
-def esp_in_udp(src: bytes, dst: bytes, spi: int) -> bytes:
+def esp_in_udp(src: bytes, dst: bytes, spi: int, dport: int = 4500) -> bytes:
     body = spi.to_bytes(4, "big") + (1).to_bytes(4, "big") + b"x" * 40
-    return build_ip(src, dst, PROTO_UDP, build_udp(src, dst, 4500, 4500, body))
+    return build_ip(src, dst, PROTO_UDP, build_udp(src, dst, 4500, dport, body))
 
 
 # --- finding 1: any local UDP port ----------------------------------------------------------
@@ -220,7 +220,7 @@ def test_a_peers_own_esp_never_counts_as_an_sa() -> None:
     assert [read_segment(o.data).flags for o in out if type(o) is Transmit] == [TCP_RST]
     # charon's ESP does count
     assert connect(gw, HONEST, 40000, 70.0)
-    gw.outbound(71.0, esp_in_udp(G, HONEST, 0xC0FFEE01))
+    gw.outbound(71.0, esp_in_udp(G, HONEST, 0xC0FFEE01, dport=40000))  # to its endpoint
     gw.pull()
     assert gw.flows[(G, 10000, HONEST, 40000)].conn.has_sa
 

@@ -304,7 +304,9 @@ class CtcpService:
                     self.injector.inject(o.packet, o.dst)
                 elif type(o) is Steer:
                     peer = addr_text(o.peer)
-                    if o.on:
+                    if o.port:  # a gateway's cTCP peer: the UDP endpoint charon answers
+                        self.rules.steer_endpoint(peer, o.port, o.on)
+                    elif o.on:
                         self.rules.add_peer(peer)
                     else:
                         self.rules.remove_peer(peer)

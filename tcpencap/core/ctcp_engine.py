@@ -37,7 +37,6 @@ from tcpencap.core.ctcp_conn import (
     Dropped,
     Role,
     SegKind,
-    State,
     Timers,
     TransmitSegment,
     seg_kind,
@@ -60,8 +59,8 @@ from tcpencap.core.ports import PortAllocator, PortsExhausted
 from tcpencap.core.table import Bind, ConnectionTable, Entry
 from tcpencap.core.timers import LogLimiter
 from tcpencap.core.totals import add_closed, new_totals
-from tcpencap.wire.ctcp import CTCPError, Segment, build_control, read_segment
-from tcpencap.wire.ike import Kind, classify_udp_payload
+from tcpencap.wire.ctcp import CTCPError, Segment, build_control, read_segment, set_udp_ports
+from tcpencap.wire.ike import Classified, Kind, classify_udp_payload
 from tcpencap.wire.packet import (
     PROTO_UDP,
     TCP_ACK,
@@ -88,7 +87,6 @@ class Flow:
     entry: Entry
     side: str  # "gateway" | "client"
     created: float
-    steered: bool = False
     frames_in: int = 0
     frames_out: int = 0
     bytes_in: int = 0
@@ -129,6 +127,7 @@ class CtcpEngine(Engine):
         super().__init__()
         self._listen_exact: set[tuple[bytes, int]] = set()
         self._listen_any: set[tuple[int, int]] = set()  # (address length, port)
+        self.is_gateway = bool(listen)
         for host, port in listen:
             addr = ipaddress.ip_address(host)
             if addr.is_unspecified:
@@ -150,7 +149,9 @@ class CtcpEngine(Engine):
         self.flows: dict[Key, Flow] = {}
         self._gateway_flows = 0
         self.by_id: dict[int, Flow] = {}
-        self.steering = SteeringRefs()  # gateway peers with an established connection
+        # gateway: each connection is the UDP endpoint (peer, its TCP port) to charon
+        self.by_endpoint: dict[tuple[bytes, int], Flow] = {}
+        self.steering: SteeringRefs[tuple[bytes, int]] = SteeringRefs()
         self.counters: dict[str, int] = {}
         self.totals: dict[str, Any] = new_totals()
 
@@ -171,12 +172,16 @@ class CtcpEngine(Engine):
         local, lport, peer, pport = conn.local, conn.local_port, conn.peer, conn.peer_port
         entry = self.table.add(local, peer)
         side = "gateway" if conn.role is Role.LISTENER else "client"
-        if side == "gateway":
-            self.slots.take(peer)
-            self._gateway_flows += 1
         flow = Flow((local, lport, peer, pport), conn, entry, side, now)
         self.flows[flow.key] = flow
         self.by_id[entry.conn_id] = flow
+        if side == "gateway":
+            self.slots.take(peer)
+            self._gateway_flows += 1
+            self.by_endpoint[(peer, pport)] = flow
+            # before the first Inject: charon's answer to this endpoint must be queued
+            if self.steering.add((peer, pport), f"conn:{entry.conn_id}"):
+                self._out.append(Steer(peer, True, pport))
         return flow
 
     # --- inputs ---------------------------------------------------------------------------
@@ -199,7 +204,15 @@ class CtcpEngine(Engine):
         if c.kind is Kind.INVALID:
             count(self.counters, "outbound-invalid")
             return
-        flow: Flow | None = None
+        flow = self.by_endpoint.get((ip.dst, udp.dport))
+        if flow is not None:  # a gateway's connection: the peer hears its own ports again
+            packet = set_udp_ports(packet, dport=udp.sport)
+            self._carry(now, flow, c, packet)
+            return
+        if ip.dst not in self.peers and self.is_gateway:
+            # an endpoint whose connection is gone (charon has not noticed yet)
+            count(self.counters, "endpoint-no-connection")
+            return
         if c.kind is Kind.IKE:
             assert c.ike is not None
             entry = self.table.lookup_ike(ip.src, ip.dst, c.ike.spi_i)
@@ -210,7 +223,6 @@ class CtcpEngine(Engine):
                     return
             else:
                 flow = self.by_id[entry.conn_id]
-            self._bind_ike(flow, c.ike.spi_i)
         else:
             entry = self.table.lookup_esp(ip.src, ip.dst, c.spi)
             entry = entry or self.table.newest_for_pair(ip.src, ip.dst)
@@ -225,6 +237,13 @@ class CtcpEngine(Engine):
             else:
                 count(self.counters, "esp-no-connection")
                 return
+        self._carry(now, flow, c, packet)
+
+    def _carry(self, now: float, flow: Flow, c: Classified, packet: bytes) -> None:
+        """charon's packet onto ``flow``: its SPI indexed, its ESP the proof of an SA."""
+        if c.ike is not None:
+            self._bind_ike(flow, c.ike.spi_i)
+        else:
             self.table.bind_esp(flow.entry.conn_id, c.spi)
             flow.conn.sa_bound(now)
         flow.conn.send_packet(now, packet)
@@ -284,7 +303,7 @@ class CtcpEngine(Engine):
         """A segment at a listen port without a connection: a SYN gets a cookie, the ACK
         that returns one makes the connection (also when it carries the first data),
         anything else a rate-limited RST. Nothing is kept for the SYN."""
-        refusal = self._refusal(seg.src)
+        refusal = self._refusal(seg.src, seg.sport)
         if _is_syn(seg.flags):
             if refusal is not None:
                 self._refuse(now, refusal, seg)
@@ -315,9 +334,11 @@ class CtcpEngine(Engine):
         self._stray(now, seg)
         return None
 
-    def _refusal(self, src: bytes) -> str | None:
+    def _refusal(self, src: bytes, sport: int) -> str | None:
         if self._gatewaycount() >= self.max_connections:
             return "refused-limit"
+        if (src, sport) in self.by_endpoint:  # the same endpoint at another listen address
+            return "refused-endpoint-in-use"
         return "refused-per-source" if self.slots.full(src) else None
 
     def _refuse(self, now: float, name: str, seg: Segment) -> None:
@@ -368,10 +389,6 @@ class CtcpEngine(Engine):
     def _drain(self, now: float, flow: Flow) -> None:
         out = self._out
         conn = flow.conn
-        if flow.side == "gateway" and not flow.steered and conn.state is State.ESTABLISHED:
-            flow.steered = True  # before the first Inject: charon's reply must be queued
-            if self.steering.add(flow.key[2], f"conn:{flow.entry.conn_id}"):
-                out.append(Steer(flow.key[2], True))
         while (act := conn.next_action()) is not None:
             t = type(act)
             if t is TransmitSegment:
@@ -380,10 +397,14 @@ class CtcpEngine(Engine):
                     flow.frames_out += 1
                     flow.bytes_out += len(act.data)  # type: ignore[union-attr]
             elif t is DeliverInner:
+                packet = act.packet  # type: ignore[union-attr]
                 flow.frames_in += 1
-                flow.bytes_in += len(act.packet)  # type: ignore[union-attr]
-                self._learn(now, flow, act.packet)  # type: ignore[union-attr]
-                out.append(Inject(act.packet, flow.key[0]))  # type: ignore[union-attr]
+                flow.bytes_in += len(packet)
+                if flow.side == "gateway" and act.proto == PROTO_UDP:  # type: ignore[union-attr]
+                    # to charon, each connection is its own UDP endpoint: (peer, TCP port)
+                    packet = set_udp_ports(packet, sport=flow.key[3])
+                self._learn(now, flow, packet)
+                out.append(Inject(packet, flow.key[0]))
             elif t is Dropped:
                 name = act.reason.value  # type: ignore[union-attr]
                 count(flow.drops, name)
@@ -423,8 +444,12 @@ class CtcpEngine(Engine):
         self.table.remove(flow.entry.conn_id)
         if flow.side == "client":
             self.ports.release(flow.key[1])
-        elif flow.steered and self.steering.remove(flow.key[2], f"conn:{flow.entry.conn_id}"):
-            out.append(Steer(flow.key[2], False))
+        else:
+            endpoint = (flow.key[2], flow.key[3])
+            if self.by_endpoint.get(endpoint) is flow:
+                del self.by_endpoint[endpoint]
+            if self.steering.remove(endpoint, f"conn:{flow.entry.conn_id}"):
+                out.append(Steer(endpoint[0], False, endpoint[1]))
         log.info("cTCP %s closed: %s", self.describe(flow), reason)
 
     # --- status -----------------------------------------------------------------------------
