@@ -14,7 +14,14 @@ process per peer.
 Only chains and sets tcpencap owns are ever changed; the single jump rule is the only thing
 added to a built-in chain. Without a reader bound to the queue the kernel drops queued
 packets, so a TCP peer's traffic never leaks out as UDP while tcpencap is down
-(fail-closed); stale chains and sets of a crashed run are removed at start.
+(fail-closed). That is why the chains and sets outlive the daemon (stop, restart, crash)
+and go only when asked (``tcpencap remove-rules``, run by strongswan.service's stop):
+
+  install()  keeps what a previous run left (its set is what ``remembered`` reports) and
+             starts a staging set; every peer steered from now on goes into both.
+  commit()   swaps the staging set in (``ipset swap``: one instant, no flush), so the
+             previous run's peers that nobody steered again stop being queued only now.
+  release()  the daemon stops: everything stays.   remove(): everything goes.
 """
 
 from __future__ import annotations
@@ -62,6 +69,11 @@ def set_name(chain: str, family: int) -> str:
     return f"{chain}_{family}"
 
 
+def staging_name(chain: str, family: int) -> str:
+    """The set a starting daemon fills before it replaces ``set_name``'s members."""
+    return f"{chain}_{family}n"
+
+
 class SteeringRules:
     """The steering set: peers whose UDP 500/4500 goes to the queue instead of the wire."""
 
@@ -80,6 +92,8 @@ class SteeringRules:
         self._peers: set[str] = set()
         self._sets: IpsetSocket | None = None  # opened at first use
         self.installed = False
+        self.staging = False  # between install() and commit()
+        self.remembered: list[str] = []  # the members a previous run left, at install()
 
     @property
     def peers(self) -> frozenset[str]:
@@ -117,16 +131,98 @@ class SteeringRules:
         ]
 
     def install(self) -> None:
-        """Remove anything a crashed run left, then create the sets, chains and jumps."""
-        self.remove(quiet=True)
+        """Make sure the sets, the chain and the jump exist, keeping whatever a previous
+        run left in force (its members are in ``remembered``); start a staging set.
+        Nothing is removed here: a gap would let charon's packets out as UDP."""
+        self.remembered = []
         for fam in (4, 6):
-            self._ipset(lambda ips, fam=fam: ips.create(set_name(self.chain, fam), fam))
-            _run(fam, "-N", self.chain)
-            _run(fam, "-A", self.chain, *self._queue_rule(fam))
-            _run(fam, "-I", "OUTPUT", "1", *self._jump())
-        self.installed = True
+            live, staged = set_name(self.chain, fam), staging_name(self.chain, fam)
+            try:
+                self.remembered += self._members(live)
+            except RuleError:
+                self._ipset(lambda ips, fam=fam, live=live: ips.create(live, fam))
+            with contextlib.suppress(RuleError):  # a crashed start's
+                self._ipset(lambda ips, staged=staged: ips.destroy(staged))
+            self._ipset(lambda ips, fam=fam, staged=staged: ips.create(staged, fam))
+            self._ensure_chain(fam)
+        self.installed = self.staging = True
+        if self.remembered:
+            log.info("steering set of a previous run kept: %s", ", ".join(self.remembered))
         for peer in sorted(self._peers):
             self._add(peer)
+
+    def _members(self, name: str) -> list[str]:
+        try:
+            if self._sets is None:
+                self._sets = IpsetSocket()
+            return self._sets.members(name)
+        except OSError as exc:
+            raise RuleError(f"ipset: {exc}") from exc
+
+    def _ensure_chain(self, fam: int) -> None:
+        """The chain holding exactly the queue rule, and the jump to it first in OUTPUT;
+        a rule that differs (another queue number) goes after the right one is in."""
+        want = self._queue_rule(fam)
+        if _run(fam, "-S", self.chain, check=False).returncode:
+            _run(fam, "-N", self.chain)
+        if _run(fam, "-C", self.chain, *want, check=False).returncode:
+            _run(fam, "-I", self.chain, "1", *want)
+        listed = [line.split()[2:] for line in _run(fam, "-S", self.chain).stdout.splitlines()[1:]]
+        if want in listed:  # iptables spells it as we do: the others are stale
+            for spec in listed:
+                if spec != want:
+                    _run(fam, "-D", self.chain, *spec, check=False)
+        if _run(fam, "-C", "OUTPUT", *self._jump(), check=False).returncode:
+            _run(fam, "-I", "OUTPUT", "1", *self._jump())
+        for _ in range(64):  # jumps of the older per-peer layout
+            if _run(fam, "-D", "OUTPUT", "-j", self.chain, check=False).returncode:
+                break
+
+    def commit(self) -> None:
+        """The staging set becomes the steering set in one step (``ipset swap``); the
+        previous run's members that were not steered again stop being queued now."""
+        if not self.staging:
+            return
+        for fam in (4, 6):
+            live, staged = set_name(self.chain, fam), staging_name(self.chain, fam)
+            try:
+                self._ipset(lambda ips, live=live, staged=staged: ips.swap(live, staged))
+            except RuleError as exc:
+                # Another set type (an older tcpencap's): no swap between types.
+                log.info("steering set %s: %s; replacing it", live, exc)
+                self._replace(fam)
+            with contextlib.suppress(RuleError):
+                self._ipset(lambda ips, staged=staged: ips.destroy(staged))
+        self.staging = False
+
+    def _replace(self, fam: int) -> None:
+        """Replace a live set that cannot be swapped, queueing by the staging set (which
+        holds the same peers) while the live one is made again: no moment unsteered."""
+        live, staged = set_name(self.chain, fam), staging_name(self.chain, fam)
+        by_staged = self._queue_rule(fam)
+        by_staged[by_staged.index(live)] = staged
+        _run(fam, "-I", self.chain, "1", *by_staged)
+        while _run(fam, "-D", self.chain, *self._queue_rule(fam), check=False).returncode == 0:
+            pass
+        for line in _run(fam, "-S", self.chain).stdout.splitlines()[1:]:
+            if live in line.split():
+                _run(fam, "-D", self.chain, *line.split()[2:], check=False)
+        self._ipset(lambda ips: ips.destroy(live))
+        self._ipset(lambda ips: ips.create(live, fam))
+        for peer in self._peers:
+            if ipaddress.ip_address(peer).version == fam:
+                self._ipset(lambda ips, peer=peer: ips.add(live, peer))
+        _run(fam, "-I", self.chain, "1", *self._queue_rule(fam))
+        _run(fam, "-D", self.chain, *by_staged, check=False)
+
+    def release(self) -> None:
+        """The daemon stops: the chains and sets stay (a queue nobody reads drops)."""
+        if self.staging:
+            self.commit()
+        if self._sets is not None:
+            self._sets.close()
+            self._sets = None
+        self.installed = False
 
     def remove(self, *, quiet: bool = False) -> None:
         """Delete the jump rules (every copy, also of the older per-peer layout), the
@@ -140,13 +236,16 @@ class SteeringRules:
                 _run(fam, "-X", self.chain, check=False)
                 if not quiet:
                     log.info("removed %s chain %s", _tool(fam), self.chain)
-            with contextlib.suppress(RuleError):  # absent, or still in use by a stale rule
-                self._ipset(lambda ips, fam=fam: ips.destroy(set_name(self.chain, fam)))
-        self.installed = False
+            for name in (set_name(self.chain, fam), staging_name(self.chain, fam)):
+                with contextlib.suppress(RuleError):  # absent, or still in use
+                    self._ipset(lambda ips, name=name: ips.destroy(name))
+        self.installed = self.staging = False
 
     def _add(self, peer: str) -> None:
         fam = ipaddress.ip_address(peer).version
         self._ipset(lambda ips: ips.add(set_name(self.chain, fam), peer))
+        if self.staging:
+            self._ipset(lambda ips: ips.add(staging_name(self.chain, fam), peer))
 
     def add_peer(self, peer: str) -> bool:
         """Steer ``peer``; True when it was new."""
@@ -168,6 +267,8 @@ class SteeringRules:
             fam = ipaddress.ip_address(peer).version
             try:
                 self._ipset(lambda ips: ips.delete(set_name(self.chain, fam), peer))
+                if self.staging:
+                    self._ipset(lambda ips: ips.delete(staging_name(self.chain, fam), peer))
             except RuleError as exc:
                 log.warning("could not remove %s from the steering set: %s", peer, exc)
         log.info("no longer steering %s", peer)

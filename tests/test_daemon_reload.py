@@ -46,12 +46,20 @@ class FakeSteeringRules:
     def __init__(self, queue_num: int = 0, **_: object) -> None:
         self._peers: set[str] = set()
         self.calls: list[tuple[str, str]] = []
+        self.remembered: list[str] = []  # what a previous run left in the set
+        self.steering = self  # CtcpRules' steering set is a SteeringRules
 
     @property
     def peers(self) -> frozenset[str]:
         return frozenset(self._peers)
 
     def install(self) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
+
+    def release(self) -> None:
         pass
 
     def remove(self, *, quiet: bool = False) -> None:

@@ -233,7 +233,8 @@ def test_peers_added_before_install_are_installed_with_the_chain(ns):
 
 def test_install_after_a_simulated_crash_cleans_up_first(ns):
     """Leftovers of a run that died: the chain of the older per-peer layout with a stale
-    peer rule and two jumps, and a set of the current layout with a stale member."""
+    peer rule and two jumps, and a set of the current layout with a stale member. The
+    stale member stays steered until commit() (never a moment unsteered)."""
     res = run_in_ns(
         ns,
         f"""
@@ -252,14 +253,22 @@ def test_install_after_a_simulated_crash_cleans_up_first(ns):
         r.add_peer("198.19.0.2")
         r.add_peer("fd00:19::2")
         r.install()
+        out["remembered"] = r.remembered
+        out["sets_staging"] = sets()
+        r.commit()
         out["after"] = snap()
         out["sets"] = sets()
+        out["all_sets"] = sorted(subprocess.run(["ipset", "list", "-n"], capture_output=True,
+                                                text=True).stdout.split())
         r.remove()
         out["removed"] = snap()
         out["sets_removed"] = sets()
         """,
     )
     assert res["stale_sets"] == {4: ["198.19.0.77"], 6: None}
+    assert res["remembered"] == ["198.19.0.77"]
+    assert res["sets_staging"] == {4: sorted([PEER4, "198.19.0.77"]), 6: [PEER6]}
+    assert res["all_sets"] == [f"{CHAIN}_4", f"{CHAIN}_6"]  # the staging sets are gone
     for fam in (4, 6):
         assert res["stale"][fam].count(OLD_JUMP) == 2
         rules = res["after"][fam]
@@ -294,6 +303,8 @@ def test_install_after_a_real_crash_of_another_process(ns):
         r = SteeringRules(4500)
         r.add_peer("198.19.0.2")
         r.install()
+        out["kept"] = sets()
+        r.commit()
         out["after"] = snap()
         out["sets"] = sets()
         r.remove()
@@ -301,6 +312,7 @@ def test_install_after_a_real_crash_of_another_process(ns):
         out["sets_removed"] = sets()
         """,
     )
+    assert res["kept"] == {4: sorted([PEER4, "198.19.0.50"]), 6: ["fd00:19::50"]}
     # What the dead process left still steers its peers into the queue (fail-closed).
     assert ours(res["left"][4]) == installed(4) and ours(res["left"][6]) == installed(6)
     assert res["left_sets"] == {4: ["198.19.0.50"], 6: ["fd00:19::50"]}
@@ -393,3 +405,95 @@ def test_steered_packets_hit_the_rule_and_others_do_not(ns):
     # Queued with nobody reading: the kernel drops them (fail-closed); only the two
     # others reach POSTROUTING.
     assert res["left"] == [2]
+
+
+def test_release_keeps_the_rules_and_the_next_run_swaps_them(ns):
+    """A stop (release) leaves chains and sets as they are; the next run keeps them in
+    force, learns their members (``remembered``) and replaces them in one swap."""
+    res = run_in_ns(
+        ns,
+        """
+        add_unrelated()
+        r = SteeringRules(4500)
+        r.install()
+        r.commit()
+        for p in ("198.19.0.50", "198.19.0.51", "fd00:19::50"):
+            r.add_peer(p)
+        r.release()
+        out["released"] = snap()
+        out["sets_released"] = sets()
+        r2 = SteeringRules(4500)
+        r2.add_peer("198.19.0.2")
+        r2.install()
+        out["remembered"] = sorted(r2.remembered)
+        out["staging"] = sets()
+        r2.add_peer("198.19.0.51")  # steered again (charon holds its SAs)
+        r2.add_peer("fd00:19::2")
+        r2.commit()
+        out["committed"] = snap()
+        out["sets"] = sets()
+        r2.commit()  # again: nothing to do
+        out["again"] = sets()
+        r2.remove()
+        """,
+    )
+    for fam in (4, 6):
+        assert ours(res["released"][fam]) == installed(fam)
+    assert res["sets_released"] == {4: ["198.19.0.50", "198.19.0.51"], 6: ["fd00:19::50"]}
+    assert res["remembered"] == ["198.19.0.50", "198.19.0.51", "fd00:19::50"]
+    assert res["staging"] == {4: [PEER4, "198.19.0.50", "198.19.0.51"], 6: ["fd00:19::50"]}
+    assert res["committed"] == res["released"]  # the same rules throughout
+    assert res["sets"] == {4: [PEER4, "198.19.0.51"], 6: [PEER6]}
+    assert res["again"] == res["sets"]
+
+
+def test_install_replaces_a_queue_rule_of_another_configuration(ns):
+    """The previous run queued to another number: the new rule goes in before the old one
+    goes, and nothing else of the chain changes."""
+    res = run_in_ns(
+        ns,
+        """
+        r = SteeringRules(4600)
+        r.install()
+        r.commit()
+        r.release()
+        r2 = SteeringRules(4500)
+        r2.install()
+        r2.commit()
+        out["after"] = snap()
+        r2.remove()
+        """,
+    )
+    for fam in (4, 6):
+        assert ours(res["after"][fam]) == installed(fam)
+
+
+def test_remove_rules_command_refuses_while_a_daemon_answers(tmp_path):
+    """``tcpencap remove-rules`` takes the rules away only when no daemon is running."""
+    import socket
+
+    sock_path = tmp_path / "ctl"
+    conf = tmp_path / "t.conf"
+    conf.write_text(f"tcpencap {{\n  status_socket = {sock_path}\n}}\n")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(sock_path))
+    srv.listen()
+    import threading
+
+    def answer():
+        c, _ = srv.accept()
+        c.recv(100)
+        c.sendall(b'{"pid": 1}\n')
+        c.close()
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    res = subprocess.run(
+        [sys.executable, "-m", "tcpencap", "remove-rules", "--config", str(conf)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=30,
+    )
+    srv.close()
+    assert res.returncode == 1 and "stop it first" in res.stderr, res.stderr

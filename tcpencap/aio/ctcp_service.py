@@ -51,6 +51,8 @@ from tcpencap.wire.packet import PROTO_UDP, PacketError, addr_text, parse_ip
 
 log = logging.getLogger("tcpencap.ctcp")
 
+LINGER = "linger"  # steering reason of a previous run's peer that charon holds SAs with
+
 SO_MARK = getattr(socket, "SO_MARK", 36)
 IP_NODEFRAG = getattr(socket, "IP_NODEFRAG", 22)
 IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
@@ -158,6 +160,7 @@ class CtcpService:
         self._timer: EngineTimer | None = None
         self.peers: dict[bytes, int] = {}
         self.counters: dict[str, int] = {}
+        self.lingering: set[bytes] = set()  # steered for a previous run's SAs
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Listeners from the configuration; client peers come with set_peers."""
@@ -207,7 +210,26 @@ class CtcpService:
                 log.info("cTCP peer %s port %d removed", addr_text(p), port)
         self.peers = dict(peers)
 
-    async def stop(self) -> None:
+    def linger(self, peers: list[bytes]) -> None:
+        """Gateway peers of a previous run that charon still holds SAs with stay steered
+        until ``release_lingering`` finds none (their packets are dropped meanwhile)."""
+        assert self.engine is not None and self.rules is not None
+        for p in peers:
+            self.lingering.add(p)
+            if self.engine.steering.add(p, LINGER):
+                self.rules.add_peer(addr_text(p))
+
+    def release_lingering(self, busy: set[bytes]) -> None:
+        """``busy``: the addresses charon holds IKE SAs with now."""
+        if self.engine is None or self.rules is None:
+            return
+        for p in [p for p in self.lingering if p not in busy]:
+            self.lingering.discard(p)
+            if self.engine.steering.remove(p, LINGER):
+                self.rules.remove_peer(addr_text(p))
+
+    async def stop(self, remove_rules: bool = False) -> None:
+        """Rules and sets stay (a queue nobody reads drops) unless ``remove_rules``."""
         if self._timer is not None:
             self._timer.cancel()
         if self.queue is not None:
@@ -215,7 +237,10 @@ class CtcpService:
                 self.queue.stop()
             self.queue = None
         if self.rules is not None:
-            self.rules.remove()
+            if remove_rules:
+                self.rules.remove()
+            else:
+                self.rules.release()
             self.rules = None
         if self.sender is not None:
             self.sender.close()

@@ -30,7 +30,8 @@ from tcpencap.config import Config
 from tcpencap.confparse import ConfError
 from tcpencap.core import reload as plans
 from tcpencap.core.outputs import Close, Connect, Inject, Query, Steer, Transmit, bracket, count
-from tcpencap.core.rfc9329_engine import Rfc9329Engine
+from tcpencap.core.restart import sa_hosts, still_held
+from tcpencap.core.rfc9329_engine import PEER_RELEASE_POLL, Rfc9329Engine
 from tcpencap.native import load as load_native
 from tcpencap.wire.packet import addr_text
 from vici_bridge.bridge import ViciBridge
@@ -40,8 +41,14 @@ log = logging.getLogger("tcpencap")
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    """``remove_rules``: take the netfilter rules and sets away at stop. By default they
+    stay, so that charon's packets to TCP peers are dropped (queued, nobody reading) while
+    tcpencap is down, never sent as UDP; ``tcpencap remove-rules`` takes them away."""
+
+    def __init__(self, config: Config, remove_rules: bool = False) -> None:
         self.config = config
+        self.remove_rules = remove_rules
+        self.failure: str | None = None  # why the daemon ends on its own (exit code 1)
         self.datapath, native = choose_datapath(config.datapath)
         self.engine = Rfc9329Engine(config, time.monotonic(), native)
         self.rules = SteeringRules(config.queue_num, queues=config.queues)
@@ -169,8 +176,17 @@ class Daemon:
 
         try:
             self.inbound.run(deliver)
-        except Exception:
+        except BaseException as exc:  # MemoryError included: the worker is gone for good
             log.exception("the native inbound worker failed")
+            loop.call_soon_threadsafe(self.fail, f"the native inbound worker failed: {exc!r}")
+
+    def fail(self, why: str) -> None:
+        """A part of the data path is gone and cannot come back in this process: end it
+        (exit code 1) so that systemd starts a new one; the rules stay meanwhile."""
+        if self.failure is None:
+            log.critical("%s: stopping, to be restarted", why)
+            self.failure = why
+        self._stop.set()
 
     def _given_back(self, items: list[tuple[int, str, int, int, int]]) -> None:
         for cid, reason, frames, nbytes, reads in items:
@@ -198,13 +214,7 @@ class Daemon:
         self.engine.vici_state(time.monotonic(), state == "connected")
 
     async def _query(self, purpose: str) -> None:
-        try:
-            sas: list[dict[str, Any]] | None = await asyncio.to_thread(
-                list_sas, self.config.vici_socket
-            )
-        except OSError as exc:
-            self.log_limited(f"list-sas-{purpose}", "cannot list SAs (%s): %s", purpose, exc)
-            sas = None
+        sas = await self._list_sas(purpose)
         self.engine.sas_listed(time.monotonic(), purpose, sas)
         self.after()
 
@@ -330,6 +340,8 @@ class Daemon:
             log.info("stopping")
         finally:
             await self._shutdown()
+        if self.failure is not None:
+            raise RuntimeError(self.failure)
 
     async def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.injector = RawInjector()
@@ -348,6 +360,7 @@ class Daemon:
                 on_native_batch=self.on_queue_batch,
                 on_stalled=self.on_stalled,
                 native=self.engine.native,
+                on_failed=self.fail,
             )
             queue.start(loop)
             self.queues.append(queue)
@@ -358,9 +371,44 @@ class Daemon:
             self.others.append(await start_metrics(host, port, self.status, self.totals))
             log.info("metrics on http://%s:%d/metrics", bracket(host), port)
         await self.apply_config(cfg)
+        await self._take_over()
         self.bridge = ViciBridge(
             cfg.vici_socket, loop, self.on_vici_event, self.on_vici_resync, self.on_vici_state
         )
+
+    async def _take_over(self) -> None:
+        """The steering sets a previous run left: its peers that charon still holds SAs
+        with stay steered (their packets are dropped until they reconnect), the others go
+        now, in one swap of each set (tcpencap.core.restart)."""
+        remembered = self.rules.remembered
+        ctcp_rules = self.ctcp.rules if self.ctcp is not None else None
+        ctcp_remembered = ctcp_rules.steering.remembered if ctcp_rules is not None else []
+        sas = await self._list_sas("start") if remembered or ctcp_remembered else []
+        self.engine.linger(time.monotonic(), still_held(remembered, sas))
+        self.after()
+        self.rules.commit()
+        if self.ctcp is not None and ctcp_rules is not None:
+            self.ctcp.linger(still_held(ctcp_remembered, sas))
+            ctcp_rules.steering.commit()
+            if self.ctcp.lingering:
+                self._spawn(self._release_ctcp())
+
+    async def _list_sas(self, purpose: str) -> list[dict[str, Any]] | None:
+        """charon's IKE SAs, or None (logged) when it cannot be asked."""
+        try:
+            sas: list[dict[str, Any]] = await asyncio.to_thread(list_sas, self.config.vici_socket)
+        except OSError as exc:
+            self.log_limited(f"list-sas-{purpose}", "cannot list SAs (%s): %s", purpose, exc)
+            return None
+        return sas
+
+    async def _release_ctcp(self) -> None:
+        """Poll charon until no lingering cTCP peer of a previous run has an SA left."""
+        while self.ctcp is not None and self.ctcp.lingering:
+            await asyncio.sleep(PEER_RELEASE_POLL)
+            sas = await self._list_sas("ctcp-release")
+            if sas is not None and self.ctcp is not None:
+                self.ctcp.release_lingering(sa_hosts(sas))
 
     async def _shutdown(self) -> None:
         for task in list(self._tasks):
@@ -380,10 +428,14 @@ class Daemon:
             self.inbound.stop()
             if self._inbound_thread is not None:
                 self._inbound_thread.join(2.0)
-        self.rules.remove()
+        if self.remove_rules:
+            self.rules.remove()
+        else:
+            self.rules.release()
+            log.info("netfilter rules kept: TCP peers' UDP is dropped until tcpencap is back")
         if self.ctcp is not None:
             with contextlib.suppress(Exception):
-                await self.ctcp.stop()
+                await self.ctcp.stop(remove_rules=self.remove_rules)
         if self.injector is not None:
             self.injector.close()
         if self.config.status_socket and self.others:

@@ -775,6 +775,14 @@ class Rfc9329Engine(Engine):
         if conn.close_reason.startswith("connect failed"):
             t["connect_failures"] += 1
 
+    def linger(self, now: float, peers: list[bytes]) -> None:
+        """Gateway peers a previous run steered that charon still holds SAs with: they stay
+        steered, as after their connection closed, until the release poll finds no SA."""
+        for peer in peers:
+            if self.steering.add(peer, LINGER):
+                self._out.append(Steer(peer, True))
+            self.release_at[peer] = now + PEER_RELEASE_DELAY
+
     def stop(self) -> None:
         """tcpencap is stopping: close everything, reconnect nothing."""
         self.stopping = True
