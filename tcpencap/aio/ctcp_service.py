@@ -46,12 +46,14 @@ from tcpencap.core.ctcp_conn import Timers
 from tcpencap.core.ctcp_engine import CtcpEngine
 from tcpencap.core.outputs import Inject, Steer, Transmit, bracket, count
 from tcpencap.core.ports import PortAllocator
+from tcpencap.core.restart import sa_hosts
 from tcpencap.wire.mtu import CTCP_OVERHEAD, check_inner, ctcp_original, plan
 from tcpencap.wire.packet import PROTO_UDP, PacketError, addr_text, parse_ip
 
 log = logging.getLogger("tcpencap.ctcp")
 
-LINGER = "linger"  # steering reason of a previous run's peer that charon holds SAs with
+LINGER = "linger"  # steering reason of a gateway peer whose SAs no flow carries
+RELEASE_POLL = 5.0  # how often charon is asked whether a lingering peer still has SAs
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
 IP_NODEFRAG = getattr(socket, "IP_NODEFRAG", 22)
@@ -160,7 +162,8 @@ class CtcpService:
         self._timer: EngineTimer | None = None
         self.peers: dict[bytes, int] = {}
         self.counters: dict[str, int] = {}
-        self.lingering: set[bytes] = set()  # steered for a previous run's SAs
+        self.lingering: set[bytes] = set()  # steered for SAs no flow carries
+        self._release: asyncio.Task[None] | None = None
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Listeners from the configuration; client peers come with set_peers."""
@@ -211,13 +214,17 @@ class CtcpService:
         self.peers = dict(peers)
 
     def linger(self, peers: list[bytes]) -> None:
-        """Gateway peers of a previous run that charon still holds SAs with stay steered
-        until ``release_lingering`` finds none (their packets are dropped meanwhile)."""
+        """Gateway peers that charon may still send to with no cTCP flow to carry it (a
+        previous run's, or one whose flow closed) stay steered, their packets dropped,
+        until charon lists no IKE SA with them (polled, ``release_lingering``)."""
         assert self.engine is not None and self.rules is not None
         for p in peers:
             self.lingering.add(p)
             if self.engine.steering.add(p, LINGER):
                 self.rules.add_peer(addr_text(p))
+        if self.lingering and (self._release is None or self._release.done()):
+            assert self._loop is not None
+            self._release = self._loop.create_task(self._release_poll())
 
     def release_lingering(self, busy: set[bytes]) -> None:
         """``busy``: the addresses charon holds IKE SAs with now."""
@@ -228,8 +235,22 @@ class CtcpService:
             if self.engine.steering.remove(p, LINGER):
                 self.rules.remove_peer(addr_text(p))
 
+    async def _release_poll(self) -> None:
+        from vici_bridge.resolve import list_sas
+
+        while self.lingering:
+            await asyncio.sleep(RELEASE_POLL)
+            try:
+                sas = await asyncio.to_thread(list_sas, self.config.vici_socket)
+            except OSError as exc:  # keep steering: without charon's word, fail closed
+                self.log_limited("ctcp-list-sas", "cTCP: cannot list SAs: %s", exc)
+                continue
+            self.release_lingering(sa_hosts(sas))
+
     async def stop(self, remove_rules: bool = False) -> None:
         """Rules and sets stay (a queue nobody reads drops) unless ``remove_rules``."""
+        if self._release is not None:
+            self._release.cancel()
         if self._timer is not None:
             self._timer.cancel()
         if self.queue is not None:
@@ -295,7 +316,9 @@ class CtcpService:
                     if o.on:
                         self.rules.add_peer(peer)
                     else:
-                        self.rules.remove_peer(peer)
+                        # The flow is gone, charon's SAs with the peer may not be: they
+                        # stay steered (dropped, never UDP) until charon lists none.
+                        self.linger([o.peer])
             except OSError as exc:
                 count(self.counters, f"{type(o).__name__.lower()}-failed")
                 self.log_limited("ctcp-io", "cTCP: %s failed: %s", type(o).__name__, exc)

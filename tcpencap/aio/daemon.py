@@ -30,8 +30,8 @@ from tcpencap.config import Config
 from tcpencap.confparse import ConfError
 from tcpencap.core import reload as plans
 from tcpencap.core.outputs import Close, Connect, Inject, Query, Steer, Transmit, bracket, count
-from tcpencap.core.restart import sa_hosts, still_held
-from tcpencap.core.rfc9329_engine import PEER_RELEASE_POLL, Rfc9329Engine
+from tcpencap.core.restart import still_held
+from tcpencap.core.rfc9329_engine import Rfc9329Engine
 from tcpencap.native import load as load_native
 from tcpencap.wire.packet import addr_text
 from vici_bridge.bridge import ViciBridge
@@ -390,8 +390,6 @@ class Daemon:
         if self.ctcp is not None and ctcp_rules is not None:
             self.ctcp.linger(still_held(ctcp_remembered, sas))
             ctcp_rules.steering.commit()
-            if self.ctcp.lingering:
-                self._spawn(self._release_ctcp())
 
     async def _list_sas(self, purpose: str) -> list[dict[str, Any]] | None:
         """charon's IKE SAs, or None (logged) when it cannot be asked."""
@@ -401,14 +399,6 @@ class Daemon:
             self.log_limited(f"list-sas-{purpose}", "cannot list SAs (%s): %s", purpose, exc)
             return None
         return sas
-
-    async def _release_ctcp(self) -> None:
-        """Poll charon until no lingering cTCP peer of a previous run has an SA left."""
-        while self.ctcp is not None and self.ctcp.lingering:
-            await asyncio.sleep(PEER_RELEASE_POLL)
-            sas = await self._list_sas("ctcp-release")
-            if sas is not None and self.ctcp is not None:
-                self.ctcp.release_lingering(sa_hosts(sas))
 
     async def _shutdown(self) -> None:
         for task in list(self._tasks):
