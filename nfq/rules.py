@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import shlex
 import subprocess
 from collections.abc import Callable, Iterable
 
@@ -94,6 +95,7 @@ class SteeringRules:
         self.installed = False
         self.staging = False  # between install() and commit()
         self.remembered: list[str] = []  # the members a previous run left, at install()
+        self.classify_queue: int | None = None  # see set_classify
 
     @property
     def peers(self) -> frozenset[str]:
@@ -159,18 +161,45 @@ class SteeringRules:
         except OSError as exc:
             raise RuleError(f"ipset: {exc}") from exc
 
+    def _wanted(self, fam: int) -> list[list[str]]:
+        """The chain's rules, in order: the steered peers, then (on a TCP client) charon's
+        IKE to anyone else, for the per-packet check of tcpencap.core.ike_guard."""
+        rules = [self._queue_rule(fam)]
+        if self.classify_queue is not None:
+            # not what tcpencap injects towards charon (to a local address)
+            q = ["-m", "addrtype", "!", "--dst-type", "LOCAL"]
+            q += ["-j", "NFQUEUE", "--queue-num", str(self.classify_queue)]
+            payload = "0x0>>0x16&0x3c@0x8=0x0" if fam == 4 else "0x30=0x0"  # the marker
+            rules.append(["-p", "udp", "-m", "udp", "--sport", "500", *q])
+            rules.append(["-p", "udp", "-m", "udp", "--sport", "4500", "-m", "u32", "--u32",
+                          payload, *q])  # fmt: skip
+        return rules
+
+    def set_classify(self, queue: int | None) -> None:
+        """Queue charon's IKE to unsteered addresses to ``queue`` (None: stop)."""
+        if queue == self.classify_queue:
+            return
+        self.classify_queue = queue
+        if self.installed:
+            for fam in (4, 6):
+                self._ensure_chain(fam)
+
     def _ensure_chain(self, fam: int) -> None:
-        """The chain holding exactly the queue rule, and the jump to it first in OUTPUT;
-        a rule that differs (another queue number) goes after the right one is in."""
-        want = self._queue_rule(fam)
+        """The chain holding exactly the wanted rules, and the jump to it first in OUTPUT;
+        a rule that differs (another queue number) goes after the right ones are in."""
+        wanted = self._wanted(fam)
         if _run(fam, "-S", self.chain, check=False).returncode:
             _run(fam, "-N", self.chain)
-        if _run(fam, "-C", self.chain, *want, check=False).returncode:
-            _run(fam, "-I", self.chain, "1", *want)
-        listed = [line.split()[2:] for line in _run(fam, "-S", self.chain).stdout.splitlines()[1:]]
-        if want in listed:  # iptables spells it as we do: the others are stale
+        if _run(fam, "-C", self.chain, *wanted[0], check=False).returncode:
+            _run(fam, "-I", self.chain, "1", *wanted[0])  # the steered peers come first
+        for rule in wanted[1:]:
+            if _run(fam, "-C", self.chain, *rule, check=False).returncode:
+                _run(fam, "-A", self.chain, *rule)
+        lines = _run(fam, "-S", self.chain).stdout.splitlines()[1:]
+        listed = [shlex.split(line)[2:] for line in lines]
+        if all(rule in listed for rule in wanted):  # spelt as iptables does: the rest is stale
             for spec in listed:
-                if spec != want:
+                if spec not in wanted:
                     _run(fam, "-D", self.chain, *spec, check=False)
         if _run(fam, "-C", "OUTPUT", *self._jump(), check=False).returncode:
             _run(fam, "-I", "OUTPUT", "1", *self._jump())

@@ -59,6 +59,9 @@ class FakeSteeringRules:
     def commit(self) -> None:
         pass
 
+    def set_classify(self, queue: int | None) -> None:
+        self.classify = queue
+
     def release(self) -> None:
         pass
 
@@ -125,6 +128,17 @@ class FakeQueueReader:
         pass
 
 
+class FakeVerdictQueue:
+    def __init__(self, num, decide) -> None:
+        self.num, self.decide = num, decide
+
+    def start(self, loop) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
 class FakeInjector:
     def inject(self, packet: bytes, dst: bytes) -> None:
         pass
@@ -184,6 +198,7 @@ def list_sas(monkeypatch) -> FakeListSas:
 def no_root(monkeypatch):
     monkeypatch.setattr(daemon_mod, "RawInjector", FakeInjector)
     monkeypatch.setattr(daemon_mod, "QueueReader", FakeQueueReader)
+    monkeypatch.setattr(daemon_mod, "VerdictQueue", FakeVerdictQueue)
     monkeypatch.setattr(daemon_mod, "ViciBridge", FakeBridge)
     monkeypatch.setattr(daemon_mod, "SteeringRules", FakeSteeringRules)
     monkeypatch.setattr(nfq.queue, "QueueReader", FakeQueueReader)  # imported by CtcpService

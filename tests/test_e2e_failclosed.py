@@ -18,6 +18,7 @@ On 96634d6 SIGTERM removed the rules (UDP left at once) and every start flushed 
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -166,3 +167,64 @@ def test_no_udp_leaves_while_tcpencap_is_down_or_restarting(
             f"{t_back - t_open:.1f} s; IKE SA {'resumed' if ike_after == ike_before else 'new'}"
         )
         assert leaked == [0, 0], f"UDP 500/4500 between c1 and gw (c1's, gw's link): {leaked}"
+
+
+# An IPPROTO_RAW socket, whose packets pass OUTPUT as charon's do (scapy's default layer-3
+# socket on Linux is a packet socket, which netfilter never sees).
+SEND = """
+import socket, sys
+from scapy.all import IP, UDP, Raw
+src, dst, sport, payload = sys.argv[1], sys.argv[2], int(sys.argv[3]), bytes.fromhex(sys.argv[4])
+pkt = bytes(IP(src=src, dst=dst) / UDP(sport=sport, dport=sport) / Raw(payload))
+with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as s:
+    s.sendto(pkt, (dst, 0))
+"""
+
+
+def ike_probe(spi_i: bytes) -> bytes:
+    """An IKEv2 INFORMATIONAL request, as a MOBIKE probe (UPDATE_SA_ADDRESSES) starts."""
+    body = b"\x00" * 8
+    header = spi_i + bytes.fromhex("a1b2c3d4e5f60718") + bytes([46, 0x20, 37, 0x08])
+    return header + (7).to_bytes(4, "big") + (28 + len(body)).to_bytes(4, "big") + body
+
+
+@pytest.mark.parametrize("encap", ["rfc9329", "ctcp"])
+def test_ike_of_a_tcp_sa_to_an_unsteered_address_never_leaves_as_udp(encap: str) -> None:
+    """A TCP client's charon sends IKE of its TCP SA to an address of the gateway that is
+    not steered (a MOBIKE probe to an additional address): dropped. IKE of any other SA to
+    that address, and ESP, still go out as UDP, since they are not a TCP peer's. Sent from
+    charon's ports with a raw socket, through the same OUTPUT path as charon's packets."""
+    with Lab(clients=1) as lab:
+        c1, gw = lab.clients[0], lab.gw
+        if encap == "rfc9329":
+            start_tcp_pair(lab, c1)
+        else:
+            ctcp_pair(lab, c1)
+        name = default_name(c1, gw)
+        c1.charon.initiate(name, timeout=10)  # type: ignore[union-attr]
+        assert not unanswered(c1, gw.inner4, c1.inner4)
+        (sa,) = [sa[name] for sa in c1.charon.list_sas()]  # type: ignore[union-attr]
+        tcp_spi = bytes.fromhex(sa["initiator-spi"])
+        other = gw.outer4.rsplit(".", 1)[0] + ".77"  # another address of the gateway's
+        cap = lab.capture(c1)
+        cases = {
+            "probe-4500": (4500, b"\x00" * 4 + ike_probe(tcp_spi)),
+            "probe-500": (500, ike_probe(tcp_spi)),
+            "other-sa-4500": (4500, b"\x00" * 4 + ike_probe(bytes.fromhex("0102030405060708"))),
+            "esp": (4500, bytes.fromhex("c0ffee01") + b"\x00" * 60),
+        }
+        for sport, payload in cases.values():
+            c1.run(sys.executable, "-c", SEND, c1.outer4, other, str(sport), payload.hex())
+        assert not unanswered(c1, gw.inner4, c1.inner4)  # the tunnel is unharmed
+        from scapy.layers.inet import IP, UDP
+
+        seen = {k: 0 for k in cases}
+        for p in cap.stop():
+            if IP in p and UDP in p and p[IP].dst == other:
+                raw = bytes(p[UDP].payload)
+                for k, (_sport, payload) in cases.items():
+                    seen[k] += raw == payload
+        print(f"\n{encap}: on c1's link, by case: {seen}")
+        assert seen == {"probe-4500": 0, "probe-500": 0, "other-sa-4500": 1, "esp": 1}, seen
+        drops = c1.tcpencap_status()["drops"]
+        assert drops.get("ike-off-tcp") == 2, drops

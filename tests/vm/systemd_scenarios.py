@@ -261,18 +261,18 @@ def restart_with_tcp_blocked(
     for proc in (pinger, tcpdump):
         os.kill(proc.pid, signal.SIGINT)
         proc.wait(10)
-    leaked = [
-        p
+    leaked = sum(
+        1
         for p in rdpcap(str(pcap))
         if IP in p and UDP in p and {p[UDP].sport, p[UDP].dport} & {500, 4500}
         and {p[IP].src, p[IP].dst} == {c1.outer4, gw.outer4}
-    ]  # fmt: skip
+    )  # fmt: skip
     print(
         f"restart: charon sent {tried} packets to c1 meanwhile; UDP 500/4500 on the gateway's "
-        f"link: {len(leaked)}; TCP let through -> pings both ways in {back:.1f} s; "
+        f"link: {leaked}; TCP let through -> pings both ways in {back:.1f} s; "
         f"NRestarts={prop('tcpencap.service', 'NRestarts')}"
     )
-    assert not leaked, f"{len(leaked)} UDP 500/4500 packets left the gateway"
+    assert leaked == 0, f"{leaked} UDP 500/4500 packets left the gateway"
 
 
 def daemon_view(pid: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
@@ -316,7 +316,7 @@ def test_6_unit_runs_confined(lab: dict[str, Any]) -> None:
             res = daemon_view(pid, ["python3", "-c", CONNECT, path])
             reach[path] = res.returncode == 0
     writes = {}
-    for path in ("/run/tcpencap/probe", "/run/probe", "/etc/probe", "/var/tmp/probe"):
+    for path in ("/run/tcpencap/probe", "/run/probe", "/etc/probe", "/var/lib/probe"):
         writes[path] = daemon_view(pid, ["touch", path]).returncode == 0
         daemon_view(pid, ["rm", "-f", path])
     print(f"the daemon can connect to: {reach}; can write: {writes}")
@@ -328,7 +328,10 @@ def test_6_unit_runs_confined(lab: dict[str, Any]) -> None:
     assert not reach["/run/systemd/private"], reach
     assert not reach.get("/run/dbus/system_bus_socket"), reach
     assert writes == {"/run/tcpencap/probe": True, "/run/probe": False, "/etc/probe": False,
-                      "/var/tmp/probe": False}, writes  # fmt: skip
+                      "/var/lib/probe": False}, writes  # fmt: skip
+    # 96634d6 measured 2.0 (root, /run writable, systemd's socket reachable)
+    level = float(re.search(r"exposure level for tcpencap.service: ([0-9.]+)", score)[1])
+    assert level < 2.0, overall
 
 
 def test_7_stopping_strongswan_stops_tcpencap_and_leaves_no_rules(lab: dict[str, Any]) -> None:
