@@ -58,6 +58,19 @@ def ctcp_conf(host: Host, body: str) -> str:
     )
 
 
+def tunnel_up(lab: Lab, encap: str) -> tuple[Host, Host, str]:
+    """c1 <-> gw over TCP (c1's UDP dropped in fw), initiated and pinging."""
+    c1, gw = lab.clients[0], lab.gw
+    if encap == "rfc9329":
+        start_tcp_pair(lab, c1)
+    else:
+        ctcp_pair(lab, c1)
+    name = default_name(c1, gw)
+    c1.charon.initiate(name, timeout=10)  # type: ignore[union-attr]
+    assert not unanswered(c1, gw.inner4, c1.inner4)
+    return c1, gw, name
+
+
 def counted(host: Host, peer: str) -> int:
     """charon's UDP 500/4500 packets to ``peer`` so far (the raw OUTPUT counter)."""
     out = host.run("iptables", "-w", "5", "-t", "raw", "-L", "OUTPUT", "-v", "-x", "-n").stdout
@@ -109,14 +122,7 @@ def test_no_udp_leaves_while_tcpencap_is_down_or_restarting(
     encap: str, victim: str, sig: signal.Signals
 ) -> None:
     with Lab(clients=1) as lab:
-        c1, gw = lab.clients[0], lab.gw
-        if encap == "rfc9329":
-            start_tcp_pair(lab, c1)
-        else:
-            ctcp_pair(lab, c1)
-        name = default_name(c1, gw)
-        c1.charon.initiate(name, timeout=10)  # type: ignore[union-attr]
-        assert not unanswered(c1, gw.inner4, c1.inner4)
+        c1, gw, name = tunnel_up(lab, encap)
         assert not unanswered(gw, c1.inner4, gw.inner4)
         host = gw if victim == "gw" else c1
         peer = c1 if victim == "gw" else gw
@@ -195,14 +201,7 @@ def test_ike_of_a_tcp_sa_to_an_unsteered_address_never_leaves_as_udp(encap: str)
     that address, and ESP, still go out as UDP, since they are not a TCP peer's. Sent from
     charon's ports with a raw socket, through the same OUTPUT path as charon's packets."""
     with Lab(clients=1) as lab:
-        c1, gw = lab.clients[0], lab.gw
-        if encap == "rfc9329":
-            start_tcp_pair(lab, c1)
-        else:
-            ctcp_pair(lab, c1)
-        name = default_name(c1, gw)
-        c1.charon.initiate(name, timeout=10)  # type: ignore[union-attr]
-        assert not unanswered(c1, gw.inner4, c1.inner4)
+        c1, gw, name = tunnel_up(lab, encap)
         (sa,) = [sa[name] for sa in c1.charon.list_sas()]  # type: ignore[union-attr]
         tcp_spi = bytes.fromhex(sa["initiator-spi"])
         other = gw.outer4.rsplit(".", 1)[0] + ".77"  # another address of the gateway's
@@ -228,3 +227,35 @@ def test_ike_of_a_tcp_sa_to_an_unsteered_address_never_leaves_as_udp(encap: str)
         assert seen == {"probe-4500": 0, "probe-500": 0, "other-sa-4500": 1, "esp": 1}, seen
         drops = c1.tcpencap_status()["drops"]
         assert drops.get("ike-off-tcp") == 2, drops
+
+
+def test_a_real_mobike_move_sends_no_udp() -> None:
+    """c1's IPv4 address changes (198.18.1.2 -> .3) while only the gateway's IPv4 address is
+    configured: charon's MOBIKE also tries the gateway's IPv6 address, which it learnt from
+    ADDITIONAL_IP6_ADDRESS and tcpencap cannot see (README Limitations). Nothing of it may
+    leave as UDP; the SA follows c1 to its new address over TCP."""
+    from scapy.layers.inet import UDP
+
+    with Lab(clients=1) as lab:
+        c1, gw, name = tunnel_up(lab, "rfc9329")
+        spi = c1.charon.list_sas()[0][name]["initiator-spi"]  # type: ignore[union-attr]
+        cap = lab.capture(c1)
+        c1.run("sysctl", "-q", "-w", f"net.ipv4.conf.{c1.veth}.promote_secondaries=1")
+        c1.run("ip", "addr", "add", "198.18.1.3/24", "dev", c1.veth)
+        c1.run("ip", "addr", "del", "198.18.1.2/24", "dev", c1.veth)
+        c1.run("ip", "route", "replace", "default", "via", "198.18.1.1")
+
+        def moved() -> bool:
+            sas = gw.charon.list_sas()  # type: ignore[union-attr]
+            return bool(sas) and sas[0][name]["remote-host"] == "198.18.1.3"
+
+        t0 = time.monotonic()
+        wait_for("the IKE SA follows c1", moved, 20)
+        wait_for("pings again", lambda: not unanswered(c1, gw.inner4, c1.inner4, count=1), 20)
+        took = time.monotonic() - t0
+        udp = [p for p in cap.stop() if UDP in p and {p[UDP].sport, p[UDP].dport} & {500, 4500}]
+        drops = c1.tcpencap_status()["drops"]
+        print(f"\nMOBIKE move: pings again after {took:.1f} s; UDP 500/4500 on c1's link: "
+              f"{len(udp)}; IKE dropped off TCP: {drops.get('ike-off-tcp', 0)}")  # fmt: skip
+        assert gw.charon.list_sas()[0][name]["initiator-spi"] == spi  # type: ignore[union-attr]
+        assert udp == [], [p.summary() for p in udp]
