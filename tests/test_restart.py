@@ -81,3 +81,47 @@ def test_a_lingering_peer_of_a_previous_run_is_dropped_then_released() -> None:
     assert asked >= 2
     assert [o for _, o in released] == [Steer(CB, False)]
     assert released[0][0] >= 2 * PEER_RELEASE_DELAY
+
+
+def test_ctcp_lingering_peers_are_released_but_configured_ones_stay() -> None:
+    """cTCP gateway peers whose flow closed (or of a previous run) stay steered while
+    charon holds SAs with them; a client's configured cTCP peer is never released."""
+    import asyncio
+    import types
+
+    from tcpencap.aio.ctcp_service import CtcpService
+    from tcpencap.config import parse_config
+    from tcpencap.core.peers import SteeringRefs
+
+    class Rules:
+        def __init__(self) -> None:
+            self.peers: set[str] = set()
+
+        def add_peer(self, peer: str) -> None:
+            self.peers.add(peer)
+
+        def remove_peer(self, peer: str) -> None:
+            self.peers.discard(peer)
+
+        def release(self) -> None:
+            pass
+
+    async def scenario() -> list[set[str]]:
+        cfg = parse_config("tcpencap {\n}\n", "/etc/tcpencap.conf")
+        svc = CtcpService(cfg, injector=None, log_limited=lambda *a: None)
+        svc.engine = types.SimpleNamespace(steering=SteeringRefs())  # type: ignore[assignment]
+        svc.rules = Rules()
+        svc._loop = asyncio.get_running_loop()
+        gw_peer, client_peer = packed(A), packed(B)
+        svc.peers = {client_peer: 10000}
+        svc.rules.add_peer(B)
+        svc.linger([gw_peer, client_peer])
+        seen = [set(svc.rules.peers)]
+        svc.release_lingering({gw_peer})  # charon still holds an SA with it
+        seen.append(set(svc.rules.peers))
+        svc.release_lingering(set())
+        seen.append(set(svc.rules.peers))
+        await svc.stop()
+        return seen
+
+    assert asyncio.run(scenario()) == [{A, B}, {A, B}, {B}]

@@ -219,6 +219,8 @@ class CtcpService:
         until charon lists no IKE SA with them (polled, ``release_lingering``)."""
         assert self.engine is not None and self.rules is not None
         for p in peers:
+            if p in self.peers:
+                continue  # a client's configured peer: steered for as long as configured
             self.lingering.add(p)
             if self.engine.steering.add(p, LINGER):
                 self.rules.add_peer(addr_text(p))
@@ -232,7 +234,7 @@ class CtcpService:
             return
         for p in [p for p in self.lingering if p not in busy]:
             self.lingering.discard(p)
-            if self.engine.steering.remove(p, LINGER):
+            if self.engine.steering.remove(p, LINGER) and p not in self.peers:
                 self.rules.remove_peer(addr_text(p))
 
     async def _release_poll(self) -> None:
