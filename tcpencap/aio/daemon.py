@@ -222,7 +222,7 @@ class Daemon:
     def _update_guard(self, loop: asyncio.AbstractEventLoop) -> None:
         """Check charon's IKE to unsteered addresses packet by packet while any client
         connection may use TCP (tcpencap.core.ike_guard); nothing is queued otherwise."""
-        wanted = any(c.transport != "udp" for c in self.config.connections.values())
+        wanted = self._guard_wanted()
         if wanted and self.guard is None:
             self.guard = VerdictQueue(self.guard_queue_num, self._may_leave)
             self.guard.start(loop)
@@ -232,6 +232,9 @@ class Daemon:
             self.rules.set_classify(None)
             self.guard.stop()
             self.guard = None
+
+    def _guard_wanted(self) -> bool:
+        return any(c.transport != "udp" for c in self.config.connections.values())
 
     @property
     def guard_queue_num(self) -> int:
@@ -409,6 +412,8 @@ class Daemon:
             self.inbound = self.engine.native.InboundWorker(*self.injector.fds())
         if cfg.gateway.ctcp_listen:
             await self._ctcp_peers({})
+        if self._guard_wanted():  # in the chain from the start: no moment unchecked
+            self.rules.classify_queue = self.guard_queue_num
         self.rules.install()
         for k in range(cfg.queues):
             queue = QueueReader(
