@@ -245,9 +245,13 @@ class SteeringRules:
         _run(fam, "-D", self.chain, *by_staged, check=False)
 
     def release(self) -> None:
-        """The daemon stops: the chains and sets stay (a queue nobody reads drops)."""
+        """The daemon stops: the chains and sets stay (a queue nobody reads drops). A
+        staging set not committed yet goes: the live set holds its peers and more."""
         if self.staging:
-            self.commit()
+            for fam in (4, 6):
+                with contextlib.suppress(RuleError):
+                    self._ipset(lambda ips, fam=fam: ips.destroy(staging_name(self.chain, fam)))
+            self.staging = False
         if self._sets is not None:
             self._sets.close()
             self._sets = None

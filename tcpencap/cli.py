@@ -1,4 +1,5 @@
-"""Command line: ``tcpencap run | status | reload | check-config | remove-rules | version``.
+"""Command line: ``tcpencap run | status | reload | check-config | install-rules |
+remove-rules | version``.
 
 Exit codes: 0 success, 1 runtime failure (daemon could not start, status socket
 unreachable), 2 usage or configuration error.
@@ -198,6 +199,27 @@ def cmd_remove_rules(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_install_rules(args: argparse.Namespace) -> int:
+    """Before charon starts (the strongswan.service drop-in's ExecStartPre=): the chains
+    and sets, empty, and on a TCP client the rules that queue all of charon's IKE to the
+    check nobody reads yet. So IKE that charon sends before tcpencap runs (start_action =
+    start) is dropped, never sent as UDP; a daemon that runs already is not touched."""
+    cfg = _load(args.config)
+    logging.basicConfig(level="INFO", format="%(message)s", stream=sys.stderr)
+    from nfq.rules import RuleError, SteeringRules
+
+    rules = SteeringRules(cfg.queue_num, queues=cfg.queues)
+    if any(c.transport != "udp" for c in cfg.connections.values()):
+        rules.classify_queue = cfg.queue_num + cfg.queues + 1  # as the daemon's
+    try:
+        rules.install()
+        rules.release()
+    except (OSError, RuleError) as exc:
+        print(f"tcpencap: cannot install the rules: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_OK
+
+
 def cmd_version(_: argparse.Namespace) -> int:
     print(f"tcpencap {__version__}")
     return EXIT_OK
@@ -232,6 +254,9 @@ def parser() -> argparse.ArgumentParser:
     rl.add_argument("--config")
     rl.add_argument("--socket", help="control socket (default: status_socket of the config)")
     rl.set_defaults(func=cmd_reload)
+    ins = sub.add_parser("install-rules", help="install the netfilter rules before charon starts")
+    ins.add_argument("--config")
+    ins.set_defaults(func=cmd_install_rules)
     rm = sub.add_parser(
         "remove-rules", help="remove tcpencap's netfilter rules and sets (daemon stopped)"
     )

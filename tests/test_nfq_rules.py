@@ -497,3 +497,74 @@ def test_remove_rules_command_refuses_while_a_daemon_answers(tmp_path):
     )
     srv.close()
     assert res.returncode == 1 and "stop it first" in res.stderr, res.stderr
+
+
+def test_release_before_commit_keeps_every_peer_in_force(ns):
+    """A daemon that stops (or fails) before its commit leaves the live set as it is, the
+    previous run's peers and its own: nothing is unsteered by a stop."""
+    res = run_in_ns(
+        ns,
+        """
+        r = SteeringRules(4500)
+        r.install()
+        r.add_peer("198.19.0.50")
+        r.commit()
+        r.release()
+        r2 = SteeringRules(4500)
+        r2.install()
+        r2.add_peer("198.19.0.2")
+        r2.release()
+        out["sets"] = sets()
+        out["all_sets"] = sorted(subprocess.run(["ipset", "list", "-n"], capture_output=True,
+                                                text=True).stdout.split())
+        """,
+    )
+    assert res["sets"] == {4: [PEER4, "198.19.0.50"], 6: []}
+    assert res["all_sets"] == [f"{CHAIN}_4", f"{CHAIN}_6"]
+
+
+def test_install_rules_before_charon_drops_a_clients_ike_to_anyone(ns, tmp_path):
+    """`tcpencap install-rules` (strongswan.service's ExecStartPre=) on a TCP client: with
+    no daemon yet, charon's IKE to any address is queued to nobody and dropped, ESP is not
+    touched; a running daemon's set would be left as it is (no swap)."""
+    conf = tmp_path / "client.conf"
+    conf.write_text(
+        "tcpencap {\n  connections {\n    home {\n      remote_addrs = 198.18.1.99\n"
+        "    }\n  }\n}\n"
+    )
+    res = run_in_ns(
+        ns,
+        f"""
+        import socket
+        for cmd in ("link add te0 type veth peer name te1", "link set te0 up",
+                    "link set te1 up", "addr add 198.18.1.2/24 dev te0"):
+            subprocess.run(["ip", *cmd.split()], check=True)
+        ipt(4, "-A", "POSTROUTING", "-p", "udp", "-d", "198.18.1.0/24")  # a counter
+        r = SteeringRules(4500)
+        r.install()
+        r.add_peer("198.19.0.7")  # a running daemon's peer
+        r.commit()
+        r.release()
+        cli = subprocess.run([sys.executable, "-m", "tcpencap", "install-rules", "--config",
+                              "{conf}"], capture_output=True, text=True)
+        out["rc"] = cli.returncode
+        out["err"] = cli.stderr
+        out["sets"] = sets()
+
+        def send(sport, payload):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("198.18.1.2", sport))
+            s.sendto(payload, ("198.18.1.50", sport))
+            s.close()
+
+        send(500, b"\\x11" * 8 + bytes(20))          # IKE on 500
+        send(4500, bytes(4) + b"\\x11" * 8 + bytes(20))  # IKE behind the non-ESP marker
+        send(4500, b"\\xc0\\xff\\xee\\x01" + bytes(40))  # ESP
+        post = ipt(4, "-L", "POSTROUTING", "-v", "-x", "-n").stdout.splitlines()[2:]
+        out["left"] = [int(line.split()[0]) for line in post]
+        """,
+    )
+    assert res["rc"] == 0, res["err"]
+    assert res["sets"] == {4: ["198.19.0.7"], 6: []}  # the daemon's peer is still steered
+    assert res["left"] == [1]  # only the ESP left; both IKE packets were queued, dropped
