@@ -198,7 +198,7 @@ def list_sas(monkeypatch) -> FakeListSas:
 def no_root(monkeypatch):
     monkeypatch.setattr(daemon_mod, "RawInjector", FakeInjector)
     monkeypatch.setattr(daemon_mod, "QueueReader", FakeQueueReader)
-    monkeypatch.setattr(daemon_mod, "VerdictQueue", FakeVerdictQueue)
+    monkeypatch.setattr("tcpencap.aio.ike_guard.VerdictQueue", FakeVerdictQueue)
     monkeypatch.setattr(daemon_mod, "ViciBridge", FakeBridge)
     monkeypatch.setattr(daemon_mod, "SteeringRules", FakeSteeringRules)
     monkeypatch.setattr(nfq.queue, "QueueReader", FakeQueueReader)  # imported by CtcpService

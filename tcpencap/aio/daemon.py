@@ -15,7 +15,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from nfq.classify import VerdictQueue
 from nfq.inject import RawInjector
 from nfq.queue import QueueReader
 from nfq.rules import SteeringRules
@@ -23,6 +22,7 @@ from tcpencap.aio.connect import connect
 from tcpencap.aio.control import start_control, start_metrics
 from tcpencap.aio.ctcp_service import CtcpService
 from tcpencap.aio.engine_timer import EngineTimer
+from tcpencap.aio.ike_guard import IkeGuard
 from tcpencap.aio.sockopts import set_ipsec_bypass
 from tcpencap.aio.status import daemon_status
 from tcpencap.aio.tcp import TcpProtocol
@@ -30,12 +30,11 @@ from tcpencap.aio.tls import Fronts
 from tcpencap.config import Config
 from tcpencap.confparse import ConfError
 from tcpencap.core import reload as plans
-from tcpencap.core.ike_guard import must_drop, tcp_ike_spis
 from tcpencap.core.outputs import Close, Connect, Inject, Query, Steer, Transmit, bracket, count
 from tcpencap.core.restart import still_held
 from tcpencap.core.rfc9329_engine import Rfc9329Engine
 from tcpencap.native import load as load_native
-from tcpencap.wire.packet import PacketError, addr_text, parse_ip
+from tcpencap.wire.packet import addr_text
 from vici_bridge.bridge import ViciBridge
 from vici_bridge.resolve import ViciUnreachable, list_sas, resolve_remote_addrs
 
@@ -71,8 +70,7 @@ class Daemon:
         self.batching = False
         self.dirty: list[TcpProtocol] = []
         self.timer = EngineTimer(self._fire)
-        self.guard: VerdictQueue | None = None  # a TCP client's check of charon's other IKE
-        self.tcp_ike: set[bytes] = set()  # initiator SPIs of charon's SAs with TCP peers
+        self.guard = IkeGuard(self)  # a TCP client's check of charon's other IKE
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
 
@@ -208,67 +206,12 @@ class Daemon:
     def on_vici_event(self, label: str, event: dict[str, Any]) -> None:
         self.engine.vici_event(time.monotonic(), label, event)
         self.after()
-        if self.guard is not None and label in ("ike-updown", "ike-rekey", "ike-update"):
-            self._spawn(self._learn_tcp_sas())
+        self.guard.vici_event(label)
 
     def on_vici_resync(self, sas: list[dict[str, Any]]) -> None:
         self.engine.vici_resync(time.monotonic(), sas)
         self.after()
-        if self.guard is not None:
-            self.tcp_ike = tcp_ike_spis(sas, self._tcp_peers())
-
-    # --- a TCP client: charon's IKE to addresses that are not steered (MOBIKE) ----------
-
-    def _update_guard(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Check charon's IKE to unsteered addresses packet by packet while any client
-        connection may use TCP (tcpencap.core.ike_guard); nothing is queued otherwise."""
-        wanted = self._guard_wanted()
-        if wanted and self.guard is None:
-            self.guard = VerdictQueue(self.guard_queue_num, self._may_leave)
-            self.guard.start(loop)
-            self.rules.set_classify(self.guard_queue_num)
-            self._spawn(self._learn_tcp_sas())
-        elif not wanted and self.guard is not None:
-            self.rules.set_classify(None)
-            self.guard.stop()
-            self.guard = None
-
-    def _guard_wanted(self) -> bool:
-        return any(c.transport != "udp" for c in self.config.connections.values())
-
-    @property
-    def guard_queue_num(self) -> int:
-        return self.config.queue_num + self.config.queues + 1  # after cTCP's
-
-    def _tcp_peers(self) -> set[bytes]:
-        peers = set(self.engine.steering.peers())
-        if self.ctcp is not None:
-            peers.update(self.ctcp.peers)
-            peers.update(self.ctcp.lingering)
-        return peers
-
-    def _is_tcp_sa(self, spi_i: bytes) -> bool:
-        if spi_i in self.tcp_ike or self.engine.table.find_ike_spi(spi_i) is not None:
-            return True
-        ctcp = self.ctcp.engine if self.ctcp is not None else None
-        return ctcp is not None and ctcp.table.find_ike_spi(spi_i) is not None
-
-    def _may_leave(self, packet: bytes) -> bool:
-        if must_drop(packet, self._is_tcp_sa):
-            count(self.engine.router.drops, "ike-off-tcp")
-            self.log_limited(
-                "ike-off-tcp",
-                "dropped IKE of a TCP peer's SA to %s, which is not steered (MOBIKE?): "
-                "it must not leave as UDP",
-                packet_dst(packet),
-            )
-            return False
-        return True
-
-    async def _learn_tcp_sas(self) -> None:
-        sas = await self._list_sas("tcp-sas")
-        if sas is not None:
-            self.tcp_ike = tcp_ike_spis(sas, self._tcp_peers())
+        self.guard.vici_resync(sas)
 
     def on_vici_state(self, state: str) -> None:
         self.vici_state = state
@@ -346,7 +289,7 @@ class Daemon:
             log.error("reload refused: %s", exc)
             return {"error": str(exc)}
         changes = await self.apply_config(new, "reload: ")
-        self._update_guard(asyncio.get_running_loop())
+        self.guard.update(asyncio.get_running_loop())
         return {"ok": True, "changes": changes}
 
     async def _listen(self, host: str, port: int, tls: bool = False) -> None:
@@ -412,8 +355,8 @@ class Daemon:
             self.inbound = self.engine.native.InboundWorker(*self.injector.fds())
         if cfg.gateway.ctcp_listen:
             await self._ctcp_peers({})
-        if self._guard_wanted():  # in the chain from the start: no moment unchecked
-            self.rules.classify_queue = self.guard_queue_num
+        if self.guard.wanted():  # in the chain from the start: no moment unchecked
+            self.rules.classify_queue = self.guard.queue_num
         self.rules.install()
         for k in range(cfg.queues):
             queue = QueueReader(
@@ -436,7 +379,7 @@ class Daemon:
             log.info("metrics on http://%s:%d/metrics", bracket(host), port)
         await self.apply_config(cfg)
         await self._take_over()
-        self._update_guard(loop)
+        self.guard.update(loop)
         self.bridge = ViciBridge(
             cfg.vici_socket, loop, self.on_vici_event, self.on_vici_resync, self.on_vici_state
         )
@@ -479,9 +422,8 @@ class Daemon:
         for queue in self.queues:
             with contextlib.suppress(Exception):
                 queue.stop()
-        if self.guard is not None:
-            with contextlib.suppress(Exception):
-                self.guard.stop()
+        with contextlib.suppress(Exception):
+            self.guard.stop()
         if self.inbound is not None:
             self.inbound.stop()
             if self._inbound_thread is not None:
@@ -500,14 +442,6 @@ class Daemon:
             with contextlib.suppress(OSError):
                 os.unlink(self.config.status_socket)
         await asyncio.sleep(0)
-
-
-def packet_dst(packet: bytes) -> str:
-    """The destination of an IP packet, for a log line."""
-    try:
-        return addr_text(parse_ip(packet).dst)
-    except PacketError:
-        return "?"
 
 
 def choose_datapath(setting: str) -> tuple[str, Any]:
