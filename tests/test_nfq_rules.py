@@ -529,8 +529,7 @@ def test_install_rules_before_charon_drops_a_clients_ike_to_anyone(ns, tmp_path)
     touched; a running daemon's set would be left as it is (no swap)."""
     conf = tmp_path / "client.conf"
     conf.write_text(
-        "tcpencap {\n  connections {\n    home {\n      remote_addrs = 198.18.1.99\n"
-        "    }\n  }\n}\n"
+        "tcpencap {\n  connections {\n    home {\n      remote_addrs = 198.18.1.99\n    }\n  }\n}\n"
     )
     res = run_in_ns(
         ns,
@@ -568,3 +567,33 @@ def test_install_rules_before_charon_drops_a_clients_ike_to_anyone(ns, tmp_path)
     assert res["rc"] == 0, res["err"]
     assert res["sets"] == {4: ["198.19.0.7"], 6: []}  # the daemon's peer is still steered
     assert res["left"] == [1]  # only the ESP left; both IKE packets were queued, dropped
+
+
+def test_commit_replaces_a_set_of_another_type_without_a_gap(ns):
+    """A previous run's set of another type (no swap between types): the chain queues by
+    the staging set while the live one is made again, then by the live one."""
+    res = run_in_ns(
+        ns,
+        f"""
+        subprocess.run(["ipset", "create", "{CHAIN}_4", "hash:net"], check=True)
+        subprocess.run(["ipset", "add", "{CHAIN}_4", "198.19.0.0/24"], check=True)
+        r = SteeringRules(4500)
+        r.add_peer("198.19.0.2")
+        r.install()
+        out["remembered"] = r.remembered
+        r.commit()
+        out["rules"] = snap()
+        out["sets"] = sets()
+        out["type"] = subprocess.run(["ipset", "list", "-t", "{CHAIN}_4"], capture_output=True,
+                                     text=True).stdout
+        out["all_sets"] = sorted(subprocess.run(["ipset", "list", "-n"], capture_output=True,
+                                                text=True).stdout.split())
+        r.remove()
+        """,
+    )
+    assert res["remembered"] == ["198.19.0.0"]
+    for fam in (4, 6):
+        assert ours(res["rules"][fam]) == installed(fam)
+    assert res["sets"] == {4: [PEER4], 6: []}
+    assert "Type: hash:ip" in res["type"]
+    assert res["all_sets"] == [f"{CHAIN}_4", f"{CHAIN}_6"]
