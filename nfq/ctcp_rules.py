@@ -25,8 +25,9 @@ socket (protocols.md A.13). Chains, all owned by tcpencap and created in both fa
     (a :class:`nfq.rules.SteeringRules` with its own chain name): a client's peers by
     address, a gateway's by the UDP endpoint their IKE came from.
 
-Only these chains and the three jump rules are ever touched; stale copies of a crashed run
-are removed at start and everything is removed on exit.
+Only these chains and the three jump rules are ever touched. They outlive the daemon like
+the steering rules do (nfq/rules.py): a stop or crash leaves them, so the queue drops what
+nobody reads; the raw chains are made again at start, the steering set is kept and swapped.
 """
 
 from __future__ import annotations
@@ -81,8 +82,9 @@ class CtcpRules:
 
     def install(self, listen: Iterable[Endpoint] = (), peers: Iterable[Endpoint] = ()) -> None:
         """Create the chains: ``listen`` are gateway (ADDR, PORT) endpoints, ``peers`` the
-        (PEER, PORT) endpoints a client connects to."""
-        self.remove(quiet=True)
+        (PEER, PORT) endpoints a client connects to. The steering set of a previous run
+        stays in force (see SteeringRules.install)."""
+        self._remove_raw(quiet=True)
         mark = f"0x{self.mark:x}"
         try:
             for fam in (4, 6):
@@ -108,11 +110,22 @@ class CtcpRules:
                 self.add_peer_endpoint(addr, port)
             self.steering.install()
         except BaseException:
-            self.remove(quiet=True)
+            self._remove_raw(quiet=True)
             raise
 
+    def release(self) -> None:
+        """The daemon stops: every chain and set stays (fail-closed)."""
+        self.steering.release()
+        self.installed = False
+
     def remove(self, *, quiet: bool = False) -> None:
-        """Delete jump rules (every copy) and chains; safe to call repeatedly."""
+        """Delete jump rules (every copy), chains and the steering set; safe to call
+        repeatedly."""
+        self._remove_raw(quiet=quiet)
+        self.steering.remove(quiet=quiet)
+        self.installed = False
+
+    def _remove_raw(self, *, quiet: bool) -> None:
         for fam in (4, 6):
             for builtin, chain in _RAW_JUMPS:
                 for _ in range(64):
@@ -122,8 +135,6 @@ class CtcpRules:
                     _run(fam, "-X", chain, check=False)
                     if not quiet:
                         log.info("removed raw chain %s (IPv%d)", chain, fam)
-        self.steering.remove(quiet=quiet)
-        self.installed = False
 
     def _peer_rules(self, addr: str, port: int) -> list[tuple[str, ...]]:
         p = str(port)

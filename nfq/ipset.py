@@ -18,12 +18,16 @@ from .netlink import NFGENMSG, NLATTR, NLM_F_ACK, NLM_F_REQUEST, NLMSGHDR, attr,
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_IPSET = 6
-CMD_PROTOCOL, CMD_CREATE, CMD_DESTROY, CMD_ADD, CMD_DEL = 1, 2, 3, 9, 10
+CMD_PROTOCOL, CMD_CREATE, CMD_DESTROY, CMD_SWAP, CMD_LIST, CMD_ADD, CMD_DEL = 1, 2, 3, 6, 7, 9, 10
 ATTR_PROTOCOL, ATTR_SETNAME, ATTR_TYPENAME, ATTR_REVISION, ATTR_FAMILY, ATTR_DATA = 1, 2, 3, 4, 5, 7
+ATTR_SETNAME2 = ATTR_TYPENAME  # the second set of a swap
+ATTR_ADT = 8  # a listing's members, each an ATTR_DATA
 ATTR_IP, ATTR_IPADDR_IPV4, ATTR_IPADDR_IPV6 = 1, 1, 2
 ATTR_PORT, ATTR_PROTO = 4, 7  # inside ATTR_DATA, for hash:ip,port
 IPPROTO_UDP = 17
 REVISION = {"hash:ip": 0, "hash:ip,port": 1}
+NLM_F_DUMP = 0x300
+NLMSG_DONE = 3
 NLA_F_NESTED, NLA_F_NET_BYTEORDER = 0x8000, 0x4000
 NLMSG_ERROR = 2  # acknowledgement or refusal
 NFPROTO = {4: 2, 6: 10}  # NFPROTO_IPV4, NFPROTO_IPV6
@@ -74,6 +78,53 @@ def create_request(protocol: int, name: str, family: int, seq: int, kind: str = 
 
 def destroy_request(protocol: int, name: str, seq: int) -> bytes:
     return message(CMD_DESTROY, attr(ATTR_PROTOCOL, bytes([protocol])) + _name(name), seq)
+
+
+def swap_request(protocol: int, name: str, other: str, seq: int) -> bytes:
+    """Exchange two sets of the same type: a rule matching ``name`` sees ``other``'s
+    members from this instant on, with no moment in between."""
+    attrs = attr(ATTR_PROTOCOL, bytes([protocol])) + _name(name)
+    attrs += attr(ATTR_SETNAME2, other.encode() + b"\0")
+    return message(CMD_SWAP, attrs, seq)
+
+
+def list_request(protocol: int, name: str, seq: int) -> bytes:
+    attrs = attr(ATTR_PROTOCOL, bytes([protocol])) + _name(name)
+    flags = NLM_F_REQUEST | NLM_F_DUMP
+    return nfnl_message(NFNL_SUBSYS_IPSET, CMD_LIST, attrs, seq=seq, flags=flags)
+
+
+def _nested(data: bytes) -> list[tuple[int, bytes]]:
+    """The attributes inside a nested one, in order (types without the flag bits)."""
+    out = []
+    pos = 0
+    while pos + NLATTR.size <= len(data):
+        alen, atype = NLATTR.unpack_from(data, pos)
+        if alen < NLATTR.size:
+            break
+        out.append((atype & 0x3FFF, data[pos + NLATTR.size : pos + alen]))
+        pos += alen + (-alen % 4)
+    return out
+
+
+def members_of(adt: bytes) -> list[str]:
+    """The addresses of a listing's ATTR_ADT: ``ADDR`` or, for a set with ports,
+    ``ADDR,PORT`` (the ipset tool's spelling)."""
+    out = []
+    for atype, entry in _nested(adt):
+        if atype != ATTR_DATA:
+            continue
+        addr, port = None, None
+        for etype, value in _nested(entry):
+            if etype == ATTR_IP:
+                for kind, raw in _nested(value):
+                    if kind in (ATTR_IPADDR_IPV4, ATTR_IPADDR_IPV6):
+                        addr = str(ipaddress.ip_address(raw))
+            elif etype == ATTR_PORT and len(value) == 2:
+                port = struct.unpack("!H", value)[0]
+        if addr is not None:
+            out.append(addr if port is None else f"{addr},{port}")
+    return out
 
 
 def member_request(cmd: int, protocol: int, name: str, addr: str, seq: int, port: int = 0) -> bytes:
@@ -159,6 +210,37 @@ class IpsetSocket:
 
     def destroy(self, name: str) -> None:
         self._request(lambda seq: destroy_request(self.protocol, name, seq))
+
+    def swap(self, name: str, other: str) -> None:
+        self._request(lambda seq: swap_request(self.protocol, name, other, seq))
+
+    def members(self, name: str) -> list[str]:
+        """Every member of ``name`` (an IpsetError if there is no such set)."""
+        self._seq += 1
+        seq = self._seq
+        self._sock.send(list_request(self.protocol, name, seq))
+        found: list[str] = []
+        while True:
+            data = self._sock.recv(1 << 20)
+            off = 0
+            while off + NLMSGHDR.size <= len(data):
+                length, mtype, _flags, rseq, _pid = NLMSGHDR.unpack_from(data, off)
+                if length < NLMSGHDR.size:
+                    break
+                body = data[off + NLMSGHDR.size : off + length]
+                off += length + (-length % 4)
+                if rseq != seq:
+                    continue
+                if mtype == NLMSG_DONE:
+                    return found
+                if mtype == NLMSG_ERROR:
+                    (err,) = _NLMSGERR.unpack_from(body, 0)
+                    if err:
+                        raise IpsetError(-err, error_text(-err))
+                    return found
+                for atype, value in _nested(body[NFGENMSG.size :]):
+                    if atype == ATTR_ADT:
+                        found += members_of(value)
 
     def add(self, name: str, addr: str, port: int = 0) -> None:
         self._request(lambda seq: member_request(CMD_ADD, self.protocol, name, addr, seq, port))

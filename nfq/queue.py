@@ -56,6 +56,7 @@ class QueueReader:
         on_native_batch: Callable[[list[bytes], list[tuple[int, bytes, int]]], None] | None = None,
         on_stalled: Callable[[list[int]], None] | None = None,
         native: Any = None,
+        on_failed: Callable[[str], None] | None = None,
         max_len: int = QUEUE_MAXLEN,
         budget: int | None = None,
     ) -> None:
@@ -68,6 +69,7 @@ class QueueReader:
         self._on_native_batch = on_native_batch
         self._on_stalled = on_stalled
         self._native = native
+        self._on_failed = on_failed  # the reader thread died: called on the loop
         self._worker: Any = None
         self._thread: threading.Thread | None = None
         self.overruns = 0  # the kernel dropped queued packets (ENOBUFS on the socket)
@@ -150,9 +152,12 @@ class QueueReader:
         assert self._worker is not None
         try:
             self._worker.run(self._deliver)
-        except Exception:
+        except BaseException as exc:  # MemoryError included: nothing reads the queue now
             log.exception("queue %d: the reader thread failed", self.num)
             self.errors += 1
+            if self._on_failed is not None and self._loop is not None:
+                why = f"queue {self.num}: the reader thread failed: {exc!r}"
+                self._loop.call_soon_threadsafe(self._on_failed, why)
 
     def _deliver(self, result: tuple[Any, ...]) -> None:
         """On the worker thread: what Python must see goes to the event loop."""

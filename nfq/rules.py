@@ -18,7 +18,15 @@ process per peer.
 Only chains and sets tcpencap owns are ever changed; the single jump rule is the only thing
 added to a built-in chain. Without a reader bound to the queue the kernel drops queued
 packets, so a TCP peer's traffic never leaks out as UDP while tcpencap is down
-(fail-closed); stale chains and sets of a crashed run are removed at start.
+(fail-closed). That is why the chains and sets outlive the daemon (stop, restart, crash)
+and go only when asked (``tcpencap remove-rules``, run by strongswan.service's stop):
+
+  install()  keeps what a previous run left (its sets' members are what ``remembered``
+             reports: ``ADDR`` and ``ADDR,PORT``) and starts a staging set beside each
+             set; every peer or endpoint steered from now on goes into both.
+  commit()   swaps the staging sets in (``ipset swap``: one instant, no flush), so the
+             previous run's members that nobody steered again stop being queued only now.
+  release()  the daemon stops: everything stays.   remove(): everything goes.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import shlex
 import subprocess
 from collections.abc import Callable, Iterable
 
@@ -71,6 +80,11 @@ def endpoint_set_name(chain: str, family: int) -> str:
     return f"{chain}_EP{family}"
 
 
+def staging_name(live: str) -> str:
+    """The set a starting daemon fills before it replaces the ``live`` set's members."""
+    return f"{live}n"
+
+
 class SteeringRules:
     """The steering set: peers whose UDP 500/4500 goes to the queue instead of the wire."""
 
@@ -92,6 +106,9 @@ class SteeringRules:
         self._endpoints: set[tuple[str, int]] = set()
         self._sets: IpsetSocket | None = None  # opened at first use
         self.installed = False
+        self.staging = False  # between install() and commit()
+        self.remembered: list[str] = []  # the members a previous run left, at install()
+        self.classify_queue: int | None = None  # see set_classify
 
     @property
     def peers(self) -> frozenset[str]:
@@ -100,6 +117,13 @@ class SteeringRules:
     @property
     def steered_endpoints(self) -> frozenset[tuple[str, int]]:
         return frozenset(self._endpoints)
+
+    def _sets_of(self, fam: int) -> list[tuple[str, str]]:
+        """(name, ipset type) of the sets this chain matches, for one family."""
+        sets = [(set_name(self.chain, fam), "hash:ip")]
+        if self.endpoints:
+            sets.append((endpoint_set_name(self.chain, fam), "hash:ip,port"))
+        return sets
 
     def _ipset(self, op: Callable[[IpsetSocket], None]) -> None:
         """Run one ipset request; a refusal (or no ipset in the kernel) is a RuleError."""
@@ -134,23 +158,141 @@ class SteeringRules:
         ]
 
     def install(self) -> None:
-        """Remove anything a crashed run left, then create the sets, chains and jumps."""
-        self.remove(quiet=True)
+        """Make sure the sets, the chain and the jump exist, keeping whatever a previous
+        run left in force (its members are in ``remembered``); start a staging set.
+        Nothing is removed here: a gap would let charon's packets out as UDP."""
+        self.remembered = []
         for fam in (4, 6):
-            self._ipset(lambda ips, fam=fam: ips.create(set_name(self.chain, fam), fam))
-            if self.endpoints:
-                ep_set = endpoint_set_name(self.chain, fam)
-                self._ipset(lambda ips, n=ep_set, fam=fam: ips.create(n, fam, "hash:ip,port"))
-            _run(fam, "-N", self.chain)
-            _run(fam, "-A", self.chain, *self._queue_rule(fam))
-            if self.endpoints:
-                _run(fam, "-A", self.chain, *self._queue_rule(fam, endpoints=True))
-            _run(fam, "-I", "OUTPUT", "1", *self._jump())
-        self.installed = True
+            for live, kind in self._sets_of(fam):
+                staged = staging_name(live)
+                try:
+                    self.remembered += self._members(live)
+                except RuleError:
+                    self._ipset(
+                        lambda ips, fam=fam, live=live, kind=kind: ips.create(live, fam, kind)
+                    )
+                with contextlib.suppress(RuleError):  # a crashed start's
+                    self._ipset(lambda ips, staged=staged: ips.destroy(staged))
+                self._ipset(
+                    lambda ips, fam=fam, staged=staged, kind=kind: ips.create(staged, fam, kind)
+                )
+            self._ensure_chain(fam)
+        self.installed = self.staging = True
+        if self.remembered:
+            log.info("steering set of a previous run kept: %s", ", ".join(self.remembered))
         for peer in sorted(self._peers):
             self._add(peer)
         for addr, port in sorted(self._endpoints):
             self._add_endpoint(addr, port)
+
+    def _members(self, name: str) -> list[str]:
+        try:
+            if self._sets is None:
+                self._sets = IpsetSocket()
+            return self._sets.members(name)
+        except OSError as exc:
+            raise RuleError(f"ipset: {exc}") from exc
+
+    def _wanted(self, fam: int) -> list[list[str]]:
+        """The chain's rules, in order: the steered peers, then (on a TCP client) charon's
+        IKE to anyone else, for the per-packet check of tcpencap.core.ike_guard."""
+        rules = [self._queue_rule(fam)]
+        if self.endpoints:
+            rules.append(self._queue_rule(fam, endpoints=True))
+        if self.classify_queue is not None:
+            # not what tcpencap injects towards charon (to a local address)
+            q = ["-m", "addrtype", "!", "--dst-type", "LOCAL"]
+            q += ["-j", "NFQUEUE", "--queue-num", str(self.classify_queue)]
+            payload = "0x0>>0x16&0x3c@0x8=0x0" if fam == 4 else "0x30=0x0"  # the marker
+            rules.append(["-p", "udp", "-m", "udp", "--sport", "500", *q])
+            rules.append(["-p", "udp", "-m", "udp", "--sport", "4500", "-m", "u32", "--u32",
+                          payload, *q])  # fmt: skip
+        return rules
+
+    def set_classify(self, queue: int | None) -> None:
+        """Queue charon's IKE to unsteered addresses to ``queue`` (None: stop)."""
+        if queue == self.classify_queue:
+            return
+        self.classify_queue = queue
+        if self.installed:
+            for fam in (4, 6):
+                self._ensure_chain(fam)
+
+    def _ensure_chain(self, fam: int) -> None:
+        """The chain holding exactly the wanted rules, and the jump to it first in OUTPUT;
+        a rule that differs (another queue number) goes after the right ones are in."""
+        wanted = self._wanted(fam)
+        if _run(fam, "-S", self.chain, check=False).returncode:
+            _run(fam, "-N", self.chain)
+        for i, rule in enumerate(wanted, start=1):  # in this order: steered sets first
+            if _run(fam, "-C", self.chain, *rule, check=False).returncode:
+                _run(fam, "-I", self.chain, str(i), *rule)
+        lines = _run(fam, "-S", self.chain).stdout.splitlines()[1:]
+        listed = [shlex.split(line)[2:] for line in lines]
+        if all(rule in listed for rule in wanted):  # spelt as iptables does: the rest is stale
+            for spec in listed:
+                if spec not in wanted:
+                    _run(fam, "-D", self.chain, *spec, check=False)
+        if _run(fam, "-C", "OUTPUT", *self._jump(), check=False).returncode:
+            _run(fam, "-I", "OUTPUT", "1", *self._jump())
+        for _ in range(64):  # jumps of the older per-peer layout
+            if _run(fam, "-D", "OUTPUT", "-j", self.chain, check=False).returncode:
+                break
+
+    def commit(self) -> None:
+        """The staging set becomes the steering set in one step (``ipset swap``); the
+        previous run's members that were not steered again stop being queued now."""
+        if not self.staging:
+            return
+        for fam in (4, 6):
+            for live, _kind in self._sets_of(fam):
+                staged = staging_name(live)
+                try:
+                    self._ipset(lambda ips, live=live, staged=staged: ips.swap(live, staged))
+                except RuleError as exc:
+                    if live != set_name(self.chain, fam):
+                        raise
+                    # Another set type (an older tcpencap's): no swap between types.
+                    log.info("steering set %s: %s; replacing it", live, exc)
+                    self._replace(fam)
+                with contextlib.suppress(RuleError):
+                    self._ipset(lambda ips, staged=staged: ips.destroy(staged))
+        self.staging = False
+
+    def _replace(self, fam: int) -> None:
+        """Replace a live set that cannot be swapped, queueing by the staging set (which
+        holds the same peers) while the live one is made again: no moment unsteered."""
+        live = set_name(self.chain, fam)
+        staged = staging_name(live)
+        by_staged = self._queue_rule(fam)
+        by_staged[by_staged.index(live)] = staged
+        _run(fam, "-I", self.chain, "1", *by_staged)
+        while _run(fam, "-D", self.chain, *self._queue_rule(fam), check=False).returncode == 0:
+            pass
+        for line in _run(fam, "-S", self.chain).stdout.splitlines()[1:]:
+            if live in line.split():
+                _run(fam, "-D", self.chain, *line.split()[2:], check=False)
+        self._ipset(lambda ips: ips.destroy(live))
+        self._ipset(lambda ips: ips.create(live, fam))
+        for peer in self._peers:
+            if ipaddress.ip_address(peer).version == fam:
+                self._ipset(lambda ips, peer=peer: ips.add(live, peer))
+        _run(fam, "-I", self.chain, "1", *self._queue_rule(fam))
+        _run(fam, "-D", self.chain, *by_staged, check=False)
+
+    def release(self) -> None:
+        """The daemon stops: the chains and sets stay (a queue nobody reads drops). A
+        staging set not committed yet goes: the live set holds its peers and more."""
+        if self.staging:
+            for fam in (4, 6):
+                for live, _kind in self._sets_of(fam):
+                    with contextlib.suppress(RuleError):
+                        self._ipset(lambda ips, live=live: ips.destroy(staging_name(live)))
+            self.staging = False
+        if self._sets is not None:
+            self._sets.close()
+            self._sets = None
+        self.installed = False
 
     def remove(self, *, quiet: bool = False) -> None:
         """Delete the jump rules (every copy, also of the older per-peer layout), the
@@ -164,14 +306,17 @@ class SteeringRules:
                 _run(fam, "-X", self.chain, check=False)
                 if not quiet:
                     log.info("removed %s chain %s", _tool(fam), self.chain)
-            for name in (set_name(self.chain, fam), endpoint_set_name(self.chain, fam)):
-                with contextlib.suppress(RuleError):  # absent, or still in use by a stale rule
-                    self._ipset(lambda ips, name=name: ips.destroy(name))
-        self.installed = False
+            for live in (set_name(self.chain, fam), endpoint_set_name(self.chain, fam)):
+                for name in (live, staging_name(live)):
+                    with contextlib.suppress(RuleError):  # absent, or still in use
+                        self._ipset(lambda ips, name=name: ips.destroy(name))
+        self.installed = self.staging = False
 
     def _add(self, peer: str) -> None:
         fam = ipaddress.ip_address(peer).version
         self._ipset(lambda ips: ips.add(set_name(self.chain, fam), peer))
+        if self.staging:
+            self._ipset(lambda ips: ips.add(staging_name(set_name(self.chain, fam)), peer))
 
     def add_peer(self, peer: str) -> bool:
         """Steer ``peer``; True when it was new."""
@@ -184,9 +329,29 @@ class SteeringRules:
         log.info("steering UDP 500/4500 to %s into queue %d", peer, self.queue_num)
         return True
 
+    def remove_peer(self, peer: str) -> bool:
+        peer = str(ipaddress.ip_address(peer))
+        if peer not in self._peers:
+            return False
+        self._peers.discard(peer)
+        if self.installed:
+            fam = ipaddress.ip_address(peer).version
+            try:
+                self._ipset(lambda ips: ips.delete(set_name(self.chain, fam), peer))
+                if self.staging:
+                    self._ipset(
+                        lambda ips: ips.delete(staging_name(set_name(self.chain, fam)), peer)
+                    )
+            except RuleError as exc:
+                log.warning("could not remove %s from the steering set: %s", peer, exc)
+        log.info("no longer steering %s", peer)
+        return True
+
     def _add_endpoint(self, addr: str, port: int) -> None:
         name = endpoint_set_name(self.chain, ipaddress.ip_address(addr).version)
         self._ipset(lambda ips: ips.add(name, addr, port))
+        if self.staging:
+            self._ipset(lambda ips: ips.add(staging_name(name), addr, port))
 
     def add_endpoint(self, addr: str, port: int) -> bool:
         """Steer charon's UDP to ``addr``:``port`` only; True when it was new."""
@@ -210,23 +375,11 @@ class SteeringRules:
             name = endpoint_set_name(self.chain, ipaddress.ip_address(ep[0]).version)
             try:
                 self._ipset(lambda ips: ips.delete(name, ep[0], port))
+                if self.staging:
+                    self._ipset(lambda ips: ips.delete(staging_name(name), ep[0], port))
             except RuleError as exc:
                 log.warning("could not remove %s from the steering set: %s", _ep_text(ep), exc)
         log.info("no longer steering endpoint %s", _ep_text(ep))
-        return True
-
-    def remove_peer(self, peer: str) -> bool:
-        peer = str(ipaddress.ip_address(peer))
-        if peer not in self._peers:
-            return False
-        self._peers.discard(peer)
-        if self.installed:
-            fam = ipaddress.ip_address(peer).version
-            try:
-                self._ipset(lambda ips: ips.delete(set_name(self.chain, fam), peer))
-            except RuleError as exc:
-                log.warning("could not remove %s from the steering set: %s", peer, exc)
-        log.info("no longer steering %s", peer)
         return True
 
 

@@ -1,4 +1,5 @@
-"""Command line: ``tcpencap run | status | check-config | version``.
+"""Command line: ``tcpencap run | status | reload | check-config | install-rules |
+remove-rules | version``.
 
 Exit codes: 0 success, 1 runtime failure (daemon could not start, status socket
 unreachable), 2 usage or configuration error.
@@ -35,7 +36,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tcpencap.aio.daemon import Daemon
 
     try:
-        asyncio.run(Daemon(cfg).run())
+        asyncio.run(Daemon(cfg, remove_rules=args.remove_rules).run())
     except (OSError, RuntimeError) as exc:
         logging.getLogger("tcpencap").error("cannot run: %s", exc)
         return EXIT_FAIL
@@ -167,6 +168,58 @@ def _ep(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def cmd_remove_rules(args: argparse.Namespace) -> int:
+    """Take tcpencap's netfilter rules and sets away (they outlive the daemon on purpose:
+    while they are there, charon's packets to TCP peers are dropped, never sent as UDP).
+    Refused while a daemon answers on the control socket, unless --force."""
+    cfg = _load(args.config)
+    logging.basicConfig(level="INFO", format="%(message)s", stream=sys.stderr)
+    if not args.force and cfg.status_socket:
+        from tcpencap.aio.control import query_status
+
+        try:
+            asyncio.run(query_status(cfg.status_socket, command="status"))
+        except (OSError, TimeoutError, ValueError):
+            pass  # nobody there: go ahead
+        else:
+            print(
+                f"tcpencap: a daemon answers on {cfg.status_socket}; stop it first (or --force)",
+                file=sys.stderr,
+            )
+            return EXIT_FAIL
+    from nfq.ctcp_rules import CtcpRules
+    from nfq.rules import RuleError, SteeringRules
+
+    try:
+        SteeringRules(cfg.queue_num, queues=cfg.queues).remove()
+        CtcpRules(cfg.queue_num + cfg.queues).remove()
+    except (OSError, RuleError) as exc:
+        print(f"tcpencap: cannot remove the rules: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+def cmd_install_rules(args: argparse.Namespace) -> int:
+    """Before charon starts (the strongswan.service drop-in's ExecStartPre=): the chains
+    and sets, empty, and on a TCP client the rules that queue all of charon's IKE to the
+    check nobody reads yet. So IKE that charon sends before tcpencap runs (start_action =
+    start) is dropped, never sent as UDP; a daemon that runs already is not touched."""
+    cfg = _load(args.config)
+    logging.basicConfig(level="INFO", format="%(message)s", stream=sys.stderr)
+    from nfq.rules import RuleError, SteeringRules
+
+    rules = SteeringRules(cfg.queue_num, queues=cfg.queues, endpoints=True)
+    if any(c.transport != "udp" for c in cfg.connections.values()):
+        rules.classify_queue = cfg.ike_guard_queue  # as the daemon's
+    try:
+        rules.install()
+        rules.release()
+    except (OSError, RuleError) as exc:
+        print(f"tcpencap: cannot install the rules: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_OK
+
+
 def cmd_version(_: argparse.Namespace) -> int:
     print(f"tcpencap {__version__}")
     return EXIT_OK
@@ -180,6 +233,13 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the daemon in the foreground")
     r.add_argument("--config", help="configuration file (default /etc/strongswan.d/tcpencap.conf)")
     r.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    r.add_argument(
+        "--remove-rules-on-stop",
+        dest="remove_rules",
+        action="store_true",
+        help="take the netfilter rules away at stop (by default they stay: TCP peers' "
+        "packets are dropped while tcpencap is down, never sent as UDP)",
+    )
     r.set_defaults(func=cmd_run)
     s = sub.add_parser("status", help="show the live connections")
     s.add_argument("--config")
@@ -194,6 +254,15 @@ def parser() -> argparse.ArgumentParser:
     rl.add_argument("--config")
     rl.add_argument("--socket", help="control socket (default: status_socket of the config)")
     rl.set_defaults(func=cmd_reload)
+    ins = sub.add_parser("install-rules", help="install the netfilter rules before charon starts")
+    ins.add_argument("--config")
+    ins.set_defaults(func=cmd_install_rules)
+    rm = sub.add_parser(
+        "remove-rules", help="remove tcpencap's netfilter rules and sets (daemon stopped)"
+    )
+    rm.add_argument("--config")
+    rm.add_argument("--force", action="store_true", help="even while a daemon answers")
+    rm.set_defaults(func=cmd_remove_rules)
     v = sub.add_parser("version")
     v.set_defaults(func=cmd_version)
     return p

@@ -114,8 +114,8 @@ class Config:
     status_socket: str = DEFAULT_STATUS_SOCKET
     queue_num: int = 4500
     # NFQUEUEs for RFC 9329 (queue_num .. queue_num + queues - 1, spread by address pair
-    # with --queue-balance), each read by its own thread on the native path; cTCP takes the
-    # next two (charon's packets, then the segments from the wire).
+    # with --queue-balance), each read by its own thread on the native path; then cTCP's two
+    # and a TCP client's IKE check (the properties below).
     queues: int = 1
     inject: str = "raw"
     max_frame: int = 65535
@@ -131,6 +131,22 @@ class Config:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     connections: dict[str, ConnectionConfig] = field(default_factory=dict)
     source: str = DEFAULTS_SOURCE
+
+    # The NFQUEUEs after the RFC 9329 ones, in this order (one place for all of them).
+    @property
+    def ctcp_queue(self) -> int:
+        """charon's UDP to cTCP peers."""
+        return self.queue_num + self.queues
+
+    @property
+    def ctcp_segment_queue(self) -> int:
+        """cTCP segments from the wire (strangers' bytes: a queue of their own)."""
+        return self.queue_num + self.queues + 1
+
+    @property
+    def ike_guard_queue(self) -> int:
+        """A TCP client's check of charon's IKE to addresses that are not steered."""
+        return self.queue_num + self.queues + 2
 
 
 def default_config() -> Config:
@@ -175,7 +191,7 @@ def config_from_tree(root: Section, source: str) -> Config:
     cfg = Config(
         vici_socket=vici or DEFAULT_VICI_SOCKET,
         status_socket=v.take("status_socket", _abs_path, DEFAULT_STATUS_SOCKET),
-        queue_num=v.take("queue_num", _int_range(0, 65533), 4500),
+        queue_num=v.take("queue_num", _int_range(0, 65532), 4500),
         inject=v.take("inject", _choice(INJECT_MODES), "raw"),
         max_frame=v.take("max_frame", _int_range(64, 65535), 65535),
         max_spis=v.take("max_spis", _int_range(1, 1024), 16),
@@ -191,13 +207,13 @@ def config_from_tree(root: Section, source: str) -> Config:
         source=source,
     )
     v.finish(("client", "gateway", "connections"))
-    if cfg.queue_num + cfg.queues + 1 > 65535:
+    if cfg.ike_guard_queue > 65535:
         where = top.get("queues") or top.get("queue_num")
         raise ConfigError(
             where.path if where else source,
             where.line if where else 0,
             f"tcpencap.queues: queues {cfg.queue_num}..{cfg.queue_num + cfg.queues - 1} and "
-            "the two cTCP queues after them do not fit below 65536",
+            "the three queues after them (cTCP's two, the IKE check's) do not fit below 65536",
         )
     buf = top.get("gateway.max_buffer")
     if buf is not None and cfg.gateway.max_buffer < cfg.max_frame + 2:

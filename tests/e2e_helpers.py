@@ -220,16 +220,27 @@ def tcpencap_sets(host: Host) -> list[str]:
     return [n for n in host.run("ipset", "list", "-n").stdout.split() if "TCPENCAP" in n]
 
 
-def assert_steering(host: Host, peers4: list[str], peers6: list[str] | None = None) -> None:
+def assert_steering(
+    host: Host, peers4: list[str], peers6: list[str] | None = None, client: bool | None = None
+) -> None:
     """Exactly tcpencap's layout: one jump per family (UDP from 500/4500 only), one queue
     rule matching the family's peer set and one its endpoint set, and exactly these peers
-    in the sets (whole, or one endpoint of them)."""
+    in the sets (whole, or one endpoint of them). A TCP client (by default: any host but gw)
+    also queues charon's IKE to anyone else (4503), for the per-packet check of
+    tcpencap.core.ike_guard."""
+    client = host.role != "gw" if client is None else client
     for fam, tool in ((4, "iptables"), (6, "ip6tables")):
         jump = f"-A OUTPUT -p udp -m multiport --sports 500,4500 -j {CHAIN}"
         assert jump_rules(host, tool) == [jump], mangle_rules(host)
         queue = f"-A {CHAIN} -m set --match-set {CHAIN}_{fam} dst -j NFQUEUE --queue-num 4500"
         ep = f"-A {CHAIN} -m set --match-set {CHAIN}_EP{fam} dst,dst -j NFQUEUE --queue-num 4500"
-        assert chain_rules(host, tool) == [queue, ep], mangle_rules(host)
+        rules = [queue, ep]
+        if client:
+            marker = '"0x0>>0x16&0x3c@0x8=0x0"' if fam == 4 else '"0x30=0x0"'
+            guard = "-m addrtype ! --dst-type LOCAL -j NFQUEUE --queue-num 4503"
+            rules.append(f"-A {CHAIN} -p udp -m udp --sport 500 {guard}")
+            rules.append(f"-A {CHAIN} -p udp -m udp --sport 4500 -m u32 --u32 {marker} {guard}")
+        assert chain_rules(host, tool) == rules, mangle_rules(host)
     assert steered_set(host, 4) == sorted(peers4)
     assert steered_set(host, 6) == sorted(peers6 or [])
 

@@ -541,7 +541,7 @@ BAD = [
     ("", "vici_socket", "tcp://localhost:4502", "is not unix:///PATH"),
     ("", "status_socket", "run/x.ctl", "is not an absolute path"),
     ("", "queue_num", "-1", "is not an integer"),
-    ("", "queue_num", "65534", "is out of range 0..65533"),  # cTCP uses queue_num + 1 and + 2
+    ("", "queue_num", "65533", "is out of range 0..65532"),  # cTCP's two, the IKE check
     ("", "queue_num", "0x10", "is not an integer"),
     ("", "queue_num", "99999999999999999999", "is not an integer"),
     ("", "inject", "tun", "is not one of raw"),

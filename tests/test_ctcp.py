@@ -446,25 +446,3 @@ def test_scapy_reads_ike_v6_and_control_segments() -> None:
 
 def test_module_constants() -> None:
     assert ctcp.MIN_PAYLOAD == 24 and ctcp.TRAILER_LEN == 16 and ctcp.MAGIC == b"!Eli\x10"
-
-
-@given(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.booleans(), st.binary(max_size=64))
-@settings(max_examples=200, deadline=None)
-def test_set_udp_ports_v4_and_v6(sport: int, dport: int, v6: bool, payload: bytes) -> None:
-    from tcpencap.wire.ctcp import set_udp_ports
-    from tcpencap.wire.packet import addr_bytes, build_udp_packet, l4_checksum_ok, parse_udp
-
-    src, dst = (addr_bytes("fd00:1::2"), addr_bytes("fd00:100::2")) if v6 else (
-        addr_bytes("198.18.1.2"), addr_bytes("198.19.0.2"))  # fmt: skip
-    pkt = build_udp_packet(src, dst, 500, 4500, payload)
-    out = set_udp_ports(pkt, sport=sport)
-    out = set_udp_ports(out, dport=dport)
-    ip = parse_ip(out)
-    udp = parse_udp(ip.payload)
-    assert (ip.src, ip.dst, udp.sport, udp.dport, udp.payload) == (src, dst, sport, dport, payload)
-    if v6:
-        assert l4_checksum_ok(src, dst, 17, ip.payload)
-    else:
-        assert ip.payload[6:8] == b"\x00\x00" and out[:20] == pkt[:20]  # IP header untouched
-    with pytest.raises(CTCPError):
-        set_udp_ports(b"\x60" + bytes(10), sport=1)

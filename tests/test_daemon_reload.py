@@ -46,12 +46,23 @@ class FakeSteeringRules:
     def __init__(self, queue_num: int = 0, **_: object) -> None:
         self._peers: set[str] = set()
         self.calls: list[tuple[str, str]] = []
+        self.remembered: list[str] = []  # what a previous run left in the set
+        self.steering = self  # CtcpRules' steering set is a SteeringRules
 
     @property
     def peers(self) -> frozenset[str]:
         return frozenset(self._peers)
 
     def install(self) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
+
+    def set_classify(self, queue: int | None) -> None:
+        self.classify = queue
+
+    def release(self) -> None:
         pass
 
     def remove(self, *, quiet: bool = False) -> None:
@@ -117,6 +128,17 @@ class FakeQueueReader:
         pass
 
 
+class FakeVerdictQueue:
+    def __init__(self, num, decide) -> None:
+        self.num, self.decide = num, decide
+
+    def start(self, loop) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
 class FakeInjector:
     def inject(self, packet: bytes, dst: bytes) -> None:
         pass
@@ -176,6 +198,7 @@ def list_sas(monkeypatch) -> FakeListSas:
 def no_root(monkeypatch):
     monkeypatch.setattr(daemon_mod, "RawInjector", FakeInjector)
     monkeypatch.setattr(daemon_mod, "QueueReader", FakeQueueReader)
+    monkeypatch.setattr("tcpencap.aio.ike_guard.VerdictQueue", FakeVerdictQueue)
     monkeypatch.setattr(daemon_mod, "ViciBridge", FakeBridge)
     monkeypatch.setattr(daemon_mod, "SteeringRules", FakeSteeringRules)
     monkeypatch.setattr(nfq.queue, "QueueReader", FakeQueueReader)  # imported by CtcpService

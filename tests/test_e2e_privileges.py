@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 
 import pytest
 
-from tests.lab import Lab, psk_conf, tcpencap_conf, unanswered
+from tests.lab import REPO_ROOT, Lab, psk_conf, tcpencap_conf, unanswered
 
 pytestmark = pytest.mark.lab
 
@@ -52,10 +53,14 @@ def test_capabilities_dropped_and_tunnel_still_works() -> None:
         # The control socket is root-only.
         mode = os.stat(gw.dir / "tcpencap.ctl").st_mode
         assert stat.S_IMODE(mode) & 0o077 == 0, oct(mode)
-        # With reduced capabilities it still removes every rule it made on SIGTERM.
+        # SIGTERM leaves the rules (fail-closed); `tcpencap remove-rules` takes them away.
         for host, proc in procs.items():
             assert proc.stop() == 0, host
         for host in (gw, c1):
+            assert "TCPENCAP" in host.run("iptables", "-t", "mangle", "-S").stdout, host.role
+            conf = str(host.dir / "tcpencap.conf")
+            host.run("env", f"PYTHONPATH={REPO_ROOT}", sys.executable, "-m", "tcpencap",
+                     "remove-rules", "--config", conf)  # fmt: skip
             for tool in ("iptables", "ip6tables"):
                 rules = host.run(tool, "-t", "mangle", "-S").stdout
                 assert "TCPENCAP" not in rules, (host.role, tool, rules)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,7 +29,7 @@ from e2e_helpers import (
     tcpencap_sets,
 )
 
-from tests.lab import Host, Lab, Process, ping, psk_conf
+from tests.lab import REPO_ROOT, Host, Lab, Process, ping, psk_conf
 
 pytestmark = pytest.mark.lab
 
@@ -295,9 +296,10 @@ def test_rules_after_sigterm_and_sigkill() -> None:
         start_tcp_pair(lab, c1)
         _assert_installed(c1, gw.outer4)
 
-        # SIGTERM: everything of tcpencap's is gone, exit code 0.
+        # SIGTERM: exit code 0, and the rules stay (fail-closed, see README "Stops and
+        # restarts fail closed").
         assert c1.tcpencap.stop() == 0, c1.tcpencap.log_tail()
-        _assert_clean(c1)
+        _assert_installed(c1, gw.outer4)
         _restart(c1)
         _assert_installed(c1, gw.outer4)
         c1.charon.initiate(NAME, timeout=10)
@@ -315,7 +317,7 @@ def test_rules_after_sigterm_and_sigkill() -> None:
         cap.stop()
         assert cap.count_udp_ike() == 0, "ESP leaked as UDP while tcpencap was dead"
 
-        # Restart: the stale chain (with a marker rule added to it) is replaced.
+        # Restart: a stray rule in the stale chain goes, the chain itself stays.
         c1.run("iptables", "-t", "mangle", "-A", CHAIN, "-d", "198.18.99.99", "-j", "RETURN")
         _force_terminate(c1, NAME)
         _restart(c1)
@@ -328,9 +330,12 @@ def test_rules_after_sigterm_and_sigkill() -> None:
         assert cap.count_udp_ike() == 0
         assert_status_matches_sa(c1, NAME)
 
-        # Final SIGTERM on both sides: nothing remains anywhere.
+        # Final SIGTERM on both sides, then `tcpencap remove-rules`: nothing remains.
         for host in (c1, gw):
             assert host.tcpencap.stop() == 0, host.tcpencap.log_tail()
+            conf = str(host.dir / "tcpencap.conf")
+            host.run("env", f"PYTHONPATH={REPO_ROOT}", sys.executable, "-m", "tcpencap",
+                     "remove-rules", "--config", conf)  # fmt: skip
             _assert_clean(host)
 
 

@@ -259,7 +259,7 @@ class _Mtus:
 
 def _service(mtus: _Mtus, sender: _Sender) -> tuple[CtcpService, _Injector]:
     inj = _Injector()
-    svc = CtcpService(SimpleNamespace(queue_num=0, queues=1), inj, lambda *a: None)
+    svc = CtcpService(SimpleNamespace(ctcp_queue=1, ctcp_segment_queue=2), inj, lambda *a: None)
     svc.sender = sender  # type: ignore[assignment]
     svc.mtus = mtus  # type: ignore[assignment]
     svc._loop = SimpleNamespace(time=lambda: 100.0)  # type: ignore[assignment]

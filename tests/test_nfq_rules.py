@@ -244,7 +244,8 @@ def test_peers_added_before_install_are_installed_with_the_chain(ns):
 
 def test_install_after_a_simulated_crash_cleans_up_first(ns):
     """Leftovers of a run that died: the chain of the older per-peer layout with a stale
-    peer rule and two jumps, and a set of the current layout with a stale member."""
+    peer rule and two jumps, and a set of the current layout with a stale member. The
+    stale member stays steered until commit() (never a moment unsteered)."""
     res = run_in_ns(
         ns,
         f"""
@@ -263,14 +264,22 @@ def test_install_after_a_simulated_crash_cleans_up_first(ns):
         r.add_peer("198.19.0.2")
         r.add_peer("fd00:19::2")
         r.install()
+        out["remembered"] = r.remembered
+        out["sets_staging"] = sets()
+        r.commit()
         out["after"] = snap()
         out["sets"] = sets()
+        out["all_sets"] = sorted(subprocess.run(["ipset", "list", "-n"], capture_output=True,
+                                                text=True).stdout.split())
         r.remove()
         out["removed"] = snap()
         out["sets_removed"] = sets()
         """,
     )
     assert res["stale_sets"] == {4: ["198.19.0.77"], 6: None}
+    assert res["remembered"] == ["198.19.0.77"]
+    assert res["sets_staging"] == {4: sorted([PEER4, "198.19.0.77"]), 6: [PEER6]}
+    assert res["all_sets"] == [f"{CHAIN}_4", f"{CHAIN}_6"]  # the staging sets are gone
     for fam in (4, 6):
         assert res["stale"][fam].count(OLD_JUMP) == 2
         rules = res["after"][fam]
@@ -305,6 +314,8 @@ def test_install_after_a_real_crash_of_another_process(ns):
         r = SteeringRules(4500)
         r.add_peer("198.19.0.2")
         r.install()
+        out["kept"] = sets()
+        r.commit()
         out["after"] = snap()
         out["sets"] = sets()
         r.remove()
@@ -312,6 +323,7 @@ def test_install_after_a_real_crash_of_another_process(ns):
         out["sets_removed"] = sets()
         """,
     )
+    assert res["kept"] == {4: sorted([PEER4, "198.19.0.50"]), 6: ["fd00:19::50"]}
     # What the dead process left still steers its peers into the queue (fail-closed).
     assert ours(res["left"][4]) == installed(4) and ours(res["left"][6]) == installed(6)
     assert res["left_sets"] == {4: ["198.19.0.50"], 6: ["fd00:19::50"]}
@@ -397,6 +409,198 @@ def test_steered_packets_hit_the_rule_and_others_do_not(ns):
     # Queued with nobody reading: the kernel drops them (fail-closed); only the two
     # others reach POSTROUTING.
     assert res["left"] == [2]
+
+
+def test_release_keeps_the_rules_and_the_next_run_swaps_them(ns):
+    """A stop (release) leaves chains and sets as they are; the next run keeps them in
+    force, learns their members (``remembered``) and replaces them in one swap."""
+    res = run_in_ns(
+        ns,
+        """
+        add_unrelated()
+        r = SteeringRules(4500)
+        r.install()
+        r.commit()
+        for p in ("198.19.0.50", "198.19.0.51", "fd00:19::50"):
+            r.add_peer(p)
+        r.release()
+        out["released"] = snap()
+        out["sets_released"] = sets()
+        r2 = SteeringRules(4500)
+        r2.add_peer("198.19.0.2")
+        r2.install()
+        out["remembered"] = sorted(r2.remembered)
+        out["staging"] = sets()
+        r2.add_peer("198.19.0.51")  # steered again (charon holds its SAs)
+        r2.add_peer("fd00:19::2")
+        r2.commit()
+        out["committed"] = snap()
+        out["sets"] = sets()
+        r2.commit()  # again: nothing to do
+        out["again"] = sets()
+        r2.remove()
+        """,
+    )
+    for fam in (4, 6):
+        assert ours(res["released"][fam]) == installed(fam)
+    assert res["sets_released"] == {4: ["198.19.0.50", "198.19.0.51"], 6: ["fd00:19::50"]}
+    assert res["remembered"] == ["198.19.0.50", "198.19.0.51", "fd00:19::50"]
+    assert res["staging"] == {4: [PEER4, "198.19.0.50", "198.19.0.51"], 6: ["fd00:19::50"]}
+    assert res["committed"] == res["released"]  # the same rules throughout
+    assert res["sets"] == {4: [PEER4, "198.19.0.51"], 6: [PEER6]}
+    assert res["again"] == res["sets"]
+
+
+def test_install_replaces_a_queue_rule_of_another_configuration(ns):
+    """The previous run queued to another number: the new rule goes in before the old one
+    goes, and nothing else of the chain changes."""
+    res = run_in_ns(
+        ns,
+        """
+        r = SteeringRules(4600)
+        r.install()
+        r.commit()
+        r.release()
+        r2 = SteeringRules(4500)
+        r2.install()
+        r2.commit()
+        out["after"] = snap()
+        r2.remove()
+        """,
+    )
+    for fam in (4, 6):
+        assert ours(res["after"][fam]) == installed(fam)
+
+
+def test_remove_rules_command_refuses_while_a_daemon_answers(tmp_path):
+    """``tcpencap remove-rules`` takes the rules away only when no daemon is running."""
+    import socket
+
+    sock_path = tmp_path / "ctl"
+    conf = tmp_path / "t.conf"
+    conf.write_text(f"tcpencap {{\n  status_socket = {sock_path}\n}}\n")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(sock_path))
+    srv.listen()
+    import threading
+
+    def answer():
+        c, _ = srv.accept()
+        c.recv(100)
+        c.sendall(b'{"pid": 1}\n')
+        c.close()
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    res = subprocess.run(
+        [sys.executable, "-m", "tcpencap", "remove-rules", "--config", str(conf)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=30,
+    )
+    srv.close()
+    assert res.returncode == 1 and "stop it first" in res.stderr, res.stderr
+
+
+def test_release_before_commit_keeps_every_peer_in_force(ns):
+    """A daemon that stops (or fails) before its commit leaves the live set as it is, the
+    previous run's peers and its own: nothing is unsteered by a stop."""
+    res = run_in_ns(
+        ns,
+        """
+        r = SteeringRules(4500)
+        r.install()
+        r.add_peer("198.19.0.50")
+        r.commit()
+        r.release()
+        r2 = SteeringRules(4500)
+        r2.install()
+        r2.add_peer("198.19.0.2")
+        r2.release()
+        out["sets"] = sets()
+        out["all_sets"] = sorted(subprocess.run(["ipset", "list", "-n"], capture_output=True,
+                                                text=True).stdout.split())
+        """,
+    )
+    assert res["sets"] == {4: [PEER4, "198.19.0.50"], 6: []}
+    assert res["all_sets"] == [f"{CHAIN}_4", f"{CHAIN}_6"]
+
+
+def test_install_rules_before_charon_drops_a_clients_ike_to_anyone(ns, tmp_path):
+    """`tcpencap install-rules` (strongswan.service's ExecStartPre=) on a TCP client: with
+    no daemon yet, charon's IKE to any address is queued to nobody and dropped, ESP is not
+    touched; a running daemon's set would be left as it is (no swap)."""
+    conf = tmp_path / "client.conf"
+    conf.write_text(
+        "tcpencap {\n  connections {\n    home {\n      remote_addrs = 198.18.1.99\n    }\n  }\n}\n"
+    )
+    res = run_in_ns(
+        ns,
+        f"""
+        import socket
+        for cmd in ("link add te0 type veth peer name te1", "link set te0 up",
+                    "link set te1 up", "addr add 198.18.1.2/24 dev te0"):
+            subprocess.run(["ip", *cmd.split()], check=True)
+        ipt(4, "-A", "POSTROUTING", "-p", "udp", "-d", "198.18.1.0/24")  # a counter
+        r = SteeringRules(4500)
+        r.install()
+        r.add_peer("198.19.0.7")  # a running daemon's peer
+        r.commit()
+        r.release()
+        cli = subprocess.run([sys.executable, "-m", "tcpencap", "install-rules", "--config",
+                              "{conf}"], capture_output=True, text=True)
+        out["rc"] = cli.returncode
+        out["err"] = cli.stderr
+        out["sets"] = sets()
+
+        def send(sport, payload):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("198.18.1.2", sport))
+            s.sendto(payload, ("198.18.1.50", sport))
+            s.close()
+
+        send(500, b"\\x11" * 8 + bytes(20))          # IKE on 500
+        send(4500, bytes(4) + b"\\x11" * 8 + bytes(20))  # IKE behind the non-ESP marker
+        send(4500, b"\\xc0\\xff\\xee\\x01" + bytes(40))  # ESP
+        post = ipt(4, "-L", "POSTROUTING", "-v", "-x", "-n").stdout.splitlines()[2:]
+        out["left"] = [int(line.split()[0]) for line in post]
+        """,
+    )
+    assert res["rc"] == 0, res["err"]
+    assert res["sets"] == {4: ["198.19.0.7"], 6: []}  # the daemon's peer is still steered
+    assert res["left"] == [1]  # only the ESP left; both IKE packets were queued, dropped
+
+
+def test_commit_replaces_a_set_of_another_type_without_a_gap(ns):
+    """A previous run's set of another type (no swap between types): the chain queues by
+    the staging set while the live one is made again, then by the live one."""
+    res = run_in_ns(
+        ns,
+        f"""
+        subprocess.run(["ipset", "create", "{CHAIN}_4", "hash:net"], check=True)
+        subprocess.run(["ipset", "add", "{CHAIN}_4", "198.19.0.0/24"], check=True)
+        r = SteeringRules(4500)
+        r.add_peer("198.19.0.2")
+        r.install()
+        out["remembered"] = r.remembered
+        r.commit()
+        out["rules"] = snap()
+        out["sets"] = sets()
+        out["type"] = subprocess.run(["ipset", "list", "-t", "{CHAIN}_4"], capture_output=True,
+                                     text=True).stdout
+        out["all_sets"] = sorted(subprocess.run(["ipset", "list", "-n"], capture_output=True,
+                                                text=True).stdout.split())
+        r.remove()
+        """,
+    )
+    assert res["remembered"] == ["198.19.0.0"]
+    for fam in (4, 6):
+        assert ours(res["rules"][fam]) == installed(fam)
+    assert res["sets"] == {4: [PEER4], 6: []}
+    assert "Type: hash:ip" in res["type"]
+    assert res["all_sets"] == [f"{CHAIN}_4", f"{CHAIN}_6"]
 
 
 def test_endpoint_steering_queues_that_endpoint_only(ns):

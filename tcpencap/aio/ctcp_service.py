@@ -49,10 +49,14 @@ from tcpencap.core.ctcp_conn import Timers
 from tcpencap.core.ctcp_engine import CtcpEngine
 from tcpencap.core.outputs import Inject, Steer, Transmit, bracket, count
 from tcpencap.core.ports import PortAllocator
+from tcpencap.core.restart import sa_hosts
 from tcpencap.wire.mtu import CTCP_OVERHEAD, check_inner, ctcp_original, plan
 from tcpencap.wire.packet import PacketError, addr_text
 
 log = logging.getLogger("tcpencap.ctcp")
+
+LINGER = "linger"  # steering reason of a gateway endpoint whose SAs no flow carries
+RELEASE_POLL = 5.0  # how often charon is asked whether a lingering peer still has SAs
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
 IP_NODEFRAG = getattr(socket, "IP_NODEFRAG", 22)
@@ -163,8 +167,8 @@ class CtcpService:
         self.ports = ports
         self.injector = injector
         self.log_limited = log_limited
-        self.queue_num = config.queue_num + config.queues
-        self.inbound_queue_num = self.queue_num + 1
+        self.queue_num = config.ctcp_queue
+        self.inbound_queue_num = config.ctcp_segment_queue
         self.engine: CtcpEngine | None = None
         self.rules: Any = None
         self.queue: Any = None
@@ -179,6 +183,8 @@ class CtcpService:
         self._timer: EngineTimer | None = None
         self.peers: dict[bytes, int] = {}
         self.counters: dict[str, int] = {}
+        self.lingering: set[tuple[bytes, int]] = set()  # endpoints steered for SAs no flow carries
+        self._release: asyncio.Task[None] | None = None
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Listeners from the configuration; client peers come with set_peers."""
@@ -242,7 +248,44 @@ class CtcpService:
                 log.info("cTCP peer %s port %d removed", addr_text(p), port)
         self.peers = dict(peers)
 
-    async def stop(self) -> None:
+    def linger(self, endpoints: list[tuple[bytes, int]]) -> None:
+        """Gateway endpoints that charon may still send to with no cTCP flow to carry it
+        (a previous run's, or one whose flow closed) stay steered, their packets dropped,
+        until charon lists no IKE SA with their address (polled, ``release_lingering``)."""
+        assert self.engine is not None and self.rules is not None
+        for ep in endpoints:
+            self.lingering.add(ep)
+            if self.engine.steering.add(ep, LINGER):
+                self.rules.steer_endpoint(addr_text(ep[0]), ep[1], True)
+        if self.lingering and (self._release is None or self._release.done()):
+            assert self._loop is not None
+            self._release = self._loop.create_task(self._release_poll())
+
+    def release_lingering(self, busy: set[bytes]) -> None:
+        """``busy``: the addresses charon holds IKE SAs with now."""
+        if self.engine is None or self.rules is None:
+            return
+        for ep in [e for e in self.lingering if e[0] not in busy]:
+            self.lingering.discard(ep)
+            if self.engine.steering.remove(ep, LINGER):
+                self.rules.steer_endpoint(addr_text(ep[0]), ep[1], False)
+
+    async def _release_poll(self) -> None:
+        from vici_bridge.resolve import list_sas
+
+        while self.lingering:
+            await asyncio.sleep(RELEASE_POLL)
+            try:
+                sas = await asyncio.to_thread(list_sas, self.config.vici_socket)
+            except OSError as exc:  # keep steering: without charon's word, fail closed
+                self.log_limited("ctcp-list-sas", "cTCP: cannot list SAs: %s", exc)
+                continue
+            self.release_lingering(sa_hosts(sas))
+
+    async def stop(self, remove_rules: bool = False) -> None:
+        """Rules and sets stay (a queue nobody reads drops) unless ``remove_rules``."""
+        if self._release is not None:
+            self._release.cancel()
         if self._timer is not None:
             self._timer.cancel()
         for q in (self.queue, self.inbound_queue):
@@ -251,7 +294,10 @@ class CtcpService:
                     q.stop()
         self.queue = self.inbound_queue = None
         if self.rules is not None:
-            self.rules.remove()
+            if remove_rules:
+                self.rules.remove()
+            else:
+                self.rules.release()
             self.rules = None
         if self.sender is not None:
             self.sender.close()
@@ -304,8 +350,12 @@ class CtcpService:
                     self.injector.inject(o.packet, o.dst)
                 elif type(o) is Steer:
                     peer = addr_text(o.peer)
-                    if o.port:  # a gateway's cTCP peer: the UDP endpoint charon answers
-                        self.rules.steer_endpoint(peer, o.port, o.on)
+                    if o.port and o.on:  # a gateway's peer: the UDP endpoint charon answers
+                        self.rules.steer_endpoint(peer, o.port, True)
+                    elif o.port:
+                        # The flow is gone, charon's SAs with the peer may not be: the
+                        # endpoint stays steered (dropped, never UDP) until charon lists none.
+                        self.linger([(o.peer, o.port)])
                     elif o.on:
                         self.rules.add_peer(peer)
                     else:

@@ -22,6 +22,7 @@ from tcpencap.aio.connect import connect
 from tcpencap.aio.control import start_control, start_metrics
 from tcpencap.aio.ctcp_service import CtcpService
 from tcpencap.aio.engine_timer import EngineTimer
+from tcpencap.aio.ike_guard import IkeGuard
 from tcpencap.aio.sockopts import set_ipsec_bypass
 from tcpencap.aio.status import daemon_status
 from tcpencap.aio.tcp import TcpProtocol
@@ -30,6 +31,7 @@ from tcpencap.config import Config
 from tcpencap.confparse import ConfError
 from tcpencap.core import reload as plans
 from tcpencap.core.outputs import Close, Connect, Inject, Query, Steer, Transmit, bracket, count
+from tcpencap.core.restart import still_held
 from tcpencap.core.rfc9329_engine import Rfc9329Engine
 from tcpencap.native import load as load_native
 from tcpencap.wire.packet import addr_text
@@ -40,8 +42,14 @@ log = logging.getLogger("tcpencap")
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    """``remove_rules``: take the netfilter rules and sets away at stop. By default they
+    stay, so that charon's packets to TCP peers are dropped (queued, nobody reading) while
+    tcpencap is down, never sent as UDP; ``tcpencap remove-rules`` takes them away."""
+
+    def __init__(self, config: Config, remove_rules: bool = False) -> None:
         self.config = config
+        self.remove_rules = remove_rules
+        self.failure: str | None = None  # why the daemon ends on its own (exit code 1)
         self.datapath, native = choose_datapath(config.datapath)
         self.engine = Rfc9329Engine(config, time.monotonic(), native)
         self.rules = SteeringRules(config.queue_num, queues=config.queues, endpoints=True)
@@ -62,6 +70,7 @@ class Daemon:
         self.batching = False
         self.dirty: list[TcpProtocol] = []
         self.timer = EngineTimer(self._fire)
+        self.guard = IkeGuard(self)  # a TCP client's check of charon's other IKE
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
 
@@ -171,8 +180,17 @@ class Daemon:
 
         try:
             self.inbound.run(deliver)
-        except Exception:
+        except BaseException as exc:  # MemoryError included: the worker is gone for good
             log.exception("the native inbound worker failed")
+            loop.call_soon_threadsafe(self.fail, f"the native inbound worker failed: {exc!r}")
+
+    def fail(self, why: str) -> None:
+        """A part of the data path is gone and cannot come back in this process: end it
+        (exit code 1) so that systemd starts a new one; the rules stay meanwhile."""
+        if self.failure is None:
+            log.critical("%s: stopping, to be restarted", why)
+            self.failure = why
+        self._stop.set()
 
     def _given_back(self, items: list[tuple[Any, ...]]) -> None:
         for cid, reason, *counts in items:  # counts: frames, bytes, reads, keepalives
@@ -190,23 +208,19 @@ class Daemon:
     def on_vici_event(self, label: str, event: dict[str, Any]) -> None:
         self.engine.vici_event(time.monotonic(), label, event)
         self.after()
+        self.guard.vici_event(label)
 
     def on_vici_resync(self, sas: list[dict[str, Any]]) -> None:
         self.engine.vici_resync(time.monotonic(), sas)
         self.after()
+        self.guard.vici_resync(sas)
 
     def on_vici_state(self, state: str) -> None:
         self.vici_state = state
         self.engine.vici_state(time.monotonic(), state == "connected")
 
     async def _query(self, purpose: str) -> None:
-        try:
-            sas: list[dict[str, Any]] | None = await asyncio.to_thread(
-                list_sas, self.config.vici_socket
-            )
-        except OSError as exc:
-            self.log_limited(f"list-sas-{purpose}", "cannot list SAs (%s): %s", purpose, exc)
-            sas = None
+        sas = await self._list_sas(purpose)
         self.engine.sas_listed(time.monotonic(), purpose, sas)
         self.after()
 
@@ -277,6 +291,7 @@ class Daemon:
             log.error("reload refused: %s", exc)
             return {"error": str(exc)}
         changes = await self.apply_config(new, "reload: ")
+        self.guard.update(asyncio.get_running_loop())
         return {"ok": True, "changes": changes}
 
     async def _listen(self, host: str, port: int, tls: bool = False) -> None:
@@ -332,6 +347,8 @@ class Daemon:
             log.info("stopping")
         finally:
             await self._shutdown()
+        if self.failure is not None:
+            raise RuntimeError(self.failure)
 
     async def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.injector = RawInjector()
@@ -340,6 +357,8 @@ class Daemon:
             self.inbound = self.engine.native.InboundWorker(*self.injector.fds())
         if cfg.gateway.ctcp_listen:
             await self._ctcp_peers({})
+        if self.guard.wanted():  # in the chain from the start: no moment unchecked
+            self.rules.classify_queue = self.guard.queue_num
         self.rules.install()
         for k in range(cfg.queues):
             queue = QueueReader(
@@ -350,6 +369,7 @@ class Daemon:
                 on_native_batch=self.on_queue_batch,
                 on_stalled=self.on_stalled,
                 native=self.engine.native,
+                on_failed=self.fail,
             )
             queue.start(loop)
             self.queues.append(queue)
@@ -360,9 +380,37 @@ class Daemon:
             self.others.append(await start_metrics(host, port, self.status, self.totals))
             log.info("metrics on http://%s:%d/metrics", bracket(host), port)
         await self.apply_config(cfg)
+        await self._take_over()
+        self.guard.update(loop)
         self.bridge = ViciBridge(
             cfg.vici_socket, loop, self.on_vici_event, self.on_vici_resync, self.on_vici_state
         )
+
+    async def _take_over(self) -> None:
+        """The steering sets a previous run left: its peers that charon still holds SAs
+        with stay steered (their packets are dropped until they reconnect), the others go
+        now, in one swap of each set (tcpencap.core.restart)."""
+        remembered = self.rules.remembered
+        ctcp_rules = self.ctcp.rules if self.ctcp is not None else None
+        ctcp_remembered = ctcp_rules.steering.remembered if ctcp_rules is not None else []
+        sas = await self._list_sas("start") if remembered or ctcp_remembered else []
+        self.engine.linger(time.monotonic(), *still_held(remembered, sas))
+        self.after()
+        self.rules.commit()
+        if self.ctcp is not None and ctcp_rules is not None:
+            # a cTCP gateway's peers are endpoints; whole addresses are a client's
+            # configured peers, which its configuration steers again
+            self.ctcp.linger(still_held(ctcp_remembered, sas)[1])
+            ctcp_rules.steering.commit()
+
+    async def _list_sas(self, purpose: str) -> list[dict[str, Any]] | None:
+        """charon's IKE SAs, or None (logged) when it cannot be asked."""
+        try:
+            sas: list[dict[str, Any]] = await asyncio.to_thread(list_sas, self.config.vici_socket)
+        except OSError as exc:
+            self.log_limited(f"list-sas-{purpose}", "cannot list SAs (%s): %s", purpose, exc)
+            return None
+        return sas
 
     async def _shutdown(self) -> None:
         for task in list(self._tasks):
@@ -378,14 +426,20 @@ class Daemon:
         for queue in self.queues:
             with contextlib.suppress(Exception):
                 queue.stop()
+        with contextlib.suppress(Exception):
+            self.guard.stop()
         if self.inbound is not None:
             self.inbound.stop()
             if self._inbound_thread is not None:
                 self._inbound_thread.join(2.0)
-        self.rules.remove()
+        if self.remove_rules:
+            self.rules.remove()
+        else:
+            self.rules.release()
+            log.info("netfilter rules kept: TCP peers' UDP is dropped until tcpencap is back")
         if self.ctcp is not None:
             with contextlib.suppress(Exception):
-                await self.ctcp.stop()
+                await self.ctcp.stop(remove_rules=self.remove_rules)
         if self.injector is not None:
             self.injector.close()
         if self.config.status_socket and self.others:

@@ -1,11 +1,17 @@
 """Keep only the capabilities the running daemon needs.
 
-tcpencap runs as root next to the daemon that holds a site's keys. Once its sockets, queue
-and rules are set up it still needs: CAP_NET_ADMIN (iptables rules for peers that arrive
-later, IPsec bypass policies on new sockets, NFQUEUE verdicts), CAP_NET_RAW (raw-socket
-injection, iptables) and CAP_NET_BIND_SERVICE (a reload may add a listener on 443). Every
-other capability is dropped from the bounding, permitted, effective and inheritable sets,
-so neither tcpencap nor the iptables it runs can regain them; no-new-privileges is set too.
+Once its sockets, queue and rules are set up tcpencap still needs: CAP_NET_ADMIN (iptables
+rules and set members for peers that arrive later, IPsec bypass policies on new sockets,
+NFQUEUE verdicts), CAP_NET_RAW (raw-socket injection, iptables) and CAP_NET_BIND_SERVICE (a
+reload may add a listener on 443). Every other capability is dropped from the bounding,
+permitted, effective and inheritable sets, so neither tcpencap nor the iptables it runs can
+regain them; no-new-privileges is set too.
+
+Under its systemd unit (a dedicated user, AmbientCapabilities=, CapabilityBoundingSet=) the
+sets hold exactly these already, and ``capset`` is denied by SystemCallFilter=~@privileged:
+nothing is changed then, only checked. Run by a non-root user the three stay inheritable
+and ambient, since the iptables it executes needs them (root's children get them from the
+bounding set instead).
 """
 
 from __future__ import annotations
@@ -45,6 +51,17 @@ def _last_cap() -> int:
         return 40
 
 
+def _own_sets() -> tuple[int, int, int]:
+    """(effective, permitted, inheritable) of the calling thread."""
+    found = {}
+    with open("/proc/thread-self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("CapEff", "CapPrm", "CapInh"):
+                found[key] = int(value.split()[0], 16)
+    return found["CapEff"], found["CapPrm"], found["CapInh"]
+
+
 def keep_only(keep: tuple[int, ...] = KEEP) -> None:
     """Drop every capability but ``keep``; raises OSError if the kernel refuses."""
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -57,17 +74,19 @@ def keep_only(keep: tuple[int, ...] = KEEP) -> None:
             err = ctypes.get_errno()
             if err != 22:  # EINVAL: capability unknown to this kernel
                 raise OSError(err, f"PR_CAPBSET_DROP {cap}: {os.strerror(err)}")
-    mask = [0, 0]
+    want = 0
     for cap in keep:
-        mask[cap // 32] |= 1 << (cap % 32)
-    header = _Header(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_Data * 2)()
-    for i in range(2):
-        data[i].effective = data[i].permitted = mask[i]
-        data[i].inheritable = 0
-    if libc.capset(ctypes.byref(header), data) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"capset: {os.strerror(err)}")
+        want |= 1 << cap
+    inheritable = want if os.geteuid() != 0 else 0  # keeps the ambient set (see above)
+    if _own_sets() != (want, want, inheritable):
+        header = _Header(_LINUX_CAPABILITY_VERSION_3, 0)
+        data = (_Data * 2)()
+        for i in range(2):
+            data[i].effective = data[i].permitted = (want >> (32 * i)) & 0xFFFFFFFF
+            data[i].inheritable = (inheritable >> (32 * i)) & 0xFFFFFFFF
+        if libc.capset(ctypes.byref(header), data) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"capset: {os.strerror(err)}")
     if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"PR_SET_NO_NEW_PRIVS: {os.strerror(err)}")

@@ -59,7 +59,7 @@ from tcpencap.core.ports import PortAllocator, PortsExhausted
 from tcpencap.core.table import Bind, ConnectionTable, Entry
 from tcpencap.core.timers import LogLimiter
 from tcpencap.core.totals import add_closed, new_totals
-from tcpencap.wire.ctcp import CTCPError, Segment, build_control, read_segment, set_udp_ports
+from tcpencap.wire.ctcp import CTCPError, Segment, build_control, read_segment
 from tcpencap.wire.ike import Classified, Kind, classify_udp_payload
 from tcpencap.wire.packet import (
     PROTO_UDP,
@@ -94,6 +94,7 @@ class Flow:
     drops: dict[str, int] = field(default_factory=dict)
     armed: float | None = None  # the deadline queued in the engine's timers
     ike_order: deque[bytes] = field(default_factory=deque)  # indexed IKE SPIs, oldest first
+    steered: set[int] = field(default_factory=set)  # gateway: the peer's UDP ports steered
 
 
 def _is_syn(flags: int) -> bool:
@@ -127,7 +128,6 @@ class CtcpEngine(Engine):
         super().__init__()
         self._listen_exact: set[tuple[bytes, int]] = set()
         self._listen_any: set[tuple[int, int]] = set()  # (address length, port)
-        self.is_gateway = bool(listen)
         for host, port in listen:
             addr = ipaddress.ip_address(host)
             if addr.is_unspecified:
@@ -149,8 +149,7 @@ class CtcpEngine(Engine):
         self.flows: dict[Key, Flow] = {}
         self._gateway_flows = 0
         self.by_id: dict[int, Flow] = {}
-        # gateway: each connection is the UDP endpoint (peer, its TCP port) to charon
-        self.by_endpoint: dict[tuple[bytes, int], Flow] = {}
+        # gateway: the UDP endpoints (peer, inner source port) charon answers its flows at
         self.steering: SteeringRefs[tuple[bytes, int]] = SteeringRefs()
         self.counters: dict[str, int] = {}
         self.totals: dict[str, Any] = new_totals()
@@ -178,10 +177,6 @@ class CtcpEngine(Engine):
         if side == "gateway":
             self.slots.take(peer)
             self._gateway_flows += 1
-            self.by_endpoint[(peer, pport)] = flow
-            # before the first Inject: charon's answer to this endpoint must be queued
-            if self.steering.add((peer, pport), f"conn:{entry.conn_id}"):
-                self._out.append(Steer(peer, True, pport))
         return flow
 
     # --- inputs ---------------------------------------------------------------------------
@@ -204,15 +199,7 @@ class CtcpEngine(Engine):
         if c.kind is Kind.INVALID:
             count(self.counters, "outbound-invalid")
             return
-        flow = self.by_endpoint.get((ip.dst, udp.dport))
-        if flow is not None:  # a gateway's connection: the peer hears its own ports again
-            packet = set_udp_ports(packet, dport=udp.sport)
-            self._carry(now, flow, c, packet)
-            return
-        if ip.dst not in self.peers and self.is_gateway:
-            # an endpoint whose connection is gone (charon has not noticed yet)
-            count(self.counters, "endpoint-no-connection")
-            return
+        flow: Flow | None = None
         if c.kind is Kind.IKE:
             assert c.ike is not None
             entry = self.table.lookup_ike(ip.src, ip.dst, c.ike.spi_i)
@@ -303,7 +290,7 @@ class CtcpEngine(Engine):
         """A segment at a listen port without a connection: a SYN gets a cookie, the ACK
         that returns one makes the connection (also when it carries the first data),
         anything else a rate-limited RST. Nothing is kept for the SYN."""
-        refusal = self._refusal(seg.src, seg.sport)
+        refusal = self._refusal(seg.src)
         if _is_syn(seg.flags):
             if refusal is not None:
                 self._refuse(now, refusal, seg)
@@ -334,11 +321,9 @@ class CtcpEngine(Engine):
         self._stray(now, seg)
         return None
 
-    def _refusal(self, src: bytes, sport: int) -> str | None:
+    def _refusal(self, src: bytes) -> str | None:
         if self._gatewaycount() >= self.max_connections:
             return "refused-limit"
-        if (src, sport) in self.by_endpoint:  # the same endpoint at another listen address
-            return "refused-endpoint-in-use"
         return "refused-per-source" if self.slots.full(src) else None
 
     def _refuse(self, now: float, name: str, seg: Segment) -> None:
@@ -400,9 +385,6 @@ class CtcpEngine(Engine):
                 packet = act.packet  # type: ignore[union-attr]
                 flow.frames_in += 1
                 flow.bytes_in += len(packet)
-                if flow.side == "gateway" and act.proto == PROTO_UDP:  # type: ignore[union-attr]
-                    # to charon, each connection is its own UDP endpoint: (peer, TCP port)
-                    packet = set_udp_ports(packet, sport=flow.key[3])
                 self._learn(now, flow, packet)
                 out.append(Inject(packet, flow.key[0]))
             elif t is Dropped:
@@ -417,8 +399,9 @@ class CtcpEngine(Engine):
             self._arm(flow)
 
     def _learn(self, now: float, flow: Flow, packet: bytes) -> None:
-        """Inbound IKE teaches the table its SPI (for this address pair only). What the
-        peer sends never counts as an SA: that is charon's to say (``outbound``)."""
+        """Inbound IKE teaches the table its SPI (for this address pair only), and a gateway
+        steers the UDP endpoint it came from. What the peer sends never counts as an SA:
+        that is charon's to say (``outbound``)."""
         try:
             ip = parse_ip(packet)
             if ip.proto != PROTO_UDP:
@@ -426,6 +409,13 @@ class CtcpEngine(Engine):
             udp = parse_udp(ip.payload)
         except PacketError:
             return
+        if flow.side == "gateway" and udp.sport not in flow.steered:
+            # charon answers the peer at the UDP endpoint it sent from (its own inner ports,
+            # 500 or 4500, A.2): queue that endpoint, never the whole address, which a
+            # plain-UDP or RFC 9329 client behind the same NAT may share; before the Inject
+            flow.steered.add(udp.sport)
+            if self.steering.add((ip.src, udp.sport), f"conn:{flow.entry.conn_id}"):
+                self._out.append(Steer(ip.src, True, udp.sport))
         c = classify_udp_payload(udp.dport, udp.payload)
         if c.kind is Kind.IKE and c.ike is not None:
             self._bind_ike(flow, c.ike.spi_i)
@@ -445,11 +435,10 @@ class CtcpEngine(Engine):
         if flow.side == "client":
             self.ports.release(flow.key[1])
         else:
-            endpoint = (flow.key[2], flow.key[3])
-            if self.by_endpoint.get(endpoint) is flow:
-                del self.by_endpoint[endpoint]
-            if self.steering.remove(endpoint, f"conn:{flow.entry.conn_id}"):
-                out.append(Steer(endpoint[0], False, endpoint[1]))
+            peer, why = flow.key[2], f"conn:{flow.entry.conn_id}"
+            for port in sorted(flow.steered):
+                if self.steering.remove((peer, port), why):
+                    out.append(Steer(peer, False, port))
         log.info("cTCP %s closed: %s", self.describe(flow), reason)
 
     # --- status -----------------------------------------------------------------------------

@@ -117,6 +117,7 @@ class Rfc9329Engine(Engine):
         self.peer_ports: dict[bytes, int] = {}  # every configured peer -> TCP port
         self.orphans: dict[tuple[bytes, bytes], Orphan] = {}
         self.release_at: dict[Endpoint, float] = {}  # lingering endpoint -> next check
+        self.release_peer_at: dict[bytes, float] = {}  # a previous run's whole addresses
         self.brief: dict[Endpoint, None] = {}  # lingering endpoints of SA-less connections
         self.n_gateway = 0  # admitted gateway connections
         self.n_pending = 0  # ... without a first message yet
@@ -930,6 +931,19 @@ class Rfc9329Engine(Engine):
         if conn.close_reason.startswith("connect failed"):
             t["connect_failures"] += 1
 
+    def linger(self, now: float, peers: list[bytes], endpoints: list[Endpoint]) -> None:
+        """What a previous run steered that charon still holds SAs with: gateway endpoints
+        (and whole addresses: a fallback's) stay steered, as after their connection
+        closed, until the release poll finds no SA with them."""
+        for ep in endpoints:
+            if self.endpoints.add(ep, LINGER):
+                self._out.append(Steer(ep[0], True, ep[1]))
+            self.release_at[ep] = now + PEER_RELEASE_DELAY
+        for peer in peers:
+            if self.steering.add(peer, LINGER):
+                self._out.append(Steer(peer, True))
+            self.release_peer_at[peer] = now + PEER_RELEASE_DELAY
+
     def stop(self) -> None:
         """tcpencap is stopping: close everything, reconnect nothing."""
         self.stopping = True
@@ -1040,7 +1054,8 @@ class Rfc9329Engine(Engine):
         self._release_check(now)
 
     def _release_check(self, now: float) -> None:
-        if any(t <= now for t in self.release_at.values()):
+        due = (*self.release_at.values(), *self.release_peer_at.values())
+        if any(t <= now for t in due):
             self._out.append(Query("peer-release"))
 
     def _poll_fallback_soon(self, now: float) -> None:
@@ -1083,6 +1098,14 @@ class Rfc9329Engine(Engine):
                 host = address(sa.get("remote-host"))
                 if host is not None:
                     busy.add((host, vici_port(sa.get("remote-port"), 0)))
+        hosts = {host for host, _port in busy}
+        for peer in [p for p, t in self.release_peer_at.items() if t <= now]:
+            if peer in hosts:
+                self.release_peer_at[peer] = now + PEER_RELEASE_DELAY
+            else:
+                del self.release_peer_at[peer]
+                if self.steering.remove(peer, LINGER):
+                    self._out.append(Steer(peer, False))
         for ep in [p for p, t in self.release_at.items() if t <= now]:
             if any(r.startswith("conn:") for r in self.endpoints.reasons(ep)):
                 del self.release_at[ep]

@@ -209,34 +209,6 @@ def build_control(
     return build_ipv6(src, dst, PROTO_TCP, tcp, hop_limit=CONTROL_TTL)
 
 
-def set_udp_ports(packet: bytes, *, sport: int | None = None, dport: int | None = None) -> bytes:
-    """The IP packet with its UDP ports replaced: how a gateway shows charon each cTCP
-    connection as a UDP endpoint of its own, and gives the peer back its own ports. The
-    UDP checksum is 0 on IPv4 (as cTCP carries IKE, A.8) and computed again on IPv6."""
-    if packet and packet[0] >> 4 == 4 and len(packet) >= 20 and packet[9] == PROTO_UDP:
-        ihl = (packet[0] & 0x0F) * 4
-        if len(packet) >= ihl + UDP_HEADER_LEN:  # the common case, without a full parse
-            old_s, old_d = struct.unpack_from("!HH", packet, ihl)
-            ports = struct.pack("!HH", old_s if sport is None else sport,
-                                old_d if dport is None else dport)  # fmt: skip
-            return packet[:ihl] + ports + packet[ihl + 4 : ihl + 6] + b"\0\0" + packet[ihl + 8 :]
-    try:
-        pkt = parse_ip(packet)
-    except PacketError as exc:
-        raise CTCPError(f"not an IP packet: {exc}") from None
-    if pkt.proto != PROTO_UDP or len(pkt.payload) < UDP_HEADER_LEN:
-        raise CTCPError("not a UDP packet")
-    udp = bytearray(pkt.payload)
-    if sport is not None:
-        struct.pack_into("!H", udp, 0, sport)
-    if dport is not None:
-        struct.pack_into("!H", udp, 2, dport)
-    udp[6:8] = b"\0\0"
-    if pkt.version == 6:
-        struct.pack_into("!H", udp, 6, l4_checksum(pkt.src, pkt.dst, PROTO_UDP, udp) or 0xFFFF)
-    return rebuild_ip(pkt, PROTO_UDP, bytes(udp))
-
-
 # --- decapsulation ----------------------------------------------------------------------
 
 

@@ -9,7 +9,9 @@ Not collected on the host (the name has no test_ prefix).
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +25,8 @@ from tests.lab import REPO_ROOT, Host, Lab, ping, psk_conf, tcpencap_conf
 
 NAME = "c1-gw"
 UNIT = Path("/etc/systemd/system/tcpencap.service")
+DROP_IN = Path("/etc/systemd/system/strongswan.service.d/tcpencap.conf")
+KEPT = (1 << 10) | (1 << 12) | (1 << 13)  # NET_BIND_SERVICE, NET_ADMIN, NET_RAW
 CONF = Path("/etc/strongswan.d/tcpencap.conf")
 VENV_BIN = Path("/opt/tcpencap/.venv/bin")
 
@@ -87,6 +91,14 @@ def lab() -> Iterator[dict[str, Any]]:
         unit = (REPO_ROOT / "configs/tcpencap.service").read_text()
         assert f"ExecStart={VENV_BIN}/tcpencap run" in unit  # where the image installed it
         UNIT.write_text(unit)
+        # Its user and the drop-in for strongswan.service, as the unit's header says (a
+        # tree without them, such as 96634d6, runs as before).
+        sh("useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+           "--shell", "/usr/sbin/nologin", "tcpencap", check=False)  # fmt: skip
+        drop_in = REPO_ROOT / "configs/strongswan-tcpencap.conf"
+        if drop_in.exists():
+            DROP_IN.parent.mkdir(parents=True, exist_ok=True)
+            DROP_IN.write_text(drop_in.read_text())
         sh("systemctl", "daemon-reload")
         # The client: charon and tcpencap in its namespace, as in every lab test.
         c1.start_charon()
@@ -174,7 +186,155 @@ def test_4_sigkill_is_restarted_and_sas_resume(lab: dict[str, Any]) -> None:
     assert ike_spis(c1) == spi, "the IKE SA was re-established instead of resumed"
 
 
-def test_5_stopping_strongswan_stops_tcpencap_and_leaves_no_rules(lab: dict[str, Any]) -> None:
+def charon_udp_to(peer: str) -> int:
+    """charon's (and the kernel's ESP-in-UDP) packets to ``peer`` so far: a counter rule
+    in raw OUTPUT, before any rule of tcpencap's."""
+    out = sh("iptables", "-w", "5", "-t", "raw", "-L", "OUTPUT", "-v", "-x", "-n")
+    for line in out.splitlines()[2:]:
+        cols = line.split()
+        if peer in cols and "multiport" in cols:
+            return int(cols[0])
+    raise AssertionError(f"no counter rule:\n{out}")
+
+
+def fw_block_tcp(lab: Lab, c1: Host, on: bool) -> None:
+    for direction in ("-i", "-o"):
+        spec = ["FORWARD", direction, c1.fw_veth, "-p", "tcp", "-j", "DROP"]
+        lab.fw.run("iptables", "-I" if on else "-D", *spec)  # type: ignore[arg-type]
+
+
+def test_5_systemctl_restart_leaks_no_udp(lab: dict[str, Any]) -> None:
+    """`systemctl restart tcpencap` with the tunnel up and the gateway pinging c1: c1
+    cannot reconnect (TCP blocked in fw) until charon has sent 30 more packets to it
+    after the restart; not one may cross the gateway's link as UDP."""
+    c1, gw = lab["c1"], lab["gw"]
+    wait_for("pings both ways before", lambda: pings_both_ways(c1, gw))
+    counter = ["-p", "udp", "-m", "multiport", "--sports", "500,4500", "-d", c1.outer4]
+    sh("iptables", "-w", "5", "-t", "raw", "-A", "OUTPUT", *counter)
+    pcap = Path("/tmp/restart.pcap")
+    tcpdump = subprocess.Popen(
+        ["tcpdump", "-U", "-n", "-i", gw.veth, "-w", str(pcap), "udp"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    pinger = subprocess.Popen(
+        ["ping", "-n", "-q", "-i", "0.05", "-I", gw.inner4, c1.inner4],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        restart_with_tcp_blocked(lab, pcap, tcpdump, pinger)
+    finally:
+        for proc in (pinger, tcpdump):
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+def restart_with_tcp_blocked(
+    lab: dict[str, Any], pcap: Path, tcpdump: subprocess.Popen, pinger: subprocess.Popen
+) -> None:
+    from scapy.layers.inet import IP, UDP
+    from scapy.utils import rdpcap
+
+    c1, gw = lab["c1"], lab["gw"]
+    pid = prop("tcpencap.service", "MainPID")
+    fw_block_tcp(lab["lab"], c1, True)
+    try:
+        wait_for("tcpdump listening", lambda: pcap.exists())
+        before = charon_udp_to(c1.outer4)
+        timed("systemctl restart tcpencap", lambda: sh("systemctl", "restart", "tcpencap"))
+        wait_for(
+            "tcpencap running again",
+            lambda: (
+                prop("tcpencap.service", "MainPID") not in ("0", pid)
+                and prop("tcpencap.service", "ActiveState") == "active"
+            ),
+        )
+        after = charon_udp_to(c1.outer4)
+        wait_for("charon sends 30 more to the unconnected c1",
+                 lambda: charon_udp_to(c1.outer4) >= after + 30)  # fmt: skip
+        tried = charon_udp_to(c1.outer4) - before
+    finally:
+        fw_block_tcp(lab["lab"], c1, False)
+    t0 = time.monotonic()
+    wait_for("pings both ways after the restart", lambda: pings_both_ways(c1, gw))
+    back = time.monotonic() - t0
+    for proc in (pinger, tcpdump):
+        os.kill(proc.pid, signal.SIGINT)
+        proc.wait(10)
+    leaked = sum(
+        1
+        for p in rdpcap(str(pcap))
+        if IP in p and UDP in p and {p[UDP].sport, p[UDP].dport} & {500, 4500}
+        and {p[IP].src, p[IP].dst} == {c1.outer4, gw.outer4}
+    )  # fmt: skip
+    print(
+        f"restart: charon sent {tried} packets to c1 meanwhile; UDP 500/4500 on the gateway's "
+        f"link: {leaked}; TCP let through -> pings both ways in {back:.1f} s; "
+        f"NRestarts={prop('tcpencap.service', 'NRestarts')}"
+    )
+    assert leaked == 0, f"{leaked} UDP 500/4500 packets left the gateway"
+
+
+def daemon_view(pid: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` as the daemon could: its mount namespace, user, group and groups."""
+    st = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    uid, gid = st["Uid"].split()[0], st["Gid"].split()[0]
+    groups = ",".join(st["Groups"].split())
+    ids = [f"--reuid={uid}", f"--regid={gid}"]
+    ids += [f"--groups={groups}"] if groups else ["--clear-groups"]
+    return subprocess.run(
+        ["nsenter", "-t", pid, "-m", "--", "setpriv", *ids, *argv],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+CONNECT = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"
+
+
+def test_6_unit_runs_confined(lab: dict[str, Any]) -> None:
+    """The unit's user, capabilities and reach, and systemd-analyze's exposure score."""
+    pid = prop("tcpencap.service", "MainPID")
+    st = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    caps = {k: int(st[k].strip(), 16) for k in ("CapEff", "CapPrm", "CapBnd", "CapAmb")}
+    uid = st["Uid"].split()[0]
+    user = prop("tcpencap.service", "User") or "root"
+    sets = ", ".join(f"{k} {v:#x}" for k, v in caps.items())
+    groups = st["Groups"].strip() or "-"
+    print(
+        f"unit User={user}, uid {uid}, groups {groups}, "
+        f"NoNewPrivs {st['NoNewPrivs'].strip()}, {sets}"
+    )
+    journal = sh("journalctl", "-u", "tcpencap", "--no-pager", "-o", "cat")
+    dropped = "could not drop capabilities" not in journal
+    print(f"journal: {'no' if dropped else 'a'} 'could not drop capabilities' line")
+    score = sh("systemd-analyze", "security", "--no-pager", "tcpencap.service", check=False)
+    overall = [ln for ln in score.splitlines() if "Overall exposure level" in ln]
+    print(overall[0] if overall else score[-500:])
+    reach = {}
+    for path in ("/run/systemd/private", "/run/dbus/system_bus_socket", "/run/charon.vici"):
+        if Path(path).exists():
+            res = daemon_view(pid, ["python3", "-c", CONNECT, path])
+            reach[path] = res.returncode == 0
+    writes = {}
+    for path in ("/run/tcpencap/probe", "/run/probe", "/etc/probe", "/var/lib/probe"):
+        writes[path] = daemon_view(pid, ["touch", path]).returncode == 0
+        daemon_view(pid, ["rm", "-f", path])
+    print(f"the daemon can connect to: {reach}; can write: {writes}")
+    assert uid != "0", f"the unit runs as root ({user})"
+    assert caps["CapEff"] == caps["CapPrm"] == caps["CapBnd"] == KEPT, caps
+    assert st["NoNewPrivs"].strip() == "1"
+    assert dropped, "the capability drop failed under the unit"
+    assert reach.get("/run/charon.vici") is True, reach
+    assert not reach["/run/systemd/private"], reach
+    assert not reach.get("/run/dbus/system_bus_socket"), reach
+    assert writes == {"/run/tcpencap/probe": True, "/run/probe": False, "/etc/probe": False,
+                      "/var/lib/probe": False}, writes  # fmt: skip
+    # 96634d6 measured 2.0 (root, /run writable, systemd's socket reachable)
+    level = float(re.search(r"exposure level for tcpencap.service: ([0-9.]+)", score)[1])
+    assert level < 2.0, overall
+
+
+def test_7_stopping_strongswan_stops_tcpencap_and_leaves_no_rules(lab: dict[str, Any]) -> None:
     assert tcpencap_leftovers(), "tcpencap's rules should exist while it runs"
     timed("systemctl stop strongswan", lambda: sh("systemctl", "stop", "strongswan"))
     wait_for(

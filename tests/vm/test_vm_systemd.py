@@ -19,7 +19,9 @@ STEPS = [
     "test_2_journal_shows_tcpencap",
     "test_3_reload_applies_a_change",
     "test_4_sigkill_is_restarted_and_sas_resume",
-    "test_5_stopping_strongswan_stops_tcpencap_and_leaves_no_rules",
+    "test_5_systemctl_restart_leaks_no_udp",
+    "test_6_unit_runs_confined",
+    "test_7_stopping_strongswan_stops_tcpencap_and_leaves_no_rules",
 ]
 
 
