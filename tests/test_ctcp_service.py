@@ -199,12 +199,18 @@ def test_restarted_client_reconnects_on_esp_alone():
     (syn,) = _sends(out)
     assert read_segment(syn).flags == TCP_SYN and "esp-no-connection" not in restarted.counters
     got = _handshake(restarted, gw, out, 5.1)
+    # the gateway still sends on the old connection: the restarted client resets it there
+    (old,) = [f for f in gw.flows.values() if f.key[3] == 40000]
+    rst = _exchange(gw, restarted, gw.outbound(5.5, _ike(G, C, spi_r=b"\x99" * 8)), 5.5)
+    assert [read_segment(d).flags for d in _sends(rst)] == [TCP_RST | TCP_ACK]
+    assert _exchange(restarted, gw, rst, 5.6) == [Steer(C, False, 500)]  # (the shell lingers it)
+    assert old.key not in gw.flows
     injected = [o for o in got if type(o) is Inject]
     assert len(injected) == 1 and parse_udp(parse_ip(injected[0].packet).payload).payload[:4] == (
         0xC0FFEE02
     ).to_bytes(4, "big")
     assert gw.outbound(6.0, _esp(G, addr_bytes("198.18.7.7"), 0xABCDEF01)) == []
-    assert gw.counters["esp-no-connection"] == 1 and len(gw.flows) == 2
+    assert gw.counters["esp-no-connection"] == 1 and len(gw.flows) == 1
 
 
 def test_ike_spis_of_gone_sas_leave_the_index_once_a_flow_holds_max_spis():

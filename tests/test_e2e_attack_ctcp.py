@@ -13,7 +13,9 @@ through it. The honest client's figures (pings lost, median RTT, set-up time) ar
 - the attacker in fw floods spoofed SYNs from 8 addresses while c1 sets up its tunnel;
   the attacker on c2 opens as many real connections as it can and keeps them busy with its
   own "ESP"; stray segments from thousands of IPv6 sources (finding 3);
-- a cTCP gateway that routes (fw) must not answer for the hosts behind it (finding 4).
+- a cTCP gateway that routes (fw) must not answer for the hosts behind it (finding 4);
+- a plain-UDP client keeps its tunnel beside a cTCP connection from its own address
+  (finding 5).
 
 Needs root, iproute2, iptables, tcpdump, ping and strongSwan; fails (never skips) without.
 """
@@ -276,6 +278,38 @@ def test_inner_udp_reaches_only_charon() -> None:
         got = [ln for ln in service.log_text().splitlines() if ln.startswith("got")]
         assert got == [ln for ln in got if "127.0.0.1" in ln], f"reached the services: {got}"
         assert not lost, lost
+
+
+# --- finding 5: a plain-UDP client behind a cTCP peer's address -------------------------------
+
+
+def test_udp_client_keeps_its_udp_beside_a_ctcp_connection_from_its_address() -> None:
+    """c1 talks plain UDP (NAT-T on 4500) to gw. From c1's own address (as from another
+    host behind the same NAT) an attacker completes a cTCP handshake and sends an IKE
+    message from inner port 500. Before: gw steered c1's whole address into the cTCP queue,
+    so charon's ESP for c1's UDP tunnel went into the attacker's connection. Now only the
+    endpoint the cTCP peer's IKE came from, c1:500, is steered."""
+    with Lab(clients=1) as lab:
+        c1, gw = lab.clients[0], lab.gw
+        for h in (gw, c1):
+            h.start_charon()
+        c1.charon.load(psk_conf(c1, gw))  # type: ignore[union-attr]
+        gw.charon.load(psk_conf(gw, c1))  # type: ignore[union-attr]
+        gw.start_tcpencap(gateway_conf(gw))  # no tcpencap on c1, UDP not blocked
+        c1.charon.initiate(NAME, timeout=10)  # type: ignore[union-attr]
+        lost = unanswered(c1, gw.inner4, c1.inner4, count=2)  # type: ignore[arg-type]
+        assert not lost, lost
+        no_kernel_resets(c1)
+        pinger = Pinger(c1, gw.inner4, c1.inner4, count=100)  # type: ignore[arg-type]
+        pinger.start()
+        out = attack(lab, c1, mode="inner-ports", gw=gw.outer4, port=PORT, ports=[])
+        rows = wait_for("the attacker's connection", lambda: ctcp_rows(gw), 10)
+        lost, median = pinger.result()
+        report("UDP client beside a cTCP connection", lost, 100, median)
+        assert out["synack"] and rows[0]["frames_in"] == 1, (out, rows)
+        assert not lost, lost
+        steered = ctcp_summary(gw).get("steered_endpoints", [])
+        assert f"{c1.outer4}:500" in steered and f"{c1.outer4}:4500" not in steered, steered
 
 
 # --- finding 2: spoofed RST, FIN and data from off-path --------------------------------------

@@ -318,6 +318,11 @@ class CtcpService:
             "packets": self.queue.packets if self.queue else 0,
             "segments": self.inbound_queue.packets if self.inbound_queue else 0,
             "mtu_cache": len(self.mtus),
+            "steered_endpoints": sorted(
+                f"{bracket(a)}:{p}" for a, p in self.rules.steering.steered_endpoints
+            )
+            if self.rules is not None
+            else [],
             "flows": len(eng.flows) if eng else 0,
             "counters": {**(eng.counters if eng else {}), **self.counters},
             "totals": eng.totals if eng else {},

@@ -278,6 +278,10 @@ class CtcpEngine(Engine):
         if flow is None:
             if self.listening(seg.dst, seg.dport):
                 flow = self._handshake(now, seg)
+            elif self.peers.get(seg.src) == seg.sport:
+                # a client's gateway still sends on a connection this host no longer has
+                # (tcpencap restarted): a RST at the gateway's RCV.NXT ends it there
+                self._stray(now, seg)
             if flow is None:
                 return
             if not seg.payload_len:  # the handshake's own ACK: nothing more to do

@@ -62,6 +62,7 @@ class Conn:
     first_at: float | None = None  # when the first complete message arrived
     sa_seen: bool = False  # evidence of an IKE SA on this connection (see _sa_evidence)
     first_spi: bytes | None = None  # the initiator SPI of the first message, if IKE
+    resume_spi: int = 0  # the SPI of a first ESP taken before charon could be asked
     counted: bool = False  # in the gateway's admission counts
     source: str = ""  # the source prefix the gateway's per-source limits count it under
     invalid: int = 0  # invalid frames received (max_invalid_frames closes)

@@ -751,7 +751,18 @@ class Rfc9329Engine(Engine):
         self._first_message(now, conn)
         if conn.state is State.OPEN and self.vici_connected:
             self._resume_endpoint(now, conn, self.inbound_ports.get(spi, 0))
+        elif conn.state is State.OPEN:
+            conn.resume_spi = spi  # charon's word comes with VICI (_resume_pending)
         return conn.state is State.OPEN
+
+    def _resume_pending(self, now: float) -> None:
+        """Connections whose first message was ESP while VICI was down (a client that came
+        back at once after a restart of tcpencap): now that charon's SAs are known, the
+        one that resumes an SA of its address takes that SA's endpoint too."""
+        for conn in list(self.conns.values()):
+            spi, conn.resume_spi = conn.resume_spi, 0
+            if spi and conn.state is State.OPEN and self.inbound_spis.get(spi) == conn.entry.peer:
+                self._resume_endpoint(now, conn, self.inbound_ports.get(spi, 0))
 
     def _resume_endpoint(self, now: float, conn: Conn, port: int) -> None:
         """A connection resumes an SA of charon's (its first message was that SA's ESP)
@@ -976,6 +987,7 @@ class Rfc9329Engine(Engine):
         self.inbound_ports = inbound_ports(sas)
         for item in sas:
             self._mark_sa_seen(item)
+        self._resume_pending(now)
 
     def _learn_inbound(self, label: str, up: bool, event: dict[str, Any]) -> None:
         """charon's inbound ESP SPIs by peer: what a resuming client may send first."""
