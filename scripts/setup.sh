@@ -10,6 +10,7 @@ APT_PACKAGES=(
   iptables iproute2 iperf3 socat ipset tshark tcpdump iputils-ping procps systemd git
   libnetfilter-queue-dev gcc libc6-dev python3-dev python3-venv vpnc openvpn linux-perf
   qemu-system-x86 debootstrap haproxy curl openssl
+  clang libclang-rt-14-dev
 )
 
 if [ "$(id -u)" != 0 ]; then
@@ -63,7 +64,7 @@ TOOL_PACKAGES=(
   ping:iputils-ping iperf3:iperf3 socat:socat vpnc:vpnc gcc:gcc swanctl:strongswan-swanctl
   ps:procps systemd-analyze:systemd git:git qemu-system-x86_64:qemu-system-x86
   debootstrap:debootstrap openvpn:openvpn perf:linux-perf haproxy:haproxy curl:curl
-  openssl:openssl
+  openssl:openssl clang:clang
 )
 problems=()
 # The build makes the extension optional (a deployment without a compiler still runs, on the
