@@ -4,7 +4,7 @@
 #
 #   scripts/fuzz-native.sh [--seconds N] [--src DIR] [--out DIR] [TARGET...]
 #
-# TARGETs are tests/fuzz/native/fuzz_<name>.c (default: all). Each is built with
+# TARGETs are tests/fuzz/native/fuzz_<name>.c, and "extension" (default: all). Each is built with
 # -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all into --out (default
 # build/fuzz-native; the in-place extension the product loads is never touched) against the
 # sources under --src (default: this checkout; a test points it at a deliberately broken
@@ -12,6 +12,9 @@
 # --out/corpus/<name>. Prints per target: runs, coverage (cov: edges, ft: features) and "no
 # reports". Any sanitizer report, broken invariant, crash, leak or timeout fails the run
 # (exit 1) and is printed, with the input that caused it kept in --out/artifacts.
+# "extension" is the extension itself built with gcc -fsanitize=address,undefined into
+# --out/asan-ext, and tests/test_native.py (the native path against the Python reference,
+# hypothesis-driven, real sockets) run on it with libasan and libubsan preloaded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -35,6 +38,7 @@ if [ ${#targets[@]} -eq 0 ]; then
     t=${f##*/fuzz_}
     targets+=("${t%.c}")
   done
+  targets+=(extension)
 fi
 
 PY=${PYTHON:-.venv/bin/python}
@@ -49,6 +53,7 @@ mkdir -p "$out/bin" "$out/logs" "$out/artifacts"
 CFLAGS=(-g -O1 -Wall -Wno-unused-function -fno-omit-frame-pointer -pthread
   -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all)
 for t in "${targets[@]}"; do
+  [ "$t" = extension ] && continue
   [ -f "tests/fuzz/native/fuzz_$t.c" ] || { echo "fuzz-native: no target '$t'" >&2; exit 2; }
   clang "${CFLAGS[@]}" -I"$src" -I"$inc" "tests/fuzz/native/fuzz_$t.c" -o "$out/bin/fuzz_$t" \
     -L"$libdir" -lpython"$ldversion" -Wl,-rpath,"$libdir" \
@@ -61,22 +66,48 @@ export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:quarantine_size_mb=64:abort_o
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 failed=()
 start=$SECONDS
+# The extension built by gcc with both sanitizers, and the native tests run on it.
+extension() {
+  local so
+  so=$out/asan-ext/_fastpath$(pyconf EXT_SUFFIX)
+  mkdir -p "$out/asan-ext"
+  gcc -shared -fPIC -g -O1 -Wall -Wextra -Wno-unused-parameter -pthread -fno-omit-frame-pointer \
+    -fsanitize=address,undefined -fno-sanitize-recover=all -I"$inc" \
+    "$src/tcpencap/native/fastpath.c" -o "$so"
+  # leaks: the interpreter keeps its own at exit; the libFuzzer targets check every input
+  LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
+    ASAN_OPTIONS=detect_leaks=0 PYTHONMALLOC=malloc TCPENCAP_FASTPATH_SO=$so \
+    PYTHONPATH=tests/fuzz/native "$PY" -m pytest -q -p no:cacheprovider -p asan_extension \
+    tests/test_native.py
+}
+
 for t in "${targets[@]}"; do
   log=$out/logs/$t.log
-  mkdir -p "$out/corpus/$t"
   rc=0
-  "$out/bin/fuzz_$t" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
-    -print_final_stats=1 -artifact_prefix="$out/artifacts/$t-" "$out/corpus/$t" \
-    >"$log" 2>&1 || rc=$?
-  runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
-  cov=$(grep -o 'cov: [0-9]* ft: [0-9]*' "$log" | tail -1 || true)
+  if [ "$t" = extension ]; then
+    t0=$SECONDS
+    extension >"$log" 2>&1 || rc=$?
+    runs="tests/test_native.py: $(grep -oE '[0-9]+ passed' "$log" | tail -1 || true)"
+    what="gcc build, $runs in $((SECONDS - t0)) s"
+  else
+    mkdir -p "$out/corpus/$t"
+    "$out/bin/fuzz_$t" -max_total_time="$seconds" -max_len=4096 -timeout=10 -rss_limit_mb=2048 \
+      -print_final_stats=1 -artifact_prefix="$out/artifacts/$t-" "$out/corpus/$t" \
+      >"$log" 2>&1 || rc=$?
+    runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+    cov=$(grep -o 'cov: [0-9]* ft: [0-9]*' "$log" | tail -1 || true)
+    what="${runs:-0} runs in $seconds s, ${cov:-cov: ?}"
+  fi
   if [ "$rc" = 0 ] && ! grep -qE 'ERROR: (AddressSanitizer|LeakSanitizer|libFuzzer)|runtime error:|fuzz invariant broken' "$log"; then
-    echo "fuzz-native: $t: ${runs:-0} runs in $seconds s, ${cov:-cov: ?}: no reports"
+    echo "fuzz-native: $t: $what: no reports"
   else
     failed+=("$t")
     echo "fuzz-native: $t: REPORT after ${runs:-?} runs (exit $rc), log $log:" >&2
-    # the report: from its first line to libFuzzer's summary of the input
-    grep -vE '^(#[0-9]+|INFO:)|^"|Uses: [0-9]+$|recommended dictionary' "$log" | head -80 >&2
+    # the report, from its first line (or the log's end when there is none to find)
+    awk '/==ERROR|runtime error:|fuzz invariant broken|ERROR: libFuzzer|FAILED|Error/ {on=1} on' \
+      "$log" | head -100 >&2
+    grep -qE '==ERROR|runtime error:|fuzz invariant broken|ERROR: libFuzzer|FAILED|Error' "$log" \
+      || tail -40 "$log" >&2
     ls "$out/artifacts/$t-"* 2>/dev/null | sed 's/^/fuzz-native:   input: /' >&2 || true
   fi
 done

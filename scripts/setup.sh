@@ -73,6 +73,9 @@ native=$(.venv/bin/python -c 'from tcpencap.native import load; m, why = load();
   || native="cannot import tcpencap.native: $native"
 [ -z "$native" ] || problems+=("the native data path did not build ($native): gcc and python3-dev are needed, then rerun")
 [ -x /usr/lib/ipsec/charon ] || problems+=("/usr/lib/ipsec/charon is missing: install strongswan-charon")
+# scripts/fuzz-native.sh links its targets with libFuzzer and the sanitizers' runtimes.
+[ -f "$(clang -print-runtime-dir 2>/dev/null)/libclang_rt.fuzzer-x86_64.a" ] \
+  || problems+=("libFuzzer is missing: install libclang-rt-14-dev")
 for entry in "${PLUGIN_PACKAGES[@]}"; do
   plugin=${entry%%:*} package=${entry#*:}
   [ -f "/usr/lib/ipsec/plugins/libstrongswan-$plugin.so" ] \
