@@ -3,8 +3,8 @@
 One run of every libFuzzer target for FUZZ_NATIVE_SECONDS each (default 20: about two and
 a half minutes with the builds and the sanitizer build's test_native run), which must
 report nothing; and proof that the run cannot pass vacuously: a copy of the extension with
-a bug planted in it (a read past a packet, an undefined shift, a wrong length field) is
-reported by the target that covers that code, within a bounded time.
+a bug planted in it (a read past a packet, an undefined shift, a leak, a wrong length field)
+is reported by the target that covers that code, within a bounded time.
 """
 
 from __future__ import annotations
@@ -80,6 +80,13 @@ PLANTED = {
         "k->spi = ((uint32_t)p[28] << 24)",
         "k->spi = (p[28] << 24)",
         "runtime error: left shift",
+    ),
+    "leak": (
+        "inject",
+        "inject.c",
+        "    PyMem_RawFree(b->buf);\n    PyMem_RawFree(b->pk);",
+        "    PyMem_RawFree(b->pk);",
+        "ERROR: LeakSanitizer: detected memory leaks",
     ),
     "udp-length": (
         "inject",
