@@ -28,7 +28,7 @@ while [ $# -gt 0 ]; do
     --seconds) seconds=$2; shift 2 ;;
     --src) src=$(cd "$2" && pwd); shift 2 ;;
     --out) out=$2; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     -*) echo "fuzz-native: unknown option $1" >&2; exit 2 ;;
     *) targets+=("$1"); shift ;;
   esac
@@ -91,6 +91,7 @@ for t in "${targets[@]}"; do
     what="gcc build, $runs in $((SECONDS - t0)) s"
   else
     mkdir -p "$out/corpus/$t"
+    rm -f "$out/artifacts/$t-"* # what an earlier run found is not this run's finding
     "$out/bin/fuzz_$t" -max_total_time="$seconds" -max_len=4096 -timeout=10 -rss_limit_mb=2048 \
       -print_final_stats=1 -artifact_prefix="$out/artifacts/$t-" "$out/corpus/$t" \
       >"$log" 2>&1 || rc=$?
