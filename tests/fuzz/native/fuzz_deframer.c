@@ -130,7 +130,7 @@ drain_pump(State *s, Input *in)
 /* The inbound worker's read: the peer writes, lent_read reads the socket into the
    deframer and injects ESP, leaving the first other frame unread for Python. */
 static void
-lent_round(State *s, Input *in, const uint8_t *chunk, size_t n)
+lent_round(State *s, Input *in, const uint8_t *chunk, size_t n, int fin)
 {
     Deframer *d = s->d;
     if (d->error != NULL || d->awaiting_prefix || d->eof || s->lent_eof)
@@ -138,10 +138,10 @@ lent_round(State *s, Input *in, const uint8_t *chunk, size_t n)
     if (n) {
         ssize_t w = send(s->sv[1], chunk, n, MSG_DONTWAIT);
         FUZZ_CHECK(w >= 0 || errno == EAGAIN);
-    } else {
+    } else if (fin) {
         shutdown(s->sv[1], SHUT_WR); /* the peer's FIN */
         s->lent_eof = 1;
-    }
+    } /* else a wake-up with nothing to read */
     uint8_t peer[16], local[16];
     int v6 = in_u8(in) & 1;
     memset(peer, 0xA5, sizeof peer);
@@ -187,6 +187,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         switch (op % 5) {
         case 0: { /* octets from the peer, at a split point of the input's choosing */
             const uint8_t *p = in_bytes(&in, want, &n);
+            if (op & 0x40) /* or (part of) the stream prefix: no need to guess it */
+                p = (const uint8_t *)PREFIX, n = want % (PREFIX_LEN + 1);
             if (n)
                 feed(&s, p, n);
             break;
@@ -199,7 +201,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             break;
         case 3: {
             const uint8_t *p = in_bytes(&in, want, &n);
-            lent_round(&s, &in, p, n);
+            lent_round(&s, &in, p, n, op & 0x40);
             break;
         }
         case 4: /* EOF, then perhaps more data: a protocol error */
