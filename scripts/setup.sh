@@ -10,6 +10,7 @@ APT_PACKAGES=(
   iptables iproute2 iperf3 socat ipset tshark tcpdump iputils-ping procps systemd git
   libnetfilter-queue-dev gcc libc6-dev python3-dev python3-venv vpnc openvpn linux-perf
   qemu-system-x86 debootstrap haproxy curl openssl
+  clang libclang-rt-14-dev
 )
 
 if [ "$(id -u)" != 0 ]; then
@@ -63,7 +64,7 @@ TOOL_PACKAGES=(
   ping:iputils-ping iperf3:iperf3 socat:socat vpnc:vpnc gcc:gcc swanctl:strongswan-swanctl
   ps:procps systemd-analyze:systemd git:git qemu-system-x86_64:qemu-system-x86
   debootstrap:debootstrap openvpn:openvpn perf:linux-perf haproxy:haproxy curl:curl
-  openssl:openssl
+  openssl:openssl clang:clang
 )
 problems=()
 # The build makes the extension optional (a deployment without a compiler still runs, on the
@@ -72,6 +73,9 @@ native=$(.venv/bin/python -c 'from tcpencap.native import load; m, why = load();
   || native="cannot import tcpencap.native: $native"
 [ -z "$native" ] || problems+=("the native data path did not build ($native): gcc and python3-dev are needed, then rerun")
 [ -x /usr/lib/ipsec/charon ] || problems+=("/usr/lib/ipsec/charon is missing: install strongswan-charon")
+# scripts/fuzz-native.sh links its targets with libFuzzer and the sanitizers' runtimes.
+[ -f "$(clang -print-runtime-dir 2>/dev/null)/libclang_rt.fuzzer-x86_64.a" ] \
+  || problems+=("libFuzzer is missing: install libclang-rt-14-dev")
 for entry in "${PLUGIN_PACKAGES[@]}"; do
   plugin=${entry%%:*} package=${entry#*:}
   [ -f "/usr/lib/ipsec/plugins/libstrongswan-$plugin.so" ] \

@@ -104,7 +104,8 @@ writer_flush(TcpWriter *w)
 {
     if (w->fd < 0 || w->collect || w->error)
         return;
-    w->pos += writer_send(w, w->buf + w->pos, w->len - w->pos);
+    if (w->len > w->pos) /* an idle writer has no buffer: no offset from NULL */
+        w->pos += writer_send(w, w->buf + w->pos, w->len - w->pos);
     if (w->pos == w->len || w->error)
         writer_forget(w); /* all sent (or broken): an idle connection keeps no send memory */
 }
@@ -210,7 +211,9 @@ TcpWriter_take(TcpWriter *w, PyObject *Py_UNUSED(ignored))
 {
     if (writer_lock(w) < 0)
         return NULL;
-    PyObject *b = PyBytes_FromStringAndSize((char *)w->buf + w->pos, (Py_ssize_t)(w->len - w->pos));
+    PyObject *b = w->buf == NULL ? PyBytes_FromStringAndSize("", 0)
+                                 : PyBytes_FromStringAndSize((char *)w->buf + w->pos,
+                                                             (Py_ssize_t)(w->len - w->pos));
     if (b != NULL)
         writer_forget(w);
     pthread_mutex_unlock(&w->mu);
