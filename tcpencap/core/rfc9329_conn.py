@@ -50,6 +50,7 @@ class Conn:
     peer_port: int = 0
     generation: int = 0
     frames_in: int = 0
+    esp_frames: int = 0  # of the codec's frames, those that were ESP (not rate-limited)
     frames_out: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
