@@ -86,7 +86,7 @@ class GatewayConfig:
     first_message_timeout: float = 5.0
     no_sa_timeout: float = 30.0  # after the first message, an IKE SA must exist by then
     max_buffer: int = 262144
-    max_frame_rate: int = 20000  # frames but ESP per second on one connection
+    max_frame_rate: int = 20000  # frames per second on one connection (not an SA's ESP)
     max_invalid_frames: int = 16  # invalid frames (over a connection's life) before it is cut
     # TLS listeners (RFC 9329 Appendix A) take TLS and plain RFC 9329 alike; the
     # certificate and key are read at start and on every reload.

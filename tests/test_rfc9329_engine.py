@@ -554,6 +554,21 @@ def test_frame_flood_is_cut() -> None:
     assert closes(g) == ["frame rate limit"]
 
 
+def test_esp_counts_toward_the_frame_rate_until_charon_has_an_sa_on_the_connection() -> None:
+    """A stranger's ESP flood is cut like any flood; the ESP of an SA charon vouches for
+    (it sends ESP on the connection) is the tunnel's traffic and is not limited."""
+    blob = ((8 + 40 + 2).to_bytes(2, "big") + esp(0xC0FFEE01)) * 12
+    g, gid = open_gateway(max_frame_rate="10")
+    g.receive_data(1.1, gid, 0, blob)
+    assert closes(g) == ["frame rate limit"]
+    g, gid = open_gateway(max_frame_rate="10")
+    g.outbound(1.05, from_charon(G, C, 4500, 50000, esp(0xABCDEF01)))  # charon's ESP
+    g.pull()
+    for i in range(5):  # 60 ESP frames a second, at 10 frames/s
+        g.receive_data(1.1 + i * 0.2, gid, 0, blob)
+    assert closes(g) == []
+
+
 def test_gateway_peer_stays_steered_until_charon_has_no_sa() -> None:
     g, gid = open_gateway()
     g.vici_state(1.5, True)

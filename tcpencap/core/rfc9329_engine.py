@@ -562,15 +562,16 @@ class Rfc9329Engine(Engine):
 
     @staticmethod
     def _other_frames(conn: Conn) -> int:
-        """The frames that carried no ESP (IKE, keepalives, invalid ones): what a peer can
-        send to cost the event loop without carrying anything of the tunnel's."""
-        return conn.codec.frames_in - conn.esp_frames
+        """The frames that count toward max_frame_rate: IKE, keepalives, invalid ones, and
+        ESP too until charon has vouched for an SA on the connection (``sa_seen``): what a
+        peer can send to cost the event loop without carrying anything of a tunnel's."""
+        return conn.codec.frames_in - (conn.esp_frames if conn.sa_seen else 0)
 
     def _frame_budget(self, now: float, conn: Conn) -> int:
         """The count of :meth:`_other_frames` at which a gateway connection goes over
-        max_frame_rate in the current one-second window. ESP does not count: it is what
-        the tunnel carries, as fast as TCP takes it (a 1 Gbit/s tunnel is 90,000 frames
-        a second), and costs no Python on the native path."""
+        max_frame_rate in the current one-second window. The ESP of a connection charon
+        has an SA on does not count: it is what the tunnel carries, as fast as TCP takes
+        it (a 1 Gbit/s tunnel is 90,000 frames a second)."""
         if conn.side is not Side.GATEWAY:
             return 1 << 62
         if now - conn.win_start >= 1.0:
@@ -615,6 +616,8 @@ class Rfc9329Engine(Engine):
             return None
         if conn.frames_in < LEND_AFTER_FRAMES:
             return None  # IKE alone (set-up, DPD) is cheaper on the loop than a thread hand-off
+        if conn.side is Side.GATEWAY and not conn.sa_seen:
+            return None  # its ESP still counts toward the frame rate, on the loop
         rate = self.config.gateway.max_frame_rate if conn.side is Side.GATEWAY else 0
         return (conn.codec, *self._esp_template(view), rate)
 
