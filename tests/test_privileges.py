@@ -85,6 +85,7 @@ def test_keep_only_as_the_units_user_under_its_syscall_filter() -> None:
     it ("could not drop capabilities"); and inheritable was cleared, taking the ambient set
     that iptables needs as a non-root user."""
     import shutil
+    import tempfile
     import uuid
 
     for tool in ("setpriv", "iptables", "ip"):
@@ -96,7 +97,17 @@ def test_keep_only_as_the_units_user_under_its_syscall_filter() -> None:
         argv = ["ip", "netns", "exec", ns, "setpriv", "--reuid=65534", "--regid=65534"]
         argv += ["--clear-groups", f"--inh-caps=-all,{caps}", f"--ambient-caps={caps}"]
         argv += [f"--bounding-set=-all,{caps}", sys.executable, "-c", UNIT_CHILD]
-        res = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=ENV)
+        # The unit's user reads the package; a checkout under /root (mode 0700) is not
+        # readable by it, so the child gets a world-readable copy of the package.
+        with tempfile.TemporaryDirectory() as copy:
+            os.chmod(copy, 0o755)
+            shutil.copytree(
+                os.path.join(REPO, "tcpencap"),
+                os.path.join(copy, "tcpencap"),
+                ignore=shutil.ignore_patterns("__pycache__", "*.so"),
+            )
+            env = {**os.environ, "PYTHONPATH": copy}
+            res = subprocess.run(argv, capture_output=True, text=True, cwd=copy, env=env)
         assert res.returncode == 0, res.stderr
         ident, eff, amb, nnp, ipt = res.stdout.split()
         kept = (1 << 10) | (1 << 12) | (1 << 13)
