@@ -14,8 +14,8 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TypeVar
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, TypeVar
 
 from tcpencap.confparse import ConfError, FileReader, Reader, Section, Setting, parse
 from tcpencap.core.outputs import bracket
@@ -45,7 +45,7 @@ class ConnectionConfig:
     (VICI get-conns) for the connection's remote_addrs."""
 
     name: str
-    remote_port: int = 4500
+    remote_port: int = DEFAULT_REMOTE_PORT["rfc9329"]
     transport: str = "tcp"  # tcp | fallback | udp
     encapsulation: str = "rfc9329"  # rfc9329 | ctcp
     remote_addrs: tuple[str, ...] = ()
@@ -182,27 +182,27 @@ def config_from_tree(root: Section, source: str) -> Config:
         s = root.keys["tcpencap"]
         raise ConfigError(s.path, s.line, "tcpencap: must be a section, not a key")
     top = root.sections.get("tcpencap") or Section("tcpencap", source, 0)
-    v = _Values(top, "tcpencap")
-    vici = v.take("vici_socket", _vici_uri, "")
+    v = _Values(top, "tcpencap", Config)
+    vici = v.take("vici_socket", _vici_uri, "")  # "": not set, charon's own setting decides
     if not vici:
         fallback = root.get(VICI_FALLBACK_KEY)
         if fallback is not None and fallback.value:
             vici = _convert(fallback, VICI_FALLBACK_KEY, _vici_uri)
     cfg = Config(
         vici_socket=vici or DEFAULT_VICI_SOCKET,
-        status_socket=v.take("status_socket", _abs_path, DEFAULT_STATUS_SOCKET),
-        queue_num=v.take("queue_num", _int_range(0, 65532), 4500),
-        inject=v.take("inject", _choice(INJECT_MODES), "raw"),
-        max_frame=v.take("max_frame", _int_range(64, 65535), 65535),
-        max_spis=v.take("max_spis", _int_range(1, 1024), 16),
-        metrics_listen=v.take("metrics_listen", _one_endpoint, None),
-        drop_capabilities=v.take("drop_capabilities", _yes_no, True),
-        log_level=v.take("log_level", _choice(LOG_LEVELS), "info"),
-        datapath=v.take("datapath", _choice(DATAPATHS), "auto"),
-        queues=v.take("queues", _int_range(1, 64), 1),
-        tls_handshake_timeout=v.take("tls_handshake_timeout", _duration, 5.0),
-        client=_client(v.sub("client")),
-        gateway=_gateway(v.sub("gateway")),
+        status_socket=v.take("status_socket", _abs_path),
+        queue_num=v.take("queue_num", _int_range(0, 65532)),
+        inject=v.take("inject", _choice(INJECT_MODES)),
+        max_frame=v.take("max_frame", _int_range(64, 65535)),
+        max_spis=v.take("max_spis", _int_range(1, 1024)),
+        metrics_listen=v.take("metrics_listen", _one_endpoint),
+        drop_capabilities=v.take("drop_capabilities", _yes_no),
+        log_level=v.take("log_level", _choice(LOG_LEVELS)),
+        datapath=v.take("datapath", _choice(DATAPATHS)),
+        queues=v.take("queues", _int_range(1, 64)),
+        tls_handshake_timeout=v.take("tls_handshake_timeout", _duration),
+        client=_client(v.sub("client", ClientConfig)),
+        gateway=_gateway(v.sub("gateway", GatewayConfig)),
         connections=_connections(v.sub("connections")),
         source=source,
     )
@@ -228,10 +228,10 @@ def config_from_tree(root: Section, source: str) -> Config:
 
 def _client(v: _Values) -> ClientConfig:
     c = ClientConfig(
-        port=v.take("port", _int_range(0, 65535), 0),
-        port_range=v.take("port_range", _port_range, (32768, 60999)),
-        connect_timeout=v.take("connect_timeout", _duration, 5.0),
-        ctcp_keepalive=v.take("ctcp_keepalive", _duration, 20.0),
+        port=v.take("port", _int_range(0, 65535)),
+        port_range=v.take("port_range", _port_range),
+        connect_timeout=v.take("connect_timeout", _duration),
+        ctcp_keepalive=v.take("ctcp_keepalive", _duration),
     )
     v.finish()
     return c
@@ -239,27 +239,27 @@ def _client(v: _Values) -> ClientConfig:
 
 def _gateway(v: _Values) -> GatewayConfig:
     g = GatewayConfig(
-        listen=v.take("listen", _listen, ()),
-        max_connections=v.take("max_connections", _int_range(1, 1_000_000), 1000),
-        max_per_source=v.take("max_per_source", _int_range(1, 1_000_000), 32),
-        max_pending=v.take("max_pending", _int_range(1, 1_000_000), 256),
-        max_pending_per_source=v.take("max_pending_per_source", _int_range(1, 1_000_000), 8),
-        source_prefix_v4=v.take("source_prefix_v4", _int_range(8, 32), 32),
-        source_prefix_v6=v.take("source_prefix_v6", _int_range(32, 128), 64),
-        max_frame_rate=v.take("max_frame_rate", _int_range(1, 10_000_000), 20000),
-        max_invalid_frames=v.take("max_invalid_frames", _int_range(1, 1_000_000), 16),
-        first_message_timeout=v.take("first_message_timeout", _duration, 5.0),
-        no_sa_timeout=v.take("no_sa_timeout", _duration, 30.0),
-        max_buffer=v.take("max_buffer", _int_range(1024, 1 << 30), 262144),
-        ctcp_listen=v.take("ctcp_listen", _listen, ()),
-        tls_listen=v.take("tls_listen", _listen, ()),
-        tls_cert=v.take("tls_cert", _abs_path, ""),
-        tls_key=v.take("tls_key", _abs_path, ""),
-        proxy_protocol_from=v.take("proxy_protocol_from", _network_list, ()),
-        ctcp_handshake_timeout=v.take("ctcp_handshake_timeout", _duration, 3.0),
-        ctcp_no_sa_timeout=v.take("ctcp_no_sa_timeout", _duration, 60.0),
-        ctcp_idle_timeout=v.take("ctcp_idle_timeout", _duration, 300.0),
-        ctcp_reply_rate=v.take("ctcp_reply_rate", _int_range(1, 1_000_000), 20),
+        listen=v.take("listen", _listen),
+        max_connections=v.take("max_connections", _int_range(1, 1_000_000)),
+        max_per_source=v.take("max_per_source", _int_range(1, 1_000_000)),
+        max_pending=v.take("max_pending", _int_range(1, 1_000_000)),
+        max_pending_per_source=v.take("max_pending_per_source", _int_range(1, 1_000_000)),
+        source_prefix_v4=v.take("source_prefix_v4", _int_range(8, 32)),
+        source_prefix_v6=v.take("source_prefix_v6", _int_range(32, 128)),
+        max_frame_rate=v.take("max_frame_rate", _int_range(1, 10_000_000)),
+        max_invalid_frames=v.take("max_invalid_frames", _int_range(1, 1_000_000)),
+        first_message_timeout=v.take("first_message_timeout", _duration),
+        no_sa_timeout=v.take("no_sa_timeout", _duration),
+        max_buffer=v.take("max_buffer", _int_range(1024, 1 << 30)),
+        ctcp_listen=v.take("ctcp_listen", _listen),
+        tls_listen=v.take("tls_listen", _listen),
+        tls_cert=v.take("tls_cert", _abs_path),
+        tls_key=v.take("tls_key", _abs_path),
+        proxy_protocol_from=v.take("proxy_protocol_from", _network_list),
+        ctcp_handshake_timeout=v.take("ctcp_handshake_timeout", _duration),
+        ctcp_no_sa_timeout=v.take("ctcp_no_sa_timeout", _duration),
+        ctcp_idle_timeout=v.take("ctcp_idle_timeout", _duration),
+        ctcp_reply_rate=v.take("ctcp_reply_rate", _int_range(1, 1_000_000)),
     )
     v.finish()
     _check_listen_overlap(v.sec, g)
@@ -304,20 +304,20 @@ def _check_tls_listen(sec: Section, g: GatewayConfig) -> None:
 def _connections(v: _Values) -> dict[str, ConnectionConfig]:
     conns = {}
     for name in v.sec.sections:
-        c = v.sub(name)
-        port = c.take("remote_port", _int_range(1, 65535), 0)
-        encap = c.take("encapsulation", _choice(ENCAPSULATIONS), "rfc9329")
+        c = v.sub(name, ConnectionConfig)
+        port = c.take("remote_port", _int_range(1, 65535), 0)  # 0: the encapsulation's
+        encap = c.take("encapsulation", _choice(ENCAPSULATIONS))
         conns[name] = ConnectionConfig(
             name=name,
             remote_port=port or DEFAULT_REMOTE_PORT[encap],
-            transport=c.take("transport", _choice(TRANSPORTS), "tcp"),
+            transport=c.take("transport", _choice(TRANSPORTS)),
             encapsulation=encap,
-            remote_addrs=c.take("remote_addrs", _addr_list, ()),
-            fallback_timeout=c.take("fallback_timeout", _duration, 5.0),
-            tls=c.take("tls", _yes_no, False),
-            tls_ca=c.take("tls_ca", _abs_path, ""),
-            tls_pin=c.take("tls_pin", _sha256_pin, None),
-            tls_sni=c.take("tls_sni", _dns_name, ""),
+            remote_addrs=c.take("remote_addrs", _addr_list),
+            fallback_timeout=c.take("fallback_timeout", _duration),
+            tls=c.take("tls", _yes_no),
+            tls_ca=c.take("tls_ca", _abs_path),
+            tls_pin=c.take("tls_pin", _sha256_pin),
+            tls_sni=c.take("tls_sni", _dns_name),
         )
         _check_tls_connection(c.sec, f"tcpencap.connections.{name}", conns[name])
         c.finish()
@@ -338,27 +338,45 @@ def _check_tls_connection(sec: Section, dotted: str, c: ConnectionConfig) -> Non
 T = TypeVar("T")
 
 
-class _Values:
-    """One section being read: hands out converted values and, at the end, rejects any
-    key or subsection nobody asked for."""
+_FROM_MODEL: Any = object()  # take()'s default: the model dataclass's own field default
 
-    def __init__(self, sec: Section, prefix: str) -> None:
+
+def field_defaults(model: type) -> dict[str, Any]:
+    """A settings dataclass's defaults by field name: the one place a default is written."""
+    out: dict[str, Any] = {}
+    for f in fields(model):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+class _Values:
+    """One section being read: hands out converted values (a key not set, or set empty,
+    gets the default of the section's model dataclass) and, at the end, rejects any key or
+    subsection nobody asked for."""
+
+    def __init__(self, sec: Section, prefix: str, model: type | None = None) -> None:
         self.sec = sec
         self.prefix = prefix
+        self.defaults = field_defaults(model) if model is not None else {}
         self.used: set[str] = set()
         if sec.refs:
             raise ConfigError(sec.path, sec.line, f"{prefix}: section references not supported")
 
-    def take(self, key: str, conv: Callable[[str], T], default: T) -> T:
+    def take(self, key: str, conv: Callable[[str], T], default: T = _FROM_MODEL) -> T:
+        """The key's converted value; unset or empty: ``default``, which only a setting
+        whose absence means something other than its field default passes."""
         self.used.add(key)
         s = self.sec.keys.get(key)
         if s is None or not s.value.strip():
-            return default
+            return self.defaults[key] if default is _FROM_MODEL else default
         return _convert(s, f"{self.prefix}.{key}", conv)
 
-    def sub(self, name: str) -> _Values:
+    def sub(self, name: str, model: type | None = None) -> _Values:
         sec = self.sec.sections.get(name) or Section(name, self.sec.path, self.sec.line)
-        return _Values(sec, f"{self.prefix}.{name}")
+        return _Values(sec, f"{self.prefix}.{name}", model)
 
     def finish(self, sections: tuple[str, ...] = ()) -> None:
         for key, s in self.sec.keys.items():

@@ -12,12 +12,14 @@ from hypothesis import strategies as st
 
 from tcpencap.config import (
     DEFAULT_PATH,
+    DEFAULTS_SOURCE,
     ClientConfig,
     Config,
     ConfigError,
     ConnectionConfig,
     GatewayConfig,
     default_config,
+    field_defaults,
     load_config,
     parse_config,
 )
@@ -745,3 +747,28 @@ def test_ctcp_timers_default_and_override():
     assert (g.ctcp_handshake_timeout, g.ctcp_no_sa_timeout) == (0.5, 2.0)
     with pytest.raises(ConfigError):
         parse_config("tcpencap {\n gateway {\n  ctcp_no_sa_timeout = 0\n }\n}\n")
+
+
+def _empty_keys(model: type, skip: tuple[str, ...] = ()) -> str:
+    """Every field of a settings dataclass as ``key =`` (an empty value means the default)."""
+    return "".join(f"{f.name} =\n" for f in dataclasses.fields(model) if f.name not in skip)
+
+
+def test_every_key_set_empty_gives_the_dataclass_defaults():
+    """The defaults are written once, in the dataclasses: reading a key that is set empty
+    must give its field's default, for every field of every section. A default written
+    again in the reader (and changed in one place only) fails here, and so does a field
+    the reader does not know (an unknown key)."""
+    text = (
+        "tcpencap {\n"
+        + _empty_keys(Config, skip=("client", "gateway", "connections", "source"))
+        + "client {\n" + _empty_keys(ClientConfig) + "}\n"
+        + "gateway {\n" + _empty_keys(GatewayConfig) + "}\n"
+        + "connections {\n c {\n" + _empty_keys(ConnectionConfig, skip=("name",)) + " }\n}\n"
+        + "}\n"
+    )  # fmt: skip
+    c = parse_config(text)
+    assert dataclasses.replace(c, connections={}, source=DEFAULTS_SOURCE) == default_config()
+    assert c.connections == {"c": ConnectionConfig(name="c")}
+    assert field_defaults(GatewayConfig)["max_buffer"] == GatewayConfig().max_buffer
+    assert field_defaults(Config)["client"] == ClientConfig()
