@@ -7,7 +7,7 @@ on timings. Run as root from anywhere::
     python3 bench/bench_lab.py [--duration 10] [--scale 100,500,1000] [--json PATH] [--keep]
         [--datapath native,python] [--phases udp,tcp,tls,ctcp,openvpn,socat,floor]
 
-One lab (c1 - fw - gw, see tests/lab/) is built. Phase "udp": charon to charon over UDP,
+One lab (c1 - fw - gw, see tests/labkit/) is built. Phase "udp": charon to charon over UDP,
 nothing blocked, no tcpencap: the baseline. From then on fw drops all UDP of c1. Phases
 "tcp" (RFC 9329), "tls" (RFC 9329 over TLS 1.3 on 443, Appendix A) and "ctcp" (Cisco
 cTCP): tcpencap runs on both ends, once per
@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hop_floor import measure_floor  # noqa: E402  (this directory is sys.path[0])
 from openvpn_lab import OpenVpnPair  # noqa: E402
 
-from tests.lab import (  # noqa: E402
+from tests.labkit import (  # noqa: E402
     CharonError,
     Host,
     Lab,
@@ -732,7 +732,7 @@ def log_tail(path: Path, lines: int = 40) -> list[str]:
 
 def tcpencap_confs(c1: Host, gw: Host, kind: str, datapath: str, max_n: int) -> tuple[str, str]:
     """tcpencap.conf texts for gw and c1: RFC 9329 ("tcp", with the scale connections) or
-    cTCP ("ctcp", as tests/test_e2e_ctcp.py sets it up: ``ctcp_listen`` on gw,
+    cTCP ("ctcp", as tests/lab/test_e2e_ctcp.py sets it up: ``ctcp_listen`` on gw,
     ``encapsulation = ctcp`` on c1's connection); ``datapath = X`` at the top level of
     both unless ``datapath`` is empty."""
     extra = f"  datapath = {datapath}" if datapath else ""

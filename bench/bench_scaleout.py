@@ -7,7 +7,7 @@ on timings. Run as root from anywhere::
     python3 bench/bench_scaleout.py [--clients 1,2,4] [--queues 1,2] [--duration 8]
         [--streams 1] [--json /tmp/bench-scaleout.json] [--keep]
 
-For every K in ``--clients``, a lab with K clients (c1..cK - fw - gw, see tests/lab/) is built
+For every K in ``--clients``, a lab with K clients (c1..cK - fw - gw, see tests/labkit/) is built
 for the UDP baseline: the same IKEv2 PSK tunnels (kernel-libipsec, ESP-in-UDP) from every
 client to gw, nothing blocked, no tcpencap. Then, for every Q in ``--queues``, a fresh lab with
 K clients where fw drops all UDP of every client; tcpencap runs on each client and on gw
@@ -46,7 +46,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.lab import (  # noqa: E402
+from tests.labkit import (  # noqa: E402
     CharonError,
     Host,
     Lab,

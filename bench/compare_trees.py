@@ -4,7 +4,8 @@ Usage: ``python3 bench/compare_trees.py TREE [tcp|udp]``: brings up the lab from
 code, measures the inner ping RTT median (200 pings, 10 ms) and one iperf3 stream (8 s), and
 tcpencap's CPU seconds per GB on both sides; prints one JSON line. Run it alternately for an
 old and a new tree (``git worktree add /tmp/old REV``) to get before/after figures. TREE's
-lab is ``tests.lab`` (test-side, today) or ``tcpencap.lab`` (trees from before it moved).
+lab is ``tests.labkit`` (today), ``tests.lab`` (before the tests were laid out by layer) or
+``tcpencap.lab`` (before the lab moved to the test side).
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 def import_lab(tree: str) -> ModuleType:
-    """TREE's own lab: ``tests.lab``, or ``tcpencap.lab`` in a tree from before it moved to
-    the test side. It must come from TREE, not from another checkout or an installed copy."""
+    """TREE's own lab harness, wherever that tree keeps it (newest place first). It must come
+    from TREE, not from another checkout or an installed copy."""
     root = Path(tree).resolve()
-    name = "tests.lab" if (root / "tests" / "lab" / "__init__.py").is_file() else "tcpencap.lab"
+    places = ("tests.labkit", "tests.lab", "tcpencap.lab")
+    name = next(n for n in places if (root / n.replace(".", "/") / "__init__.py").is_file())
     sys.path.insert(0, str(root))
     lab = importlib.import_module(name)
     if root not in Path(lab.__file__).resolve().parents:

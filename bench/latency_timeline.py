@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.lab import Lab, psk_conf, tcpencap_conf  # noqa: E402
+from tests.labkit import Lab, psk_conf, tcpencap_conf  # noqa: E402
 
 FILTER = "(tcp port 4500 and greater 100) or icmp or (udp port 4500)"
 

@@ -4,7 +4,7 @@ strongSwan plus tcpencap when UDP is blocked. Used by bench_lab.py's ``openvpn``
 Debian's openvpn 2.6 in TLS mode, point to point (``--ifconfig``, no ``--server``), data
 channel AES-256-GCM, ``--proto tcp-server`` on gw's outer address and ``tcp-client`` on c1,
 through fw (which still drops every UDP packet of c1). Certificates come from the lab PKI
-(tests/lab/pki.py, ECDSA P-256). Its end-entity certificates have no keyUsage extension,
+(tests/labkit/pki.py, ECDSA P-256). Its end-entity certificates have no keyUsage extension,
 which ``--remote-cert-tls`` insists on, so each end checks the other's name with
 ``--verify-x509-name`` instead (the CA signature is checked either way).
 
@@ -22,7 +22,7 @@ import re
 import time
 from typing import Any
 
-from tests.lab import Host, Lab, LabError, Process, ike_id, make_ca, make_cert, ping
+from tests.labkit import Host, Lab, LabError, Process, ike_id, make_ca, make_cert, ping
 
 PORT = 1194  # TCP; fw only drops UDP
 DEV = "ovpn0"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.lab import Lab, psk_conf, tcpencap_conf  # noqa: E402
+from tests.labkit import Lab, psk_conf, tcpencap_conf  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 ENTRIES = (

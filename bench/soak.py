@@ -8,7 +8,7 @@ every 30 s (rand_time 0). At the start, every minute and at the end it prints, f
 sides: tcpencap's RSS and open descriptors, the WARNING/ERROR lines logged since the last
 report (with their text), ping loss of the minute, rekeys seen, and whether
 ``tcpencap status`` matches charon's list-sas. Needs root and the lab tools (see
-tests/lab/). Exit status 1 when a tunnel check failed.
+tests/labkit/). Exit status 1 when a tunnel check failed.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.lab import Host, Lab, default_name, ping, psk_conf, tcpencap_conf  # noqa: E402
+from tests.labkit import Host, Lab, default_name, ping, psk_conf, tcpencap_conf  # noqa: E402
 
 PING_INTERVAL = 0.05
 PING_PER_MINUTE = int(60 / PING_INTERVAL)

@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# The demo is test-side code (tests/lab/demo.py): run from the checkout, not the package.
-exec .venv/bin/python -m tests.lab.demo "$@"
+# The demo is test-side code (tests/labkit/demo.py): run from the checkout, not the package.
+exec .venv/bin/python -m tests.labkit.demo "$@"

@@ -45,8 +45,8 @@ if ! .venv/bin/python -c "import tcpencap, vici, netfilterqueue, scapy, pyroute2
   touch .venv/.installed
 fi
 # Verify, so a missing piece fails here, naming its package, instead of deep inside a test.
-# Every strongSwan plugin the lab loads (tests/test_setup.py holds this list equal to
-# tests/lab/charon.py's).
+# Every strongSwan plugin the lab loads (tests/project/test_setup.py holds this list equal to
+# tests/labkit/charon.py's).
 PLUGIN_PACKAGES=(
   random:libstrongswan nonce:libstrongswan pem:libstrongswan pkcs1:libstrongswan
   pkcs8:libstrongswan x509:libstrongswan pubkey:libstrongswan kdf:libstrongswan

@@ -448,7 +448,7 @@ def _dict(r: Bytes, depth: int) -> dict[str, Any]:
 
 
 def _without_known(item: dict[str, Any]) -> dict[str, Any]:
-    """KNOWN FINDING (tests/test_fuzz_regressions.py): reconcile_esp raises TypeError on a
+    """KNOWN FINDING (tests/fuzz/test_fuzz_regressions.py): reconcile_esp raises TypeError on a
     CHILD SA whose "state" is a list or dict. Until that is fixed, such states are turned
     into text here so the fuzzer keeps looking for new findings; delete this once fixed."""
     for sa in item.values():

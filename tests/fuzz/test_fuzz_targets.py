@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 
 import pytest
-from fuzz_targets import TARGETS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from tests.fuzz.fuzz_targets import TARGETS
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
 
@@ -36,10 +37,9 @@ def test_fuzz_target(name: str) -> None:
 def test_targets_reach_their_success_paths() -> None:
     """The targets are not vacuous: fixed inputs drive each parser past its error checks
     (a target that always bailed out early would pass every fuzz run)."""
-    from fuzz_targets import Bytes, _inner, _outbound_packet, _router
-
     from tcpencap.core.router import Send
     from tcpencap.wire import ctcp, rfc9329
+    from tests.fuzz.fuzz_targets import Bytes, _inner, _outbound_packet, _router
 
     seg = ctcp.encapsulate(_inner(Bytes(b"\x01\x10" + b"x" * 16 + b"\x01")), sport=1,
                            dport=10000, seq=1, ack=1)  # fmt: skip

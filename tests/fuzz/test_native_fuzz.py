@@ -1,7 +1,7 @@
 """The native data path fuzzed under AddressSanitizer and UBSan (scripts/fuzz-native.sh).
 
 One run of every libFuzzer target for FUZZ_NATIVE_SECONDS each (default 20: about two and
-a half minutes with the builds and the sanitizer build's test_native run), which must
+a half minutes with the builds and the sanitizer build's test_fastpath run), which must
 report nothing; and proof that the run cannot pass vacuously: a copy of the extension with
 a bug planted in it (a read past a packet, an undefined shift, a leak, a wrong length field)
 is reported by the target that covers that code, within a bounded time.
@@ -60,7 +60,9 @@ def test_every_target_runs_and_reports_nothing(tmp_path: Path) -> None:
         assert runs >= 100 * seconds, f"{name}: only {runs} runs in {seconds} s"
         assert cov >= 50, f"{name}: coverage {cov}: the target hardly reaches the code"
     m = re.search(
-        r"^fuzz-native: extension: gcc build, tests/test_native.py: (\d+) passed", res.stdout, re.M
+        r"^fuzz-native: extension: gcc build, tests/native/test_fastpath.py: (\d+) passed",
+        res.stdout,
+        re.M,
     )
     assert m and int(m[1]) >= 10, out
 

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.lab.topology import failed_logs_dir
+from tests.labkit.topology import failed_logs_dir
 
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
@@ -367,7 +367,7 @@ def report(cases: dict[str, dict[str, str]], boot: Boot, name: str) -> str:
 
 def failed_logs(boot: Boot, name: str, lines: int = 60) -> str:
     """The tails of the charon and tcpencap logs the failed test's lab left in the results
-    (tests/lab keeps them there, see Lab._keep_failed_logs)."""
+    (tests/labkit keeps them there, see Lab._keep_failed_logs)."""
     lab = failed_logs_dir(boot.results / "labs", name)
     logs = sorted(lab.glob("*/charon/charon.log")) + sorted(lab.glob("*/tcpencap.log"))
     out = [f"\n--- logs kept in {lab}" if logs else f"\n--- no logs kept in {lab}"]

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from e2e_helpers import ike_sa, ike_sas, listen_addr
 
-from tests.lab import Capture, Host, Lab, ping, psk_conf
+from tests.labkit import Capture, Host, Lab, ping, psk_conf
+from tests.labkit.e2e import ike_sa, ike_sas, listen_addr
 
 NAME = "c1-gw"
 PORTS = {"rfc9329": 4500, "ctcp": 10000}

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from kernel_scenarios import WAIT, ike_spis, wait_for, xfrm_states
 
-from tests.lab import REPO_ROOT, Host, Lab, ping, psk_conf, tcpencap_conf
+from tests.labkit import REPO_ROOT, Host, Lab, ping, psk_conf, tcpencap_conf
 
 NAME = "c1-gw"
 UNIT = Path("/etc/systemd/system/tcpencap.service")

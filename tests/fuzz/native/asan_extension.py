@@ -1,6 +1,6 @@
 """A pytest plugin: tcpencap.native._fastpath is the sanitizer build named by
 TCPENCAP_FASTPATH_SO (scripts/fuzz-native.sh builds it with gcc into build/fuzz-native and
-runs tests/test_native.py with it, libasan and libubsan preloaded), not the in-place build.
+runs tests/native/test_fastpath.py with it, libasan and libubsan preloaded), not the in-place build.
 
 Loaded with ``-p asan_extension`` before anything imports tcpencap.native, so the package's
 own ``from tcpencap.native import _fastpath`` finds this module in sys.modules.

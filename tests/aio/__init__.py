@@ -1,0 +1,1 @@
+"""Unit tests of tcpencap/aio/, one file per module (test_<module>.py)."""

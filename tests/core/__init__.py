@@ -1,0 +1,1 @@
+"""Unit tests of tcpencap/core/, one file per module (test_<module>.py)."""

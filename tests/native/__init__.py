@@ -1,0 +1,2 @@
+"""Unit tests of tcpencap/native/ (the C data path, fastpath.c and its parts) against the
+Python reference."""

@@ -1,0 +1,1 @@
+"""Unit tests of nfq/, one file per module (test_<module>.py)."""

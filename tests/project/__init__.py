@@ -1,0 +1,1 @@
+"""The checkout as shipped: packaging, scripts/setup.sh, the example configurations."""

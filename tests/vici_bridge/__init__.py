@@ -1,0 +1,1 @@
+"""Unit tests of vici_bridge/, one file per module (test_<module>.py)."""
