@@ -1,20 +1,17 @@
 """Packets per second of the cTCP transform (encapsulate + decapsulate), pure Python.
 
-Not a test: run ``python3 bench/bench_ctcp.py [seconds]`` and compare with the NFQUEUE
+Not a test: run ``python3 -m bench.bench_ctcp [seconds]`` and compare with the NFQUEUE
 rates in lab.md (~200k packets/s for a Python callback that only accepts).
 """
 
 from __future__ import annotations
 
-import os
 import struct
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from tcpencap.wire.ctcp import decapsulate, encapsulate  # noqa: E402
-from tcpencap.wire.packet import (  # noqa: E402
+from tcpencap.wire.ctcp import decapsulate, encapsulate
+from tcpencap.wire.packet import (
     PROTO_ESP,
     addr_bytes,
     build_ipv4,

@@ -2,9 +2,9 @@
 over Cisco cTCP, beside OpenVPN over TCP and a socat relay, all in one lab and one run.
 
 Not a test: it prints figures next to a baseline measured in the same run and never asserts
-on timings. Run as root from anywhere::
+on timings. Run as root from the checkout's root::
 
-    python3 bench/bench_lab.py [--duration 10] [--scale 100,500,1000] [--json PATH] [--keep]
+    python3 -m bench.bench_lab [--duration 10] [--scale 100,500,1000] [--json PATH] [--keep]
         [--datapath native,python] [--phases udp,tcp,tls,ctcp,openvpn,socat,floor]
 
 One lab (c1 - fw - gw, see tests/labkit/) is built. Phase "udp": charon to charon over UDP,
@@ -42,12 +42,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from hop_floor import measure_floor  # noqa: E402  (this directory is sys.path[0])
-from openvpn_lab import OpenVpnPair  # noqa: E402
-
-from tests.labkit import (  # noqa: E402
+from bench.hop_floor import measure_floor
+from bench.openvpn_lab import OpenVpnPair
+from tests.labkit import (
     CharonError,
     Host,
     Lab,
@@ -58,7 +55,7 @@ from tests.labkit import (  # noqa: E402
     tcpencap_conf,
     vici_to_str,
 )
-from tests.tls_helpers import make_server_cert  # noqa: E402
+from tests.tls_helpers import make_server_cert
 
 PSK = "bench-shared-secret-0123456789"
 SCALE_ID = "scale.lab.test"  # identity of every scale connection (own peer config on gw)

@@ -1,6 +1,6 @@
 """Throughput of the RFC 9329 codec: frames/s encoding and decoding (not a test).
 
-Run from the repo root: ``python3 bench/bench_rfc9329.py [--count N]``. Decoding is measured
+Run from the repo root: ``python3 -m bench.bench_rfc9329 [--count N]``. Decoding is measured
 two ways: the stream fed in 64 KiB reads (a busy bulk connection) and one frame per read
 (what a lightly loaded socket tends to deliver).
 """
@@ -8,14 +8,10 @@ two ways: the stream fed in 64 KiB reads (a busy bulk connection) and one frame 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tcpencap.wire.rfc9329 import NeedData, Role, StreamCodec, frame_esp, frame_ike  # noqa: E402
+from tcpencap.wire.rfc9329 import NeedData, Role, StreamCodec, frame_esp, frame_ike
 
 CHUNK = 64 * 1024
 IKE_MSG = bytes(range(1, 9)) + bytes(8) + b"\x21\x20\x23\x08" + bytes(8) + bytes(272)  # 300 B

@@ -2,20 +2,17 @@
 
 Outbound: a 1400-octet ESP-in-UDP packet from charon to a TCP peer becomes a frame;
 inbound: an ESP frame's payload becomes the UDP packet injected to charon. Run it against
-an older checkout to see what an optimisation changed: ``python3 bench/bench_router.py``.
+an older checkout to see what an optimisation changed: ``python3 -m bench.bench_router``.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tcpencap.core.router import Router  # noqa: E402
-from tcpencap.core.table import ConnectionTable  # noqa: E402
-from tcpencap.wire.packet import addr_bytes, build_udp_packet  # noqa: E402
+from tcpencap.core.router import Router
+from tcpencap.core.table import ConnectionTable
+from tcpencap.wire.packet import addr_bytes, build_udp_packet
 
 
 def rate(fn, n: int) -> float:

@@ -2,9 +2,9 @@
 clients and with the number of NFQUEUE queues (one C reader thread each, ``queues = N``).
 
 Not a test: it prints figures next to a baseline measured in the same run and never asserts
-on timings. Run as root from anywhere::
+on timings. Run as root from the checkout's root::
 
-    python3 bench/bench_scaleout.py [--clients 1,2,4] [--queues 1,2] [--duration 8]
+    python3 -m bench.bench_scaleout [--clients 1,2,4] [--queues 1,2] [--duration 8]
         [--streams 1] [--json /tmp/bench-scaleout.json] [--keep]
 
 For every K in ``--clients``, a lab with K clients (c1..cK - fw - gw, see tests/labkit/) is built
@@ -44,9 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tests.labkit import (  # noqa: E402
+from tests.labkit import (
     CharonError,
     Host,
     Lab,

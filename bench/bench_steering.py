@@ -7,7 +7,7 @@ and from port 4500 to an address that is not steered (charon's traffic to a UDP 
 Comparing N = 0 with N = 1000, and this tree with an older one, shows what a linear
 per-peer rule list costs and what the peer set saves.
 
-``python3 bench/bench_steering.py [--peers 0,1000] [--tree /path/to/other/checkout]``
+``python3 -m bench.bench_steering [--peers 0,1000] [--tree /path/to/other/checkout]``
 """
 
 from __future__ import annotations

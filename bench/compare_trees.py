@@ -5,7 +5,9 @@ code, measures the inner ping RTT median (200 pings, 10 ms) and one iperf3 strea
 tcpencap's CPU seconds per GB on both sides; prints one JSON line. Run it alternately for an
 old and a new tree (``git worktree add /tmp/old REV``) to get before/after figures. TREE's
 lab is ``tests.labkit`` (today), ``tests.lab`` (before the tests were laid out by layer) or
-``tcpencap.lab`` (before the lab moved to the test side).
+``tcpencap.lab`` (before the lab moved to the test side). The one bench script run as a
+file, not as ``-m bench.compare_trees``: it must import nothing from this checkout, or this
+checkout's ``tests`` package would hide an older TREE's.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Run the fuzz targets of tests/fuzz/fuzz_targets.py for a fixed time each.
 
-    python bench/fuzz.py [--seconds 180] [--targets rfc9329,ctcp,...] [--workdir DIR]
+    python3 -m bench.fuzz [--seconds 180] [--targets rfc9329,ctcp,...] [--workdir DIR]
 
 Engine: atheris (coverage-guided libFuzzer, ``pip install atheris``); each target runs in a
 child process with tcpencap and vici_bridge instrumented, a corpus per target under
@@ -28,9 +28,9 @@ def child(name: str, seconds: int, corpus: Path, artifacts: Path) -> None:
     """Inside the child process: instrument, then hand the target to libFuzzer."""
     import atheris
 
-    sys.path[:0] = [str(FUZZ_DIR), str(REPO)]
-    with atheris.instrument_imports(include=["tcpencap", "vici_bridge", "fuzz_targets"]):
-        import fuzz_targets
+    targets = "tests.fuzz.fuzz_targets"
+    with atheris.instrument_imports(include=["tcpencap", "vici_bridge", targets]):
+        from tests.fuzz import fuzz_targets
     target = fuzz_targets.TARGETS[name]
     args = [
         sys.argv[0],
@@ -54,8 +54,9 @@ def run_target(name: str, seconds: int, workdir: Path) -> dict[str, object]:
     while (left := int(seconds - (time.monotonic() - t0))) > 2:
         before = set(artifacts.iterdir())
         proc = subprocess.run(
-            [sys.executable, __file__, "--child", name, "--seconds", str(left)]
+            [sys.executable, "-m", "bench.fuzz", "--child", name, "--seconds", str(left)]
             + ["--workdir", str(workdir)],
+            cwd=REPO,
             capture_output=True,
             text=True,
             check=False,
@@ -89,8 +90,7 @@ def main() -> int:
     if a.child:
         child(a.child, a.seconds, a.workdir / "corpus" / a.child, a.workdir / "artifacts" / a.child)
         return 0
-    sys.path[:0] = [str(FUZZ_DIR), str(REPO)]
-    from fuzz_targets import TARGETS
+    from tests.fuzz.fuzz_targets import TARGETS
 
     names = [n for n in a.targets.split(",") if n] or list(TARGETS)
     try:
@@ -99,7 +99,7 @@ def main() -> int:
         print("atheris not installed: running the hypothesis tests (FUZZ_EXAMPLES) instead")
         env = {**os.environ, "FUZZ_EXAMPLES": os.environ.get("FUZZ_EXAMPLES", "100000")}
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(FUZZ_DIR)]
-        return subprocess.run(cmd, env=env, check=False).returncode
+        return subprocess.run(cmd, env=env, cwd=REPO, check=False).returncode
     a.workdir.mkdir(parents=True, exist_ok=True)
     failed = False
     for name in names:

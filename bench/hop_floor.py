@@ -7,7 +7,7 @@ socat (C, the cheapest user-space relay there is) and a minimal asyncio relay (t
 for any Python shim). The difference to the direct echo is the least a user-space TCP
 transport can add to a round trip here; tcpencap's own figure comes from bench_lab.py.
 
-``python3 bench/hop_floor.py [--count 300] [--interval 0.01]`` (root; needs socat).
+``python3 -m bench.hop_floor [--count 300] [--interval 0.01]`` (root; needs socat).
 """
 
 from __future__ import annotations

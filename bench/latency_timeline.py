@@ -1,16 +1,12 @@
 """Where a ping's round trip goes (not a test): captures on both hosts while five inner pings
 cross RFC 9329, printing the timestamps of each step (inner packet, TCP segment, injected
-UDP) so the share of each hand-off can be read. ``python3 bench/latency_timeline.py``."""
+UDP) so the share of each hand-off can be read. ``python3 -m bench.latency_timeline``."""
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tests.labkit import Lab, psk_conf, tcpencap_conf  # noqa: E402
+from tests.labkit import Lab, psk_conf, tcpencap_conf
 
 FILTER = "(tcp port 4500 and greater 100) or icmp or (udp port 4500)"
 

@@ -1,7 +1,7 @@
 """Where tcpencap's CPU goes on the RFC 9329 path (not a test): user against kernel time,
 and the kernel time by the system call that spends it.
 
-Usage: ``python3 bench/profile_datapath.py [--datapath native|python] [--seconds 8]``. Root
+Usage: ``python3 -m bench.profile_datapath [--datapath native|python] [--seconds 8]``. Root
 only. Builds the bench lab (c1 - fw - gw, UDP of c1 dropped in fw), runs one iperf3 stream
 c1 -> gw while ``perf record -e cpu-clock -g`` samples each tcpencap process, and prints per
 side: CPU s/GB (user, system) from /proc, the share of samples in each binary (kernel,
@@ -21,14 +21,11 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tests.labkit import Lab, psk_conf, tcpencap_conf  # noqa: E402
+from tests.labkit import Lab, psk_conf, tcpencap_conf
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 ENTRIES = (

@@ -1,6 +1,6 @@
 """Soak run: one RFC 9329 tunnel (c1 <-> gw) under bounded traffic and frequent rekeys.
 
-    python bench/soak.py [--minutes 10] [--keep]
+    python3 -m bench.soak [--minutes 10] [--keep]
 
 Traffic: ping every 50 ms both ways through the tunnel and a 1 Mbit/s iperf3 UDP stream
 c1 -> gw. The client's swanctl connection rekeys its IKE SA every 60 s and its CHILD SA
@@ -23,9 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tests.labkit import Host, Lab, default_name, ping, psk_conf, tcpencap_conf  # noqa: E402
+from tests.labkit import Host, Lab, default_name, ping, psk_conf, tcpencap_conf
 
 PING_INTERVAL = 0.05
 PING_PER_MINUTE = int(60 / PING_INTERVAL)

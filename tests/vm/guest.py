@@ -322,7 +322,7 @@ def run_pytest(
     script = f"""\
 cd {SRC}
 echo "guest kernel: $(uname -r)"
-export PYTHONPATH={SRC}/tests PYTHONDONTWRITEBYTECODE=1 TCPENCAP_LAB_FAILED_LOGS=/results/labs
+export PYTHONDONTWRITEBYTECODE=1 TCPENCAP_LAB_FAILED_LOGS=/results/labs
 timeout {int(timeout) - 120} {VENV}/bin/python -m pytest -p no:cacheprovider -v -s -rA \\
     --junitxml=/results/junit.xml {test_file}
 rc=$?
