@@ -5,7 +5,7 @@ through a pair of relays that carry it over TCP (UDP -> TCP on one side, TCP -> 
 other), the same shape as charon -> tcpencap -> TCP -> tcpencap -> charon. The relays are
 socat (C, the cheapest user-space relay there is) and a minimal asyncio relay (the floor
 for any Python shim). The difference to the direct echo is the least a user-space TCP
-transport can add to a round trip here; tcpencap's own figure comes from bench_lab.py.
+transport can add to a round trip here; tcpencap's own figure comes from bench_lab.
 
 ``python3 -m bench.hop_floor [--count 300] [--interval 0.01]`` (root; needs socat).
 """

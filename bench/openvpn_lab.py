@@ -1,5 +1,5 @@
 """OpenVPN over TCP between the lab's c1 and gw: the peer a user would pick instead of
-strongSwan plus tcpencap when UDP is blocked. Used by bench_lab.py's ``openvpn`` phase.
+strongSwan plus tcpencap when UDP is blocked. Used by bench_lab's ``openvpn`` phase.
 
 Debian's openvpn 2.6 in TLS mode, point to point (``--ifconfig``, no ``--server``), data
 channel AES-256-GCM, ``--proto tcp-server`` on gw's outer address and ``tcp-client`` on c1,
