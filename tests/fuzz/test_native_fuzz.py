@@ -69,14 +69,14 @@ def test_every_target_runs_and_reports_nothing(tmp_path: Path) -> None:
 PLANTED = {
     "read-past-packet": (
         "flows",
-        "flows.c",
+        "flow_cache.c",
         "if (len >= 36 && p[0] == 0x45",
         "if (len >= 28 && p[0] == 0x45",
         "ERROR: AddressSanitizer: heap-buffer-overflow",
     ),
     "signed-shift": (
         "nfq",
-        "flows.c",
+        "flow_cache.c",
         "k->spi = ((uint32_t)p[28] << 24)",
         "k->spi = (p[28] << 24)",
         "runtime error: left shift",

@@ -1,6 +1,12 @@
-/* ------------------------------------------------------------------------------------ */
-/* QueueWorker: one NFQUEUE read on a thread of its own, the GIL taken only for what     */
-/* Python must see (misses, stalled writers, a failed verdict).                          */
+/* QueueWorker (queue_worker.h): NFQUEUE rounds on a thread of its own. */
+#include "queue_worker.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <sys/socket.h>
+
+#include "flow_cache.h"
+#include "queue_batch.h"
 
 typedef struct {
     PyObject_HEAD
@@ -114,7 +120,7 @@ static PyMethodDef QueueWorker_methods[] = {
     {NULL},
 };
 
-static PyTypeObject QueueWorkerType = {
+PyTypeObject QueueWorkerType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tcpencap.native._fastpath.QueueWorker",
     .tp_basicsize = sizeof(QueueWorker),
     .tp_dealloc = (destructor)QueueWorker_dealloc,
