@@ -35,7 +35,7 @@ static PyMethodDef module_methods[] = {
     {"bind_events", bind_events, METH_VARARGS,
      "bind_events(NeedData(), Keepalive(), PrefixReceived(), ConnectionClosed(), IKEMessage, "
      "ESPPacket, InvalidFrame, ProtocolError, Role.RESPONDER)"},
-    {NULL},
+    {0},
 };
 
 static struct PyModuleDef fastpath_module = {

@@ -445,7 +445,7 @@ static PyMethodDef Deframer_methods[] = {
     {"pump", (PyCFunction)Deframer_pump, METH_VARARGS,
      "pump(batch, peer, local, sport, dport) -> (event, esp_frames)."},
     {"send_prefix", (PyCFunction)Deframer_send_prefix, METH_NOARGS, "The IKETCP prefix, once."},
-    {NULL},
+    {0},
 };
 
 static PyGetSetDef Deframer_getset[] = {
@@ -457,7 +457,7 @@ static PyGetSetDef Deframer_getset[] = {
     {"role", (getter)Deframer_get_role, NULL, NULL, NULL},
     {"max_frame", (getter)Deframer_get_max_frame, NULL, NULL, NULL},
     {"allocated", (getter)Deframer_get_allocated, NULL, "octets of receive buffer held", NULL},
-    {NULL},
+    {0},
 };
 
 PyTypeObject DeframerType = {

@@ -503,7 +503,7 @@ static PyMethodDef FlowCache_methods[] = {
      "set_writer(conn_id, writer): write that connection's hits in C."},
     {"drop_writer", (PyCFunction)FlowCache_drop_writer, METH_O, "drop_writer(conn_id)."},
     {"stats", (PyCFunction)FlowCache_stats, METH_NOARGS, "Counters."},
-    {NULL},
+    {0},
 };
 
 static PySequenceMethods FlowCache_seq = {.sq_length = (lenfunc)FlowCache_len};

@@ -421,7 +421,7 @@ static PyMethodDef InboundWorker_methods[] = {
     {"run", (PyCFunction)InboundWorker_run, METH_O, "run(deliver): serve until stop()."},
     {"stop", (PyCFunction)InboundWorker_stop, METH_NOARGS, "Make run() return (within 0.2 s)."},
     {"stats", (PyCFunction)InboundWorker_stats, METH_NOARGS, "Counters."},
-    {NULL},
+    {0},
 };
 
 PyTypeObject InboundWorkerType = {

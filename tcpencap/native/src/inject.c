@@ -274,12 +274,12 @@ static PyMethodDef InjectBatch_methods[] = {
      "The waiting packets as bytes, in order; the batch is emptied."},
     {"send", (PyCFunction)InjectBatch_send, METH_VARARGS,
      "send(fd4, fd6) -> (sent, failed): inject through the raw sockets; the batch is emptied."},
-    {NULL},
+    {0},
 };
 
 static PyGetSetDef InjectBatch_getset[] = {
     {"last_errno", (getter)InjectBatch_get_errno, NULL, "errno of the last failed send", NULL},
-    {NULL},
+    {0},
 };
 
 static PySequenceMethods InjectBatch_seq = {.sq_length = (lenfunc)InjectBatch_len};

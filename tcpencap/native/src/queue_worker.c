@@ -117,7 +117,7 @@ static PyMethodDef QueueWorker_methods[] = {
      "run(deliver): read the queue until stop(); deliver(read_queue-style tuple)."},
     {"stop", (PyCFunction)QueueWorker_stop, METH_NOARGS, "Make run() return (within 0.2 s)."},
     {"stats", (PyCFunction)QueueWorker_stats, METH_NOARGS, "Counters."},
-    {NULL},
+    {0},
 };
 
 PyTypeObject QueueWorkerType = {

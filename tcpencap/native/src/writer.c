@@ -250,7 +250,7 @@ static PyMethodDef TcpWriter_methods[] = {
     {"flush", (PyCFunction)TcpWriter_flush, METH_NOARGS, "Send what the socket takes; -> pending."},
     {"take", (PyCFunction)TcpWriter_take, METH_NOARGS, "The queued octets (fd -1: tests)."},
     {"close", (PyCFunction)TcpWriter_close, METH_NOARGS, "Forget the socket and the queue."},
-    {NULL},
+    {0},
 };
 
 static PyGetSetDef TcpWriter_getset[] = {
@@ -261,7 +261,7 @@ static PyGetSetDef TcpWriter_getset[] = {
     {"direct_bytes", (getter)TcpWriter_get_direct_bytes, NULL, NULL, NULL},
     {"esp_dropped", (getter)TcpWriter_get_esp_dropped, NULL, NULL, NULL},
     {"ike_dropped", (getter)TcpWriter_get_ike_dropped, NULL, NULL, NULL},
-    {NULL},
+    {0},
 };
 
 PyTypeObject TcpWriterType = {
