@@ -15,7 +15,8 @@
 # printed, with the input that caused it kept in --out/artifacts.
 # "extension" is the extension itself built with gcc -fsanitize=address,undefined into
 # --out/asan-ext, and tests/test_native.py (the native path against the Python reference,
-# hypothesis-driven, real sockets) run on it with libasan and libubsan preloaded.
+# hypothesis-driven, real sockets) and tests/test_native_c_api.py run on it with libasan and
+# libubsan preloaded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -81,7 +82,7 @@ extension() {
   LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
     ASAN_OPTIONS=detect_leaks=0 PYTHONMALLOC=malloc TCPENCAP_FASTPATH_SO=$so \
     PYTHONPATH=tests/fuzz/native "$PY" -m pytest -q -p no:cacheprovider -p asan_extension \
-    tests/test_native.py
+    tests/test_native.py tests/test_native_c_api.py
 }
 
 for t in "${targets[@]}"; do
@@ -90,7 +91,8 @@ for t in "${targets[@]}"; do
   if [ "$t" = extension ]; then
     t0=$SECONDS
     extension >"$log" 2>&1 || rc=$?
-    runs="tests/test_native.py: $(grep -oE '[0-9]+ passed' "$log" | tail -1 || true)"
+    runs=$(grep -oE '[0-9]+ passed' "$log" | tail -1 || true)
+    runs="tests/test_native.py, test_native_c_api.py: $runs"
     what="gcc build, $runs in $((SECONDS - t0)) s"
   else
     mkdir -p "$out/corpus/$t"

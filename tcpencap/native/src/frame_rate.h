@@ -4,7 +4,10 @@
    may send max_rate frames that carry no tunnel ESP in a one-second window; a window ends
    one second after it began, and the next begins at the first frame after that. The
    worker applies it to the frames it consumes itself (keepalives) while Python does not
-   run; the time is an argument, as in the engine.
+   run; the time is an argument, as in the engine, read once per wake-up as the engine
+   takes one `now` per drain. One difference is kept as it was: the frame that begins a
+   window is not counted in it here, where the engine counts it (max_rate + 1 frames in
+   such a window, against the engine's max_rate).
 
    Why the worker's times and the engine's agree: the engine's `now` is time.monotonic()
    (the RFC 9329 shell) or loop.time() (asyncio's BaseEventLoop.time() returns
