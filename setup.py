@@ -7,13 +7,24 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 
+PARTS = Path("tcpencap/native/src")
+
 setup(
     ext_modules=[
         Extension(
             "tcpencap.native._fastpath",
-            ["tcpencap/native/fastpath.c"],  # includes its parts, tcpencap/native/src/
-            depends=sorted(str(p) for p in Path("tcpencap/native/src").glob("*.[ch]")),
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-pthread"],
+            # the module definition, then each part: a compilation unit with its own header
+            ["tcpencap/native/fastpath.c", *sorted(str(p) for p in PARTS.glob("*.c"))],
+            depends=sorted(str(p) for p in PARTS.glob("*.h")),
+            extra_compile_args=[
+                "-O2",
+                "-Wall",
+                "-Wextra",
+                "-Wmissing-prototypes",
+                "-Wno-unused-parameter",
+                "-fvisibility=hidden",  # the parts' functions stay inside the extension
+                "-pthread",
+            ],
             extra_link_args=["-pthread"],
             optional=True,
         )

@@ -6,15 +6,17 @@
 #
 # TARGETs are tests/fuzz/native/fuzz_<name>.c, and "extension" (default: all). Each is built with
 # -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all into --out (default
-# build/fuzz-native; the in-place extension the product loads is never touched) against the
-# sources under --src (default: this checkout; a test points it at a deliberately broken
-# copy), then run for --seconds (default $FUZZ_NATIVE_SECONDS or 20) on a corpus kept in
-# --out/corpus/<name>. Prints per target: runs, coverage (cov: edges, ft: features) and "no
-# reports". Any sanitizer report, broken invariant, crash, leak or timeout fails the run
-# (exit 1) and is printed, with the input that caused it kept in --out/artifacts.
+# build/fuzz-native; the in-place extension the product loads is never touched), linked with
+# the extension's compilation units (tcpencap/native/fastpath.c and src/*.c) under --src
+# (default: this checkout; a test points it at a deliberately broken copy), then run for
+# --seconds (default $FUZZ_NATIVE_SECONDS or 20) on a corpus kept in --out/corpus/<name>.
+# Prints per target: runs, coverage (cov: edges, ft: features) and "no reports". Any
+# sanitizer report, broken invariant, crash, leak or timeout fails the run (exit 1) and is
+# printed, with the input that caused it kept in --out/artifacts.
 # "extension" is the extension itself built with gcc -fsanitize=address,undefined into
-# --out/asan-ext, and tests/native/test_fastpath.py (the native path against the Python
-# reference, hypothesis-driven, real sockets) run on it with libasan and libubsan preloaded.
+# --out/asan-ext, and tests/native/test_fastpath.py (the native path against the Python reference,
+# hypothesis-driven, real sockets) and tests/native/test_fastpath_api.py run on it with libasan and
+# libubsan preloaded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -50,13 +52,15 @@ ldversion=$(pyconf LDVERSION)
 [ -f "$inc/Python.h" ] || { echo "fuzz-native: no Python.h in $inc: install python3-dev" >&2; exit 1; }
 
 mkdir -p "$out/bin" "$out/logs" "$out/artifacts"
+# The extension's compilation units: the module definition and its parts, each with a header.
+units=("$src/tcpencap/native/fastpath.c" "$src"/tcpencap/native/src/*.c)
 CFLAGS=(-g -O1 -Wall -Wno-unused-function -fno-omit-frame-pointer -pthread
   -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all)
 for t in "${targets[@]}"; do
   [ "$t" = extension ] && continue
   [ -f "tests/fuzz/native/fuzz_$t.c" ] || { echo "fuzz-native: no target '$t'" >&2; exit 2; }
-  clang "${CFLAGS[@]}" -I"$src" -I"$inc" "tests/fuzz/native/fuzz_$t.c" -o "$out/bin/fuzz_$t" \
-    -L"$libdir" -lpython"$ldversion" -Wl,-rpath,"$libdir" \
+  clang "${CFLAGS[@]}" -I"$src" -I"$inc" "tests/fuzz/native/fuzz_$t.c" "${units[@]}" \
+    -o "$out/bin/fuzz_$t" -L"$libdir" -lpython"$ldversion" -Wl,-rpath,"$libdir" \
     || { echo "fuzz-native: building $t failed (libFuzzer is in libclang-rt-14-dev: scripts/setup.sh)" >&2; exit 1; }
 done
 
@@ -71,14 +75,14 @@ extension() {
   local so
   so=$out/asan-ext/_fastpath$(pyconf EXT_SUFFIX)
   mkdir -p "$out/asan-ext"
-  gcc -shared -fPIC -g -O1 -Wall -Wextra -Wno-unused-parameter -pthread -fno-omit-frame-pointer \
-    -fsanitize=address,undefined -fno-sanitize-recover=all -I"$inc" \
-    "$src/tcpencap/native/fastpath.c" -o "$so"
+  gcc -shared -fPIC -g -O1 -Wall -Wextra -Wmissing-prototypes -Wno-unused-parameter -pthread \
+    -fvisibility=hidden -fno-omit-frame-pointer \
+    -fsanitize=address,undefined -fno-sanitize-recover=all -I"$inc" "${units[@]}" -o "$so"
   # leaks: the interpreter keeps its own at exit; the libFuzzer targets check every input
   LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
     ASAN_OPTIONS=detect_leaks=0 PYTHONMALLOC=malloc TCPENCAP_FASTPATH_SO=$so \
     PYTHONPATH=tests/fuzz/native "$PY" -m pytest -q -p no:cacheprovider -p asan_extension \
-    tests/native/test_fastpath.py
+    tests/native/test_fastpath.py tests/native/test_fastpath_api.py
 }
 
 for t in "${targets[@]}"; do
@@ -87,7 +91,8 @@ for t in "${targets[@]}"; do
   if [ "$t" = extension ]; then
     t0=$SECONDS
     extension >"$log" 2>&1 || rc=$?
-    runs="tests/native/test_fastpath.py: $(grep -oE '[0-9]+ passed' "$log" | tail -1 || true)"
+    runs=$(grep -oE '[0-9]+ passed' "$log" | tail -1 || true)
+    runs="tests/native/test_fastpath.py, test_fastpath_api.py: $runs"
     what="gcc build, $runs in $((SECONDS - t0)) s"
   else
     mkdir -p "$out/corpus/$t"

@@ -1,7 +1,7 @@
 """The native data path (fastpath.c): the per-packet work of RFC 9329 in C.
 
 It repeats decisions the Python path makes (tcpencap.core.router, tcpencap.wire.rfc9329),
-which stays the reference; tests/test_native.py feeds both the same traffic. ``load()``
+which stays the reference; tests/native/test_fastpath.py feeds both the same traffic. ``load()``
 says why the extension is not there when it is not, so the daemon can fall back.
 """
 

@@ -1,22 +1,15 @@
-/* What every part of the native data path shares: headers, protocol constants, helpers.
-   The parts are compiled as one unit (fastpath.c includes them in order), so their
-   helpers stay static. */
+/* What every part of the native data path shares: the Python header (first, as Python
+   asks), protocol constants and two small helpers. Each part is its own compilation unit
+   with its own header (fastpath.c is the module definition); what a part keeps to itself
+   stays static there. */
+#ifndef TCPENCAP_NATIVE_COMMON_H
+#define TCPENCAP_NATIVE_COMMON_H
+
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <errno.h>
-#include <poll.h>
-#include <pthread.h>
+#include <stddef.h>
 #include <stdint.h>
-#include <stdlib.h>
-#include <stdio.h>
-#include <string.h>
-#include <sys/epoll.h>
-#include <sys/socket.h>
-#include <time.h>
-#include <unistd.h>
-#include <netinet/in.h>
-#include <linux/netlink.h>
 
 #define PROTO_UDP 17
 #define NATT_PORT 4500
@@ -37,4 +30,7 @@ put16(uint8_t *p, uint32_t v)
     p[1] = (uint8_t)v;
 }
 
+/* A counter the worker threads bump without the GIL; ADD(x, 0) reads it. */
 #define ADD(field, n) __atomic_fetch_add(&(field), (n), __ATOMIC_RELAXED)
+
+#endif

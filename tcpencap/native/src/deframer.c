@@ -1,6 +1,10 @@
-/* The receive side of an RFC 9329 stream: the events of tcpencap.wire.rfc9329.StreamCodec
-   (the reference), and pump(), which turns the ESP frames of an open connection straight
-   into the packets the router would have built. */
+/* Deframer (deframer.h): StreamCodec's events, and pump(). */
+#include "deframer.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#include "inject.h"
 
 /* ------------------------------------------------------------------------------------ */
 /* Event objects of tcpencap.wire.rfc9329, handed over by bind_events().                 */
@@ -8,7 +12,7 @@
 static PyObject *ev_need_data, *ev_keepalive, *ev_prefix_received, *ev_closed;
 static PyObject *cls_ike, *cls_esp, *cls_invalid, *cls_protocol_error, *role_responder;
 
-static PyObject *
+PyObject *
 bind_events(PyObject *mod, PyObject *args)
 {
     PyObject *o[9];
@@ -38,23 +42,6 @@ events_bound(void)
 /* ------------------------------------------------------------------------------------ */
 /* Deframer                                                                               */
 
-typedef struct {
-    PyObject_HEAD
-    PyObject *role;
-    int responder;
-    int max_frame;
-    int prefix_received;
-    int awaiting_prefix;
-    int prefix_sent;
-    int eof;
-    Py_ssize_t frames_in;
-    Py_ssize_t keepalives; /* dropped by pump() itself since the engine last took them */
-    uint8_t *buf;
-    size_t len, cap, pos;
-    PyObject *error; /* the ProtocolError every later event repeats */
-    int lent;        /* the inbound worker reads into it: Python must not touch it */
-} Deframer;
-
 static int
 deframer_usable(Deframer *d)
 {
@@ -64,8 +51,6 @@ deframer_usable(Deframer *d)
     }
     return 1;
 }
-
-enum kind { K_NEED, K_CLOSED, K_ERROR, K_IKE, K_ESP, K_KEEPALIVE, K_INVALID };
 
 static void
 deframer_drop_buffer(Deframer *d)
@@ -121,7 +106,7 @@ Deframer_dealloc(Deframer *d)
 
 /* Room for n more octets after what is unread (consumed octets are dropped first). No
    Python objects: the inbound worker calls it without the GIL. -> 0, or -1 out of memory. */
-static int
+int
 deframer_reserve(Deframer *d, size_t n)
 {
     if (d->pos) {
@@ -187,7 +172,7 @@ done:
 
 /* After NeedData nothing but a partial frame is left; when nothing is, the buffer goes, so
    an idle connection holds no receive memory (the next read allocates again). */
-static void
+void
 deframer_settle(Deframer *d)
 {
     if (d->pos >= d->len)
@@ -224,9 +209,7 @@ deframer_prefix(Deframer *d)
     return Py_NewRef(ev_prefix_received);
 }
 
-/* The next frame after the prefix: its kind, and where its payload is. *reason gets the
-   text of K_ERROR and K_INVALID. */
-static enum kind
+enum kind
 deframer_frame(Deframer *d, size_t *start, size_t *n, char *reason, size_t rlen)
 {
     size_t avail = d->len - d->pos;
@@ -331,27 +314,6 @@ Deframer_next_event(Deframer *d, PyObject *Py_UNUSED(ignored))
     char reason[128];
     enum kind k = deframer_frame(d, &start, &n, reason, sizeof reason);
     return deframer_event(d, k, start, n, reason);
-}
-
-/* The (peer, local) address pair of an inject template: both IPv4 or both IPv6 bytes.
-   -> 0 with *v6 set, or -1 with an exception. */
-static int
-addr_pair(PyObject *peer_o, PyObject *local_o, const uint8_t **peer, const uint8_t **local,
-          int *v6)
-{
-    if (!PyBytes_Check(peer_o) || !PyBytes_Check(local_o)) {
-        PyErr_SetString(PyExc_TypeError, "addresses must be bytes");
-        return -1;
-    }
-    Py_ssize_t plen = PyBytes_GET_SIZE(peer_o);
-    if (plen != PyBytes_GET_SIZE(local_o) || (plen != 4 && plen != 16)) {
-        PyErr_SetString(PyExc_ValueError, "peer and local must both be IPv4 or both IPv6");
-        return -1;
-    }
-    *peer = (const uint8_t *)PyBytes_AS_STRING(peer_o);
-    *local = (const uint8_t *)PyBytes_AS_STRING(local_o);
-    *v6 = plen == 16;
-    return 0;
 }
 
 /* pump(batch, peer, local, sport, dport) -> (event, esp_frames): every ESP frame up to the
@@ -483,7 +445,7 @@ static PyMethodDef Deframer_methods[] = {
     {"pump", (PyCFunction)Deframer_pump, METH_VARARGS,
      "pump(batch, peer, local, sport, dport) -> (event, esp_frames)."},
     {"send_prefix", (PyCFunction)Deframer_send_prefix, METH_NOARGS, "The IKETCP prefix, once."},
-    {NULL},
+    {0},
 };
 
 static PyGetSetDef Deframer_getset[] = {
@@ -495,10 +457,10 @@ static PyGetSetDef Deframer_getset[] = {
     {"role", (getter)Deframer_get_role, NULL, NULL, NULL},
     {"max_frame", (getter)Deframer_get_max_frame, NULL, NULL, NULL},
     {"allocated", (getter)Deframer_get_allocated, NULL, "octets of receive buffer held", NULL},
-    {NULL},
+    {0},
 };
 
-static PyTypeObject DeframerType = {
+PyTypeObject DeframerType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tcpencap.native._fastpath.Deframer",
     .tp_basicsize = sizeof(Deframer),
     .tp_dealloc = (destructor)Deframer_dealloc,

@@ -1,52 +1,13 @@
-/* ------------------------------------------------------------------------------------ */
-/* InboundWorker: the receive side of open connections on a thread of its own. Python     */
-/* lends it a connection (socket, deframer, the packet charon must see); it reads, turns  */
-/* ESP frames into packets and injects them, without the GIL; keepalives it drops and     */
-/* counts itself. At the first other frame (left unread in the deframer), at EOF, an      */
-/* error or over the frame rate (frames of every kind), it gives the connection back and  */
-/* Python's engine goes on where the worker stopped.                                      */
+/* InboundWorker (inbound_worker.h): lent connections read and their ESP injected. */
+#include "inbound_worker.h"
 
-enum { R_FRAME = 1, R_EOF, R_ERROR, R_RATE, R_NOMEM };
+#include <errno.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 static const char *const reason_names[] = {"", "frame", "eof", "error", "rate", "nomem"};
-
-typedef struct {
-    uint32_t conn_id;
-    int fd;
-    Deframer *d; /* strong reference; d->lent while here */
-    uint8_t peer[16], local[16];
-    int v6;
-    uint32_t sport, dport;
-    long max_rate; /* frames per second, 0: no limit */
-    double win_start;
-    Py_ssize_t win_frames;
-    Py_ssize_t frames, bytes, reads, keepalives; /* not yet reported to Python */
-    int reason;
-} Lent;
-
-typedef struct {
-    PyObject_HEAD
-    pthread_mutex_t mu; /* the lent table and every Lent in it */
-    int ready;
-    int epfd;
-    int fd4, fd6;
-    Lent **lent;
-    size_t nlent, cap;
-    Lent **back; /* given back, waiting for Python */
-    size_t nback, backcap;
-    InjectBatch *batch;
-    int stop;
-    int running;
-    Py_ssize_t injected, failed, wakeups; /* atomic */
-    int last_errno;
-} InboundWorker;
-
-static double
-mono_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
-}
 
 static int
 InboundWorker_init(InboundWorker *w, PyObject *args, PyObject *kw)
@@ -135,18 +96,26 @@ lent_remove(InboundWorker *w, size_t i)
     w->lent[i] = w->lent[--w->nlent];
 }
 
-/* attach(conn_id, fd, deframer, peer, local, sport, dport, max_rate) */
+/* attach(conn_id, fd, deframer, peer, local, sport, dport, max_rate, now=None): now, the
+   engine's time at the lending (frame_rate.h: the same clock), begins the rate window;
+   None: the worker reads the clock. */
 static PyObject *
-InboundWorker_attach(InboundWorker *w, PyObject *args)
+InboundWorker_attach(InboundWorker *w, PyObject *args, PyObject *kw)
 {
+    static char *kwlist[] = {"conn_id", "fd", "deframer", "peer", "local", "sport", "dport",
+                             "max_rate", "now", NULL};
     unsigned int conn_id, sport, dport;
     int fd;
     long max_rate;
-    PyObject *d, *peer_o, *local_o;
-    if (!PyArg_ParseTuple(args, "IiO!OOIIl", &conn_id, &fd, &DeframerType, &d, &peer_o, &local_o,
-                          &sport, &dport, &max_rate))
+    PyObject *d, *peer_o, *local_o, *now_o = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "IiO!OOIIl|O", kwlist, &conn_id, &fd,
+                                     &DeframerType, &d, &peer_o, &local_o, &sport, &dport,
+                                     &max_rate, &now_o))
         return NULL;
     if (!worker_ready(w))
+        return NULL;
+    double start = now_o == Py_None ? mono_now() : PyFloat_AsDouble(now_o);
+    if (start == -1.0 && PyErr_Occurred())
         return NULL;
     const uint8_t *peer, *local;
     int v6;
@@ -170,7 +139,7 @@ InboundWorker_attach(InboundWorker *w, PyObject *args)
     l->sport = sport;
     l->dport = dport;
     l->max_rate = max_rate;
-    l->win_start = mono_now();
+    l->rate.start = start;
     worker_lock(w);
     PyObject *err = NULL;
     if (lent_index(w, conn_id) >= 0) {
@@ -274,26 +243,9 @@ InboundWorker_counts(InboundWorker *w, PyObject *arg)
     return Py_BuildValue("nnnn", f, b, r, k);
 }
 
-/* One more frame that carries no ESP (a keepalive) in the rate window: 1 when it goes
- * over max_rate. */
-static int
-lent_over_rate(Lent *l)
-{
-    l->win_frames++;
-    if (!l->max_rate)
-        return 0;
-    double now = mono_now();
-    if (now - l->win_start >= 1.0) {
-        l->win_start = now;
-        l->win_frames = 0;
-        return 0;
-    }
-    return l->win_frames > l->max_rate;
-}
-
 /* Read what the socket has and inject its ESP; a reason when the connection goes back. */
-static int
-lent_read(InboundWorker *w, Lent *l)
+int
+lent_read(InboundWorker *w, Lent *l, double now)
 {
     Deframer *d = l->d;
     for (int round = 0; round < 8; round++) {
@@ -327,7 +279,7 @@ lent_read(InboundWorker *w, Lent *l)
             }
             if (k == K_KEEPALIVE) { /* RFC 9329 §6.6: dropped, but it costs like any frame */
                 l->keepalives++;
-                if (lent_over_rate(l))
+                if (rate_window_over(&l->rate, now, l->max_rate))
                     return R_RATE;
                 continue;
             }
@@ -384,6 +336,7 @@ InboundWorker_run(InboundWorker *w, PyObject *deliver)
         int nback;
         Py_BEGIN_ALLOW_THREADS
         int n = epoll_wait(w->epfd, evs, 64, 200);
+        double now = mono_now(); /* one time per wake-up, as the engine has one per drain */
         pthread_mutex_lock(&w->mu);
         if (n > 0)
             ADD(w->wakeups, 1);
@@ -396,7 +349,7 @@ InboundWorker_run(InboundWorker *w, PyObject *deliver)
                     at = (ssize_t)k;
             if (at < 0)
                 continue;
-            int why = lent_read(w, l);
+            int why = lent_read(w, l, now);
             if (why) {
                 l->reason = why;
                 lent_remove(w, (size_t)at);
@@ -458,8 +411,9 @@ InboundWorker_stats(InboundWorker *w, PyObject *Py_UNUSED(ignored))
 }
 
 static PyMethodDef InboundWorker_methods[] = {
-    {"attach", (PyCFunction)InboundWorker_attach, METH_VARARGS,
-     "attach(conn_id, fd, deframer, peer, local, sport, dport, max_rate): lend a connection."},
+    {"attach", (PyCFunction)(void (*)(void))InboundWorker_attach, METH_VARARGS | METH_KEYWORDS,
+     "attach(conn_id, fd, deframer, peer, local, sport, dport, max_rate, now=None): lend a "
+     "connection; now (time.monotonic()'s clock) begins its frame-rate window."},
     {"detach", (PyCFunction)InboundWorker_detach, METH_O,
      "detach(conn_id) -> (frames, bytes, reads, keepalives) or None: take a connection back."},
     {"counts", (PyCFunction)InboundWorker_counts, METH_O,
@@ -467,10 +421,10 @@ static PyMethodDef InboundWorker_methods[] = {
     {"run", (PyCFunction)InboundWorker_run, METH_O, "run(deliver): serve until stop()."},
     {"stop", (PyCFunction)InboundWorker_stop, METH_NOARGS, "Make run() return (within 0.2 s)."},
     {"stats", (PyCFunction)InboundWorker_stats, METH_NOARGS, "Counters."},
-    {NULL},
+    {0},
 };
 
-static PyTypeObject InboundWorkerType = {
+PyTypeObject InboundWorkerType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tcpencap.native._fastpath.InboundWorker",
     .tp_basicsize = sizeof(InboundWorker),
     .tp_dealloc = (destructor)InboundWorker_dealloc,

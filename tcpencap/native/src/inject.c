@@ -1,5 +1,10 @@
-/* Building the packets charon gets (IP and UDP headers, checksums) and injecting them in
-   batches: one sendmmsg per run of one address family. */
+/* InjectBatch (inject.h): the packets charon gets, built and sent in batches. */
+#include "inject.h"
+
+#include <errno.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
 
 /* ------------------------------------------------------------------------------------ */
 /* Checksums: sums congruent modulo 0xFFFF to the one's complement sum of 16-bit words,   */
@@ -42,21 +47,6 @@ fold(uint64_t total)
 /* ------------------------------------------------------------------------------------ */
 /* InjectBatch                                                                            */
 
-typedef struct {
-    size_t off, len;
-    uint8_t v6;
-} Pending;
-
-typedef struct {
-    PyObject_HEAD
-    uint8_t *buf;
-    size_t len, cap;
-    Pending *pk;
-    size_t n, pcap;
-    Py_ssize_t sent, failed; /* totals over the batch's life */
-    int last_errno;
-} InjectBatch;
-
 static int
 batch_reserve(InjectBatch *b, size_t bytes)
 {
@@ -94,7 +84,7 @@ batch_reset(InjectBatch *b)
 }
 
 /* The packet Router._inject builds: source = the peer, destination = our address. */
-static int
+int
 batch_add(InjectBatch *b, const uint8_t *peer, const uint8_t *local, int v6, uint32_t sport,
           uint32_t dport, const uint8_t *payload, size_t plen)
 {
@@ -146,6 +136,25 @@ batch_add(InjectBatch *b, const uint8_t *peer, const uint8_t *local, int v6, uin
     return 0;
 }
 
+int
+addr_pair(PyObject *peer_o, PyObject *local_o, const uint8_t **peer, const uint8_t **local,
+          int *v6)
+{
+    if (!PyBytes_Check(peer_o) || !PyBytes_Check(local_o)) {
+        PyErr_SetString(PyExc_TypeError, "addresses must be bytes");
+        return -1;
+    }
+    Py_ssize_t plen = PyBytes_GET_SIZE(peer_o);
+    if (plen != PyBytes_GET_SIZE(local_o) || (plen != 4 && plen != 16)) {
+        PyErr_SetString(PyExc_ValueError, "peer and local must both be IPv4 or both IPv6");
+        return -1;
+    }
+    *peer = (const uint8_t *)PyBytes_AS_STRING(peer_o);
+    *local = (const uint8_t *)PyBytes_AS_STRING(local_o);
+    *v6 = plen == 16;
+    return 0;
+}
+
 static void
 InjectBatch_dealloc(InjectBatch *b)
 {
@@ -177,7 +186,7 @@ InjectBatch_take(InjectBatch *b, PyObject *Py_UNUSED(ignored))
 
 /* Every packet to its own destination address, one sendmmsg per run of a family; no
    Python objects, so the inbound worker calls it without the GIL. */
-static void
+void
 batch_send(InjectBatch *b, int fd4, int fd6, Py_ssize_t *sent_out, Py_ssize_t *failed_out)
 {
     struct mmsghdr msgs[SEND_CHUNK];
@@ -265,17 +274,17 @@ static PyMethodDef InjectBatch_methods[] = {
      "The waiting packets as bytes, in order; the batch is emptied."},
     {"send", (PyCFunction)InjectBatch_send, METH_VARARGS,
      "send(fd4, fd6) -> (sent, failed): inject through the raw sockets; the batch is emptied."},
-    {NULL},
+    {0},
 };
 
 static PyGetSetDef InjectBatch_getset[] = {
     {"last_errno", (getter)InjectBatch_get_errno, NULL, "errno of the last failed send", NULL},
-    {NULL},
+    {0},
 };
 
 static PySequenceMethods InjectBatch_seq = {.sq_length = (lenfunc)InjectBatch_len};
 
-static PyTypeObject InjectBatchType = {
+PyTypeObject InjectBatchType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tcpencap.native._fastpath.InjectBatch",
     .tp_basicsize = sizeof(InjectBatch),
     .tp_dealloc = (destructor)InjectBatch_dealloc,

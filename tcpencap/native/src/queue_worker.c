@@ -1,6 +1,12 @@
-/* ------------------------------------------------------------------------------------ */
-/* QueueWorker: one NFQUEUE read on a thread of its own, the GIL taken only for what     */
-/* Python must see (misses, stalled writers, a failed verdict).                          */
+/* QueueWorker (queue_worker.h): NFQUEUE rounds on a thread of its own. */
+#include "queue_worker.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <sys/socket.h>
+
+#include "flow_cache.h"
+#include "queue_batch.h"
 
 typedef struct {
     PyObject_HEAD
@@ -111,10 +117,10 @@ static PyMethodDef QueueWorker_methods[] = {
      "run(deliver): read the queue until stop(); deliver(read_queue-style tuple)."},
     {"stop", (PyCFunction)QueueWorker_stop, METH_NOARGS, "Make run() return (within 0.2 s)."},
     {"stats", (PyCFunction)QueueWorker_stats, METH_NOARGS, "Counters."},
-    {NULL},
+    {0},
 };
 
-static PyTypeObject QueueWorkerType = {
+PyTypeObject QueueWorkerType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tcpencap.native._fastpath.QueueWorker",
     .tp_basicsize = sizeof(QueueWorker),
     .tp_dealloc = (destructor)QueueWorker_dealloc,

@@ -1,26 +1,12 @@
-/* ------------------------------------------------------------------------------------ */
-/* TcpWriter                                                                              */
-/* The send side of one RFC 9329 connection: Python's frames (IKE, misses) and the flow     */
-/* cache's hits share one buffer, so they leave in the order they were written. The queue  */
-/* workers write without the GIL, so every access holds the writer's mutex.                */
+/* TcpWriter (writer.h): one connection's send buffer and its bound. */
+#include "writer.h"
 
-#define IKE_HARD_LIMIT_FACTOR 4 /* IKE may overshoot the buffer bound this many times */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
 
-typedef struct {
-    PyObject_HEAD
-    pthread_mutex_t mu;
-    int ready; /* mu is initialised */
-    int fd;    /* -1: detached, or collecting for take() when collect is set */
-    int collect;
-    size_t limit;
-    uint8_t *buf;
-    size_t len, cap, pos;
-    Py_ssize_t direct_frames, direct_bytes; /* written by the flow cache, not by Python */
-    Py_ssize_t esp_dropped, ike_dropped;
-    int error; /* errno of a failed send: the connection is broken, writes are dropped */
-} TcpWriter;
-
-static int
+int
 writer_room(TcpWriter *w, size_t n)
 {
     if (w->pos && w->pos == w->len)
@@ -46,7 +32,7 @@ writer_room(TcpWriter *w, size_t n)
 }
 
 /* May this frame be queued? ESP is dropped over the bound, IKE only far over it. */
-static int
+int
 writer_admit(TcpWriter *w, int is_ike, Py_ssize_t frames)
 {
     size_t queued = w->len - w->pos;
@@ -62,7 +48,7 @@ writer_admit(TcpWriter *w, int is_ike, Py_ssize_t frames)
             w->esp_dropped += frames;
             return 0;
         }
-        if (queued > w->limit * IKE_HARD_LIMIT_FACTOR) {
+        if (queued > w->ike_limit) {
             w->ike_dropped++;
             return 0;
         }
@@ -99,7 +85,7 @@ writer_send(TcpWriter *w, const uint8_t *src, size_t n)
     return done;
 }
 
-static void
+void
 writer_flush(TcpWriter *w)
 {
     if (w->fd < 0 || w->collect || w->error)
@@ -133,13 +119,17 @@ writer_put(TcpWriter *w, const uint8_t *src, size_t n)
 static int
 TcpWriter_init(TcpWriter *w, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"fd", "limit", NULL};
+    static char *kwlist[] = {"fd", "limit", "ike_factor", NULL};
     int fd;
-    Py_ssize_t limit;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "in", kwlist, &fd, &limit))
+    Py_ssize_t limit, ike_factor = IKE_FACTOR_DEFAULT;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "in|n", kwlist, &fd, &limit, &ike_factor))
         return -1;
     if (limit < 0) {
         PyErr_SetString(PyExc_ValueError, "limit must not be negative");
+        return -1;
+    }
+    if (ike_factor < 1) {
+        PyErr_SetString(PyExc_ValueError, "ike_factor must be at least 1");
         return -1;
     }
     if (!w->ready) {
@@ -149,6 +139,8 @@ TcpWriter_init(TcpWriter *w, PyObject *args, PyObject *kw)
     w->fd = fd;
     w->collect = fd < 0;
     w->limit = (size_t)limit;
+    size_t factor = (size_t)ike_factor;
+    w->ike_limit = w->limit > SIZE_MAX / factor ? SIZE_MAX : w->limit * factor;
     return 0;
 }
 
@@ -258,7 +250,7 @@ static PyMethodDef TcpWriter_methods[] = {
     {"flush", (PyCFunction)TcpWriter_flush, METH_NOARGS, "Send what the socket takes; -> pending."},
     {"take", (PyCFunction)TcpWriter_take, METH_NOARGS, "The queued octets (fd -1: tests)."},
     {"close", (PyCFunction)TcpWriter_close, METH_NOARGS, "Forget the socket and the queue."},
-    {NULL},
+    {0},
 };
 
 static PyGetSetDef TcpWriter_getset[] = {
@@ -269,15 +261,17 @@ static PyGetSetDef TcpWriter_getset[] = {
     {"direct_bytes", (getter)TcpWriter_get_direct_bytes, NULL, NULL, NULL},
     {"esp_dropped", (getter)TcpWriter_get_esp_dropped, NULL, NULL, NULL},
     {"ike_dropped", (getter)TcpWriter_get_ike_dropped, NULL, NULL, NULL},
-    {NULL},
+    {0},
 };
 
-static PyTypeObject TcpWriterType = {
+PyTypeObject TcpWriterType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tcpencap.native._fastpath.TcpWriter",
     .tp_basicsize = sizeof(TcpWriter),
     .tp_dealloc = (destructor)TcpWriter_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "TcpWriter(fd, limit): one connection's send buffer, shared with the flow cache.",
+    .tp_doc = "TcpWriter(fd, limit, ike_factor=4): one connection's send buffer, shared with "
+              "the flow cache; ESP is dropped over limit queued octets, IKE over limit * "
+              "ike_factor.",
     .tp_methods = TcpWriter_methods,
     .tp_getset = TcpWriter_getset,
     .tp_init = (initproc)TcpWriter_init,

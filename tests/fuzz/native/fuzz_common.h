@@ -1,14 +1,32 @@
 /* What every libFuzzer target of the native data path shares.
 
-   A target includes the whole extension (tcpencap/native/fastpath.c, found on the include
-   path: scripts/fuzz-native.sh puts the checkout first, or a mutated copy of it), so it
-   calls the parts' static functions directly. An embedded interpreter, with Python's
-   allocator switched to plain malloc so AddressSanitizer sees every object, serves the
-   parts that take or make Python objects. Any sanitizer report, and any broken invariant
-   (FUZZ_CHECK aborts), is a finding. */
-#include "tcpencap/native/fastpath.c"
+   A target is linked with the extension's compilation units (tcpencap/native/fastpath.c
+   and the .c files in its src/, of the checkout or of a mutated copy: fuzz-native.sh
+   --src) and sees them through their headers: it calls the parts' C functions and reads
+   their structs directly, and calls their Python methods as Python does (fz_call). An
+   embedded interpreter, with Python's allocator switched to plain malloc so
+   AddressSanitizer sees every object, serves the parts that take or make Python objects.
+   Any sanitizer report, and any broken invariant (FUZZ_CHECK aborts), is a finding. */
+#include "tcpencap/native/src/common.h"
 
+#include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include <linux/netlink.h>
+
+#include "tcpencap/native/src/deframer.h"
+#include "tcpencap/native/src/flow_cache.h"
+#include "tcpencap/native/src/frame_rate.h"
+#include "tcpencap/native/src/inbound_worker.h"
+#include "tcpencap/native/src/inject.h"
+#include "tcpencap/native/src/queue_batch.h"
+#include "tcpencap/native/src/writer.h"
+
+PyMODINIT_FUNC PyInit__fastpath(void); /* fastpath.c: the module, its types readied */
 
 #define FUZZ_CHECK(cond)                                                                     \
     do {                                                                                     \
@@ -31,6 +49,53 @@
         }                                                                                    \
         r_;                                                                                  \
     })
+
+/* A method name as a str made once: a str made per call would be kept by the type's
+   attribute cache past the input, and libFuzzer would scan for leaks after every input. */
+static PyObject *
+fz_name(const char *name)
+{
+    static const char *keys[32];
+    static PyObject *names[32];
+    for (int i = 0; i < 32; i++) {
+        if (keys[i] == name)
+            return names[i];
+        if (keys[i] == NULL) {
+            names[i] = PyUnicode_InternFromString(name);
+            if (names[i] == NULL)
+                return NULL;
+            keys[i] = name;
+            return names[i];
+        }
+    }
+    FUZZ_CHECK(!"more than 32 method names");
+    return NULL;
+}
+
+/* self.name(*args) (args: a tuple, NULL: no arguments), as Python calls a method. */
+static PyObject *
+fz_call(void *self, const char *name, PyObject *args)
+{
+    PyObject *n = fz_name(name);
+    if (n == NULL)
+        return NULL;
+    if (args == NULL)
+        return PyObject_CallMethodNoArgs((PyObject *)self, n);
+    PyObject *m = PyObject_GetAttr((PyObject *)self, n);
+    if (m == NULL)
+        return NULL;
+    PyObject *r = PyObject_Call(m, args, NULL);
+    Py_DECREF(m);
+    return r;
+}
+
+/* self.name(arg): a method of one argument. */
+static PyObject *
+fz_call1(void *self, const char *name, PyObject *arg)
+{
+    PyObject *n = fz_name(name);
+    return n == NULL ? NULL : PyObject_CallMethodOneArg((PyObject *)self, n, arg);
+}
 
 /* The events bind_events() hands the deframer: four singletons, and classes whose
    instances a target tells apart by type (IKE: bytes, ESP: bytearray, invalid: str,

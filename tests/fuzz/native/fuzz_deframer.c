@@ -59,7 +59,7 @@ static void
 feed(State *s, const uint8_t *p, size_t n)
 {
     PyObject *b = FUZZ_PY(PyBytes_FromStringAndSize((const char *)p, (Py_ssize_t)n));
-    Py_DECREF(FUZZ_PY(Deframer_receive_data(s->d, b)));
+    Py_DECREF(FUZZ_PY(fz_call1(s->d, "receive_data", b)));
     Py_DECREF(b);
 }
 
@@ -67,7 +67,7 @@ static void
 drain_next_event(State *s)
 {
     for (int i = 0; i < 256; i++) {
-        PyObject *ev = FUZZ_PY(Deframer_next_event(s->d, NULL));
+        PyObject *ev = FUZZ_PY(fz_call(s->d, "next_event", NULL));
         int more = check_event(s, ev);
         Py_DECREF(ev);
         check_buffer(s);
@@ -92,7 +92,7 @@ check_batch(State *s, const uint8_t *peer, const uint8_t *local, int v6, uint32_
                      pkt[hlen + 3] == 0)); /* never the non-ESP marker */
         check_injected(pkt, b->pk[i].len, v6, peer, local, sport, dport, pkt + hlen, plen);
     }
-    PyObject *taken = FUZZ_PY(InjectBatch_take(b, NULL));
+    PyObject *taken = FUZZ_PY(fz_call(b, "take", NULL));
     Py_DECREF(taken);
     FUZZ_CHECK(b->n == 0 && b->len == 0);
 }
@@ -111,7 +111,7 @@ drain_pump(State *s, Input *in)
     PyObject *args = FUZZ_PY(Py_BuildValue("(OOOII)", s->batch, po, lo, sport, dport));
     for (int i = 0; i < 64; i++) {
         size_t before = s->batch->n;
-        PyObject *res = FUZZ_PY(Deframer_pump(s->d, args));
+        PyObject *res = FUZZ_PY(fz_call(s->d, "pump", args));
         PyObject *ev = PyTuple_GET_ITEM(res, 0);
         Py_ssize_t esp = PyLong_AsSsize_t(PyTuple_GET_ITEM(res, 1));
         FUZZ_CHECK(esp >= 0 && (size_t)esp == s->batch->n - before);
@@ -147,10 +147,11 @@ lent_round(State *s, Input *in, const uint8_t *chunk, size_t n, int fin)
     memset(peer, 0xA5, sizeof peer);
     memset(local, 0x5A, sizeof local);
     Lent l = {.conn_id = 1, .fd = s->sv[0], .d = d, .v6 = v6, .sport = 4500, .dport = 4500,
-              .max_rate = in_u8(in) % 4, .win_start = mono_now()};
+              .max_rate = in_u8(in) % 4, .rate = {.start = mono_now()}};
     memcpy(l.peer, peer, 16);
     memcpy(l.local, local, 16);
-    int why = lent_read(s->worker, &l);
+    double now = l.rate.start + (in_u8(in) % 4) * 0.5; /* in the window, or past its end */
+    int why = lent_read(s->worker, &l, now);
     FUZZ_CHECK(why >= 0 && why <= R_NOMEM && why != R_ERROR && why != R_NOMEM);
     FUZZ_CHECK((size_t)l.frames == s->batch->n);
     if (why == R_FRAME) /* the frame left for Python is a whole one, not ESP */
@@ -179,7 +180,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     s.worker = &worker;
     fuzz_socketpair(SOCK_STREAM, s.sv, 0);
     if (!(flags & 1) && (flags & 2)) /* an originator that sent its prefix */
-        Py_DECREF(FUZZ_PY(Deframer_send_prefix(s.d, NULL)));
+        Py_DECREF(FUZZ_PY(fz_call(s.d, "send_prefix", NULL)));
 
     while (!in_empty(&in)) {
         uint8_t op = in_u8(&in);

@@ -59,7 +59,7 @@ static void
 install(State *s, const uint8_t *p, size_t n, uint32_t conn_id)
 {
     PyObject *args = FUZZ_PY(Py_BuildValue("(y#I)", p, (Py_ssize_t)n, conn_id));
-    PyObject *r = FUZZ_PY(FlowCache_install(s->cache, args));
+    PyObject *r = FUZZ_PY(fz_call(s->cache, "install", args));
     Py_DECREF(args);
     FlowKey k;
     size_t esp_at, total;
@@ -132,7 +132,7 @@ classify(State *s, Input *in)
     Py_ssize_t direct0[CONNS + 1];
     for (int c = 1; c <= CONNS; c++)
         direct0[c] = s->writers[c]->direct_frames;
-    PyObject *res = FUZZ_PY(FlowCache_classify(s->cache, list));
+    PyObject *res = FUZZ_PY(fz_call1(s->cache, "classify", list));
     PyObject *misses = PyTuple_GET_ITEM(res, 0), *hits = PyTuple_GET_ITEM(res, 1);
     /* what the model says, packet by packet */
     uint32_t want[ROUND_MAX];
@@ -195,7 +195,7 @@ classify(State *s, Input *in)
 static void
 take(State *s, uint32_t c)
 {
-    PyObject *b = FUZZ_PY(TcpWriter_take(s->writers[c], NULL));
+    PyObject *b = FUZZ_PY(fz_call(s->writers[c], "take", NULL));
     size_t n = (size_t)PyBytes_GET_SIZE(b);
     check_frames((uint8_t *)PyBytes_AS_STRING(b), n);
     FUZZ_CHECK(n == s->nexpect[c] &&
@@ -234,13 +234,13 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             classify(s, &in);
             break;
         case 5:
-            Py_DECREF(FUZZ_PY(FlowCache_clear(s->cache, NULL)));
+            Py_DECREF(FUZZ_PY(fz_call(s->cache, "clear", NULL)));
             s->nflows = s->nburst = 0;
             memset(s->burst, 0, sizeof s->burst);
             break;
         case 6: {
             PyObject *args = FUZZ_PY(Py_BuildValue("(IO)", c, s->writers[c]));
-            Py_DECREF(FUZZ_PY(FlowCache_set_writer(s->cache, args)));
+            Py_DECREF(FUZZ_PY(fz_call(s->cache, "set_writer", args)));
             Py_DECREF(args);
             s->has_writer[c] = 1;
             FUZZ_CHECK(writer_find(s->cache, c) == s->writers[c]);
@@ -249,7 +249,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         case 7: {
             PyObject *id = FUZZ_PY(PyLong_FromUnsignedLong(c));
             if (op & 0x40) {
-                Py_DECREF(FUZZ_PY(FlowCache_drop_writer(s->cache, id)));
+                Py_DECREF(FUZZ_PY(fz_call1(s->cache, "drop_writer", id)));
                 s->has_writer[c] = 0;
                 FUZZ_CHECK(writer_find(s->cache, c) == NULL);
             } else {

@@ -24,7 +24,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         }
         if (op % 8 == 6) {
             size_t n = b->n;
-            PyObject *list = FUZZ_PY(InjectBatch_take(b, NULL));
+            PyObject *list = FUZZ_PY(fz_call(b, "take", NULL));
             FUZZ_CHECK((size_t)PyList_GET_SIZE(list) == n && b->n == 0);
             Py_DECREF(list);
             continue;

@@ -77,18 +77,18 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     static FlowCache *cache;
     if (cache == NULL)
         cache = (FlowCache *)FUZZ_PY(PyObject_CallNoArgs((PyObject *)&FlowCacheType));
-    Py_DECREF(FUZZ_PY(FlowCache_clear(cache, NULL)));
+    Py_DECREF(FUZZ_PY(fz_call(cache, "clear", NULL)));
     TcpWriter *w = (TcpWriter *)FUZZ_PY(
         PyObject_CallFunction((PyObject *)&TcpWriterType, "in", -1, (Py_ssize_t)1 << 20));
     PyObject *args = FUZZ_PY(Py_BuildValue("(IO)", 1u, w));
-    Py_DECREF(FUZZ_PY(FlowCache_set_writer(cache, args)));
+    Py_DECREF(FUZZ_PY(fz_call(cache, "set_writer", args)));
     Py_DECREF(args);
     int ninstall = in_u8(&in) % 4;
     for (int i = 0; i < ninstall; i++) { /* flows for conn 1 (a writer) and 2 (Python) */
         uint8_t pkt[256];
         size_t n = esp_packet(&in, pkt, sizeof pkt);
         args = FUZZ_PY(Py_BuildValue("(y#I)", pkt, (Py_ssize_t)n, 1u + (i & 1)));
-        Py_DECREF(FUZZ_PY(FlowCache_install(cache, args)));
+        Py_DECREF(FUZZ_PY(fz_call(cache, "install", args)));
         Py_DECREF(args);
     }
     int sv[2];
@@ -121,7 +121,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     int queue_num = in_u8(&in) & 1 ? 7 : -1;
     args = FUZZ_PY(Py_BuildValue("(ii)", sv[0], queue_num));
-    PyObject *res = FUZZ_PY(FlowCache_read_queue(cache, args));
+    PyObject *res = FUZZ_PY(fz_call(cache, "read_queue", args));
     Py_DECREF(args);
     FUZZ_CHECK(PyLong_AsLongLong(PyTuple_GET_ITEM(res, 0)) == last);
     FUZZ_CHECK((size_t)PyLong_AsSsize_t(PyTuple_GET_ITEM(res, 1)) == parsed);
@@ -155,7 +155,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     close(sv[0]);
     close(sv[1]);
     PyObject *one = FUZZ_PY(PyLong_FromLong(1));
-    Py_DECREF(FUZZ_PY(FlowCache_drop_writer(cache, one)));
+    Py_DECREF(FUZZ_PY(fz_call1(cache, "drop_writer", one)));
     Py_DECREF(one);
     FUZZ_CHECK(cache->wcount == 0);
     Py_DECREF(w);

@@ -13,6 +13,7 @@ typedef struct {
     FlowCache *cache;
     int sv[2];
     int collect;
+    size_t ike_factor; /* IKE is admitted up to limit * ike_factor queued octets */
     int peer_closed;
     uint8_t *expect; /* every admitted octet, in order */
     size_t nexpect, nread;
@@ -71,10 +72,10 @@ py_write(State *s, Input *in)
     TcpWriter *w = s->w;
     size_t queued = w->len - w->pos;
     int admit = !w->error && (queued <= w->limit ||
-                              (is_ike && queued <= w->limit * IKE_HARD_LIMIT_FACTOR));
+                              (is_ike && queued <= w->limit * s->ike_factor));
     Py_ssize_t esp0 = w->esp_dropped, ike0 = w->ike_dropped;
     PyObject *args = FUZZ_PY(Py_BuildValue("(y#in)", p, (Py_ssize_t)n, is_ike, frames));
-    PyObject *r = FUZZ_PY(TcpWriter_write(w, args));
+    PyObject *r = FUZZ_PY(fz_call(w, "write", args));
     Py_DECREF(args);
     FUZZ_CHECK((r == Py_True) == admit);
     Py_DECREF(r);
@@ -106,7 +107,7 @@ direct(State *s, Input *in)
     }
     Py_ssize_t before = s->w->direct_frames;
     int broken = s->w->error != 0;
-    PyObject *res = FUZZ_PY(FlowCache_classify(s->cache, list));
+    PyObject *res = FUZZ_PY(fz_call1(s->cache, "classify", list));
     Py_ssize_t written = s->w->direct_frames - before;
     /* admission stops at the bound, and the bound stays passed until the next flush */
     FlowKey k;
@@ -144,17 +145,19 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     s.collect = flags & 1;
     fuzz_socketpair(SOCK_STREAM, s.sv, 1024 + 256 * (flags >> 1));
     Py_ssize_t limit = (Py_ssize_t)in_u16(&in);
-    s.w = (TcpWriter *)FUZZ_PY(PyObject_CallFunction((PyObject *)&TcpWriterType, "in",
-                                                     s.collect ? -1 : s.sv[0], limit));
+    s.ike_factor = 1 + in_u8(&in) % 8;
+    s.w = (TcpWriter *)FUZZ_PY(PyObject_CallFunction((PyObject *)&TcpWriterType, "inn",
+                                                     s.collect ? -1 : s.sv[0], limit,
+                                                     (Py_ssize_t)s.ike_factor));
     s.cache = (FlowCache *)FUZZ_PY(PyObject_CallNoArgs((PyObject *)&FlowCacheType));
     Input tmpl = {(const uint8_t *)"\x00\x20\x01\x01\x02", 5}; /* a well-formed flow */
     s.nflow = esp_packet(&tmpl, s.flow, sizeof s.flow);
     PyObject *args = FUZZ_PY(Py_BuildValue("(y#I)", s.flow, (Py_ssize_t)s.nflow, 1u));
-    FUZZ_CHECK(FUZZ_PY(FlowCache_install(s.cache, args)) == Py_True);
+    FUZZ_CHECK(FUZZ_PY(fz_call(s.cache, "install", args)) == Py_True);
     Py_DECREF(Py_True);
     Py_DECREF(args);
     args = FUZZ_PY(Py_BuildValue("(IO)", 1u, s.w));
-    Py_DECREF(FUZZ_PY(FlowCache_set_writer(s.cache, args)));
+    Py_DECREF(FUZZ_PY(fz_call(s.cache, "set_writer", args)));
     Py_DECREF(args);
 
     while (!in_empty(&in)) {
@@ -168,7 +171,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             direct(&s, &in);
             break;
         case 3: {
-            PyObject *r = FUZZ_PY(TcpWriter_flush(s.w, NULL));
+            PyObject *r = FUZZ_PY(fz_call(s.w, "flush", NULL));
             FUZZ_CHECK(PyLong_AsSize_t(r) == s.w->len - s.w->pos);
             Py_DECREF(r);
             break;
@@ -178,7 +181,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             break;
         case 5:
             if (s.collect) { /* take(): the queue, which the model must equal */
-                PyObject *b = FUZZ_PY(TcpWriter_take(s.w, NULL));
+                PyObject *b = FUZZ_PY(fz_call(s.w, "take", NULL));
                 size_t n = (size_t)PyBytes_GET_SIZE(b);
                 FUZZ_CHECK(n == s.nexpect - s.nread);
                 FUZZ_CHECK(n == 0 || memcmp(PyBytes_AS_STRING(b), s.expect + s.nread, n) == 0);
@@ -192,7 +195,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             break;
         case 6:
             if (op & 0x80) { /* the connection closes under load: later writes dropped */
-                Py_DECREF(FUZZ_PY(TcpWriter_close(s.w, NULL)));
+                Py_DECREF(FUZZ_PY(fz_call(s.w, "close", NULL)));
                 FUZZ_CHECK(s.w->error != 0 && s.w->buf == NULL); /* its queue is gone */
                 if (s.collect)
                     s.nread = s.nexpect; /* (a socket keeps what it was given) */
@@ -204,7 +207,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     /* the peer reads the rest: with a healthy writer, everything admitted arrives */
     if (!s.collect && !s.peer_closed && !s.w->error) {
         for (int i = 0; i < 10000 && s.nread < s.nexpect; i++) {
-            Py_DECREF(FUZZ_PY(TcpWriter_flush(s.w, NULL)));
+            Py_DECREF(FUZZ_PY(fz_call(s.w, "flush", NULL)));
             peer_read(&s, SIZE_MAX);
         }
         FUZZ_CHECK(s.nread == s.nexpect);

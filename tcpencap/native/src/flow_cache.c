@@ -1,47 +1,17 @@
-/* ------------------------------------------------------------------------------------ */
-/* FlowCache                                                                              */
+/* FlowCache (flow_cache.h): the flow table, the writer table, and classify. */
+#include "flow_cache.h"
 
-typedef struct {
-    uint8_t used, v6;
-    uint16_t dport;
-    uint32_t spi;
-    uint8_t src[16], dst[16];
-} FlowKey;
+#include <stdlib.h>
+#include <string.h>
 
-typedef struct {
-    FlowKey key;
-    uint32_t conn_id;
-} Flow;
-
-typedef struct {
-    uint32_t conn_id; /* 0: empty */
-    TcpWriter *writer; /* strong reference, taken and released with the GIL */
-} WriterSlot;
+#include "queue_batch.h"
 
 #define FLOW_MAX (1u << 17)
 #define WRITER_MAX (1u << 20)
-#define QUEUE_BATCH 64
-#define QUEUE_BUF (65536 + 1024)
-
-/* Flows and writers are read by the queue workers without the GIL (read lock) and changed
-   by Python with it (write lock); no thread holding the lock ever waits for the GIL. */
-typedef struct {
-    PyObject_HEAD
-    pthread_rwlock_t lock;
-    int ready; /* lock is initialised */
-    Flow *flows;
-    size_t cap, count;
-    WriterSlot *writers;
-    size_t wcap, wcount;
-    Py_ssize_t hits, misses, refused, direct; /* updated atomically */
-    Py_ssize_t seq;  /* of read_queue's verdict messages */
-    uint8_t *qbuf;   /* QUEUE_BATCH receive buffers for read_queue() */
-} FlowCache;
-
 
 /* The conditions of Router.outbound's fast path, octet for octet: ESP-in-UDP from port
    4500, IPv4 without options or fragments or IPv6 without extension headers. */
-static int
+int
 flow_key(const uint8_t *p, size_t len, FlowKey *k, size_t *esp_at, size_t *total)
 {
     memset(k, 0, sizeof *k);
@@ -133,7 +103,7 @@ writer_hash(uint32_t conn_id)
     return (size_t)((conn_id * 2654435761u) >> 7);
 }
 
-static TcpWriter *
+TcpWriter *
 writer_find(FlowCache *c, uint32_t conn_id)
 {
     if (c->wcap == 0)
@@ -329,25 +299,7 @@ FlowCache_drop_writer(FlowCache *c, PyObject *arg)
     Py_RETURN_NONE;
 }
 
-typedef struct {
-    const uint8_t *p;
-    size_t esp_at, total;
-    int slot; /* -1: not a hit */
-} Classified;
-
-typedef struct {
-    uint32_t conn_id;
-    size_t bytes;
-    Py_ssize_t frames;
-    int direct; /* written by the connection's writer */
-    PyObject *data;
-    size_t fill;
-} Slot;
-
-/* Without the GIL: sort packets into hits (per connection, in arrival order) and misses,
-   and write the hits of connections with a writer. stalled gets the conn ids whose writer
-   kept octets the socket did not take. -> 0, or -1 when out of memory. */
-static int
+int
 classify_direct(FlowCache *c, Classified *pk, size_t n, Slot *slots, size_t *nslots,
                 uint32_t *stalled, size_t *nstalled)
 {
@@ -411,8 +363,7 @@ classify_direct(FlowCache *c, Classified *pk, size_t n, Slot *slots, size_t *nsl
     return res;
 }
 
-/* With the GIL: the hits of connections without writer, framed into one bytes each. */
-static int
+int
 classify_collect(Classified *pk, size_t n, Slot *slots, size_t nslots)
 {
     for (size_t s = 0; s < nslots; s++) {
@@ -435,7 +386,7 @@ classify_collect(Classified *pk, size_t n, Slot *slots, size_t nslots)
     return 0;
 }
 
-static PyObject *
+PyObject *
 slots_list(Slot *slots, size_t nslots)
 {
     PyObject *list = PyList_New(0);
@@ -456,28 +407,11 @@ slots_list(Slot *slots, size_t nslots)
     return list;
 }
 
-static void
+void
 slots_free(Slot *slots, size_t nslots)
 {
     for (size_t s = 0; s < nslots; s++)
         Py_CLEAR(slots[s].data);
-}
-
-static PyObject *
-id_list(const uint32_t *ids, size_t n)
-{
-    PyObject *list = PyList_New((Py_ssize_t)n);
-    if (list == NULL)
-        return NULL;
-    for (size_t i = 0; i < n; i++) {
-        PyObject *v = PyLong_FromUnsignedLong(ids[i]);
-        if (v == NULL) {
-            Py_DECREF(list);
-            return NULL;
-        }
-        PyList_SET_ITEM(list, (Py_ssize_t)i, v);
-    }
-    return list;
 }
 
 /* classify(packets) -> (misses: list[int], hits: list[(conn_id, frames_bytes, frames)]) */
@@ -541,239 +475,6 @@ done:
     return res;
 }
 
-#define NFNL_SUBSYS_QUEUE 3
-#define NFQNL_MSG_PACKET 0
-#define NFQA_PACKET_HDR 1
-#define NFQA_PAYLOAD 10
-#define NLA_TYPE_MASK_ ((uint16_t)~((1 << 15) | (1 << 14)))
-
-/* One queued packet out of a netlink datagram: its id and payload. */
-static int
-nfq_packet(const uint8_t *d, size_t len, uint32_t *id, const uint8_t **payload, size_t *plen)
-{
-    while (len >= sizeof(struct nlmsghdr)) {
-        const struct nlmsghdr *nh = (const struct nlmsghdr *)d;
-        size_t mlen = nh->nlmsg_len;
-        if (mlen < sizeof(struct nlmsghdr) || mlen > len)
-            return 0;
-        if (nh->nlmsg_type == ((NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET) &&
-            mlen >= NLMSG_HDRLEN + 4) {
-            const uint8_t *a = d + NLMSG_HDRLEN + 4; /* after struct nfgenmsg */
-            size_t alen = mlen - NLMSG_HDRLEN - 4;
-            int have_id = 0;
-            *payload = NULL;
-            *plen = 0;
-            while (alen >= 4) {
-                uint16_t al, at;
-                memcpy(&al, a, 2);
-                memcpy(&at, a + 2, 2);
-                if (al < 4 || al > alen)
-                    break;
-                at &= NLA_TYPE_MASK_;
-                if (at == NFQA_PACKET_HDR && al >= 8) {
-                    *id = ((uint32_t)a[4] << 24) | ((uint32_t)a[5] << 16) |
-                          ((uint32_t)a[6] << 8) | a[7];
-                    have_id = 1;
-                } else if (at == NFQA_PAYLOAD) {
-                    *payload = a + 4;
-                    *plen = al - 4u;
-                }
-                size_t step = NLA_ALIGN(al);
-                if (step > alen)
-                    break;
-                a += step;
-                alen -= step;
-            }
-            if (have_id)
-                return 1; /* the kernel sends one packet per datagram */
-        }
-        size_t step = NLMSG_ALIGN(mlen);
-        if (step > len)
-            break;
-        d += step;
-        len -= step;
-    }
-    return 0;
-}
-
-/* NFQNL_MSG_VERDICT_BATCH: NF_DROP for every packet of the queue up to last_id (the same
-   message as nfq.verdict.verdict_batch). -> 0 or errno. */
-static int
-verdict_batch(int fd, int queue_num, uint32_t last_id, uint32_t seq)
-{
-    uint8_t msg[NLMSG_HDRLEN + 4 + 4 + 8];
-    struct nlmsghdr nh = {.nlmsg_len = sizeof msg,
-                          .nlmsg_type = (NFNL_SUBSYS_QUEUE << 8) | 3,
-                          .nlmsg_flags = NLM_F_REQUEST,
-                          .nlmsg_seq = seq};
-    memcpy(msg, &nh, sizeof nh);
-    uint8_t *b = msg + NLMSG_HDRLEN;
-    b[0] = 0; /* AF_UNSPEC */
-    b[1] = 0; /* NFNETLINK_V0 */
-    put16(b + 2, (uint32_t)queue_num);
-    uint16_t al = 12, at = 2; /* NFQA_VERDICT_HDR */
-    memcpy(b + 4, &al, 2);
-    memcpy(b + 6, &at, 2);
-    memset(b + 8, 0, 4); /* NF_DROP */
-    b[12] = (uint8_t)(last_id >> 24);
-    b[13] = (uint8_t)(last_id >> 16);
-    b[14] = (uint8_t)(last_id >> 8);
-    b[15] = (uint8_t)last_id;
-    for (int attempt = 0; attempt < 3; attempt++) {
-        if (send(fd, msg, sizeof msg, MSG_DONTWAIT) == (ssize_t)sizeof msg)
-            return 0;
-        if (errno != EINTR && errno != ENOBUFS && errno != EAGAIN)
-            break;
-    }
-    return errno ? errno : EIO;
-}
-
-/* One read of the queue, without the GIL: recvmmsg, classify, write, verdict. */
-typedef struct {
-    int r;          /* messages read, or -1 with err */
-    int err;
-    long overruns;
-    long long last_id;
-    size_t n;       /* packets among them */
-    Classified pk[QUEUE_BATCH];
-    Slot slots[QUEUE_BATCH];
-    size_t nslots;
-    uint32_t stalled[QUEUE_BATCH];
-    size_t nstalled;
-    int verdict_errno;
-    int nomem;
-} Round;
-
-static void
-queue_round(FlowCache *c, int fd, int queue_num, uint8_t *qbuf, uint32_t seq, int flags,
-            Round *rd)
-{
-    struct mmsghdr msgs[QUEUE_BATCH];
-    struct iovec iov[QUEUE_BATCH];
-    memset(msgs, 0, sizeof msgs);
-    for (int i = 0; i < QUEUE_BATCH; i++) {
-        iov[i].iov_base = qbuf + (size_t)i * QUEUE_BUF;
-        iov[i].iov_len = QUEUE_BUF;
-        msgs[i].msg_hdr.msg_iov = &iov[i];
-        msgs[i].msg_hdr.msg_iovlen = 1;
-    }
-    rd->overruns = 0;
-    rd->err = 0;
-    rd->last_id = -1;
-    rd->n = rd->nslots = rd->nstalled = 0;
-    rd->verdict_errno = 0;
-    rd->nomem = 0;
-    int r;
-    for (;;) {
-        r = recvmmsg(fd, msgs, QUEUE_BATCH, flags, NULL);
-        if (r >= 0)
-            break;
-        if (errno == EINTR)
-            continue;
-        if (errno == ENOBUFS) { /* the kernel dropped queued packets: go on reading */
-            rd->overruns++;
-            if (rd->overruns < 4)
-                continue;
-        }
-        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) {
-            r = 0;
-            break;
-        }
-        rd->err = errno;
-        rd->r = -1;
-        return;
-    }
-    rd->r = r;
-    for (int i = 0; i < r; i++) {
-        uint32_t id = 0;
-        const uint8_t *payload;
-        size_t plen;
-        if (msgs[i].msg_hdr.msg_flags & MSG_TRUNC)
-            continue;
-        if (!nfq_packet(qbuf + (size_t)i * QUEUE_BUF, msgs[i].msg_len, &id, &payload, &plen))
-            continue;
-        if ((long long)id > rd->last_id)
-            rd->last_id = id;
-        rd->pk[rd->n].p = payload; /* NULL (no payload attribute) stays a miss */
-        rd->pk[rd->n].total = plen;
-        rd->n++;
-    }
-    if (classify_direct(c, rd->pk, rd->n, rd->slots, &rd->nslots, rd->stalled, &rd->nstalled) < 0)
-        rd->nomem = 1;
-    if (queue_num >= 0 && rd->last_id >= 0)
-        rd->verdict_errno = verdict_batch(fd, queue_num, (uint32_t)rd->last_id, seq);
-}
-
-/* With the GIL: the round as read_queue()'s tuple. */
-static PyObject *
-round_result(Round *rd)
-{
-    PyObject *misses = NULL, *hits = NULL, *stalled = NULL, *res = NULL;
-    if (rd->nomem) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    if (classify_collect(rd->pk, rd->n, rd->slots, rd->nslots) < 0)
-        goto done;
-    misses = PyList_New(0);
-    if (misses == NULL)
-        goto done;
-    for (size_t i = 0; i < rd->n; i++) {
-        Classified *p = &rd->pk[i];
-        if (p->slot >= 0)
-            continue;
-        PyObject *b = PyBytes_FromStringAndSize(p->p ? (const char *)p->p : "",
-                                                (Py_ssize_t)(p->p ? p->total : 0));
-        if (b == NULL || PyList_Append(misses, b) < 0) {
-            Py_XDECREF(b);
-            goto done;
-        }
-        Py_DECREF(b);
-    }
-    hits = slots_list(rd->slots, rd->nslots);
-    stalled = id_list(rd->stalled, rd->nstalled);
-    if (hits == NULL || stalled == NULL)
-        goto done;
-    res = Py_BuildValue("LnOOlOi", rd->last_id, (Py_ssize_t)rd->n, misses, hits, rd->overruns,
-                        stalled, rd->verdict_errno);
-done:
-    Py_XDECREF(misses);
-    Py_XDECREF(hits);
-    Py_XDECREF(stalled);
-    slots_free(rd->slots, rd->nslots);
-    return res;
-}
-
-/* read_queue(fd, queue_num=-1) -> (last_id, packets, misses: list[bytes], hits, overruns,
-   stalled, verdict_errno): one recvmmsg; last_id is -1 when nothing was read. Hits of a
-   connection with a writer are written before this returns (stalled: those whose writer
-   has octets left); with queue_num the batch verdict is sent too, after the writes. */
-static PyObject *
-FlowCache_read_queue(FlowCache *c, PyObject *args)
-{
-    int fd, queue_num = -1;
-    if (!PyArg_ParseTuple(args, "i|i", &fd, &queue_num))
-        return NULL;
-    if (c->qbuf == NULL) {
-        c->qbuf = PyMem_Malloc((size_t)QUEUE_BATCH * QUEUE_BUF);
-        if (c->qbuf == NULL)
-            return PyErr_NoMemory();
-    }
-    Round *rd = PyMem_Malloc(sizeof(Round));
-    if (rd == NULL)
-        return PyErr_NoMemory();
-    queue_round(c, fd, queue_num, c->qbuf, (uint32_t)++c->seq, MSG_DONTWAIT, rd);
-    PyObject *res;
-    if (rd->r < 0) {
-        errno = rd->err;
-        res = PyErr_SetFromErrno(PyExc_OSError);
-    } else {
-        res = round_result(rd);
-    }
-    PyMem_Free(rd);
-    return res;
-}
-
 static Py_ssize_t
 FlowCache_len(FlowCache *c)
 {
@@ -802,12 +503,12 @@ static PyMethodDef FlowCache_methods[] = {
      "set_writer(conn_id, writer): write that connection's hits in C."},
     {"drop_writer", (PyCFunction)FlowCache_drop_writer, METH_O, "drop_writer(conn_id)."},
     {"stats", (PyCFunction)FlowCache_stats, METH_NOARGS, "Counters."},
-    {NULL},
+    {0},
 };
 
 static PySequenceMethods FlowCache_seq = {.sq_length = (lenfunc)FlowCache_len};
 
-static PyTypeObject FlowCacheType = {
+PyTypeObject FlowCacheType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tcpencap.native._fastpath.FlowCache",
     .tp_basicsize = sizeof(FlowCache),
     .tp_dealloc = (destructor)FlowCache_dealloc,
