@@ -319,13 +319,13 @@ def test_failed_connects_back_off_exponentially() -> None:
     (gid,) = w.g.conns
     w.refuse_connect = True
     w.break_link(gid, "reset")
-    (cconn,) = w.c.conns.values()
+    (cid,) = w.c.conns  # each reconnect is the connection's next generation (a new Conn)
     w.advance(RECONNECT_BASE + 0.01)  # attempt 1 fails
-    assert cconn.attempt == 2
+    assert w.c.conns[cid].attempt == 2
     w.advance(2 * RECONNECT_BASE - 0.02)
-    assert cconn.attempt == 2  # the second delay is twice the first
+    assert w.c.conns[cid].attempt == 2  # the second delay is twice the first
     w.advance(0.03)
-    assert cconn.attempt == 3
+    assert w.c.conns[cid].attempt == 3
 
 
 def test_gateway_hands_orphaned_sas_to_the_reconnected_client() -> None:

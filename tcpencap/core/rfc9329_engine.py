@@ -40,8 +40,16 @@ from tcpencap.core.reload import (
     UnwatchFallback,
     WatchFallback,
 )
-from tcpencap.core.rfc9329_conn import TRANSITIONS, WAITING, Conn, Orphan, State, status_of
-from tcpencap.core.router import ConnView, Drop, Open, Router, Send, Side
+from tcpencap.core.rfc9329_conn import (
+    RECONNECT_BASE,
+    Conn,
+    Event,
+    Orphan,
+    State,
+    status_of,
+)
+from tcpencap.core.role import Role
+from tcpencap.core.router import ConnView, Drop, Open, Router, Send
 from tcpencap.core.sa_sync import UNLISTED_GRACE, ExpireOld, Retire, SaSync, SpiLimit
 from tcpencap.core.table import ConnectionTable
 from tcpencap.core.timers import LogLimiter
@@ -57,16 +65,11 @@ from tcpencap.core.vici_facts import (
 )
 from tcpencap.core.vici_facts import port as vici_port
 from tcpencap.wire import rfc9329
-from tcpencap.wire.ike import check_first_ike
 from tcpencap.wire.packet import addr_text
 
 log = logging.getLogger("tcpencap")
+__all__ = ["RECONNECT_BASE", "Conn", "Rfc9329Engine", "State"]  # what callers import from here
 
-CLIENT_CLOSE_DELAY = 0.5  # after the last IKE SA is gone
-GATEWAY_CLOSE_DELAY = 5.0  # the client (TCP originator) should close first
-RECONNECT_BASE = 0.2
-RECONNECT_MAX = 10.0
-MAX_RECONNECTS = 40
 FALLBACK_POLL = 1.0
 PEER_RELEASE_DELAY = 30.0  # a gateway endpoint without connection stays steered at least this long
 PEER_RELEASE_POLL = 5.0
@@ -82,8 +85,6 @@ COOL_DOWN_MAX = 4096
 ORPHAN_GRACE = 30.0  # how long a closed gateway connection's SAs wait for its client
 RECONCILE_AFTER_EVENT = 2.0  # check SPIs against list-sas this long after a rekey
 RECONCILE_PERIOD = 60.0
-PENDING_LIMIT = 64  # frames held while a client connection is being opened
-LEND_AFTER_FRAMES = 64  # a connection is read by the native inbound worker once it carries ESP
 LINGER = "linger"  # steering reason of a gateway endpoint whose connection is gone
 BRIEF = "brief"  # ... of one whose connection never carried an SA
 
@@ -234,7 +235,7 @@ class Rfc9329Engine(Engine):
 
     def _is_live(self, conn_id: int) -> bool:
         conn = self.conns.get(conn_id)
-        return conn is not None and conn.state not in (State.CLOSING, State.CLOSED)
+        return conn is not None and not conn.ending
 
     # --- charon's packets -------------------------------------------------------------
 
@@ -248,12 +249,7 @@ class Rfc9329Engine(Engine):
             if conn is None:
                 count(self.router.drops, "connection-gone")
             else:
-                if not res.is_ike:  # type: ignore[union-attr]
-                    conn.sa_seen = True  # charon sends ESP only with a CHILD SA
-                elif res.protected and not self.vici_connected:  # type: ignore[union-attr]
-                    # Without VICI, charon encrypting IKE on this connection is the best
-                    # local evidence that an IKE SA with keys exists.
-                    conn.sa_seen = True
+                conn.charon_sent(res.is_ike, res.protected, self.vici_connected)  # type: ignore[union-attr]
                 if res.request:  # type: ignore[union-attr]
                     conn.outstanding = res.frame  # type: ignore[union-attr]
                 self._send(conn, res.frame, res.is_ike)  # type: ignore[union-attr]
@@ -277,26 +273,14 @@ class Rfc9329Engine(Engine):
                 self.retire(now, cid, "its SAs moved to another connection")
 
     def _send(self, conn: Conn, frame: bytes, is_ike: bool) -> None:
-        state = conn.state
-        if state is State.OPEN:
-            conn.frames_out += 1
-            conn.bytes_out += len(frame)
+        if conn.send(frame, is_ike):
             self._out.append(Transmit(conn.conn_id, frame, is_ike))
-        elif state is State.CONNECTING:
-            if len(conn.pending) >= PENDING_LIMIT and not is_ike:
-                count(conn.drops, "esp-while-connecting")
-            else:
-                conn.pending.append((frame, is_ike))
-        elif is_ike:
-            count(conn.drops, "ike-on-closed")
-        else:
-            count(conn.drops, "esp-on-closed")
 
     # --- client connections -----------------------------------------------------------
 
     def _open_client(self, now: float, req: Open) -> None:
         view = self.router.views[req.conn_id]
-        conn = self._new_conn(now, view, Side.CLIENT, addr_text(req.local), addr_text(req.peer))
+        conn = self._new_conn(now, view, Role.CLIENT, addr_text(req.local), addr_text(req.peer))
         conn.peer_port = self.peer_ports.get(req.peer, 4500)
         if req.frame:
             conn.pending.append((req.frame, req.frame_is_ike))
@@ -304,19 +288,9 @@ class Rfc9329Engine(Engine):
         spis = ", ".join(s.hex() for s in view.entry.ike_spis)
         log.info("%s: opening for IKE SA %s", conn, spis)
 
-    def _new_conn(self, now: float, view: ConnView, side: Side, local: str, peer: str) -> Conn:
-        role = rfc9329.Role.ORIGINATOR if side is Side.CLIENT else rfc9329.Role.RESPONDER
-        state = State.CONNECTING if side is Side.CLIENT else State.ACCEPTED
-        conn = Conn(
-            view,
-            side,
-            state,
-            self._codec(role),
-            now,
-            local,
-            peer,
-            win_start=now,
-        )
+    def _new_conn(self, now: float, view: ConnView, side: Role, local: str, peer: str) -> Conn:
+        wire_role = rfc9329.Role.ORIGINATOR if side is Role.CLIENT else rfc9329.Role.RESPONDER
+        conn = Conn.new(now, view, side, self._codec(wire_role), local, peer)
         self.conns[view.entry.conn_id] = conn
         return conn
 
@@ -354,12 +328,10 @@ class Rfc9329Engine(Engine):
         conn = self._current(conn_id, generation)
         if conn is None or conn.state is not State.CONNECTING:
             return False
-        conn.attempt = 0
         log.info("%s: connected, sending prefix and %d held frame(s)", conn, len(conn.pending))
-        self._goto(conn, State.OPEN)
+        pending = conn.connected()
+        self.epoch += 1
         self._out.append(Transmit(conn.conn_id, conn.codec.send_prefix(), True))
-        conn.bytes_out += len(rfc9329.PREFIX)
-        pending, conn.pending = conn.pending, []
         for frame, is_ike in pending:
             self._send(conn, frame, is_ike)
         return True
@@ -372,18 +344,16 @@ class Rfc9329Engine(Engine):
         log.warning("%s: %s", conn, conn.close_reason)
         self._lost(now, conn)
 
-    def _reconnect(self, now: float, conn: Conn) -> None:
-        """The TCP originator re-establishes a broken connection while its SA lives."""
-        conn.attempt += 1
-        conn.generation += 1
-        reason, conn.close_reason = conn.close_reason, ""
-        conn.codec = self._codec(rfc9329.Role.ORIGINATOR)
-        self._set_state(conn, State.CONNECTING)
-        conn.pending = [(conn.outstanding, True)] if conn.outstanding is not None else []
-        delay = min(RECONNECT_BASE * (2 ** (conn.attempt - 1)), RECONNECT_MAX)
+    def _reconnect(self, now: float, lost: Conn) -> None:
+        """The TCP originator re-establishes a broken connection while its SA lives: the
+        next generation takes the lost one's place."""
+        conn = self.conns[lost.conn_id] = lost.next_generation(self._codec(rfc9329.Role.ORIGINATOR))
+        self.epoch += 1
+        delay = conn.reconnect_delay()
         log.info(
-            "%s: lost (%s), reconnecting in %.1fs (attempt %d)", conn, reason, delay, conn.attempt
-        )
+            "%s: lost (%s), reconnecting in %.1fs (attempt %d)",
+            conn, lost.close_reason, delay, conn.attempt,
+        )  # fmt: skip
         self.timer_queue.call_at(now + delay, self._reconnect_due, conn, conn.generation)
 
     def _reconnect_due(self, now: float, conn: Conn, generation: int) -> None:
@@ -413,7 +383,7 @@ class Rfc9329Engine(Engine):
             self.log_limited(now, refusal[0], "refused %s: %s", name, refusal[1])
             return None
         view = self.router.add_gateway_conn(ipaddress.ip_address(local).packed, peer_b, peer_port)
-        conn = self._new_conn(now, view, Side.GATEWAY, local, peer)
+        conn = self._new_conn(now, view, Role.GATEWAY, local, peer)
         conn.local_port, conn.peer_port = local_port, peer_port
         conn.counted = True
         conn.source = source
@@ -488,7 +458,7 @@ class Rfc9329Engine(Engine):
         self.close(conn, reason)
 
     def _first_deadline(self, now: float, conn: Conn) -> None:
-        if conn.state in WAITING and self.conns.get(conn.conn_id) is conn:
+        if conn.first_message_overdue() and self.conns.get(conn.conn_id) is conn:
             count(conn.drops, "first-message-timeout")
             what = "message" if conn.codec.prefix_received else "prefix"
             self.log_limited(
@@ -499,9 +469,7 @@ class Rfc9329Engine(Engine):
     def _sa_deadline(self, now: float, conn: Conn) -> None:
         """A gateway connection must carry an IKE SA soon after its first message; one
         that only ever exchanges unauthenticated messages would pin a connection slot."""
-        if conn.sa_seen or self.conns.get(conn.conn_id) is not conn:
-            return
-        if conn.state is State.OPEN:
+        if self.conns.get(conn.conn_id) is conn and conn.sa_overdue():
             count(conn.drops, "no-sa-timeout")
             self.log_limited(
                 now, "limit-no-sa", "%s: no IKE SA %gs after its first message, closing",
@@ -511,9 +479,9 @@ class Rfc9329Engine(Engine):
 
     def _first_message(self, now: float, conn: Conn) -> None:
         """The first well-formed message: past the first-message deadline."""
-        self._goto(conn, State.OPEN)
-        conn.first_at = now
-        if conn.side is not Side.GATEWAY:
+        conn.first_message(now)
+        self.epoch += 1
+        if conn.side is not Role.GATEWAY:
             return
         if conn.counted:
             self._unpend(conn)
@@ -552,31 +520,13 @@ class Rfc9329Engine(Engine):
 
     def receive_data(self, now: float, conn_id: int, generation: int, data: bytes) -> None:
         conn = self._current(conn_id, generation)
-        if conn is None or conn.state is State.CLOSING or conn.state is State.CLOSED:
+        if conn is None or conn.ending:
             return  # what a closing connection still receives is not delivered
         conn.reads_in += 1
         conn.bytes_in += len(data)
         codec = conn.codec
         codec.receive_data(data)
         self._drain(now, conn)
-
-    @staticmethod
-    def _other_frames(conn: Conn) -> int:
-        """The frames that count toward max_frame_rate: IKE, keepalives, invalid ones, and
-        ESP too until charon has vouched for an SA on the connection (``sa_seen``): what a
-        peer can send to cost the event loop without carrying anything of a tunnel's."""
-        return conn.codec.frames_in - (conn.esp_frames if conn.sa_seen else 0)
-
-    def _frame_budget(self, now: float, conn: Conn) -> int:
-        """The count of :meth:`_other_frames` at which a gateway connection goes over
-        max_frame_rate in the current one-second window. The ESP of a connection charon
-        has an SA on does not count: it is what the tunnel carries, as fast as TCP takes
-        it (a 1 Gbit/s tunnel is 90,000 frames a second)."""
-        if conn.side is not Side.GATEWAY:
-            return 1 << 62
-        if now - conn.win_start >= 1.0:
-            conn.win_start, conn.win_frames = now, self._other_frames(conn)
-        return conn.win_frames + self.config.gateway.max_frame_rate
 
     def _over_rate(self, now: float, conn: Conn) -> None:
         count(conn.drops, "frame-rate")
@@ -594,11 +544,8 @@ class Rfc9329Engine(Engine):
             del self.cooling[next(iter(self.cooling))]
 
     def _invalid(self, now: float, conn: Conn, reason: str) -> None:
-        """A frame that carries nothing usable: counted (``reason``, a fixed name), and
-        max_invalid_frames of them close the connection (RFC 9329 §6.1 allows it)."""
-        count(conn.drops, reason)
-        conn.invalid += 1
-        if conn.side is Side.GATEWAY and conn.invalid >= self.config.gateway.max_invalid_frames:
+        """A frame that carries nothing usable: max_invalid_frames close the connection."""
+        if conn.invalid_frame(reason, self.config.gateway.max_invalid_frames):
             self.log_limited(
                 now, "limit-invalid-frames", "%s: %d invalid frames, closing", conn, conn.invalid
             )
@@ -612,13 +559,9 @@ class Rfc9329Engine(Engine):
         native inbound worker may read for us, or None."""
         conn = self.conns.get(conn_id)
         view = self.router.views.get(conn_id)
-        if self.native is None or conn is None or view is None or conn.state is not State.OPEN:
+        if self.native is None or conn is None or view is None or not conn.lendable():
             return None
-        if conn.frames_in < LEND_AFTER_FRAMES:
-            return None  # IKE alone (set-up, DPD) is cheaper on the loop than a thread hand-off
-        if conn.side is Side.GATEWAY and not conn.sa_seen:
-            return None  # its ESP still counts toward the frame rate, on the loop
-        rate = self.config.gateway.max_frame_rate if conn.side is Side.GATEWAY else 0
+        rate = self.config.gateway.max_frame_rate if conn.side is Role.GATEWAY else 0
         return (conn.codec, *self._esp_template(view), rate)
 
     def _esp_template(self, view: ConnView) -> tuple[bytes, bytes, int, int]:
@@ -643,15 +586,10 @@ class Rfc9329Engine(Engine):
         if conn is None:
             return
         frames, nbytes, reads, *rest = counts
-        conn.frames_in += frames
-        conn.esp_frames += frames
-        conn.bytes_in += nbytes
-        conn.reads_in += reads
-        if rest and rest[0]:
-            conn.drops["keepalive"] = conn.drops.get("keepalive", 0) + rest[0]
-        if over_rate and conn.state is not State.CLOSING and conn.state is not State.CLOSED:
+        conn.received_elsewhere(frames, nbytes, reads, rest[0] if rest else 0)
+        if over_rate and not conn.ending:
             self._over_rate(now, conn)
-        elif drain and conn.state is not State.CLOSING and conn.state is not State.CLOSED:
+        elif drain and not conn.ending:
             self._drain(now, conn)
 
     def eof_received(self, now: float, conn_id: int, generation: int) -> None:
@@ -668,7 +606,7 @@ class Rfc9329Engine(Engine):
         batch = self.inject_batch
         view = router.views.get(cid)
         pump_args: tuple[Any, ...] | None = None
-        budget = self._frame_budget(now, conn)
+        budget = conn.frame_budget(now, self.config.gateway.max_frame_rate)
         while conn.state is not State.CLOSING:
             if batch is not None and conn.state is State.OPEN and view is not None:
                 # The native path: ESP frames become packets as router.inbound_esp builds
@@ -687,7 +625,7 @@ class Rfc9329Engine(Engine):
             t = type(ev)
             if t is rfc9329.ESPPacket:
                 conn.esp_frames += 1
-            if self._other_frames(conn) > budget:  # every frame but ESP counts
+            if conn.other_frames() > budget:  # every frame but ESP counts
                 self._over_rate(now, conn)
                 return
             if t is rfc9329.ESPPacket:
@@ -700,15 +638,14 @@ class Rfc9329Engine(Engine):
                 msg = ev.data  # type: ignore[union-attr]
                 if conn.state is not State.OPEN and not self._admit_ike(now, conn, msg):
                     continue
-                if conn.outstanding is not None and len(msg) > 19 and msg[19] & 0x20:
-                    conn.outstanding = None  # the response to our request arrived
-                conn.got_ike = True
+                conn.ike_received(msg)
                 res = router.inbound_ike(cid, msg)
             elif t is rfc9329.NeedData:
                 return
             elif t is rfc9329.PrefixReceived:
                 if conn.state is State.ACCEPTED:
-                    self._goto(conn, State.PREFIX_RECEIVED)
+                    conn.handle(Event.PREFIX)
+                    self.epoch += 1
                 continue
             elif t is rfc9329.Keepalive:
                 count(conn.drops, "keepalive")
@@ -737,12 +674,11 @@ class Rfc9329Engine(Engine):
     def _admit_ike(self, now: float, conn: Conn, msg: bytes) -> bool:
         """Before its first message, a connection passes only a well-formed IKE message
         (header consistent with the frame, a known exchange type)."""
-        problem = check_first_ike(msg)
+        problem = conn.first_ike_problem(msg)
         if problem:
             self.log_limited(now, "malformed-first", "%s: first message refused: %s", conn, problem)
             self._invalid(now, conn, "malformed-first-ike")
             return False
-        conn.first_spi = msg[:8]  # (not the message: an IKE_SA_INIT is ~1 KB per connection)
         self._first_message(now, conn)
         return conn.state is State.OPEN
 
@@ -801,8 +737,9 @@ class Rfc9329Engine(Engine):
     def close(self, conn: Conn, reason: str) -> None:
         if not conn.close_reason:
             conn.close_reason = reason
-        if conn.state not in (State.CLOSING, State.CLOSED):
-            self._set_state(conn, State.CLOSING)
+        if not conn.ending:
+            conn.handle(Event.CLOSE)
+            self.epoch += 1
             self._out.append(Close(conn.conn_id, reason))
 
     def retire(self, now: float, conn_id: int, reason: str, graceful: bool = True) -> None:
@@ -813,16 +750,13 @@ class Rfc9329Engine(Engine):
         if conn is None:
             self.router.remove(conn_id)
             return
-        delay = 0.0
-        if graceful:
-            delay = CLIENT_CLOSE_DELAY if conn.side is Side.CLIENT else GATEWAY_CLOSE_DELAY
-        self.timer_queue.call_at(now + delay, self._retire_due, conn, reason)
+        delay = conn.retire_delay(graceful)
+        self.timer_queue.call_at(now + delay, self._retire_due, conn_id, reason)
 
-    def _retire_due(self, now: float, conn: Conn, reason: str) -> None:
-        if self.conns.get(conn.conn_id) is not conn:
-            return
-        if conn.entry.ike_spis or conn.entry.ike_spis_old:
-            return  # a new SA arrived meanwhile
+    def _retire_due(self, now: float, conn_id: int, reason: str) -> None:
+        conn = self.conns.get(conn_id)  # (a reconnect's next generation retires as well)
+        if conn is None or not conn.may_retire():
+            return  # gone, or a new SA arrived meanwhile
         conn.retiring = True
         self.close(conn, reason)
 
@@ -838,8 +772,9 @@ class Rfc9329Engine(Engine):
 
     def _lost(self, now: float, conn: Conn) -> None:
         self.totals_fold(conn)
-        self._set_state(conn, State.CLOSED)
-        if conn.side is Side.CLIENT and conn.local_port:
+        conn.handle(Event.LOST)
+        self.epoch += 1
+        if conn.side is Role.CLIENT and conn.local_port:
             self.ports.release(conn.local_port)
         if conn.counted:
             conn.counted = False
@@ -849,21 +784,14 @@ class Rfc9329Engine(Engine):
             _decrement(self.per_source, conn.source)
         entry = conn.entry
         carried = conn.sa_seen
-        if (
-            conn.side is Side.CLIENT
-            and not conn.retiring
-            and not self.stopping
-            and (conn.got_ike or conn.attempt)
-            and (entry.ike_spis or entry.ike_spis_old)
-            and conn.attempt < MAX_RECONNECTS
-        ):
+        if conn.reconnects(self.stopping):
             self._reconnect(now, conn)
             return
-        if conn.side is Side.GATEWAY and entry.carries_sa:
+        if conn.side is Role.GATEWAY and entry.carries_sa:
             self._hand_over(now, conn)
         del self.conns[conn.conn_id]
         self.router.remove(conn.conn_id)
-        if conn.side is Side.GATEWAY and conn.first_at is not None:
+        if conn.side is Role.GATEWAY and conn.first_at is not None:
             for port in (entry.peer_port, *entry.aliases):
                 self._linger(now, (entry.peer, port), conn.conn_id, carried)
         log.info(
@@ -939,13 +867,8 @@ class Rfc9329Engine(Engine):
         """The native path wrote (or dropped, over the send bound) this much on a
         connection since its last report: counted as if the engine had sent it."""
         conn = self.conns.get(conn_id)
-        if conn is None:
-            return
-        conn.frames_out += frames
-        conn.bytes_out += nbytes
-        for key, n in (("esp-congested", esp_dropped), ("ike-congested", ike_dropped)):
-            if n:
-                conn.drops[key] = conn.drops.get(key, 0) + n
+        if conn is not None:
+            conn.sent_elsewhere(frames, nbytes, esp_dropped, ike_dropped)
 
     def totals_fold(self, conn: Conn) -> None:
         """Counters of closed connections, so metrics never go backwards."""
@@ -1164,16 +1087,6 @@ class Rfc9329Engine(Engine):
     def _current(self, conn_id: int, generation: int) -> Conn | None:
         conn = self.conns.get(conn_id)
         return conn if conn is not None and conn.generation == generation else None
-
-    def _goto(self, conn: Conn, new: State) -> None:
-        if new not in TRANSITIONS[conn.state]:
-            raise AssertionError(f"{conn}: {conn.state.value} -> {new.value}")
-        self._set_state(conn, new)
-
-    def _set_state(self, conn: Conn, new: State) -> None:
-        """Every state change goes here: the native flow cache is valid for one epoch."""
-        conn.state = new
-        self.epoch += 1
 
     def conn(self, conn_id: int) -> Conn | None:
         return self.conns.get(conn_id)
