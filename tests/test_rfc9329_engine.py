@@ -20,6 +20,7 @@ from tcpencap.core.rfc9329_engine import (
 )
 from tcpencap.core.sa_sync import UNLISTED_GRACE
 from tcpencap.native import load as load_native
+from tcpencap.native.datapath import NativeDataPath
 from tcpencap.wire import rfc9329
 from tcpencap.wire.ike import NON_ESP_MARKER
 from tcpencap.wire.packet import addr_bytes, build_udp_packet, parse_ip, parse_udp
@@ -47,7 +48,7 @@ def datapath(request: pytest.FixtureRequest) -> str:
 
 
 def make_engine(cfg: Any, now: float) -> Rfc9329Engine:
-    return Rfc9329Engine(cfg, now, _datapath["native"])
+    return Rfc9329Engine(cfg, now, NativeDataPath.of(_datapath["native"]))
 
 
 def feed_outbound(e: Rfc9329Engine, now: float, packet: bytes) -> None:
@@ -118,8 +119,9 @@ class Wire:
         self.now = 100.0
         if native == "fixture":
             native = _datapath["native"]
-        self.c = Rfc9329Engine(client_cfg or client_config(), self.now, native)
-        self.g = Rfc9329Engine(gw_cfg or gateway_config(), self.now, native)
+        # (each engine its own data path: its flow cache, inject batch and epoch)
+        self.c = Rfc9329Engine(client_cfg or client_config(), self.now, NativeDataPath.of(native))
+        self.g = Rfc9329Engine(gw_cfg or gateway_config(), self.now, NativeDataPath.of(native))
         self.links: dict[int, tuple[int, int]] = {}  # gateway conn -> (client conn, gen)
         self.to_gw: dict[tuple[int, int], int] = {}
         self.charon_c: list[bytes] = []  # packets injected to the client's charon

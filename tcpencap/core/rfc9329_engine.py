@@ -19,6 +19,7 @@ import ipaddress
 import logging
 from typing import Any
 
+from tcpencap.core.datapath import DataPath, PythonDataPath
 from tcpencap.core.engine import Engine
 from tcpencap.core.fallback import FallbackMonitor
 from tcpencap.core.outputs import (
@@ -92,18 +93,15 @@ Endpoint = tuple[bytes, int]  # (peer address, port): the UDP endpoint charon se
 
 
 class Rfc9329Engine(Engine):
-    """``native``: the extension of :mod:`tcpencap.native` (or None for the Python path).
-    With it, ESP frames of open connections become packets in ``inject_batch`` (sent by the
-    shell) instead of Inject outputs, and the shell reads the queue through ``flows``."""
+    """``datapath`` moves the ESP (:mod:`tcpencap.core.datapath`; None: the Python
+    reference). The native one turns ESP frames of open connections into packets in
+    ``inject_batch`` (sent by the shell) instead of Inject outputs, and the shell reads the
+    queue through ``flows``."""
 
-    def __init__(self, config: Any, now: float, native: Any = None) -> None:
+    def __init__(self, config: Any, now: float, datapath: DataPath | None = None) -> None:
         super().__init__()
         self.config = config
-        self.native = native
-        self.flows = native.FlowCache() if native is not None else None
-        self.inject_batch = native.InjectBatch() if native is not None else None
-        self.epoch = 0  # bumped when a connection changes state (see _flows_key)
-        self._flows_at: tuple[int, int] = (-1, -1)
+        self.datapath: DataPath = datapath if datapath is not None else PythonDataPath()
         self.table = ConnectionTable(max_spis=config.max_spis)
         self.router = Router(self.table, self._is_client_peer, self._is_live)
         self.sync = SaSync(self.router)
@@ -145,31 +143,32 @@ class Rfc9329Engine(Engine):
         return self.log_limited.events
 
     def pull(self) -> list[Any]:
-        self._sync_flows()
+        self.datapath.sync(self.table.version)
         return super().pull()
 
-    # --- the native flow cache ----------------------------------------------------------
-    # An entry repeats one decision of Router's fast path plus "the connection is open",
-    # which depend only on the table (its version) and connection states (the epoch).
+    # --- the data path, as the shell sees it ---------------------------------------------
 
-    def _flows_key(self) -> tuple[int, int]:
-        return (self.table.version, self.epoch)
+    @property
+    def native(self) -> Any:
+        """The extension the shell builds its writers and inbound worker from, or None."""
+        return self.datapath.native
 
-    def _sync_flows(self) -> None:
-        if self.flows is not None and self._flows_at != self._flows_key():
-            self.flows.clear()
-            self._flows_at = self._flows_key()
+    @property
+    def flows(self) -> Any:
+        return self.datapath.flows
+
+    @property
+    def inject_batch(self) -> Any:
+        return self.datapath.inject_batch
 
     def ready_flows(self) -> Any:
         """The flow cache, valid now: what the shell reads the queue with (None: the
         Python path)."""
-        self._sync_flows()
-        return self.flows
+        self.datapath.sync(self.table.version)
+        return self.datapath.flows
 
     def _codec(self, role: rfc9329.Role) -> Any:
-        if self.native is not None:
-            return self.native.Deframer(role, max_frame=self.config.max_frame)
-        return rfc9329.StreamCodec(role, max_frame=self.config.max_frame)
+        return self.datapath.codec(role, self.config.max_frame)
 
     def outbound_batch(
         self, now: float, misses: list[bytes], hits: list[tuple[int, bytes, int]]
@@ -241,7 +240,8 @@ class Rfc9329Engine(Engine):
 
     def outbound(self, now: float, packet: bytes) -> None:
         """A UDP packet charon sent to a steered peer (queued in OUTPUT)."""
-        before = self._flows_key()
+        dp = self.datapath
+        before = (self.table.version, dp.epoch)
         res = self.router.outbound(packet)
         t = type(res)
         if t is Send:
@@ -254,13 +254,12 @@ class Rfc9329Engine(Engine):
                     conn.outstanding = res.frame  # type: ignore[union-attr]
                 self._send(conn, res.frame, res.is_ike)  # type: ignore[union-attr]
                 if (
-                    self.flows is not None
+                    dp.sinks_esp
                     and self.router.fast_hit
                     and conn.state is State.OPEN
-                    and self._flows_key() == before
+                    and (self.table.version, dp.epoch) == before
                 ):
-                    self._sync_flows()
-                    self.flows.install(packet, conn.conn_id)
+                    dp.learn(packet, conn.conn_id, self.table.version)
         elif t is Open:
             self._open_client(now, res)  # type: ignore[arg-type]
         else:
@@ -330,7 +329,7 @@ class Rfc9329Engine(Engine):
             return False
         log.info("%s: connected, sending prefix and %d held frame(s)", conn, len(conn.pending))
         pending = conn.connected()
-        self.epoch += 1
+        self.datapath.changed()
         self._out.append(Transmit(conn.conn_id, conn.codec.send_prefix(), True))
         for frame, is_ike in pending:
             self._send(conn, frame, is_ike)
@@ -348,7 +347,7 @@ class Rfc9329Engine(Engine):
         """The TCP originator re-establishes a broken connection while its SA lives: the
         next generation takes the lost one's place."""
         conn = self.conns[lost.conn_id] = lost.next_generation(self._codec(rfc9329.Role.ORIGINATOR))
-        self.epoch += 1
+        self.datapath.changed()
         delay = conn.reconnect_delay()
         log.info(
             "%s: lost (%s), reconnecting in %.1fs (attempt %d)",
@@ -480,7 +479,7 @@ class Rfc9329Engine(Engine):
     def _first_message(self, now: float, conn: Conn) -> None:
         """The first well-formed message: past the first-message deadline."""
         conn.first_message(now)
-        self.epoch += 1
+        self.datapath.changed()
         if conn.side is not Role.GATEWAY:
             return
         if conn.counted:
@@ -559,10 +558,10 @@ class Rfc9329Engine(Engine):
         native inbound worker may read for us, or None."""
         conn = self.conns.get(conn_id)
         view = self.router.views.get(conn_id)
-        if self.native is None or conn is None or view is None or not conn.lendable():
+        if conn is None or view is None or not conn.lendable():
             return None
         rate = self.config.gateway.max_frame_rate if conn.side is Role.GATEWAY else 0
-        return (conn.codec, *self._esp_template(view), rate)
+        return self.datapath.lend(conn.codec, self._esp_template(view), rate)
 
     def _esp_template(self, view: ConnView) -> tuple[bytes, bytes, int, int]:
         """(source, destination, source port, destination port) of the packets a
@@ -603,25 +602,19 @@ class Rfc9329Engine(Engine):
         router = self.router
         out = self._out
         cid = conn.conn_id
-        batch = self.inject_batch
+        read = self.datapath.read
         view = router.views.get(cid)
-        pump_args: tuple[Any, ...] | None = None
+        # A data path that sinks ESP takes an open connection's ESP frames as packets
+        # (as router.inbound_esp builds them) and gives back only the other events.
+        sink = self._esp_template(view) if self.datapath.sinks_esp and view is not None else None
         budget = conn.frame_budget(now, self.config.gateway.max_frame_rate)
         while conn.state is not State.CLOSING:
-            if batch is not None and conn.state is State.OPEN and view is not None:
-                # The native path: ESP frames become packets as router.inbound_esp builds
-                # them; what else arrives comes back as the event next_event() would give.
-                if pump_args is None:
-                    pump_args = (batch, *self._esp_template(view))
-                ev, esp = codec.pump(*pump_args)
+            ev, esp, kept = read(codec, sink if conn.state is State.OPEN else None)
+            if esp:
                 conn.frames_in += esp
                 conn.esp_frames += esp
-                if codec.keepalives:  # dropped in C, counted here
-                    drops = conn.drops
-                    drops["keepalive"] = drops.get("keepalive", 0) + codec.keepalives
-                    codec.keepalives = 0
-            else:
-                ev = codec.next_event()
+            if kept:
+                conn.drops["keepalive"] = conn.drops.get("keepalive", 0) + kept
             t = type(ev)
             if t is rfc9329.ESPPacket:
                 conn.esp_frames += 1
@@ -645,7 +638,7 @@ class Rfc9329Engine(Engine):
             elif t is rfc9329.PrefixReceived:
                 if conn.state is State.ACCEPTED:
                     conn.handle(Event.PREFIX)
-                    self.epoch += 1
+                    self.datapath.changed()
                 continue
             elif t is rfc9329.Keepalive:
                 count(conn.drops, "keepalive")
@@ -739,7 +732,7 @@ class Rfc9329Engine(Engine):
             conn.close_reason = reason
         if not conn.ending:
             conn.handle(Event.CLOSE)
-            self.epoch += 1
+            self.datapath.changed()
             self._out.append(Close(conn.conn_id, reason))
 
     def retire(self, now: float, conn_id: int, reason: str, graceful: bool = True) -> None:
@@ -773,7 +766,7 @@ class Rfc9329Engine(Engine):
     def _lost(self, now: float, conn: Conn) -> None:
         self.totals_fold(conn)
         conn.handle(Event.LOST)
-        self.epoch += 1
+        self.datapath.changed()
         if conn.side is Role.CLIENT and conn.local_port:
             self.ports.release(conn.local_port)
         if conn.counted:
@@ -906,7 +899,7 @@ class Rfc9329Engine(Engine):
         # While charon reports CHILD SAs, only VICI binds ESP SPIs (so retired SPIs stay
         # gone); without it, charon's own outbound packets teach the table.
         self.router.learn_esp = not connected
-        self.epoch += 1
+        self.datapath.changed()
 
     def vici_event(self, now: float, label: str, event: dict[str, Any]) -> None:
         up = event.get("up") == "yes"
