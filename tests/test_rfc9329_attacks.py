@@ -30,14 +30,9 @@ from test_rfc9329_engine import (  # noqa: F401  (datapath: every test on both p
     send_frames,
 )
 
+from tcpencap.core.admission import COOL_DOWN, COOL_DOWN_MAX
 from tcpencap.core.outputs import Inject, Query, Steer, Transmit
-from tcpencap.core.rfc9329_engine import (
-    BRIEF_LINGER,
-    COOL_DOWN,
-    COOL_DOWN_MAX,
-    Rfc9329Engine,
-    State,
-)
+from tcpencap.core.rfc9329_engine import BRIEF_LINGER, Rfc9329Engine, State
 from tcpencap.wire import rfc9329
 from tcpencap.wire.ike import NON_ESP_MARKER, check_first_ike
 from tcpencap.wire.packet import addr_bytes
@@ -239,13 +234,8 @@ def test_a_source_that_flooded_cools_down_before_it_connects_again() -> None:
     assert g.accept(1.7, G, 4500, "198.18.1.3", 50001) is not None
     assert g.accept(1.5 + COOL_DOWN, G, 4500, C, 50002) is not None
     for i in range(COOL_DOWN_MAX + 10):  # bounded, oldest out first
-        g._cool_down(2.0, FakeConn(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/32"))
+        g.admission.cool_down(2.0, f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/32")
     assert len(g.cooling) == COOL_DOWN_MAX
-
-
-class FakeConn:
-    def __init__(self, source: str) -> None:
-        self.source = source
 
 
 def test_empty_frames_count_and_close_after_max_invalid_frames() -> None:

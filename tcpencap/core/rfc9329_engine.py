@@ -19,6 +19,7 @@ import ipaddress
 import logging
 from typing import Any
 
+from tcpencap.core.admission import Admission
 from tcpencap.core.datapath import DataPath, PythonDataPath
 from tcpencap.core.engine import Engine
 from tcpencap.core.fallback import FallbackMonitor
@@ -78,11 +79,6 @@ PEER_RELEASE_POLL = 5.0
 # nothing on its own, so charon is asked about it after this (not PEER_RELEASE_DELAY), and
 # such endpoints are bounded apart from the steering limit (max_pending, oldest out first).
 BRIEF_LINGER = 2.0
-# A source whose connection was cut for flooding (frame rate, invalid frames) is refused new
-# connections this long, so a flood is not simply resumed at once on a new connection (each
-# costs an accept, charon's IKE_SA_INIT work, steering); at most COOL_DOWN_MAX sources kept.
-COOL_DOWN = 2.0
-COOL_DOWN_MAX = 4096
 ORPHAN_GRACE = 30.0  # how long a closed gateway connection's SAs wait for its client
 RECONCILE_AFTER_EVENT = 2.0  # check SPIs against list-sas this long after a rekey
 RECONCILE_PERIOD = 60.0
@@ -118,12 +114,7 @@ class Rfc9329Engine(Engine):
         self.release_at: dict[Endpoint, float] = {}  # lingering endpoint -> next check
         self.release_peer_at: dict[bytes, float] = {}  # a previous run's whole addresses
         self.brief: dict[Endpoint, None] = {}  # lingering endpoints of SA-less connections
-        self.n_gateway = 0  # admitted gateway connections
-        self.n_pending = 0  # ... without a first message yet
-        self.n_proxied = 0  # connections of a proxy whose PROXY header has not arrived
-        self.per_source: dict[str, int] = {}  # source prefix -> admitted connections
-        self.pending_per_source: dict[str, int] = {}  # ... of them without a first message
-        self.cooling: dict[str, float] = {}  # source prefix cut for a flood -> refused until
+        self.admission = Admission()
         self.vici_connected = False
         self.inbound_spis: dict[int, bytes] = {}  # charon's inbound ESP SPI -> peer (VICI)
         self.inbound_ports: dict[int, int] = {}  # ... -> the peer port of its IKE SA
@@ -367,11 +358,9 @@ class Rfc9329Engine(Engine):
         """A TCP connection arrived on a listener: its connection id, or None when a
         limit refuses it (the shell closes the socket)."""
         gw = self.config.gateway
-        source = self.source_of(peer)
+        source = self.admission.source_of(gw, peer)
         peer_b = ipaddress.ip_address(peer).packed
-        refusal = self._refusal(self.n_gateway, source)
-        if refusal is None and self.cooling.get(source, 0.0) > now:
-            refusal = ("limit-cool-down", f"{source} flooded a connection, cooling down")
+        refusal = self.admission.refuse_accept(gw, now, source)
         if refusal is None and self.table.by_endpoint(peer_b, peer_port) is not None:
             # Its endpoint is what charon names the connection by: a second connection from
             # the same address and port (a port-preserving NAT, another listener, a proxy's
@@ -386,59 +375,22 @@ class Rfc9329Engine(Engine):
         conn.local_port, conn.peer_port = local_port, peer_port
         conn.counted = True
         conn.source = source
-        self.n_gateway += 1
-        self.n_pending += 1
-        self.per_source[source] = self.per_source.get(source, 0) + 1
-        self.pending_per_source[source] = self.pending_per_source.get(source, 0) + 1
+        self.admission.admit(source)
         self.timer_queue.call_at(now + gw.first_message_timeout, self._first_deadline, conn)
         log.info("%s: accepted", conn)
         return conn.conn_id
 
-    def source_of(self, peer: str) -> str:
-        """The source prefix ``peer`` counts under (source_prefix_v4 / _v6)."""
-        gw = self.config.gateway
-        addr = ipaddress.ip_address(peer)
-        bits = gw.source_prefix_v4 if addr.version == 4 else gw.source_prefix_v6
-        return str(ipaddress.ip_network((addr, bits), strict=False))
-
-    def _refusal(self, connections: int, source: str | None) -> tuple[str, str] | None:
-        """The gateway limit a new connection would break (the per-source ones only for a
-        known ``source`` prefix): its event key and what to log, or None."""
-        gw = self.config.gateway
-        pending = self.n_pending + self.n_proxied
-        if connections >= gw.max_connections:
-            return ("limit-connections", f"{connections} connections")
-        if source is not None:
-            if self.per_source.get(source, 0) >= gw.max_per_source:
-                return ("limit-per-source", f"{self.per_source[source]} connections from {source}")
-            waiting = self.pending_per_source.get(source, 0)
-            if waiting >= gw.max_pending_per_source:
-                return (
-                    "limit-pending-per-source",
-                    f"{waiting} connections from {source} without a first message",
-                )
-        if pending >= gw.max_pending:
-            return ("limit-pending", f"{pending} connections without a first message")
-        return None
-
-    def _unpend(self, conn: Conn) -> None:
-        """A counted gateway connection no longer waits for its first message."""
-        self.n_pending -= 1
-        _decrement(self.pending_per_source, conn.source)
-
     def admit_proxied(self, now: float, name: str) -> bool:
         """A load balancer's connection, before its PROXY header names the client: it
         takes a pending slot, and the per-source limit applies to the client later."""
-        refusal = self._refusal(self.n_gateway + self.n_proxied, None)
+        refusal = self.admission.admit_proxied(self.config.gateway)
         if refusal is not None:
             self.log_limited(now, refusal[0], "refused %s: %s", name, refusal[1])
-            return False
-        self.n_proxied += 1
-        return True
+        return refusal is None
 
     def proxied_done(self) -> None:
         """The PROXY header arrived (``accept`` follows) or the connection went."""
-        self.n_proxied -= 1
+        self.admission.proxied_done()
 
     def front_refused(self, now: float, reason: str, name: str, detail: str) -> None:
         """A connection refused before it was accepted: a bad or missing PROXY header."""
@@ -483,7 +435,7 @@ class Rfc9329Engine(Engine):
         if conn.side is not Role.GATEWAY:
             return
         if conn.counted:
-            self._unpend(conn)
+            self.admission.first_message(conn.source)
         e = conn.entry
         orphan = self.orphans.pop((e.local, e.peer), None) if self.orphans else None
         if orphan is not None and orphan.deadline >= now and not e.carries_sa:
@@ -530,17 +482,8 @@ class Rfc9329Engine(Engine):
     def _over_rate(self, now: float, conn: Conn) -> None:
         count(conn.drops, "frame-rate")
         self.log_limited(now, "limit-frame-rate", "%s: over max_frame_rate frames/s, closing", conn)
-        self._cool_down(now, conn)
+        self.admission.cool_down(now, conn.source)
         self.close(conn, "frame rate limit")
-
-    def _cool_down(self, now: float, conn: Conn) -> None:
-        """Refuse the source of a connection cut for flooding for COOL_DOWN."""
-        if not conn.source:
-            return
-        self.cooling.pop(conn.source, None)
-        self.cooling[conn.source] = now + COOL_DOWN
-        while len(self.cooling) > COOL_DOWN_MAX:
-            del self.cooling[next(iter(self.cooling))]
 
     def _invalid(self, now: float, conn: Conn, reason: str) -> None:
         """A frame that carries nothing usable: max_invalid_frames close the connection."""
@@ -548,7 +491,7 @@ class Rfc9329Engine(Engine):
             self.log_limited(
                 now, "limit-invalid-frames", "%s: %d invalid frames, closing", conn, conn.invalid
             )
-            self._cool_down(now, conn)
+            self.admission.cool_down(now, conn.source)
             self.close(conn, "too many invalid frames")
 
     # --- connections lent to the native inbound worker ---------------------------------
@@ -771,10 +714,7 @@ class Rfc9329Engine(Engine):
             self.ports.release(conn.local_port)
         if conn.counted:
             conn.counted = False
-            self.n_gateway -= 1
-            if conn.first_at is None:
-                self._unpend(conn)
-            _decrement(self.per_source, conn.source)
+            self.admission.gone(conn.source, conn.first_at is None)
         entry = conn.entry
         carried = conn.sa_seen
         if conn.reconnects(self.stopping):
@@ -992,8 +932,7 @@ class Rfc9329Engine(Engine):
         self.timer_queue.call_at(now + PEER_RELEASE_POLL, self._release_tick)
         for pair in [p for p, o in self.orphans.items() if o.deadline < now]:
             del self.orphans[pair]
-        for source in [s for s, until in self.cooling.items() if until <= now]:
-            del self.cooling[source]
+        self.admission.expire(now)
         self._release_check(now)
 
     def _release_check(self, now: float) -> None:
@@ -1090,12 +1029,10 @@ class Rfc9329Engine(Engine):
     row = staticmethod(status_of)
 
 
-def _decrement(counts: dict[str, int], key: str) -> None:
-    left = counts.get(key, 1) - 1
-    if left > 0:
-        counts[key] = left
-    else:
-        counts.pop(key, None)
+# The admission counts, read where they were before they had a module of their own (the
+# shell's status and tests read them on the engine).
+for _name in ("n_gateway", "n_pending", "n_proxied", "per_source", "pending_per_source", "cooling"):
+    setattr(Rfc9329Engine, _name, property(lambda self, _n=_name: getattr(self.admission, _n)))
 
 
 def inbound_ports(items: list[dict[str, Any]]) -> dict[int, int]:
