@@ -99,7 +99,7 @@ def test_lingering_is_per_endpoint() -> None:
         released += steers(g.pull())
         if now == 5.0:  # the SA-less one goes after BRIEF_LINGER, the other stays
             assert released == [(CB, False, 50001)]
-    assert released == [(CB, False, 50001)] and (CB, 50000) in g.endpoints
+    assert released == [(CB, False, 50001)] and (CB, 50000) in g.lingering.endpoints
 
 
 def test_one_message_connections_do_not_fill_the_steering_set() -> None:
@@ -113,7 +113,7 @@ def test_one_message_connections_do_not_fill_the_steering_set() -> None:
         assert cid is not None
         first(g, cid, now, spi=port.to_bytes(8, "big"))
         g.connection_lost(now, cid, 0, None)
-    assert len(g.brief) == 10 and len(g.endpoints) == 10
+    assert len(g.lingering.brief) == 10 and len(g.lingering.endpoints) == 10
     honest = g.accept(now, G, 4500, C, 50000)
     assert honest is not None
     first(g, honest, now)
@@ -123,7 +123,7 @@ def test_one_message_connections_do_not_fill_the_steering_set() -> None:
         if isinstance(o, Query):  # charon: only their half-open SAs
             half = {"remote-host": "198.18.7.7", "remote-port": "1999", "state": "CONNECTING"}
             g.sas_listed(now + BRIEF_LINGER, o.purpose, [{"x": half}])
-    assert list(g.endpoints.peers()) == [(CB, 50000)] and g.brief == {}
+    assert list(g.lingering.endpoints.peers()) == [(CB, 50000)] and g.lingering.brief == {}
 
 
 # --- 6: endpoint takeover -----------------------------------------------------------------
@@ -375,7 +375,7 @@ def test_a_resumed_sa_brings_charons_old_endpoint_to_its_new_connection() -> Non
     other = g.accept(2.0, G, 4500, C, 41000)  # the alias is held: refused like the endpoint
     assert other is None and g.events["endpoint-in-use"] == 1
     g.connection_lost(3.0, gid, 0, None)
-    assert set(g.release_at) == {(CB, 50000), (CB, 41000)} and g.brief == {}
+    assert set(g.lingering.release_at) == {(CB, 50000), (CB, 41000)} and g.lingering.brief == {}
 
 
 def test_a_connection_refused_at_the_steering_limit_leaves_nothing_steered() -> None:
@@ -388,4 +388,4 @@ def test_a_connection_refused_at_the_steering_limit_leaves_nothing_steered() -> 
     first(g, b, spi=SPI_X)
     assert closes(g) == ["limit-steered"]
     g.connection_lost(1.1, b, 0, None)
-    assert list(g.endpoints.peers()) == [(CB, 50000)] and g.brief == {}
+    assert list(g.lingering.endpoints.peers()) == [(CB, 50000)] and g.lingering.brief == {}

@@ -23,6 +23,7 @@ from tcpencap.core.admission import Admission
 from tcpencap.core.datapath import DataPath, PythonDataPath
 from tcpencap.core.engine import Engine
 from tcpencap.core.fallback import FallbackMonitor
+from tcpencap.core.lingering import BRIEF_LINGER, PEER_RELEASE_DELAY, Endpoint, Lingering
 from tcpencap.core.outputs import (
     Close,
     Connect,
@@ -57,7 +58,6 @@ from tcpencap.core.table import ConnectionTable
 from tcpencap.core.timers import LogLimiter
 from tcpencap.core.totals import add_closed, new_totals
 from tcpencap.core.vici_facts import (
-    address,
     children,
     dicts,
     esp_spi,
@@ -70,22 +70,20 @@ from tcpencap.wire import rfc9329
 from tcpencap.wire.packet import addr_text
 
 log = logging.getLogger("tcpencap")
-__all__ = ["RECONNECT_BASE", "Conn", "Rfc9329Engine", "State"]  # what callers import from here
+__all__ = [  # what callers import from here
+    "BRIEF_LINGER",
+    "PEER_RELEASE_DELAY",
+    "RECONNECT_BASE",
+    "Conn",
+    "Rfc9329Engine",
+    "State",
+]  # what callers import from here
 
 FALLBACK_POLL = 1.0
-PEER_RELEASE_DELAY = 30.0  # a gateway endpoint without connection stays steered at least this long
 PEER_RELEASE_POLL = 5.0
-# An endpoint whose connection never carried an SA: charon, the IKE responder there, sends
-# nothing on its own, so charon is asked about it after this (not PEER_RELEASE_DELAY), and
-# such endpoints are bounded apart from the steering limit (max_pending, oldest out first).
-BRIEF_LINGER = 2.0
 ORPHAN_GRACE = 30.0  # how long a closed gateway connection's SAs wait for its client
 RECONCILE_AFTER_EVENT = 2.0  # check SPIs against list-sas this long after a rekey
 RECONCILE_PERIOD = 60.0
-LINGER = "linger"  # steering reason of a gateway endpoint whose connection is gone
-BRIEF = "brief"  # ... of one whose connection never carried an SA
-
-Endpoint = tuple[bytes, int]  # (peer address, port): the UDP endpoint charon sees
 
 
 class Rfc9329Engine(Engine):
@@ -103,7 +101,6 @@ class Rfc9329Engine(Engine):
         self.sync = SaSync(self.router)
         self.fallback = FallbackMonitor()
         self.steering: SteeringRefs[bytes] = SteeringRefs()  # whole addresses (client)
-        self.endpoints: SteeringRefs[Endpoint] = SteeringRefs()  # gateway peers' endpoints
         self.ports = PortAllocator(
             config.client.port, config.client.port_range[0], config.client.port_range[1]
         )
@@ -111,9 +108,7 @@ class Rfc9329Engine(Engine):
         self.client_peers: dict[bytes, int] = {}  # steered client peer -> TCP port
         self.peer_ports: dict[bytes, int] = {}  # every configured peer -> TCP port
         self.orphans: dict[tuple[bytes, bytes], Orphan] = {}
-        self.release_at: dict[Endpoint, float] = {}  # lingering endpoint -> next check
-        self.release_peer_at: dict[bytes, float] = {}  # a previous run's whole addresses
-        self.brief: dict[Endpoint, None] = {}  # lingering endpoints of SA-less connections
+        self.lingering = Lingering(self.steering, self._emit, self.timer_queue)
         self.admission = Admission()
         self.vici_connected = False
         self.inbound_spis: dict[int, bytes] = {}  # charon's inbound ESP SPI -> peer (VICI)
@@ -122,12 +117,14 @@ class Rfc9329Engine(Engine):
         self.log_limited = LogLimiter(log.warning)
         self.totals: dict[str, Any] = new_totals(closed={}, connect_failures=0)
         self._fallback_polling = False
-        self._release_asked_for = 0.0  # when the next brief-linger question is due
         self._reconcile_due = False
         self.timer_queue.call_at(now + RECONCILE_PERIOD, self._reconcile_tick)
         self.timer_queue.call_at(now + PEER_RELEASE_POLL, self._release_tick)
 
     # --- the shell's side -------------------------------------------------------------
+
+    def _emit(self, output: Any) -> None:
+        self._out.append(output)
 
     @property
     def events(self) -> dict[str, int]:
@@ -444,18 +441,11 @@ class Rfc9329Engine(Engine):
             first = conn.first_spi
             if first is None or first in orphan.ike:
                 self._adopt(conn, orphan.ike, orphan.esp, orphan.sa_seen)
-        ep = (e.peer, e.peer_port)
-        if self.endpoints.add(ep, f"conn:{conn.conn_id}"):
-            if len(self.endpoints) - len(self.brief) > self.config.gateway.max_connections:
-                self.endpoints.remove(ep, f"conn:{conn.conn_id}")
-                self.log_limited(now, "limit-steered", "refused %s: steering set full", conn)
-                self.close(conn, "limit-steered")
-                return
-            self._out.append(Steer(e.peer, True, e.peer_port))
-        self.release_at.pop(ep, None)
-        if ep in self.brief:
-            del self.brief[ep]
-            self.endpoints.remove(ep, BRIEF)
+        limit = self.config.gateway.max_connections
+        if not self.lingering.steer((e.peer, e.peer_port), conn.conn_id, limit):
+            self.log_limited(now, "limit-steered", "refused %s: steering set full", conn)
+            self.close(conn, "limit-steered")
+            return
         if not conn.sa_seen:
             self.timer_queue.call_at(
                 now + self.config.gateway.no_sa_timeout, self._sa_deadline, conn
@@ -659,13 +649,7 @@ class Rfc9329Engine(Engine):
         e = conn.entry
         if port == e.peer_port or not self.table.alias(conn.conn_id, port):
             return
-        ep = (e.peer, port)
-        if self.endpoints.add(ep, f"conn:{conn.conn_id}"):
-            self._out.append(Steer(e.peer, True, port))
-        self.release_at.pop(ep, None)
-        if ep in self.brief:
-            del self.brief[ep]
-            self.endpoints.remove(ep, BRIEF)
+        self.lingering.steer((e.peer, port), conn.conn_id)
         log.info("%s: resumes an SA charon has with port %d", conn, port)
 
     # --- closing ----------------------------------------------------------------------
@@ -725,8 +709,9 @@ class Rfc9329Engine(Engine):
         del self.conns[conn.conn_id]
         self.router.remove(conn.conn_id)
         if conn.side is Role.GATEWAY and conn.first_at is not None:
+            brief = self.config.gateway.max_pending
             for port in (entry.peer_port, *entry.aliases):
-                self._linger(now, (entry.peer, port), conn.conn_id, carried)
+                self.lingering.linger(now, (entry.peer, port), conn.conn_id, carried, brief)
         log.info(
             "%s: closed (%s) after %.1fs, frames in/out %d/%d",
             conn,
@@ -735,41 +720,6 @@ class Rfc9329Engine(Engine):
             conn.frames_in,
             conn.frames_out,
         )
-
-    def _linger(self, now: float, ep: Endpoint, conn_id: int, carried: bool) -> None:
-        """Keep steering the endpoint of a gateway connection that closed: charon may
-        still talk to it (DPD, rekey, a client about to reconnect), and that must not
-        leave as UDP. It is released once charon has no established IKE SA with it (see
-        _release_tick); one whose connection never carried an SA is asked about sooner
-        and does not count against the steering limit."""
-        if ep not in self.endpoints:
-            return  # never steered (refused at the steering limit)
-        real = carried or self.endpoints.has(ep, LINGER)
-        self.endpoints.add(ep, LINGER if real else BRIEF)
-        self.endpoints.remove(ep, f"conn:{conn_id}")
-        if real and ep in self.brief:
-            del self.brief[ep]
-            self.endpoints.remove(ep, BRIEF)
-        if any(r.startswith("conn:") for r in self.endpoints.reasons(ep)):
-            return
-        if real:
-            self.release_at[ep] = now + PEER_RELEASE_DELAY
-            return
-        self.brief.pop(ep, None)
-        self.brief[ep] = None
-        self.release_at[ep] = now + BRIEF_LINGER
-        if self._release_asked_for <= now:  # one question at a time, not one per connection
-            self._release_asked_for = now + BRIEF_LINGER
-            self.timer_queue.call_at(now + BRIEF_LINGER, self._release_check)
-        while len(self.brief) > self.config.gateway.max_pending:
-            self._unsteer(next(iter(self.brief)))
-
-    def _unsteer(self, ep: Endpoint) -> None:
-        """Stop steering a lingering endpoint."""
-        self.brief.pop(ep, None)
-        self.release_at.pop(ep, None)
-        if self.endpoints.remove(ep, BRIEF) | self.endpoints.remove(ep, LINGER):
-            self._out.append(Steer(ep[0], False, ep[1]))
 
     def _hand_over(self, now: float, conn: Conn) -> None:
         """A gateway connection that carried SAs is gone. Its client is expected back on a
@@ -817,14 +767,7 @@ class Rfc9329Engine(Engine):
         """What a previous run steered that charon still holds SAs with: gateway endpoints
         (and whole addresses: a fallback's) stay steered, as after their connection
         closed, until the release poll finds no SA with them."""
-        for ep in endpoints:
-            if self.endpoints.add(ep, LINGER):
-                self._out.append(Steer(ep[0], True, ep[1]))
-            self.release_at[ep] = now + PEER_RELEASE_DELAY
-        for peer in peers:
-            if self.steering.add(peer, LINGER):
-                self._out.append(Steer(peer, True))
-            self.release_peer_at[peer] = now + PEER_RELEASE_DELAY
+        self.lingering.previous_run(now, peers, endpoints)
 
     def stop(self) -> None:
         """tcpencap is stopping: close everything, reconnect nothing."""
@@ -933,12 +876,7 @@ class Rfc9329Engine(Engine):
         for pair in [p for p, o in self.orphans.items() if o.deadline < now]:
             del self.orphans[pair]
         self.admission.expire(now)
-        self._release_check(now)
-
-    def _release_check(self, now: float) -> None:
-        due = (*self.release_at.values(), *self.release_peer_at.values())
-        if any(t <= now for t in due):
-            self._out.append(Query("peer-release"))
+        self.lingering.check(now)
 
     def _poll_fallback_soon(self, now: float) -> None:
         if not self._fallback_polling and self.fallback.conns:
@@ -963,42 +901,9 @@ class Rfc9329Engine(Engine):
             self.inbound_spis = inbound_spis(sas)
             self.inbound_ports = inbound_ports(sas)
         elif purpose == "peer-release":
-            self._release_peers(now, sas)
+            self.lingering.release(now, sas)
         elif purpose == "fallback":
             self._fallback_update(now, sas)
-
-    def _release_peers(self, now: float, sas: list[dict[str, Any]]) -> None:
-        """Stop steering gateway endpoints that have no connection and no IKE SA in
-        charon with that remote host and port, other than one still being set up
-        (CONNECTING: as its responder charon sends nothing unasked; a stranger's
-        IKE_SA_INIT leaves one behind for charon's half-open timeout)."""
-        busy: set[Endpoint] = set()
-        for item in sas:
-            for sa in item.values():
-                if not isinstance(sa, dict) or sa.get("state") == "CONNECTING":
-                    continue
-                host = address(sa.get("remote-host"))
-                if host is not None:
-                    busy.add((host, vici_port(sa.get("remote-port"), 0)))
-        hosts = {host for host, _port in busy}
-        for peer in [p for p, t in self.release_peer_at.items() if t <= now]:
-            if peer in hosts:
-                self.release_peer_at[peer] = now + PEER_RELEASE_DELAY
-            else:
-                del self.release_peer_at[peer]
-                if self.steering.remove(peer, LINGER):
-                    self._out.append(Steer(peer, False))
-        for ep in [p for p, t in self.release_at.items() if t <= now]:
-            if any(r.startswith("conn:") for r in self.endpoints.reasons(ep)):
-                del self.release_at[ep]
-            elif ep in busy:
-                self.release_at[ep] = now + PEER_RELEASE_DELAY
-                if ep in self.brief:  # charon has an SA there after all: a real peer
-                    del self.brief[ep]
-                    self.endpoints.add(ep, LINGER)
-                    self.endpoints.remove(ep, BRIEF)
-            else:
-                self._unsteer(ep)
 
     def _fallback_update(self, now: float, sas: list[dict[str, Any]]) -> None:
         for sw in self.fallback.update(now, sas):
