@@ -344,16 +344,6 @@ _CARRIED = (
 )
 
 
-@dataclass(slots=True)
-class Orphan:
-    """SAs of a gateway connection that closed, waiting for their client's reconnect."""
-
-    deadline: float
-    ike: list[bytes]
-    esp: list[int]
-    sa_seen: bool
-
-
 def status_of(c: Conn, now: float) -> dict[str, Any]:
     """One connection's line of ``tcpencap status``."""
     return status_row(

@@ -24,6 +24,7 @@ from tcpencap.core.datapath import DataPath, PythonDataPath
 from tcpencap.core.engine import Engine
 from tcpencap.core.fallback import FallbackMonitor
 from tcpencap.core.lingering import BRIEF_LINGER, PEER_RELEASE_DELAY, Endpoint, Lingering
+from tcpencap.core.orphans import Orphans
 from tcpencap.core.outputs import (
     Close,
     Connect,
@@ -47,7 +48,6 @@ from tcpencap.core.rfc9329_conn import (
     RECONNECT_BASE,
     Conn,
     Event,
-    Orphan,
     State,
     status_of,
 )
@@ -81,7 +81,6 @@ __all__ = [  # what callers import from here
 
 FALLBACK_POLL = 1.0
 PEER_RELEASE_POLL = 5.0
-ORPHAN_GRACE = 30.0  # how long a closed gateway connection's SAs wait for its client
 RECONCILE_AFTER_EVENT = 2.0  # check SPIs against list-sas this long after a rekey
 RECONCILE_PERIOD = 60.0
 
@@ -107,7 +106,7 @@ class Rfc9329Engine(Engine):
         self.conns: dict[int, Conn] = {}
         self.client_peers: dict[bytes, int] = {}  # steered client peer -> TCP port
         self.peer_ports: dict[bytes, int] = {}  # every configured peer -> TCP port
-        self.orphans: dict[tuple[bytes, bytes], Orphan] = {}
+        self.orphans = Orphans()
         self.lingering = Lingering(self.steering, self._emit, self.timer_queue)
         self.admission = Admission()
         self.vici_connected = False
@@ -434,13 +433,9 @@ class Rfc9329Engine(Engine):
         if conn.counted:
             self.admission.first_message(conn.source)
         e = conn.entry
-        orphan = self.orphans.pop((e.local, e.peer), None) if self.orphans else None
-        if orphan is not None and orphan.deadline >= now and not e.carries_sa:
-            # A reconnect resumes an existing SA: ESP, or IKE of one of the orphaned SAs.
-            # An IKE_SA_INIT (or another SA's message) means a new SA: the orphan is stale.
-            first = conn.first_spi
-            if first is None or first in orphan.ike:
-                self._adopt(conn, orphan.ike, orphan.esp, orphan.sa_seen)
+        orphan = self.orphans.claim(now, (e.local, e.peer), conn.first_spi)
+        if orphan is not None and not e.carries_sa:
+            self._adopt(conn, orphan.ike, orphan.esp, orphan.sa_seen)
         limit = self.config.gateway.max_connections
         if not self.lingering.steer((e.peer, e.peer_port), conn.conn_id, limit):
             self.log_limited(now, "limit-steered", "refused %s: steering set full", conn)
@@ -742,7 +737,7 @@ class Rfc9329Engine(Engine):
             # ESP or IKE) takes them now; any other waits as an orphan, like _first_message.
             self._adopt(target, ike, esp, conn.sa_seen)
         else:
-            self.orphans[(old.local, old.peer)] = Orphan(now + ORPHAN_GRACE, ike, esp, conn.sa_seen)
+            self.orphans.park(now, (old.local, old.peer), ike, esp, conn.sa_seen)
 
     def fast_path_sent(
         self, conn_id: int, frames: int, nbytes: int, esp_dropped: int, ike_dropped: int
@@ -787,7 +782,7 @@ class Rfc9329Engine(Engine):
     def vici_event(self, now: float, label: str, event: dict[str, Any]) -> None:
         up = event.get("up") == "yes"
         if label == "ike-updown" and not up and self.orphans:
-            self._forget_orphans(event)
+            self.orphans.forget(set(ike_spis(event)))
         self._apply_effects(now, self.sync.handle(label, event))
         self._learn_inbound(label, up, event)
         if label in ("ike-updown", "child-updown") and up or label == "ike-rekey":
@@ -822,14 +817,6 @@ class Rfc9329Engine(Engine):
             conn = self.conns.get(entry.conn_id) if entry else None
             if conn is not None:
                 conn.sa_seen = True
-
-    def _forget_orphans(self, event: dict[str, Any]) -> None:
-        """charon deleted these IKE SAs: no reconnect will resume them."""
-        gone = set(ike_spis(event))
-        for pair, orphan in list(self.orphans.items()):
-            orphan.ike = [spi for spi in orphan.ike if spi not in gone]
-            if not orphan.ike:
-                del self.orphans[pair]
 
     def _apply_effects(self, now: float, effects: list[Any]) -> None:
         for eff in effects:
@@ -873,8 +860,7 @@ class Rfc9329Engine(Engine):
 
     def _release_tick(self, now: float) -> None:
         self.timer_queue.call_at(now + PEER_RELEASE_POLL, self._release_tick)
-        for pair in [p for p, o in self.orphans.items() if o.deadline < now]:
-            del self.orphans[pair]
+        self.orphans.expire(now)
         self.admission.expire(now)
         self.lingering.check(now)
 
