@@ -434,7 +434,7 @@ def test_esp_first_passes_when_charon_has_its_spi() -> None:
     send_frames(g, gid, 1.1, esp(0xC0FFEE01))
     assert g.conns[gid].state is State.OPEN and g.conns[gid].sa_seen
     g.vici_event(2.0, "child-updown", child_sa_event(0xC0FFEE01, up=False))
-    assert 0xC0FFEE01 not in g.inbound_spis
+    assert 0xC0FFEE01 not in g.inbound.spis
 
 
 def test_without_vici_esp_first_passes_but_must_earn_its_keep() -> None:

@@ -23,6 +23,7 @@ from tcpencap.core.admission import Admission
 from tcpencap.core.datapath import DataPath, PythonDataPath
 from tcpencap.core.engine import Engine
 from tcpencap.core.fallback import FallbackMonitor
+from tcpencap.core.inbound_sas import InboundSas
 from tcpencap.core.lingering import BRIEF_LINGER, PEER_RELEASE_DELAY, Endpoint, Lingering
 from tcpencap.core.orphans import Orphans
 from tcpencap.core.outputs import (
@@ -57,15 +58,7 @@ from tcpencap.core.sa_sync import UNLISTED_GRACE, ExpireOld, Retire, SaSync, Spi
 from tcpencap.core.table import ConnectionTable
 from tcpencap.core.timers import LogLimiter
 from tcpencap.core.totals import add_closed, new_totals
-from tcpencap.core.vici_facts import (
-    children,
-    dicts,
-    esp_spi,
-    ike_spis,
-    inbound_changes,
-    inbound_spis,
-)
-from tcpencap.core.vici_facts import port as vici_port
+from tcpencap.core.vici_facts import ike_spis
 from tcpencap.wire import rfc9329
 from tcpencap.wire.packet import addr_text
 
@@ -110,8 +103,7 @@ class Rfc9329Engine(Engine):
         self.lingering = Lingering(self.steering, self._emit, self.timer_queue)
         self.admission = Admission()
         self.vici_connected = False
-        self.inbound_spis: dict[int, bytes] = {}  # charon's inbound ESP SPI -> peer (VICI)
-        self.inbound_ports: dict[int, int] = {}  # ... -> the peer port of its IKE SA
+        self.inbound = InboundSas()  # charon's inbound ESP SPIs (VICI)
         self.stopping = False
         self.log_limited = LogLimiter(log.warning)
         self.totals: dict[str, Any] = new_totals(closed={}, connect_failures=0)
@@ -610,7 +602,7 @@ class Rfc9329Engine(Engine):
         no-SA deadline then asks for charon's own traffic on the connection."""
         spi = int.from_bytes(packet[:4], "big") if len(packet) >= 8 else 0
         if self.vici_connected:
-            known = self.inbound_spis.get(spi) == conn.entry.peer
+            known = self.inbound.of_peer(spi, conn.entry.peer)
         else:
             known = spi >= 256  # 1-255 are reserved (RFC 4303 §2.1)
         if not known:
@@ -622,7 +614,7 @@ class Rfc9329Engine(Engine):
         conn.sa_seen = self.vici_connected
         self._first_message(now, conn)
         if conn.state is State.OPEN and self.vici_connected:
-            self._resume_endpoint(now, conn, self.inbound_ports.get(spi, 0))
+            self._resume_endpoint(now, conn, self.inbound.port(spi))
         elif conn.state is State.OPEN:
             conn.resume_spi = spi  # charon's word comes with VICI (_resume_pending)
         return conn.state is State.OPEN
@@ -633,8 +625,8 @@ class Rfc9329Engine(Engine):
         one that resumes an SA of its address takes that SA's endpoint too."""
         for conn in list(self.conns.values()):
             spi, conn.resume_spi = conn.resume_spi, 0
-            if spi and conn.state is State.OPEN and self.inbound_spis.get(spi) == conn.entry.peer:
-                self._resume_endpoint(now, conn, self.inbound_ports.get(spi, 0))
+            if spi and conn.state is State.OPEN and self.inbound.of_peer(spi, conn.entry.peer):
+                self._resume_endpoint(now, conn, self.inbound.port(spi))
 
     def _resume_endpoint(self, now: float, conn: Conn, port: int) -> None:
         """A connection resumes an SA of charon's (its first message was that SA's ESP)
@@ -784,7 +776,7 @@ class Rfc9329Engine(Engine):
         if label == "ike-updown" and not up and self.orphans:
             self.orphans.forget(set(ike_spis(event)))
         self._apply_effects(now, self.sync.handle(label, event))
-        self._learn_inbound(label, up, event)
+        self.inbound.learn(label, up, event)
         if label in ("ike-updown", "child-updown") and up or label == "ike-rekey":
             self._mark_sa_seen(event)
         if label in ("child-rekey", "ike-update", "ike-rekey"):
@@ -792,22 +784,10 @@ class Rfc9329Engine(Engine):
 
     def vici_resync(self, now: float, sas: list[dict[str, Any]]) -> None:
         self._apply_effects(now, self.sync.resync(sas))
-        self.inbound_spis = inbound_spis(sas)
-        self.inbound_ports = inbound_ports(sas)
+        self.inbound.replace(sas)
         for item in sas:
             self._mark_sa_seen(item)
         self._resume_pending(now)
-
-    def _learn_inbound(self, label: str, up: bool, event: dict[str, Any]) -> None:
-        """charon's inbound ESP SPIs by peer: what a resuming client may send first."""
-        for spi, peer in inbound_changes(label, up, event):
-            if peer is None:
-                self.inbound_spis.pop(spi, None)
-                self.inbound_ports.pop(spi, None)
-            else:
-                self.inbound_spis[spi] = peer
-        if up or label == "child-rekey":
-            self.inbound_ports.update(inbound_ports([event]))
 
     def _mark_sa_seen(self, event: dict[str, Any]) -> None:
         """charon's word that an IKE SA exists: the connections carrying it pass the
@@ -884,8 +864,7 @@ class Rfc9329Engine(Engine):
             self._apply_effects(now, self.sync.reconcile_ike(now, sas))
             if self.sync.unlisted_ike:  # ask again once their grace is over
                 self._reconcile_soon(now, UNLISTED_GRACE)
-            self.inbound_spis = inbound_spis(sas)
-            self.inbound_ports = inbound_ports(sas)
+            self.inbound.replace(sas)
         elif purpose == "peer-release":
             self.lingering.release(now, sas)
         elif purpose == "fallback":
@@ -924,18 +903,3 @@ class Rfc9329Engine(Engine):
 # shell's status and tests read them on the engine).
 for _name in ("n_gateway", "n_pending", "n_proxied", "per_source", "pending_per_source", "cooling"):
     setattr(Rfc9329Engine, _name, property(lambda self, _n=_name: getattr(self.admission, _n)))
-
-
-def inbound_ports(items: list[dict[str, Any]]) -> dict[int, int]:
-    """charon's inbound ESP SPI -> the remote port of its IKE SA, from list-sas items or
-    events (a child-rekey's new SPIs included)."""
-    ports: dict[int, int] = {}
-    for item in items:
-        for sa in dicts(item):
-            port = vici_port(sa.get("remote-port"), 0)
-            for child in children(sa):
-                for c in (child, child.get("new")):
-                    spi = esp_spi(c.get("spi-in")) if isinstance(c, dict) else None
-                    if spi is not None and port:
-                        ports[spi] = port
-    return ports
