@@ -20,9 +20,9 @@ import logging
 from typing import Any
 
 from tcpencap.core.admission import Admission
+from tcpencap.core.client_steering import ClientSteering
 from tcpencap.core.datapath import DataPath, PythonDataPath
 from tcpencap.core.engine import Engine
-from tcpencap.core.fallback import FallbackMonitor
 from tcpencap.core.inbound_sas import InboundSas
 from tcpencap.core.lingering import BRIEF_LINGER, PEER_RELEASE_DELAY, Endpoint, Lingering
 from tcpencap.core.orphans import Orphans
@@ -31,18 +31,13 @@ from tcpencap.core.outputs import (
     Connect,
     Inject,
     Query,
-    Steer,
     Transmit,
     bracket,
     count,
 )
-from tcpencap.core.peers import SteeringRefs
 from tcpencap.core.ports import PortAllocator, PortsExhausted
 from tcpencap.core.reload import (
     Operation,
-    SteerTcp,
-    UnsteerTcp,
-    UnwatchFallback,
     WatchFallback,
 )
 from tcpencap.core.rfc9329_conn import (
@@ -89,16 +84,16 @@ class Rfc9329Engine(Engine):
         self.config = config
         self.datapath: DataPath = datapath if datapath is not None else PythonDataPath()
         self.table = ConnectionTable(max_spis=config.max_spis)
-        self.router = Router(self.table, self._is_client_peer, self._is_live)
+        self.client = ClientSteering(self._emit)
+        # (the same objects, where the shell and tests read them)
+        self.steering, self.fallback = self.client.steering, self.client.fallback
+        self.client_peers, self.peer_ports = self.client.client_peers, self.client.peer_ports
+        self.router = Router(self.table, self.client.is_client_peer, self._is_live)
         self.sync = SaSync(self.router)
-        self.fallback = FallbackMonitor()
-        self.steering: SteeringRefs[bytes] = SteeringRefs()  # whole addresses (client)
         self.ports = PortAllocator(
             config.client.port, config.client.port_range[0], config.client.port_range[1]
         )
         self.conns: dict[int, Conn] = {}
-        self.client_peers: dict[bytes, int] = {}  # steered client peer -> TCP port
-        self.peer_ports: dict[bytes, int] = {}  # every configured peer -> TCP port
         self.orphans = Orphans()
         self.lingering = Lingering(self.steering, self._emit, self.timer_queue)
         self.admission = Admission()
@@ -173,43 +168,9 @@ class Rfc9329Engine(Engine):
 
     def apply(self, now: float, ops: list[Operation]) -> None:
         """Run the steering part of a reload plan (tcpencap.core.reload.plan)."""
-        for op in ops:
-            if isinstance(op, SteerTcp):
-                self._set_reason(f"tcp:{op.name}", op.peers, op.port)
-            elif isinstance(op, UnsteerTcp):
-                self._set_reason(f"tcp:{op.name}", (), 0)
-            elif isinstance(op, WatchFallback):
-                old = self.fallback.conns.get(op.name)
-                self.fallback.add(op.name, [addr_text(p) for p in op.peers], op.timeout)
-                for p in op.peers:
-                    self.peer_ports[p] = op.port
-                if old is not None and old.on_tcp:
-                    # Already on TCP: it stays there (with its new peers) while its SAs
-                    # live, as if it had just fallen back; the poll brings it back to UDP.
-                    self.fallback.conns[op.name].on_tcp = True
-                    self._set_reason(f"fallback:{op.name}", op.peers, op.port)
-                self._poll_fallback_soon(now)
-            elif isinstance(op, UnwatchFallback):
-                self.fallback.conns.pop(op.name, None)
-                self._set_reason(f"fallback:{op.name}", (), 0)
-
-    def _set_reason(self, reason: str, peers: tuple[bytes, ...], port: int) -> None:
-        """Steer exactly ``peers`` for ``reason``: new ones first, then the others stop."""
-        for p in peers:
-            if port:
-                self.peer_ports[p] = port
-            self.client_peers[p] = self.peer_ports.get(p, 4500)
-            if self.steering.add(p, reason):
-                self._out.append(Steer(p, True))
-        for p in [p for p in self.steering.peers() if p not in peers]:
-            if self.steering.has(p, reason) and self.steering.remove(p, reason):
-                self._out.append(Steer(p, False))
-        for p in list(self.client_peers):
-            if not any(r.startswith(("tcp:", "fallback:")) for r in self.steering.reasons(p)):
-                del self.client_peers[p]
-
-    def _is_client_peer(self, addr: bytes) -> bool:
-        return addr in self.client_peers
+        self.client.apply(ops)
+        if any(isinstance(op, WatchFallback) for op in ops):
+            self._poll_fallback_soon(now)
 
     def _is_live(self, conn_id: int) -> bool:
         conn = self.conns.get(conn_id)
@@ -259,7 +220,7 @@ class Rfc9329Engine(Engine):
     def _open_client(self, now: float, req: Open) -> None:
         view = self.router.views[req.conn_id]
         conn = self._new_conn(now, view, Role.CLIENT, addr_text(req.local), addr_text(req.peer))
-        conn.peer_port = self.peer_ports.get(req.peer, 4500)
+        conn.peer_port = self.client.port_of(req.peer)
         if req.frame:
             conn.pending.append((req.frame, req.frame_is_ike))
         self._connect(conn)
@@ -868,21 +829,7 @@ class Rfc9329Engine(Engine):
         elif purpose == "peer-release":
             self.lingering.release(now, sas)
         elif purpose == "fallback":
-            self._fallback_update(now, sas)
-
-    def _fallback_update(self, now: float, sas: list[dict[str, Any]]) -> None:
-        for sw in self.fallback.update(now, sas):
-            peers = tuple(ipaddress.ip_address(p).packed for p in sw.peers)
-            if sw.tcp:
-                log.warning(
-                    "connection %s: no answer over UDP, falling back to TCP for %s",
-                    sw.name,
-                    ", ".join(sw.peers),
-                )
-                self._set_reason(f"fallback:{sw.name}", peers, 0)
-            else:
-                log.info("connection %s: no SA left, back to UDP first", sw.name)
-                self._set_reason(f"fallback:{sw.name}", (), 0)
+            self.client.fallback_update(now, sas)
 
     # --- helpers and status -----------------------------------------------------------
 
