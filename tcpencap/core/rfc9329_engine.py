@@ -6,11 +6,13 @@ connection, a connection accepted, made, failed or lost, a VICI event, an answer
 arms one timer for ``get_timer()`` and calls ``handle_timer(now)`` when it fires. The same
 shape as :class:`tcpencap.core.ctcp_engine.CtcpEngine`.
 
-Here live the rules that change a connection's state: admission and the first-message
-deadline, the no-SA deadline, reconnect with backoff (the TCP originator only, RFC 9329
-§6.1, resending an outstanding request, §6.2), retire delays, orphaned SAs waiting for
-their client, gateway peers that stay steered while charon may still talk to them, and
-the UDP-first fallback.
+The engine holds the host's rules and routes each input to whoever decides: a
+connection's own rules and its (state, event) table are :mod:`rfc9329_conn`'s; the host's
+are small modules it composes - :mod:`admission` (gateway limits), :mod:`lingering`
+(endpoints steered after their connection), :mod:`orphans` (SAs waiting for their client),
+:mod:`inbound_sas` (charon's inbound SPIs), :mod:`client_steering` (reasons and the
+UDP-first fallback) - and here: timers, reconnect scheduling, list-sas questions, VICI
+events and the data path (:mod:`datapath`) that moves ESP.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from tcpencap.wire import rfc9329
 from tcpencap.wire.packet import addr_text
 
 log = logging.getLogger("tcpencap")
-__all__ = [  # what callers import from here
+__all__ = [
     "BRIEF_LINGER",
     "PEER_RELEASE_DELAY",
     "RECONNECT_BASE",
