@@ -34,6 +34,7 @@ from tcpencap.core.outputs import Close, Connect, Inject, Query, Steer, Transmit
 from tcpencap.core.restart import still_held
 from tcpencap.core.rfc9329_engine import Rfc9329Engine
 from tcpencap.native import load as load_native
+from tcpencap.native.datapath import NativeDataPath
 from tcpencap.wire.packet import addr_text
 from vici_bridge.bridge import ViciBridge
 from vici_bridge.resolve import ViciUnreachable, list_sas, resolve_remote_addrs
@@ -51,7 +52,7 @@ class Daemon:
         self.remove_rules = remove_rules
         self.failure: str | None = None  # why the daemon ends on its own (exit code 1)
         self.datapath, native = choose_datapath(config.datapath)
-        self.engine = Rfc9329Engine(config, time.monotonic(), native)
+        self.engine = Rfc9329Engine(config, time.monotonic(), NativeDataPath.of(native))
         self.rules = SteeringRules(config.queue_num, queues=config.queues, endpoints=True)
         self.injector: RawInjector | None = None
         self.queues: list[QueueReader] = []

@@ -6,11 +6,13 @@ connection, a connection accepted, made, failed or lost, a VICI event, an answer
 arms one timer for ``get_timer()`` and calls ``handle_timer(now)`` when it fires. The same
 shape as :class:`tcpencap.core.ctcp_engine.CtcpEngine`.
 
-Here live the rules that change a connection's state: admission and the first-message
-deadline, the no-SA deadline, reconnect with backoff (the TCP originator only, RFC 9329
-§6.1, resending an outstanding request, §6.2), retire delays, orphaned SAs waiting for
-their client, gateway peers that stay steered while charon may still talk to them, and
-the UDP-first fallback.
+The engine holds the host's rules and routes each input to whoever decides: a
+connection's own rules and its (state, event) table are :mod:`rfc9329_conn`'s; the host's
+are small modules it composes - :mod:`admission` (gateway limits), :mod:`lingering`
+(endpoints steered after their connection), :mod:`orphans` (SAs waiting for their client),
+:mod:`inbound_sas` (charon's inbound SPIs), :mod:`client_steering` (reasons and the
+UDP-first fallback) - and here: timers, reconnect scheduling, list-sas questions, VICI
+events and the data path (:mod:`datapath`) that moves ESP.
 """
 
 from __future__ import annotations
@@ -19,156 +21,130 @@ import ipaddress
 import logging
 from typing import Any
 
+from tcpencap.core.admission import Admission
+from tcpencap.core.client_steering import ClientSteering
+from tcpencap.core.datapath import DataPath, PythonDataPath
 from tcpencap.core.engine import Engine
-from tcpencap.core.fallback import FallbackMonitor
+from tcpencap.core.inbound_sas import InboundSas
+from tcpencap.core.lingering import BRIEF_LINGER, PEER_RELEASE_DELAY, Endpoint, Lingering
+from tcpencap.core.orphans import Orphans
 from tcpencap.core.outputs import (
     Close,
     Connect,
     Inject,
     Query,
-    Steer,
     Transmit,
     bracket,
     count,
 )
-from tcpencap.core.peers import SteeringRefs
 from tcpencap.core.ports import PortAllocator, PortsExhausted
 from tcpencap.core.reload import (
     Operation,
-    SteerTcp,
-    UnsteerTcp,
-    UnwatchFallback,
     WatchFallback,
 )
-from tcpencap.core.rfc9329_conn import TRANSITIONS, WAITING, Conn, Orphan, State, status_of
-from tcpencap.core.router import ConnView, Drop, Open, Router, Send, Side
+from tcpencap.core.rfc9329_conn import (
+    RECONNECT_BASE,
+    Conn,
+    Event,
+    State,
+    status_of,
+)
+from tcpencap.core.role import Role
+from tcpencap.core.router import ConnView, Drop, Open, Router, Send
 from tcpencap.core.sa_sync import UNLISTED_GRACE, ExpireOld, Retire, SaSync, SpiLimit
 from tcpencap.core.table import ConnectionTable
 from tcpencap.core.timers import LogLimiter
 from tcpencap.core.totals import add_closed, new_totals
-from tcpencap.core.vici_facts import (
-    address,
-    children,
-    dicts,
-    esp_spi,
-    ike_spis,
-    inbound_changes,
-    inbound_spis,
-)
-from tcpencap.core.vici_facts import port as vici_port
+from tcpencap.core.vici_facts import ike_spis
 from tcpencap.wire import rfc9329
-from tcpencap.wire.ike import check_first_ike
 from tcpencap.wire.packet import addr_text
 
 log = logging.getLogger("tcpencap")
+__all__ = [
+    "BRIEF_LINGER",
+    "PEER_RELEASE_DELAY",
+    "RECONNECT_BASE",
+    "Conn",
+    "Rfc9329Engine",
+    "State",
+]  # what callers import from here
 
-CLIENT_CLOSE_DELAY = 0.5  # after the last IKE SA is gone
-GATEWAY_CLOSE_DELAY = 5.0  # the client (TCP originator) should close first
-RECONNECT_BASE = 0.2
-RECONNECT_MAX = 10.0
-MAX_RECONNECTS = 40
 FALLBACK_POLL = 1.0
-PEER_RELEASE_DELAY = 30.0  # a gateway endpoint without connection stays steered at least this long
 PEER_RELEASE_POLL = 5.0
-# An endpoint whose connection never carried an SA: charon, the IKE responder there, sends
-# nothing on its own, so charon is asked about it after this (not PEER_RELEASE_DELAY), and
-# such endpoints are bounded apart from the steering limit (max_pending, oldest out first).
-BRIEF_LINGER = 2.0
-# A source whose connection was cut for flooding (frame rate, invalid frames) is refused new
-# connections this long, so a flood is not simply resumed at once on a new connection (each
-# costs an accept, charon's IKE_SA_INIT work, steering); at most COOL_DOWN_MAX sources kept.
-COOL_DOWN = 2.0
-COOL_DOWN_MAX = 4096
-ORPHAN_GRACE = 30.0  # how long a closed gateway connection's SAs wait for its client
 RECONCILE_AFTER_EVENT = 2.0  # check SPIs against list-sas this long after a rekey
 RECONCILE_PERIOD = 60.0
-PENDING_LIMIT = 64  # frames held while a client connection is being opened
-LEND_AFTER_FRAMES = 64  # a connection is read by the native inbound worker once it carries ESP
-LINGER = "linger"  # steering reason of a gateway endpoint whose connection is gone
-BRIEF = "brief"  # ... of one whose connection never carried an SA
-
-Endpoint = tuple[bytes, int]  # (peer address, port): the UDP endpoint charon sees
 
 
 class Rfc9329Engine(Engine):
-    """``native``: the extension of :mod:`tcpencap.native` (or None for the Python path).
-    With it, ESP frames of open connections become packets in ``inject_batch`` (sent by the
-    shell) instead of Inject outputs, and the shell reads the queue through ``flows``."""
+    """``datapath`` moves the ESP (:mod:`tcpencap.core.datapath`; None: the Python
+    reference). The native one turns ESP frames of open connections into packets in
+    ``inject_batch`` (sent by the shell) instead of Inject outputs, and the shell reads the
+    queue through ``flows``."""
 
-    def __init__(self, config: Any, now: float, native: Any = None) -> None:
+    def __init__(self, config: Any, now: float, datapath: DataPath | None = None) -> None:
         super().__init__()
         self.config = config
-        self.native = native
-        self.flows = native.FlowCache() if native is not None else None
-        self.inject_batch = native.InjectBatch() if native is not None else None
-        self.epoch = 0  # bumped when a connection changes state (see _flows_key)
-        self._flows_at: tuple[int, int] = (-1, -1)
+        self.datapath: DataPath = datapath if datapath is not None else PythonDataPath()
         self.table = ConnectionTable(max_spis=config.max_spis)
-        self.router = Router(self.table, self._is_client_peer, self._is_live)
+        self.client = ClientSteering(self._emit)
+        # (the same objects, where the shell and tests read them)
+        self.steering, self.fallback = self.client.steering, self.client.fallback
+        self.client_peers, self.peer_ports = self.client.client_peers, self.client.peer_ports
+        self.router = Router(self.table, self.client.is_client_peer, self._is_live)
         self.sync = SaSync(self.router)
-        self.fallback = FallbackMonitor()
-        self.steering: SteeringRefs[bytes] = SteeringRefs()  # whole addresses (client)
-        self.endpoints: SteeringRefs[Endpoint] = SteeringRefs()  # gateway peers' endpoints
         self.ports = PortAllocator(
             config.client.port, config.client.port_range[0], config.client.port_range[1]
         )
         self.conns: dict[int, Conn] = {}
-        self.client_peers: dict[bytes, int] = {}  # steered client peer -> TCP port
-        self.peer_ports: dict[bytes, int] = {}  # every configured peer -> TCP port
-        self.orphans: dict[tuple[bytes, bytes], Orphan] = {}
-        self.release_at: dict[Endpoint, float] = {}  # lingering endpoint -> next check
-        self.release_peer_at: dict[bytes, float] = {}  # a previous run's whole addresses
-        self.brief: dict[Endpoint, None] = {}  # lingering endpoints of SA-less connections
-        self.n_gateway = 0  # admitted gateway connections
-        self.n_pending = 0  # ... without a first message yet
-        self.n_proxied = 0  # connections of a proxy whose PROXY header has not arrived
-        self.per_source: dict[str, int] = {}  # source prefix -> admitted connections
-        self.pending_per_source: dict[str, int] = {}  # ... of them without a first message
-        self.cooling: dict[str, float] = {}  # source prefix cut for a flood -> refused until
+        self.orphans = Orphans()
+        self.lingering = Lingering(self.steering, self._emit, self.timer_queue)
+        self.admission = Admission()
         self.vici_connected = False
-        self.inbound_spis: dict[int, bytes] = {}  # charon's inbound ESP SPI -> peer (VICI)
-        self.inbound_ports: dict[int, int] = {}  # ... -> the peer port of its IKE SA
+        self.inbound = InboundSas()  # charon's inbound ESP SPIs (VICI)
         self.stopping = False
         self.log_limited = LogLimiter(log.warning)
         self.totals: dict[str, Any] = new_totals(closed={}, connect_failures=0)
         self._fallback_polling = False
-        self._release_asked_for = 0.0  # when the next brief-linger question is due
         self._reconcile_due = False
         self.timer_queue.call_at(now + RECONCILE_PERIOD, self._reconcile_tick)
         self.timer_queue.call_at(now + PEER_RELEASE_POLL, self._release_tick)
 
     # --- the shell's side -------------------------------------------------------------
 
+    def _emit(self, output: Any) -> None:
+        self._out.append(output)
+
     @property
     def events(self) -> dict[str, int]:
         return self.log_limited.events
 
     def pull(self) -> list[Any]:
-        self._sync_flows()
+        self.datapath.sync(self.table.version)
         return super().pull()
 
-    # --- the native flow cache ----------------------------------------------------------
-    # An entry repeats one decision of Router's fast path plus "the connection is open",
-    # which depend only on the table (its version) and connection states (the epoch).
+    # --- the data path, as the shell sees it ---------------------------------------------
 
-    def _flows_key(self) -> tuple[int, int]:
-        return (self.table.version, self.epoch)
+    @property
+    def native(self) -> Any:
+        """The extension the shell builds its writers and inbound worker from, or None."""
+        return self.datapath.native
 
-    def _sync_flows(self) -> None:
-        if self.flows is not None and self._flows_at != self._flows_key():
-            self.flows.clear()
-            self._flows_at = self._flows_key()
+    @property
+    def flows(self) -> Any:
+        return self.datapath.flows
+
+    @property
+    def inject_batch(self) -> Any:
+        return self.datapath.inject_batch
 
     def ready_flows(self) -> Any:
         """The flow cache, valid now: what the shell reads the queue with (None: the
         Python path)."""
-        self._sync_flows()
-        return self.flows
+        self.datapath.sync(self.table.version)
+        return self.datapath.flows
 
     def _codec(self, role: rfc9329.Role) -> Any:
-        if self.native is not None:
-            return self.native.Deframer(role, max_frame=self.config.max_frame)
-        return rfc9329.StreamCodec(role, max_frame=self.config.max_frame)
+        return self.datapath.codec(role, self.config.max_frame)
 
     def outbound_batch(
         self, now: float, misses: list[bytes], hits: list[tuple[int, bytes, int]]
@@ -194,53 +170,20 @@ class Rfc9329Engine(Engine):
 
     def apply(self, now: float, ops: list[Operation]) -> None:
         """Run the steering part of a reload plan (tcpencap.core.reload.plan)."""
-        for op in ops:
-            if isinstance(op, SteerTcp):
-                self._set_reason(f"tcp:{op.name}", op.peers, op.port)
-            elif isinstance(op, UnsteerTcp):
-                self._set_reason(f"tcp:{op.name}", (), 0)
-            elif isinstance(op, WatchFallback):
-                old = self.fallback.conns.get(op.name)
-                self.fallback.add(op.name, [addr_text(p) for p in op.peers], op.timeout)
-                for p in op.peers:
-                    self.peer_ports[p] = op.port
-                if old is not None and old.on_tcp:
-                    # Already on TCP: it stays there (with its new peers) while its SAs
-                    # live, as if it had just fallen back; the poll brings it back to UDP.
-                    self.fallback.conns[op.name].on_tcp = True
-                    self._set_reason(f"fallback:{op.name}", op.peers, op.port)
-                self._poll_fallback_soon(now)
-            elif isinstance(op, UnwatchFallback):
-                self.fallback.conns.pop(op.name, None)
-                self._set_reason(f"fallback:{op.name}", (), 0)
-
-    def _set_reason(self, reason: str, peers: tuple[bytes, ...], port: int) -> None:
-        """Steer exactly ``peers`` for ``reason``: new ones first, then the others stop."""
-        for p in peers:
-            if port:
-                self.peer_ports[p] = port
-            self.client_peers[p] = self.peer_ports.get(p, 4500)
-            if self.steering.add(p, reason):
-                self._out.append(Steer(p, True))
-        for p in [p for p in self.steering.peers() if p not in peers]:
-            if self.steering.has(p, reason) and self.steering.remove(p, reason):
-                self._out.append(Steer(p, False))
-        for p in list(self.client_peers):
-            if not any(r.startswith(("tcp:", "fallback:")) for r in self.steering.reasons(p)):
-                del self.client_peers[p]
-
-    def _is_client_peer(self, addr: bytes) -> bool:
-        return addr in self.client_peers
+        self.client.apply(ops)
+        if any(isinstance(op, WatchFallback) for op in ops):
+            self._poll_fallback_soon(now)
 
     def _is_live(self, conn_id: int) -> bool:
         conn = self.conns.get(conn_id)
-        return conn is not None and conn.state not in (State.CLOSING, State.CLOSED)
+        return conn is not None and not conn.ending
 
     # --- charon's packets -------------------------------------------------------------
 
     def outbound(self, now: float, packet: bytes) -> None:
         """A UDP packet charon sent to a steered peer (queued in OUTPUT)."""
-        before = self._flows_key()
+        dp = self.datapath
+        before = (self.table.version, dp.epoch)
         res = self.router.outbound(packet)
         t = type(res)
         if t is Send:
@@ -248,23 +191,17 @@ class Rfc9329Engine(Engine):
             if conn is None:
                 count(self.router.drops, "connection-gone")
             else:
-                if not res.is_ike:  # type: ignore[union-attr]
-                    conn.sa_seen = True  # charon sends ESP only with a CHILD SA
-                elif res.protected and not self.vici_connected:  # type: ignore[union-attr]
-                    # Without VICI, charon encrypting IKE on this connection is the best
-                    # local evidence that an IKE SA with keys exists.
-                    conn.sa_seen = True
+                conn.charon_sent(res.is_ike, res.protected, self.vici_connected)  # type: ignore[union-attr]
                 if res.request:  # type: ignore[union-attr]
                     conn.outstanding = res.frame  # type: ignore[union-attr]
                 self._send(conn, res.frame, res.is_ike)  # type: ignore[union-attr]
                 if (
-                    self.flows is not None
+                    dp.sinks_esp
                     and self.router.fast_hit
                     and conn.state is State.OPEN
-                    and self._flows_key() == before
+                    and (self.table.version, dp.epoch) == before
                 ):
-                    self._sync_flows()
-                    self.flows.install(packet, conn.conn_id)
+                    dp.learn(packet, conn.conn_id, self.table.version)
         elif t is Open:
             self._open_client(now, res)  # type: ignore[arg-type]
         else:
@@ -277,46 +214,24 @@ class Rfc9329Engine(Engine):
                 self.retire(now, cid, "its SAs moved to another connection")
 
     def _send(self, conn: Conn, frame: bytes, is_ike: bool) -> None:
-        state = conn.state
-        if state is State.OPEN:
-            conn.frames_out += 1
-            conn.bytes_out += len(frame)
+        if conn.send(frame, is_ike):
             self._out.append(Transmit(conn.conn_id, frame, is_ike))
-        elif state is State.CONNECTING:
-            if len(conn.pending) >= PENDING_LIMIT and not is_ike:
-                count(conn.drops, "esp-while-connecting")
-            else:
-                conn.pending.append((frame, is_ike))
-        elif is_ike:
-            count(conn.drops, "ike-on-closed")
-        else:
-            count(conn.drops, "esp-on-closed")
 
     # --- client connections -----------------------------------------------------------
 
     def _open_client(self, now: float, req: Open) -> None:
         view = self.router.views[req.conn_id]
-        conn = self._new_conn(now, view, Side.CLIENT, addr_text(req.local), addr_text(req.peer))
-        conn.peer_port = self.peer_ports.get(req.peer, 4500)
+        conn = self._new_conn(now, view, Role.CLIENT, addr_text(req.local), addr_text(req.peer))
+        conn.peer_port = self.client.port_of(req.peer)
         if req.frame:
             conn.pending.append((req.frame, req.frame_is_ike))
         self._connect(conn)
         spis = ", ".join(s.hex() for s in view.entry.ike_spis)
         log.info("%s: opening for IKE SA %s", conn, spis)
 
-    def _new_conn(self, now: float, view: ConnView, side: Side, local: str, peer: str) -> Conn:
-        role = rfc9329.Role.ORIGINATOR if side is Side.CLIENT else rfc9329.Role.RESPONDER
-        state = State.CONNECTING if side is Side.CLIENT else State.ACCEPTED
-        conn = Conn(
-            view,
-            side,
-            state,
-            self._codec(role),
-            now,
-            local,
-            peer,
-            win_start=now,
-        )
+    def _new_conn(self, now: float, view: ConnView, side: Role, local: str, peer: str) -> Conn:
+        wire_role = rfc9329.Role.ORIGINATOR if side is Role.CLIENT else rfc9329.Role.RESPONDER
+        conn = Conn.new(now, view, side, self._codec(wire_role), local, peer)
         self.conns[view.entry.conn_id] = conn
         return conn
 
@@ -354,12 +269,10 @@ class Rfc9329Engine(Engine):
         conn = self._current(conn_id, generation)
         if conn is None or conn.state is not State.CONNECTING:
             return False
-        conn.attempt = 0
         log.info("%s: connected, sending prefix and %d held frame(s)", conn, len(conn.pending))
-        self._goto(conn, State.OPEN)
+        pending = conn.connected()
+        self.datapath.changed()
         self._out.append(Transmit(conn.conn_id, conn.codec.send_prefix(), True))
-        conn.bytes_out += len(rfc9329.PREFIX)
-        pending, conn.pending = conn.pending, []
         for frame, is_ike in pending:
             self._send(conn, frame, is_ike)
         return True
@@ -372,18 +285,16 @@ class Rfc9329Engine(Engine):
         log.warning("%s: %s", conn, conn.close_reason)
         self._lost(now, conn)
 
-    def _reconnect(self, now: float, conn: Conn) -> None:
-        """The TCP originator re-establishes a broken connection while its SA lives."""
-        conn.attempt += 1
-        conn.generation += 1
-        reason, conn.close_reason = conn.close_reason, ""
-        conn.codec = self._codec(rfc9329.Role.ORIGINATOR)
-        self._set_state(conn, State.CONNECTING)
-        conn.pending = [(conn.outstanding, True)] if conn.outstanding is not None else []
-        delay = min(RECONNECT_BASE * (2 ** (conn.attempt - 1)), RECONNECT_MAX)
+    def _reconnect(self, now: float, lost: Conn) -> None:
+        """The TCP originator re-establishes a broken connection while its SA lives: the
+        next generation takes the lost one's place."""
+        conn = self.conns[lost.conn_id] = lost.next_generation(self._codec(rfc9329.Role.ORIGINATOR))
+        self.datapath.changed()
+        delay = conn.reconnect_delay()
         log.info(
-            "%s: lost (%s), reconnecting in %.1fs (attempt %d)", conn, reason, delay, conn.attempt
-        )
+            "%s: lost (%s), reconnecting in %.1fs (attempt %d)",
+            conn, lost.close_reason, delay, conn.attempt,
+        )  # fmt: skip
         self.timer_queue.call_at(now + delay, self._reconnect_due, conn, conn.generation)
 
     def _reconnect_due(self, now: float, conn: Conn, generation: int) -> None:
@@ -398,11 +309,9 @@ class Rfc9329Engine(Engine):
         """A TCP connection arrived on a listener: its connection id, or None when a
         limit refuses it (the shell closes the socket)."""
         gw = self.config.gateway
-        source = self.source_of(peer)
+        source = self.admission.source_of(gw, peer)
         peer_b = ipaddress.ip_address(peer).packed
-        refusal = self._refusal(self.n_gateway, source)
-        if refusal is None and self.cooling.get(source, 0.0) > now:
-            refusal = ("limit-cool-down", f"{source} flooded a connection, cooling down")
+        refusal = self.admission.refuse_accept(gw, now, source)
         if refusal is None and self.table.by_endpoint(peer_b, peer_port) is not None:
             # Its endpoint is what charon names the connection by: a second connection from
             # the same address and port (a port-preserving NAT, another listener, a proxy's
@@ -413,63 +322,26 @@ class Rfc9329Engine(Engine):
             self.log_limited(now, refusal[0], "refused %s: %s", name, refusal[1])
             return None
         view = self.router.add_gateway_conn(ipaddress.ip_address(local).packed, peer_b, peer_port)
-        conn = self._new_conn(now, view, Side.GATEWAY, local, peer)
+        conn = self._new_conn(now, view, Role.GATEWAY, local, peer)
         conn.local_port, conn.peer_port = local_port, peer_port
         conn.counted = True
         conn.source = source
-        self.n_gateway += 1
-        self.n_pending += 1
-        self.per_source[source] = self.per_source.get(source, 0) + 1
-        self.pending_per_source[source] = self.pending_per_source.get(source, 0) + 1
+        self.admission.admit(source)
         self.timer_queue.call_at(now + gw.first_message_timeout, self._first_deadline, conn)
         log.info("%s: accepted", conn)
         return conn.conn_id
 
-    def source_of(self, peer: str) -> str:
-        """The source prefix ``peer`` counts under (source_prefix_v4 / _v6)."""
-        gw = self.config.gateway
-        addr = ipaddress.ip_address(peer)
-        bits = gw.source_prefix_v4 if addr.version == 4 else gw.source_prefix_v6
-        return str(ipaddress.ip_network((addr, bits), strict=False))
-
-    def _refusal(self, connections: int, source: str | None) -> tuple[str, str] | None:
-        """The gateway limit a new connection would break (the per-source ones only for a
-        known ``source`` prefix): its event key and what to log, or None."""
-        gw = self.config.gateway
-        pending = self.n_pending + self.n_proxied
-        if connections >= gw.max_connections:
-            return ("limit-connections", f"{connections} connections")
-        if source is not None:
-            if self.per_source.get(source, 0) >= gw.max_per_source:
-                return ("limit-per-source", f"{self.per_source[source]} connections from {source}")
-            waiting = self.pending_per_source.get(source, 0)
-            if waiting >= gw.max_pending_per_source:
-                return (
-                    "limit-pending-per-source",
-                    f"{waiting} connections from {source} without a first message",
-                )
-        if pending >= gw.max_pending:
-            return ("limit-pending", f"{pending} connections without a first message")
-        return None
-
-    def _unpend(self, conn: Conn) -> None:
-        """A counted gateway connection no longer waits for its first message."""
-        self.n_pending -= 1
-        _decrement(self.pending_per_source, conn.source)
-
     def admit_proxied(self, now: float, name: str) -> bool:
         """A load balancer's connection, before its PROXY header names the client: it
         takes a pending slot, and the per-source limit applies to the client later."""
-        refusal = self._refusal(self.n_gateway + self.n_proxied, None)
+        refusal = self.admission.admit_proxied(self.config.gateway)
         if refusal is not None:
             self.log_limited(now, refusal[0], "refused %s: %s", name, refusal[1])
-            return False
-        self.n_proxied += 1
-        return True
+        return refusal is None
 
     def proxied_done(self) -> None:
         """The PROXY header arrived (``accept`` follows) or the connection went."""
-        self.n_proxied -= 1
+        self.admission.proxied_done()
 
     def front_refused(self, now: float, reason: str, name: str, detail: str) -> None:
         """A connection refused before it was accepted: a bad or missing PROXY header."""
@@ -488,7 +360,7 @@ class Rfc9329Engine(Engine):
         self.close(conn, reason)
 
     def _first_deadline(self, now: float, conn: Conn) -> None:
-        if conn.state in WAITING and self.conns.get(conn.conn_id) is conn:
+        if conn.first_message_overdue() and self.conns.get(conn.conn_id) is conn:
             count(conn.drops, "first-message-timeout")
             what = "message" if conn.codec.prefix_received else "prefix"
             self.log_limited(
@@ -499,9 +371,7 @@ class Rfc9329Engine(Engine):
     def _sa_deadline(self, now: float, conn: Conn) -> None:
         """A gateway connection must carry an IKE SA soon after its first message; one
         that only ever exchanges unauthenticated messages would pin a connection slot."""
-        if conn.sa_seen or self.conns.get(conn.conn_id) is not conn:
-            return
-        if conn.state is State.OPEN:
+        if self.conns.get(conn.conn_id) is conn and conn.sa_overdue():
             count(conn.drops, "no-sa-timeout")
             self.log_limited(
                 now, "limit-no-sa", "%s: no IKE SA %gs after its first message, closing",
@@ -511,32 +381,21 @@ class Rfc9329Engine(Engine):
 
     def _first_message(self, now: float, conn: Conn) -> None:
         """The first well-formed message: past the first-message deadline."""
-        self._goto(conn, State.OPEN)
-        conn.first_at = now
-        if conn.side is not Side.GATEWAY:
+        conn.first_message(now)
+        self.datapath.changed()
+        if conn.side is not Role.GATEWAY:
             return
         if conn.counted:
-            self._unpend(conn)
+            self.admission.first_message(conn.source)
         e = conn.entry
-        orphan = self.orphans.pop((e.local, e.peer), None) if self.orphans else None
-        if orphan is not None and orphan.deadline >= now and not e.carries_sa:
-            # A reconnect resumes an existing SA: ESP, or IKE of one of the orphaned SAs.
-            # An IKE_SA_INIT (or another SA's message) means a new SA: the orphan is stale.
-            first = conn.first_spi
-            if first is None or first in orphan.ike:
-                self._adopt(conn, orphan.ike, orphan.esp, orphan.sa_seen)
-        ep = (e.peer, e.peer_port)
-        if self.endpoints.add(ep, f"conn:{conn.conn_id}"):
-            if len(self.endpoints) - len(self.brief) > self.config.gateway.max_connections:
-                self.endpoints.remove(ep, f"conn:{conn.conn_id}")
-                self.log_limited(now, "limit-steered", "refused %s: steering set full", conn)
-                self.close(conn, "limit-steered")
-                return
-            self._out.append(Steer(e.peer, True, e.peer_port))
-        self.release_at.pop(ep, None)
-        if ep in self.brief:
-            del self.brief[ep]
-            self.endpoints.remove(ep, BRIEF)
+        orphan = self.orphans.claim(now, (e.local, e.peer), conn.first_spi)
+        if orphan is not None and not e.carries_sa:
+            self._adopt(conn, orphan.ike, orphan.esp, orphan.sa_seen)
+        limit = self.config.gateway.max_connections
+        if not self.lingering.steer((e.peer, e.peer_port), conn.conn_id, limit):
+            self.log_limited(now, "limit-steered", "refused %s: steering set full", conn)
+            self.close(conn, "limit-steered")
+            return
         if not conn.sa_seen:
             self.timer_queue.call_at(
                 now + self.config.gateway.no_sa_timeout, self._sa_deadline, conn
@@ -552,7 +411,7 @@ class Rfc9329Engine(Engine):
 
     def receive_data(self, now: float, conn_id: int, generation: int, data: bytes) -> None:
         conn = self._current(conn_id, generation)
-        if conn is None or conn.state is State.CLOSING or conn.state is State.CLOSED:
+        if conn is None or conn.ending:
             return  # what a closing connection still receives is not delivered
         conn.reads_in += 1
         conn.bytes_in += len(data)
@@ -560,49 +419,19 @@ class Rfc9329Engine(Engine):
         codec.receive_data(data)
         self._drain(now, conn)
 
-    @staticmethod
-    def _other_frames(conn: Conn) -> int:
-        """The frames that count toward max_frame_rate: IKE, keepalives, invalid ones, and
-        ESP too until charon has vouched for an SA on the connection (``sa_seen``): what a
-        peer can send to cost the event loop without carrying anything of a tunnel's."""
-        return conn.codec.frames_in - (conn.esp_frames if conn.sa_seen else 0)
-
-    def _frame_budget(self, now: float, conn: Conn) -> int:
-        """The count of :meth:`_other_frames` at which a gateway connection goes over
-        max_frame_rate in the current one-second window. The ESP of a connection charon
-        has an SA on does not count: it is what the tunnel carries, as fast as TCP takes
-        it (a 1 Gbit/s tunnel is 90,000 frames a second)."""
-        if conn.side is not Side.GATEWAY:
-            return 1 << 62
-        if now - conn.win_start >= 1.0:
-            conn.win_start, conn.win_frames = now, self._other_frames(conn)
-        return conn.win_frames + self.config.gateway.max_frame_rate
-
     def _over_rate(self, now: float, conn: Conn) -> None:
         count(conn.drops, "frame-rate")
         self.log_limited(now, "limit-frame-rate", "%s: over max_frame_rate frames/s, closing", conn)
-        self._cool_down(now, conn)
+        self.admission.cool_down(now, conn.source)
         self.close(conn, "frame rate limit")
 
-    def _cool_down(self, now: float, conn: Conn) -> None:
-        """Refuse the source of a connection cut for flooding for COOL_DOWN."""
-        if not conn.source:
-            return
-        self.cooling.pop(conn.source, None)
-        self.cooling[conn.source] = now + COOL_DOWN
-        while len(self.cooling) > COOL_DOWN_MAX:
-            del self.cooling[next(iter(self.cooling))]
-
     def _invalid(self, now: float, conn: Conn, reason: str) -> None:
-        """A frame that carries nothing usable: counted (``reason``, a fixed name), and
-        max_invalid_frames of them close the connection (RFC 9329 §6.1 allows it)."""
-        count(conn.drops, reason)
-        conn.invalid += 1
-        if conn.side is Side.GATEWAY and conn.invalid >= self.config.gateway.max_invalid_frames:
+        """A frame that carries nothing usable: max_invalid_frames close the connection."""
+        if conn.invalid_frame(reason, self.config.gateway.max_invalid_frames):
             self.log_limited(
                 now, "limit-invalid-frames", "%s: %d invalid frames, closing", conn, conn.invalid
             )
-            self._cool_down(now, conn)
+            self.admission.cool_down(now, conn.source)
             self.close(conn, "too many invalid frames")
 
     # --- connections lent to the native inbound worker ---------------------------------
@@ -612,14 +441,10 @@ class Rfc9329Engine(Engine):
         native inbound worker may read for us, or None."""
         conn = self.conns.get(conn_id)
         view = self.router.views.get(conn_id)
-        if self.native is None or conn is None or view is None or conn.state is not State.OPEN:
+        if conn is None or view is None or not conn.lendable():
             return None
-        if conn.frames_in < LEND_AFTER_FRAMES:
-            return None  # IKE alone (set-up, DPD) is cheaper on the loop than a thread hand-off
-        if conn.side is Side.GATEWAY and not conn.sa_seen:
-            return None  # its ESP still counts toward the frame rate, on the loop
-        rate = self.config.gateway.max_frame_rate if conn.side is Side.GATEWAY else 0
-        return (conn.codec, *self._esp_template(view), rate)
+        rate = self.config.gateway.max_frame_rate if conn.side is Role.GATEWAY else 0
+        return self.datapath.lend(conn.codec, self._esp_template(view), rate)
 
     def _esp_template(self, view: ConnView) -> tuple[bytes, bytes, int, int]:
         """(source, destination, source port, destination port) of the packets a
@@ -643,15 +468,10 @@ class Rfc9329Engine(Engine):
         if conn is None:
             return
         frames, nbytes, reads, *rest = counts
-        conn.frames_in += frames
-        conn.esp_frames += frames
-        conn.bytes_in += nbytes
-        conn.reads_in += reads
-        if rest and rest[0]:
-            conn.drops["keepalive"] = conn.drops.get("keepalive", 0) + rest[0]
-        if over_rate and conn.state is not State.CLOSING and conn.state is not State.CLOSED:
+        conn.received_elsewhere(frames, nbytes, reads, rest[0] if rest else 0)
+        if over_rate and not conn.ending:
             self._over_rate(now, conn)
-        elif drain and conn.state is not State.CLOSING and conn.state is not State.CLOSED:
+        elif drain and not conn.ending:
             self._drain(now, conn)
 
     def eof_received(self, now: float, conn_id: int, generation: int) -> None:
@@ -665,29 +485,23 @@ class Rfc9329Engine(Engine):
         router = self.router
         out = self._out
         cid = conn.conn_id
-        batch = self.inject_batch
+        read = self.datapath.read
         view = router.views.get(cid)
-        pump_args: tuple[Any, ...] | None = None
-        budget = self._frame_budget(now, conn)
+        # A data path that sinks ESP takes an open connection's ESP frames as packets
+        # (as router.inbound_esp builds them) and gives back only the other events.
+        sink = self._esp_template(view) if self.datapath.sinks_esp and view is not None else None
+        budget = conn.frame_budget(now, self.config.gateway.max_frame_rate)
         while conn.state is not State.CLOSING:
-            if batch is not None and conn.state is State.OPEN and view is not None:
-                # The native path: ESP frames become packets as router.inbound_esp builds
-                # them; what else arrives comes back as the event next_event() would give.
-                if pump_args is None:
-                    pump_args = (batch, *self._esp_template(view))
-                ev, esp = codec.pump(*pump_args)
+            ev, esp, kept = read(codec, sink if conn.state is State.OPEN else None)
+            if esp:
                 conn.frames_in += esp
                 conn.esp_frames += esp
-                if codec.keepalives:  # dropped in C, counted here
-                    drops = conn.drops
-                    drops["keepalive"] = drops.get("keepalive", 0) + codec.keepalives
-                    codec.keepalives = 0
-            else:
-                ev = codec.next_event()
+            if kept:
+                conn.drops["keepalive"] = conn.drops.get("keepalive", 0) + kept
             t = type(ev)
             if t is rfc9329.ESPPacket:
                 conn.esp_frames += 1
-            if self._other_frames(conn) > budget:  # every frame but ESP counts
+            if conn.other_frames() > budget:  # every frame but ESP counts
                 self._over_rate(now, conn)
                 return
             if t is rfc9329.ESPPacket:
@@ -700,15 +514,14 @@ class Rfc9329Engine(Engine):
                 msg = ev.data  # type: ignore[union-attr]
                 if conn.state is not State.OPEN and not self._admit_ike(now, conn, msg):
                     continue
-                if conn.outstanding is not None and len(msg) > 19 and msg[19] & 0x20:
-                    conn.outstanding = None  # the response to our request arrived
-                conn.got_ike = True
+                conn.ike_received(msg)
                 res = router.inbound_ike(cid, msg)
             elif t is rfc9329.NeedData:
                 return
             elif t is rfc9329.PrefixReceived:
                 if conn.state is State.ACCEPTED:
-                    self._goto(conn, State.PREFIX_RECEIVED)
+                    conn.handle(Event.PREFIX)
+                    self.datapath.changed()
                 continue
             elif t is rfc9329.Keepalive:
                 count(conn.drops, "keepalive")
@@ -737,12 +550,11 @@ class Rfc9329Engine(Engine):
     def _admit_ike(self, now: float, conn: Conn, msg: bytes) -> bool:
         """Before its first message, a connection passes only a well-formed IKE message
         (header consistent with the frame, a known exchange type)."""
-        problem = check_first_ike(msg)
+        problem = conn.first_ike_problem(msg)
         if problem:
             self.log_limited(now, "malformed-first", "%s: first message refused: %s", conn, problem)
             self._invalid(now, conn, "malformed-first-ike")
             return False
-        conn.first_spi = msg[:8]  # (not the message: an IKE_SA_INIT is ~1 KB per connection)
         self._first_message(now, conn)
         return conn.state is State.OPEN
 
@@ -753,7 +565,7 @@ class Rfc9329Engine(Engine):
         no-SA deadline then asks for charon's own traffic on the connection."""
         spi = int.from_bytes(packet[:4], "big") if len(packet) >= 8 else 0
         if self.vici_connected:
-            known = self.inbound_spis.get(spi) == conn.entry.peer
+            known = self.inbound.of_peer(spi, conn.entry.peer)
         else:
             known = spi >= 256  # 1-255 are reserved (RFC 4303 §2.1)
         if not known:
@@ -765,7 +577,7 @@ class Rfc9329Engine(Engine):
         conn.sa_seen = self.vici_connected
         self._first_message(now, conn)
         if conn.state is State.OPEN and self.vici_connected:
-            self._resume_endpoint(now, conn, self.inbound_ports.get(spi, 0))
+            self._resume_endpoint(now, conn, self.inbound.port(spi))
         elif conn.state is State.OPEN:
             conn.resume_spi = spi  # charon's word comes with VICI (_resume_pending)
         return conn.state is State.OPEN
@@ -776,8 +588,8 @@ class Rfc9329Engine(Engine):
         one that resumes an SA of its address takes that SA's endpoint too."""
         for conn in list(self.conns.values()):
             spi, conn.resume_spi = conn.resume_spi, 0
-            if spi and conn.state is State.OPEN and self.inbound_spis.get(spi) == conn.entry.peer:
-                self._resume_endpoint(now, conn, self.inbound_ports.get(spi, 0))
+            if spi and conn.state is State.OPEN and self.inbound.of_peer(spi, conn.entry.peer):
+                self._resume_endpoint(now, conn, self.inbound.port(spi))
 
     def _resume_endpoint(self, now: float, conn: Conn, port: int) -> None:
         """A connection resumes an SA of charon's (its first message was that SA's ESP)
@@ -787,13 +599,7 @@ class Rfc9329Engine(Engine):
         e = conn.entry
         if port == e.peer_port or not self.table.alias(conn.conn_id, port):
             return
-        ep = (e.peer, port)
-        if self.endpoints.add(ep, f"conn:{conn.conn_id}"):
-            self._out.append(Steer(e.peer, True, port))
-        self.release_at.pop(ep, None)
-        if ep in self.brief:
-            del self.brief[ep]
-            self.endpoints.remove(ep, BRIEF)
+        self.lingering.steer((e.peer, port), conn.conn_id)
         log.info("%s: resumes an SA charon has with port %d", conn, port)
 
     # --- closing ----------------------------------------------------------------------
@@ -801,8 +607,9 @@ class Rfc9329Engine(Engine):
     def close(self, conn: Conn, reason: str) -> None:
         if not conn.close_reason:
             conn.close_reason = reason
-        if conn.state not in (State.CLOSING, State.CLOSED):
-            self._set_state(conn, State.CLOSING)
+        if not conn.ending:
+            conn.handle(Event.CLOSE)
+            self.datapath.changed()
             self._out.append(Close(conn.conn_id, reason))
 
     def retire(self, now: float, conn_id: int, reason: str, graceful: bool = True) -> None:
@@ -813,16 +620,13 @@ class Rfc9329Engine(Engine):
         if conn is None:
             self.router.remove(conn_id)
             return
-        delay = 0.0
-        if graceful:
-            delay = CLIENT_CLOSE_DELAY if conn.side is Side.CLIENT else GATEWAY_CLOSE_DELAY
-        self.timer_queue.call_at(now + delay, self._retire_due, conn, reason)
+        delay = conn.retire_delay(graceful)
+        self.timer_queue.call_at(now + delay, self._retire_due, conn_id, reason)
 
-    def _retire_due(self, now: float, conn: Conn, reason: str) -> None:
-        if self.conns.get(conn.conn_id) is not conn:
-            return
-        if conn.entry.ike_spis or conn.entry.ike_spis_old:
-            return  # a new SA arrived meanwhile
+    def _retire_due(self, now: float, conn_id: int, reason: str) -> None:
+        conn = self.conns.get(conn_id)  # (a reconnect's next generation retires as well)
+        if conn is None or not conn.may_retire():
+            return  # gone, or a new SA arrived meanwhile
         conn.retiring = True
         self.close(conn, reason)
 
@@ -838,34 +642,26 @@ class Rfc9329Engine(Engine):
 
     def _lost(self, now: float, conn: Conn) -> None:
         self.totals_fold(conn)
-        self._set_state(conn, State.CLOSED)
-        if conn.side is Side.CLIENT and conn.local_port:
+        conn.handle(Event.LOST)
+        self.datapath.changed()
+        if conn.side is Role.CLIENT and conn.local_port:
             self.ports.release(conn.local_port)
         if conn.counted:
             conn.counted = False
-            self.n_gateway -= 1
-            if conn.first_at is None:
-                self._unpend(conn)
-            _decrement(self.per_source, conn.source)
+            self.admission.gone(conn.source, conn.first_at is None)
         entry = conn.entry
         carried = conn.sa_seen
-        if (
-            conn.side is Side.CLIENT
-            and not conn.retiring
-            and not self.stopping
-            and (conn.got_ike or conn.attempt)
-            and (entry.ike_spis or entry.ike_spis_old)
-            and conn.attempt < MAX_RECONNECTS
-        ):
+        if conn.reconnects(self.stopping):
             self._reconnect(now, conn)
             return
-        if conn.side is Side.GATEWAY and entry.carries_sa:
+        if conn.side is Role.GATEWAY and entry.carries_sa:
             self._hand_over(now, conn)
         del self.conns[conn.conn_id]
         self.router.remove(conn.conn_id)
-        if conn.side is Side.GATEWAY and conn.first_at is not None:
+        if conn.side is Role.GATEWAY and conn.first_at is not None:
+            brief = self.config.gateway.max_pending
             for port in (entry.peer_port, *entry.aliases):
-                self._linger(now, (entry.peer, port), conn.conn_id, carried)
+                self.lingering.linger(now, (entry.peer, port), conn.conn_id, carried, brief)
         log.info(
             "%s: closed (%s) after %.1fs, frames in/out %d/%d",
             conn,
@@ -874,41 +670,6 @@ class Rfc9329Engine(Engine):
             conn.frames_in,
             conn.frames_out,
         )
-
-    def _linger(self, now: float, ep: Endpoint, conn_id: int, carried: bool) -> None:
-        """Keep steering the endpoint of a gateway connection that closed: charon may
-        still talk to it (DPD, rekey, a client about to reconnect), and that must not
-        leave as UDP. It is released once charon has no established IKE SA with it (see
-        _release_tick); one whose connection never carried an SA is asked about sooner
-        and does not count against the steering limit."""
-        if ep not in self.endpoints:
-            return  # never steered (refused at the steering limit)
-        real = carried or self.endpoints.has(ep, LINGER)
-        self.endpoints.add(ep, LINGER if real else BRIEF)
-        self.endpoints.remove(ep, f"conn:{conn_id}")
-        if real and ep in self.brief:
-            del self.brief[ep]
-            self.endpoints.remove(ep, BRIEF)
-        if any(r.startswith("conn:") for r in self.endpoints.reasons(ep)):
-            return
-        if real:
-            self.release_at[ep] = now + PEER_RELEASE_DELAY
-            return
-        self.brief.pop(ep, None)
-        self.brief[ep] = None
-        self.release_at[ep] = now + BRIEF_LINGER
-        if self._release_asked_for <= now:  # one question at a time, not one per connection
-            self._release_asked_for = now + BRIEF_LINGER
-            self.timer_queue.call_at(now + BRIEF_LINGER, self._release_check)
-        while len(self.brief) > self.config.gateway.max_pending:
-            self._unsteer(next(iter(self.brief)))
-
-    def _unsteer(self, ep: Endpoint) -> None:
-        """Stop steering a lingering endpoint."""
-        self.brief.pop(ep, None)
-        self.release_at.pop(ep, None)
-        if self.endpoints.remove(ep, BRIEF) | self.endpoints.remove(ep, LINGER):
-            self._out.append(Steer(ep[0], False, ep[1]))
 
     def _hand_over(self, now: float, conn: Conn) -> None:
         """A gateway connection that carried SAs is gone. Its client is expected back on a
@@ -931,7 +692,7 @@ class Rfc9329Engine(Engine):
             # ESP or IKE) takes them now; any other waits as an orphan, like _first_message.
             self._adopt(target, ike, esp, conn.sa_seen)
         else:
-            self.orphans[(old.local, old.peer)] = Orphan(now + ORPHAN_GRACE, ike, esp, conn.sa_seen)
+            self.orphans.park(now, (old.local, old.peer), ike, esp, conn.sa_seen)
 
     def fast_path_sent(
         self, conn_id: int, frames: int, nbytes: int, esp_dropped: int, ike_dropped: int
@@ -939,13 +700,8 @@ class Rfc9329Engine(Engine):
         """The native path wrote (or dropped, over the send bound) this much on a
         connection since its last report: counted as if the engine had sent it."""
         conn = self.conns.get(conn_id)
-        if conn is None:
-            return
-        conn.frames_out += frames
-        conn.bytes_out += nbytes
-        for key, n in (("esp-congested", esp_dropped), ("ike-congested", ike_dropped)):
-            if n:
-                conn.drops[key] = conn.drops.get(key, 0) + n
+        if conn is not None:
+            conn.sent_elsewhere(frames, nbytes, esp_dropped, ike_dropped)
 
     def totals_fold(self, conn: Conn) -> None:
         """Counters of closed connections, so metrics never go backwards."""
@@ -961,14 +717,7 @@ class Rfc9329Engine(Engine):
         """What a previous run steered that charon still holds SAs with: gateway endpoints
         (and whole addresses: a fallback's) stay steered, as after their connection
         closed, until the release poll finds no SA with them."""
-        for ep in endpoints:
-            if self.endpoints.add(ep, LINGER):
-                self._out.append(Steer(ep[0], True, ep[1]))
-            self.release_at[ep] = now + PEER_RELEASE_DELAY
-        for peer in peers:
-            if self.steering.add(peer, LINGER):
-                self._out.append(Steer(peer, True))
-            self.release_peer_at[peer] = now + PEER_RELEASE_DELAY
+        self.lingering.previous_run(now, peers, endpoints)
 
     def stop(self) -> None:
         """tcpencap is stopping: close everything, reconnect nothing."""
@@ -983,14 +732,14 @@ class Rfc9329Engine(Engine):
         # While charon reports CHILD SAs, only VICI binds ESP SPIs (so retired SPIs stay
         # gone); without it, charon's own outbound packets teach the table.
         self.router.learn_esp = not connected
-        self.epoch += 1
+        self.datapath.changed()
 
     def vici_event(self, now: float, label: str, event: dict[str, Any]) -> None:
         up = event.get("up") == "yes"
         if label == "ike-updown" and not up and self.orphans:
-            self._forget_orphans(event)
+            self.orphans.forget(set(ike_spis(event)))
         self._apply_effects(now, self.sync.handle(label, event))
-        self._learn_inbound(label, up, event)
+        self.inbound.learn(label, up, event)
         if label in ("ike-updown", "child-updown") and up or label == "ike-rekey":
             self._mark_sa_seen(event)
         if label in ("child-rekey", "ike-update", "ike-rekey"):
@@ -998,22 +747,10 @@ class Rfc9329Engine(Engine):
 
     def vici_resync(self, now: float, sas: list[dict[str, Any]]) -> None:
         self._apply_effects(now, self.sync.resync(sas))
-        self.inbound_spis = inbound_spis(sas)
-        self.inbound_ports = inbound_ports(sas)
+        self.inbound.replace(sas)
         for item in sas:
             self._mark_sa_seen(item)
         self._resume_pending(now)
-
-    def _learn_inbound(self, label: str, up: bool, event: dict[str, Any]) -> None:
-        """charon's inbound ESP SPIs by peer: what a resuming client may send first."""
-        for spi, peer in inbound_changes(label, up, event):
-            if peer is None:
-                self.inbound_spis.pop(spi, None)
-                self.inbound_ports.pop(spi, None)
-            else:
-                self.inbound_spis[spi] = peer
-        if up or label == "child-rekey":
-            self.inbound_ports.update(inbound_ports([event]))
 
     def _mark_sa_seen(self, event: dict[str, Any]) -> None:
         """charon's word that an IKE SA exists: the connections carrying it pass the
@@ -1023,14 +760,6 @@ class Rfc9329Engine(Engine):
             conn = self.conns.get(entry.conn_id) if entry else None
             if conn is not None:
                 conn.sa_seen = True
-
-    def _forget_orphans(self, event: dict[str, Any]) -> None:
-        """charon deleted these IKE SAs: no reconnect will resume them."""
-        gone = set(ike_spis(event))
-        for pair, orphan in list(self.orphans.items()):
-            orphan.ike = [spi for spi in orphan.ike if spi not in gone]
-            if not orphan.ike:
-                del self.orphans[pair]
 
     def _apply_effects(self, now: float, effects: list[Any]) -> None:
         for eff in effects:
@@ -1074,16 +803,9 @@ class Rfc9329Engine(Engine):
 
     def _release_tick(self, now: float) -> None:
         self.timer_queue.call_at(now + PEER_RELEASE_POLL, self._release_tick)
-        for pair in [p for p, o in self.orphans.items() if o.deadline < now]:
-            del self.orphans[pair]
-        for source in [s for s, until in self.cooling.items() if until <= now]:
-            del self.cooling[source]
-        self._release_check(now)
-
-    def _release_check(self, now: float) -> None:
-        due = (*self.release_at.values(), *self.release_peer_at.values())
-        if any(t <= now for t in due):
-            self._out.append(Query("peer-release"))
+        self.orphans.expire(now)
+        self.admission.expire(now)
+        self.lingering.check(now)
 
     def _poll_fallback_soon(self, now: float) -> None:
         if not self._fallback_polling and self.fallback.conns:
@@ -1105,75 +827,17 @@ class Rfc9329Engine(Engine):
             self._apply_effects(now, self.sync.reconcile_ike(now, sas))
             if self.sync.unlisted_ike:  # ask again once their grace is over
                 self._reconcile_soon(now, UNLISTED_GRACE)
-            self.inbound_spis = inbound_spis(sas)
-            self.inbound_ports = inbound_ports(sas)
+            self.inbound.replace(sas)
         elif purpose == "peer-release":
-            self._release_peers(now, sas)
+            self.lingering.release(now, sas)
         elif purpose == "fallback":
-            self._fallback_update(now, sas)
-
-    def _release_peers(self, now: float, sas: list[dict[str, Any]]) -> None:
-        """Stop steering gateway endpoints that have no connection and no IKE SA in
-        charon with that remote host and port, other than one still being set up
-        (CONNECTING: as its responder charon sends nothing unasked; a stranger's
-        IKE_SA_INIT leaves one behind for charon's half-open timeout)."""
-        busy: set[Endpoint] = set()
-        for item in sas:
-            for sa in item.values():
-                if not isinstance(sa, dict) or sa.get("state") == "CONNECTING":
-                    continue
-                host = address(sa.get("remote-host"))
-                if host is not None:
-                    busy.add((host, vici_port(sa.get("remote-port"), 0)))
-        hosts = {host for host, _port in busy}
-        for peer in [p for p, t in self.release_peer_at.items() if t <= now]:
-            if peer in hosts:
-                self.release_peer_at[peer] = now + PEER_RELEASE_DELAY
-            else:
-                del self.release_peer_at[peer]
-                if self.steering.remove(peer, LINGER):
-                    self._out.append(Steer(peer, False))
-        for ep in [p for p, t in self.release_at.items() if t <= now]:
-            if any(r.startswith("conn:") for r in self.endpoints.reasons(ep)):
-                del self.release_at[ep]
-            elif ep in busy:
-                self.release_at[ep] = now + PEER_RELEASE_DELAY
-                if ep in self.brief:  # charon has an SA there after all: a real peer
-                    del self.brief[ep]
-                    self.endpoints.add(ep, LINGER)
-                    self.endpoints.remove(ep, BRIEF)
-            else:
-                self._unsteer(ep)
-
-    def _fallback_update(self, now: float, sas: list[dict[str, Any]]) -> None:
-        for sw in self.fallback.update(now, sas):
-            peers = tuple(ipaddress.ip_address(p).packed for p in sw.peers)
-            if sw.tcp:
-                log.warning(
-                    "connection %s: no answer over UDP, falling back to TCP for %s",
-                    sw.name,
-                    ", ".join(sw.peers),
-                )
-                self._set_reason(f"fallback:{sw.name}", peers, 0)
-            else:
-                log.info("connection %s: no SA left, back to UDP first", sw.name)
-                self._set_reason(f"fallback:{sw.name}", (), 0)
+            self.client.fallback_update(now, sas)
 
     # --- helpers and status -----------------------------------------------------------
 
     def _current(self, conn_id: int, generation: int) -> Conn | None:
         conn = self.conns.get(conn_id)
         return conn if conn is not None and conn.generation == generation else None
-
-    def _goto(self, conn: Conn, new: State) -> None:
-        if new not in TRANSITIONS[conn.state]:
-            raise AssertionError(f"{conn}: {conn.state.value} -> {new.value}")
-        self._set_state(conn, new)
-
-    def _set_state(self, conn: Conn, new: State) -> None:
-        """Every state change goes here: the native flow cache is valid for one epoch."""
-        conn.state = new
-        self.epoch += 1
 
     def conn(self, conn_id: int) -> Conn | None:
         return self.conns.get(conn_id)
@@ -1184,24 +848,7 @@ class Rfc9329Engine(Engine):
     row = staticmethod(status_of)
 
 
-def _decrement(counts: dict[str, int], key: str) -> None:
-    left = counts.get(key, 1) - 1
-    if left > 0:
-        counts[key] = left
-    else:
-        counts.pop(key, None)
-
-
-def inbound_ports(items: list[dict[str, Any]]) -> dict[int, int]:
-    """charon's inbound ESP SPI -> the remote port of its IKE SA, from list-sas items or
-    events (a child-rekey's new SPIs included)."""
-    ports: dict[int, int] = {}
-    for item in items:
-        for sa in dicts(item):
-            port = vici_port(sa.get("remote-port"), 0)
-            for child in children(sa):
-                for c in (child, child.get("new")):
-                    spi = esp_spi(c.get("spi-in")) if isinstance(c, dict) else None
-                    if spi is not None and port:
-                        ports[spi] = port
-    return ports
+# The admission counts, read where they were before they had a module of their own (the
+# shell's status and tests read them on the engine).
+for _name in ("n_gateway", "n_pending", "n_proxied", "per_source", "pending_per_source", "cooling"):
+    setattr(Rfc9329Engine, _name, property(lambda self, _n=_name: getattr(self.admission, _n)))

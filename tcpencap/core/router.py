@@ -15,13 +15,13 @@ Injected packets always carry the connection's own peer address as source.
 
 from __future__ import annotations
 
-import enum
 import logging
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tcpencap.core.outputs import Inject
+from tcpencap.core.role import Role
 from tcpencap.core.table import Bind, ConnectionTable, Entry
 from tcpencap.wire import rfc9329
 from tcpencap.wire.ike import (
@@ -58,9 +58,8 @@ def _protected(hdr: IKEHeader) -> bool:
     return bool(hdr.flags & 0x01)
 
 
-class Side(enum.Enum):
-    CLIENT = "client"  # TCP originator
-    GATEWAY = "gateway"  # TCP responder
+# The name this module gave the role before core.role; sa_sync and older tests import it.
+Side = Role
 
 
 @dataclass(slots=True)
@@ -68,7 +67,7 @@ class ConnView:
     """The router's per-connection state (the transport keeps sockets and counters)."""
 
     entry: Entry
-    side: Side
+    side: Role
     # Client side: the UDP ports charon last used towards this peer (its own, the peer's).
     charon_sport: int = IKE_PORT
     charon_dport: int = IKE_PORT
@@ -151,12 +150,12 @@ class Router:
 
     def add_gateway_conn(self, local: bytes, peer: bytes, peer_port: int) -> ConnView:
         entry = self.table.add(local, peer, peer_port)
-        view = self.views[entry.conn_id] = ConnView(entry, Side.GATEWAY)
+        view = self.views[entry.conn_id] = ConnView(entry, Role.GATEWAY)
         return view
 
     def add_client_conn(self, local: bytes, peer: bytes) -> ConnView:
         entry = self.table.add(local, peer)
-        view = self.views[entry.conn_id] = ConnView(entry, Side.CLIENT)
+        view = self.views[entry.conn_id] = ConnView(entry, Role.CLIENT)
         return view
 
     def remove(self, conn_id: int) -> None:
@@ -264,10 +263,10 @@ class Router:
                 view = self.views[entry.conn_id]
                 if self.learn_esp:  # no VICI: packets are all we learn from
                     self.table.bind_ike(view.conn_id, spi)
-                if view.side is Side.CLIENT:
+                if view.side is Role.CLIENT:
                     view.charon_sport, view.charon_dport = udp.sport, udp.dport
                 return Send(view.conn_id, frame, True, request, protected)
-            if view.side is Side.CLIENT:
+            if view.side is Role.CLIENT:
                 view.charon_sport, view.charon_dport = udp.sport, udp.dport
             elif self.table.bind_ike(view.conn_id, spi) is Bind.CONFLICT and protected:
                 # charon sends a message protected by the SA's keys to this endpoint: it
@@ -306,7 +305,7 @@ class Router:
         if old is None or not self.is_tcp_peer(peer):
             return None
         old_view = self.views.get(old.conn_id)
-        if old_view is None or old_view.side is not Side.CLIENT:
+        if old_view is None or old_view.side is not Role.CLIENT:
             return None
         view = self.add_client_conn(local, peer)
         view.charon_sport, view.charon_dport = sport, dport
@@ -328,7 +327,7 @@ class Router:
         if entry is None:
             return None
         view = self.views.get(entry.conn_id)
-        return entry if view is not None and view.side is Side.CLIENT else None
+        return entry if view is not None and view.side is Role.CLIENT else None
 
     def _may_take(self, view: ConnView, owner: Entry) -> bool:
         """May ``view`` take SPIs from ``owner``: it is closing, or the same endpoint."""
@@ -369,7 +368,7 @@ class Router:
 
     def ports_of(self, view: ConnView, ike: bool) -> tuple[int, int]:
         """(source port, destination port) of the UDP packet charon will see."""
-        if view.side is Side.GATEWAY:
+        if view.side is Role.GATEWAY:
             return view.entry.peer_port, NATT_PORT
         if ike:
             return view.charon_dport, view.charon_sport

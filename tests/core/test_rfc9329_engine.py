@@ -20,6 +20,7 @@ from tcpencap.core.rfc9329_engine import (
 )
 from tcpencap.core.sa_sync import UNLISTED_GRACE
 from tcpencap.native import load as load_native
+from tcpencap.native.datapath import NativeDataPath
 from tcpencap.wire import rfc9329
 from tcpencap.wire.ike import NON_ESP_MARKER
 from tcpencap.wire.packet import addr_bytes, build_udp_packet, parse_ip, parse_udp
@@ -47,7 +48,7 @@ def datapath(request: pytest.FixtureRequest) -> str:
 
 
 def make_engine(cfg: Any, now: float) -> Rfc9329Engine:
-    return Rfc9329Engine(cfg, now, _datapath["native"])
+    return Rfc9329Engine(cfg, now, NativeDataPath.of(_datapath["native"]))
 
 
 def feed_outbound(e: Rfc9329Engine, now: float, packet: bytes) -> None:
@@ -118,8 +119,9 @@ class Wire:
         self.now = 100.0
         if native == "fixture":
             native = _datapath["native"]
-        self.c = Rfc9329Engine(client_cfg or client_config(), self.now, native)
-        self.g = Rfc9329Engine(gw_cfg or gateway_config(), self.now, native)
+        # (each engine its own data path: its flow cache, inject batch and epoch)
+        self.c = Rfc9329Engine(client_cfg or client_config(), self.now, NativeDataPath.of(native))
+        self.g = Rfc9329Engine(gw_cfg or gateway_config(), self.now, NativeDataPath.of(native))
         self.links: dict[int, tuple[int, int]] = {}  # gateway conn -> (client conn, gen)
         self.to_gw: dict[tuple[int, int], int] = {}
         self.charon_c: list[bytes] = []  # packets injected to the client's charon
@@ -319,13 +321,13 @@ def test_failed_connects_back_off_exponentially() -> None:
     (gid,) = w.g.conns
     w.refuse_connect = True
     w.break_link(gid, "reset")
-    (cconn,) = w.c.conns.values()
+    (cid,) = w.c.conns  # each reconnect is the connection's next generation (a new Conn)
     w.advance(RECONNECT_BASE + 0.01)  # attempt 1 fails
-    assert cconn.attempt == 2
+    assert w.c.conns[cid].attempt == 2
     w.advance(2 * RECONNECT_BASE - 0.02)
-    assert cconn.attempt == 2  # the second delay is twice the first
+    assert w.c.conns[cid].attempt == 2  # the second delay is twice the first
     w.advance(0.03)
-    assert cconn.attempt == 3
+    assert w.c.conns[cid].attempt == 3
 
 
 def test_gateway_hands_orphaned_sas_to_the_reconnected_client() -> None:
@@ -432,7 +434,7 @@ def test_esp_first_passes_when_charon_has_its_spi() -> None:
     send_frames(g, gid, 1.1, esp(0xC0FFEE01))
     assert g.conns[gid].state is State.OPEN and g.conns[gid].sa_seen
     g.vici_event(2.0, "child-updown", child_sa_event(0xC0FFEE01, up=False))
-    assert 0xC0FFEE01 not in g.inbound_spis
+    assert 0xC0FFEE01 not in g.inbound.spis
 
 
 def test_without_vici_esp_first_passes_but_must_earn_its_keep() -> None:

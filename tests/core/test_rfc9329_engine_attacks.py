@@ -10,14 +10,9 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tcpencap.core.admission import COOL_DOWN, COOL_DOWN_MAX
 from tcpencap.core.outputs import Inject, Query, Steer, Transmit
-from tcpencap.core.rfc9329_engine import (
-    BRIEF_LINGER,
-    COOL_DOWN,
-    COOL_DOWN_MAX,
-    Rfc9329Engine,
-    State,
-)
+from tcpencap.core.rfc9329_engine import BRIEF_LINGER, Rfc9329Engine, State
 from tcpencap.wire import rfc9329
 from tcpencap.wire.ike import NON_ESP_MARKER, check_first_ike
 from tcpencap.wire.packet import addr_bytes
@@ -104,7 +99,7 @@ def test_lingering_is_per_endpoint() -> None:
         released += steers(g.pull())
         if now == 5.0:  # the SA-less one goes after BRIEF_LINGER, the other stays
             assert released == [(CB, False, 50001)]
-    assert released == [(CB, False, 50001)] and (CB, 50000) in g.endpoints
+    assert released == [(CB, False, 50001)] and (CB, 50000) in g.lingering.endpoints
 
 
 def test_one_message_connections_do_not_fill_the_steering_set() -> None:
@@ -118,7 +113,7 @@ def test_one_message_connections_do_not_fill_the_steering_set() -> None:
         assert cid is not None
         first(g, cid, now, spi=port.to_bytes(8, "big"))
         g.connection_lost(now, cid, 0, None)
-    assert len(g.brief) == 10 and len(g.endpoints) == 10
+    assert len(g.lingering.brief) == 10 and len(g.lingering.endpoints) == 10
     honest = g.accept(now, G, 4500, C, 50000)
     assert honest is not None
     first(g, honest, now)
@@ -128,7 +123,7 @@ def test_one_message_connections_do_not_fill_the_steering_set() -> None:
         if isinstance(o, Query):  # charon: only their half-open SAs
             half = {"remote-host": "198.18.7.7", "remote-port": "1999", "state": "CONNECTING"}
             g.sas_listed(now + BRIEF_LINGER, o.purpose, [{"x": half}])
-    assert list(g.endpoints.peers()) == [(CB, 50000)] and g.brief == {}
+    assert list(g.lingering.endpoints.peers()) == [(CB, 50000)] and g.lingering.brief == {}
 
 
 # --- 6: endpoint takeover -----------------------------------------------------------------
@@ -239,13 +234,8 @@ def test_a_source_that_flooded_cools_down_before_it_connects_again() -> None:
     assert g.accept(1.7, G, 4500, "198.18.1.3", 50001) is not None
     assert g.accept(1.5 + COOL_DOWN, G, 4500, C, 50002) is not None
     for i in range(COOL_DOWN_MAX + 10):  # bounded, oldest out first
-        g._cool_down(2.0, FakeConn(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/32"))
+        g.admission.cool_down(2.0, f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/32")
     assert len(g.cooling) == COOL_DOWN_MAX
-
-
-class FakeConn:
-    def __init__(self, source: str) -> None:
-        self.source = source
 
 
 def test_empty_frames_count_and_close_after_max_invalid_frames() -> None:
@@ -385,7 +375,7 @@ def test_a_resumed_sa_brings_charons_old_endpoint_to_its_new_connection() -> Non
     other = g.accept(2.0, G, 4500, C, 41000)  # the alias is held: refused like the endpoint
     assert other is None and g.events["endpoint-in-use"] == 1
     g.connection_lost(3.0, gid, 0, None)
-    assert set(g.release_at) == {(CB, 50000), (CB, 41000)} and g.brief == {}
+    assert set(g.lingering.release_at) == {(CB, 50000), (CB, 41000)} and g.lingering.brief == {}
 
 
 def test_a_connection_refused_at_the_steering_limit_leaves_nothing_steered() -> None:
@@ -398,4 +388,4 @@ def test_a_connection_refused_at_the_steering_limit_leaves_nothing_steered() -> 
     first(g, b, spi=SPI_X)
     assert closes(g) == ["limit-steered"]
     g.connection_lost(1.1, b, 0, None)
-    assert list(g.endpoints.peers()) == [(CB, 50000)] and g.brief == {}
+    assert list(g.lingering.endpoints.peers()) == [(CB, 50000)] and g.lingering.brief == {}
