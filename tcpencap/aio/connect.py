@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from typing import TYPE_CHECKING
 
+from tcpencap.aio.engine_timer import loop_time
 from tcpencap.aio.sockopts import set_ipsec_bypass, set_nodelay
 from tcpencap.aio.tcp import TcpProtocol
 from tcpencap.core.outputs import Connect
@@ -51,5 +51,5 @@ async def connect(daemon: Daemon, o: Connect) -> None:
         if sock is not None:
             sock.close()
         reason = str(exc) or type(exc).__name__
-        daemon.engine.connect_failed(time.monotonic(), o.conn_id, o.generation, reason)
+        daemon.engine.connect_failed(loop_time(), o.conn_id, o.generation, reason)
         daemon.after()

@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,7 +20,7 @@ from nfq.rules import SteeringRules
 from tcpencap.aio.connect import connect
 from tcpencap.aio.control import start_control, start_metrics
 from tcpencap.aio.ctcp_service import CtcpService
-from tcpencap.aio.engine_timer import EngineTimer
+from tcpencap.aio.engine_timer import EngineTimer, loop_time
 from tcpencap.aio.ike_guard import IkeGuard
 from tcpencap.aio.sockopts import set_ipsec_bypass
 from tcpencap.aio.status import daemon_status
@@ -51,7 +50,7 @@ class Daemon:
         self.remove_rules = remove_rules
         self.failure: str | None = None  # why the daemon ends on its own (exit code 1)
         self.datapath, native = choose_datapath(config.datapath)
-        self.engine = Rfc9329Engine(config, time.monotonic(), native)
+        self.engine = Rfc9329Engine(config, loop_time(), native)
         self.rules = SteeringRules(config.queue_num, queues=config.queues, endpoints=True)
         self.injector: RawInjector | None = None
         self.queues: list[QueueReader] = []
@@ -66,7 +65,7 @@ class Daemon:
         self.intent = plans.Intent(restart_only=plans.restart_only(config))
         self.resolved: dict[str, list[str]] = {}  # get-conns answers, by connection name
         self.vici_state = "not connected"
-        self.started = time.monotonic()
+        self.started = loop_time()
         self.batching = False
         self.dirty: list[TcpProtocol] = []
         self.timer = EngineTimer(self._fire)
@@ -122,7 +121,7 @@ class Daemon:
                 self._spawn(self._query(o.purpose))
 
     def _fire(self) -> None:
-        self.engine.handle_timer(time.monotonic())
+        self.engine.handle_timer(loop_time())
         self.after()
 
     def _close(self, o: Close) -> None:
@@ -132,7 +131,7 @@ class Daemon:
             return
         conn = self.engine.conn(o.conn_id)  # still connecting: it is lost now
         if conn is not None:
-            self.engine.connection_lost(time.monotonic(), o.conn_id, conn.generation, o.reason)
+            self.engine.connection_lost(loop_time(), o.conn_id, conn.generation, o.reason)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -144,7 +143,7 @@ class Daemon:
         return conn.drops if conn is not None else self.engine.router.drops
 
     def log_limited(self, key: str, fmt: str, *args: object) -> None:
-        self.engine.log_limited(time.monotonic(), key, fmt, *args)
+        self.engine.log_limited(loop_time(), key, fmt, *args)
 
     # --- charon: NFQUEUE, VICI, list-sas ------------------------------------------------
 
@@ -156,11 +155,11 @@ class Daemon:
                 proto.flush_writes()
 
     def on_queued(self, packet: bytes) -> None:
-        self.engine.outbound(time.monotonic(), packet)
+        self.engine.outbound(loop_time(), packet)
         self.after()
 
     def on_queue_batch(self, misses: list[bytes], hits: list[tuple[int, bytes, int]]) -> None:
-        self.engine.outbound_batch(time.monotonic(), misses, hits)
+        self.engine.outbound_batch(loop_time(), misses, hits)
         self.after()
 
     def _start_threads(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -206,22 +205,22 @@ class Daemon:
                 proto.want_write()
 
     def on_vici_event(self, label: str, event: dict[str, Any]) -> None:
-        self.engine.vici_event(time.monotonic(), label, event)
+        self.engine.vici_event(loop_time(), label, event)
         self.after()
         self.guard.vici_event(label)
 
     def on_vici_resync(self, sas: list[dict[str, Any]]) -> None:
-        self.engine.vici_resync(time.monotonic(), sas)
+        self.engine.vici_resync(loop_time(), sas)
         self.after()
         self.guard.vici_resync(sas)
 
     def on_vici_state(self, state: str) -> None:
         self.vici_state = state
-        self.engine.vici_state(time.monotonic(), state == "connected")
+        self.engine.vici_state(loop_time(), state == "connected")
 
     async def _query(self, purpose: str) -> None:
         sas = await self._list_sas(purpose)
-        self.engine.sas_listed(time.monotonic(), purpose, sas)
+        self.engine.sas_listed(loop_time(), purpose, sas)
         self.after()
 
     # --- configuration: start-up and reload are the same plan ---------------------------
@@ -249,7 +248,7 @@ class Daemon:
                 raise OSError(tls_error)
             log.error("%s%s", prefix, tls_error)
             changes.append(tls_error)
-        self.engine.apply(time.monotonic(), ops)
+        self.engine.apply(loop_time(), ops)
         for op in ops:
             line = plans.describe(op)
             if isinstance(op, plans.Listen):
@@ -394,7 +393,7 @@ class Daemon:
         ctcp_rules = self.ctcp.rules if self.ctcp is not None else None
         ctcp_remembered = ctcp_rules.steering.remembered if ctcp_rules is not None else []
         sas = await self._list_sas("start") if remembered or ctcp_remembered else []
-        self.engine.linger(time.monotonic(), *still_held(remembered, sas))
+        self.engine.linger(loop_time(), *still_held(remembered, sas))
         self.after()
         self.rules.commit()
         if self.ctcp is not None and ctcp_rules is not None:

@@ -1,4 +1,5 @@
-"""The one OS timer an engine needs: armed for ``engine.get_timer()`` after every input."""
+"""The shells' one clock and the one OS timer an engine needs: armed for
+``engine.get_timer()`` after every input."""
 
 from __future__ import annotations
 
@@ -7,14 +8,22 @@ import time
 from collections.abc import Callable
 
 
+def loop_time() -> float:
+    """The shells' clock: the running event loop's. Before the loop runs (the daemon is
+    built before ``asyncio.run`` starts it) it is the clock asyncio's loop reads, so that
+    times taken then and later compare."""
+    try:
+        return asyncio.get_running_loop().time()
+    except RuntimeError:
+        return time.monotonic()
+
+
 class EngineTimer:
     """Re-arms only when the engine's next deadline changed (a compare per packet).
     Deadlines are in ``clock``'s time (the one the engine is fed); the loop's clock may
     differ, so they are converted."""
 
-    def __init__(
-        self, fire: Callable[[], None], clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, fire: Callable[[], None], clock: Callable[[], float] = loop_time) -> None:
         self._fire = fire
         self._clock = clock
         self._handle: asyncio.TimerHandle | None = None

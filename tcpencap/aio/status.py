@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import time
 from typing import TYPE_CHECKING, Any
 
+from tcpencap.aio.engine_timer import loop_time
 from tcpencap.core.outputs import bracket
 from tcpencap.wire.packet import addr_text
 
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 def daemon_status(d: Daemon) -> dict[str, Any]:
     """What ``tcpencap status`` prints and /metrics renders."""
-    now = time.monotonic()
+    now = loop_time()
     qs = d.queues
     stats = [q.stats() for q in qs]
     e = d.engine

@@ -12,21 +12,18 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from typing import TYPE_CHECKING, Any
 
+from tcpencap.aio.engine_timer import EngineTimer, loop_time
 from tcpencap.aio.sockopts import set_ipsec_bypass, set_nodelay
 from tcpencap.aio.tcp_front import FrontHandling, host_text
 from tcpencap.core.front import StreamFront
-from tcpencap.core.outputs import count
+from tcpencap.core.send_buffer import congested, flush_deadline
 
 if TYPE_CHECKING:
     from tcpencap.aio.daemon import Daemon
 
 log = logging.getLogger("tcpencap")
-
-IKE_HARD_LIMIT_FACTOR = 4  # IKE may overshoot the send buffer bound this many times
-FLUSH_BEFORE_CLOSE = 5.0  # seconds a closing connection's writer gets to send its rest
 
 
 class TcpProtocol(FrontHandling, asyncio.Protocol):
@@ -48,6 +45,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
         self._fd = -1
         self._writing = False  # add_writer is armed for the writer's rest
         self._close_pending = False
+        self._flush_timer = EngineTimer(self._close_now)  # for the writer's rest at close
         self._reported = (0, 0, 0, 0)  # writer counters already handed to the engine
         self.lent = False  # the native inbound worker reads this connection
         self.tls_listener = tls_listener
@@ -64,7 +62,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
             with contextlib.suppress(OSError):
                 set_nodelay(sock)
                 set_ipsec_bypass(sock)
-        now = time.monotonic()
+        now = loop_time()
         d = self.daemon
         if self.conn_id:  # client
             conn = self.engine.conn(self.conn_id)
@@ -219,7 +217,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
         if not self.lent:
             return
         self.lent = False
-        now = time.monotonic()
+        now = loop_time()
         self.engine.lent_received(
             now, self.conn_id, self.generation, counts, drain=True, over_rate=reason == "rate"
         )
@@ -238,7 +236,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
         counts = inbound.detach(self.conn_id) if inbound is not None else None
         if counts is not None:
             self.engine.lent_received(
-                time.monotonic(), self.conn_id, self.generation, counts, drain=False
+                loop_time(), self.conn_id, self.generation, counts, drain=False
             )
 
     def report_lent(self) -> None:
@@ -247,7 +245,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
             counts = inbound.counts(self.conn_id)
             if counts is not None and any(counts):
                 self.engine.lent_received(
-                    time.monotonic(), self.conn_id, self.generation, counts, drain=False
+                    loop_time(), self.conn_id, self.generation, counts, drain=False
                 )
 
     def data_received(self, data: bytes) -> None:
@@ -256,17 +254,18 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
             self.daemon.after()
             return
         if self.registered:
-            self.engine.receive_data(time.monotonic(), self.conn_id, self.generation, data)
+            self.engine.receive_data(loop_time(), self.conn_id, self.generation, data)
             self.daemon.after()
             self.maybe_lend()
 
     def eof_received(self) -> bool | None:
         if self.registered:
-            self.engine.eof_received(time.monotonic(), self.conn_id, self.generation)
+            self.engine.eof_received(loop_time(), self.conn_id, self.generation)
             self.daemon.after()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._flush_timer.cancel()
         if self._front_timer is not None:
             self._front_timer.cancel()
             self._front_timer = None
@@ -280,7 +279,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
         if d.protocols.get(self.conn_id) is self:
             del d.protocols[self.conn_id]
         error = str(exc) if exc else None
-        self.engine.connection_lost(time.monotonic(), self.conn_id, self.generation, error)
+        self.engine.connection_lost(loop_time(), self.conn_id, self.generation, error)
         d.after()
 
     def pause_writing(self) -> None:  # backpressure is the buffer bound in send()
@@ -306,17 +305,14 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
         size = tr.get_write_buffer_size() + self._wlen
         if self.front is not None:
             size += self.front.held_octets
-        limit = self.daemon.config.gateway.max_buffer
-        if size > limit:
+        congestion = congested(size, self.daemon.config.gateway.max_buffer, is_ike)
+        if congestion is not None:
             drops = self.daemon.drops_of(self.conn_id)
-            if not is_ike:
-                drops["esp-congested"] = drops.get("esp-congested", 0) + frames
-                return
-            if size > limit * IKE_HARD_LIMIT_FACTOR:
-                count(drops, "ike-congested")
+            drops[congestion] = drops.get(congestion, 0) + (1 if is_ike else frames)
+            if is_ike:
                 self.daemon.log_limited("ike-congested", "conn %d: IKE dropped: send buffer full",
                                         self.conn_id)  # fmt: skip
-                return
+            return
         if self.daemon.batching:
             if not self._wbuf:
                 self.daemon.dirty.append(self)
@@ -342,13 +338,14 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
             flows = self.engine.flows
             if flows is not None:
                 flows.drop_writer(self.conn_id)  # nothing new is written from now on
-            if w.pending and not w.error and not self._close_pending:
+            if self._close_pending:
+                return
+            due = flush_deadline(loop_time(), bool(w.pending), bool(w.error))
+            if due is not None:
                 # the last frames (an IKE DELETE, say) leave before the connection closes
                 self._close_pending = True
                 self.want_write()
-                asyncio.get_running_loop().call_later(FLUSH_BEFORE_CLOSE, self._close_now)
-                return
-            if self._close_pending:
+                self._flush_timer.arm(due)
                 return
         self._close_now()
 

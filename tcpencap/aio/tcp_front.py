@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
+from tcpencap.aio.engine_timer import loop_time
 from tcpencap.aio.sockopts import is_local_address
 from tcpencap.core.front import Addressed, FrontError, Secured, StreamFront
 from tcpencap.core.outputs import bracket
@@ -50,7 +50,7 @@ class FrontHandling:
     def _arm_front(self) -> None:
         front = self.front
         if front is not None and front.deadline is not None:
-            delay = max(0.0, front.deadline - time.monotonic())
+            delay = max(0.0, front.deadline - loop_time())
             self._front_timer = asyncio.get_running_loop().call_later(delay, self._front_due)
 
     def _front_due(self) -> None:
@@ -63,7 +63,7 @@ class FrontHandling:
             return
         if front is None:
             return
-        failure = front.expired(time.monotonic())
+        failure = front.expired(loop_time())
         if failure is not None:
             self._front_failed(failure)
             self.daemon.after()
@@ -82,7 +82,7 @@ class FrontHandling:
             self.engine.proxied_done()
 
     def _front_failed(self, exc: FrontError) -> None:
-        now = time.monotonic()
+        now = loop_time()
         if self.registered:
             self.engine.front_failed(now, self.conn_id, self.generation, exc.reason, exc.detail)
             return
@@ -123,7 +123,7 @@ class FrontHandling:
             self._front_timer = None
 
     def _deliver(self, ev: Any) -> None:
-        now = time.monotonic()
+        now = loop_time()
         if isinstance(ev, bytes):
             if self.registered:
                 self.engine.receive_data(now, self.conn_id, self.generation, ev)
@@ -139,7 +139,7 @@ class FrontHandling:
         of the connection, a TLS handshake included, is looked at."""
         self._release_proxy_slot()
         local, peer = self._proxied_ends(header)
-        return self._accept(time.monotonic(), local, peer)
+        return self._accept(loop_time(), local, peer)
 
     def _proxied_ends(self, h: Any) -> tuple[tuple[str, int], tuple[str, int]]:
         """The ends charon sees: the client the proxy names, and this host's address. Where
