@@ -50,7 +50,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
         self.lent = False  # the native inbound worker reads this connection
         self.tls_listener = tls_listener
         self.front: StreamFront | None = None  # PROXY header and TLS, while there are any
-        self._front_timer: asyncio.TimerHandle | None = None
+        self._front_timer = EngineTimer(self._front_due)  # the front's deadline
         self._proxy_slot = False  # admitted as a proxy's connection, no header yet
         self._sockname: tuple[str, int] = ("", 0)
 
@@ -266,9 +266,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._flush_timer.cancel()
-        if self._front_timer is not None:
-            self._front_timer.cancel()
-            self._front_timer = None
+        self._front_timer.cancel()
         self._release_proxy_slot()
         if not self.registered:
             return

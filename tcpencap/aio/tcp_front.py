@@ -9,7 +9,7 @@ import ipaddress
 import logging
 from typing import TYPE_CHECKING, Any
 
-from tcpencap.aio.engine_timer import loop_time
+from tcpencap.aio.engine_timer import EngineTimer, loop_time
 from tcpencap.aio.sockopts import is_local_address
 from tcpencap.core.front import Addressed, FrontError, Secured, StreamFront
 from tcpencap.core.outputs import bracket
@@ -34,7 +34,7 @@ class FrontHandling:
     registered: bool
     conn_id: int
     generation: int
-    _front_timer: asyncio.TimerHandle | None
+    _front_timer: EngineTimer
     _proxy_slot: bool
     _sockname: tuple[str, int]
 
@@ -48,27 +48,24 @@ class FrontHandling:
         raise NotImplementedError
 
     def _arm_front(self) -> None:
-        front = self.front
-        if front is not None and front.deadline is not None:
-            delay = max(0.0, front.deadline - loop_time())
-            self._front_timer = asyncio.get_running_loop().call_later(delay, self._front_due)
+        """After every input of the front: its deadline, or none once it has passed it."""
+        self._front_timer.arm(self.front.deadline if self.front is not None else None)
 
     def _front_due(self) -> None:
-        self._front_timer = None
+        """The front decides (StreamFront.expired); this carries it out."""
         front = self.front
-        if front is not None and front.health_check:  # it did not close by itself
-            self._release_proxy_slot()
-            if self.transport is not None:
-                self.transport.close()
-            return
         if front is None:
             return
         failure = front.expired(loop_time())
-        if failure is not None:
+        if failure is None:
+            self._arm_front()  # early: wait for the rest
+        elif failure.quiet:  # a health check's connection that did not close by itself
+            self._release_proxy_slot()
+            if self.transport is not None:
+                self.transport.close()
+        else:
             self._front_failed(failure)
             self.daemon.after()
-        else:
-            self._arm_front()  # early (or the deadline moved): wait for the rest
 
     def _peer_name(self) -> str:
         """The socket's peer as the logs write it (IPv6 in brackets)."""
@@ -118,9 +115,7 @@ class FrontHandling:
         if front.done and not front.tls and self.registered:
             self.front = None  # plain from here on
             self._attach_native()
-        if front.done and self._front_timer is not None:
-            self._front_timer.cancel()
-            self._front_timer = None
+        self._arm_front()
 
     def _deliver(self, ev: Any) -> None:
         now = loop_time()
