@@ -1,6 +1,7 @@
 """The asyncio protocol of one RFC 9329 TCP connection: feeds the engine what the socket
-delivers and writes what the engine transmits. Decisions are the engine's; this file only
-knows about transports: write batching and the send-buffer bound.
+delivers and writes what the engine transmits. Decisions are the engine's (and the send
+buffer's rule is tcpencap.core.send_buffer's); this file only knows about transports: write
+batching and the native writer. It sees the shell through :class:`TcpHost` only.
 
 On the native data path the socket's send side belongs to a TcpWriter (tcpencap.native):
 the queue reader writes the ESP it recognises straight into it, in C, and the engine's own
@@ -12,16 +13,14 @@ import asyncio
 import contextlib
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tcpencap.aio.engine_timer import EngineTimer, loop_time
 from tcpencap.aio.sockopts import set_ipsec_bypass, set_nodelay
 from tcpencap.aio.tcp_front import FrontHandling, host_text
+from tcpencap.aio.tcp_host import TcpHost
 from tcpencap.core.front import StreamFront
 from tcpencap.core.send_buffer import congested, flush_deadline
-
-if TYPE_CHECKING:
-    from tcpencap.aio.daemon import Daemon
 
 log = logging.getLogger("tcpencap")
 
@@ -31,10 +30,10 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
     connection is created for the engine's Connect (id and generation known)."""
 
     def __init__(
-        self, daemon: Daemon, conn_id: int = 0, generation: int = 0, tls_listener: bool = False
+        self, host: TcpHost, conn_id: int = 0, generation: int = 0, tls_listener: bool = False
     ) -> None:
-        self.daemon = daemon
-        self.engine = daemon.engine
+        self.host = host
+        self.engine = host.engine
         self.conn_id = conn_id
         self.generation = generation
         self.transport: asyncio.Transport | None = None
@@ -63,16 +62,16 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
                 set_nodelay(sock)
                 set_ipsec_bypass(sock)
         now = loop_time()
-        d = self.daemon
+        host = self.host
         if self.conn_id:  # client
             conn = self.engine.conn(self.conn_id)
             try:
                 if conn is not None:
-                    self.front = d.fronts.client_front(now, conn.entry.peer, d.intent.connections)
+                    self.front = host.client_front(now, conn.entry.peer)
             except OSError as exc:  # never without TLS: the connect fails (and is retried)
                 self.engine.connect_failed(now, self.conn_id, self.generation, str(exc))
                 transport.close()
-                d.after()
+                host.after()
                 return
             if self.front is not None:
                 self._arm_front()
@@ -86,13 +85,8 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
             peer = transport.get_extra_info("peername")
             self._sockname = (host_text(local[0]), local[1])
             peer_host = host_text(peer[0])
-            proxied = d.fronts.proxied(peer_host)
-            tls = d.fronts.server if self.tls_listener else None
-            if proxied or tls is not None or d.fronts.proxies:
-                # (with proxies configured, a header from anyone else is refused by name)
-                self.front = StreamFront(
-                    now, d.config.tls_handshake_timeout, server_side=True, proxy=proxied, tls=tls
-                )
+            self.front, proxied = host.server_front(now, peer_host, self.tls_listener)
+            if self.front is not None:
                 self._arm_front()
             if proxied:
                 # Admitted (within the limits) until its header names the client.
@@ -101,7 +95,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
                     transport.close()
             else:
                 self._accept(now, self._sockname, (peer_host, peer[1]))
-        d.after()
+        host.after()
 
     def _accept(self, now: float, local: tuple[str, int], peer: tuple[str, int]) -> bool:
         cid = self.engine.accept(now, local[0], local[1], peer[0], peer[1])
@@ -114,8 +108,8 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
 
     def _register(self, cid: int) -> None:
         self.conn_id = cid
-        self.daemon.protocols[cid] = self
         self.registered = True
+        self.host.register(self)
         if self.front is None or self.front.done and not self.front.tls:
             self.front = None
             self._attach_native()
@@ -130,7 +124,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
         # Its own descriptor of the socket: asyncio refuses add_writer on the
         # transport's, and a closed transport cannot leave the writer a reused number.
         self._fd = os.dup(sock.fileno())
-        self.writer = self.engine.native.TcpWriter(self._fd, self.daemon.config.gateway.max_buffer)
+        self.writer = self.engine.native.TcpWriter(self._fd, self.host.max_buffer)
         self.engine.flows.set_writer(self.conn_id, self.writer)
 
     def _write_raw(self, data: bytes) -> None:
@@ -187,7 +181,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
 
     def maybe_lend(self) -> None:
         """An open connection's reading goes to the inbound worker (asyncio pauses)."""
-        inbound = self.daemon.inbound
+        inbound = self.host.inbound
         tr = self.transport
         if (
             inbound is None
@@ -207,8 +201,8 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
             inbound.attach(self.conn_id, self._fd, *args)
         except (OSError, ValueError) as exc:
             tr.resume_reading()
-            self.daemon.log_limited("lend", "conn %d: not lent to the worker: %s", self.conn_id,
-                                    exc)  # fmt: skip
+            self.engine.log_limited(loop_time(), "lend", "conn %d: not lent to the worker: %s",
+                                    self.conn_id, exc)  # fmt: skip
             return
         self.lent = True
 
@@ -221,7 +215,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
         self.engine.lent_received(
             now, self.conn_id, self.generation, counts, drain=True, over_rate=reason == "rate"
         )
-        self.daemon.after()
+        self.host.after()
         if reason == "frame":
             self.maybe_lend()  # still open: back to the worker
         if not self.lent and self.transport is not None and not self.transport.is_closing():
@@ -232,7 +226,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
         if not self.lent:
             return
         self.lent = False
-        inbound = self.daemon.inbound
+        inbound = self.host.inbound
         counts = inbound.detach(self.conn_id) if inbound is not None else None
         if counts is not None:
             self.engine.lent_received(
@@ -240,7 +234,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
             )
 
     def report_lent(self) -> None:
-        inbound = self.daemon.inbound
+        inbound = self.host.inbound
         if self.lent and inbound is not None:
             counts = inbound.counts(self.conn_id)
             if counts is not None and any(counts):
@@ -251,17 +245,17 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.front is not None:
             self._through_front(data)
-            self.daemon.after()
+            self.host.after()
             return
         if self.registered:
             self.engine.receive_data(loop_time(), self.conn_id, self.generation, data)
-            self.daemon.after()
+            self.host.after()
             self.maybe_lend()
 
     def eof_received(self) -> bool | None:
         if self.registered:
             self.engine.eof_received(loop_time(), self.conn_id, self.generation)
-            self.daemon.after()
+            self.host.after()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -273,12 +267,10 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
         self.report_writer()
         self._detach_writer()  # takes the connection back from the inbound worker first
         self.registered = False
-        d = self.daemon
-        if d.protocols.get(self.conn_id) is self:
-            del d.protocols[self.conn_id]
+        self.host.unregister(self)
         error = str(exc) if exc else None
         self.engine.connection_lost(loop_time(), self.conn_id, self.generation, error)
-        d.after()
+        self.host.after()
 
     def pause_writing(self) -> None:  # backpressure is the buffer bound in send()
         pass
@@ -294,32 +286,36 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
         if w is not None:  # the writer applies the same bound and counts its drops
             if not w.write(frame, is_ike, frames):
                 if is_ike:
-                    self.daemon.log_limited(
-                        "ike-congested", "conn %d: IKE dropped: send buffer full", self.conn_id
-                    )
+                    self._log_ike_dropped()
             elif w.pending:
                 self.want_write()
             return
         size = tr.get_write_buffer_size() + self._wlen
         if self.front is not None:
             size += self.front.held_octets
-        congestion = congested(size, self.daemon.config.gateway.max_buffer, is_ike)
+        congestion = congested(size, self.host.max_buffer, is_ike)
         if congestion is not None:
-            drops = self.daemon.drops_of(self.conn_id)
+            conn = self.engine.conn(self.conn_id)  # a lost one's drops are the host's
+            drops = conn.drops if conn is not None else self.engine.router.drops
             drops[congestion] = drops.get(congestion, 0) + (1 if is_ike else frames)
             if is_ike:
-                self.daemon.log_limited("ike-congested", "conn %d: IKE dropped: send buffer full",
-                                        self.conn_id)  # fmt: skip
+                self._log_ike_dropped()
             return
-        if self.daemon.batching:
+        batch = self.host.batch
+        if batch.active:
             if not self._wbuf:
-                self.daemon.dirty.append(self)
+                batch.dirty.append(self)
             self._wbuf.append(frame)
             self._wlen += len(frame)
         elif self.front is not None:
             self._write_raw(self.front.send(frame))
         else:
             tr.write(frame)
+
+    def _log_ike_dropped(self) -> None:
+        self.engine.log_limited(
+            loop_time(), "ike-congested", "conn %d: IKE dropped: send buffer full", self.conn_id
+        )
 
     def flush_writes(self) -> None:
         """One write (one send syscall) for all frames of a queue batch."""

@@ -7,15 +7,13 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tcpencap.aio.engine_timer import EngineTimer, loop_time
 from tcpencap.aio.sockopts import is_local_address
+from tcpencap.aio.tcp_host import TcpHost
 from tcpencap.core.front import Addressed, FrontError, Secured, StreamFront
 from tcpencap.core.outputs import bracket
-
-if TYPE_CHECKING:
-    from tcpencap.aio.daemon import Daemon
 
 log = logging.getLogger("tcpencap")
 
@@ -27,7 +25,7 @@ def host_text(text: str) -> str:
 class FrontHandling:
     """TcpProtocol's part that deals with its ``front`` (None once there is none)."""
 
-    daemon: Daemon
+    host: TcpHost
     engine: Any
     transport: asyncio.Transport | None
     front: StreamFront | None
@@ -65,7 +63,7 @@ class FrontHandling:
                 self.transport.close()
         else:
             self._front_failed(failure)
-            self.daemon.after()
+            self.host.after()
 
     def _peer_name(self) -> str:
         """The socket's peer as the logs write it (IPv6 in brackets)."""
