@@ -22,7 +22,7 @@ from tcpencap.aio.tcp import TcpProtocol
 from tcpencap.aio.tcp_host import WriteBatch
 from tcpencap.aio.tls import Fronts
 from tcpencap.core.front import StreamFront
-from tcpencap.core.outputs import Close, Connect, Inject, Query, Steer, Transmit, count
+from tcpencap.core.outputs import Close, Connect, Inject, Query, Steer, Transmit
 from tcpencap.wire.packet import addr_text
 
 ListSas = Callable[[str], Awaitable["list[dict[str, Any]] | None"]]
@@ -78,8 +78,7 @@ class Rfc9329Service:
         if batch is not None and len(batch) and self.injector is not None:
             _, failed = batch.send(*self.injector.fds())
             if failed:
-                drops = engine.router.drops
-                drops["inject-failed"] = drops.get("inject-failed", 0) + failed
+                engine.shell_dropped(0, "inject-failed", failed)
                 self.log_limited("inject", "injection failed: %s", os.strerror(batch.last_errno))
         self.timer.arm(engine.get_timer())
 
@@ -92,7 +91,7 @@ class Rfc9329Service:
         try:
             self.injector.inject(o.packet, o.dst)
         except OSError as exc:
-            count(self.engine.router.drops, "inject-failed")
+            self.engine.shell_dropped(0, "inject-failed")
             self.log_limited("inject", "injection failed: %s", exc)
 
     def _steer(self, o: Steer) -> None:

@@ -295,9 +295,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
             size += self.front.held_octets
         congestion = congested(size, self.host.max_buffer, is_ike)
         if congestion is not None:
-            conn = self.engine.conn(self.conn_id)  # a lost one's drops are the host's
-            drops = conn.drops if conn is not None else self.engine.router.drops
-            drops[congestion] = drops.get(congestion, 0) + (1 if is_ike else frames)
+            self.engine.shell_dropped(self.conn_id, congestion, 1 if is_ike else frames)
             if is_ike:
                 self._log_ike_dropped()
             return
