@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from tcpencap.aio.engine_timer import loop_time
 from tcpencap.aio.sockopts import set_ipsec_bypass, set_nodelay
 from tcpencap.aio.tcp import TcpProtocol
 from tcpencap.aio.tcp_host import TcpHost
@@ -48,5 +47,5 @@ async def connect(host: TcpHost, o: Connect, reuse_address: bool, timeout: float
         if sock is not None:
             sock.close()
         reason = str(exc) or type(exc).__name__
-        host.engine.connect_failed(loop_time(), o.conn_id, o.generation, reason)
+        host.engine.connect_failed(host.clock.now(), o.conn_id, o.generation, reason)
         host.after()

@@ -17,9 +17,12 @@ from typing import Any
 from nfq.inject import RawInjector
 from nfq.queue import QueueReader
 from nfq.rules import SteeringRules
+from vici_bridge.bridge import ViciBridge
+from vici_bridge.resolve import ViciUnreachable, list_sas, resolve_remote_addrs
+
 from tcpencap.aio.control import start_control, start_metrics
 from tcpencap.aio.ctcp_service import CtcpService
-from tcpencap.aio.engine_timer import loop_time
+from tcpencap.aio.engine_timer import LoopClock
 from tcpencap.aio.ike_guard import IkeGuard
 from tcpencap.aio.rfc9329_service import Rfc9329Service
 from tcpencap.aio.status import daemon_status
@@ -31,8 +34,6 @@ from tcpencap.core.outputs import bracket
 from tcpencap.core.restart import still_held
 from tcpencap.core.rfc9329_engine import Rfc9329Engine
 from tcpencap.native import load as load_native
-from vici_bridge.bridge import ViciBridge
-from vici_bridge.resolve import ViciUnreachable, list_sas, resolve_remote_addrs
 
 log = logging.getLogger("tcpencap")
 
@@ -47,7 +48,8 @@ class Daemon:
         self.remove_rules = remove_rules
         self.failure: str | None = None  # why the daemon ends on its own (exit code 1)
         self.datapath, native = choose_datapath(config.datapath)
-        self.engine = Rfc9329Engine(config, loop_time(), native)
+        self.clock = LoopClock()  # the loop's, once it runs (run)
+        self.engine = Rfc9329Engine(config, self.clock.now(), native)
         self.rules = SteeringRules(config.queue_num, queues=config.queues, endpoints=True)
         self.injector: RawInjector | None = None
         self.queues: list[QueueReader] = []
@@ -60,9 +62,10 @@ class Daemon:
         self.intent = plans.Intent(restart_only=plans.restart_only(config))
         self.resolved: dict[str, list[str]] = {}  # get-conns answers, by connection name
         self.vici_state = "not connected"
-        self.started = loop_time()
+        self.started = self.clock.now()
         self.rfc9329 = Rfc9329Service(
             self.engine,
+            self.clock,
             config,
             self.rules,
             self.fronts,
@@ -205,6 +208,7 @@ class Daemon:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        self.clock.bind(loop)
         # Threads keep the capabilities they were created with: set-up runs on a pool
         # that is emptied before the drop, and a fresh one serves everything after it.
         setup_pool = ThreadPoolExecutor(thread_name_prefix="setup")

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from tcpencap.aio.connect import connect
-from tcpencap.aio.engine_timer import EngineTimer, loop_time
+from tcpencap.aio.engine_timer import EngineTimer, LoopClock
 from tcpencap.aio.executor import Executor
 from tcpencap.aio.sockopts import set_ipsec_bypass
 from tcpencap.aio.tcp import TcpProtocol
@@ -37,6 +37,7 @@ class Rfc9329Service:
     def __init__(
         self,
         engine: Any,
+        clock: LoopClock,
         config: Any,
         rules: Any,
         fronts: Fronts,
@@ -45,6 +46,7 @@ class Rfc9329Service:
         list_sas: ListSas,
     ) -> None:
         self.engine = engine
+        self.clock = clock
         self.config = config  # the daemon's, replaced on reload
         self.rules = rules
         self.fronts = fronts
@@ -114,22 +116,22 @@ class Rfc9329Service:
             return
         conn = self.engine.conn(o.conn_id)  # still connecting: it is lost now
         if conn is not None:
-            self.engine.connection_lost(loop_time(), o.conn_id, conn.generation, o.reason)
+            self.engine.connection_lost(self.clock.now(), o.conn_id, conn.generation, o.reason)
 
     def _on_query(self, o: Query) -> None:
         self._spawn(self._query(o.purpose))
 
     async def _query(self, purpose: str) -> None:
         sas = await self._list_sas(purpose)
-        self.engine.sas_listed(loop_time(), purpose, sas)
+        self.engine.sas_listed(self.clock.now(), purpose, sas)
         self.after()
 
     def _fire(self) -> None:
-        self.engine.handle_timer(loop_time())
+        self.engine.handle_timer(self.clock.now())
         self.after()
 
     def log_limited(self, key: str, fmt: str, *args: object) -> None:
-        self.engine.log_limited(loop_time(), key, fmt, *args)
+        self.engine.log_limited(self.clock.now(), key, fmt, *args)
 
     # --- what a connection sees of this service (tcpencap.aio.tcp_host.TcpHost) ---------
 
@@ -155,11 +157,11 @@ class Rfc9329Service:
     # --- inputs: charon's packets, the native path, VICI, the configuration --------------
 
     def on_queued(self, packet: bytes) -> None:
-        self.engine.outbound(loop_time(), packet)
+        self.engine.outbound(self.clock.now(), packet)
         self.after()
 
     def on_queue_batch(self, misses: list[bytes], hits: list[tuple[int, bytes, int]]) -> None:
-        self.engine.outbound_batch(loop_time(), misses, hits)
+        self.engine.outbound_batch(self.clock.now(), misses, hits)
         self.after()
 
     def on_stalled(self, conn_ids: list[int]) -> None:
@@ -177,23 +179,23 @@ class Rfc9329Service:
                 proto.given_back(reason, tuple(counts))
 
     def vici_event(self, label: str, event: dict[str, Any]) -> None:
-        self.engine.vici_event(loop_time(), label, event)
+        self.engine.vici_event(self.clock.now(), label, event)
         self.after()
 
     def vici_resync(self, sas: list[dict[str, Any]]) -> None:
-        self.engine.vici_resync(loop_time(), sas)
+        self.engine.vici_resync(self.clock.now(), sas)
         self.after()
 
     def vici_state(self, connected: bool) -> None:
-        self.engine.vici_state(loop_time(), connected)
+        self.engine.vici_state(self.clock.now(), connected)
 
     def apply(self, ops: list[Any]) -> None:
         """A reload's (or the start's) plan, for the engine."""
-        self.engine.apply(loop_time(), ops)
+        self.engine.apply(self.clock.now(), ops)
 
     def linger(self, peers: list[bytes], endpoints: list[tuple[bytes, int]]) -> None:
         """A previous run's steered peers that charon still holds SAs with."""
-        self.engine.linger(loop_time(), peers, endpoints)
+        self.engine.linger(self.clock.now(), peers, endpoints)
         self.after()
 
     # --- listeners ------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Protocol
 
-from tcpencap.aio.engine_timer import loop_time
+from tcpencap.aio.engine_timer import LoopClock
 from tcpencap.aio.rfc9329_service import Rfc9329Service
 from tcpencap.core.outputs import bracket
 from tcpencap.wire.packet import addr_text
@@ -16,6 +16,7 @@ class StatusSource(Protocol):
     module does not import it."""
 
     config: Any
+    clock: LoopClock
     datapath: str
     started: float
     vici_state: str
@@ -28,7 +29,7 @@ class StatusSource(Protocol):
 
 def daemon_status(d: StatusSource) -> dict[str, Any]:
     """What ``tcpencap status`` prints and /metrics renders."""
-    now = loop_time()
+    now = d.clock.now()
     qs = d.queues
     stats = [q.stats() for q in qs]
     e = d.rfc9329.engine

@@ -15,7 +15,7 @@ import logging
 import os
 from typing import Any
 
-from tcpencap.aio.engine_timer import EngineTimer, loop_time
+from tcpencap.aio.engine_timer import EngineTimer
 from tcpencap.aio.sockopts import set_ipsec_bypass, set_nodelay
 from tcpencap.aio.tcp_front import FrontHandling, host_text
 from tcpencap.aio.tcp_host import TcpHost
@@ -61,7 +61,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
             with contextlib.suppress(OSError):
                 set_nodelay(sock)
                 set_ipsec_bypass(sock)
-        now = loop_time()
+        now = self.host.clock.now()
         host = self.host
         if self.conn_id:  # client
             conn = self.engine.conn(self.conn_id)
@@ -201,8 +201,8 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
             inbound.attach(self.conn_id, self._fd, *args)
         except (OSError, ValueError) as exc:
             tr.resume_reading()
-            self.engine.log_limited(loop_time(), "lend", "conn %d: not lent to the worker: %s",
-                                    self.conn_id, exc)  # fmt: skip
+            why = f"conn {self.conn_id}: not lent to the worker: %s"
+            self.engine.log_limited(self.host.clock.now(), "lend", why, exc)
             return
         self.lent = True
 
@@ -211,7 +211,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
         if not self.lent:
             return
         self.lent = False
-        now = loop_time()
+        now = self.host.clock.now()
         self.engine.lent_received(
             now, self.conn_id, self.generation, counts, drain=True, over_rate=reason == "rate"
         )
@@ -230,7 +230,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
         counts = inbound.detach(self.conn_id) if inbound is not None else None
         if counts is not None:
             self.engine.lent_received(
-                loop_time(), self.conn_id, self.generation, counts, drain=False
+                self.host.clock.now(), self.conn_id, self.generation, counts, drain=False
             )
 
     def report_lent(self) -> None:
@@ -239,7 +239,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
             counts = inbound.counts(self.conn_id)
             if counts is not None and any(counts):
                 self.engine.lent_received(
-                    loop_time(), self.conn_id, self.generation, counts, drain=False
+                    self.host.clock.now(), self.conn_id, self.generation, counts, drain=False
                 )
 
     def data_received(self, data: bytes) -> None:
@@ -248,13 +248,13 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
             self.host.after()
             return
         if self.registered:
-            self.engine.receive_data(loop_time(), self.conn_id, self.generation, data)
+            self.engine.receive_data(self.host.clock.now(), self.conn_id, self.generation, data)
             self.host.after()
             self.maybe_lend()
 
     def eof_received(self) -> bool | None:
         if self.registered:
-            self.engine.eof_received(loop_time(), self.conn_id, self.generation)
+            self.engine.eof_received(self.host.clock.now(), self.conn_id, self.generation)
             self.host.after()
         return False
 
@@ -269,7 +269,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
         self.registered = False
         self.host.unregister(self)
         error = str(exc) if exc else None
-        self.engine.connection_lost(loop_time(), self.conn_id, self.generation, error)
+        self.engine.connection_lost(self.host.clock.now(), self.conn_id, self.generation, error)
         self.host.after()
 
     def pause_writing(self) -> None:  # backpressure is the buffer bound in send()
@@ -312,7 +312,10 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
 
     def _log_ike_dropped(self) -> None:
         self.engine.log_limited(
-            loop_time(), "ike-congested", "conn %d: IKE dropped: send buffer full", self.conn_id
+            self.host.clock.now(),
+            "ike-congested",
+            "conn %d: IKE dropped: send buffer full",
+            self.conn_id,
         )
 
     def flush_writes(self) -> None:
@@ -332,7 +335,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
                 flows.drop_writer(self.conn_id)  # nothing new is written from now on
             if self._close_pending:
                 return
-            due = flush_deadline(loop_time(), bool(w.pending), bool(w.error))
+            due = flush_deadline(self.host.clock.now(), bool(w.pending), bool(w.error))
             if due is not None:
                 # the last frames (an IKE DELETE, say) leave before the connection closes
                 self._close_pending = True

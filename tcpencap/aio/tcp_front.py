@@ -9,7 +9,7 @@ import ipaddress
 import logging
 from typing import Any
 
-from tcpencap.aio.engine_timer import EngineTimer, loop_time
+from tcpencap.aio.engine_timer import EngineTimer
 from tcpencap.aio.sockopts import is_local_address
 from tcpencap.aio.tcp_host import TcpHost
 from tcpencap.core.front import Addressed, FrontError, Secured, StreamFront
@@ -54,7 +54,7 @@ class FrontHandling:
         front = self.front
         if front is None:
             return
-        failure = front.expired(loop_time())
+        failure = front.expired(self.host.clock.now())
         if failure is None:
             self._arm_front()  # early: wait for the rest
         elif failure.quiet:  # a health check's connection that did not close by itself
@@ -77,7 +77,7 @@ class FrontHandling:
             self.engine.proxied_done()
 
     def _front_failed(self, exc: FrontError) -> None:
-        now = loop_time()
+        now = self.host.clock.now()
         if self.registered:
             self.engine.front_failed(now, self.conn_id, self.generation, exc.reason, exc.detail)
             return
@@ -116,7 +116,7 @@ class FrontHandling:
         self._arm_front()
 
     def _deliver(self, ev: Any) -> None:
-        now = loop_time()
+        now = self.host.clock.now()
         if isinstance(ev, bytes):
             if self.registered:
                 self.engine.receive_data(now, self.conn_id, self.generation, ev)
@@ -132,7 +132,7 @@ class FrontHandling:
         of the connection, a TLS handshake included, is looked at."""
         self._release_proxy_slot()
         local, peer = self._proxied_ends(header)
-        return self._accept(loop_time(), local, peer)
+        return self._accept(self.host.clock.now(), local, peer)
 
     def _proxied_ends(self, h: Any) -> tuple[tuple[str, int], tuple[str, int]]:
         """The ends charon sees: the client the proxy names, and this host's address. Where

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from tcpencap.aio.engine_timer import LoopClock
 from tcpencap.core.front import StreamFront
 
 
@@ -32,6 +33,7 @@ class TcpHost(Protocol):
     """The RFC 9329 service as its connections see it."""
 
     engine: Any  # the RFC 9329 engine: every decision
+    clock: LoopClock  # the time the engine is fed
     batch: WriteBatch
     inbound: Any  # the native inbound worker, or None
 
