@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
-from typing import TYPE_CHECKING
 
 from tcpencap.aio.sockopts import set_ipsec_bypass, set_nodelay
 from tcpencap.aio.tcp import TcpProtocol
+from tcpencap.aio.tcp_host import TcpHost
 from tcpencap.core.outputs import Connect
 from tcpencap.wire.packet import addr_text
 
-if TYPE_CHECKING:
-    from tcpencap.aio.daemon import Daemon
 
-
-async def connect(daemon: Daemon, o: Connect) -> None:
-    """Bind the port the engine chose (another one if it is taken), connect within
-    client.connect_timeout, and hand the socket to a TcpProtocol; report a failure."""
+async def connect(host: TcpHost, o: Connect, reuse_address: bool, timeout: float) -> None:
+    """Bind the port the engine chose (another one if it is taken; ``reuse_address`` for a
+    configured fixed port), connect within ``timeout``, and hand the socket to a
+    TcpProtocol; report a failure."""
     loop = asyncio.get_running_loop()
     local, peer = addr_text(o.local), addr_text(o.peer)
     family = socket.AF_INET6 if len(o.local) == 16 else socket.AF_INET
@@ -32,7 +29,7 @@ async def connect(daemon: Daemon, o: Connect) -> None:
             sock.setblocking(False)
             set_ipsec_bypass(sock)
             set_nodelay(sock)
-            if daemon.config.client.port:
+            if reuse_address:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((local, port))
@@ -40,16 +37,15 @@ async def connect(daemon: Daemon, o: Connect) -> None:
             except OSError:
                 sock.close()
                 sock = None
-                port = daemon.engine.connect_port_refused(o.conn_id, o.generation)
+                port = host.engine.connect_port_refused(o.conn_id, o.generation)
         if sock is None:
             raise OSError("no local port could be bound")
-        timeout = daemon.config.client.connect_timeout
         await asyncio.wait_for(loop.sock_connect(sock, (peer, o.port)), timeout)
-        proto = TcpProtocol(daemon, o.conn_id, o.generation)
+        proto = TcpProtocol(host, o.conn_id, o.generation)
         await loop.create_connection(lambda: proto, sock=sock)
     except (OSError, TimeoutError) as exc:
         if sock is not None:
             sock.close()
         reason = str(exc) or type(exc).__name__
-        daemon.engine.connect_failed(time.monotonic(), o.conn_id, o.generation, reason)
-        daemon.after()
+        host.engine.connect_failed(host.clock.now(), o.conn_id, o.generation, reason)
+        host.after()

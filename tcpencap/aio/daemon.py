@@ -11,33 +11,30 @@ import logging
 import os
 import signal
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from nfq.inject import RawInjector
 from nfq.queue import QueueReader
 from nfq.rules import SteeringRules
-from tcpencap.aio.connect import connect
+from vici_bridge.bridge import ViciBridge
+from vici_bridge.resolve import ViciUnreachable, list_sas, resolve_remote_addrs
+
 from tcpencap.aio.control import start_control, start_metrics
 from tcpencap.aio.ctcp_service import CtcpService
-from tcpencap.aio.engine_timer import EngineTimer
+from tcpencap.aio.engine_timer import LoopClock
 from tcpencap.aio.ike_guard import IkeGuard
-from tcpencap.aio.sockopts import set_ipsec_bypass
+from tcpencap.aio.rfc9329_service import Rfc9329Service
 from tcpencap.aio.status import daemon_status
-from tcpencap.aio.tcp import TcpProtocol
 from tcpencap.aio.tls import Fronts
 from tcpencap.config import Config
 from tcpencap.confparse import ConfError
 from tcpencap.core import reload as plans
-from tcpencap.core.outputs import Close, Connect, Inject, Query, Steer, Transmit, bracket, count
+from tcpencap.core.outputs import bracket
 from tcpencap.core.restart import still_held
 from tcpencap.core.rfc9329_engine import Rfc9329Engine
 from tcpencap.native import load as load_native
 from tcpencap.native.datapath import NativeDataPath
-from tcpencap.wire.packet import addr_text
-from vici_bridge.bridge import ViciBridge
-from vici_bridge.resolve import ViciUnreachable, list_sas, resolve_remote_addrs
 
 log = logging.getLogger("tcpencap")
 
@@ -52,12 +49,11 @@ class Daemon:
         self.remove_rules = remove_rules
         self.failure: str | None = None  # why the daemon ends on its own (exit code 1)
         self.datapath, native = choose_datapath(config.datapath)
-        self.engine = Rfc9329Engine(config, time.monotonic(), NativeDataPath.of(native))
+        self.clock = LoopClock()  # the loop's, once it runs (run)
+        self.engine = Rfc9329Engine(config, self.clock.now(), NativeDataPath.of(native))
         self.rules = SteeringRules(config.queue_num, queues=config.queues, endpoints=True)
         self.injector: RawInjector | None = None
         self.queues: list[QueueReader] = []
-        self.protocols: dict[int, TcpProtocol] = {}
-        self.servers: dict[tuple[str, int], asyncio.base_events.Server] = {}
         self.others: list[asyncio.base_events.Server] = []  # control socket, metrics
         self.bridge: ViciBridge | None = None
         self.ctcp: CtcpService | None = None
@@ -67,102 +63,30 @@ class Daemon:
         self.intent = plans.Intent(restart_only=plans.restart_only(config))
         self.resolved: dict[str, list[str]] = {}  # get-conns answers, by connection name
         self.vici_state = "not connected"
-        self.started = time.monotonic()
-        self.batching = False
-        self.dirty: list[TcpProtocol] = []
-        self.timer = EngineTimer(self._fire)
+        self.started = self.clock.now()
+        self.rfc9329 = Rfc9329Service(
+            self.engine,
+            self.clock,
+            config,
+            self.rules,
+            self.fronts,
+            connections=lambda: self.intent.connections,
+            spawn=self._spawn,
+            list_sas=self._list_sas,
+        )
         self.guard = IkeGuard(self)  # a TCP client's check of charon's other IKE
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
-
-    # --- executing the engine's outputs -------------------------------------------------
-
-    def after(self) -> None:
-        """Run what the engine asked for, then re-arm its timer."""
-        engine = self.engine
-        outs = engine.pull()
-        while outs:
-            self._execute(outs)
-            outs = engine.pull()  # executing may have fed the engine (a close while connecting)
-        batch = engine.inject_batch
-        if batch is not None and len(batch) and self.injector is not None:
-            _, failed = batch.send(*self.injector.fds())
-            if failed:
-                drops = engine.router.drops
-                drops["inject-failed"] = drops.get("inject-failed", 0) + failed
-                self.log_limited("inject", "injection failed: %s", os.strerror(batch.last_errno))
-        self.timer.arm(engine.get_timer())
-
-    def _execute(self, outs: list[Any]) -> None:
-        engine = self.engine
-        for o in outs:
-            t = type(o)
-            if t is Transmit:
-                proto = self.protocols.get(o.conn_id)
-                if proto is not None:
-                    proto.send(o.data, o.is_ike, o.frames)
-            elif t is Inject:
-                try:
-                    self.injector.inject(o.packet, o.dst)  # type: ignore[union-attr]
-                except OSError as exc:
-                    count(engine.router.drops, "inject-failed")
-                    self.log_limited("inject", "injection failed: %s", exc)
-            elif t is Steer:
-                peer = addr_text(o.peer)
-                if o.port:  # a gateway's TCP peer: its UDP endpoint only
-                    (self.rules.add_endpoint if o.on else self.rules.remove_endpoint)(peer, o.port)
-                elif o.on:
-                    self.rules.add_peer(peer)
-                else:
-                    self.rules.remove_peer(peer)
-            elif t is Connect:
-                self._spawn(connect(self, o))
-            elif t is Close:
-                self._close(o)
-            elif t is Query:
-                self._spawn(self._query(o.purpose))
-
-    def _fire(self) -> None:
-        self.engine.handle_timer(time.monotonic())
-        self.after()
-
-    def _close(self, o: Close) -> None:
-        proto = self.protocols.get(o.conn_id)
-        if proto is not None:
-            proto.close()
-            return
-        conn = self.engine.conn(o.conn_id)  # still connecting: it is lost now
-        if conn is not None:
-            self.engine.connection_lost(time.monotonic(), o.conn_id, conn.generation, o.reason)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def drops_of(self, conn_id: int) -> dict[str, int]:
-        conn = self.engine.conn(conn_id)
-        return conn.drops if conn is not None else self.engine.router.drops
-
     def log_limited(self, key: str, fmt: str, *args: object) -> None:
-        self.engine.log_limited(time.monotonic(), key, fmt, *args)
+        self.rfc9329.log_limited(key, fmt, *args)
 
     # --- charon: NFQUEUE, VICI, list-sas ------------------------------------------------
-
-    def _batch(self, start: bool) -> None:
-        self.batching = start
-        if not start and self.dirty:
-            dirty, self.dirty = self.dirty, []
-            for proto in dirty:
-                proto.flush_writes()
-
-    def on_queued(self, packet: bytes) -> None:
-        self.engine.outbound(time.monotonic(), packet)
-        self.after()
-
-    def on_queue_batch(self, misses: list[bytes], hits: list[tuple[int, bytes, int]]) -> None:
-        self.engine.outbound_batch(time.monotonic(), misses, hits)
-        self.after()
 
     def _start_threads(self, loop: asyncio.AbstractEventLoop) -> None:
         for queue in self.queues:
@@ -177,7 +101,7 @@ class Daemon:
         """The inbound worker's thread; what it gives back is handled on the loop."""
 
         def deliver(items: list[tuple[Any, ...]]) -> None:
-            loop.call_soon_threadsafe(self._given_back, items)
+            loop.call_soon_threadsafe(self.rfc9329.given_back, items)
 
         try:
             self.inbound.run(deliver)
@@ -193,37 +117,17 @@ class Daemon:
             self.failure = why
         self._stop.set()
 
-    def _given_back(self, items: list[tuple[Any, ...]]) -> None:
-        for cid, reason, *counts in items:  # counts: frames, bytes, reads, keepalives
-            proto = self.protocols.get(cid)
-            if proto is not None:
-                proto.given_back(reason, tuple(counts))
-
-    def on_stalled(self, conn_ids: list[int]) -> None:
-        """Writers the native path filled beyond what their sockets took."""
-        for cid in conn_ids:
-            proto = self.protocols.get(cid)
-            if proto is not None:
-                proto.want_write()
-
     def on_vici_event(self, label: str, event: dict[str, Any]) -> None:
-        self.engine.vici_event(time.monotonic(), label, event)
-        self.after()
+        self.rfc9329.vici_event(label, event)
         self.guard.vici_event(label)
 
     def on_vici_resync(self, sas: list[dict[str, Any]]) -> None:
-        self.engine.vici_resync(time.monotonic(), sas)
-        self.after()
+        self.rfc9329.vici_resync(sas)
         self.guard.vici_resync(sas)
 
     def on_vici_state(self, state: str) -> None:
         self.vici_state = state
-        self.engine.vici_state(time.monotonic(), state == "connected")
-
-    async def _query(self, purpose: str) -> None:
-        sas = await self._list_sas(purpose)
-        self.engine.sas_listed(time.monotonic(), purpose, sas)
-        self.after()
+        self.rfc9329.vici_state(state == "connected")
 
     # --- configuration: start-up and reload are the same plan ---------------------------
 
@@ -243,33 +147,31 @@ class Daemon:
         await self._resolve(new, plans.unresolved(new, self.config, self.resolved))
         intent = plans.intent_of(new, self.resolved)
         ops = plans.plan(self.intent, intent)
-        self.config = self.engine.config = new
+        self.config = self.engine.config = self.rfc9329.config = new
         changes: list[str] = []
         for tls_error in self.fronts.configure(new):
             if not prefix:
                 raise OSError(tls_error)
             log.error("%s%s", prefix, tls_error)
             changes.append(tls_error)
-        self.engine.apply(time.monotonic(), ops)
+        self.rfc9329.apply(ops)
         for op in ops:
             line = plans.describe(op)
             if isinstance(op, plans.Listen):
                 try:
-                    await self._listen(op.host, op.port, op.tls)
+                    await self.rfc9329.listen(op.host, op.port, op.tls)
                 except OSError as exc:
                     if not prefix:
                         raise
                     line = f"cannot listen on {bracket(op.host)}:{op.port}: {exc}"
             elif isinstance(op, plans.StopListening):
-                server = self.servers.pop((op.host, op.port), None)
-                if server is not None:
-                    server.close()
+                self.rfc9329.stop_listening(op.host, op.port)
             elif isinstance(op, plans.CtcpPeers):
                 await self._ctcp_peers(op.peers)
             changes.append(line)
             log.info("%s%s", prefix, line)
         self.intent = intent
-        self.after()
+        self.rfc9329.after()
         return changes
 
     async def _ctcp_peers(self, peers: dict[bytes, int]) -> None:
@@ -295,20 +197,6 @@ class Daemon:
         self.guard.update(asyncio.get_running_loop())
         return {"ok": True, "changes": changes}
 
-    async def _listen(self, host: str, port: int, tls: bool = False) -> None:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            lambda: TcpProtocol(self, tls_listener=tls),
-            host=host,
-            port=port,
-            reuse_address=True,
-            backlog=1024,
-        )
-        for sock in server.sockets:
-            with contextlib.suppress(OSError):
-                set_ipsec_bypass(sock)
-        self.servers[(host, port)] = server
-
     # --- status -----------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -321,6 +209,7 @@ class Daemon:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        self.clock.bind(loop)
         # Threads keep the capabilities they were created with: set-up runs on a pool
         # that is emptied before the drop, and a fresh one serves everything after it.
         setup_pool = ThreadPoolExecutor(thread_name_prefix="setup")
@@ -352,10 +241,11 @@ class Daemon:
             raise RuntimeError(self.failure)
 
     async def _start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.injector = RawInjector()
+        self.injector = self.rfc9329.injector = RawInjector()
         cfg = self.config
         if self.engine.native is not None:
             self.inbound = self.engine.native.InboundWorker(*self.injector.fds())
+            self.rfc9329.inbound = self.inbound
         if cfg.gateway.ctcp_listen:
             await self._ctcp_peers({})
         if self.guard.wanted():  # in the chain from the start: no moment unchecked
@@ -364,11 +254,11 @@ class Daemon:
         for k in range(cfg.queues):
             queue = QueueReader(
                 cfg.queue_num + k,
-                self.on_queued,
-                self._batch,
+                self.rfc9329.on_queued,
+                self.rfc9329.batch.mark,
                 flows=self.engine.ready_flows(),
-                on_native_batch=self.on_queue_batch,
-                on_stalled=self.on_stalled,
+                on_native_batch=self.rfc9329.on_queue_batch,
+                on_stalled=self.rfc9329.on_stalled,
                 native=self.engine.native,
                 on_failed=self.fail,
             )
@@ -395,8 +285,7 @@ class Daemon:
         ctcp_rules = self.ctcp.rules if self.ctcp is not None else None
         ctcp_remembered = ctcp_rules.steering.remembered if ctcp_rules is not None else []
         sas = await self._list_sas("start") if remembered or ctcp_remembered else []
-        self.engine.linger(time.monotonic(), *still_held(remembered, sas))
-        self.after()
+        self.rfc9329.linger(*still_held(remembered, sas))
         self.rules.commit()
         if self.ctcp is not None and ctcp_rules is not None:
             # a cTCP gateway's peers are endpoints; whole addresses are a client's
@@ -418,12 +307,9 @@ class Daemon:
             task.cancel()
         if self.bridge is not None:
             await asyncio.to_thread(self.bridge.stop)
-        for server in [*self.servers.values(), *self.others]:
+        for server in self.others:
             server.close()
-        self.engine.stop()
-        with contextlib.suppress(RuntimeError):
-            self.after()
-        self.timer.cancel()
+        self.rfc9329.stop()
         for queue in self.queues:
             with contextlib.suppress(Exception):
                 queue.stop()

@@ -1,4 +1,5 @@
-"""The one OS timer an engine needs: armed for ``engine.get_timer()`` after every input."""
+"""The shells' one clock and the one OS timer an engine needs: armed for
+``engine.get_timer()`` after every input."""
 
 from __future__ import annotations
 
@@ -7,14 +8,26 @@ import time
 from collections.abc import Callable
 
 
+class LoopClock:
+    """The shells' one clock: the event loop's time, which they feed the engines and in
+    which the engines' deadlines are armed. Until it is bound to the loop (the daemon is
+    built before ``asyncio.run`` starts its loop) it reads the clock asyncio's loop reads,
+    so times taken then and later compare."""
+
+    __slots__ = ("now",)
+
+    def __init__(self) -> None:
+        self.now: Callable[[], float] = time.monotonic
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.now = loop.time
+
+
 class EngineTimer:
     """Re-arms only when the engine's next deadline changed (a compare per packet).
-    Deadlines are in ``clock``'s time (the one the engine is fed); the loop's clock may
-    differ, so they are converted."""
+    Deadlines are in the loop's time, or in ``clock``'s (then converted)."""
 
-    def __init__(
-        self, fire: Callable[[], None], clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, fire: Callable[[], None], clock: Callable[[], float] | None = None) -> None:
         self._fire = fire
         self._clock = clock
         self._handle: asyncio.TimerHandle | None = None
@@ -27,7 +40,8 @@ class EngineTimer:
         self._at = due
         if due is not None:
             loop = asyncio.get_running_loop()
-            self._handle = loop.call_at(due - self._clock() + loop.time(), self._run)
+            at = due if self._clock is None else due - self._clock() + loop.time()
+            self._handle = loop.call_at(at, self._run)
 
     def cancel(self) -> None:
         if self._handle is not None:

@@ -7,23 +7,37 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
 from nfq.classify import VerdictQueue
+
 from tcpencap.core.ike_guard import must_drop, tcp_ike_spis
 from tcpencap.core.outputs import count
 from tcpencap.wire.packet import PacketError, addr_text, parse_ip
-
-if TYPE_CHECKING:
-    from tcpencap.aio.daemon import Daemon
 
 log = logging.getLogger("tcpencap")
 
 REFRESH_ON = ("ike-updown", "ike-rekey", "ike-update")
 
 
+class GuardHost(Protocol):
+    """What the guard reads of the daemon (named here: no import of the composition root)."""
+
+    config: Any
+    rules: Any
+    engine: Any
+    ctcp: Any
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
+
+    async def _list_sas(self, purpose: str) -> list[dict[str, Any]] | None: ...
+
+    def log_limited(self, key: str, fmt: str, *args: object) -> None: ...
+
+
 class IkeGuard:
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: GuardHost) -> None:
         self.d = daemon
         self.queue: VerdictQueue | None = None
         self.tcp_ike: set[bytes] = set()  # initiator SPIs of charon's SAs with TCP peers

@@ -3,25 +3,37 @@
 from __future__ import annotations
 
 import os
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from tcpencap.aio.engine_timer import LoopClock
+from tcpencap.aio.rfc9329_service import Rfc9329Service
 from tcpencap.core.outputs import bracket
 from tcpencap.wire.packet import addr_text
 
-if TYPE_CHECKING:
-    from tcpencap.aio.daemon import Daemon
+
+class StatusSource(Protocol):
+    """What the status reads of the daemon (the composition root), named here so that this
+    module does not import it."""
+
+    config: Any
+    clock: LoopClock
+    datapath: str
+    started: float
+    vici_state: str
+    queues: list[Any]
+    rules: Any
+    inbound: Any
+    ctcp: Any
+    rfc9329: Rfc9329Service
 
 
-def daemon_status(d: Daemon) -> dict[str, Any]:
+def daemon_status(d: StatusSource) -> dict[str, Any]:
     """What ``tcpencap status`` prints and /metrics renders."""
-    now = time.monotonic()
+    now = d.clock.now()
     qs = d.queues
     stats = [q.stats() for q in qs]
-    e = d.engine
-    for proto in list(d.protocols.values()):
-        proto.report_writer()  # what the native path wrote and read counts below
-        proto.report_lent()
+    e = d.rfc9329.engine
+    d.rfc9329.report_counts()  # what the native path wrote and read counts below
     return {
         "pid": os.getpid(),
         "uptime": round(now - d.started, 1),
@@ -50,13 +62,13 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
         },
         "drops": _drops(d),
         "events": dict(e.events),
-        "connections": _with_tls(d, e.status(now)) + (d.ctcp.status() if d.ctcp else []),
+        "connections": d.rfc9329.rows(now) + (d.ctcp.status() if d.ctcp else []),
         "ctcp": d.ctcp.summary() if d.ctcp else None,
     }
 
 
-def _drops(d: Daemon) -> dict[str, int]:
-    drops = dict(d.engine.router.drops)
+def _drops(d: StatusSource) -> dict[str, int]:
+    drops = dict(d.rfc9329.engine.router.drops)
     failed = d.inbound.stats()["inject_failed"] if d.inbound is not None else 0
     if failed:
         drops["inject-failed"] = drops.get("inject-failed", 0) + failed
@@ -70,12 +82,3 @@ def _cap_eff() -> int:
         return effective_caps()
     except OSError:
         return -1
-
-
-def _with_tls(d: Daemon, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each RFC 9329 row says whether TLS carries it (the front is the shell's)."""
-    for row in rows:
-        proto = d.protocols.get(row["id"])
-        front = proto.front if proto is not None else None
-        row["tls"] = front.secured.version if front is not None and front.secured else None
-    return rows

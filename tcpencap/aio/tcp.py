@@ -1,6 +1,7 @@
 """The asyncio protocol of one RFC 9329 TCP connection: feeds the engine what the socket
-delivers and writes what the engine transmits. Decisions are the engine's; this file only
-knows about transports: write batching and the send-buffer bound.
+delivers and writes what the engine transmits. Decisions are the engine's (and the send
+buffer's rule is tcpencap.core.send_buffer's); this file only knows about transports: write
+batching and the native writer. It sees the shell through :class:`TcpHost` only.
 
 On the native data path the socket's send side belongs to a TcpWriter (tcpencap.native):
 the queue reader writes the ESP it recognises straight into it, in C, and the engine's own
@@ -12,21 +13,16 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from tcpencap.aio.engine_timer import EngineTimer
 from tcpencap.aio.sockopts import set_ipsec_bypass, set_nodelay
 from tcpencap.aio.tcp_front import FrontHandling, host_text
+from tcpencap.aio.tcp_host import TcpHost
 from tcpencap.core.front import StreamFront
-from tcpencap.core.outputs import count
-
-if TYPE_CHECKING:
-    from tcpencap.aio.daemon import Daemon
+from tcpencap.core.send_buffer import IKE_OVERSHOOT, congested, flush_deadline
 
 log = logging.getLogger("tcpencap")
-
-IKE_HARD_LIMIT_FACTOR = 4  # IKE may overshoot the send buffer bound this many times
-FLUSH_BEFORE_CLOSE = 5.0  # seconds a closing connection's writer gets to send its rest
 
 
 class TcpProtocol(FrontHandling, asyncio.Protocol):
@@ -34,10 +30,10 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
     connection is created for the engine's Connect (id and generation known)."""
 
     def __init__(
-        self, daemon: Daemon, conn_id: int = 0, generation: int = 0, tls_listener: bool = False
+        self, host: TcpHost, conn_id: int = 0, generation: int = 0, tls_listener: bool = False
     ) -> None:
-        self.daemon = daemon
-        self.engine = daemon.engine
+        self.host = host
+        self.engine = host.engine
         self.conn_id = conn_id
         self.generation = generation
         self.transport: asyncio.Transport | None = None
@@ -48,11 +44,12 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
         self._fd = -1
         self._writing = False  # add_writer is armed for the writer's rest
         self._close_pending = False
+        self._flush_timer = EngineTimer(self._close_now)  # for the writer's rest at close
         self._reported = (0, 0, 0, 0)  # writer counters already handed to the engine
         self.lent = False  # the native inbound worker reads this connection
         self.tls_listener = tls_listener
         self.front: StreamFront | None = None  # PROXY header and TLS, while there are any
-        self._front_timer: asyncio.TimerHandle | None = None
+        self._front_timer = EngineTimer(self._front_due)  # the front's deadline
         self._proxy_slot = False  # admitted as a proxy's connection, no header yet
         self._sockname: tuple[str, int] = ("", 0)
 
@@ -64,17 +61,17 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
             with contextlib.suppress(OSError):
                 set_nodelay(sock)
                 set_ipsec_bypass(sock)
-        now = time.monotonic()
-        d = self.daemon
+        now = self.host.clock.now()
+        host = self.host
         if self.conn_id:  # client
             conn = self.engine.conn(self.conn_id)
             try:
                 if conn is not None:
-                    self.front = d.fronts.client_front(now, conn.entry.peer, d.intent.connections)
+                    self.front = host.client_front(now, conn.entry.peer)
             except OSError as exc:  # never without TLS: the connect fails (and is retried)
                 self.engine.connect_failed(now, self.conn_id, self.generation, str(exc))
                 transport.close()
-                d.after()
+                host.after()
                 return
             if self.front is not None:
                 self._arm_front()
@@ -88,13 +85,8 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
             peer = transport.get_extra_info("peername")
             self._sockname = (host_text(local[0]), local[1])
             peer_host = host_text(peer[0])
-            proxied = d.fronts.proxied(peer_host)
-            tls = d.fronts.server if self.tls_listener else None
-            if proxied or tls is not None or d.fronts.proxies:
-                # (with proxies configured, a header from anyone else is refused by name)
-                self.front = StreamFront(
-                    now, d.config.tls_handshake_timeout, server_side=True, proxy=proxied, tls=tls
-                )
+            self.front, proxied = host.server_front(now, peer_host, self.tls_listener)
+            if self.front is not None:
                 self._arm_front()
             if proxied:
                 # Admitted (within the limits) until its header names the client.
@@ -103,7 +95,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
                     transport.close()
             else:
                 self._accept(now, self._sockname, (peer_host, peer[1]))
-        d.after()
+        host.after()
 
     def _accept(self, now: float, local: tuple[str, int], peer: tuple[str, int]) -> bool:
         cid = self.engine.accept(now, local[0], local[1], peer[0], peer[1])
@@ -116,8 +108,8 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
 
     def _register(self, cid: int) -> None:
         self.conn_id = cid
-        self.daemon.protocols[cid] = self
         self.registered = True
+        self.host.register(self)
         if self.front is None or self.front.done and not self.front.tls:
             self.front = None
             self._attach_native()
@@ -132,7 +124,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
         # Its own descriptor of the socket: asyncio refuses add_writer on the
         # transport's, and a closed transport cannot leave the writer a reused number.
         self._fd = os.dup(sock.fileno())
-        self.writer = self.engine.native.TcpWriter(self._fd, self.daemon.config.gateway.max_buffer)
+        self.writer = self.engine.native.TcpWriter(self._fd, self.host.max_buffer, IKE_OVERSHOOT)
         self.engine.flows.set_writer(self.conn_id, self.writer)
 
     def _write_raw(self, data: bytes) -> None:
@@ -189,7 +181,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
 
     def maybe_lend(self) -> None:
         """An open connection's reading goes to the inbound worker (asyncio pauses)."""
-        inbound = self.daemon.inbound
+        inbound = self.host.inbound
         tr = self.transport
         if (
             inbound is None
@@ -206,11 +198,11 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
             return
         tr.pause_reading()
         try:
-            inbound.attach(self.conn_id, self._fd, *args)
+            inbound.attach(self.conn_id, self._fd, *args, now=self.host.clock.now())
         except (OSError, ValueError) as exc:
             tr.resume_reading()
-            self.daemon.log_limited("lend", "conn %d: not lent to the worker: %s", self.conn_id,
-                                    exc)  # fmt: skip
+            why = f"conn {self.conn_id}: not lent to the worker: %s"
+            self.engine.log_limited(self.host.clock.now(), "lend", why, exc)
             return
         self.lent = True
 
@@ -219,11 +211,11 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
         if not self.lent:
             return
         self.lent = False
-        now = time.monotonic()
+        now = self.host.clock.now()
         self.engine.lent_received(
             now, self.conn_id, self.generation, counts, drain=True, over_rate=reason == "rate"
         )
-        self.daemon.after()
+        self.host.after()
         if reason == "frame":
             self.maybe_lend()  # still open: back to the worker
         if not self.lent and self.transport is not None and not self.transport.is_closing():
@@ -234,54 +226,51 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
         if not self.lent:
             return
         self.lent = False
-        inbound = self.daemon.inbound
+        inbound = self.host.inbound
         counts = inbound.detach(self.conn_id) if inbound is not None else None
         if counts is not None:
             self.engine.lent_received(
-                time.monotonic(), self.conn_id, self.generation, counts, drain=False
+                self.host.clock.now(), self.conn_id, self.generation, counts, drain=False
             )
 
     def report_lent(self) -> None:
-        inbound = self.daemon.inbound
+        inbound = self.host.inbound
         if self.lent and inbound is not None:
             counts = inbound.counts(self.conn_id)
             if counts is not None and any(counts):
                 self.engine.lent_received(
-                    time.monotonic(), self.conn_id, self.generation, counts, drain=False
+                    self.host.clock.now(), self.conn_id, self.generation, counts, drain=False
                 )
 
     def data_received(self, data: bytes) -> None:
         if self.front is not None:
             self._through_front(data)
-            self.daemon.after()
+            self.host.after()
             return
         if self.registered:
-            self.engine.receive_data(time.monotonic(), self.conn_id, self.generation, data)
-            self.daemon.after()
+            self.engine.receive_data(self.host.clock.now(), self.conn_id, self.generation, data)
+            self.host.after()
             self.maybe_lend()
 
     def eof_received(self) -> bool | None:
         if self.registered:
-            self.engine.eof_received(time.monotonic(), self.conn_id, self.generation)
-            self.daemon.after()
+            self.engine.eof_received(self.host.clock.now(), self.conn_id, self.generation)
+            self.host.after()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._front_timer is not None:
-            self._front_timer.cancel()
-            self._front_timer = None
+        self._flush_timer.cancel()
+        self._front_timer.cancel()
         self._release_proxy_slot()
         if not self.registered:
             return
         self.report_writer()
         self._detach_writer()  # takes the connection back from the inbound worker first
         self.registered = False
-        d = self.daemon
-        if d.protocols.get(self.conn_id) is self:
-            del d.protocols[self.conn_id]
+        self.host.unregister(self)
         error = str(exc) if exc else None
-        self.engine.connection_lost(time.monotonic(), self.conn_id, self.generation, error)
-        d.after()
+        self.engine.connection_lost(self.host.clock.now(), self.conn_id, self.generation, error)
+        self.host.after()
 
     def pause_writing(self) -> None:  # backpressure is the buffer bound in send()
         pass
@@ -297,35 +286,37 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
         if w is not None:  # the writer applies the same bound and counts its drops
             if not w.write(frame, is_ike, frames):
                 if is_ike:
-                    self.daemon.log_limited(
-                        "ike-congested", "conn %d: IKE dropped: send buffer full", self.conn_id
-                    )
+                    self._log_ike_dropped()
             elif w.pending:
                 self.want_write()
             return
         size = tr.get_write_buffer_size() + self._wlen
         if self.front is not None:
             size += self.front.held_octets
-        limit = self.daemon.config.gateway.max_buffer
-        if size > limit:
-            drops = self.daemon.drops_of(self.conn_id)
-            if not is_ike:
-                drops["esp-congested"] = drops.get("esp-congested", 0) + frames
-                return
-            if size > limit * IKE_HARD_LIMIT_FACTOR:
-                count(drops, "ike-congested")
-                self.daemon.log_limited("ike-congested", "conn %d: IKE dropped: send buffer full",
-                                        self.conn_id)  # fmt: skip
-                return
-        if self.daemon.batching:
+        congestion = congested(size, self.host.max_buffer, is_ike)
+        if congestion is not None:
+            self.engine.shell_dropped(self.conn_id, congestion, 1 if is_ike else frames)
+            if is_ike:
+                self._log_ike_dropped()
+            return
+        batch = self.host.batch
+        if batch.active:
             if not self._wbuf:
-                self.daemon.dirty.append(self)
+                batch.dirty.append(self)
             self._wbuf.append(frame)
             self._wlen += len(frame)
         elif self.front is not None:
             self._write_raw(self.front.send(frame))
         else:
             tr.write(frame)
+
+    def _log_ike_dropped(self) -> None:
+        self.engine.log_limited(
+            self.host.clock.now(),
+            "ike-congested",
+            "conn %d: IKE dropped: send buffer full",
+            self.conn_id,
+        )
 
     def flush_writes(self) -> None:
         """One write (one send syscall) for all frames of a queue batch."""
@@ -342,13 +333,14 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
             flows = self.engine.flows
             if flows is not None:
                 flows.drop_writer(self.conn_id)  # nothing new is written from now on
-            if w.pending and not w.error and not self._close_pending:
+            if self._close_pending:
+                return
+            due = flush_deadline(self.host.clock.now(), bool(w.pending), bool(w.error))
+            if due is not None:
                 # the last frames (an IKE DELETE, say) leave before the connection closes
                 self._close_pending = True
                 self.want_write()
-                asyncio.get_running_loop().call_later(FLUSH_BEFORE_CLOSE, self._close_now)
-                return
-            if self._close_pending:
+                self._flush_timer.arm(due)
                 return
         self._close_now()
 

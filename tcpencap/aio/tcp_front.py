@@ -7,15 +7,13 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from tcpencap.aio.engine_timer import EngineTimer
 from tcpencap.aio.sockopts import is_local_address
+from tcpencap.aio.tcp_host import TcpHost
 from tcpencap.core.front import Addressed, FrontError, Secured, StreamFront
 from tcpencap.core.outputs import bracket
-
-if TYPE_CHECKING:
-    from tcpencap.aio.daemon import Daemon
 
 log = logging.getLogger("tcpencap")
 
@@ -27,14 +25,14 @@ def host_text(text: str) -> str:
 class FrontHandling:
     """TcpProtocol's part that deals with its ``front`` (None once there is none)."""
 
-    daemon: Daemon
+    host: TcpHost
     engine: Any
     transport: asyncio.Transport | None
     front: StreamFront | None
     registered: bool
     conn_id: int
     generation: int
-    _front_timer: asyncio.TimerHandle | None
+    _front_timer: EngineTimer
     _proxy_slot: bool
     _sockname: tuple[str, int]
 
@@ -48,27 +46,24 @@ class FrontHandling:
         raise NotImplementedError
 
     def _arm_front(self) -> None:
-        front = self.front
-        if front is not None and front.deadline is not None:
-            delay = max(0.0, front.deadline - time.monotonic())
-            self._front_timer = asyncio.get_running_loop().call_later(delay, self._front_due)
+        """After every input of the front: its deadline, or none once it has passed it."""
+        self._front_timer.arm(self.front.deadline if self.front is not None else None)
 
     def _front_due(self) -> None:
-        self._front_timer = None
+        """The front decides (StreamFront.expired); this carries it out."""
         front = self.front
-        if front is not None and front.health_check:  # it did not close by itself
+        if front is None:
+            return
+        failure = front.expired(self.host.clock.now())
+        if failure is None:
+            self._arm_front()  # early: wait for the rest
+        elif failure.quiet:  # a health check's connection that did not close by itself
             self._release_proxy_slot()
             if self.transport is not None:
                 self.transport.close()
-            return
-        if front is None:
-            return
-        failure = front.expired(time.monotonic())
-        if failure is not None:
-            self._front_failed(failure)
-            self.daemon.after()
         else:
-            self._arm_front()  # early (or the deadline moved): wait for the rest
+            self._front_failed(failure)
+            self.host.after()
 
     def _peer_name(self) -> str:
         """The socket's peer as the logs write it (IPv6 in brackets)."""
@@ -82,7 +77,7 @@ class FrontHandling:
             self.engine.proxied_done()
 
     def _front_failed(self, exc: FrontError) -> None:
-        now = time.monotonic()
+        now = self.host.clock.now()
         if self.registered:
             self.engine.front_failed(now, self.conn_id, self.generation, exc.reason, exc.detail)
             return
@@ -118,12 +113,10 @@ class FrontHandling:
         if front.done and not front.tls and self.registered:
             self.front = None  # plain from here on
             self._attach_native()
-        if front.done and self._front_timer is not None:
-            self._front_timer.cancel()
-            self._front_timer = None
+        self._arm_front()
 
     def _deliver(self, ev: Any) -> None:
-        now = time.monotonic()
+        now = self.host.clock.now()
         if isinstance(ev, bytes):
             if self.registered:
                 self.engine.receive_data(now, self.conn_id, self.generation, ev)
@@ -139,7 +132,7 @@ class FrontHandling:
         of the connection, a TLS handshake included, is looked at."""
         self._release_proxy_slot()
         local, peer = self._proxied_ends(header)
-        return self._accept(time.monotonic(), local, peer)
+        return self._accept(self.host.clock.now(), local, peer)
 
     def _proxied_ends(self, h: Any) -> tuple[tuple[str, int], tuple[str, int]]:
         """The ends charon sees: the client the proxy names, and this host's address. Where

@@ -89,6 +89,20 @@ class Fronts:
         addr = ipaddress.ip_address(host)
         return any(addr in net for net in self.proxies)
 
+    def server_front(
+        self, now: float, peer_host: str, tls_listener: bool
+    ) -> tuple[StreamFront | None, bool]:
+        """The front of a connection accepted from ``peer_host`` (on a TLS listener or
+        not), and whether it must begin with a PROXY header. With proxies configured, every
+        connection has a front: a header from anyone but them is refused by name."""
+        proxied = self.proxied(peer_host)
+        tls = self.server if tls_listener else None
+        if not (proxied or tls is not None or self.proxies):
+            return None, proxied
+        assert self._config is not None  # proxies and contexts come with a configuration
+        timeout = self._config.tls_handshake_timeout
+        return StreamFront(now, timeout, server_side=True, proxy=proxied, tls=tls), proxied
+
     def client_front(
         self, now: float, peer: bytes, connections: dict[str, Any]
     ) -> StreamFront | None:

@@ -21,12 +21,14 @@ READ_CHUNK = 65536
 
 
 class FrontError(Exception):
-    """The connection must be closed; ``reason`` is the counter's key."""
+    """The connection must be closed; ``reason`` is the counter's key. A ``quiet`` one is
+    closed without a count or a log line (a load balancer's health check)."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, quiet: bool = False) -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+        self.quiet = quiet
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,12 +110,16 @@ class StreamFront:
         return self.deadline is None and self._detected
 
     def expired(self, now: float) -> FrontError | None:
+        """At ``deadline`` (the shell's timer for the front): why the connection is closed,
+        or None when it is not due (early, or there is no deadline any more)."""
         if self.deadline is None or now < self.deadline:
             return None
         if self._proxy and self.header is None:
             return FrontError("proxy-timeout", "no PROXY header within the deadline")
         if self.health_check:
-            return FrontError("proxy-local", "a health check's connection that stayed open")
+            return FrontError(
+                "proxy-local", "a health check's connection that stayed open", quiet=True
+            )
         return FrontError("tls-handshake-timeout", "TLS handshake not done within the deadline")
 
     # --- bytes from the peer ------------------------------------------------------------

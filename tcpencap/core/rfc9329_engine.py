@@ -847,6 +847,14 @@ class Rfc9329Engine(Engine):
 
     row = staticmethod(status_of)
 
+    def shell_dropped(self, conn_id: int, reason: str, n: int = 1) -> None:
+        """What the shell could not carry out (a congested send buffer, a failed
+        injection) counts where the engine counts its own drops: on the connection, or the
+        host's when there is none (``conn_id`` 0, or one already gone)."""
+        conn = self.conns.get(conn_id)
+        drops = conn.drops if conn is not None else self.router.drops
+        drops[reason] = drops.get(reason, 0) + n
+
 
 # The admission counts, read where they were before they had a module of their own (the
 # shell's status and tests read them on the engine).

@@ -175,7 +175,7 @@ class FakeBridge:
 class FakeListSas:
     """Stands in for vici_bridge.resolve.list_sas: answers ``answer`` and records when it
     was asked (the daemon calls it in a thread, purpose-less; the purpose is recorded
-    through Daemon._query below)."""
+    through Rfc9329Service._query below)."""
 
     def __init__(self) -> None:
         self.answer: list[dict[str, Any]] = []
@@ -241,13 +241,13 @@ async def start(path: Path) -> Harness:
     """A Daemon on the config at ``path``, started by its own _start (fakes for root)."""
     d = Daemon(load_config(str(path)))
     h = Harness(d)
-    real_query = d._query
+    real_query = d.rfc9329._query
 
     async def recording_query(purpose: str) -> None:
         h.purposes.append(purpose)
         await real_query(purpose)
 
-    d._query = recording_query  # type: ignore[method-assign]
+    d.rfc9329._query = recording_query  # type: ignore[method-assign]
     await d._start(asyncio.get_running_loop())
     return h
 
@@ -330,7 +330,7 @@ def test_reload_fallback_to_tcp_drops_fallback_monitor_entry(tmp_path, monkeypat
             )
             await asyncio.sleep(2 * POLL)  # let the last answers land
             # A poll that was already in flight at reload time, answered the same way.
-            await d._query("fallback")
+            await d.rfc9329._query("fallback")
 
             assert "198.18.0.1" in rules.peers, (
                 f"peer un-steered by a fallback poll: rules calls {rules.calls}"

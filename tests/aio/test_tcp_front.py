@@ -171,8 +171,8 @@ def gw_config(*extra: str, proxies: str | None = "127.0.0.1") -> Config:
 def make_daemon(config: Config) -> Daemon:
     d = Daemon(config)
     assert d.datapath == "python" and d.engine.native is None
-    d.rules = FakeRules()  # type: ignore[assignment]
-    d.injector = FakeInjector()  # type: ignore[assignment]
+    d.rules = d.rfc9329.rules = FakeRules()  # type: ignore[assignment]
+    d.injector = d.rfc9329.injector = FakeInjector()  # type: ignore[assignment]
     assert d.fronts.configure(config) == []
     return d
 
@@ -183,7 +183,7 @@ def open_conn(
     local: tuple[str, int] = LOOPBACK_LOCAL,
     tls_listener: bool = False,
 ) -> tuple[TcpProtocol, FakeTransport]:
-    proto = TcpProtocol(d, tls_listener=tls_listener)
+    proto = TcpProtocol(d.rfc9329, tls_listener=tls_listener)
     tr = FakeTransport(local, peer)
     tr.protocol = proto
     proto.connection_made(tr)
@@ -224,7 +224,7 @@ def assert_proxied_client_accepted(d: Daemon, proto: TcpProtocol, tr: FakeTransp
     assert conn.state is State.OPEN  # the frame after the header reached the engine
     assert d.engine.n_proxied == 0
     assert d.engine.per_source == {f"{CLIENT}/32": 1}
-    assert d.protocols == {conn.conn_id: proto}
+    assert d.rfc9329.protocols == {conn.conn_id: proto}
     assert proto.registered and proto.front is None
     assert not tr.closed and tr.written == b""
     assert injected_sources(d) == [CLIENT]  # charon is given the client's IKE
@@ -232,7 +232,7 @@ def assert_proxied_client_accepted(d: Daemon, proto: TcpProtocol, tr: FakeTransp
 
 
 def cleanup(d: Daemon) -> None:
-    d.timer.cancel()
+    d.rfc9329.timer.cancel()
 
 
 # --- 1, 2: a proxy's connection names the client ---------------------------------------------
@@ -243,7 +243,7 @@ def test_proxied_connection_is_accepted_as_the_client_the_header_names() -> None
         d = make_daemon(gw_config())
         proto, tr = open_conn(d)
         assert d.engine.n_proxied == 1
-        assert d.engine.conns == {} and d.protocols == {} and not proto.registered
+        assert d.engine.conns == {} and d.rfc9329.protocols == {} and not proto.registered
         assert not tr.closed
         proto.data_received(header() + STREAM)
         assert_proxied_client_accepted(d, proto, tr)
@@ -309,7 +309,7 @@ def test_header_destination_that_is_not_this_hosts_is_refused(
         assert tr.closed and tr.written == b""
         assert d.engine.events == {"proxy-destination": 1}
         assert d.engine.n_proxied == 0
-        assert d.engine.conns == {} and d.protocols == {} and d.engine.per_source == {}
+        assert d.engine.conns == {} and d.rfc9329.protocols == {} and d.engine.per_source == {}
         assert injected_sources(d) == []
         await settle()
         assert tr.lost and d.engine.n_proxied == 0  # the slot is given back once only
@@ -379,7 +379,7 @@ def test_a_proxys_connection_without_a_v2_header_is_refused(first: bytes, reason
         proto.data_received(first)
         assert tr.closed
         assert d.engine.events == {reason: 1}
-        assert d.engine.n_proxied == 0 and d.engine.conns == {} and d.protocols == {}
+        assert d.engine.n_proxied == 0 and d.engine.conns == {} and d.rfc9329.protocols == {}
         await settle()
         assert d.engine.n_proxied == 0
         cleanup(d)
@@ -393,14 +393,14 @@ def test_a_header_from_a_peer_not_listed_is_refused() -> None:
         proto, tr = open_conn(d, peer=(STRANGER, 50000), local=(GATEWAY, 4500))
         assert d.engine.n_proxied == 0  # not a proxy: accepted as itself at once
         conn = only_conn(d)
-        assert conn.peer_text == STRANGER and d.protocols == {conn.conn_id: proto}
+        assert conn.peer_text == STRANGER and d.rfc9329.protocols == {conn.conn_id: proto}
         proto.data_received(header() + STREAM)
         assert tr.closed
         assert d.engine.events == {"proxy-unexpected": 1}
         assert conn.drops == {"proxy-unexpected": 1}
         assert injected_sources(d) == []  # nothing of the stream reached charon
         await settle()
-        assert d.engine.conns == {} and d.protocols == {} and d.engine.n_proxied == 0
+        assert d.engine.conns == {} and d.rfc9329.protocols == {} and d.engine.n_proxied == 0
         assert d.engine.per_source == {}
         cleanup(d)
 
@@ -417,7 +417,7 @@ def test_a_second_header_behind_the_proxys_is_refused() -> None:
         assert only_conn(d).drops == {"proxy-unexpected": 1}  # the named client's, counted
         assert injected_sources(d) == []
         await settle()
-        assert d.engine.conns == {} and d.protocols == {} and d.engine.per_source == {}
+        assert d.engine.conns == {} and d.rfc9329.protocols == {} and d.engine.per_source == {}
         cleanup(d)
 
     run(body)
@@ -446,7 +446,7 @@ def test_local_header_then_nothing_is_closed_quietly_at_the_deadline() -> None:
         proto, tr = open_conn(d)
         proto.data_received(proxy_v2.build_local())
         assert not tr.closed
-        assert d.engine.conns == {} and d.protocols == {} and not proto.registered
+        assert d.engine.conns == {} and d.rfc9329.protocols == {} and not proto.registered
         await asyncio.sleep(PAST_DEADLINE)
         assert tr.closed and tr.written == b""
         assert d.engine.n_proxied == 0
@@ -568,7 +568,7 @@ def test_per_source_limit_applies_to_the_named_client() -> None:
         await settle()
         conn = only_conn(d)
         assert (conn.peer_text, conn.peer_port) == (CLIENT, 40001)
-        assert d.protocols == {conn.conn_id: p1} and not p2.registered
+        assert d.rfc9329.protocols == {conn.conn_id: p1} and not p2.registered
         assert d.engine.n_proxied == 0 and d.engine.per_source == {f"{CLIENT}/32": 1}
         assert injected_sources(d) == [CLIENT]  # only the first one's IKE
         cleanup(d)
@@ -587,7 +587,7 @@ def test_per_source_limit_lets_different_clients_through_one_proxy() -> None:
         assert not t1.closed and not t2.closed and d.engine.events == {}
         peers = sorted((c.peer_text, c.peer_port) for c in d.engine.conns.values())
         assert peers == [(CLIENT, 40001), (OTHER_CLIENT, 40002)]
-        assert set(d.protocols.values()) == {p1, p2}
+        assert set(d.rfc9329.protocols.values()) == {p1, p2}
         assert d.engine.n_proxied == 0
         assert d.engine.per_source == {f"{CLIENT}/32": 1, f"{OTHER_CLIENT}/32": 1}
         cleanup(d)
@@ -731,7 +731,7 @@ def test_tls_listener_closes_a_handshake_that_does_not_finish(certs: ServerCert)
         assert tr.closed
         assert d.engine.events == {"tls-handshake-timeout": 1}
         await settle()
-        assert d.engine.conns == {} and d.protocols == {}
+        assert d.engine.conns == {} and d.rfc9329.protocols == {}
         cleanup(d)
 
     run(body)
@@ -807,8 +807,8 @@ def client_setup(ca: str) -> tuple[Daemon, Connect, list[str]]:
     )
     cfg = parse_config(config_text([], connections=conn))
     d = Daemon(cfg)
-    d.rules = FakeRules()  # type: ignore[assignment]
-    d.injector = FakeInjector()  # type: ignore[assignment]
+    d.rules = d.rfc9329.rules = FakeRules()  # type: ignore[assignment]
+    d.injector = d.rfc9329.injector = FakeInjector()  # type: ignore[assignment]
     errors = d.fronts.configure(cfg)
     now = time.monotonic()
     intent = plans.intent_of(cfg)
@@ -834,13 +834,13 @@ def test_client_without_a_usable_ca_fails_its_connect(
         assert "c1" in line and str(missing) in line
         with pytest.raises(OSError):
             d.fronts.client_front(time.monotonic(), addr_bytes(GATEWAY), d.intent.connections)
-        proto = TcpProtocol(d, connect.conn_id, connect.generation)
+        proto = TcpProtocol(d.rfc9329, connect.conn_id, connect.generation)
         tr = FakeTransport((CLIENT, connect.local_port), (GATEWAY, 4500))
         tr.protocol = proto
         with caplog.at_level(logging.WARNING, logger="tcpencap"):
             proto.connection_made(tr)  # no exception escapes
         assert tr.closed and tr.written == b""
-        assert not proto.registered and d.protocols == {}
+        assert not proto.registered and d.rfc9329.protocols == {}
         assert d.engine.conn(connect.conn_id) is None  # the connect failed: gone
         assert d.engine.totals["connect_failures"] == 1
         assert any(
@@ -848,7 +848,7 @@ def test_client_without_a_usable_ca_fails_its_connect(
             for r in caplog.records
         )
         await settle()
-        assert d.protocols == {}
+        assert d.rfc9329.protocols == {}
         cleanup(d)
 
     run(body)
@@ -860,13 +860,13 @@ def test_client_with_a_readable_ca_sends_its_client_hello(certs: ServerCert) -> 
     async def body() -> None:
         d, connect, errors = client_setup(str(certs.ca))
         assert errors == []
-        proto = TcpProtocol(d, connect.conn_id, connect.generation)
+        proto = TcpProtocol(d.rfc9329, connect.conn_id, connect.generation)
         tr = FakeTransport((CLIENT, connect.local_port), (GATEWAY, 4500))
         tr.protocol = proto
         proto.connection_made(tr)
         assert not tr.closed and tr.written[:1] == b"\x16"  # the ClientHello
         assert PREFIX not in tr.written  # the engine's prefix waits for the handshake
-        assert proto.registered and d.protocols == {connect.conn_id: proto}
+        assert proto.registered and d.rfc9329.protocols == {connect.conn_id: proto}
         assert proto.front is not None and proto.front.tls
         assert d.engine.conn(connect.conn_id).state is State.OPEN  # type: ignore[union-attr]
         cleanup(d)
