@@ -20,12 +20,12 @@ from tcpencap.core.ctcp_conn import (
     DeliverInner,
     Drop,
     Dropped,
-    Role,
     State,
     Timers,
     TransmitSegment,
     stray_reply,
 )
+from tcpencap.core.role import Role
 from tcpencap.wire.ctcp import Segment, build_control, decapsulate, encapsulate, read_segment
 from tcpencap.wire.packet import (
     PROTO_ESP,
@@ -128,7 +128,7 @@ def reasons(acts: list) -> list:
 
 def test_accepted_listener_is_established_with_no_sa_timer() -> None:
     c = listener(5.0)
-    assert c.state is State.ESTABLISHED and c.role is Role.LISTENER
+    assert c.state is State.ESTABLISHED and c.role is Role.GATEWAY
     assert (c.isn, c.seq, c.acked, c.ack, c.peer_isn) == (
         ISN, ISN + 1, ISN + 1, PEER_ISN + 1, PEER_ISN,
     )  # fmt: skip

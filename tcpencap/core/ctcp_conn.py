@@ -9,7 +9,7 @@ when ``handle_timer(now)`` wants to run, and outputs are queued actions drained 
 segments are dispatched on (state, segment kind) through :data:`_ON_SEGMENT`.
 
 The gateway side is hostile ground (DESIGN.md, trust boundaries), so unlike QuickSec:
-- a listener connection exists only once the handshake is complete: the engine answers
+- a gateway connection exists only once the handshake is complete: the engine answers
   SYNs statelessly (:mod:`tcpencap.core.ctcp_cookie`) and builds the connection with
   :meth:`Connection.accept` from the ACK that returns the cookie;
 - once established, segments are checked as RFC 5961 asks: a RST only at exactly the next
@@ -17,7 +17,7 @@ The gateway side is hostile ground (DESIGN.md, trust boundaries), so unlike Quic
   its ack inside what we sent;
 - only IKE for charon leaves as an injection: inner UDP to port 500/4500 from 500/4500 or
   the connection's own port, never to any other local service;
-- a listener connection that hears nothing valid for ``Timers.idle`` is reset, so a peer
+- a gateway connection that hears nothing valid for ``Timers.idle`` is reset, so a peer
   that went away (its close RST can carry seq 0, which the check above refuses) frees its
   slot; clients send a keepalive (a bare ACK, A.6 step 5) when they have been quiet for
   ``Timers.keepalive``, so a live tunnel is never idle on the gateway.
@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tcpencap.core.role import Role
 from tcpencap.wire.ctcp import CTCPError, Segment, build_control, encapsulate_info
 from tcpencap.wire.packet import PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 
@@ -42,11 +43,6 @@ RECV_WINDOW = 1 << 20
 # up to what we sent.
 ACK_WINDOW = 1 << 16
 IKE_PORTS = frozenset({500, 4500})
-
-
-class Role(enum.Enum):
-    LISTENER = "listener"  # the gateway: answers SYN
-    CLIENT = "client"  # opens the connection when the first packet is queued
 
 
 class State(enum.Enum):
@@ -113,7 +109,7 @@ class Timers:
     handshake: float = 3.0  # SYN_SENT; a SYN cookie's lifetime on the gateway
     no_sa: float = 60.0  # ESTABLISHED without an IPsec SA bound -> RST
     close_delay: float = 0.5  # CLOSE_WAIT -> RST
-    idle: float = 300.0  # listener: nothing valid from the peer for this long -> RST
+    idle: float = 300.0  # gateway: nothing valid from the peer for this long -> RST
     keepalive: float = 20.0  # client: nothing sent for this long -> a bare ACK
 
 
@@ -192,7 +188,7 @@ class Connection:
     """One cTCP connection between (local, local_port) and (peer, peer_port).
 
     ``rng`` supplies ISNs and the IPv4 ID counter of control segments (inject a seeded
-    ``random.Random`` in tests); ``isn`` fixes the first ISN. Listener connections are
+    ``random.Random`` in tests); ``isn`` fixes the first ISN. Gateway connections are
     made by :meth:`accept`.
     """
 
@@ -226,7 +222,7 @@ class Connection:
         self.close_reason: str | None = None
         self._trigger: bytes | None = None
         self._deadline: float | None = None  # handshake, no-SA or close delay
-        self._idle_check: float | None = None  # listener: when to look at last_heard
+        self._idle_check: float | None = None  # gateway: when to look at last_heard
         self._keepalive_check: float | None = None  # client: when to look at last_sent
         self.last_heard = 0.0
         self.last_sent = 0.0
@@ -247,9 +243,9 @@ class Connection:
         rng: random.Random | None = None,
         timers: Timers | None = None,
     ) -> Connection:
-        """A listener connection from the ACK that completed a stateless handshake: ``isn``
+        """A gateway connection from the ACK that completed a stateless handshake: ``isn``
         is the cookie our SYN+ACK carried, ``peer_seq`` the ACK's sequence number."""
-        conn = cls(Role.LISTENER, local=local, peer=peer, local_port=local_port,
+        conn = cls(Role.GATEWAY, local=local, peer=peer, local_port=local_port,
                    peer_port=peer_port, rng=rng, timers=timers)  # fmt: skip
         conn.isn = isn & _MASK
         conn.seq = conn.acked = (isn + 1) & _MASK

@@ -35,7 +35,6 @@ from tcpencap.core.ctcp_conn import (
     Connection,
     DeliverInner,
     Dropped,
-    Role,
     SegKind,
     Timers,
     TransmitSegment,
@@ -56,6 +55,7 @@ from tcpencap.core.outputs import (
 )
 from tcpencap.core.peers import SteeringRefs
 from tcpencap.core.ports import PortAllocator, PortsExhausted
+from tcpencap.core.role import Role
 from tcpencap.core.table import Bind, ConnectionTable, Entry
 from tcpencap.core.timers import LogLimiter
 from tcpencap.core.totals import add_closed, new_totals
@@ -85,7 +85,7 @@ class Flow:
     key: Key
     conn: Connection
     entry: Entry
-    side: str  # "gateway" | "client"
+    role: Role
     created: float
     frames_in: int = 0
     frames_out: int = 0
@@ -170,11 +170,10 @@ class CtcpEngine(Engine):
     def _new_flow(self, conn: Connection, now: float) -> Flow:
         local, lport, peer, pport = conn.local, conn.local_port, conn.peer, conn.peer_port
         entry = self.table.add(local, peer)
-        side = "gateway" if conn.role is Role.LISTENER else "client"
-        flow = Flow((local, lport, peer, pport), conn, entry, side, now)
+        flow = Flow((local, lport, peer, pport), conn, entry, conn.role, now)
         self.flows[flow.key] = flow
         self.by_id[entry.conn_id] = flow
-        if side == "gateway":
+        if conn.role is Role.GATEWAY:
             self.slots.take(peer)
             self._gateway_flows += 1
         return flow
@@ -413,7 +412,7 @@ class CtcpEngine(Engine):
             udp = parse_udp(ip.payload)
         except PacketError:
             return
-        if flow.side == "gateway" and udp.sport not in flow.steered:
+        if flow.role is Role.GATEWAY and udp.sport not in flow.steered:
             # charon answers the peer at the UDP endpoint it sent from (its own inner ports,
             # 500 or 4500, A.2): queue that endpoint, never the whole address, which a
             # plain-UDP or RFC 9329 client behind the same NAT may share; before the Inject
@@ -428,7 +427,7 @@ class CtcpEngine(Engine):
         out = self._out
         if self.flows.get(flow.key) is flow:
             del self.flows[flow.key]
-            if flow.side == "gateway":
+            if flow.role is Role.GATEWAY:
                 self.slots.give_back(flow.key[2])
                 self._gateway_flows -= 1
             # Keep closed flows' figures so the daemon's metrics never go backwards.
@@ -436,7 +435,7 @@ class CtcpEngine(Engine):
             add_closed(self.totals, f.frames_in, f.frames_out, f.bytes_in, f.bytes_out, f.drops)
         self.by_id.pop(flow.entry.conn_id, None)
         self.table.remove(flow.entry.conn_id)
-        if flow.side == "client":
+        if flow.role is Role.CLIENT:
             self.ports.release(flow.key[1])
         else:
             peer, why = flow.key[2], f"conn:{flow.entry.conn_id}"
@@ -450,7 +449,7 @@ class CtcpEngine(Engine):
     @staticmethod
     def describe(flow: Flow) -> str:
         local, lport, peer, pport = flow.key
-        return describe(flow.entry.conn_id, flow.side, addr_text(local), lport,
+        return describe(flow.entry.conn_id, flow.role.value, addr_text(local), lport,
                         addr_text(peer), pport)  # fmt: skip
 
     def status(self, now: float) -> list[dict[str, Any]]:
@@ -461,7 +460,7 @@ class CtcpEngine(Engine):
                 status_row(
                     flow.entry.conn_id,
                     "ctcp",
-                    flow.side,
+                    flow.role.value,
                     flow.conn.state.value,
                     f"{bracket(addr_text(local))}:{lport}",
                     f"{bracket(addr_text(peer))}:{pport}",
