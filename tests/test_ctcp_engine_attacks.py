@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from tcpencap.core.ctcp_conn import Drop, State, Timers
 from tcpencap.core.ctcp_engine import CtcpEngine
 from tcpencap.core.ctcp_limits import PrefixBuckets, SourceSlots, TokenBucket, source_prefix
-from tcpencap.core.outputs import Inject, Steer, Transmit
+from tcpencap.core.outputs import Inject, SendRaw, Steer
 from tcpencap.wire.ctcp import encapsulate, read_segment
 from tcpencap.wire.packet import (
     PROTO_UDP,
@@ -44,7 +44,7 @@ def gateway(**kw) -> CtcpEngine:
 def syn(gw: CtcpEngine, src: bytes, port: int, now: float, dst: bytes = G) -> int | None:
     """A SYN; the cookie of the SYN+ACK it got, None if none."""
     gw.inbound(now, build_ip(src, dst, 6, build_tcp(src, dst, port, 10000, 1000, 0, TCP_SYN)))
-    sends = [o for o in gw.pull() if type(o) is Transmit]
+    sends = [o for o in gw.pull() if type(o) is SendRaw]
     assert len(sends) <= 1
     if not sends:
         return None
@@ -217,7 +217,7 @@ def test_a_peers_own_esp_never_counts_as_an_sa() -> None:
     gw.handle_timer(60.0)
     out = gw.pull()
     assert flow.key not in gw.flows
-    assert [read_segment(o.data).flags for o in out if type(o) is Transmit] == [TCP_RST]
+    assert [read_segment(o.data).flags for o in out if type(o) is SendRaw] == [TCP_RST]
     # charon's ESP does count
     assert connect(gw, HONEST, 40000, 70.0)
     gw.outbound(71.0, esp_in_udp(G, HONEST, 0xC0FFEE01))
@@ -251,7 +251,7 @@ def test_replies_to_strangers_are_rate_limited_per_source() -> None:
     for i in range(5000):
         src = bytes([198, 18, 80, 1])  # one source, five seconds
         gw.inbound(i * 0.001, build_ip(src, G, 6, build_tcp(src, G, 1234, 10000, i, i, TCP_ACK)))
-    sent = [o for o in gw.pull() if type(o) is Transmit]
+    sent = [o for o in gw.pull() if type(o) is SendRaw]
     assert 200 <= len(sent) <= 200 + 5 * 100 + 1
     assert gw.counters["stray-reset-limited"] == 5000 - len(sent)
     # another source still gets its RST

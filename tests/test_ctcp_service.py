@@ -6,7 +6,7 @@ import random
 
 from tcpencap.core.ctcp_conn import State
 from tcpencap.core.ctcp_engine import CtcpEngine as _Engine
-from tcpencap.core.outputs import Inject, Steer, Transmit
+from tcpencap.core.outputs import Inject, SendRaw, Steer
 from tcpencap.core.ports import PortAllocator
 from tcpencap.wire.ctcp import read_segment
 from tcpencap.wire.packet import (
@@ -71,11 +71,11 @@ def _engines(max_connections: int = 10) -> tuple[CtcpEngine, CtcpEngine]:
 
 
 def _sends(out: list) -> list[bytes]:
-    return [o.data for o in out if type(o) is Transmit]
+    return [o.data for o in out if type(o) is SendRaw]
 
 
 def _exchange(a: CtcpEngine, b: CtcpEngine, out: list, now: float) -> list:
-    """Feed a's Transmit outputs into b; return everything b produced."""
+    """Feed a's SendRaw outputs into b; return everything b produced."""
     res: list = []
     for data in _sends(out):
         res += b.inbound(now, data)

@@ -47,7 +47,7 @@ from nfq.ctcp_rules import CTCP_MARK
 from tcpencap.aio.engine_timer import EngineTimer
 from tcpencap.core.ctcp_conn import Timers
 from tcpencap.core.ctcp_engine import CtcpEngine
-from tcpencap.core.outputs import Inject, Steer, Transmit, bracket, count
+from tcpencap.core.outputs import Inject, SendRaw, Steer, bracket, count
 from tcpencap.core.ports import PortAllocator
 from tcpencap.core.restart import sa_hosts
 from tcpencap.wire.mtu import CTCP_OVERHEAD, check_inner, ctcp_original, plan
@@ -69,6 +69,10 @@ MTU_CACHE_SECONDS = 10.0
 MTU_CACHE_ENTRIES = 4096  # destinations whose path MTU is remembered; oldest go first
 INBOUND_QUEUE_MAXLEN = 1024  # segments from the wire the kernel holds for us
 INBOUND_BUDGET = 256  # netlink reads of the inbound queue per turn of the event loop
+
+
+# The counter and log names of a failed output (stable metric labels).
+_KIND: dict[type, str] = {SendRaw: "transmit", Inject: "inject", Steer: "steer"}
 
 
 # --- I/O --------------------------------------------------------------------------------
@@ -349,7 +353,7 @@ class CtcpService:
         assert self.engine is not None and self.sender is not None and self._loop is not None
         for o in self.engine.pull():
             try:
-                if type(o) is Transmit:
+                if type(o) is SendRaw:
                     self._send(o.data, o.dst)
                 elif type(o) is Inject:
                     self.injector.inject(o.packet, o.dst)
@@ -366,7 +370,7 @@ class CtcpService:
                     else:
                         self.rules.remove_peer(peer)
             except OSError as exc:
-                count(self.counters, f"{type(o).__name__.lower()}-failed")
+                count(self.counters, f"{_KIND.get(type(o), 'output')}-failed")
                 self.log_limited("ctcp-io", "cTCP: %s failed: %s", type(o).__name__, exc)
         assert self._timer is not None
         self._timer.arm(self.engine.get_timer())

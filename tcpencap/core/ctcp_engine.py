@@ -46,8 +46,8 @@ from tcpencap.core.ctcp_limits import PrefixBuckets, SourceSlots
 from tcpencap.core.engine import Engine
 from tcpencap.core.outputs import (
     Inject,
+    SendRaw,
     Steer,
-    Transmit,
     bracket,
     count,
     describe,
@@ -305,7 +305,7 @@ class CtcpEngine(Engine):
                 data = build_control(seg.dst, seg.src, seg.dport, seg.sport, isn, ack,
                                      TCP_SYN | TCP_ACK, ident=self._take_ident())  # fmt: skip
                 count(self.counters, "syn-cookie-sent")
-                self._out.append(Transmit(0, data, dst=seg.src))
+                self._out.append(SendRaw(data, seg.src))
             return None
         cookie = (seg.ack - 1) & 0xFFFFFFFF
         if (
@@ -344,7 +344,7 @@ class CtcpEngine(Engine):
             count(self.counters, "stray-reset-limited")
         else:
             count(self.counters, "stray-reset")
-            self._out.append(Transmit(0, reply.data, dst=seg.src))
+            self._out.append(SendRaw(reply.data, seg.src))
 
     def _take_ident(self) -> int:
         self._ident = (self._ident + 1) & 0xFFFF
@@ -380,7 +380,7 @@ class CtcpEngine(Engine):
         while (act := conn.next_action()) is not None:
             t = type(act)
             if t is TransmitSegment:
-                out.append(Transmit(flow.entry.conn_id, act.data, dst=flow.key[2]))  # type: ignore[union-attr]
+                out.append(SendRaw(act.data, flow.key[2]))  # type: ignore[union-attr]
                 if act.inner_proto is not None:  # type: ignore[union-attr]
                     flow.frames_out += 1
                     flow.bytes_out += len(act.data)  # type: ignore[union-attr]

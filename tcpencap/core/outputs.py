@@ -30,6 +30,20 @@ class Transmit:
         return f"Transmit({self.conn_id}, {len(self.data)} octets, ike={self.is_ike})"
 
 
+class SendRaw:
+    """Send ``data``, a whole IP packet built by the engine (a cTCP segment, a reset to a
+    stranger), to ``dst`` through the raw socket: it belongs to no connection's stream."""
+
+    __slots__ = ("data", "dst")
+
+    def __init__(self, data: bytes, dst: bytes) -> None:
+        self.data = data
+        self.dst = dst
+
+    def __repr__(self) -> str:
+        return f"SendRaw({len(self.data)} octets)"
+
+
 class Inject:
     """Hand this packet (IKE or ESP-in-UDP, as charon expects it) to the local stack;
     ``dst`` is the local address it is for."""
@@ -118,7 +132,7 @@ class Query:
         return f"Query({self.purpose!r})"
 
 
-Output = Transmit | Inject | Steer | Connect | Close | Query
+Output = Transmit | SendRaw | Inject | Steer | Connect | Close | Query
 
 
 def count(counters: dict[str, int], key: str) -> None:
