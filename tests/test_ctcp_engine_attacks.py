@@ -281,3 +281,17 @@ def test_limits_helpers() -> None:
     assert sum(tb.allow(0.0) for _ in range(20)) == 5
     assert sum(tb.allow(1.0) for _ in range(20)) == 5  # refilled to the burst, not beyond
     assert sum(tb.allow(1.1) for _ in range(20)) == 1
+
+
+def test_outbound_fragment_is_never_carried() -> None:
+    """charon's OUTPUT sees whole datagrams: a non-first fragment whose first octets look
+    like a UDP header to a cTCP peer must open no connection and send nothing (issue 24:
+    the one outbound classification, with RFC 9329's fragment check)."""
+    client = CtcpEngine(peers={G: 10000}, rng=random.Random(2))
+    packet = bytearray(build_udp_packet(HONEST, G, 500, 500, IKE))
+    packet[6:8] = (185).to_bytes(2, "big")  # offset 1480, last fragment
+    client.outbound(1.0, bytes(packet))
+    assert client.pull() == [] and not client.flows
+    assert client.counters == {"outbound-fragment": 1}
+    client.outbound(1.0, build_udp_packet(HONEST, G, 500, 500, IKE))  # the whole one is
+    assert [type(o) for o in client.pull()] == [SendRaw] and len(client.flows) == 1

@@ -60,7 +60,7 @@ from tcpencap.core.table import Bind, ConnectionTable, Entry
 from tcpencap.core.timers import LogLimiter
 from tcpencap.core.totals import add_closed, new_totals
 from tcpencap.wire.ctcp import CTCPError, Segment, build_control, read_segment
-from tcpencap.wire.ike import Classified, Kind, classify_udp_payload
+from tcpencap.wire.ike import Classified, Kind, Refused, classify_outbound, classify_udp_payload
 from tcpencap.wire.packet import (
     PROTO_UDP,
     TCP_ACK,
@@ -95,6 +95,16 @@ class Flow:
     armed: float | None = None  # the deadline queued in the engine's timers
     ike_order: deque[bytes] = field(default_factory=deque)  # indexed IKE SPIs, oldest first
     steered: set[int] = field(default_factory=set)  # gateway: the peer's UDP ports steered
+
+
+# The counter names of an outbound packet that is not carried (metric labels).
+_REFUSED = {
+    Refused.NOT_UDP: "outbound-not-udp",
+    Refused.FRAGMENT: "outbound-fragment",
+    Refused.MALFORMED: "outbound-malformed",
+    Refused.KEEPALIVE: "nat-keepalive",
+    Refused.INVALID: "outbound-invalid",
+}
 
 
 def _is_syn(flags: int) -> bool:
@@ -182,22 +192,11 @@ class CtcpEngine(Engine):
 
     def outbound(self, now: float, packet: bytes) -> None:
         """A UDP packet charon sent to a cTCP peer (queued in OUTPUT)."""
-        try:
-            ip = parse_ip(packet)
-            if ip.proto != PROTO_UDP:
-                count(self.counters, "outbound-not-udp")
-                return
-            udp = parse_udp(ip.payload)
-        except PacketError:
-            count(self.counters, "outbound-malformed")
+        got = classify_outbound(packet)
+        if isinstance(got, Refused):
+            count(self.counters, _REFUSED[got])
             return
-        c = classify_udp_payload(udp.sport, udp.payload)
-        if c.kind is Kind.KEEPALIVE:
-            count(self.counters, "nat-keepalive")
-            return
-        if c.kind is Kind.INVALID:
-            count(self.counters, "outbound-invalid")
-            return
+        ip, c = got.ip, got.what
         flow: Flow | None = None
         if c.kind is Kind.IKE:
             assert c.ike is not None
