@@ -499,7 +499,11 @@ def test_outbound_ipv6_fragment_is_refused() -> None:
     assert isinstance(I.classify_outbound(P.build_ipv6(src, dst, P.PROTO_UDP, udp)), I.CharonPacket)
 
 
-@given(ADDRS, st.integers(0, 255).filter(lambda p: p not in (P.PROTO_UDP, 0, 43, 44, 51, 59, 60)))
+# IPv6 extension headers (and No Next Header) are a chain to follow, not a protocol
+_CHAIN = frozenset({0, 43, 44, 51, 59, 60, 135, 139, 140})
+
+
+@given(ADDRS, st.integers(0, 255).filter(lambda p: p != P.PROTO_UDP and p not in _CHAIN))
 def test_outbound_other_protocols_are_refused(addrs, proto: int) -> None:
     assert I.classify_outbound(P.build_ip(*addrs, proto, b"\x00" * 16)) is I.Refused.NOT_UDP
 
