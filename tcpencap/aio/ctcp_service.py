@@ -45,18 +45,14 @@ from typing import Any
 
 from nfq.ctcp_rules import CTCP_MARK
 from tcpencap.aio.engine_timer import EngineTimer
-from tcpencap.core.ctcp_conn import Timers
 from tcpencap.core.ctcp_engine import CtcpEngine
-from tcpencap.core.outputs import Inject, SendRaw, Steer, bracket, count
+from tcpencap.core.outputs import Inject, Query, SendRaw, Steer, SteerSegments, bracket, count
 from tcpencap.core.ports import PortAllocator
-from tcpencap.core.restart import sa_hosts
+from tcpencap.core.reload import CtcpPeers, Operation
 from tcpencap.wire.mtu import CTCP_OVERHEAD, check_inner, ctcp_original, plan
 from tcpencap.wire.packet import PacketError, addr_text
 
 log = logging.getLogger("tcpencap.ctcp")
-
-LINGER = "linger"  # steering reason of a gateway endpoint whose SAs no flow carries
-RELEASE_POLL = 5.0  # how often charon is asked whether a lingering peer still has SAs
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
 IP_NODEFRAG = getattr(socket, "IP_NODEFRAG", 22)
@@ -72,7 +68,13 @@ INBOUND_BUDGET = 256  # netlink reads of the inbound queue per turn of the event
 
 
 # The counter and log names of a failed output (stable metric labels).
-_KIND: dict[type, str] = {SendRaw: "transmit", Inject: "inject", Steer: "steer"}
+_KIND: dict[type, str] = {
+    SendRaw: "transmit",
+    Inject: "inject",
+    Steer: "steer",
+    SteerSegments: "steersegments",
+    Query: "query",
+}
 
 
 # --- I/O --------------------------------------------------------------------------------
@@ -185,13 +187,11 @@ class CtcpService:
         self._frag_ident = random.getrandbits(32)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: EngineTimer | None = None
-        self.peers: dict[bytes, int] = {}
         self.counters: dict[str, int] = {}
-        self.lingering: set[tuple[bytes, int]] = set()  # endpoints steered for SAs no flow carries
-        self._release: asyncio.Task[None] | None = None
+        self._queries: set[asyncio.Task[None]] = set()
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Listeners from the configuration; client peers come with set_peers."""
+        """Listeners from the configuration; client peers come with :meth:`set_peers`."""
         from nfq.ctcp_rules import CtcpRules
         from nfq.queue import QueueReader
 
@@ -199,21 +199,7 @@ class CtcpService:
         self._timer = EngineTimer(self._fire, loop.time)
         cfg = self.config
         gw = cfg.gateway
-        self.engine = CtcpEngine(
-            listen=gw.ctcp_listen,
-            ports=self.ports or PortAllocator(cfg.client.port, *cfg.client.port_range),
-            max_connections=gw.max_connections,
-            max_per_source=gw.max_per_source,
-            source_bits=(gw.source_prefix_v4, gw.source_prefix_v6),
-            reply_rate=gw.ctcp_reply_rate,
-            reply_total=250 * gw.ctcp_reply_rate,
-            timers=Timers(
-                handshake=gw.ctcp_handshake_timeout,
-                no_sa=gw.ctcp_no_sa_timeout,
-                idle=gw.ctcp_idle_timeout,
-                keepalive=cfg.client.ctcp_keepalive,
-            ),
-        )
+        self.engine = CtcpEngine(cfg, loop.time(), ports=self.ports)
         self.sender = RawSender()
         self.rules = CtcpRules(self.queue_num, inbound_queue=self.inbound_queue_num)
         try:
@@ -233,63 +219,33 @@ class CtcpService:
         for host, port in cfg.gateway.ctcp_listen:
             log.info("cTCP listening on %s:%d", bracket(host), port)
 
+    @property
+    def peers(self) -> dict[bytes, int]:
+        """The cTCP client peers now (address -> TCP port)."""
+        return dict(self.engine.peers) if self.engine is not None else {}
+
     async def set_peers(self, peers: dict[bytes, int]) -> None:
-        """The cTCP client peers are now exactly ``peers`` (address -> TCP port): new
-        ones are queued before removed ones stop being queued."""
-        assert self.engine is not None and self.rules is not None
-        old = self.peers
-        for p, port in peers.items():
-            if old.get(p) != port:
-                self.rules.add_peer_endpoint(addr_text(p), port)
-                self.rules.add_peer(addr_text(p))
-                log.info("cTCP peer %s port %d", addr_text(p), port)
-        self.engine.set_peers(peers)
-        for p, port in old.items():
-            if peers.get(p) != port:
-                self.rules.remove_peer_endpoint(addr_text(p), port)
-                if p not in peers:
-                    self.rules.remove_peer(addr_text(p))
-                log.info("cTCP peer %s port %d removed", addr_text(p), port)
-        self.peers = dict(peers)
+        """The cTCP client peers are now exactly ``peers`` (address -> TCP port)."""
+        self.apply([CtcpPeers(peers)])
+
+    def apply(self, ops: list[Operation]) -> None:
+        """The cTCP part of a reload plan: the engine decides, the rules follow."""
+        assert self.engine is not None and self._loop is not None
+        self.engine.apply(self._loop.time(), ops)
+        self._execute()
 
     def linger(self, endpoints: list[tuple[bytes, int]]) -> None:
-        """Gateway endpoints that charon may still send to with no cTCP flow to carry it
-        (a previous run's, or one whose flow closed) stay steered, their packets dropped,
-        until charon lists no IKE SA with their address (polled, ``release_lingering``)."""
-        assert self.engine is not None and self.rules is not None
-        for ep in endpoints:
-            self.lingering.add(ep)
-            if self.engine.steering.add(ep, LINGER):
-                self.rules.steer_endpoint(addr_text(ep[0]), ep[1], True)
-        if self.lingering and (self._release is None or self._release.done()):
-            assert self._loop is not None
-            self._release = self._loop.create_task(self._release_poll())
-
-    def release_lingering(self, busy: set[bytes]) -> None:
-        """``busy``: the addresses charon holds IKE SAs with now."""
-        if self.engine is None or self.rules is None:
-            return
-        for ep in [e for e in self.lingering if e[0] not in busy]:
-            self.lingering.discard(ep)
-            if self.engine.steering.remove(ep, LINGER):
-                self.rules.steer_endpoint(addr_text(ep[0]), ep[1], False)
-
-    async def _release_poll(self) -> None:
-        from vici_bridge.resolve import list_sas
-
-        while self.lingering:
-            await asyncio.sleep(RELEASE_POLL)
-            try:
-                sas = await asyncio.to_thread(list_sas, self.config.vici_socket)
-            except OSError as exc:  # keep steering: without charon's word, fail closed
-                self.log_limited("ctcp-list-sas", "cTCP: cannot list SAs: %s", exc)
-                continue
-            self.release_lingering(sa_hosts(sas))
+        """A previous run's gateway endpoints that charon still holds SAs with."""
+        assert self.engine is not None and self._loop is not None
+        self.engine.linger(self._loop.time(), endpoints)
+        self._execute()
 
     async def stop(self, remove_rules: bool = False) -> None:
         """Rules and sets stay (a queue nobody reads drops) unless ``remove_rules``."""
-        if self._release is not None:
-            self._release.cancel()
+        if self.engine is not None:
+            self.engine.stop()
+        for task in self._queries:
+            task.cancel()
         if self._timer is not None:
             self._timer.cancel()
         for q in (self.queue, self.inbound_queue):
@@ -359,16 +315,21 @@ class CtcpService:
                     self.injector.inject(o.packet, o.dst)
                 elif type(o) is Steer:
                     peer = addr_text(o.peer)
-                    if o.port and o.on:  # a gateway's peer: the UDP endpoint charon answers
-                        self.rules.steer_endpoint(peer, o.port, True)
-                    elif o.port:
-                        # The flow is gone, charon's SAs with the peer may not be: the
-                        # endpoint stays steered (dropped, never UDP) until charon lists none.
-                        self.linger([(o.peer, o.port)])
+                    if o.port:  # a gateway's peer: the UDP endpoint charon answers
+                        self.rules.steer_endpoint(peer, o.port, o.on)
                     elif o.on:
                         self.rules.add_peer(peer)
                     else:
                         self.rules.remove_peer(peer)
+                elif type(o) is SteerSegments:
+                    if o.on:
+                        self.rules.add_peer_endpoint(addr_text(o.peer), o.port)
+                    else:
+                        self.rules.remove_peer_endpoint(addr_text(o.peer), o.port)
+                elif type(o) is Query:
+                    task = self._loop.create_task(self._ask(o.purpose))
+                    self._queries.add(task)
+                    task.add_done_callback(self._queries.discard)
             except OSError as exc:
                 count(self.counters, f"{_KIND.get(type(o), 'output')}-failed")
                 self.log_limited("ctcp-io", "cTCP: %s failed: %s", type(o).__name__, exc)
@@ -451,6 +412,19 @@ class CtcpService:
         except OSError as exc:
             count(self.counters, "icmp-failed")
             self.log_limited("ctcp-icmp", "cTCP: ICMP too big failed: %s", exc)
+
+    async def _ask(self, purpose: str) -> None:
+        """charon's IKE SAs for the engine (None when charon cannot be asked)."""
+        from vici_bridge.resolve import list_sas
+
+        try:
+            sas = await asyncio.to_thread(list_sas, self.config.vici_socket)
+        except OSError as exc:  # the engine keeps steering: without charon's word, fail closed
+            self.log_limited("ctcp-list-sas", "cTCP: cannot list SAs: %s", exc)
+            sas = None
+        if self.engine is not None and self._loop is not None:
+            self.engine.sas_listed(self._loop.time(), purpose, sas)
+            self._execute()
 
     def _fire(self) -> None:
         assert self.engine is not None and self._loop is not None

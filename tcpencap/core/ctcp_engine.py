@@ -26,7 +26,6 @@ import logging
 import random
 import secrets
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,8 +45,10 @@ from tcpencap.core.ctcp_limits import PrefixBuckets, SourceSlots
 from tcpencap.core.engine import Engine
 from tcpencap.core.outputs import (
     Inject,
+    Query,
     SendRaw,
     Steer,
+    SteerSegments,
     bracket,
     count,
     describe,
@@ -55,9 +56,11 @@ from tcpencap.core.outputs import (
 )
 from tcpencap.core.peers import SteeringRefs
 from tcpencap.core.ports import PortAllocator, PortsExhausted
+from tcpencap.core.reload import CtcpPeers, Operation
+from tcpencap.core.restart import sa_hosts
 from tcpencap.core.role import Role
 from tcpencap.core.table import Bind, ConnectionTable, Entry
-from tcpencap.core.timers import LogLimiter
+from tcpencap.core.timers import LogLimiter, TimerQueue
 from tcpencap.core.totals import add_closed, new_totals
 from tcpencap.wire.ctcp import CTCPError, Segment, build_control, read_segment
 from tcpencap.wire.ike import Classified, Kind, Refused, classify_outbound, classify_udp_payload
@@ -76,6 +79,11 @@ from tcpencap.wire.packet import (
 log = logging.getLogger("tcpencap.ctcp")
 
 Key = tuple[bytes, int, bytes, int]  # local address, local port, peer address, peer port
+
+REPLY_TOTAL_FACTOR = 250  # replies to all strangers: this many times those to one source
+LINGER = "linger"  # steering reason of a gateway endpoint whose SAs no flow carries
+RELEASE_POLL = 5.0  # how often charon is asked whether a lingering peer still has SAs
+RELEASE_QUERY = "ctcp-release"
 
 
 @dataclass(slots=True)
@@ -113,46 +121,52 @@ def _is_syn(flags: int) -> bool:
 
 
 class CtcpEngine(Engine):
-    """All cTCP connections of this host. ``listen`` are gateway (ADDR, PORT) endpoints
-    (wildcards allowed: the rules queue only segments for local addresses), ``peers`` maps
-    a client peer address to its TCP port. ``max_per_source`` bounds the gateway connections
-    of one source (``source_bits``: the IPv4 and IPv6 prefix lengths that make one source);
-    ``reply_rate`` bounds the SYN+ACKs (and as many RSTs) a second sent to one source without
-    a connection, ``reply_total`` those sent to all of them."""
+    """All cTCP connections of this host, built like the RFC 9329 engine from the
+    configuration (its ``gateway`` and ``client`` sections) and the time; client peers come
+    with :meth:`apply`. ``ports`` is the local port allocator shared with the RFC 9329
+    side (default: one of the configured range); ``rng`` and ``secret`` make tests
+    repeatable.
+
+    Gateway limits: ``max_connections`` in all, ``max_per_source`` for one source (a
+    ``source_prefix_v4`` / ``_v6`` network), ``ctcp_reply_rate`` SYN+ACKs (and as many
+    RSTs) a second to one source without a connection, 250 times that to all of them."""
 
     def __init__(
         self,
+        config: Any,
+        now: float,
         *,
-        listen: Iterable[tuple[str, int]] = (),
-        peers: dict[bytes, int] | None = None,
         ports: PortAllocator | None = None,
-        max_connections: int = 1000,
-        max_per_source: int = 32,
-        source_bits: tuple[int, int] = (32, 64),
-        reply_rate: float = 20.0,
-        reply_total: float = 5000.0,
-        timers: Timers | None = None,
         rng: random.Random | None = None,
         secret: bytes | None = None,
     ) -> None:
         super().__init__()
+        gw, cl = config.gateway, config.client
+        self.config = config
         self._listen_exact: set[tuple[bytes, int]] = set()
         self._listen_any: set[tuple[int, int]] = set()  # (address length, port)
-        for host, port in listen:
+        for host, port in gw.ctcp_listen:
             addr = ipaddress.ip_address(host)
             if addr.is_unspecified:
                 self._listen_any.add((len(addr.packed), port))
             else:
                 self._listen_exact.add((addr.packed, port))
-        self.peers = dict(peers or {})
-        self.ports = ports or PortAllocator()
-        self.max_connections = max_connections
-        self.timers = timers or Timers()
+        self.peers: dict[bytes, int] = {}
+        self.ports = ports or PortAllocator(cl.port, *cl.port_range)
+        self.max_connections = gw.max_connections
+        self.timers = Timers(
+            handshake=gw.ctcp_handshake_timeout,
+            no_sa=gw.ctcp_no_sa_timeout,
+            idle=gw.ctcp_idle_timeout,
+            keepalive=cl.ctcp_keepalive,
+        )
         self._rng = rng
         self.cookies = SynCookies(secret or secrets.token_bytes(32), self.timers.handshake)
-        self.slots = SourceSlots(max_per_source, *source_bits)
-        self._syn_acks = PrefixBuckets(reply_rate, reply_total, *source_bits)
-        self._resets = PrefixBuckets(reply_rate, reply_total, *source_bits)
+        bits = (gw.source_prefix_v4, gw.source_prefix_v6)
+        self.slots = SourceSlots(gw.max_per_source, *bits)
+        rate = float(gw.ctcp_reply_rate)
+        self._syn_acks = PrefixBuckets(rate, REPLY_TOTAL_FACTOR * rate, *bits)
+        self._resets = PrefixBuckets(rate, REPLY_TOTAL_FACTOR * rate, *bits)
         self._ident = 0
         self.log_limited = LogLimiter(log.warning)
         self.table = ConnectionTable()
@@ -161,13 +175,75 @@ class CtcpEngine(Engine):
         self.by_id: dict[int, Flow] = {}
         # gateway: the UDP endpoints (peer, inner source port) charon answers its flows at
         self.steering: SteeringRefs[tuple[bytes, int]] = SteeringRefs()
+        self.lingering: set[tuple[bytes, int]] = set()  # steered for SAs no flow carries
+        self._release_polling = False
+        self.stopping = False
         self.counters: dict[str, int] = {}
         self.totals: dict[str, Any] = new_totals()
 
-    def set_peers(self, peers: dict[bytes, int]) -> None:
-        """The client peers are now exactly these (reload). Connections to a removed peer
-        stay until their own timers end them; charon no longer sends to it."""
+    # --- configuration and life ---------------------------------------------------------
+
+    def apply(self, now: float, ops: list[Operation]) -> None:
+        """Run the cTCP part of a reload plan (:func:`tcpencap.core.reload.plan`): the
+        client peers are now exactly those of the last CtcpPeers. A new or moved peer is
+        queued before a removed one stops being; connections to a removed peer stay until
+        their own timers end them (charon no longer sends to it)."""
+        for op in ops:
+            if isinstance(op, CtcpPeers):
+                self._set_peers(op.peers)
+
+    def _set_peers(self, peers: dict[bytes, int]) -> None:
+        old, out = self.peers, self._out
+        for p, port in peers.items():
+            if old.get(p) != port:
+                out.append(SteerSegments(p, port, True))
+                out.append(Steer(p, True))
+                log.info("cTCP peer %s port %d", addr_text(p), port)
+        for p, port in old.items():
+            if peers.get(p) != port:
+                out.append(SteerSegments(p, port, False))
+                if p not in peers:
+                    out.append(Steer(p, False))
+                log.info("cTCP peer %s port %d removed", addr_text(p), port)
         self.peers = dict(peers)
+
+    def linger(self, now: float, endpoints: list[tuple[bytes, int]]) -> None:
+        """Gateway endpoints charon may still send to with no flow to carry it (a previous
+        run's, or one whose flow closed) stay steered, their packets dropped (never UDP),
+        until charon lists no IKE SA with their address (asked every RELEASE_POLL)."""
+        for ep in endpoints:
+            self.lingering.add(ep)
+            if self.steering.add(ep, LINGER):
+                self._out.append(Steer(ep[0], True, ep[1]))
+        if self.lingering and not self._release_polling and not self.stopping:
+            self._release_polling = True
+            self.timer_queue.call_at(now + RELEASE_POLL, self._ask_release)
+
+    def _ask_release(self, now: float) -> None:
+        if self.stopping:
+            return
+        self._out.append(Query(RELEASE_QUERY))
+
+    def sas_listed(self, now: float, purpose: str, sas: list[dict[str, Any]] | None) -> None:
+        """charon's IKE SAs for a Query; None: charon could not be asked, so everything
+        stays steered (fail closed) and it is asked again."""
+        if purpose != RELEASE_QUERY:
+            return
+        self._release_polling = False
+        if sas is not None:
+            busy = sa_hosts(sas)
+            for ep in sorted(e for e in self.lingering if e[0] not in busy):
+                self.lingering.discard(ep)
+                if self.steering.remove(ep, LINGER):
+                    self._out.append(Steer(ep[0], False, ep[1]))
+        self.linger(now, [])
+
+    def stop(self) -> None:
+        """tcpencap is stopping: nothing more is sent or asked. The flows are left as they
+        are: the rules outlive the daemon, and the next run answers their segments with a
+        RST (A.6 step 6)."""
+        self.stopping = True
+        self.timer_queue = TimerQueue()
 
     # --- lookups ------------------------------------------------------------------------
 
@@ -396,7 +472,7 @@ class CtcpEngine(Engine):
                     self.log_limited(now, name, "cTCP %s: %s: %s", self.describe(flow), name,
                                      act.detail)  # type: ignore[union-attr]  # fmt: skip
             elif t is Closed:
-                self._remove(flow, act.reason)  # type: ignore[union-attr]
+                self._remove(now, flow, act.reason)  # type: ignore[union-attr]
         if flow.key in self.flows:
             self._arm(flow)
 
@@ -422,8 +498,7 @@ class CtcpEngine(Engine):
         if c.kind is Kind.IKE and c.ike is not None:
             self._bind_ike(flow, c.ike.spi_i)
 
-    def _remove(self, flow: Flow, reason: str) -> None:
-        out = self._out
+    def _remove(self, now: float, flow: Flow, reason: str) -> None:
         if self.flows.get(flow.key) is flow:
             del self.flows[flow.key]
             if flow.role is Role.GATEWAY:
@@ -437,10 +512,13 @@ class CtcpEngine(Engine):
         if flow.role is Role.CLIENT:
             self.ports.release(flow.key[1])
         else:
+            # The flow is gone, charon's SAs with the peer may not be: an endpoint no other
+            # flow holds stays steered (dropped, never UDP) until charon lists none.
             peer, why = flow.key[2], f"conn:{flow.entry.conn_id}"
             for port in sorted(flow.steered):
-                if self.steering.remove((peer, port), why):
-                    out.append(Steer(peer, False, port))
+                if self.steering.reasons((peer, port)) == {why}:  # the last flow on it
+                    self.linger(now, [(peer, port)])
+                self.steering.remove((peer, port), why)
         log.info("cTCP %s closed: %s", self.describe(flow), reason)
 
     # --- status -----------------------------------------------------------------------------

@@ -82,6 +82,29 @@ class Steer:
         return f"Steer({self.peer.hex()}{at}, {self.on})"
 
 
+class SteerSegments:
+    """Start (``on``) or stop taking the TCP segments cTCP peer ``peer`` sends from
+    ``port`` (a client's gateway) away from the host stack, to the engine; only the
+    engine's own segments may then go to that endpoint."""
+
+    __slots__ = ("peer", "port", "on")
+
+    def __init__(self, peer: bytes, port: int, on: bool) -> None:
+        self.peer = peer
+        self.port = port
+        self.on = on
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SteerSegments) and (other.peer, other.port, other.on) == (
+            self.peer,
+            self.port,
+            self.on,
+        )
+
+    def __repr__(self) -> str:
+        return f"SteerSegments({self.peer.hex()}:{self.port}, {self.on})"
+
+
 class Connect:
     """Open a TCP connection from ``local``:``local_port`` (0: none was free, fail it) to
     ``peer``:``port`` for connection ``conn_id``; report back with ``connected`` or
@@ -132,7 +155,7 @@ class Query:
         return f"Query({self.purpose!r})"
 
 
-Output = Transmit | SendRaw | Inject | Steer | Connect | Close | Query
+Output = Transmit | SendRaw | Inject | Steer | SteerSegments | Connect | Close | Query
 
 
 def count(counters: dict[str, int], key: str) -> None:
