@@ -26,6 +26,7 @@ import logging
 import random
 import secrets
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,7 @@ from tcpencap.core.ctcp_conn import (
 )
 from tcpencap.core.ctcp_cookie import SynCookies
 from tcpencap.core.ctcp_limits import PrefixBuckets, SourceSlots
+from tcpencap.core.ctcp_mtu import PathMtus
 from tcpencap.core.engine import Engine
 from tcpencap.core.outputs import (
     Inject,
@@ -84,6 +86,7 @@ REPLY_TOTAL_FACTOR = 250  # replies to all strangers: this many times those to o
 LINGER = "linger"  # steering reason of a gateway endpoint whose SAs no flow carries
 RELEASE_POLL = 5.0  # how often charon is asked whether a lingering peer still has SAs
 RELEASE_QUERY = "ctcp-release"
+UNKNOWN_ROUTE_MTU = 65535  # no route MTU reader: nothing is ever too big
 
 
 @dataclass(slots=True)
@@ -124,8 +127,9 @@ class CtcpEngine(Engine):
     """All cTCP connections of this host, built like the RFC 9329 engine from the
     configuration (its ``gateway`` and ``client`` sections) and the time; client peers come
     with :meth:`apply`. ``ports`` is the local port allocator shared with the RFC 9329
-    side (default: one of the configured range); ``rng`` and ``secret`` make tests
-    repeatable.
+    side (default: one of the configured range); ``route_mtu`` reads the route's MTU
+    towards an address (the shell's I/O; the default knows no limit); ``rng`` and
+    ``secret`` make tests repeatable.
 
     Gateway limits: ``max_connections`` in all, ``max_per_source`` for one source (a
     ``source_prefix_v4`` / ``_v6`` network), ``ctcp_reply_rate`` SYN+ACKs (and as many
@@ -139,6 +143,7 @@ class CtcpEngine(Engine):
         ports: PortAllocator | None = None,
         rng: random.Random | None = None,
         secret: bytes | None = None,
+        route_mtu: Callable[[bytes], int] = lambda dst: UNKNOWN_ROUTE_MTU,
     ) -> None:
         super().__init__()
         gw, cl = config.gateway, config.client
@@ -179,6 +184,7 @@ class CtcpEngine(Engine):
         self._release_polling = False
         self.stopping = False
         self.counters: dict[str, int] = {}
+        self.mtus = PathMtus(route_mtu, self.counters)
         self.totals: dict[str, Any] = new_totals()
 
     # --- configuration and life ---------------------------------------------------------
@@ -268,6 +274,10 @@ class CtcpEngine(Engine):
 
     def outbound(self, now: float, packet: bytes) -> None:
         """A UDP packet charon sent to a cTCP peer (queued in OUTPUT)."""
+        too_big = self.mtus.too_big(now, packet)
+        if too_big is not None:  # charon is told the MTU instead (IPv4 with DF)
+            self._out.append(Inject(*too_big))
+            return
         got = classify_outbound(packet)
         if isinstance(got, Refused):
             count(self.counters, _REFUSED[got])
@@ -380,7 +390,7 @@ class CtcpEngine(Engine):
                 data = build_control(seg.dst, seg.src, seg.dport, seg.sport, isn, ack,
                                      TCP_SYN | TCP_ACK, ident=self._take_ident())  # fmt: skip
                 count(self.counters, "syn-cookie-sent")
-                self._out.append(SendRaw(data, seg.src))
+                self._send_raw(now, data, seg.src)
             return None
         cookie = (seg.ack - 1) & 0xFFFFFFFF
         if (
@@ -419,7 +429,22 @@ class CtcpEngine(Engine):
             count(self.counters, "stray-reset-limited")
         else:
             count(self.counters, "stray-reset")
-            self._out.append(SendRaw(reply.data, seg.src))
+            self._send_raw(now, reply.data, seg.src)
+
+    def _send_raw(self, now: float, data: bytes, dst: bytes, first_try: bool = True) -> None:
+        """A segment for the raw socket, sized for the path (:mod:`core.ctcp_mtu`)."""
+        pieces, signal = self.mtus.size(now, data, dst)
+        if signal is not None:
+            self._out.append(Inject(*signal))
+        if pieces:
+            self._out.append(SendRaw(data, dst, pieces, first_try))
+
+    def send_too_big(self, now: float, sent: SendRaw) -> None:
+        """The kernel refused ``sent`` as too big (EMSGSIZE): the route changed under the
+        cache. It is sized once more against the route as the kernel knows it now."""
+        self.mtus.forget(sent.dst)
+        count(self.counters, "mtu-refresh")
+        self._send_raw(now, sent.data, sent.dst, first_try=False)
 
     def _take_ident(self) -> int:
         self._ident = (self._ident + 1) & 0xFFFF
@@ -455,7 +480,7 @@ class CtcpEngine(Engine):
         while (act := conn.next_action()) is not None:
             t = type(act)
             if t is TransmitSegment:
-                out.append(SendRaw(act.data, flow.key[2]))  # type: ignore[union-attr]
+                self._send_raw(now, act.data, flow.key[2])  # type: ignore[union-attr]
                 if act.inner_proto is not None:  # type: ignore[union-attr]
                     flow.frames_out += 1
                     flow.bytes_out += len(act.data)  # type: ignore[union-attr]

@@ -32,13 +32,25 @@ class Transmit:
 
 class SendRaw:
     """Send ``data``, a whole IP packet built by the engine (a cTCP segment, a reset to a
-    stranger), to ``dst`` through the raw socket: it belongs to no connection's stream."""
+    stranger), to ``dst`` through the raw socket: it belongs to no connection's stream.
+    What goes on the wire is ``pieces``, in order: ``data`` itself, or its fragments when
+    it is larger than the path. When the kernel refuses them as too big (the route changed
+    under the engine's cache) and ``first_try``, the shell reports it to the engine, which
+    sizes ``data`` once more."""
 
-    __slots__ = ("data", "dst")
+    __slots__ = ("data", "dst", "pieces", "first_try")
 
-    def __init__(self, data: bytes, dst: bytes) -> None:
+    def __init__(
+        self,
+        data: bytes,
+        dst: bytes,
+        pieces: tuple[bytes, ...] | None = None,
+        first_try: bool = True,
+    ) -> None:
         self.data = data
         self.dst = dst
+        self.pieces = (data,) if pieces is None else pieces
+        self.first_try = first_try
 
     def __repr__(self) -> str:
         return f"SendRaw({len(self.data)} octets)"
