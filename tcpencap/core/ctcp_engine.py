@@ -253,7 +253,7 @@ class CtcpEngine(Engine):
 
     # --- lookups ------------------------------------------------------------------------
 
-    def listening(self, addr: bytes, port: int) -> bool:
+    def _listening(self, addr: bytes, port: int) -> bool:
         return (addr, port) in self._listen_exact or (len(addr), port) in self._listen_any
 
     def _gatewaycount(self) -> int:
@@ -360,7 +360,7 @@ class CtcpEngine(Engine):
         key = (seg.dst, seg.dport, seg.src, seg.sport)
         flow = self.flows.get(key)
         if flow is None:
-            if self.listening(seg.dst, seg.dport):
+            if self._listening(seg.dst, seg.dport):
                 flow = self._handshake(now, seg)
             elif self.peers.get(seg.src) == seg.sport:
                 # a client's gateway still sends on a connection this host no longer has
@@ -494,7 +494,7 @@ class CtcpEngine(Engine):
                 name = act.reason.value  # type: ignore[union-attr]
                 count(flow.drops, name)
                 if act.detail:  # type: ignore[union-attr]
-                    self.log_limited(now, name, "cTCP %s: %s: %s", self.describe(flow), name,
+                    self.log_limited(now, name, "cTCP %s: %s: %s", self._describe(flow), name,
                                      act.detail)  # type: ignore[union-attr]  # fmt: skip
             elif t is Closed:
                 self._remove(now, flow, act.reason)  # type: ignore[union-attr]
@@ -544,12 +544,12 @@ class CtcpEngine(Engine):
                 if self.steering.reasons((peer, port)) == {why}:  # the last flow on it
                     self.linger(now, [(peer, port)])
                 self.steering.remove((peer, port), why)
-        log.info("cTCP %s closed: %s", self.describe(flow), reason)
+        log.info("cTCP %s closed: %s", self._describe(flow), reason)
 
     # --- status -----------------------------------------------------------------------------
 
     @staticmethod
-    def describe(flow: Flow) -> str:
+    def _describe(flow: Flow) -> str:
         local, lport, peer, pport = flow.key
         return describe(flow.entry.conn_id, flow.role.value, addr_text(local), lport,
                         addr_text(peer), pport)  # fmt: skip
