@@ -4,8 +4,12 @@ cTCP is a packet transform, not a stream (protocols.md A.1, A.13): the engine is
 segments from the wire (``inbound``) and charon's UDP packets to cTCP peers
 (``outbound``), always with the current time, and queues :mod:`outputs` the shell pulls
 (``pull()``); ``get_timer()`` / ``handle_timer(now)`` drive every connection's timers. The
-same shape as :class:`tcpencap.core.rfc9329_engine.Rfc9329Engine`. Each connection's TCP
-state machine is :class:`tcpencap.core.ctcp_conn.Connection`.
+same shape as :class:`tcpencap.core.rfc9329_engine.Rfc9329Engine`: built from the
+configuration and the time, reloaded with ``apply(now, ops)``, ended with ``stop()``. Each
+connection's TCP state machine is :class:`tcpencap.core.ctcp_conn.Connection`; what fits on
+a path is :class:`tcpencap.core.ctcp_mtu.PathMtus`' to say; the steering (client peers,
+gateway endpoints, and those that linger after their flow until charon lists no SA with
+them) is the engine's, the rules are the shell's to change.
 
 An IPsec SA counts as bound (which stops the 60 s no-SA reset of A.6) once our own charon
 sends ESP on the connection: only charon's side counts, since anybody can send bytes that
