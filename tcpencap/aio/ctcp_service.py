@@ -19,13 +19,11 @@ in the trailer, and inbound inner-UDP packets are delivered back unchanged (oute
 addresses, the sender's original UDP ports). Raw ESP (inner protocol 50) from a peer is
 delivered as ESP too, for a kernel that has the ESP transform.
 
-:class:`CtcpEngine` holds the decisions (no I/O: it takes packets and ``now`` and returns
-outputs); :class:`CtcpService` is the thin asyncio wrapper; run alone with
+:class:`CtcpEngine` holds every decision (no I/O: it takes packets, reload plans and
+``now`` and returns outputs), the packet-size ones included; :class:`CtcpService` feeds it
+with ``loop.time()``, reads the route MTU for it (:func:`route_mtu`) and executes its
+outputs (:meth:`CtcpService._execute`). Run alone with
 ``python3 -m tcpencap.aio.ctcp_service --config FILE``.
-
-An IPsec SA counts as bound (which stops the 60 s no-SA reset of A.6) once ESP flows in
-either direction or our own charon sends an encrypted IKE message on the connection
-(without VICI that is the best local evidence that charon has keys with this peer).
 """
 
 from __future__ import annotations
@@ -35,28 +33,31 @@ import asyncio
 import contextlib
 import errno
 import logging
-import random
 import signal
 import socket
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 from nfq.ctcp_rules import CTCP_MARK
 from tcpencap.aio.engine_timer import EngineTimer
-from tcpencap.core.ctcp_conn import Timers
 from tcpencap.core.ctcp_engine import CtcpEngine
-from tcpencap.core.outputs import Inject, Steer, Transmit, bracket, count
+from tcpencap.core.outputs import (
+    Inject,
+    Output,
+    Query,
+    SendRaw,
+    Steer,
+    SteerSegments,
+    bracket,
+    count,
+)
 from tcpencap.core.ports import PortAllocator
-from tcpencap.core.restart import sa_hosts
-from tcpencap.wire.mtu import CTCP_OVERHEAD, check_inner, ctcp_original, plan
-from tcpencap.wire.packet import PacketError, addr_text
+from tcpencap.core.reload import CtcpPeers, Operation
+from tcpencap.core.timers import LogLimiter
+from tcpencap.wire.packet import addr_text
 
 log = logging.getLogger("tcpencap.ctcp")
-
-LINGER = "linger"  # steering reason of a gateway endpoint whose SAs no flow carries
-RELEASE_POLL = 5.0  # how often charon is asked whether a lingering peer still has SAs
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
 IP_NODEFRAG = getattr(socket, "IP_NODEFRAG", 22)
@@ -65,10 +66,18 @@ IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
 PMTUDISC_PROBE = 3  # IP_PMTUDISC_PROBE / IPV6_PMTUDISC_PROBE: device MTU, not the PMTU cache
 IP_MTU = getattr(socket, "IP_MTU", 14)
 IPV6_MTU = getattr(socket, "IPV6_MTU", 24)
-MTU_CACHE_SECONDS = 10.0
-MTU_CACHE_ENTRIES = 4096  # destinations whose path MTU is remembered; oldest go first
 INBOUND_QUEUE_MAXLEN = 1024  # segments from the wire the kernel holds for us
 INBOUND_BUDGET = 256  # netlink reads of the inbound queue per turn of the event loop
+
+
+# The counter and log names of a failed output (stable metric labels).
+_KIND: dict[type, str] = {
+    SendRaw: "transmit",
+    Inject: "inject",
+    Steer: "steer",
+    SteerSegments: "steersegments",
+    Query: "query",
+}
 
 
 # --- I/O --------------------------------------------------------------------------------
@@ -102,55 +111,21 @@ class RawSender:
             sock.close()
 
 
-class RouteMtu:
-    """The path MTU towards a destination as the kernel knows it (route MTU, a cached PMTU
+def route_mtu(dst: bytes) -> int:
+    """The path MTU towards ``dst`` as the kernel knows it (route MTU, a cached PMTU
     exception, else the outgoing link's MTU): a connected UDP socket's IP_MTU/IPV6_MTU,
-    which sends nothing. Cached per destination for :data:`MTU_CACHE_SECONDS`."""
-
-    def __init__(self, ttl: float = MTU_CACHE_SECONDS, entries: int = MTU_CACHE_ENTRIES) -> None:
-        self.ttl = ttl
-        self.entries = entries
-        self._cache: dict[bytes, tuple[float, int]] = {}
-
-    def get(self, dst: bytes, now: float) -> int:
-        hit = self._cache.get(dst)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        mtu = self.lookup(dst)
-        self._cache.pop(dst, None)
-        bounded_put(self._cache, dst, (now + self.ttl, mtu), self.entries)
-        return mtu
-
-    def __len__(self) -> int:
-        return len(self._cache)
-
-    def forget(self, dst: bytes) -> None:
-        self._cache.pop(dst, None)
-
-    @staticmethod
-    def lookup(dst: bytes) -> int:
-        v4 = len(dst) == 4
-        fallback = 1500 if v4 else 1280
-        fam = socket.AF_INET if v4 else socket.AF_INET6
-        level, opt = (socket.IPPROTO_IP, IP_MTU) if v4 else (socket.IPPROTO_IPV6, IPV6_MTU)
-        try:
-            with socket.socket(fam, socket.SOCK_DGRAM) as sock:
-                sock.connect((addr_text(dst), 9))
-                return int(sock.getsockopt(level, opt))
-        except OSError as exc:
-            log.warning("path MTU to %s: %s; assuming %d", addr_text(dst), exc, fallback)
-            return fallback
-
-    def close(self) -> None:
-        self._cache.clear()
-
-
-def bounded_put(cache: dict[Any, Any], key: Any, value: Any, entries: int) -> None:
-    """Insert, first evicting the oldest insertions while the dict is full: a cache keyed
-    by addresses a stranger can choose must not grow with them."""
-    while len(cache) >= entries:
-        del cache[next(iter(cache))]
-    cache[key] = value
+    which sends nothing. The engine caches it (:mod:`tcpencap.core.ctcp_mtu`)."""
+    v4 = len(dst) == 4
+    fallback = 1500 if v4 else 1280
+    fam = socket.AF_INET if v4 else socket.AF_INET6
+    level, opt = (socket.IPPROTO_IP, IP_MTU) if v4 else (socket.IPPROTO_IPV6, IPV6_MTU)
+    try:
+        with socket.socket(fam, socket.SOCK_DGRAM) as sock:
+            sock.connect((addr_text(dst), 9))
+            return int(sock.getsockopt(level, opt))
+    except OSError as exc:
+        log.warning("path MTU to %s: %s; assuming %d", addr_text(dst), exc, fallback)
+        return fallback
 
 
 class CtcpService:
@@ -174,20 +149,13 @@ class CtcpService:
         self.queue: Any = None
         self.inbound_queue: Any = None
         self.sender: RawSender | None = None
-        self.mtus = RouteMtu()
-        # dst -> (MTU we told the local stack, the path MTU it was derived from)
-        self._told: dict[bytes, tuple[int, int]] = {}
-        self._ptb_last: dict[bytes, float] = {}
-        self._frag_ident = random.getrandbits(32)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: EngineTimer | None = None
-        self.peers: dict[bytes, int] = {}
         self.counters: dict[str, int] = {}
-        self.lingering: set[tuple[bytes, int]] = set()  # endpoints steered for SAs no flow carries
-        self._release: asyncio.Task[None] | None = None
+        self._queries: set[asyncio.Task[None]] = set()
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Listeners from the configuration; client peers come with set_peers."""
+        """Listeners from the configuration; client peers come with :meth:`set_peers`."""
         from nfq.ctcp_rules import CtcpRules
         from nfq.queue import QueueReader
 
@@ -195,21 +163,7 @@ class CtcpService:
         self._timer = EngineTimer(self._fire, loop.time)
         cfg = self.config
         gw = cfg.gateway
-        self.engine = CtcpEngine(
-            listen=gw.ctcp_listen,
-            ports=self.ports or PortAllocator(cfg.client.port, *cfg.client.port_range),
-            max_connections=gw.max_connections,
-            max_per_source=gw.max_per_source,
-            source_bits=(gw.source_prefix_v4, gw.source_prefix_v6),
-            reply_rate=gw.ctcp_reply_rate,
-            reply_total=250 * gw.ctcp_reply_rate,
-            timers=Timers(
-                handshake=gw.ctcp_handshake_timeout,
-                no_sa=gw.ctcp_no_sa_timeout,
-                idle=gw.ctcp_idle_timeout,
-                keepalive=cfg.client.ctcp_keepalive,
-            ),
-        )
+        self.engine = CtcpEngine(cfg, loop.time(), ports=self.ports, route_mtu=route_mtu)
         self.sender = RawSender()
         self.rules = CtcpRules(self.queue_num, inbound_queue=self.inbound_queue_num)
         try:
@@ -229,63 +183,33 @@ class CtcpService:
         for host, port in cfg.gateway.ctcp_listen:
             log.info("cTCP listening on %s:%d", bracket(host), port)
 
+    @property
+    def peers(self) -> dict[bytes, int]:
+        """The cTCP client peers now (address -> TCP port)."""
+        return dict(self.engine.peers) if self.engine is not None else {}
+
     async def set_peers(self, peers: dict[bytes, int]) -> None:
-        """The cTCP client peers are now exactly ``peers`` (address -> TCP port): new
-        ones are queued before removed ones stop being queued."""
-        assert self.engine is not None and self.rules is not None
-        old = self.peers
-        for p, port in peers.items():
-            if old.get(p) != port:
-                self.rules.add_peer_endpoint(addr_text(p), port)
-                self.rules.add_peer(addr_text(p))
-                log.info("cTCP peer %s port %d", addr_text(p), port)
-        self.engine.set_peers(peers)
-        for p, port in old.items():
-            if peers.get(p) != port:
-                self.rules.remove_peer_endpoint(addr_text(p), port)
-                if p not in peers:
-                    self.rules.remove_peer(addr_text(p))
-                log.info("cTCP peer %s port %d removed", addr_text(p), port)
-        self.peers = dict(peers)
+        """The cTCP client peers are now exactly ``peers`` (address -> TCP port)."""
+        self.apply([CtcpPeers(peers)])
+
+    def apply(self, ops: list[Operation]) -> None:
+        """The cTCP part of a reload plan: the engine decides, the rules follow."""
+        assert self.engine is not None and self._loop is not None
+        self.engine.apply(self._loop.time(), ops)
+        self._execute()
 
     def linger(self, endpoints: list[tuple[bytes, int]]) -> None:
-        """Gateway endpoints that charon may still send to with no cTCP flow to carry it
-        (a previous run's, or one whose flow closed) stay steered, their packets dropped,
-        until charon lists no IKE SA with their address (polled, ``release_lingering``)."""
-        assert self.engine is not None and self.rules is not None
-        for ep in endpoints:
-            self.lingering.add(ep)
-            if self.engine.steering.add(ep, LINGER):
-                self.rules.steer_endpoint(addr_text(ep[0]), ep[1], True)
-        if self.lingering and (self._release is None or self._release.done()):
-            assert self._loop is not None
-            self._release = self._loop.create_task(self._release_poll())
-
-    def release_lingering(self, busy: set[bytes]) -> None:
-        """``busy``: the addresses charon holds IKE SAs with now."""
-        if self.engine is None or self.rules is None:
-            return
-        for ep in [e for e in self.lingering if e[0] not in busy]:
-            self.lingering.discard(ep)
-            if self.engine.steering.remove(ep, LINGER):
-                self.rules.steer_endpoint(addr_text(ep[0]), ep[1], False)
-
-    async def _release_poll(self) -> None:
-        from vici_bridge.resolve import list_sas
-
-        while self.lingering:
-            await asyncio.sleep(RELEASE_POLL)
-            try:
-                sas = await asyncio.to_thread(list_sas, self.config.vici_socket)
-            except OSError as exc:  # keep steering: without charon's word, fail closed
-                self.log_limited("ctcp-list-sas", "cTCP: cannot list SAs: %s", exc)
-                continue
-            self.release_lingering(sa_hosts(sas))
+        """A previous run's gateway endpoints that charon still holds SAs with."""
+        assert self.engine is not None and self._loop is not None
+        self.engine.linger(self._loop.time(), endpoints)
+        self._execute()
 
     async def stop(self, remove_rules: bool = False) -> None:
         """Rules and sets stay (a queue nobody reads drops) unless ``remove_rules``."""
-        if self._release is not None:
-            self._release.cancel()
+        if self.engine is not None:
+            self.engine.stop()
+        for task in self._queries:
+            task.cancel()
         if self._timer is not None:
             self._timer.cancel()
         for q in (self.queue, self.inbound_queue):
@@ -302,7 +226,6 @@ class CtcpService:
         if self.sender is not None:
             self.sender.close()
             self.sender = None
-        self.mtus.close()
 
     def status(self) -> list[dict[str, Any]]:
         if self.engine is None or self._loop is None:
@@ -317,7 +240,7 @@ class CtcpService:
             "inbound_queue": self.inbound_queue_num,
             "packets": self.queue.packets if self.queue else 0,
             "segments": self.inbound_queue.packets if self.inbound_queue else 0,
-            "mtu_cache": len(self.mtus),
+            "mtu_cache": len(eng.mtus) if eng else 0,
             "steered_endpoints": sorted(
                 f"{bracket(a)}:{p}" for a, p in self.rules.steering.steered_endpoints
             )
@@ -333,10 +256,7 @@ class CtcpService:
     def _on_queued(self, packet: bytes) -> None:
         """charon's UDP to a cTCP peer (the mangle OUTPUT queue)."""
         assert self.engine is not None and self._loop is not None
-        now = self._loop.time()
-        if self._too_big(now, packet):
-            return
-        self.engine.outbound(now, packet)
+        self.engine.outbound(self._loop.time(), packet)
         self._execute()
 
     def _on_segment(self, packet: bytes) -> None:
@@ -346,107 +266,61 @@ class CtcpService:
         self._execute()
 
     def _execute(self) -> None:
+        """Do what the engine asked, in order; nothing here decides. A segment the kernel
+        refuses as too big goes back to the engine (which sizes it once more), so the loop
+        pulls until the engine has nothing left."""
         assert self.engine is not None and self.sender is not None and self._loop is not None
-        for o in self.engine.pull():
-            try:
-                if type(o) is Transmit:
-                    self._send(o.data, o.dst)
-                elif type(o) is Inject:
-                    self.injector.inject(o.packet, o.dst)
-                elif type(o) is Steer:
-                    peer = addr_text(o.peer)
-                    if o.port and o.on:  # a gateway's peer: the UDP endpoint charon answers
-                        self.rules.steer_endpoint(peer, o.port, True)
-                    elif o.port:
-                        # The flow is gone, charon's SAs with the peer may not be: the
-                        # endpoint stays steered (dropped, never UDP) until charon lists none.
-                        self.linger([(o.peer, o.port)])
-                    elif o.on:
-                        self.rules.add_peer(peer)
-                    else:
-                        self.rules.remove_peer(peer)
-            except OSError as exc:
-                count(self.counters, f"{type(o).__name__.lower()}-failed")
-                self.log_limited("ctcp-io", "cTCP: %s failed: %s", type(o).__name__, exc)
+        engine = self.engine
+        while outputs := engine.pull():
+            for o in outputs:
+                try:
+                    self._do(o)
+                except OSError as exc:
+                    if type(o) is SendRaw and exc.errno == errno.EMSGSIZE and o.first_try:
+                        engine.send_too_big(self._loop.time(), o)
+                        continue
+                    count(self.counters, f"{_KIND.get(type(o), 'output')}-failed")
+                    self.log_limited("ctcp-io", "cTCP: %s failed: %s", type(o).__name__, exc)
         assert self._timer is not None
-        self._timer.arm(self.engine.get_timer())
+        self._timer.arm(engine.get_timer())
 
-    # --- packet size (tcpencap/wire/mtu.py decides, docs/mtu.md explains) ------------------------
-
-    def path_mtu(self, dst: bytes, now: float) -> int:
-        """The route's MTU to ``dst``, not the smaller PMTU exception our own ICMP created
-        (the kernel keeps one per destination, shared by charon's socket and ours)."""
-        mtu = self.mtus.get(dst, now)
-        told = self._told.get(dst)
-        return told[1] if told is not None and mtu == told[0] else mtu
-
-    def _tell(self, icmp: bytes, local: bytes, dst: bytes, told: int, base: int) -> None:
-        self._told.pop(dst, None)
-        bounded_put(self._told, dst, (told, base), MTU_CACHE_ENTRIES)
-        self.injector.inject(icmp, local)
-
-    def _too_big(self, now: float, packet: bytes) -> bool:
-        """charon's IPv4 packet with DF that will not fit once encapsulated: answer with
-        ICMP "fragmentation needed" (MTU minus the cTCP overhead) instead of sending it."""
-        if len(packet) < 20 or packet[0] >> 4 != 4:
-            return False
-        dst = packet[16:20]
-        base = self.path_mtu(dst, now)
-        try:
-            decision = check_inner(packet, base)
-        except PacketError:
-            return False
-        if decision is None or decision.signal is None:
-            return False
-        count(self.counters, "too-big-df")
-        try:
-            self._tell(decision.signal, packet[12:16], dst, base - CTCP_OVERHEAD, base)
-            count(self.counters, "icmp-frag-needed-sent")
-        except OSError as exc:
-            count(self.counters, "icmp-failed")
-            self.log_limited("ctcp-icmp", "cTCP: ICMP frag needed failed: %s", exc)
-        return True
-
-    def _send(self, data: bytes, dst: bytes) -> None:
-        """Send one segment, fragmenting it (DF clear, IPv6) when it exceeds the route MTU;
-        a header-included raw socket never fragments by itself."""
+    def _do(self, o: Output) -> None:
         assert self.sender is not None and self._loop is not None
-        now = self._loop.time()
-        for attempt in (0, 1):
-            base = self.path_mtu(dst, now)
-            if len(data) <= base:
-                decision = plan(data, base)
+        if type(o) is SendRaw:
+            for piece in o.pieces:
+                self.sender.send(piece, o.dst)
+        elif type(o) is Inject:
+            self.injector.inject(o.packet, o.dst)
+        elif type(o) is Steer:
+            peer = addr_text(o.peer)
+            if o.port:  # a gateway's peer: the UDP endpoint charon answers
+                self.rules.steer_endpoint(peer, o.port, o.on)
+            elif o.on:
+                self.rules.add_peer(peer)
             else:
-                self._frag_ident = (self._frag_ident + 1) & 0xFFFFFFFF
-                decision = plan(data, base, self._frag_ident, ctcp_original(data))
-                count(self.counters, decision.reason)
-            if decision.signal is not None:
-                self._signal(decision.signal, data, dst, base, now)
-            try:
-                for piece in decision.send:
-                    self.sender.send(piece, dst)
-                return
-            except OSError as exc:
-                if exc.errno != errno.EMSGSIZE or attempt:
-                    raise
-                self.mtus.forget(dst)  # the route changed under the cache: look again
-                count(self.counters, "mtu-refresh")
+                self.rules.remove_peer(peer)
+        elif type(o) is SteerSegments:
+            if o.on:
+                self.rules.add_peer_endpoint(addr_text(o.peer), o.port)
+            else:
+                self.rules.remove_peer_endpoint(addr_text(o.peer), o.port)
+        elif type(o) is Query:
+            task = self._loop.create_task(self._ask(o.purpose))
+            self._queries.add(task)
+            task.add_done_callback(self._queries.discard)
 
-    def _signal(self, icmp: bytes, data: bytes, dst: bytes, base: int, now: float) -> None:
-        """ICMP for a segment already queued (IPv6 fragments; a DF race): at most once a
-        second per destination, the packets themselves are fragmented or counted anyway."""
-        if now - self._ptb_last.get(dst, -10.0) < 1.0:
-            count(self.counters, "icmp-suppressed")
-            return
-        self._ptb_last.pop(dst, None)
-        bounded_put(self._ptb_last, dst, now, MTU_CACHE_ENTRIES)
-        local = data[12:16] if data[0] >> 4 == 4 else data[8:24]
+    async def _ask(self, purpose: str) -> None:
+        """charon's IKE SAs for the engine (None when charon cannot be asked)."""
+        from vici_bridge.resolve import list_sas
+
         try:
-            self._tell(icmp, local, dst, base - CTCP_OVERHEAD, base)
-            count(self.counters, "icmp-too-big-sent")
-        except OSError as exc:
-            count(self.counters, "icmp-failed")
-            self.log_limited("ctcp-icmp", "cTCP: ICMP too big failed: %s", exc)
+            sas = await asyncio.to_thread(list_sas, self.config.vici_socket)
+        except OSError as exc:  # the engine keeps steering: without charon's word, fail closed
+            self.log_limited("ctcp-list-sas", "cTCP: cannot list SAs: %s", exc)
+            sas = None
+        if self.engine is not None and self._loop is not None:
+            self.engine.sas_listed(self._loop.time(), purpose, sas)
+            self._execute()
 
     def _fire(self) -> None:
         assert self.engine is not None and self._loop is not None
@@ -491,21 +365,15 @@ def _main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    last: dict[str, float] = {}
-
-    def log_limited(key: str, fmt: str, *a: object) -> None:
-        now = time.monotonic()
-        if now - last.get(key, -10.0) >= 1.0:
-            last[key] = now
-            log.warning(fmt, *a)
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        limiter = LogLimiter(log.warning)
         injector = RawInjector()
-        svc = CtcpService(cfg, injector, log_limited)
+        svc = CtcpService(cfg, injector, lambda *a: limiter(loop.time(), *a))
         try:
             await svc.start(loop)
             await svc.set_peers(await _configured_peers(cfg))

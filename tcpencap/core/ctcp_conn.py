@@ -9,7 +9,7 @@ when ``handle_timer(now)`` wants to run, and outputs are queued actions drained 
 segments are dispatched on (state, segment kind) through :data:`_ON_SEGMENT`.
 
 The gateway side is hostile ground (DESIGN.md, trust boundaries), so unlike QuickSec:
-- a listener connection exists only once the handshake is complete: the engine answers
+- a gateway connection exists only once the handshake is complete: the engine answers
   SYNs statelessly (:mod:`tcpencap.core.ctcp_cookie`) and builds the connection with
   :meth:`Connection.accept` from the ACK that returns the cookie;
 - once established, segments are checked as RFC 5961 asks: a RST only at exactly the next
@@ -17,7 +17,7 @@ The gateway side is hostile ground (DESIGN.md, trust boundaries), so unlike Quic
   its ack inside what we sent;
 - only IKE for charon leaves as an injection: inner UDP to port 500/4500 from 500/4500 or
   the connection's own port, never to any other local service;
-- a listener connection that hears nothing valid for ``Timers.idle`` is reset, so a peer
+- a gateway connection that hears nothing valid for ``Timers.idle`` is reset, so a peer
   that went away (its close RST can carry seq 0, which the check above refuses) frees its
   slot; clients send a keepalive (a bare ACK, A.6 step 5) when they have been quiet for
   ``Timers.keepalive``, so a live tunnel is never idle on the gateway.
@@ -31,8 +31,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tcpencap.core.role import Role
 from tcpencap.wire.ctcp import CTCPError, Segment, build_control, encapsulate_info
-from tcpencap.wire.packet import PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from tcpencap.wire.packet import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 
 _MASK = 0xFFFFFFFF
 # How far a peer's seq may lie from the next one we expect (either way: cTCP accepts gaps
@@ -44,25 +45,20 @@ ACK_WINDOW = 1 << 16
 IKE_PORTS = frozenset({500, 4500})
 
 
-class Role(enum.Enum):
-    LISTENER = "listener"  # the gateway: answers SYN
-    CLIENT = "client"  # opens the connection when the first packet is queued
-
-
 class State(enum.Enum):
     CLOSED = "closed"  # client only: no connection, the next packet sends a SYN
     SYN_SENT = "syn-sent"  # client only
     ESTABLISHED = "established"
-    CLOSE_WAIT = "close-wait"  # last SA gone: only IKE still carried, RST after a delay
     DELETED = "deleted"  # terminal: the entry is to be removed
 
 
+# Every state change a real input can make, and no other (tests/test_ctcp_conn.py walks
+# every (state, input) pair). cTCP follows no VICI event, so nothing tells a connection that
+# its last SA is gone: it ends by RST, FIN, the no-SA deadline or the idle limit.
 TRANSITIONS: dict[State, frozenset[State]] = {
-    State.CLOSED: frozenset({State.SYN_SENT}),
-    State.SYN_SENT: frozenset({State.CLOSED, State.ESTABLISHED}),
-    State.ESTABLISHED: frozenset({State.CLOSE_WAIT, State.DELETED}),
-    # A new SA bound during the close delay (a rekey race) keeps the connection.
-    State.CLOSE_WAIT: frozenset({State.ESTABLISHED, State.DELETED}),
+    State.CLOSED: frozenset({State.SYN_SENT}),  # charon's packet: SYN
+    State.SYN_SENT: frozenset({State.CLOSED, State.ESTABLISHED}),  # timeout or RST; SYN+ACK
+    State.ESTABLISHED: frozenset({State.DELETED}),  # RST, FIN, no SA, idle
     State.DELETED: frozenset(),
 }
 
@@ -84,7 +80,6 @@ class Drop(enum.Enum):
     KEEPALIVE = "keepalive"
     BAD_SEGMENT = "bad-segment"
     INNER_PORT = "inner-port-refused"
-    ESP_CLOSING = "esp-while-closing"
     CANNOT_ENCAPSULATE = "cannot-encapsulate"
 
 
@@ -112,8 +107,7 @@ def seg_kind(flags: int) -> SegKind:
 class Timers:
     handshake: float = 3.0  # SYN_SENT; a SYN cookie's lifetime on the gateway
     no_sa: float = 60.0  # ESTABLISHED without an IPsec SA bound -> RST
-    close_delay: float = 0.5  # CLOSE_WAIT -> RST
-    idle: float = 300.0  # listener: nothing valid from the peer for this long -> RST
+    idle: float = 300.0  # gateway: nothing valid from the peer for this long -> RST
     keepalive: float = 20.0  # client: nothing sent for this long -> a bare ACK
 
 
@@ -192,7 +186,7 @@ class Connection:
     """One cTCP connection between (local, local_port) and (peer, peer_port).
 
     ``rng`` supplies ISNs and the IPv4 ID counter of control segments (inject a seeded
-    ``random.Random`` in tests); ``isn`` fixes the first ISN. Listener connections are
+    ``random.Random`` in tests); ``isn`` fixes the first ISN. Gateway connections are
     made by :meth:`accept`.
     """
 
@@ -225,8 +219,8 @@ class Connection:
         self.has_sa = False
         self.close_reason: str | None = None
         self._trigger: bytes | None = None
-        self._deadline: float | None = None  # handshake, no-SA or close delay
-        self._idle_check: float | None = None  # listener: when to look at last_heard
+        self._deadline: float | None = None  # handshake or no-SA
+        self._idle_check: float | None = None  # gateway: when to look at last_heard
         self._keepalive_check: float | None = None  # client: when to look at last_sent
         self.last_heard = 0.0
         self.last_sent = 0.0
@@ -247,9 +241,9 @@ class Connection:
         rng: random.Random | None = None,
         timers: Timers | None = None,
     ) -> Connection:
-        """A listener connection from the ACK that completed a stateless handshake: ``isn``
+        """A gateway connection from the ACK that completed a stateless handshake: ``isn``
         is the cookie our SYN+ACK carried, ``peer_seq`` the ACK's sequence number."""
-        conn = cls(Role.LISTENER, local=local, peer=peer, local_port=local_port,
+        conn = cls(Role.GATEWAY, local=local, peer=peer, local_port=local_port,
                    peer_port=peer_port, rng=rng, timers=timers)  # fmt: skip
         conn.isn = isn & _MASK
         conn.seq = conn.acked = (isn + 1) & _MASK
@@ -273,23 +267,14 @@ class Connection:
 
     # --- inputs -------------------------------------------------------------------------
 
-    def connect(self, now: float) -> None:
-        """Client: send a SYN (without a trigger packet)."""
-        if self.role is not Role.CLIENT or self.state is not State.CLOSED:
-            self._drop(Drop.UNEXPECTED, f"connect in {self.state.value}")
-            return
-        self._send_syn(now)
-
     def send_packet(self, now: float, inner: bytes) -> None:
-        """Carry an outbound IKE or ESP IP packet (A.6: client trigger, CLOSE_WAIT rule)."""
+        """Carry an outbound IKE or ESP IP packet (A.6: a client's first one is the trigger)."""
         st = self.state
         if st is State.CLOSED and self.role is Role.CLIENT:
             self._trigger = inner
             self._send_syn(now)
         elif st is State.ESTABLISHED:
             self._send_data(now, inner)
-        elif st is State.CLOSE_WAIT:
-            self._send_data(now, inner, ike_only=True)
         elif st is State.SYN_SENT:
             self._drop(Drop.HANDSHAKE_BUSY)
         else:
@@ -310,18 +295,6 @@ class Connection:
         self.has_sa = True
         if self.state is State.ESTABLISHED:
             self._deadline = None
-        elif self.state is State.CLOSE_WAIT:
-            self._goto(State.ESTABLISHED)
-            self._deadline = None
-            if self.role is Role.CLIENT:
-                self._keepalive_check = now + self.timers.keepalive
-
-    def last_sa_gone(self, now: float) -> None:
-        """The last SA/IKE mapping went away: close with RST after the close delay."""
-        self.has_sa = False
-        if self.state is State.ESTABLISHED:
-            self._goto(State.CLOSE_WAIT)
-            self._deadline = now + self.timers.close_delay
 
     def handle_timer(self, now: float) -> None:
         if self._deadline is not None and now >= self._deadline:
@@ -350,8 +323,6 @@ class Connection:
             self._drop(Drop.HANDSHAKE_TIMEOUT)
         elif st is State.ESTABLISHED and not self.has_sa:
             self._reset("no IPsec SA bound")
-        elif st is State.CLOSE_WAIT:
-            self._reset("last SA gone")
 
     # --- segment handlers ---------------------------------------------------------------
 
@@ -431,9 +402,6 @@ class Connection:
         end = (seg.seq + seg.payload_len) & _MASK
         if seq_diff(end, self.ack) > 0:
             self.ack = end
-        if self.state is State.CLOSE_WAIT and decap.proto != PROTO_UDP:
-            self._drop(Drop.ESP_CLOSING)
-            return
         self._actions.append(DeliverInner(decap.packet, decap.proto))
 
     # --- helpers ------------------------------------------------------------------------
@@ -474,16 +442,13 @@ class Connection:
         )
         self._actions.append(TransmitSegment(data, seq, ack, flags))
 
-    def _send_data(self, now: float, inner: bytes, *, ike_only: bool = False) -> None:
+    def _send_data(self, now: float, inner: bytes) -> None:
         try:
             data, plen, proto = encapsulate_info(
                 inner, sport=self.local_port, dport=self.peer_port, seq=self.seq, ack=self.ack
             )
         except CTCPError as exc:
             self._drop(Drop.CANNOT_ENCAPSULATE, exc.reason)
-            return
-        if ike_only and proto != PROTO_UDP:
-            self._drop(Drop.ESP_CLOSING)
             return
         seq = self.seq
         self.seq = (seq + plen) & _MASK
@@ -508,18 +473,13 @@ class Connection:
 
 _Handler = Callable[[Connection, float, Segment], None]
 _C = Connection
-_ESTABLISHED_HANDLERS: dict[SegKind, _Handler] = {
-    SegKind.RST: _C._on_reset,
-    SegKind.FIN: _C._on_est_fin,
-    SegKind.SYN: _C._on_est_syn,
-    SegKind.SYN_ACK: _C._on_est_syn,
-    SegKind.OTHER: _C._on_est_other,
-}
-
 # (state, segment kind) -> handler. Pairs not listed are dropped with a reason.
 _ON_SEGMENT: dict[tuple[State, SegKind], _Handler] = {
     (State.SYN_SENT, SegKind.SYN_ACK): _C._on_synsent_synack,
     (State.SYN_SENT, SegKind.RST): _C._on_synsent_rst,
-    **{(State.ESTABLISHED, k): h for k, h in _ESTABLISHED_HANDLERS.items()},
-    **{(State.CLOSE_WAIT, k): h for k, h in _ESTABLISHED_HANDLERS.items()},
+    (State.ESTABLISHED, SegKind.RST): _C._on_reset,
+    (State.ESTABLISHED, SegKind.FIN): _C._on_est_fin,
+    (State.ESTABLISHED, SegKind.SYN): _C._on_est_syn,
+    (State.ESTABLISHED, SegKind.SYN_ACK): _C._on_est_syn,
+    (State.ESTABLISHED, SegKind.OTHER): _C._on_est_other,
 }

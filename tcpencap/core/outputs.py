@@ -30,6 +30,32 @@ class Transmit:
         return f"Transmit({self.conn_id}, {len(self.data)} octets, ike={self.is_ike})"
 
 
+class SendRaw:
+    """Send ``data``, a whole IP packet built by the engine (a cTCP segment, a reset to a
+    stranger), to ``dst`` through the raw socket: it belongs to no connection's stream.
+    What goes on the wire is ``pieces``, in order: ``data`` itself, or its fragments when
+    it is larger than the path. When the kernel refuses them as too big (the route changed
+    under the engine's cache) and ``first_try``, the shell reports it to the engine, which
+    sizes ``data`` once more."""
+
+    __slots__ = ("data", "dst", "pieces", "first_try")
+
+    def __init__(
+        self,
+        data: bytes,
+        dst: bytes,
+        pieces: tuple[bytes, ...] | None = None,
+        first_try: bool = True,
+    ) -> None:
+        self.data = data
+        self.dst = dst
+        self.pieces = (data,) if pieces is None else pieces
+        self.first_try = first_try
+
+    def __repr__(self) -> str:
+        return f"SendRaw({len(self.data)} octets)"
+
+
 class Inject:
     """Hand this packet (IKE or ESP-in-UDP, as charon expects it) to the local stack;
     ``dst`` is the local address it is for."""
@@ -66,6 +92,29 @@ class Steer:
     def __repr__(self) -> str:
         at = f":{self.port}" if self.port else ""
         return f"Steer({self.peer.hex()}{at}, {self.on})"
+
+
+class SteerSegments:
+    """Start (``on``) or stop taking the TCP segments cTCP peer ``peer`` sends from
+    ``port`` (a client's gateway) away from the host stack, to the engine; only the
+    engine's own segments may then go to that endpoint."""
+
+    __slots__ = ("peer", "port", "on")
+
+    def __init__(self, peer: bytes, port: int, on: bool) -> None:
+        self.peer = peer
+        self.port = port
+        self.on = on
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SteerSegments) and (other.peer, other.port, other.on) == (
+            self.peer,
+            self.port,
+            self.on,
+        )
+
+    def __repr__(self) -> str:
+        return f"SteerSegments({self.peer.hex()}:{self.port}, {self.on})"
 
 
 class Connect:
@@ -118,7 +167,7 @@ class Query:
         return f"Query({self.purpose!r})"
 
 
-Output = Transmit | Inject | Steer | Connect | Close | Query
+Output = Transmit | SendRaw | Inject | Steer | SteerSegments | Connect | Close | Query
 
 
 def count(counters: dict[str, int], key: str) -> None:

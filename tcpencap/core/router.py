@@ -30,10 +30,11 @@ from tcpencap.wire.ike import (
     NON_ESP_MARKER,
     IKEHeader,
     Kind,
-    classify_udp_payload,
+    Refused,
+    classify_outbound,
     parse_ike_header,
 )
-from tcpencap.wire.packet import PROTO_UDP, PacketError, fold, parse_ip, parse_udp, word_sum
+from tcpencap.wire.packet import PROTO_UDP, fold, word_sum
 
 log = logging.getLogger("tcpencap.router")
 
@@ -48,6 +49,16 @@ _V4_CONST_WORDS = 0x4500 + (64 << 8 | PROTO_UDP)  # version/IHL and TTL/protocol
 # injected; the native path (inject.c) applies the same bounds.
 MAX_UDP_PAYLOAD_V4 = 0xFFFF - 20 - 8  # 65507
 MAX_UDP_PAYLOAD_V6 = 0xFFFF - 8  # 65527
+
+
+# The counter names of an outbound packet that is not carried (metric labels).
+_REFUSED = {
+    Refused.NOT_UDP: "not-udp",
+    Refused.FRAGMENT: "fragment",
+    Refused.MALFORMED: "malformed-outbound",
+    Refused.KEEPALIVE: "nat-keepalive",
+    Refused.INVALID: "invalid-outbound",
+}
 
 
 def _protected(hdr: IKEHeader) -> bool:
@@ -215,22 +226,10 @@ class Router:
         return Send(entry.conn_id, frame, False)
 
     def _outbound(self, packet: bytes) -> Outbound:
-        try:
-            ip = parse_ip(packet)
-            if ip.proto != PROTO_UDP:
-                return self._drop("not-udp")
-            if ip.fragment:
-                # OUTPUT sees whole datagrams; a fragment here is not charon's, and its
-                # first octets are not a UDP header.
-                return self._drop("fragment")
-            udp = parse_udp(ip.payload)
-        except PacketError:
-            return self._drop("malformed-outbound")
-        c = classify_udp_payload(udp.sport, udp.payload)
-        if c.kind is Kind.KEEPALIVE:
-            return self._drop("nat-keepalive")  # RFC 9329 §6.6: never sent over TCP
-        if c.kind is Kind.INVALID:
-            return self._drop("invalid-outbound")
+        got = classify_outbound(packet)
+        if isinstance(got, Refused):
+            return self._drop(_REFUSED[got])
+        ip, udp, c = got.ip, got.udp, got.what
         view = self._gateway_view(ip.dst, udp.dport)
         if c.kind is Kind.IKE:
             assert c.ike is not None

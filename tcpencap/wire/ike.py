@@ -1,7 +1,8 @@
 """IKE header parsing and classification of what charon puts on UDP 500/4500.
 
 Only the fixed 28-octet ISAKMP/IKEv2 header is read: it is in the clear, and the SPIs
-in it are what binds a message to a TCP connection.
+in it are what binds a message to a TCP connection. :func:`classify_outbound` is the one
+reading of a packet charon sends to a TCP peer, for both encapsulations.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+
+from tcpencap.wire.packet import PROTO_UDP, IPPacket, PacketError, UDPDatagram, parse_ip, parse_udp
 
 IKE_PORT = 500
 NATT_PORT = 4500
@@ -112,6 +115,47 @@ def _ike(msg: bytes, *, marker: bool) -> Classified:
     except IKEError as exc:
         return Classified(Kind.INVALID, reason=str(exc), marker=marker)
     return Classified(Kind.IKE, body=msg, ike=hdr, marker=marker)
+
+
+class Refused(enum.Enum):
+    """Why a queued outbound packet is not carried; each engine counts it under its own
+    (stable) name."""
+
+    NOT_UDP = "not-udp"
+    FRAGMENT = "fragment"
+    MALFORMED = "malformed"
+    KEEPALIVE = "nat-keepalive"
+    INVALID = "invalid"
+
+
+@dataclass(frozen=True, slots=True)
+class CharonPacket:
+    """A packet charon sent to a TCP peer that is to be carried: IKE or ESP-in-UDP."""
+
+    ip: IPPacket
+    udp: UDPDatagram
+    what: Classified
+
+
+def classify_outbound(packet: bytes) -> CharonPacket | Refused:
+    """Read a UDP packet charon sent (queued in OUTPUT). OUTPUT sees whole datagrams, so a
+    fragment is not charon's, and its first octets are no UDP header; a NAT keepalive is
+    never carried over TCP (RFC 9329 6.6; cTCP has keepalives of its own)."""
+    try:
+        ip = parse_ip(packet)
+        if ip.proto != PROTO_UDP:
+            return Refused.NOT_UDP
+        if ip.fragment:
+            return Refused.FRAGMENT
+        udp = parse_udp(ip.payload)
+    except PacketError:
+        return Refused.MALFORMED
+    c = classify_udp_payload(udp.sport, udp.payload)
+    if c.kind is Kind.KEEPALIVE:
+        return Refused.KEEPALIVE
+    if c.kind is Kind.INVALID:
+        return Refused.INVALID
+    return CharonPacket(ip, udp, c)
 
 
 def classify_frame_payload(payload: bytes) -> Classified:

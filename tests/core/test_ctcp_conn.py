@@ -20,12 +20,12 @@ from tcpencap.core.ctcp_conn import (
     DeliverInner,
     Drop,
     Dropped,
-    Role,
     State,
     Timers,
     TransmitSegment,
     stray_reply,
 )
+from tcpencap.core.role import Role
 from tcpencap.wire.ctcp import Segment, build_control, decapsulate, encapsulate, read_segment
 from tcpencap.wire.packet import (
     PROTO_ESP,
@@ -128,7 +128,7 @@ def reasons(acts: list) -> list:
 
 def test_accepted_listener_is_established_with_no_sa_timer() -> None:
     c = listener(5.0)
-    assert c.state is State.ESTABLISHED and c.role is Role.LISTENER
+    assert c.state is State.ESTABLISHED and c.role is Role.GATEWAY
     assert (c.isn, c.seq, c.acked, c.ack, c.peer_isn) == (
         ISN, ISN + 1, ISN + 1, PEER_ISN + 1, PEER_ISN,
     )  # fmt: skip
@@ -399,55 +399,12 @@ def test_send_packet_rejects_non_ike_esp() -> None:
 # --- closing ---------------------------------------------------------------------------
 
 
-def test_close_wait_carries_ike_only_then_rst() -> None:
-    c = established_listener()
-    c.sa_bound(1.0)
-    c.last_sa_gone(10.0)
-    assert c.state is State.CLOSE_WAIT and c.get_timer() == 10.5
-    c.send_packet(10.1, ike_out())
-    c.send_packet(10.1, esp_out())
-    ike_seg, esp_drop = drain(c)
-    assert isinstance(ike_seg, TransmitSegment) and ike_seg.inner_proto == PROTO_UDP
-    assert esp_drop.reason is Drop.ESP_CLOSING
-    c.receive_segment(10.2, data_from_peer(ike_out(PEER, LOCAL), c.ack, ISN + 1))
-    c.receive_segment(10.2, data_from_peer(esp_out(PEER, LOCAL), c.ack, ISN + 1))
-    deliver, dropped = drain(c)
-    assert isinstance(deliver, DeliverInner) and deliver.proto == PROTO_UDP
-    assert dropped.reason is Drop.ESP_CLOSING
-    c.handle_timer(10.49)
-    assert drain(c) == []
-    c.handle_timer(10.5)
-    rst, closed = drain(c)
-    check_control(rst, seq=c.seq, ack=0, flags=TCP_RST)  # at the peer's RCV.NXT, not 0
-    assert closed == Closed("last SA gone") and c.state is State.DELETED
-
-
-def test_sa_bound_in_close_wait_keeps_connection() -> None:
-    c = established_listener()
-    c.last_sa_gone(1.0)
-    c.sa_bound(1.2)
-    assert c.state is State.ESTABLISHED and c.get_timer() == 300.0
-    c.handle_timer(2.0)
-    assert drain(c) == []
-
-
-def test_close_wait_rst() -> None:
-    c = established_listener()
-    c.last_sa_gone(1.0)
-    c.receive_segment(1.1, from_peer(TCP_RST, 0, 0))
-    assert reasons(drain(c)) == [Drop.RST_BAD_SEQ]
-    c.receive_segment(1.1, from_peer(TCP_RST, c.ack, 0))
-    assert drain(c) == [Closed("reset by peer")]
-
-
 def test_timers_are_configurable() -> None:
-    t = Timers(handshake=1.0, no_sa=10.0, close_delay=0.1, idle=50.0, keepalive=5.0)
+    t = Timers(handshake=1.0, no_sa=10.0, idle=50.0, keepalive=5.0)
     c = listener(0.5, timers=t)
     assert c.get_timer() == 10.5
     c.sa_bound(1.0)
     assert c.get_timer() == 50.5
-    c.last_sa_gone(2.0)
-    assert c.get_timer() == 2.1
     k = client(timers=t)
     k.send_packet(0.0, ike_out())
     assert k.get_timer() == 1.0
@@ -548,21 +505,6 @@ def test_client_syn_never_retransmitted_then_new_syn() -> None:
     assert decapsulate(data.data).seq == syn.seq + 1  # the new trigger, not the old one
 
 
-def test_client_connect_without_trigger() -> None:
-    c = client()
-    c.connect(0.0)
-    [syn] = drain(c)
-    check_control(syn, seq=ISN, ack=0, flags=TCP_SYN)
-    c.connect(0.1)
-    assert reasons(drain(c)) == [Drop.UNEXPECTED]
-    c.receive_segment(0.2, from_peer(TCP_SYN | TCP_ACK, PEER_ISN, ISN + 1))
-    [ack] = drain(c)
-    assert ack.flags == TCP_ACK and c.state is State.ESTABLISHED
-    lst = listener()
-    lst.connect(0.0)
-    assert reasons(drain(lst)) == [Drop.UNEXPECTED] and lst.state is State.ESTABLISHED
-
-
 def test_client_refused_by_rst() -> None:
     c, _ = client_syn_sent()
     drain(c)
@@ -616,10 +558,87 @@ def test_deleted_ignores_everything() -> None:
     c.receive_segment(2.0, data_from_peer(esp_out(PEER, LOCAL), 0, 0))
     c.handle_timer(1e9)
     c.sa_bound(3.0)
-    c.last_sa_gone(3.0)
-    acts = drain(c)
-    assert all(isinstance(a, Dropped) for a in acts) and len(acts) == 1
+    c.send_packet(3.0, esp_out())
+    assert reasons(drain(c)) == [Drop.UNEXPECTED, Drop.NOT_CONNECTED]
     assert c.state is State.DELETED
+
+
+# Every input a connection has, and the state it leads to from each state (an input that
+# passes its checks: the right ack, RST at RCV.NXT, a FIN in the window, the deadline due).
+# The walk below proves that the inputs make exactly the moves of TRANSITIONS: none outside
+# it, and every one of it from a real input (no state or move kept for tests alone).
+INPUTS = ("syn", "syn-ack", "rst", "fin", "other", "packet", "sa-bound", "timer")
+S = State
+EXPECTED: dict[tuple[State, str], State] = {
+    **{(S.CLOSED, i): S.CLOSED for i in INPUTS},
+    (S.CLOSED, "packet"): S.SYN_SENT,
+    **{(S.SYN_SENT, i): S.SYN_SENT for i in INPUTS},
+    (S.SYN_SENT, "syn-ack"): S.ESTABLISHED,
+    (S.SYN_SENT, "rst"): S.CLOSED,
+    (S.SYN_SENT, "timer"): S.CLOSED,
+    **{(S.ESTABLISHED, i): S.ESTABLISHED for i in INPUTS},
+    (S.ESTABLISHED, "rst"): S.DELETED,
+    (S.ESTABLISHED, "fin"): S.DELETED,
+    (S.ESTABLISHED, "timer"): S.DELETED,
+    **{(S.DELETED, i): S.DELETED for i in INPUTS},
+}
+
+
+# A gateway connection exists only from ESTABLISHED on (made from the cookie's ACK).
+GATEWAY_STATES = (State.ESTABLISHED, State.DELETED)
+
+
+def in_state(state: State, role: Role) -> Connection:
+    """A connection of ``role`` brought to ``state`` by real inputs."""
+    if role is Role.GATEWAY:
+        c = listener(0.0)
+    else:
+        c = client()
+        if state is not State.CLOSED:
+            c.send_packet(0.0, ike_out())
+        if state in (State.ESTABLISHED, State.DELETED):
+            c.receive_segment(0.1, from_peer(TCP_SYN | TCP_ACK, PEER_ISN, ISN + 1))
+    if state is State.DELETED:
+        c.receive_segment(0.2, from_peer(TCP_RST, c.ack, 0))
+    drain(c)
+    assert c.state is state
+    return c
+
+
+def feed(c: Connection, event: str) -> None:
+    """One input that passes its checks in the connection's state."""
+    flags = {"syn": TCP_SYN, "syn-ack": TCP_SYN | TCP_ACK, "rst": TCP_RST | TCP_ACK,
+             "fin": TCP_FIN | TCP_ACK, "other": TCP_ACK}  # fmt: skip
+    if event in flags:  # at RCV.NXT, acking SND.NXT (in SYN_SENT: the SYN)
+        c.receive_segment(1.0, from_peer(flags[event], c.ack, c.seq))
+    elif event == "packet":
+        c.send_packet(1.0, esp_out())
+    elif event == "sa-bound":
+        c.sa_bound(1.0)
+    else:  # every deadline it has is due (handshake, no SA, idle, keepalive)
+        c.handle_timer(10_000.0)
+
+
+@pytest.mark.parametrize(
+    ("role", "state", "event"),
+    [
+        (role, state, event)
+        for state, event in EXPECTED
+        for role in Role
+        if role is Role.CLIENT or state in GATEWAY_STATES
+    ],
+)
+def test_every_state_and_input(role: Role, state: State, event: str) -> None:
+    c = in_state(state, role)
+    feed(c, event)
+    assert c.state is EXPECTED[state, event]
+    drain(c)
+
+
+def test_the_table_is_exactly_the_moves_inputs_make() -> None:
+    assert {s for s, _ in EXPECTED} == set(State) and {i for _, i in EXPECTED} == set(INPUTS)
+    moves = {(s, new) for (s, _), new in EXPECTED.items() if new is not s}
+    assert moves == {(s, new) for s, targets in TRANSITIONS.items() for new in targets}
 
 
 _FLAGS = st.sampled_from(
@@ -629,7 +648,7 @@ _FLAGS = st.sampled_from(
 
 @st.composite
 def events(draw: st.DrawFn):
-    kind = draw(st.sampled_from(["ctl", "data", "send", "timer", "sa", "gone", "connect"]))
+    kind = draw(st.sampled_from(["ctl", "data", "send", "timer", "sa"]))
     return kind, draw(_FLAGS), draw(st.integers(0, 0xFFFFFFFF)), draw(st.booleans())
 
 
@@ -651,12 +670,8 @@ def test_random_event_sequences_keep_invariants(role: Role, evs) -> None:
             t = c.get_timer()
             c.handle_timer(t if t is not None else now)
             now = max(now, t or now)
-        elif kind == "sa":
-            c.sa_bound(now)
-        elif kind == "gone":
-            c.last_sa_gone(now)
         else:
-            c.connect(now)
+            c.sa_bound(now)
         assert c.state is before or c.state in TRANSITIONS[before]
         for a in drain(c):
             assert isinstance(a, TransmitSegment | DeliverInner | Closed | Dropped)
@@ -679,7 +694,3 @@ def test_client_keepalive_after_silence_only() -> None:
     [ka] = drain(c)
     check_control(ka, seq=c.seq, ack=c.ack, flags=TCP_ACK)
     assert c.get_timer() == 55.0
-    # back from CLOSE_WAIT, the keepalives go on
-    c.last_sa_gone(40.0)
-    c.sa_bound(40.1)
-    assert c.state is State.ESTABLISHED and c.get_timer() == 60.1

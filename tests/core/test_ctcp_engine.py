@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import random
 
+from tcpencap.config import Config, GatewayConfig
 from tcpencap.core.ctcp_conn import State
 from tcpencap.core.ctcp_engine import CtcpEngine as _Engine
-from tcpencap.core.outputs import Inject, Steer, Transmit
+from tcpencap.core.outputs import Inject, Query, SendRaw, Steer, SteerSegments
 from tcpencap.core.ports import PortAllocator
+from tcpencap.core.reload import CtcpPeers
 from tcpencap.wire.ctcp import read_segment
 from tcpencap.wire.packet import (
     PROTO_UDP,
@@ -62,20 +64,26 @@ def _esp(src: bytes, dst: bytes, spi: int, dport: int = 4500) -> bytes:
     return build_ip(src, dst, PROTO_UDP, build_udp(src, dst, 4500, dport, body))
 
 
+def _client(first_port: int, seed: int) -> CtcpEngine:
+    """A client whose one cTCP peer is G (port 10000), as a reload plan makes it."""
+    client = CtcpEngine(Config(), 0.0, ports=PortAllocator(first_port), rng=random.Random(seed))
+    client.apply(0.0, [CtcpPeers({G: 10000})])
+    assert client.pull() == [SteerSegments(G, 10000, True), Steer(G, True)]
+    return client
+
+
 def _engines(max_connections: int = 10) -> tuple[CtcpEngine, CtcpEngine]:
-    client = CtcpEngine(peers={G: 10000}, ports=PortAllocator(40000), rng=random.Random(1))
-    gw = CtcpEngine(
-        listen=[("198.19.0.2", 10000)], max_connections=max_connections, rng=random.Random(2)
-    )
-    return client, gw
+    listen = (("198.19.0.2", 10000),)
+    cfg = Config(gateway=GatewayConfig(ctcp_listen=listen, max_connections=max_connections))
+    return _client(40000, 1), CtcpEngine(cfg, 0.0, rng=random.Random(2))
 
 
 def _sends(out: list) -> list[bytes]:
-    return [o.data for o in out if type(o) is Transmit]
+    return [o.data for o in out if type(o) is SendRaw]
 
 
 def _exchange(a: CtcpEngine, b: CtcpEngine, out: list, now: float) -> list:
-    """Feed a's Transmit outputs into b; return everything b produced."""
+    """Feed a's SendRaw outputs into b; return everything b produced."""
     res: list = []
     for data in _sends(out):
         res += b.inbound(now, data)
@@ -194,7 +202,7 @@ def test_restarted_client_reconnects_on_esp_alone():
     client, gw = _engines()
     delivered = _handshake(client, gw, client.outbound(0.0, _ike(C, G)), 0.1)
     assert [type(o) for o in delivered] == [Steer, Inject]
-    restarted = CtcpEngine(peers={G: 10000}, ports=PortAllocator(41000), rng=random.Random(3))
+    restarted = _client(41000, 3)
     out = restarted.outbound(5.0, _esp(C, G, 0xC0FFEE02))
     (syn,) = _sends(out)
     assert read_segment(syn).flags == TCP_SYN and "esp-no-connection" not in restarted.counters
@@ -203,7 +211,8 @@ def test_restarted_client_reconnects_on_esp_alone():
     (old,) = [f for f in gw.flows.values() if f.key[3] == 40000]
     rst = _exchange(gw, restarted, gw.outbound(5.5, _ike(G, C, spi_r=b"\x99" * 8)), 5.5)
     assert [read_segment(d).flags for d in _sends(rst)] == [TCP_RST | TCP_ACK]
-    assert _exchange(restarted, gw, rst, 5.6) == [Steer(C, False, 500)]  # (the shell lingers it)
+    assert _exchange(restarted, gw, rst, 5.6) == []  # its endpoint lingers, steered
+    assert gw.lingering == {(C, 500)}
     assert old.key not in gw.flows
     injected = [o for o in got if type(o) is Inject]
     assert len(injected) == 1 and parse_udp(parse_ip(injected[0].packet).payload).payload[:4] == (
@@ -279,5 +288,15 @@ def test_gateway_steers_endpoints_and_lets_them_go_with_the_connection():
     (gflow,) = gw.flows.values()
     rst = build_tcp(C, G, gflow.key[3], 10000, gflow.conn.ack, 0, TCP_RST)
     out = gw.inbound(2.0, build_ip(C, G, 6, rst))
-    assert [o for o in out if type(o) is Steer] == [Steer(C, False, 500), Steer(C, False, 4500)]
-    assert not gw.steering
+    # charon may still hold the SA: both stay steered (dropped, never UDP) until it lists none
+    assert not gw.flows and [o for o in out if type(o) is Steer] == []
+    assert gw.lingering == {(C, 500), (C, 4500)}
+    assert gw.get_timer() == 7.0 and gw.fire(7.0) == [Query("ctcp-release")]
+    gw.sas_listed(7.1, "ctcp-release", None)  # charon cannot be asked: all stay
+    assert gw.pull() == [] and gw.get_timer() == 12.1 and gw.fire(12.1) == [Query("ctcp-release")]
+    gw.sas_listed(12.2, "ctcp-release", [{"sa": {"remote-host": "198.18.1.2"}}])
+    assert gw.pull() == [] and gw.get_timer() == 17.2 and gw.fire(17.2) == [Query("ctcp-release")]
+    gw.sas_listed(17.3, "ctcp-release", [])
+    assert gw.pull() == [Steer(C, False, 500), Steer(C, False, 4500)]
+    assert not gw.steering and not gw.lingering
+    assert gw.fire(100.0) == [] and gw.get_timer() is None  # no more questions

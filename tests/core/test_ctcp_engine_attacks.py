@@ -6,14 +6,17 @@ the engine with a fake clock: no charon, no keys, only segments an attacker can 
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tcpencap.core.ctcp_conn import Drop, State, Timers
+from tcpencap.config import Config, GatewayConfig
+from tcpencap.core.ctcp_conn import Drop, State
 from tcpencap.core.ctcp_engine import CtcpEngine
 from tcpencap.core.ctcp_limits import PrefixBuckets, SourceSlots, TokenBucket, source_prefix
-from tcpencap.core.outputs import Inject, Steer, Transmit
+from tcpencap.core.outputs import Inject, SendRaw, Steer
+from tcpencap.core.reload import CtcpPeers
 from tcpencap.wire.ctcp import encapsulate, read_segment
 from tcpencap.wire.packet import (
     PROTO_UDP,
@@ -36,15 +39,17 @@ ATTACKER = addr_bytes("198.18.66.6")
 IKE = bytes(range(1, 9)) + bytes(8) + b"\x21\x20\x22\x08" + bytes(4) + (28).to_bytes(4, "big")
 
 
-def gateway(**kw) -> CtcpEngine:
-    kw.setdefault("rng", random.Random(5))
-    return CtcpEngine(listen=[("0.0.0.0", 10000), ("::", 10000)], **kw)
+def gateway(**settings: Any) -> CtcpEngine:
+    """A gateway listening on port 10000 of every address, with these gateway settings."""
+    listen = (("0.0.0.0", 10000), ("::", 10000))
+    cfg = Config(gateway=GatewayConfig(ctcp_listen=listen, **settings))
+    return CtcpEngine(cfg, 0.0, rng=random.Random(5))
 
 
 def syn(gw: CtcpEngine, src: bytes, port: int, now: float, dst: bytes = G) -> int | None:
     """A SYN; the cookie of the SYN+ACK it got, None if none."""
     gw.inbound(now, build_ip(src, dst, 6, build_tcp(src, dst, port, 10000, 1000, 0, TCP_SYN)))
-    sends = [o for o in gw.pull() if type(o) is Transmit]
+    sends = [o for o in gw.pull() if type(o) is SendRaw]
     assert len(sends) <= 1
     if not sends:
         return None
@@ -155,7 +160,7 @@ def test_a_guessed_ack_makes_no_connection(ack: int, port: int) -> None:
 
 
 def test_spoofed_syn_flood_fills_nothing_and_an_honest_client_gets_in() -> None:
-    gw = gateway(max_connections=1000, reply_rate=20.0, reply_total=5000.0)
+    gw = gateway(max_connections=1000, ctcp_reply_rate=20)  # 5000 a second in all
     rng = random.Random(3)
     answered_to_flood = 0
     for i in range(20000):
@@ -173,7 +178,7 @@ def test_spoofed_syn_flood_fills_nothing_and_an_honest_client_gets_in() -> None:
 
 
 def test_replies_to_all_networks_have_a_total_bound() -> None:
-    gw = gateway(reply_rate=20.0, reply_total=500.0)
+    gw = gateway(ctcp_reply_rate=2)  # 500 a second in all
     rng = random.Random(4)
     sent = 0
     for i in range(20000):  # one second, every SYN from another source
@@ -185,7 +190,7 @@ def test_replies_to_all_networks_have_a_total_bound() -> None:
 
 
 def test_one_source_holds_only_its_share() -> None:
-    gw = gateway(max_per_source=8, reply_rate=1e6, reply_total=1e9)
+    gw = gateway(max_per_source=8, ctcp_reply_rate=10**6)
     made = sum(connect(gw, ATTACKER, 20000 + p, 0.0) for p in range(30))
     assert made == 8 and gw.counters["refused-per-source"] == 22
     assert connect(gw, HONEST, 40000, 0.0)  # another source is not affected
@@ -195,7 +200,7 @@ def test_one_source_holds_only_its_share() -> None:
     assert sum(1 for k in gw.flows if len(k[2]) == 16) == 8
     assert connect(gw, addr_bytes("fd00:67::1"), 30000, 0.0, dst=G6)
     # with source_prefix_v4 = 24, a /24 is one source
-    gw24 = gateway(max_per_source=8, source_bits=(24, 64), reply_rate=1e6, reply_total=1e9)
+    gw24 = gateway(max_per_source=8, source_prefix_v4=24, ctcp_reply_rate=10**6)
     neighbours = [bytes([198, 18, 66, n]) for n in range(10, 30)]
     assert sum(connect(gw24, a, 20000, 0.0) for a in neighbours) == 8
     # slots come back when connections end
@@ -207,7 +212,7 @@ def test_one_source_holds_only_its_share() -> None:
 
 
 def test_a_peers_own_esp_never_counts_as_an_sa() -> None:
-    gw = gateway(timers=Timers(no_sa=60.0))
+    gw = gateway(ctcp_no_sa_timeout=60.0)
     assert connect(gw, ATTACKER, 40000, 0.0)
     flow = gw.flows[(G, 10000, ATTACKER, 40000)]
     for i in range(50):
@@ -217,7 +222,7 @@ def test_a_peers_own_esp_never_counts_as_an_sa() -> None:
     gw.handle_timer(60.0)
     out = gw.pull()
     assert flow.key not in gw.flows
-    assert [read_segment(o.data).flags for o in out if type(o) is Transmit] == [TCP_RST]
+    assert [read_segment(o.data).flags for o in out if type(o) is SendRaw] == [TCP_RST]
     # charon's ESP does count
     assert connect(gw, HONEST, 40000, 70.0)
     gw.outbound(71.0, esp_in_udp(G, HONEST, 0xC0FFEE01))
@@ -226,7 +231,7 @@ def test_a_peers_own_esp_never_counts_as_an_sa() -> None:
 
 
 def test_drop_and_counter_names_do_not_grow_with_what_peers_send() -> None:
-    gw = gateway(reply_rate=1e6, reply_total=1e9)
+    gw = gateway(ctcp_reply_rate=10**6)
     assert connect(gw, ATTACKER, 40000, 0.0)
     rng = random.Random(4)
     for i in range(5000):
@@ -247,11 +252,11 @@ def test_drop_and_counter_names_do_not_grow_with_what_peers_send() -> None:
 
 
 def test_replies_to_strangers_are_rate_limited_per_source() -> None:
-    gw = gateway(reply_rate=100.0)
+    gw = gateway(ctcp_reply_rate=100)
     for i in range(5000):
         src = bytes([198, 18, 80, 1])  # one source, five seconds
         gw.inbound(i * 0.001, build_ip(src, G, 6, build_tcp(src, G, 1234, 10000, i, i, TCP_ACK)))
-    sent = [o for o in gw.pull() if type(o) is Transmit]
+    sent = [o for o in gw.pull() if type(o) is SendRaw]
     assert 200 <= len(sent) <= 200 + 5 * 100 + 1
     assert gw.counters["stray-reset-limited"] == 5000 - len(sent)
     # another source still gets its RST
@@ -281,3 +286,19 @@ def test_limits_helpers() -> None:
     assert sum(tb.allow(0.0) for _ in range(20)) == 5
     assert sum(tb.allow(1.0) for _ in range(20)) == 5  # refilled to the burst, not beyond
     assert sum(tb.allow(1.1) for _ in range(20)) == 1
+
+
+def test_outbound_fragment_is_never_carried() -> None:
+    """charon's OUTPUT sees whole datagrams: a non-first fragment whose first octets look
+    like a UDP header to a cTCP peer must open no connection and send nothing (issue 24:
+    the one outbound classification, with RFC 9329's fragment check)."""
+    client = CtcpEngine(Config(), 0.0, rng=random.Random(2))
+    client.apply(0.0, [CtcpPeers({G: 10000})])
+    client.pull()
+    packet = bytearray(build_udp_packet(HONEST, G, 500, 500, IKE))
+    packet[6:8] = (185).to_bytes(2, "big")  # offset 1480, last fragment
+    client.outbound(1.0, bytes(packet))
+    assert client.pull() == [] and not client.flows
+    assert client.counters == {"outbound-fragment": 1}
+    client.outbound(1.0, build_udp_packet(HONEST, G, 500, 500, IKE))  # the whole one is
+    assert [type(o) for o in client.pull()] == [SendRaw] and len(client.flows) == 1

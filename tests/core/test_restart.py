@@ -87,45 +87,23 @@ def test_a_lingering_peer_of_a_previous_run_is_dropped_then_released() -> None:
 def test_ctcp_lingering_peers_are_released_but_configured_ones_stay() -> None:
     """cTCP gateway peers whose flow closed (or of a previous run) stay steered while
     charon holds SAs with them; a client's configured cTCP peer is never released."""
-    import asyncio
-    import types
-
-    from tcpencap.aio.ctcp_service import CtcpService
     from tcpencap.config import parse_config
-    from tcpencap.core.peers import SteeringRefs
+    from tcpencap.core.ctcp_engine import RELEASE_POLL, RELEASE_QUERY, CtcpEngine
+    from tcpencap.core.outputs import Query, Steer, SteerSegments
+    from tcpencap.core.reload import CtcpPeers
 
-    class Rules:
-        def __init__(self) -> None:
-            self.peers: set[str] = set()
-
-        def add_peer(self, peer: str) -> None:
-            self.peers.add(peer)
-
-        def remove_peer(self, peer: str) -> None:
-            self.peers.discard(peer)
-
-        def steer_endpoint(self, addr: str, port: int, on: bool) -> None:
-            (self.peers.add if on else self.peers.discard)(f"{addr},{port}")
-
-        def release(self) -> None:
-            pass
-
-    async def scenario() -> list[set[str]]:
-        cfg = parse_config("tcpencap {\n}\n", "/etc/tcpencap.conf")
-        svc = CtcpService(cfg, injector=None, log_limited=lambda *a: None)
-        svc.engine = types.SimpleNamespace(steering=SteeringRefs())  # type: ignore[assignment]
-        svc.rules = Rules()
-        svc._loop = asyncio.get_running_loop()
-        gw_peer, client_peer = packed(A), packed(B)
-        svc.peers = {client_peer: 10000}
-        svc.rules.add_peer(B)
-        svc.linger([(gw_peer, 4500)])
-        seen = [set(svc.rules.peers)]
-        svc.release_lingering({gw_peer})  # charon still holds an SA with it
-        seen.append(set(svc.rules.peers))
-        svc.release_lingering(set())
-        seen.append(set(svc.rules.peers))
-        await svc.stop()
-        return seen
-
-    assert asyncio.run(scenario()) == [{f"{A},4500", B}, {f"{A},4500", B}, {B}]
+    engine = CtcpEngine(parse_config("tcpencap {\n}\n", "/etc/tcpencap.conf"), 0.0)
+    gw_peer, client_peer = packed(A), packed(B)
+    engine.apply(0.0, [CtcpPeers({client_peer: 10000})])
+    assert engine.pull() == [SteerSegments(client_peer, 10000, True), Steer(client_peer, True)]
+    engine.linger(0.0, [(gw_peer, 4500)])
+    assert engine.pull() == [Steer(gw_peer, True, 4500)]
+    engine.handle_timer(RELEASE_POLL)
+    assert engine.pull() == [Query(RELEASE_QUERY)]
+    engine.sas_listed(RELEASE_POLL, RELEASE_QUERY, [sa(A)])  # charon still holds an SA
+    assert engine.pull() == []
+    engine.handle_timer(2 * RELEASE_POLL)
+    assert engine.pull() == [Query(RELEASE_QUERY)]
+    engine.sas_listed(2 * RELEASE_POLL, RELEASE_QUERY, [])
+    assert engine.pull() == [Steer(gw_peer, False, 4500)]  # the client's peer is not asked about
+    assert engine.get_timer() is None and list(engine.steering.peers()) == []

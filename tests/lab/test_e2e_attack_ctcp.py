@@ -424,7 +424,7 @@ def test_stray_segments_from_many_sources_grow_nothing() -> None:
     extra = "    ctcp_reply_rate = 10000\n"
     with Lab(clients=1) as lab:
         c1, gw, _ = honest_lab(lab, gw_extra=extra)
-        from tcpencap.aio.ctcp_service import MTU_CACHE_ENTRIES
+        from tcpencap.core.ctcp_mtu import CACHE_ENTRIES as MTU_CACHE_ENTRIES
 
         n = MTU_CACHE_ENTRIES + 2000
         out = attack(lab, lab.fw, timeout=120, mode="strays6", gw=gw.outer6, port=PORT, count=n)

@@ -435,3 +435,83 @@ def test_fuzz_classify(port: int, payload: bytes) -> None:
         I.parse_ike_header(payload)
     except IKEError:
         pass
+
+
+# --- classify_outbound: the one reading of charon's queued packets (both engines) ---------
+
+ADDRS = st.sampled_from(
+    [(bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])), (bytes(15) + b"\x01", bytes(15) + b"\x02")]
+)
+PORTS = st.sampled_from([500, 4500, 10000, 0, 65535])
+PAYLOADS = st.one_of(
+    st.binary(max_size=80),
+    st.builds(lambda m: I.NON_ESP_MARKER + m, st.sampled_from([ike_msg(), ike_msg(SPI_I, SPI_R)])),
+    st.just(I.NAT_KEEPALIVE),
+    st.just(ike_msg()),
+)
+
+
+@given(st.binary(max_size=120))
+@settings(max_examples=400, deadline=None)
+def test_outbound_garbage_is_refused_or_read_never_raises(data: bytes) -> None:
+    got = I.classify_outbound(data)
+    assert isinstance(got, (I.Refused, I.CharonPacket))
+    if isinstance(got, I.CharonPacket):
+        assert got.what.kind in (Kind.IKE, Kind.ESP)
+
+
+@given(ADDRS, PORTS, PORTS, PAYLOADS)
+@settings(max_examples=300, deadline=None)
+def test_outbound_udp_reads_as_its_payload_does(addrs, sport: int, dport: int, payload: bytes):
+    src, dst = addrs
+    got = I.classify_outbound(P.build_udp_packet(src, dst, sport, dport, payload))
+    want = I.classify_udp_payload(sport, payload)
+    if want.kind is Kind.KEEPALIVE:
+        assert got is I.Refused.KEEPALIVE
+    elif want.kind is Kind.INVALID:
+        assert got is I.Refused.INVALID
+    else:
+        assert isinstance(got, I.CharonPacket)
+        assert (got.ip.src, got.ip.dst, got.udp.sport, got.udp.dport) == (src, dst, sport, dport)
+        assert got.what == want
+
+
+@given(PAYLOADS, st.integers(1, 0x1FFF), st.booleans())
+@settings(max_examples=200, deadline=None)
+def test_outbound_ipv4_fragment_is_refused_whatever_it_carries(payload, offset, more):
+    """A fragment's first octets are no UDP header (OUTPUT sees whole datagrams)."""
+    src, dst = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
+    packet = bytearray(P.build_udp_packet(src, dst, 4500, 4500, payload))
+    struct.pack_into("!H", packet, 6, (0x2000 if more else 0) | offset)
+    assert I.classify_outbound(bytes(packet)) is I.Refused.FRAGMENT
+    # the first fragment (offset 0, more fragments) carries the UDP header but not all of it
+    struct.pack_into("!H", packet, 6, 0x2000)
+    assert I.classify_outbound(bytes(packet)) is I.Refused.FRAGMENT
+
+
+def test_outbound_ipv6_fragment_is_refused() -> None:
+    src, dst = bytes(15) + b"\x01", bytes(15) + b"\x02"
+    udp = P.build_udp(src, dst, 500, 500, ike_msg())
+    frag = bytes([P.PROTO_UDP, 0, 0, 0]) + (7).to_bytes(4, "big")  # offset 0, M clear
+    packet = P.build_ipv6(src, dst, 44, frag + udp)
+    assert I.classify_outbound(packet) is I.Refused.FRAGMENT
+    # without the fragment header the same datagram is read
+    assert isinstance(I.classify_outbound(P.build_ipv6(src, dst, P.PROTO_UDP, udp)), I.CharonPacket)
+
+
+# IPv6 extension headers (and No Next Header) are a chain to follow, not a protocol
+_CHAIN = frozenset({0, 43, 44, 51, 59, 60, 135, 139, 140})
+
+
+@given(ADDRS, st.integers(0, 255).filter(lambda p: p != P.PROTO_UDP and p not in _CHAIN))
+def test_outbound_other_protocols_are_refused(addrs, proto: int) -> None:
+    assert I.classify_outbound(P.build_ip(*addrs, proto, b"\x00" * 16)) is I.Refused.NOT_UDP
+
+
+@given(ADDRS, PAYLOADS, st.data())
+@settings(max_examples=200, deadline=None)
+def test_outbound_truncated_packet_is_malformed(addrs, payload: bytes, data) -> None:
+    whole = P.build_udp_packet(*addrs, 500, 4500, payload)
+    cut = data.draw(st.integers(0, len(whole) - 1))
+    got = I.classify_outbound(whole[:cut])
+    assert got is I.Refused.MALFORMED

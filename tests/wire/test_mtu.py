@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, UDP, IPerror, UDPerror
 from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6, IPv6ExtHdrFragment
 
-from tcpencap.aio.ctcp_service import CtcpService, RouteMtu
+from tcpencap.aio.ctcp_service import CtcpService, route_mtu
+from tcpencap.config import Config
+from tcpencap.core.ctcp_engine import CtcpEngine
 from tcpencap.wire import mtu, rfc9329
 from tcpencap.wire.ctcp import encapsulate
 from tcpencap.wire.packet import PacketError, build_ipv4, build_ipv6, build_udp_packet
@@ -221,7 +223,17 @@ def test_udp_helper_sets_df() -> None:
     assert IP(_udp4(100, df=True)).flags.DF
 
 
-# --- the service's packet-size path, with fake I/O ------------------------------------------
+def test_ctcp_original_restores_charons_packet() -> None:
+    v4 = _udp4(700, df=True)
+    seg = encapsulate(v4, sport=10000, dport=10000, seq=9, ack=9)
+    assert mtu.ctcp_original(seg) == v4[:26] + b"\x00\x00" + v4[28:]  # cTCP zeroes it
+    v6 = build_ipv6(SRC6, DST6, 17, build_udp_packet(SRC6, DST6, 500, 500, b"z" * 300)[40:])
+    assert mtu.ctcp_original(encapsulate(v6, sport=1, dport=2, seq=0, ack=0)) == v6
+    assert mtu.ctcp_original(v4) is None  # not TCP
+    assert mtu.ctcp_original(b"\x45") is None
+
+
+# --- the service's packet-size path: the engine decides, the shell sends (fake I/O) ------------
 
 
 class _Sender:
@@ -243,35 +255,46 @@ class _Injector:
         self.injected.append((packet, dst))
 
 
-class _Mtus:
-    """A route cache whose kernel value changes after ``forget``."""
+class _Routes:
+    """The kernel's route MTU: ``first`` for the first look, ``later`` from then on."""
 
     def __init__(self, first: int, later: int) -> None:
-        self.value, self.later, self.forgotten = first, later, 0
+        self.value, self.later, self.looks = first, later, 0
 
-    def get(self, dst: bytes, now: float) -> int:
-        return self.value
-
-    def forget(self, dst: bytes) -> None:
-        self.forgotten += 1
-        self.value = self.later
+    def __call__(self, dst: bytes) -> int:
+        self.looks += 1
+        value, self.value = self.value, self.later
+        return value
 
 
-def _service(mtus: _Mtus, sender: _Sender) -> tuple[CtcpService, _Injector]:
+def _service(routes: _Routes, sender: _Sender) -> tuple[CtcpService, _Injector]:
     inj = _Injector()
-    svc = CtcpService(SimpleNamespace(ctcp_queue=1, ctcp_segment_queue=2), inj, lambda *a: None)
+    svc = CtcpService(Config(), inj, lambda *a: None)
+    svc.engine = CtcpEngine(Config(), 100.0, route_mtu=routes)
     svc.sender = sender  # type: ignore[assignment]
-    svc.mtus = mtus  # type: ignore[assignment]
     svc._loop = SimpleNamespace(time=lambda: 100.0)  # type: ignore[assignment]
+    svc._timer = SimpleNamespace(arm=lambda due: None)  # type: ignore[assignment]
     return svc, inj
 
 
+def _send(svc: CtcpService, seg: bytes, dst: bytes) -> None:
+    """One segment as the engine sends it, executed by the shell."""
+    assert svc.engine is not None
+    svc.engine._send_raw(100.0, seg, dst)
+    svc._execute()
+
+
 def test_service_answers_df_packets_that_will_not_fit() -> None:
-    svc, inj = _service(_Mtus(1500, 1500), _Sender())
-    assert svc._too_big(100.0, _udp4(1465, df=True))
-    assert not svc._too_big(100.0, _udp4(1464, df=True))
-    assert not svc._too_big(100.0, _udp4(1465, df=False))
-    assert svc.counters == {"too-big-df": 1, "icmp-frag-needed-sent": 1}
+    svc, inj = _service(_Routes(1500, 1500), _Sender())
+    assert svc.engine is not None
+    for packet in (_udp4(1465, df=True), _udp4(1464, df=True), _udp4(1465, df=False)):
+        svc.engine.outbound(100.0, packet)
+        svc._execute()
+    assert svc.engine.counters == {
+        "too-big-df": 1,
+        "icmp-frag-needed-sent": 1,
+        "esp-no-connection": 2,  # the two that may go on (ESP, to no connection here)
+    }
     [(icmp, dst)] = inj.injected
     assert dst == SRC4 and IP(icmp)[ICMP].nexthopmtu == 1464
 
@@ -279,65 +302,42 @@ def test_service_answers_df_packets_that_will_not_fit() -> None:
 def test_service_fragments_and_refreshes_the_mtu_on_emsgsize() -> None:
     seg = encapsulate(_udp4(1465, df=False), sport=10000, dport=10000, seq=1, ack=1)
     sender = _Sender(kernel_mtu=1280)  # the kernel knows a smaller PMTU than the cache
-    svc, _ = _service(_Mtus(1500, 1280), sender)
-    svc._send(seg, DST4)
-    assert svc.mtus.forgotten == 1  # type: ignore[attr-defined]
-    assert svc.counters["mtu-refresh"] == 1 and svc.counters["fragmented"] == 2
+    routes = _Routes(1500, 1280)
+    svc, _ = _service(routes, sender)
+    _send(svc, seg, DST4)
+    assert svc.engine is not None and routes.looks == 2  # looked up again after EMSGSIZE
+    assert svc.engine.counters["mtu-refresh"] == 1 and svc.engine.counters["fragmented"] == 2
     assert all(len(p) <= 1280 for p in sender.sent) and len(sender.sent) == 2
     assert _reassemble4(sender.sent) == seg[20:]
+    assert svc.counters == {}
 
 
 def test_service_gives_up_after_one_refresh() -> None:
     seg = encapsulate(_udp4(1000, df=False), sport=1, dport=2, seq=1, ack=1)
-    svc, _ = _service(_Mtus(1500, 1500), _Sender(kernel_mtu=576))
-    with pytest.raises(OSError):
-        svc._send(seg, DST4)
-    assert svc.counters == {"mtu-refresh": 1}
-
-
-def test_route_mtu_reads_the_kernel() -> None:
-    lo = int(Path("/sys/class/net/lo/mtu").read_text())
-    assert RouteMtu.lookup(bytes([127, 0, 0, 1])) == min(lo, 65535)
-    cache = RouteMtu(ttl=5)
-    assert cache.get(bytes([127, 0, 0, 1]), 0.0) == min(lo, 65535)
-    cache._cache[bytes([127, 0, 0, 1])] = (5.0, 1234)
-    assert cache.get(bytes([127, 0, 0, 1]), 4.9) == 1234  # cached
-    assert cache.get(bytes([127, 0, 0, 1]), 5.1) == min(lo, 65535)  # expired
-
-
-def test_ctcp_original_restores_charons_packet() -> None:
-    v4 = _udp4(700, df=True)
-    seg = encapsulate(v4, sport=10000, dport=10000, seq=9, ack=9)
-    assert mtu.ctcp_original(seg) == v4[:26] + b"\x00\x00" + v4[28:]  # cTCP zeroes it
-    v6 = build_ipv6(SRC6, DST6, 17, build_udp_packet(SRC6, DST6, 500, 500, b"z" * 300)[40:])
-    assert mtu.ctcp_original(encapsulate(v6, sport=1, dport=2, seq=0, ack=0)) == v6
-    assert mtu.ctcp_original(v4) is None  # not TCP
-    assert mtu.ctcp_original(b"\x45") is None
-
-
-def test_service_ignores_the_pmtu_it_taught() -> None:
-    """After our ICMP the kernel's PMTU to the peer is 1464 for every socket; segments
-    must still be planned against the 1500 route, or each DF packet would push it lower."""
-    mtus = _Mtus(1500, 1500)
-    svc, inj = _service(mtus, _Sender())
-    assert svc._too_big(100.0, _udp4(1480, df=True))
-    mtus.value = 1464  # what IP_MTU now reports
-    assert svc.path_mtu(DST4, 100.0) == 1500
-    assert not svc._too_big(100.0, _udp4(1464, df=True))
-    mtus.value = 1400  # someone else lowered it: believe the kernel
-    assert svc.path_mtu(DST4, 100.0) == 1400
+    sender = _Sender(kernel_mtu=576)
+    svc, _ = _service(_Routes(1500, 1500), sender)
+    _send(svc, seg, DST4)
+    assert svc.engine is not None and svc.engine.counters == {"mtu-refresh": 1}
+    assert svc.counters == {"transmit-failed": 1} and sender.sent == []
 
 
 def test_service_rate_limits_ipv6_too_big() -> None:
     pkt = build_ipv6(SRC6, DST6, 17, build_udp_packet(SRC6, DST6, 4500, 4500, b"q" * 1460)[40:])
     seg = encapsulate(pkt, sport=10000, dport=10000, seq=1, ack=1)
     sender = _Sender()
-    svc, inj = _service(_Mtus(1500, 1500), sender)
+    svc, inj = _service(_Routes(1500, 1500), sender)
     for _ in range(3):
-        svc._send(seg, DST6)
-    assert len(sender.sent) == 6 and svc.counters["fragmented6"] == 3
-    assert svc.counters["icmp-too-big-sent"] == 1 and svc.counters["icmp-suppressed"] == 2
+        _send(svc, seg, DST6)
+    assert svc.engine is not None
+    assert len(sender.sent) == 6 and svc.engine.counters["fragmented6"] == 3
+    assert svc.engine.counters["icmp-too-big-sent"] == 1
+    assert svc.engine.counters["icmp-suppressed"] == 2
     [(icmp, local)] = inj.injected
     assert local == SRC6
     p = IPv6(icmp)[ICMPv6PacketTooBig]
     assert p.mtu == 1464 and bytes(p.payload)[:40] == pkt[:40]  # quotes charon's UDP packet
+
+
+def test_route_mtu_reads_the_kernel() -> None:
+    lo = int(Path("/sys/class/net/lo/mtu").read_text())
+    assert route_mtu(bytes([127, 0, 0, 1])) == min(lo, 65535)
