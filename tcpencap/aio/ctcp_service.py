@@ -40,6 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nfq.ctcp_rules import CTCP_MARK
+
 from tcpencap.aio.engine_timer import EngineTimer
 from tcpencap.core.ctcp_engine import CtcpEngine
 from tcpencap.core.outputs import (
@@ -336,8 +337,9 @@ class CtcpService:
 
 async def _configured_peers(cfg: Any) -> dict[bytes, int]:
     """The cTCP client peers: remote_addrs, else charon's get-conns."""
-    from tcpencap.core.reload import intent_of, unresolved
     from vici_bridge.resolve import ViciUnreachable, resolve_remote_addrs
+
+    from tcpencap.core.reload import intent_of, unresolved
 
     names = [n for n in unresolved(cfg) if cfg.connections[n].encapsulation == "ctcp"]
     resolved: dict[str, list[str]] = {}
@@ -349,6 +351,7 @@ async def _configured_peers(cfg: Any) -> dict[bytes, int]:
 
 def _main(argv: list[str] | None = None) -> int:
     from nfq.inject import RawInjector
+
     from tcpencap.config import ConfigError, load_config
 
     ap = argparse.ArgumentParser(prog="python3 -m tcpencap.aio.ctcp_service")
