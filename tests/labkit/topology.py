@@ -118,7 +118,9 @@ class Host:
             "tcpencap.log",
             cwd=REPO_ROOT,
         )
-        proc.wait_for_log("tcpencap running", timeout=15.0)
+        # A deadline, not a wait: the line comes in about 1 s on the host, but the VM guest (TCG,
+        # ~19x slower Python) under a loaded host took over 15 s (CI, 7 of 21 guest tests).
+        proc.wait_for_log("tcpencap running", timeout=60.0)
         self.tcpencap = proc
         return proc
 
