@@ -22,8 +22,8 @@ delivered as ESP too, for a kernel that has the ESP transform.
 :class:`CtcpEngine` holds every decision (no I/O: it takes packets, reload plans and
 ``now`` and returns outputs), the packet-size ones included; :class:`CtcpService` feeds it
 with ``loop.time()``, reads the route MTU for it (:func:`route_mtu`) and executes its
-outputs (:meth:`CtcpService._execute`). Run alone with
-``python3 -m tcpencap.aio.ctcp_service --config FILE``.
+outputs through the executor both shells share (:mod:`tcpencap.aio.executor`). Run alone
+with ``python3 -m tcpencap.aio.ctcp_service --config FILE``.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from typing import Any
 from nfq.ctcp_rules import CTCP_MARK
 
 from tcpencap.aio.engine_timer import EngineTimer
+from tcpencap.aio.executor import Executor
 from tcpencap.core.ctcp_engine import CtcpEngine
 from tcpencap.core.outputs import (
     Inject,
@@ -154,6 +155,16 @@ class CtcpService:
         self._timer: EngineTimer | None = None
         self.counters: dict[str, int] = {}
         self._queries: set[asyncio.Task[None]] = set()
+        self.executor = Executor(
+            {
+                SendRaw: self._send_raw,
+                Inject: self._inject,
+                Steer: self._steer,
+                SteerSegments: self._steer_segments,
+                Query: self._query,
+            },
+            on_error=self._failed,
+        )
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Listeners from the configuration; client peers come with :meth:`set_peers`."""
@@ -267,48 +278,51 @@ class CtcpService:
         self._execute()
 
     def _execute(self) -> None:
-        """Do what the engine asked, in order; nothing here decides. A segment the kernel
-        refuses as too big goes back to the engine (which sizes it once more), so the loop
-        pulls until the engine has nothing left."""
-        assert self.engine is not None and self.sender is not None and self._loop is not None
-        engine = self.engine
-        while outputs := engine.pull():
-            for o in outputs:
-                try:
-                    self._do(o)
-                except OSError as exc:
-                    if type(o) is SendRaw and exc.errno == errno.EMSGSIZE and o.first_try:
-                        engine.send_too_big(self._loop.time(), o)
-                        continue
-                    count(self.counters, f"{_KIND.get(type(o), 'output')}-failed")
-                    self.log_limited("ctcp-io", "cTCP: %s failed: %s", type(o).__name__, exc)
-        assert self._timer is not None
-        self._timer.arm(engine.get_timer())
+        """Do what the engine asked, in order, through the shared executor; nothing here
+        decides. Carrying out an output may feed the engine (a segment the kernel refuses
+        as too big goes back to be sized once more), so the executor pulls until it is
+        quiet."""
+        assert self.engine is not None and self._timer is not None
+        self.executor.drain(self.engine)
+        self._timer.arm(self.engine.get_timer())
 
-    def _do(self, o: Output) -> None:
-        assert self.sender is not None and self._loop is not None
-        if type(o) is SendRaw:
-            for piece in o.pieces:
-                self.sender.send(piece, o.dst)
-        elif type(o) is Inject:
-            self.injector.inject(o.packet, o.dst)
-        elif type(o) is Steer:
-            peer = addr_text(o.peer)
-            if o.port:  # a gateway's peer: the UDP endpoint charon answers
-                self.rules.steer_endpoint(peer, o.port, o.on)
-            elif o.on:
-                self.rules.add_peer(peer)
-            else:
-                self.rules.remove_peer(peer)
-        elif type(o) is SteerSegments:
-            if o.on:
-                self.rules.add_peer_endpoint(addr_text(o.peer), o.port)
-            else:
-                self.rules.remove_peer_endpoint(addr_text(o.peer), o.port)
-        elif type(o) is Query:
-            task = self._loop.create_task(self._ask(o.purpose))
-            self._queries.add(task)
-            task.add_done_callback(self._queries.discard)
+    def _failed(self, o: Output, exc: OSError) -> None:
+        """An output the kernel refused: counted and logged, the rest carry on."""
+        assert self.engine is not None and self._loop is not None
+        if type(o) is SendRaw and exc.errno == errno.EMSGSIZE and o.first_try:
+            self.engine.send_too_big(self._loop.time(), o)
+            return
+        count(self.counters, f"{_KIND.get(type(o), 'output')}-failed")
+        self.log_limited("ctcp-io", "cTCP: %s failed: %s", type(o).__name__, exc)
+
+    def _send_raw(self, o: SendRaw) -> None:
+        assert self.sender is not None
+        for piece in o.pieces:
+            self.sender.send(piece, o.dst)
+
+    def _inject(self, o: Inject) -> None:
+        self.injector.inject(o.packet, o.dst)
+
+    def _steer(self, o: Steer) -> None:
+        peer = addr_text(o.peer)
+        if o.port:  # a gateway's peer: the UDP endpoint charon answers
+            self.rules.steer_endpoint(peer, o.port, o.on)
+        elif o.on:
+            self.rules.add_peer(peer)
+        else:
+            self.rules.remove_peer(peer)
+
+    def _steer_segments(self, o: SteerSegments) -> None:
+        if o.on:
+            self.rules.add_peer_endpoint(addr_text(o.peer), o.port)
+        else:
+            self.rules.remove_peer_endpoint(addr_text(o.peer), o.port)
+
+    def _query(self, o: Query) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(self._ask(o.purpose))
+        self._queries.add(task)
+        task.add_done_callback(self._queries.discard)
 
     async def _ask(self, purpose: str) -> None:
         """charon's IKE SAs for the engine (None when charon cannot be asked)."""
