@@ -32,7 +32,6 @@ from tcpencap.core.outputs import (
     Close,
     Connect,
     Inject,
-    Query,
     Transmit,
     bracket,
     count,
@@ -51,6 +50,7 @@ from tcpencap.core.rfc9329_conn import (
 )
 from tcpencap.core.role import Role
 from tcpencap.core.router import ConnView, Drop, Open, Router, Send
+from tcpencap.core.sa_questions import FALLBACK_POLL, RECONCILE_AFTER_EVENT, SaQuestions
 from tcpencap.core.sa_sync import UNLISTED_GRACE, ExpireOld, Retire, SaSync, SpiLimit
 from tcpencap.core.table import ConnectionTable
 from tcpencap.core.timers import LogLimiter
@@ -62,17 +62,13 @@ from tcpencap.wire.packet import addr_text
 log = logging.getLogger("tcpencap")
 __all__ = [
     "BRIEF_LINGER",
+    "FALLBACK_POLL",
     "PEER_RELEASE_DELAY",
     "RECONNECT_BASE",
     "Conn",
     "Rfc9329Engine",
     "State",
 ]  # what callers import from here
-
-FALLBACK_POLL = 1.0
-PEER_RELEASE_POLL = 5.0
-RECONCILE_AFTER_EVENT = 2.0  # check SPIs against list-sas this long after a rekey
-RECONCILE_PERIOD = 60.0
 
 
 class Rfc9329Engine(Engine):
@@ -104,10 +100,14 @@ class Rfc9329Engine(Engine):
         self.stopping = False
         self.log_limited = LogLimiter(log.warning)
         self.totals: dict[str, Any] = new_totals(closed={}, connect_failures=0)
-        self._fallback_polling = False
-        self._reconcile_due = False
-        self.timer_queue.call_at(now + RECONCILE_PERIOD, self._reconcile_tick)
-        self.timer_queue.call_at(now + PEER_RELEASE_POLL, self._release_tick)
+        self.questions = SaQuestions(
+            now,
+            self.timer_queue,
+            self._emit,
+            lambda: self.vici_connected and len(self.table) > 0,
+            self._housekeeping,
+            lambda: bool(self.fallback.conns),
+        )
 
     # --- the shell's side -------------------------------------------------------------
 
@@ -172,7 +172,7 @@ class Rfc9329Engine(Engine):
         """Run the steering part of a reload plan (tcpencap.core.reload.plan)."""
         self.client.apply(ops)
         if any(isinstance(op, WatchFallback) for op in ops):
-            self._poll_fallback_soon(now)
+            self.questions.poll_fallback_soon(now)
 
     def _is_live(self, conn_id: int) -> bool:
         conn = self.conns.get(conn_id)
@@ -743,7 +743,7 @@ class Rfc9329Engine(Engine):
         if label in ("ike-updown", "child-updown") and up or label == "ike-rekey":
             self._mark_sa_seen(event)
         if label in ("child-rekey", "ike-update", "ike-rekey"):
-            self._reconcile_soon(now, RECONCILE_AFTER_EVENT)
+            self.questions.reconcile_soon(now, RECONCILE_AFTER_EVENT)
 
     def vici_resync(self, now: float, sas: list[dict[str, Any]]) -> None:
         self._apply_effects(now, self.sync.resync(sas))
@@ -786,37 +786,11 @@ class Rfc9329Engine(Engine):
 
     # --- questions to charon (list-sas) -----------------------------------------------
 
-    def _reconcile_soon(self, now: float, delay: float) -> None:
-        if not self._reconcile_due:
-            self._reconcile_due = True
-            self.timer_queue.call_at(now + delay, self._ask, "reconcile")
-
-    def _ask(self, now: float, purpose: str) -> None:
-        if purpose == "reconcile":
-            self._reconcile_due = False
-        self._out.append(Query(purpose))
-
-    def _reconcile_tick(self, now: float) -> None:
-        self.timer_queue.call_at(now + RECONCILE_PERIOD, self._reconcile_tick)
-        if self.vici_connected and len(self.table):
-            self._reconcile_soon(now, 0.0)
-
-    def _release_tick(self, now: float) -> None:
-        self.timer_queue.call_at(now + PEER_RELEASE_POLL, self._release_tick)
+    def _housekeeping(self, now: float) -> None:
+        """What expires with time among the host's rules (every PEER_RELEASE_POLL)."""
         self.orphans.expire(now)
         self.admission.expire(now)
         self.lingering.check(now)
-
-    def _poll_fallback_soon(self, now: float) -> None:
-        if not self._fallback_polling and self.fallback.conns:
-            self._fallback_polling = True
-            self.timer_queue.call_at(now + FALLBACK_POLL, self._fallback_tick)
-
-    def _fallback_tick(self, now: float) -> None:
-        self._fallback_polling = False
-        if self.fallback.conns:
-            self._out.append(Query("fallback"))
-            self._poll_fallback_soon(now)
 
     def sas_listed(self, now: float, purpose: str, sas: list[dict[str, Any]] | None) -> None:
         """charon's IKE SAs for a Query; None: charon could not be asked."""
@@ -826,7 +800,7 @@ class Rfc9329Engine(Engine):
             self.sync.reconcile_esp(sas)
             self._apply_effects(now, self.sync.reconcile_ike(now, sas))
             if self.sync.unlisted_ike:  # ask again once their grace is over
-                self._reconcile_soon(now, UNLISTED_GRACE)
+                self.questions.reconcile_soon(now, UNLISTED_GRACE)
             self.inbound.replace(sas)
         elif purpose == "peer-release":
             self.lingering.release(now, sas)
