@@ -85,7 +85,7 @@ class Rfc9329Engine(Engine):
         self.client = ClientSteering(self._emit)
         # (the same objects, where the shell and tests read them)
         self.steering, self.fallback = self.client.steering, self.client.fallback
-        self.client_peers, self.peer_ports = self.client.client_peers, self.client.peer_ports
+        self.client_peers = self.client.client_peers
         self.router = Router(self.table, self.client.is_client_peer, self._is_live)
         self.sync = SaSync(self.router)
         self.ports = PortAllocator(
