@@ -50,8 +50,9 @@ from tcpencap.core.rfc9329_conn import (
 )
 from tcpencap.core.role import Role
 from tcpencap.core.router import ConnView, Drop, Open, Router, Send
+from tcpencap.core.sa_effects import SaEffects
 from tcpencap.core.sa_questions import FALLBACK_POLL, RECONCILE_AFTER_EVENT, SaQuestions
-from tcpencap.core.sa_sync import UNLISTED_GRACE, ExpireOld, Retire, SaSync, SpiLimit
+from tcpencap.core.sa_sync import UNLISTED_GRACE, SaSync
 from tcpencap.core.table import ConnectionTable
 from tcpencap.core.timers import LogLimiter
 from tcpencap.core.totals import add_closed, new_totals
@@ -100,6 +101,15 @@ class Rfc9329Engine(Engine):
         self.stopping = False
         self.log_limited = LogLimiter(log.warning)
         self.totals: dict[str, Any] = new_totals(closed={}, connect_failures=0)
+        self.effects = SaEffects(
+            self.sync,
+            self.table,
+            self.conns,
+            self.timer_queue,
+            lambda: self.config.max_spis,
+            self.retire,
+            self._open_client,
+        )
         self.questions = SaQuestions(
             now,
             self.timer_queue,
@@ -738,51 +748,19 @@ class Rfc9329Engine(Engine):
         up = event.get("up") == "yes"
         if label == "ike-updown" and not up and self.orphans:
             self.orphans.forget(set(ike_spis(event)))
-        self._apply_effects(now, self.sync.handle(label, event))
+        self.effects.apply(now, self.sync.handle(label, event))
         self.inbound.learn(label, up, event)
         if label in ("ike-updown", "child-updown") and up or label == "ike-rekey":
-            self._mark_sa_seen(event)
+            self.effects.mark_sa_seen(event)
         if label in ("child-rekey", "ike-update", "ike-rekey"):
             self.questions.reconcile_soon(now, RECONCILE_AFTER_EVENT)
 
     def vici_resync(self, now: float, sas: list[dict[str, Any]]) -> None:
-        self._apply_effects(now, self.sync.resync(sas))
+        self.effects.apply(now, self.sync.resync(sas))
         self.inbound.replace(sas)
         for item in sas:
-            self._mark_sa_seen(item)
+            self.effects.mark_sa_seen(item)
         self._resume_pending(now)
-
-    def _mark_sa_seen(self, event: dict[str, Any]) -> None:
-        """charon's word that an IKE SA exists: the connections carrying it pass the
-        no-SA deadline."""
-        for spi in ike_spis(event):
-            entry = self.table.find_ike_spi(spi)
-            conn = self.conns.get(entry.conn_id) if entry else None
-            if conn is not None:
-                conn.sa_seen = True
-
-    def _apply_effects(self, now: float, effects: list[Any]) -> None:
-        for eff in effects:
-            if isinstance(eff, Retire):
-                self.retire(now, eff.conn_id, eff.reason, eff.graceful)
-            elif isinstance(eff, Open):
-                self._open_client(now, eff)
-            elif isinstance(eff, SpiLimit):
-                conn = self.conns.get(eff.conn_id)
-                if conn is not None:
-                    count(conn.drops, "spi-limit")
-                log.warning(
-                    "conn %d: CHILD SA with SPI %08x not indexed: max_spis (%d) reached; "
-                    "it is carried on the connection of its address pair",
-                    eff.conn_id,
-                    eff.spi,
-                    self.config.max_spis,
-                )
-            elif isinstance(eff, ExpireOld):
-                self.timer_queue.call_at(now + eff.delay, self._expire_old, eff.conn_id, eff.spi)
-
-    def _expire_old(self, now: float, conn_id: int, spi: bytes) -> None:
-        self._apply_effects(now, self.sync.expire_old(conn_id, spi))
 
     # --- questions to charon (list-sas) -----------------------------------------------
 
@@ -798,7 +776,7 @@ class Rfc9329Engine(Engine):
             return  # without charon's word, keep everything as it is (fail-closed)
         if purpose == "reconcile":
             self.sync.reconcile_esp(sas)
-            self._apply_effects(now, self.sync.reconcile_ike(now, sas))
+            self.effects.apply(now, self.sync.reconcile_ike(now, sas))
             if self.sync.unlisted_ike:  # ask again once their grace is over
                 self.questions.reconcile_soon(now, UNLISTED_GRACE)
             self.inbound.replace(sas)
