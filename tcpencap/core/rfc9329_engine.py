@@ -25,13 +25,13 @@ from tcpencap.core.admission import Admission
 from tcpencap.core.client_steering import ClientSteering
 from tcpencap.core.datapath import DataPath, PythonDataPath
 from tcpencap.core.engine import Engine
+from tcpencap.core.frame_drain import FrameDrain
 from tcpencap.core.inbound_sas import InboundSas
 from tcpencap.core.lingering import BRIEF_LINGER, PEER_RELEASE_DELAY, Endpoint, Lingering
 from tcpencap.core.orphans import Orphans
 from tcpencap.core.outputs import (
     Close,
     Connect,
-    Inject,
     Transmit,
     bracket,
     count,
@@ -101,6 +101,19 @@ class Rfc9329Engine(Engine):
         self.stopping = False
         self.log_limited = LogLimiter(log.warning)
         self.totals: dict[str, Any] = new_totals(closed={}, connect_failures=0)
+        self.frames = FrameDrain(
+            self.router,
+            self.datapath,
+            self._emit,
+            self.log_limited,
+            lambda: self.config.gateway.max_frame_rate,
+            self._esp_template,
+            self._admit_esp,
+            self._admit_ike,
+            self._over_rate,
+            self._invalid,
+            self.close,
+        )
         self.effects = SaEffects(
             self.sync,
             self.table,
@@ -427,7 +440,7 @@ class Rfc9329Engine(Engine):
         conn.bytes_in += len(data)
         codec = conn.codec
         codec.receive_data(data)
-        self._drain(now, conn)
+        self.frames.drain(now, conn)
 
     def _over_rate(self, now: float, conn: Conn) -> None:
         count(conn.drops, "frame-rate")
@@ -482,80 +495,13 @@ class Rfc9329Engine(Engine):
         if over_rate and not conn.ending:
             self._over_rate(now, conn)
         elif drain and not conn.ending:
-            self._drain(now, conn)
+            self.frames.drain(now, conn)
 
     def eof_received(self, now: float, conn_id: int, generation: int) -> None:
         conn = self._current(conn_id, generation)
         if conn is not None:
             conn.codec.receive_data(b"")
-            self._drain(now, conn)
-
-    def _drain(self, now: float, conn: Conn) -> None:
-        codec = conn.codec
-        router = self.router
-        out = self._out
-        cid = conn.conn_id
-        read = self.datapath.read
-        view = router.views.get(cid)
-        # A data path that sinks ESP takes an open connection's ESP frames as packets
-        # (as router.inbound_esp builds them) and gives back only the other events.
-        sink = self._esp_template(view) if self.datapath.sinks_esp and view is not None else None
-        budget = conn.frame_budget(now, self.config.gateway.max_frame_rate)
-        while conn.state is not State.CLOSING:
-            ev, esp, kept = read(codec, sink if conn.state is State.OPEN else None)
-            if esp:
-                conn.frames_in += esp
-                conn.esp_frames += esp
-            if kept:
-                conn.drops["keepalive"] = conn.drops.get("keepalive", 0) + kept
-            t = type(ev)
-            if t is rfc9329.ESPPacket:
-                conn.esp_frames += 1
-            if conn.other_frames() > budget:  # every frame but ESP counts
-                self._over_rate(now, conn)
-                return
-            if t is rfc9329.ESPPacket:
-                conn.frames_in += 1
-                if conn.state is not State.OPEN and not self._admit_esp(now, conn, ev.data):  # type: ignore[union-attr]
-                    continue
-                res = router.inbound_esp(cid, ev.data)  # type: ignore[union-attr]
-            elif t is rfc9329.IKEMessage:
-                conn.frames_in += 1
-                msg = ev.data  # type: ignore[union-attr]
-                if conn.state is not State.OPEN and not self._admit_ike(now, conn, msg):
-                    continue
-                conn.ike_received(msg)
-                res = router.inbound_ike(cid, msg)
-            elif t is rfc9329.NeedData:
-                return
-            elif t is rfc9329.PrefixReceived:
-                if conn.state is State.ACCEPTED:
-                    conn.handle(Event.PREFIX)
-                    self.datapath.changed()
-                continue
-            elif t is rfc9329.Keepalive:
-                count(conn.drops, "keepalive")
-                continue
-            elif t is rfc9329.InvalidFrame:
-                self.log_limited(now, "invalid-frame", "%s: dropped frame: %s", conn, ev)
-                self._invalid(now, conn, "invalid-frame")
-                continue
-            elif t is rfc9329.ConnectionClosed:
-                self.close(conn, "peer closed the connection")
-                return
-            else:  # ProtocolError
-                count(conn.drops, "protocol-error")
-                self.close(conn, f"protocol error: {ev.reason}")  # type: ignore[union-attr]
-                return
-            if type(res) is Inject:
-                out.append(res)
-            elif res.reason == "frame-too-big":  # type: ignore[union-attr]
-                self.log_limited(
-                    now, "frame-too-big", "%s: dropped a frame no UDP datagram can carry", conn
-                )
-                self._invalid(now, conn, "frame-too-big")
-            else:
-                count(conn.drops, res.reason)  # type: ignore[union-attr]
+            self.frames.drain(now, conn)
 
     def _admit_ike(self, now: float, conn: Conn, msg: bytes) -> bool:
         """Before its first message, a connection passes only a well-formed IKE message
