@@ -52,6 +52,7 @@ from tcpencap.core.role import Role
 from tcpencap.core.router import ConnView, Drop, Open, Router, Send
 from tcpencap.core.sa_effects import SaEffects
 from tcpencap.core.sa_questions import FALLBACK_POLL, RECONCILE_AFTER_EVENT, SaQuestions
+from tcpencap.core.sa_resumption import SaResumption
 from tcpencap.core.sa_sync import UNLISTED_GRACE, SaSync
 from tcpencap.core.table import ConnectionTable
 from tcpencap.core.timers import LogLimiter
@@ -101,6 +102,7 @@ class Rfc9329Engine(Engine):
         self.stopping = False
         self.log_limited = LogLimiter(log.warning)
         self.totals: dict[str, Any] = new_totals(closed={}, connect_failures=0)
+        self.resumption = SaResumption(self.table, self.inbound, self.lingering, self.conns)
         self.frames = FrameDrain(
             self.router,
             self.datapath,
@@ -515,16 +517,10 @@ class Rfc9329Engine(Engine):
         return conn.state is State.OPEN
 
     def _admit_esp(self, now: float, conn: Conn, packet: bytes) -> bool:
-        """... or ESP for an SPI charon has an inbound CHILD SA for with this peer (an SA
-        resuming on a new connection, §6.1): a stranger's ESP is dropped and the deadline
-        keeps running. Without VICI there is no such list: plausible ESP passes, and the
-        no-SA deadline then asks for charon's own traffic on the connection."""
+        """... or ESP that resumes an SA (:mod:`sa_resumption`): a stranger's ESP is
+        dropped and the deadline keeps running."""
         spi = int.from_bytes(packet[:4], "big") if len(packet) >= 8 else 0
-        if self.vici_connected:
-            known = self.inbound.of_peer(spi, conn.entry.peer)
-        else:
-            known = spi >= 256  # 1-255 are reserved (RFC 4303 §2.1)
-        if not known:
+        if not self.resumption.esp_known(spi, conn.entry.peer, self.vici_connected):
             count(conn.drops, "esp-unknown-spi-first")
             self.log_limited(
                 now, "unknown-esp-first", "%s: first message refused: ESP for unknown SPI", conn
@@ -532,31 +528,9 @@ class Rfc9329Engine(Engine):
             return False
         conn.sa_seen = self.vici_connected
         self._first_message(now, conn)
-        if conn.state is State.OPEN and self.vici_connected:
-            self._resume_endpoint(now, conn, self.inbound.port(spi))
-        elif conn.state is State.OPEN:
-            conn.resume_spi = spi  # charon's word comes with VICI (_resume_pending)
+        if conn.state is State.OPEN:
+            self.resumption.resumed(conn, spi, self.vici_connected)
         return conn.state is State.OPEN
-
-    def _resume_pending(self, now: float) -> None:
-        """Connections whose first message was ESP while VICI was down (a client that came
-        back at once after a restart of tcpencap): now that charon's SAs are known, the
-        one that resumes an SA of its address takes that SA's endpoint too."""
-        for conn in list(self.conns.values()):
-            spi, conn.resume_spi = conn.resume_spi, 0
-            if spi and conn.state is State.OPEN and self.inbound.of_peer(spi, conn.entry.peer):
-                self._resume_endpoint(now, conn, self.inbound.port(spi))
-
-    def _resume_endpoint(self, now: float, conn: Conn, port: int) -> None:
-        """A connection resumes an SA of charon's (its first message was that SA's ESP)
-        whose charon endpoint is another port of the same address, e.g. the connection
-        before a restart of tcpencap: until charon follows the new port, what it sends to
-        the old one is this connection's, so that endpoint is steered and routed to it."""
-        e = conn.entry
-        if port == e.peer_port or not self.table.alias(conn.conn_id, port):
-            return
-        self.lingering.steer((e.peer, port), conn.conn_id)
-        log.info("%s: resumes an SA charon has with port %d", conn, port)
 
     # --- closing ----------------------------------------------------------------------
 
@@ -706,7 +680,7 @@ class Rfc9329Engine(Engine):
         self.inbound.replace(sas)
         for item in sas:
             self.effects.mark_sa_seen(item)
-        self._resume_pending(now)
+        self.resumption.resume_pending()
 
     # --- questions to charon (list-sas) -----------------------------------------------
 
