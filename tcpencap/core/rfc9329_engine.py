@@ -9,10 +9,13 @@ shape as :class:`tcpencap.core.ctcp_engine.CtcpEngine`.
 The engine holds the host's rules and routes each input to whoever decides: a
 connection's own rules and its (state, event) table are :mod:`rfc9329_conn`'s; the host's
 are small modules it composes - :mod:`admission` (gateway limits), :mod:`lingering`
-(endpoints steered after their connection), :mod:`orphans` (SAs waiting for their client),
+(endpoints steered after their connection), :mod:`orphans` and :mod:`sa_handover` (SAs
+waiting for their client), :mod:`sa_resumption` (ESP that opens a connection),
 :mod:`inbound_sas` (charon's inbound SPIs), :mod:`client_steering` (reasons and the
-UDP-first fallback) - and here: timers, reconnect scheduling, list-sas questions, VICI
-events and the data path (:mod:`datapath`) that moves ESP.
+UDP-first fallback), :mod:`sa_questions` (when to ask list-sas), :mod:`sa_effects` (what
+charon's SA events do) and :mod:`frame_drain` (a connection's received frames) - and
+here: timers, reconnect scheduling, routing VICI events and list-sas answers, and the
+data path (:mod:`datapath`) that moves ESP.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from tcpencap.core.rfc9329_conn import (
 from tcpencap.core.role import Role
 from tcpencap.core.router import ConnView, Drop, Open, Router, Send
 from tcpencap.core.sa_effects import SaEffects
+from tcpencap.core.sa_handover import SaHandover
 from tcpencap.core.sa_questions import FALLBACK_POLL, RECONCILE_AFTER_EVENT, SaQuestions
 from tcpencap.core.sa_resumption import SaResumption
 from tcpencap.core.sa_sync import UNLISTED_GRACE, SaSync
@@ -102,6 +106,7 @@ class Rfc9329Engine(Engine):
         self.stopping = False
         self.log_limited = LogLimiter(log.warning)
         self.totals: dict[str, Any] = new_totals(closed={}, connect_failures=0)
+        self.handover = SaHandover(self.table, self.orphans, self.conns)
         self.resumption = SaResumption(self.table, self.inbound, self.lingering, self.conns)
         self.frames = FrameDrain(
             self.router,
@@ -412,10 +417,8 @@ class Rfc9329Engine(Engine):
             return
         if conn.counted:
             self.admission.first_message(conn.source)
+        self.handover.first_message(now, conn)
         e = conn.entry
-        orphan = self.orphans.claim(now, (e.local, e.peer), conn.first_spi)
-        if orphan is not None and not e.carries_sa:
-            self._adopt(conn, orphan.ike, orphan.esp, orphan.sa_seen)
         limit = self.config.gateway.max_connections
         if not self.lingering.steer((e.peer, e.peer_port), conn.conn_id, limit):
             self.log_limited(now, "limit-steered", "refused %s: steering set full", conn)
@@ -425,12 +428,6 @@ class Rfc9329Engine(Engine):
             self.timer_queue.call_at(
                 now + self.config.gateway.no_sa_timeout, self._sa_deadline, conn
             )
-
-    def _adopt(self, conn: Conn, ike: list[bytes], esp: list[int], sa_seen: bool) -> None:
-        # First come: an SPI charon has meanwhile placed on another connection stays there.
-        self.table.bind_all(conn.conn_id, ike, esp)
-        conn.sa_seen = conn.sa_seen or sa_seen
-        log.info("%s: SAs of an earlier connection handed over (reconnect)", conn)
 
     # --- bytes from a connection ------------------------------------------------------
 
@@ -585,7 +582,7 @@ class Rfc9329Engine(Engine):
             self._reconnect(now, conn)
             return
         if conn.side is Role.GATEWAY and entry.carries_sa:
-            self._hand_over(now, conn)
+            self.handover.lost(now, conn)
         del self.conns[conn.conn_id]
         self.router.remove(conn.conn_id)
         if conn.side is Role.GATEWAY and conn.first_at is not None:
@@ -600,29 +597,6 @@ class Rfc9329Engine(Engine):
             conn.frames_in,
             conn.frames_out,
         )
-
-    def _hand_over(self, now: float, conn: Conn) -> None:
-        """A gateway connection that carried SAs is gone. Its client is expected back on a
-        new connection: the newest connection of the same pair that carries no SA of its
-        own takes the SPIs, now or when its first message arrives within ORPHAN_GRACE."""
-        old = conn.entry
-        ike, esp = self.table.release(old.conn_id)
-        newer = [
-            e
-            for e in self.table.for_pair(old.local, old.peer)
-            if not e.carries_sa and e.conn_id != old.conn_id
-        ]
-        target = self.conns.get(newer[-1].conn_id) if newer else None
-        if (
-            target is not None
-            and target.state is State.OPEN
-            and (target.first_spi is None or target.first_spi in ike)
-        ):
-            # Only a connection that resumed one of these SAs (its first message was their
-            # ESP or IKE) takes them now; any other waits as an orphan, like _first_message.
-            self._adopt(target, ike, esp, conn.sa_seen)
-        else:
-            self.orphans.park(now, (old.local, old.peer), ike, esp, conn.sa_seen)
 
     def fast_path_sent(
         self, conn_id: int, frames: int, nbytes: int, esp_dropped: int, ike_dropped: int
