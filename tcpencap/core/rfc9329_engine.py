@@ -9,10 +9,13 @@ shape as :class:`tcpencap.core.ctcp_engine.CtcpEngine`.
 The engine holds the host's rules and routes each input to whoever decides: a
 connection's own rules and its (state, event) table are :mod:`rfc9329_conn`'s; the host's
 are small modules it composes - :mod:`admission` (gateway limits), :mod:`lingering`
-(endpoints steered after their connection), :mod:`orphans` (SAs waiting for their client),
+(endpoints steered after their connection), :mod:`orphans` and :mod:`sa_handover` (SAs
+waiting for their client), :mod:`sa_resumption` (ESP that opens a connection),
 :mod:`inbound_sas` (charon's inbound SPIs), :mod:`client_steering` (reasons and the
-UDP-first fallback) - and here: timers, reconnect scheduling, list-sas questions, VICI
-events and the data path (:mod:`datapath`) that moves ESP.
+UDP-first fallback), :mod:`sa_questions` (when to ask list-sas), :mod:`sa_effects` (what
+charon's SA events do) and :mod:`frame_drain` (a connection's received frames) - and
+here: timers, reconnect scheduling, routing VICI events and list-sas answers, and the
+data path (:mod:`datapath`) that moves ESP.
 """
 
 from __future__ import annotations
@@ -25,14 +28,13 @@ from tcpencap.core.admission import Admission
 from tcpencap.core.client_steering import ClientSteering
 from tcpencap.core.datapath import DataPath, PythonDataPath
 from tcpencap.core.engine import Engine
+from tcpencap.core.frame_drain import FrameDrain
 from tcpencap.core.inbound_sas import InboundSas
 from tcpencap.core.lingering import BRIEF_LINGER, PEER_RELEASE_DELAY, Endpoint, Lingering
 from tcpencap.core.orphans import Orphans
 from tcpencap.core.outputs import (
     Close,
     Connect,
-    Inject,
-    Query,
     Transmit,
     bracket,
     count,
@@ -51,7 +53,11 @@ from tcpencap.core.rfc9329_conn import (
 )
 from tcpencap.core.role import Role
 from tcpencap.core.router import ConnView, Drop, Open, Router, Send
-from tcpencap.core.sa_sync import UNLISTED_GRACE, ExpireOld, Retire, SaSync, SpiLimit
+from tcpencap.core.sa_effects import SaEffects
+from tcpencap.core.sa_handover import SaHandover
+from tcpencap.core.sa_questions import FALLBACK_POLL, RECONCILE_AFTER_EVENT, SaQuestions
+from tcpencap.core.sa_resumption import SaResumption
+from tcpencap.core.sa_sync import UNLISTED_GRACE, SaSync
 from tcpencap.core.table import ConnectionTable
 from tcpencap.core.timers import LogLimiter
 from tcpencap.core.totals import add_closed, new_totals
@@ -62,17 +68,13 @@ from tcpencap.wire.packet import addr_text
 log = logging.getLogger("tcpencap")
 __all__ = [
     "BRIEF_LINGER",
+    "FALLBACK_POLL",
     "PEER_RELEASE_DELAY",
     "RECONNECT_BASE",
     "Conn",
     "Rfc9329Engine",
     "State",
 ]  # what callers import from here
-
-FALLBACK_POLL = 1.0
-PEER_RELEASE_POLL = 5.0
-RECONCILE_AFTER_EVENT = 2.0  # check SPIs against list-sas this long after a rekey
-RECONCILE_PERIOD = 60.0
 
 
 class Rfc9329Engine(Engine):
@@ -89,7 +91,7 @@ class Rfc9329Engine(Engine):
         self.client = ClientSteering(self._emit)
         # (the same objects, where the shell and tests read them)
         self.steering, self.fallback = self.client.steering, self.client.fallback
-        self.client_peers, self.peer_ports = self.client.client_peers, self.client.peer_ports
+        self.client_peers = self.client.client_peers
         self.router = Router(self.table, self.client.is_client_peer, self._is_live)
         self.sync = SaSync(self.router)
         self.ports = PortAllocator(
@@ -104,10 +106,38 @@ class Rfc9329Engine(Engine):
         self.stopping = False
         self.log_limited = LogLimiter(log.warning)
         self.totals: dict[str, Any] = new_totals(closed={}, connect_failures=0)
-        self._fallback_polling = False
-        self._reconcile_due = False
-        self.timer_queue.call_at(now + RECONCILE_PERIOD, self._reconcile_tick)
-        self.timer_queue.call_at(now + PEER_RELEASE_POLL, self._release_tick)
+        self.handover = SaHandover(self.table, self.orphans, self.conns)
+        self.resumption = SaResumption(self.table, self.inbound, self.lingering, self.conns)
+        self.frames = FrameDrain(
+            self.router,
+            self.datapath,
+            self._emit,
+            self.log_limited,
+            lambda: self.config.gateway.max_frame_rate,
+            self._esp_template,
+            self._admit_esp,
+            self._admit_ike,
+            self._over_rate,
+            self._invalid,
+            self.close,
+        )
+        self.effects = SaEffects(
+            self.sync,
+            self.table,
+            self.conns,
+            self.timer_queue,
+            lambda: self.config.max_spis,
+            self.retire,
+            self._open_client,
+        )
+        self.questions = SaQuestions(
+            now,
+            self.timer_queue,
+            self._emit,
+            lambda: self.vici_connected and len(self.table) > 0,
+            self._housekeeping,
+            lambda: bool(self.fallback.conns),
+        )
 
     # --- the shell's side -------------------------------------------------------------
 
@@ -172,7 +202,7 @@ class Rfc9329Engine(Engine):
         """Run the steering part of a reload plan (tcpencap.core.reload.plan)."""
         self.client.apply(ops)
         if any(isinstance(op, WatchFallback) for op in ops):
-            self._poll_fallback_soon(now)
+            self.questions.poll_fallback_soon(now)
 
     def _is_live(self, conn_id: int) -> bool:
         conn = self.conns.get(conn_id)
@@ -387,10 +417,8 @@ class Rfc9329Engine(Engine):
             return
         if conn.counted:
             self.admission.first_message(conn.source)
+        self.handover.first_message(now, conn)
         e = conn.entry
-        orphan = self.orphans.claim(now, (e.local, e.peer), conn.first_spi)
-        if orphan is not None and not e.carries_sa:
-            self._adopt(conn, orphan.ike, orphan.esp, orphan.sa_seen)
         limit = self.config.gateway.max_connections
         if not self.lingering.steer((e.peer, e.peer_port), conn.conn_id, limit):
             self.log_limited(now, "limit-steered", "refused %s: steering set full", conn)
@@ -400,12 +428,6 @@ class Rfc9329Engine(Engine):
             self.timer_queue.call_at(
                 now + self.config.gateway.no_sa_timeout, self._sa_deadline, conn
             )
-
-    def _adopt(self, conn: Conn, ike: list[bytes], esp: list[int], sa_seen: bool) -> None:
-        # First come: an SPI charon has meanwhile placed on another connection stays there.
-        self.table.bind_all(conn.conn_id, ike, esp)
-        conn.sa_seen = conn.sa_seen or sa_seen
-        log.info("%s: SAs of an earlier connection handed over (reconnect)", conn)
 
     # --- bytes from a connection ------------------------------------------------------
 
@@ -417,7 +439,7 @@ class Rfc9329Engine(Engine):
         conn.bytes_in += len(data)
         codec = conn.codec
         codec.receive_data(data)
-        self._drain(now, conn)
+        self.frames.drain(now, conn)
 
     def _over_rate(self, now: float, conn: Conn) -> None:
         count(conn.drops, "frame-rate")
@@ -472,80 +494,13 @@ class Rfc9329Engine(Engine):
         if over_rate and not conn.ending:
             self._over_rate(now, conn)
         elif drain and not conn.ending:
-            self._drain(now, conn)
+            self.frames.drain(now, conn)
 
     def eof_received(self, now: float, conn_id: int, generation: int) -> None:
         conn = self._current(conn_id, generation)
         if conn is not None:
             conn.codec.receive_data(b"")
-            self._drain(now, conn)
-
-    def _drain(self, now: float, conn: Conn) -> None:
-        codec = conn.codec
-        router = self.router
-        out = self._out
-        cid = conn.conn_id
-        read = self.datapath.read
-        view = router.views.get(cid)
-        # A data path that sinks ESP takes an open connection's ESP frames as packets
-        # (as router.inbound_esp builds them) and gives back only the other events.
-        sink = self._esp_template(view) if self.datapath.sinks_esp and view is not None else None
-        budget = conn.frame_budget(now, self.config.gateway.max_frame_rate)
-        while conn.state is not State.CLOSING:
-            ev, esp, kept = read(codec, sink if conn.state is State.OPEN else None)
-            if esp:
-                conn.frames_in += esp
-                conn.esp_frames += esp
-            if kept:
-                conn.drops["keepalive"] = conn.drops.get("keepalive", 0) + kept
-            t = type(ev)
-            if t is rfc9329.ESPPacket:
-                conn.esp_frames += 1
-            if conn.other_frames() > budget:  # every frame but ESP counts
-                self._over_rate(now, conn)
-                return
-            if t is rfc9329.ESPPacket:
-                conn.frames_in += 1
-                if conn.state is not State.OPEN and not self._admit_esp(now, conn, ev.data):  # type: ignore[union-attr]
-                    continue
-                res = router.inbound_esp(cid, ev.data)  # type: ignore[union-attr]
-            elif t is rfc9329.IKEMessage:
-                conn.frames_in += 1
-                msg = ev.data  # type: ignore[union-attr]
-                if conn.state is not State.OPEN and not self._admit_ike(now, conn, msg):
-                    continue
-                conn.ike_received(msg)
-                res = router.inbound_ike(cid, msg)
-            elif t is rfc9329.NeedData:
-                return
-            elif t is rfc9329.PrefixReceived:
-                if conn.state is State.ACCEPTED:
-                    conn.handle(Event.PREFIX)
-                    self.datapath.changed()
-                continue
-            elif t is rfc9329.Keepalive:
-                count(conn.drops, "keepalive")
-                continue
-            elif t is rfc9329.InvalidFrame:
-                self.log_limited(now, "invalid-frame", "%s: dropped frame: %s", conn, ev)
-                self._invalid(now, conn, "invalid-frame")
-                continue
-            elif t is rfc9329.ConnectionClosed:
-                self.close(conn, "peer closed the connection")
-                return
-            else:  # ProtocolError
-                count(conn.drops, "protocol-error")
-                self.close(conn, f"protocol error: {ev.reason}")  # type: ignore[union-attr]
-                return
-            if type(res) is Inject:
-                out.append(res)
-            elif res.reason == "frame-too-big":  # type: ignore[union-attr]
-                self.log_limited(
-                    now, "frame-too-big", "%s: dropped a frame no UDP datagram can carry", conn
-                )
-                self._invalid(now, conn, "frame-too-big")
-            else:
-                count(conn.drops, res.reason)  # type: ignore[union-attr]
+            self.frames.drain(now, conn)
 
     def _admit_ike(self, now: float, conn: Conn, msg: bytes) -> bool:
         """Before its first message, a connection passes only a well-formed IKE message
@@ -559,16 +514,10 @@ class Rfc9329Engine(Engine):
         return conn.state is State.OPEN
 
     def _admit_esp(self, now: float, conn: Conn, packet: bytes) -> bool:
-        """... or ESP for an SPI charon has an inbound CHILD SA for with this peer (an SA
-        resuming on a new connection, §6.1): a stranger's ESP is dropped and the deadline
-        keeps running. Without VICI there is no such list: plausible ESP passes, and the
-        no-SA deadline then asks for charon's own traffic on the connection."""
+        """... or ESP that resumes an SA (:mod:`sa_resumption`): a stranger's ESP is
+        dropped and the deadline keeps running."""
         spi = int.from_bytes(packet[:4], "big") if len(packet) >= 8 else 0
-        if self.vici_connected:
-            known = self.inbound.of_peer(spi, conn.entry.peer)
-        else:
-            known = spi >= 256  # 1-255 are reserved (RFC 4303 §2.1)
-        if not known:
+        if not self.resumption.esp_known(spi, conn.entry.peer, self.vici_connected):
             count(conn.drops, "esp-unknown-spi-first")
             self.log_limited(
                 now, "unknown-esp-first", "%s: first message refused: ESP for unknown SPI", conn
@@ -576,31 +525,9 @@ class Rfc9329Engine(Engine):
             return False
         conn.sa_seen = self.vici_connected
         self._first_message(now, conn)
-        if conn.state is State.OPEN and self.vici_connected:
-            self._resume_endpoint(now, conn, self.inbound.port(spi))
-        elif conn.state is State.OPEN:
-            conn.resume_spi = spi  # charon's word comes with VICI (_resume_pending)
+        if conn.state is State.OPEN:
+            self.resumption.resumed(conn, spi, self.vici_connected)
         return conn.state is State.OPEN
-
-    def _resume_pending(self, now: float) -> None:
-        """Connections whose first message was ESP while VICI was down (a client that came
-        back at once after a restart of tcpencap): now that charon's SAs are known, the
-        one that resumes an SA of its address takes that SA's endpoint too."""
-        for conn in list(self.conns.values()):
-            spi, conn.resume_spi = conn.resume_spi, 0
-            if spi and conn.state is State.OPEN and self.inbound.of_peer(spi, conn.entry.peer):
-                self._resume_endpoint(now, conn, self.inbound.port(spi))
-
-    def _resume_endpoint(self, now: float, conn: Conn, port: int) -> None:
-        """A connection resumes an SA of charon's (its first message was that SA's ESP)
-        whose charon endpoint is another port of the same address, e.g. the connection
-        before a restart of tcpencap: until charon follows the new port, what it sends to
-        the old one is this connection's, so that endpoint is steered and routed to it."""
-        e = conn.entry
-        if port == e.peer_port or not self.table.alias(conn.conn_id, port):
-            return
-        self.lingering.steer((e.peer, port), conn.conn_id)
-        log.info("%s: resumes an SA charon has with port %d", conn, port)
 
     # --- closing ----------------------------------------------------------------------
 
@@ -655,7 +582,7 @@ class Rfc9329Engine(Engine):
             self._reconnect(now, conn)
             return
         if conn.side is Role.GATEWAY and entry.carries_sa:
-            self._hand_over(now, conn)
+            self.handover.lost(now, conn)
         del self.conns[conn.conn_id]
         self.router.remove(conn.conn_id)
         if conn.side is Role.GATEWAY and conn.first_at is not None:
@@ -670,29 +597,6 @@ class Rfc9329Engine(Engine):
             conn.frames_in,
             conn.frames_out,
         )
-
-    def _hand_over(self, now: float, conn: Conn) -> None:
-        """A gateway connection that carried SAs is gone. Its client is expected back on a
-        new connection: the newest connection of the same pair that carries no SA of its
-        own takes the SPIs, now or when its first message arrives within ORPHAN_GRACE."""
-        old = conn.entry
-        ike, esp = self.table.release(old.conn_id)
-        newer = [
-            e
-            for e in self.table.for_pair(old.local, old.peer)
-            if not e.carries_sa and e.conn_id != old.conn_id
-        ]
-        target = self.conns.get(newer[-1].conn_id) if newer else None
-        if (
-            target is not None
-            and target.state is State.OPEN
-            and (target.first_spi is None or target.first_spi in ike)
-        ):
-            # Only a connection that resumed one of these SAs (its first message was their
-            # ESP or IKE) takes them now; any other waits as an orphan, like _first_message.
-            self._adopt(target, ike, esp, conn.sa_seen)
-        else:
-            self.orphans.park(now, (old.local, old.peer), ike, esp, conn.sa_seen)
 
     def fast_path_sent(
         self, conn_id: int, frames: int, nbytes: int, esp_dropped: int, ike_dropped: int
@@ -738,85 +642,27 @@ class Rfc9329Engine(Engine):
         up = event.get("up") == "yes"
         if label == "ike-updown" and not up and self.orphans:
             self.orphans.forget(set(ike_spis(event)))
-        self._apply_effects(now, self.sync.handle(label, event))
+        self.effects.apply(now, self.sync.handle(label, event))
         self.inbound.learn(label, up, event)
         if label in ("ike-updown", "child-updown") and up or label == "ike-rekey":
-            self._mark_sa_seen(event)
+            self.effects.mark_sa_seen(event)
         if label in ("child-rekey", "ike-update", "ike-rekey"):
-            self._reconcile_soon(now, RECONCILE_AFTER_EVENT)
+            self.questions.reconcile_soon(now, RECONCILE_AFTER_EVENT)
 
     def vici_resync(self, now: float, sas: list[dict[str, Any]]) -> None:
-        self._apply_effects(now, self.sync.resync(sas))
+        self.effects.apply(now, self.sync.resync(sas))
         self.inbound.replace(sas)
         for item in sas:
-            self._mark_sa_seen(item)
-        self._resume_pending(now)
-
-    def _mark_sa_seen(self, event: dict[str, Any]) -> None:
-        """charon's word that an IKE SA exists: the connections carrying it pass the
-        no-SA deadline."""
-        for spi in ike_spis(event):
-            entry = self.table.find_ike_spi(spi)
-            conn = self.conns.get(entry.conn_id) if entry else None
-            if conn is not None:
-                conn.sa_seen = True
-
-    def _apply_effects(self, now: float, effects: list[Any]) -> None:
-        for eff in effects:
-            if isinstance(eff, Retire):
-                self.retire(now, eff.conn_id, eff.reason, eff.graceful)
-            elif isinstance(eff, Open):
-                self._open_client(now, eff)
-            elif isinstance(eff, SpiLimit):
-                conn = self.conns.get(eff.conn_id)
-                if conn is not None:
-                    count(conn.drops, "spi-limit")
-                log.warning(
-                    "conn %d: CHILD SA with SPI %08x not indexed: max_spis (%d) reached; "
-                    "it is carried on the connection of its address pair",
-                    eff.conn_id,
-                    eff.spi,
-                    self.config.max_spis,
-                )
-            elif isinstance(eff, ExpireOld):
-                self.timer_queue.call_at(now + eff.delay, self._expire_old, eff.conn_id, eff.spi)
-
-    def _expire_old(self, now: float, conn_id: int, spi: bytes) -> None:
-        self._apply_effects(now, self.sync.expire_old(conn_id, spi))
+            self.effects.mark_sa_seen(item)
+        self.resumption.resume_pending()
 
     # --- questions to charon (list-sas) -----------------------------------------------
 
-    def _reconcile_soon(self, now: float, delay: float) -> None:
-        if not self._reconcile_due:
-            self._reconcile_due = True
-            self.timer_queue.call_at(now + delay, self._ask, "reconcile")
-
-    def _ask(self, now: float, purpose: str) -> None:
-        if purpose == "reconcile":
-            self._reconcile_due = False
-        self._out.append(Query(purpose))
-
-    def _reconcile_tick(self, now: float) -> None:
-        self.timer_queue.call_at(now + RECONCILE_PERIOD, self._reconcile_tick)
-        if self.vici_connected and len(self.table):
-            self._reconcile_soon(now, 0.0)
-
-    def _release_tick(self, now: float) -> None:
-        self.timer_queue.call_at(now + PEER_RELEASE_POLL, self._release_tick)
+    def _housekeeping(self, now: float) -> None:
+        """What expires with time among the host's rules (every PEER_RELEASE_POLL)."""
         self.orphans.expire(now)
         self.admission.expire(now)
         self.lingering.check(now)
-
-    def _poll_fallback_soon(self, now: float) -> None:
-        if not self._fallback_polling and self.fallback.conns:
-            self._fallback_polling = True
-            self.timer_queue.call_at(now + FALLBACK_POLL, self._fallback_tick)
-
-    def _fallback_tick(self, now: float) -> None:
-        self._fallback_polling = False
-        if self.fallback.conns:
-            self._out.append(Query("fallback"))
-            self._poll_fallback_soon(now)
 
     def sas_listed(self, now: float, purpose: str, sas: list[dict[str, Any]] | None) -> None:
         """charon's IKE SAs for a Query; None: charon could not be asked."""
@@ -824,9 +670,9 @@ class Rfc9329Engine(Engine):
             return  # without charon's word, keep everything as it is (fail-closed)
         if purpose == "reconcile":
             self.sync.reconcile_esp(sas)
-            self._apply_effects(now, self.sync.reconcile_ike(now, sas))
+            self.effects.apply(now, self.sync.reconcile_ike(now, sas))
             if self.sync.unlisted_ike:  # ask again once their grace is over
-                self._reconcile_soon(now, UNLISTED_GRACE)
+                self.questions.reconcile_soon(now, UNLISTED_GRACE)
             self.inbound.replace(sas)
         elif purpose == "peer-release":
             self.lingering.release(now, sas)

@@ -30,7 +30,7 @@ import nfq.ctcp_rules
 import nfq.queue
 import tcpencap.aio.ctcp_service as ctcp_service_mod
 import tcpencap.aio.daemon as daemon_mod
-import tcpencap.core.rfc9329_engine as engine_mod
+import tcpencap.core.sa_questions as questions_mod
 from tcpencap.aio.daemon import Daemon
 from tcpencap.config import load_config
 from tcpencap.core.outputs import Query
@@ -276,7 +276,7 @@ def connecting(name: str, spi: str = "0102030405060708") -> list[dict[str, Any]]
 def test_reload_fallback_to_tcp_drops_fallback_monitor_entry(tmp_path, monkeypatch, list_sas):
     """fallback -> tcp: the FallbackMonitor forgets the connection, so a later poll that
     finds no SA of it does not un-steer its peer."""
-    monkeypatch.setattr(engine_mod, "FALLBACK_POLL", POLL)
+    monkeypatch.setattr(questions_mod, "FALLBACK_POLL", POLL)
     path = tmp_path / "tcpencap.conf"
     # "hotel" stays a fallback connection throughout, so the fallback poll keeps running.
     hotel = conn(
@@ -425,7 +425,7 @@ def test_reload_changed_ctcp_connection_updates_ctcp_service(tmp_path, list_sas)
 
 
 def test_reload_added_fallback_connection_is_polled(tmp_path, monkeypatch, list_sas):
-    monkeypatch.setattr(engine_mod, "FALLBACK_POLL", POLL)
+    monkeypatch.setattr(questions_mod, "FALLBACK_POLL", POLL)
     path = tmp_path / "tcpencap.conf"
     base = conn("office", transport="tcp", remote_addrs="198.18.0.6", remote_port="4500")
     write_conf(path, base)
@@ -484,8 +484,8 @@ def test_reload_added_fallback_connection_is_polled_by_handle_timer(tmp_path, li
             d.engine.pull()
             await h.reload(path, base + hotel)
             due = d.engine.get_timer()
-            assert due is not None and due <= time.monotonic() + engine_mod.FALLBACK_POLL
-            d.engine.handle_timer(time.monotonic() + engine_mod.FALLBACK_POLL + 0.01)
+            assert due is not None and due <= time.monotonic() + questions_mod.FALLBACK_POLL
+            d.engine.handle_timer(time.monotonic() + questions_mod.FALLBACK_POLL + 0.01)
             assert Query("fallback") in d.engine.pull()
         finally:
             await d._shutdown()
@@ -497,7 +497,7 @@ def test_reload_added_fallback_connection_is_polled_by_handle_timer(tmp_path, li
 
 
 def test_reload_unchanged_config_changes_nothing(tmp_path, monkeypatch, list_sas):
-    monkeypatch.setattr(engine_mod, "FALLBACK_POLL", POLL)
+    monkeypatch.setattr(questions_mod, "FALLBACK_POLL", POLL)
     path = tmp_path / "tcpencap.conf"
     conns = (
         conn("office", transport="tcp", remote_addrs="198.18.0.6", remote_port="4500")
