@@ -154,19 +154,10 @@ class CtcpRules:
         for rule in self._peer_rules(addr, port):
             _run(_family(addr), "-D", *rule, check=False)
 
-    def add_peer(self, peer: str) -> bool:
-        """Queue charon's UDP 500/4500 to ``peer``."""
-        return self.steering.add_peer(peer)
-
-    def remove_peer(self, peer: str) -> bool:
-        return self.steering.remove_peer(peer)
-
-    def steer_endpoint(self, addr: str, port: int, on: bool) -> bool:
-        """Queue (``on``) or stop queueing charon's UDP to the one endpoint ``addr``:``port``
-        (a gateway's cTCP peer: another host behind its address keeps its own traffic)."""
-        if on:
-            return self.steering.add_endpoint(addr, port)
-        return self.steering.remove_endpoint(addr, port)
+    def steer(self, addr: str, port: int, on: bool) -> bool:
+        """charon's UDP steering, as :meth:`SteeringRules.steer` (a gateway's cTCP peer by
+        its endpoint: another host behind its address keeps its own traffic)."""
+        return self.steering.steer(addr, port, on)
 
 
 def raw_chain_exists(chain: str, family: int = 4) -> bool:

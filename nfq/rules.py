@@ -382,6 +382,15 @@ class SteeringRules:
         log.info("no longer steering endpoint %s", _ep_text(ep))
         return True
 
+    def steer(self, addr: str, port: int, on: bool) -> bool:
+        """Start (``on``) or stop queueing charon's UDP to ``addr``: the whole address, or
+        with ``port`` only that UDP endpoint (a gateway's TCP peer, whose address other
+        hosts behind the same NAT may share over plain UDP). The one entry point the shells'
+        ``Steer`` output uses; True when something changed."""
+        if port:
+            return self.add_endpoint(addr, port) if on else self.remove_endpoint(addr, port)
+        return self.add_peer(addr) if on else self.remove_peer(addr)
+
 
 def _ep_text(ep: tuple[str, int]) -> str:
     return f"[{ep[0]}]:{ep[1]}" if ":" in ep[0] else f"{ep[0]}:{ep[1]}"

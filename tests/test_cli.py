@@ -23,7 +23,7 @@ from tcpencap import __version__
 from tcpencap.aio.daemon import Daemon
 from tcpencap.config import parse_config
 from tcpencap.core.rfc9329_engine import State
-from tcpencap.core.router import Side
+from tcpencap.core.role import Role
 from tcpencap.wire.packet import addr_bytes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -183,7 +183,7 @@ def daemon_status() -> dict:
     gw.view.drop("ike-spi-held-elsewhere")
 
     view = e.router.add_client_conn(addr_bytes("fd00::1"), addr_bytes("fd00:19::2"))
-    cl = e._new_conn(now, view, Side.CLIENT, "fd00::1", "fd00:19::2")
+    cl = e._new_conn(now, view, Role.CLIENT, "fd00::1", "fd00:19::2")
     cl.local_port, cl.peer_port = 50123, 443
     return d.status()
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from tcpencap.aio.daemon import Daemon
 from tcpencap.config import default_config
 from tcpencap.core.rfc9329_engine import Conn, Rfc9329Engine, State
-from tcpencap.core.router import Side
+from tcpencap.core.role import Role
 from tcpencap.metrics import render
 
 row = Rfc9329Engine.row
@@ -271,7 +271,7 @@ def counters_of(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
 def make_conn(daemon: Daemon, i: int, drops: dict[str, int], reason: str) -> Conn:
     """A connection with counters, as the engine holds it (no socket needed)."""
     e = daemon.engine
-    side = Side.GATEWAY if i % 2 else Side.CLIENT
+    side = Role.GATEWAY if i % 2 else Role.CLIENT
     view = e.router.add_client_conn(bytes([198, 18, 0, 1]), bytes([198, 18, 1, i % 250]))
     conn = e._new_conn(0.0, view, side, "198.18.0.1", f"198.18.1.{i % 250}")
     conn.frames_in, conn.frames_out = 3 * i + 1, 2 * i

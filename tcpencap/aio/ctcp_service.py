@@ -167,7 +167,7 @@ class CtcpService:
         )
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Listeners from the configuration; client peers come with :meth:`set_peers`."""
+        """Listeners from the configuration; client peers come with :meth:`apply` (CtcpPeers)."""
         from nfq.ctcp_rules import CtcpRules
         from nfq.queue import QueueReader
 
@@ -199,10 +199,6 @@ class CtcpService:
     def peers(self) -> dict[bytes, int]:
         """The cTCP client peers now (address -> TCP port)."""
         return dict(self.engine.peers) if self.engine is not None else {}
-
-    async def set_peers(self, peers: dict[bytes, int]) -> None:
-        """The cTCP client peers are now exactly ``peers`` (address -> TCP port)."""
-        self.apply([CtcpPeers(peers)])
 
     def apply(self, ops: list[Operation]) -> None:
         """The cTCP part of a reload plan: the engine decides, the rules follow."""
@@ -304,13 +300,7 @@ class CtcpService:
         self.injector.inject(o.packet, o.dst)
 
     def _steer(self, o: Steer) -> None:
-        peer = addr_text(o.peer)
-        if o.port:  # a gateway's peer: the UDP endpoint charon answers
-            self.rules.steer_endpoint(peer, o.port, o.on)
-        elif o.on:
-            self.rules.add_peer(peer)
-        else:
-            self.rules.remove_peer(peer)
+        self.rules.steer(addr_text(o.peer), o.port, o.on)
 
     def _steer_segments(self, o: SteerSegments) -> None:
         if o.on:
@@ -393,7 +383,7 @@ def _main(argv: list[str] | None = None) -> int:
         svc = CtcpService(cfg, injector, lambda *a: limiter(loop.time(), *a))
         try:
             await svc.start(loop)
-            await svc.set_peers(await _configured_peers(cfg))
+            svc.apply([CtcpPeers(await _configured_peers(cfg))])
             log.info("ctcp service running")
             await stop.wait()
         finally:

@@ -147,14 +147,14 @@ class Daemon:
         await self._resolve(new, plans.unresolved(new, self.config, self.resolved))
         intent = plans.intent_of(new, self.resolved)
         ops = plans.plan(self.intent, intent)
-        self.config = self.engine.config = self.rfc9329.config = new
+        self.config = new
         changes: list[str] = []
         for tls_error in self.fronts.configure(new):
             if not prefix:
                 raise OSError(tls_error)
             log.error("%s%s", prefix, tls_error)
             changes.append(tls_error)
-        self.rfc9329.apply(ops)
+        self.rfc9329.apply([plans.Settings(new), *ops])
         for op in ops:
             line = plans.describe(op)
             if isinstance(op, plans.Listen):
@@ -167,21 +167,22 @@ class Daemon:
             elif isinstance(op, plans.StopListening):
                 self.rfc9329.stop_listening(op.host, op.port)
             elif isinstance(op, plans.CtcpPeers):
-                await self._ctcp_peers(op.peers)
+                await self._ctcp_apply(op)
             changes.append(line)
             log.info("%s%s", prefix, line)
         self.intent = intent
         self.rfc9329.after()
         return changes
 
-    async def _ctcp_peers(self, peers: dict[bytes, int]) -> None:
+    async def _ctcp_apply(self, op: plans.CtcpPeers) -> None:
+        """The cTCP service starts with its first client peers."""
         if self.ctcp is None:
             assert self.injector is not None
             self.ctcp = CtcpService(
                 self.config, self.injector, self.log_limited, ports=self.engine.ports
             )
             await self.ctcp.start(asyncio.get_running_loop())
-        await self.ctcp.set_peers(peers)
+        self.ctcp.apply([op])
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the configuration; existing TCP connections are kept."""

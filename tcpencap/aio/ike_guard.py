@@ -13,7 +13,6 @@ from typing import Any, Protocol
 from nfq.classify import VerdictQueue
 
 from tcpencap.core.ike_guard import must_drop, tcp_ike_spis
-from tcpencap.core.outputs import count
 from tcpencap.wire.packet import PacketError, addr_text, parse_ip
 
 log = logging.getLogger("tcpencap")
@@ -97,7 +96,7 @@ class IkeGuard:
         """The verdict: False (drop) for IKE of a TCP peer's SA."""
         if not must_drop(packet, self.is_tcp_sa):
             return True
-        count(self.d.engine.router.drops, "ike-off-tcp")
+        self.d.engine.shell_dropped(0, "ike-off-tcp")
         self.d.log_limited(
             "ike-off-tcp",
             "dropped IKE of a TCP peer's SA to %s, which is not steered (MOBIKE?): "

@@ -23,6 +23,7 @@ from tcpencap.aio.tcp_host import WriteBatch
 from tcpencap.aio.tls import Fronts
 from tcpencap.core.front import StreamFront
 from tcpencap.core.outputs import Close, Connect, Inject, Query, Steer, Transmit
+from tcpencap.core.reload import Settings
 from tcpencap.wire.packet import addr_text
 
 ListSas = Callable[[str], Awaitable["list[dict[str, Any]] | None"]]
@@ -97,13 +98,7 @@ class Rfc9329Service:
             self.log_limited("inject", "injection failed: %s", exc)
 
     def _steer(self, o: Steer) -> None:
-        peer = addr_text(o.peer)
-        if o.port:  # a gateway's TCP peer: its UDP endpoint only
-            (self.rules.add_endpoint if o.on else self.rules.remove_endpoint)(peer, o.port)
-        elif o.on:
-            self.rules.add_peer(peer)
-        else:
-            self.rules.remove_peer(peer)
+        self.rules.steer(addr_text(o.peer), o.port, o.on)
 
     def _connect(self, o: Connect) -> None:
         client = self.config.client
@@ -190,7 +185,11 @@ class Rfc9329Service:
         self.engine.vici_state(self.clock.now(), connected)
 
     def apply(self, ops: list[Any]) -> None:
-        """A reload's (or the start's) plan, for the engine."""
+        """A reload's (or the start's) plan, for the engine; its settings for the shell's
+        own connect timeout and send bound as well."""
+        for op in ops:
+            if isinstance(op, Settings):
+                self.config = op.config
         self.engine.apply(self.clock.now(), ops)
 
     def linger(self, peers: list[bytes], endpoints: list[tuple[bytes, int]]) -> None:

@@ -11,19 +11,16 @@ from typing import Any
 
 
 class Transmit:
-    """Send ``data`` on connection ``conn_id``: a frame on its TCP stream (RFC 9329), or a
-    whole cTCP segment to ``dst`` through the raw socket. ``is_ike`` frames are never
-    dropped silently; ESP may be dropped when the connection is congested."""
+    """Send ``data`` on connection ``conn_id``'s TCP stream (RFC 9329 frames; cTCP's
+    segments are :class:`SendRaw`). ``is_ike`` frames are never dropped silently; ESP may
+    be dropped when the connection is congested."""
 
-    __slots__ = ("conn_id", "data", "is_ike", "dst", "frames")
+    __slots__ = ("conn_id", "data", "is_ike", "frames")
 
-    def __init__(
-        self, conn_id: int, data: bytes, is_ike: bool = False, dst: bytes = b"", frames: int = 1
-    ) -> None:
+    def __init__(self, conn_id: int, data: bytes, is_ike: bool = False, frames: int = 1) -> None:
         self.conn_id = conn_id
         self.data = data
         self.is_ike = is_ike
-        self.dst = dst
         self.frames = frames  # ESP frames in data (the native path frames a batch at once)
 
     def __repr__(self) -> str:

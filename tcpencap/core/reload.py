@@ -114,9 +114,17 @@ class CtcpPeers:
     peers: dict[bytes, int]
 
 
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The configuration whose live settings (limits, timeouts, frame sizes) apply from now
+    on: the first operation of every reload, for the engine that reads them."""
+
+    config: Any
+
+
 Operation = (
     Notice | Listen | StopListening | SteerTcp | UnsteerTcp | WatchFallback | UnwatchFallback
-    | CtcpPeers
+    | CtcpPeers | Settings
 )  # fmt: skip
 
 

@@ -42,6 +42,7 @@ from tcpencap.core.outputs import (
 from tcpencap.core.ports import PortAllocator, PortsExhausted
 from tcpencap.core.reload import (
     Operation,
+    Settings,
     WatchFallback,
 )
 from tcpencap.core.rfc9329_conn import (
@@ -199,7 +200,11 @@ class Rfc9329Engine(Engine):
     # --- configuration (reload plans) -------------------------------------------------
 
     def apply(self, now: float, ops: list[Operation]) -> None:
-        """Run the steering part of a reload plan (tcpencap.core.reload.plan)."""
+        """Run the steering part of a reload plan (tcpencap.core.reload.plan), with the
+        new live settings."""
+        for op in ops:
+            if isinstance(op, Settings):
+                self.config = op.config
         self.client.apply(ops)
         if any(isinstance(op, WatchFallback) for op in ops):
             self.questions.poll_fallback_soon(now)

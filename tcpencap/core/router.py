@@ -69,10 +69,6 @@ def _protected(hdr: IKEHeader) -> bool:
     return bool(hdr.flags & 0x01)
 
 
-# The name this module gave the role before core.role; sa_sync and older tests import it.
-Side = Role
-
-
 @dataclass(slots=True)
 class ConnView:
     """The router's per-connection state (the transport keeps sockets and counters)."""

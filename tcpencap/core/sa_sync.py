@@ -17,7 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from tcpencap.core.router import ConnView, Open, Router, Side
+from tcpencap.core.role import Role
+from tcpencap.core.router import ConnView, Open, Router
 from tcpencap.core.table import Bind, Entry
 from tcpencap.core.vici_facts import address, as_dict, children, esp_spi, ike_spi, port
 
@@ -208,7 +209,7 @@ class SaSync:
             view = self.router.views.get(entry.conn_id)
             if view is None:
                 continue
-            if view.side is Side.GATEWAY:
+            if view.side is Role.GATEWAY:
                 effects += self._gateway_moved(entry, new_remote, event.get("remote-port"))
                 continue
             if (entry.local, entry.peer) == (new_local, new_remote):

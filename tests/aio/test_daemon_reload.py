@@ -82,6 +82,11 @@ class FakeSteeringRules:
         self._peers.discard(peer)
         return had
 
+    def steer(self, addr: str, port: int, on: bool) -> bool:
+        """As SteeringRules.steer: a whole address here (these tests steer no endpoint)."""
+        assert port == 0, "an endpoint steered in a test of whole-address steering"
+        return self.add_peer(addr) if on else self.remove_peer(addr)
+
 
 class FakeCtcpRules(FakeSteeringRules):
     """Stands in for nfq.ctcp_rules.CtcpRules: also records the peer endpoints."""

@@ -10,7 +10,7 @@ import pytest
 
 from tcpencap.aio.executor import Executor
 from tcpencap.core.engine import Engine
-from tcpencap.core.outputs import Close, Inject, Output, Query, Steer, Transmit
+from tcpencap.core.outputs import Close, Inject, Output, Query, SendRaw, Steer, Transmit
 
 
 def recorder(log: list[Any], name: str) -> Any:
@@ -48,10 +48,10 @@ def test_on_error_takes_an_os_error_and_the_rest_still_runs() -> None:
         raise OSError("raw socket gone")
 
     ex = Executor(
-        {Transmit: fail, Steer: recorder(log, "steer")},
+        {SendRaw: fail, Steer: recorder(log, "steer")},
         on_error=lambda o, exc: errors.append((o, exc)),
     )
-    tx, steer = Transmit(0, b"seg", dst=b"\x01\x02\x03\x04"), Steer(b"\x01\x02\x03\x04", True)
+    tx, steer = SendRaw(b"seg", b"\x01\x02\x03\x04"), Steer(b"\x01\x02\x03\x04", True)
     ex.execute([tx, steer])
     assert [(o, str(e)) for o, e in errors] == [(tx, "raw socket gone")]
     assert log == [("steer", steer)]

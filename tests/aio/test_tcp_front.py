@@ -114,20 +114,9 @@ class FakeRules:
         self.added: list[str] = []
         self.removed: list[str] = []
 
-    def add_peer(self, peer: str) -> bool:
-        self.added.append(peer)
-        return True
-
-    def remove_peer(self, peer: str) -> bool:
-        self.removed.append(peer)
-        return True
-
-    def add_endpoint(self, addr: str, port: int) -> bool:
-        self.added.append(f"{addr}:{port}")
-        return True
-
-    def remove_endpoint(self, addr: str, port: int) -> bool:
-        self.removed.append(f"{addr}:{port}")
+    def steer(self, addr: str, port: int, on: bool) -> bool:
+        name = f"{addr}:{port}" if port else addr
+        (self.added if on else self.removed).append(name)
         return True
 
 

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 
-from tcpencap.core.router import ConnView, Drop, Inject, Open, Router, Send, Side
+from tcpencap.core.role import Role
+from tcpencap.core.router import ConnView, Drop, Inject, Open, Router, Send
 from tcpencap.core.table import ConnectionTable
 from tcpencap.wire import rfc9329
 from tcpencap.wire.ike import NON_ESP_MARKER
@@ -137,7 +138,7 @@ def test_client_first_ike_sa_init_opens_a_connection_with_the_framed_message():
     assert (res.local, res.peer) == (LOCAL, PEER)
     assert res.frame == rfc9329.frame_ike(msg)
     view = r.views[res.conn_id]
-    assert view.side is Side.CLIENT
+    assert view.side is Role.CLIENT
     assert r.table.lookup_ike(LOCAL, PEER, SPI_A).conn_id == res.conn_id
 
 
@@ -335,7 +336,7 @@ def gateway_router() -> Router:
 def test_gateway_inbound_ike_is_delivered_to_4500_from_the_peer_port_with_marker():
     r = gateway_router()
     view = r.add_gateway_conn(LOCAL, PEER, peer_port=40000)
-    assert isinstance(view, ConnView) and view.side is Side.GATEWAY
+    assert isinstance(view, ConnView) and view.side is Role.GATEWAY
     msg = ike(SPI_A, body=b"\x21" * 250)
     sport, dport, payload = decode_inject(r.inbound_ike(view.conn_id, msg), LOCAL, PEER)
     assert (sport, dport) == (40000, 4500)

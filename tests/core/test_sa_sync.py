@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tcpencap.core.router import Open, Router, Side
+from tcpencap.core.role import Role
+from tcpencap.core.router import Open, Router
 from tcpencap.core.sa_sync import UNLISTED_GRACE, ExpireOld, Retire, SaSync
 from tcpencap.core.table import ConnectionTable
 from tcpencap.wire.packet import addr_bytes
@@ -351,7 +352,7 @@ def test_ike_update_on_client_opens_a_connection_for_the_new_pair(env: Env, new_
     new = fx[0].conn_id
     assert new != old
     assert (fx[0].local, fx[0].peer) == (addr_bytes(new_local), addr_bytes(new_remote))
-    assert env.router.views[new].side is Side.CLIENT
+    assert env.router.views[new].side is Role.CLIENT
     assert env.ike(new) == {b(ISPI)} and env.esp(new) == {e(ESP_OUT)}
     assert env.ike(old) == set() and env.esp(old) == set()
     assert old in env.router.emptied
@@ -587,7 +588,7 @@ def test_resync_binds_unbinds_and_reopens(env: Env):
     assert (op.local, op.peer) == (addr_bytes(C16), addr_bytes(GW6))
     assert env.ike(op.conn_id) == {b(ISPI_NEW)} and env.esp(op.conn_id) == {e(ESP_OUT_NEW)}
     view = env.router.views[op.conn_id]
-    assert view.side is Side.CLIENT
+    assert view.side is Role.CLIENT
     assert (view.charon_sport, view.charon_dport) == (4501, 4502)
     assert [x for x in fx if isinstance(x, Retire)] == [Retire(gone, "IKE SA unknown to charon")]
     assert env.ike(gone) == set() and env.esp(gone) == set()

@@ -615,8 +615,8 @@ def test_endpoint_steering_queues_that_endpoint_only(ns):
         counted_link()
         r = SteeringRules(4500, endpoints=True)
         r.install()
-        r.add_endpoint("198.18.1.99", 45678)
-        r.add_peer("198.18.1.98")
+        r.steer("198.18.1.99", 45678, True)
+        r.steer("198.18.1.98", 0, True)
         out["rules"] = ipt(4, "-S", "{CHAIN}").stdout.splitlines()
 
         def send(dst, dport):
@@ -635,7 +635,7 @@ def test_endpoint_steering_queues_that_endpoint_only(ns):
         out["packets"] = [int(line.split()[0]) for line in counts]
         post = ipt(4, "-L", "POSTROUTING", "-v", "-x", "-n").stdout.splitlines()[2:]
         out["left"] = [int(line.split()[0]) for line in post]
-        r.remove_endpoint("198.18.1.99", 45678)
+        r.steer("198.18.1.99", 45678, False)
         send("198.18.1.99", 45678)
         post = ipt(4, "-L", "POSTROUTING", "-v", "-x", "-n").stdout.splitlines()[2:]
         out["left_after"] = [int(line.split()[0]) for line in post]
