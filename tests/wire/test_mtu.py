@@ -1,13 +1,10 @@
 """Packet-size helpers (tcpencap/wire/mtu.py) checked against scapy's own decoders and
-reassembly, plus the RFC 9329 codec with large IKE messages and oversized frames."""
+reassembly."""
 
 from __future__ import annotations
 
-import errno
 import os
 import struct
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -15,41 +12,16 @@ from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, UDP, IPerror, UDPerror
 from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6, IPv6ExtHdrFragment
 
-from tcpencap.aio.ctcp_service import CtcpService, route_mtu
-from tcpencap.config import Config
-from tcpencap.core.ctcp_engine import CtcpEngine
-from tcpencap.wire import mtu, rfc9329
+from tcpencap.wire import mtu
 from tcpencap.wire.ctcp import encapsulate
 from tcpencap.wire.packet import PacketError, build_ipv4, build_ipv6, build_udp_packet
-
-SRC4, DST4 = bytes([198, 18, 1, 2]), bytes([198, 19, 0, 2])
-SRC6 = bytes.fromhex("fd000001000000000000000000000002")
-DST6 = bytes.fromhex("fd000100000000000000000000000002")
-
-
-def _udp4(size: int, df: bool, ident: int = 0x1234) -> bytes:
-    """A UDP 4500 -> 4500 IPv4 packet of exactly ``size`` octets."""
-    body = bytes(range(256)) * (size // 256 + 1)
-    pkt = build_udp_packet(SRC4, DST4, 4500, 4500, body[: size - 28])
-    return build_ipv4(SRC4, DST4, 17, pkt[20:], ident=ident, df=df)
-
-
-def _reassemble4(frags: list[bytes]) -> bytes:
-    """Reassemble with our own reading of the RFC 791 fields (checked by scapy below)."""
-    ident = {IP(f).id for f in frags}
-    assert len(ident) == 1
-    data = bytearray()
-    for f in sorted(frags, key=lambda f: IP(f).frag):
-        p = IP(f)
-        assert p.frag * 8 == len(data)
-        data += bytes(p.payload)
-    return bytes(data)
+from tests.udp_packets import DST4, DST6, SRC4, SRC6, reassemble4, udp4
 
 
 @given(size=st.integers(29, 9000), path=st.integers(68, 9000))
 @settings(max_examples=150, deadline=None)
 def test_fragment_ipv4_reassembles(size: int, path: int) -> None:
-    pkt = _udp4(size, df=False)
+    pkt = udp4(size, df=False)
     frags = mtu.fragment_ipv4(pkt, path)
     assert all(len(f) <= path for f in frags)
     if size <= path:
@@ -66,7 +38,7 @@ def test_fragment_ipv4_reassembles(size: int, path: int) -> None:
         assert p.len == len(f)
         if i < len(frags) - 1:
             assert len(bytes(p.payload)) % 8 == 0
-    assert _reassemble4(frags) == pkt[20:]
+    assert reassemble4(frags) == pkt[20:]
     from scapy.all import defragment
 
     whole = defragment([IP(f) for f in frags])[0]
@@ -75,9 +47,9 @@ def test_fragment_ipv4_reassembles(size: int, path: int) -> None:
 
 def test_fragment_ipv4_refuses_df_and_tiny_mtu() -> None:
     with pytest.raises(PacketError, match="DF"):
-        mtu.fragment_ipv4(_udp4(1600, df=True), 1500)
+        mtu.fragment_ipv4(udp4(1600, df=True), 1500)
     with pytest.raises(PacketError, match="too small"):
-        mtu.fragment_ipv4(_udp4(1600, df=False), 27)
+        mtu.fragment_ipv4(udp4(1600, df=False), 27)
 
 
 def test_fragment_ipv4_copies_only_copied_options() -> None:
@@ -88,7 +60,7 @@ def test_fragment_ipv4_copies_only_copied_options() -> None:
     assert IP(frags[0]).ihl == 8
     assert all(IP(f).ihl == 6 for f in frags[1:])
     assert frags[1][20:24] == bytes([0x94, 4, 0, 0])
-    assert _reassemble4(frags) == pkt[32:]
+    assert reassemble4(frags) == pkt[32:]
 
 
 @given(size=st.integers(100, 9000), path=st.integers(1280, 9000))
@@ -113,7 +85,7 @@ def test_fragment_ipv6_reassembles(size: int, path: int) -> None:
 
 
 def test_icmp_frag_needed_quotes_the_packet() -> None:
-    pkt = _udp4(1480, df=True)
+    pkt = udp4(1480, df=True)
     icmp = mtu.icmp_frag_needed(pkt, 1464)
     p = IP(icmp)
     assert p.src == "198.19.0.2" and p.dst == "198.18.1.2"
@@ -143,7 +115,7 @@ def test_icmpv6_packet_too_big() -> None:
 def test_check_inner_and_plan_match_the_real_overhead(size: int, df: bool) -> None:
     """The encapsulated segment is exactly 36 octets longer; a DF packet that would not fit
     is answered by ICMP, anything else leaves whole or as fragments within the MTU."""
-    pkt = _udp4(size, df=df)
+    pkt = udp4(size, df=df)
     seg = encapsulate(pkt, sport=10000, dport=10000, seq=1, ack=1)
     assert len(seg) == size + mtu.CTCP_OVERHEAD
     early = mtu.check_inner(pkt, 1500)
@@ -160,7 +132,7 @@ def test_check_inner_and_plan_match_the_real_overhead(size: int, df: bool) -> No
     out = mtu.plan(seg, 1500)
     assert out.reason == "fragmented" and len(out.send) == 2
     assert all(len(f) <= 1500 for f in out.send)
-    assert _reassemble4(list(out.send)) == seg[20:]
+    assert reassemble4(list(out.send)) == seg[20:]
 
 
 def test_plan_ipv6_fragments_and_signals() -> None:
@@ -174,170 +146,16 @@ def test_plan_ipv6_fragments_and_signals() -> None:
     assert all(len(f) <= 1500 for f in out.send)
 
 
-# --- RFC 9329: large messages and oversized frames ---------------------------------------
-
-
-def test_60k_ike_message_one_octet_at_a_time() -> None:
-    message = bytes(28) + os.urandom(60 * 1024 - 28)
-    wire = rfc9329.PREFIX + rfc9329.frame_ike(message) + rfc9329.frame_esp(b"\x01" * 40)
-    codec = rfc9329.StreamCodec(rfc9329.Role.RESPONDER)
-    events = []
-    for i in range(len(wire)):
-        codec.receive_data(wire[i : i + 1])
-        while not isinstance(ev := codec.next_event(), rfc9329.NeedData):
-            events.append(ev)
-    assert isinstance(events[0], rfc9329.PrefixReceived)
-    assert isinstance(events[1], rfc9329.IKEMessage) and events[1].data == message
-    assert isinstance(events[2], rfc9329.ESPPacket)
-    assert len(events) == 3
-
-
-def test_largest_ike_message_passes_whole() -> None:
-    message = os.urandom(rfc9329.MAX_IKE_MESSAGE)
-    codec = rfc9329.StreamCodec(rfc9329.Role.ORIGINATOR)
-    codec.receive_data(rfc9329.frame_ike(message))
-    ev = codec.next_event()
-    assert isinstance(ev, rfc9329.IKEMessage) and ev.data == message
-    with pytest.raises(ValueError):
-        rfc9329.frame_ike(message + b"x")
-
-
-@pytest.mark.parametrize("max_frame", [64, 1500, 4000])
-def test_frame_over_max_frame_is_fatal(max_frame: int) -> None:
-    """Closed as soon as the length octets are in, without waiting for the body; every
-    later call repeats the error (protocols.md, rfc9329.py frame rules)."""
-    codec = rfc9329.StreamCodec(rfc9329.Role.ORIGINATOR, max_frame=max_frame)
-    ok = rfc9329.frame_ike(bytes(max_frame - 6))
-    assert len(ok) == max_frame
-    codec.receive_data(ok)
-    assert isinstance(codec.next_event(), rfc9329.IKEMessage)
-    codec.receive_data(struct.pack("!H", max_frame + 1))
-    ev = codec.next_event()
-    assert isinstance(ev, rfc9329.ProtocolError) and "max_frame" in ev.reason
-    codec.receive_data(bytes(max_frame))
-    assert codec.next_event() == ev
-
-
 def test_udp_helper_sets_df() -> None:
-    assert mtu.ipv4_df(_udp4(100, df=True)) and not mtu.ipv4_df(_udp4(100, df=False))
-    assert IP(_udp4(100, df=True)).flags.DF
+    assert mtu.ipv4_df(udp4(100, df=True)) and not mtu.ipv4_df(udp4(100, df=False))
+    assert IP(udp4(100, df=True)).flags.DF
 
 
 def test_ctcp_original_restores_charons_packet() -> None:
-    v4 = _udp4(700, df=True)
+    v4 = udp4(700, df=True)
     seg = encapsulate(v4, sport=10000, dport=10000, seq=9, ack=9)
     assert mtu.ctcp_original(seg) == v4[:26] + b"\x00\x00" + v4[28:]  # cTCP zeroes it
     v6 = build_ipv6(SRC6, DST6, 17, build_udp_packet(SRC6, DST6, 500, 500, b"z" * 300)[40:])
     assert mtu.ctcp_original(encapsulate(v6, sport=1, dport=2, seq=0, ack=0)) == v6
     assert mtu.ctcp_original(v4) is None  # not TCP
     assert mtu.ctcp_original(b"\x45") is None
-
-
-# --- the service's packet-size path: the engine decides, the shell sends (fake I/O) ------------
-
-
-class _Sender:
-    def __init__(self, kernel_mtu: int = 65535) -> None:
-        self.kernel_mtu = kernel_mtu
-        self.sent: list[bytes] = []
-
-    def send(self, data: bytes, dst: bytes) -> None:
-        if len(data) > self.kernel_mtu:  # what a header-included raw socket does
-            raise OSError(errno.EMSGSIZE, "Message too long")
-        self.sent.append(data)
-
-
-class _Injector:
-    def __init__(self) -> None:
-        self.injected: list[tuple[bytes, bytes]] = []
-
-    def inject(self, packet: bytes, dst: bytes) -> None:
-        self.injected.append((packet, dst))
-
-
-class _Routes:
-    """The kernel's route MTU: ``first`` for the first look, ``later`` from then on."""
-
-    def __init__(self, first: int, later: int) -> None:
-        self.value, self.later, self.looks = first, later, 0
-
-    def __call__(self, dst: bytes) -> int:
-        self.looks += 1
-        value, self.value = self.value, self.later
-        return value
-
-
-def _service(routes: _Routes, sender: _Sender) -> tuple[CtcpService, _Injector]:
-    inj = _Injector()
-    svc = CtcpService(Config(), inj, lambda *a: None)
-    svc.engine = CtcpEngine(Config(), 100.0, route_mtu=routes)
-    svc.sender = sender  # type: ignore[assignment]
-    svc._loop = SimpleNamespace(time=lambda: 100.0)  # type: ignore[assignment]
-    svc._timer = SimpleNamespace(arm=lambda due: None)  # type: ignore[assignment]
-    return svc, inj
-
-
-def _send(svc: CtcpService, seg: bytes, dst: bytes) -> None:
-    """One segment as the engine sends it, executed by the shell."""
-    assert svc.engine is not None
-    svc.engine._send_raw(100.0, seg, dst)
-    svc._execute()
-
-
-def test_service_answers_df_packets_that_will_not_fit() -> None:
-    svc, inj = _service(_Routes(1500, 1500), _Sender())
-    assert svc.engine is not None
-    for packet in (_udp4(1465, df=True), _udp4(1464, df=True), _udp4(1465, df=False)):
-        svc.engine.outbound(100.0, packet)
-        svc._execute()
-    assert svc.engine.counters == {
-        "too-big-df": 1,
-        "icmp-frag-needed-sent": 1,
-        "esp-no-connection": 2,  # the two that may go on (ESP, to no connection here)
-    }
-    [(icmp, dst)] = inj.injected
-    assert dst == SRC4 and IP(icmp)[ICMP].nexthopmtu == 1464
-
-
-def test_service_fragments_and_refreshes_the_mtu_on_emsgsize() -> None:
-    seg = encapsulate(_udp4(1465, df=False), sport=10000, dport=10000, seq=1, ack=1)
-    sender = _Sender(kernel_mtu=1280)  # the kernel knows a smaller PMTU than the cache
-    routes = _Routes(1500, 1280)
-    svc, _ = _service(routes, sender)
-    _send(svc, seg, DST4)
-    assert svc.engine is not None and routes.looks == 2  # looked up again after EMSGSIZE
-    assert svc.engine.counters["mtu-refresh"] == 1 and svc.engine.counters["fragmented"] == 2
-    assert all(len(p) <= 1280 for p in sender.sent) and len(sender.sent) == 2
-    assert _reassemble4(sender.sent) == seg[20:]
-    assert svc.counters == {}
-
-
-def test_service_gives_up_after_one_refresh() -> None:
-    seg = encapsulate(_udp4(1000, df=False), sport=1, dport=2, seq=1, ack=1)
-    sender = _Sender(kernel_mtu=576)
-    svc, _ = _service(_Routes(1500, 1500), sender)
-    _send(svc, seg, DST4)
-    assert svc.engine is not None and svc.engine.counters == {"mtu-refresh": 1}
-    assert svc.counters == {"transmit-failed": 1} and sender.sent == []
-
-
-def test_service_rate_limits_ipv6_too_big() -> None:
-    pkt = build_ipv6(SRC6, DST6, 17, build_udp_packet(SRC6, DST6, 4500, 4500, b"q" * 1460)[40:])
-    seg = encapsulate(pkt, sport=10000, dport=10000, seq=1, ack=1)
-    sender = _Sender()
-    svc, inj = _service(_Routes(1500, 1500), sender)
-    for _ in range(3):
-        _send(svc, seg, DST6)
-    assert svc.engine is not None
-    assert len(sender.sent) == 6 and svc.engine.counters["fragmented6"] == 3
-    assert svc.engine.counters["icmp-too-big-sent"] == 1
-    assert svc.engine.counters["icmp-suppressed"] == 2
-    [(icmp, local)] = inj.injected
-    assert local == SRC6
-    p = IPv6(icmp)[ICMPv6PacketTooBig]
-    assert p.mtu == 1464 and bytes(p.payload)[:40] == pkt[:40]  # quotes charon's UDP packet
-
-
-def test_route_mtu_reads_the_kernel() -> None:
-    lo = int(Path("/sys/class/net/lo/mtu").read_text())
-    assert route_mtu(bytes([127, 0, 0, 1])) == min(lo, 65535)
