@@ -248,7 +248,7 @@ class Daemon:
             self.inbound = self.engine.native.InboundWorker(*self.injector.fds())
             self.rfc9329.inbound = self.inbound
         if cfg.gateway.ctcp_listen:
-            await self._ctcp_peers({})
+            await self._ctcp_apply(plans.CtcpPeers({}))
         if self.guard.wanted():  # in the chain from the start: no moment unchecked
             self.rules.classify_queue = self.guard.queue_num
         self.rules.install()

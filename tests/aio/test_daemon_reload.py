@@ -426,6 +426,35 @@ def test_reload_changed_ctcp_connection_updates_ctcp_service(tmp_path, list_sas)
     asyncio.run(scenario())
 
 
+def test_a_ctcp_gateway_starts_its_service_with_no_client_peers(tmp_path, list_sas):
+    """gateway.ctcp_listen alone (no cTCP client connection): the cTCP service starts with
+    the daemon, listening, with an empty peer set, and a reload that changes nothing keeps
+    that one service."""
+    path = tmp_path / "tcpencap.conf"
+    sock = tmp_path / "ctl.sock"
+    path.write_text(
+        f"tcpencap {{\n    status_socket = {sock}\n"
+        "    gateway {\n        ctcp_listen = 198.18.0.1:10000\n    }\n}\n"
+    )
+
+    async def scenario():
+        h = await start(path)
+        d = h.d
+        try:
+            assert d.ctcp is not None and d.ctcp.engine is not None, "no cTCP service"
+            assert d.ctcp.peers == {}
+            [crules] = FakeCtcpRules.instances
+            assert crules.installed_with == ([("198.18.0.1", 10000)], [])
+            service = d.ctcp
+            reply = await d.reload()
+            assert reply.get("ok") and reply["changes"] == [], reply
+            assert d.ctcp is service and len(FakeCtcpRules.instances) == 1
+        finally:
+            await d._shutdown()
+
+    asyncio.run(scenario())
+
+
 # --------------------------------------------------------------------------- bug 4
 
 
