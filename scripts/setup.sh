@@ -11,6 +11,7 @@ APT_PACKAGES=(
   libnetfilter-queue-dev gcc libc6-dev python3-dev python3-venv vpnc openvpn linux-perf
   qemu-system-x86 debootstrap haproxy curl openssl
   clang libclang-rt-14-dev
+  dpkg-dev debhelper dh-python fakeroot lintian python3-setuptools cython3
 )
 
 if [ "$(id -u)" != 0 ]; then
