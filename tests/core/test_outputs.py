@@ -28,7 +28,7 @@ ADDR = st.binary(min_size=4, max_size=4) | st.binary(min_size=16, max_size=16)
 
 def test_transmit_defaults_to_one_esp_frame_that_may_be_dropped() -> None:
     t = Transmit(7, b"abc")
-    assert (t.conn_id, t.data, t.is_ike, t.dst, t.frames) == (7, b"abc", False, b"", 1)
+    assert (t.conn_id, t.data, t.is_ike, t.frames) == (7, b"abc", False, 1)
     assert repr(t) == "Transmit(7, 3 octets, ike=False)"
     assert repr(Transmit(1, b"", is_ike=True)) == "Transmit(1, 0 octets, ike=True)"
 
