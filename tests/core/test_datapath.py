@@ -12,7 +12,7 @@ from tcpencap.core.datapath import PythonDataPath
 from tcpencap.native import load
 from tcpencap.native.datapath import NativeDataPath
 from tcpencap.wire import rfc9329
-from tcpencap.wire.packet import addr_bytes, build_udp_packet
+from tcpencap.wire.packet import addr_bytes
 
 NATIVE, WHY = load()
 LOCAL, PEER = addr_bytes("198.18.1.2"), addr_bytes("198.19.0.2")
@@ -66,40 +66,6 @@ def test_the_python_path_never_sinks_esp() -> None:
     assert events(py, TEMPLATE) == events(py, None)
     assert py.lend(object(), TEMPLATE, 10) is None
     assert (py.native, py.flows, py.inject_batch) == (None, None, None)
-
-
-def test_the_native_path_sinks_esp_as_packets_and_counts_keepalives() -> None:
-    _, nat = paths()
-    assert nat.sinks_esp
-    got = events(nat, TEMPLATE)
-    assert [e[0] for e in got] == ["PrefixReceived", "IKEMessage", "IKEMessage", "NeedData"]
-    assert sum(e[1] for e in got) == 2 and sum(e[2] for e in got) == 1
-    packets = nat.inject_batch.take()
-    expected = bytearray(build_udp_packet(PEER, LOCAL, 4500, 4500, ESP))
-    expected[26:28] = b"\0\0"  # (over IPv4 the UDP checksum is optional: C leaves it 0)
-    assert packets == [bytes(expected)] * 2
-
-
-def test_the_flow_cache_is_forgotten_when_the_table_or_a_connection_changes() -> None:
-    _, nat = paths()
-    packet = build_udp_packet(LOCAL, PEER, 4500, 4500, ESP)
-    nat.learn(packet, 7, table_version=1)
-    assert len(nat.flows) == 1
-    nat.sync(1)
-    assert len(nat.flows) == 1  # nothing changed
-    nat.changed()
-    nat.sync(1)
-    assert len(nat.flows) == 0  # a connection changed state
-    nat.learn(packet, 7, table_version=1)
-    nat.sync(2)
-    assert len(nat.flows) == 0  # the table changed
-
-
-def test_the_native_path_lends_what_its_inbound_worker_reads_with() -> None:
-    _, nat = paths()
-    codec = nat.codec(rfc9329.Role.RESPONDER, 65535)
-    assert nat.lend(codec, TEMPLATE, 500) == (codec, *TEMPLATE, 500)
-    assert NativeDataPath.of(None) is None
 
 
 @pytest.mark.parametrize("index", [0, 1])

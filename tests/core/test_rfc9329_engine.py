@@ -625,20 +625,6 @@ def test_reload_tcp_to_udp_unsteers() -> None:
     assert w.steered_c == set() and w.c.client_peers == {}
 
 
-def test_reload_changed_ctcp_connection_replans_the_ctcp_peers() -> None:
-    def ctcp(addr: str, port: int) -> Any:
-        return parse_config(
-            "tcpencap {\n connections {\n  cisco {\n   encapsulation = ctcp\n"
-            f"   remote_addrs = {addr}\n   remote_port = {port}\n  }}\n }}\n}}\n"
-        )
-
-    old = plans.intent_of(ctcp("198.18.0.3", 10000))
-    new = plans.intent_of(ctcp("198.18.0.4", 10443))
-    ops = plans.plan(old, new)
-    assert plans.CtcpPeers({addr_bytes("198.18.0.4"): 10443}) in ops
-    assert plans.plan(new, new) == []
-
-
 def test_reload_added_fallback_connection_is_polled() -> None:
     w = Wire(gateway_config())  # no connections at start
     w.queries.clear()
@@ -649,15 +635,6 @@ def test_reload_added_fallback_connection_is_polled() -> None:
     w.sas = [{"c1-gw": {"state": "CONNECTING", "initiator-spi": SPI_I.hex()}}]
     w.advance(3.5)
     assert w.steered_c == {GB}
-
-
-def test_reload_steers_before_it_unsteers() -> None:
-    """tcp -> fallback for the same peer: the plan watches first and unsteers last, so
-    no packet of an existing SA is sent as UDP while the plan runs."""
-    old = plans.intent_of(client_config("tcp"))
-    new = plans.intent_of(client_config("fallback"))
-    ops = plans.plan(old, new)
-    assert [type(o) for o in ops] == [plans.WatchFallback, plans.UnsteerTcp]
 
 
 def test_reload_of_a_fallback_connection_on_tcp_keeps_it_on_tcp() -> None:
@@ -691,18 +668,3 @@ def test_a_connect_that_finishes_after_its_close_is_refused() -> None:
     w.c.connection_lost(w.now, connect.conn_id, connect.generation, close.reason)
     assert not w.c.connected(w.now, connect.conn_id, connect.generation)
     assert w.c.conns == {} and w.c.pull() == []
-
-
-def test_unresolved_names_what_charon_must_be_asked_for() -> None:
-    def conf(addrs: str, port: int = 4500) -> Any:
-        line = f"   remote_addrs = {addrs}\n" if addrs else ""
-        return parse_config(
-            "tcpencap {\n connections {\n"
-            f"  a {{\n{line}   remote_port = {port}\n  }}\n"
-            "  b {\n   remote_addrs = 198.19.0.9\n  }\n"
-            "  u {\n   transport = udp\n  }\n }\n}\n"
-        )
-
-    assert plans.unresolved(conf("")) == ["a"]  # b has addresses, u is not carried
-    assert plans.unresolved(conf(""), conf(""), {"a": ["198.19.0.2"]}) == []
-    assert plans.unresolved(conf("", 443), conf(""), {"a": ["198.19.0.2"]}) == ["a"]

@@ -1,29 +1,20 @@
 """nfq.verdict's batch verdict message, byte by byte and against the real kernel.
 
-The kernel tests run QueueReader (and a bare NetfilterQueue) in a child
-`ip netns exec NS python3 -c ...` inside a private namespace whose OUTPUT queues UDP to one
-port on loopback; the child prints JSON (what the handler saw, what the receiver got,
-/proc/net/netfilter/nfnetlink_queue) and the assertions are made here.
+The kernel test runs a bare NetfilterQueue in a child `ip netns exec NS python3 -c ...`
+(tests/nfq/queue_netns.py); the assertions are made here.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import struct
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from nfq.verdict import BATCH_LEN, NF_ACCEPT, NF_DROP, verdict_batch
-from tests.labkit.e2e import private_netns
+from tests.nfq.queue_netns import PORT, QUEUE, ns, run_in_ns
 
-REPO = Path(__file__).resolve().parents[2]
+__all__ = ["ns"]  # the fixture, used by name
 
 
 # --- the message --------------------------------------------------------------------------
@@ -54,93 +45,6 @@ def test_fields_round_trip(queue, last_id, verdict, seq):
 
 
 # --- against the kernel -------------------------------------------------------------------
-
-PORT, QUEUE = 47001, 4777
-
-CHILD = textwrap.dedent(
-    f"""
-    import asyncio, json, socket, subprocess, sys
-    sys.path.insert(0, {str(REPO)!r})
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    subprocess.run(["iptables", "-w", "5", "-A", "OUTPUT", "-p", "udp", "--dport", "{PORT}",
-                    "-j", "NFQUEUE", "--queue-num", "{QUEUE}"], check=True)
-    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    rx.bind(("127.0.0.1", {PORT}))
-    rx.setblocking(False)
-    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    tx.setblocking(False)
-
-    def received():
-        got = []
-        while True:
-            try:
-                got.append(rx.recv(2048))
-            except BlockingIOError:
-                return got
-
-    def queue_stats():
-        for line in open("/proc/net/netfilter/nfnetlink_queue"):
-            f = line.split()
-            if int(f[0]) == {QUEUE}:
-                return {{"waiting": int(f[2]), "dropped": int(f[5]), "user_dropped": int(f[6])}}
-        return None
-
-    out = {{}}
-    """
-)
-
-
-def run_in_ns(ns: str, body: str) -> dict:
-    code = CHILD + textwrap.dedent(body) + "\nprint(json.dumps(out))\n"
-    proc = subprocess.run(
-        ["ip", "netns", "exec", ns, sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        timeout=60,
-    )
-    assert proc.returncode == 0, f"child failed:\n{proc.stderr}"
-    return json.loads(proc.stdout.splitlines()[-1])
-
-
-@pytest.fixture
-def ns():
-    with private_netns("te-verdict", ("ip", "iptables")) as name:
-        yield name
-
-
-def test_queue_reader_drops_every_packet_with_batch_verdicts(ns):
-    res = run_in_ns(
-        ns,
-        f"""
-        from nfq.queue import QueueReader
-        seen, batches = [], []
-
-        async def main():
-            loop = asyncio.get_running_loop()
-            reader = QueueReader({QUEUE}, seen.append, batches.append)
-            reader.start(loop)
-            for burst in range(10):
-                for i in range(20):
-                    tx.sendto(b"%d-%d" % (burst, i), ("127.0.0.1", {PORT}))
-                await asyncio.sleep(0.05)
-            out["stats"] = queue_stats()
-            out["verdict_errors"] = reader.verdict_errors
-            reader.stop()
-
-        asyncio.run(main())
-        out["seen"] = len(seen)
-        out["payload_tails"] = sorted(p[28:].decode() for p in seen)[:3]
-        out["received"] = len(received())
-        out["reads"] = batches.count(False)
-        """,
-    )
-    assert res["seen"] == 200
-    assert res["payload_tails"] == ["0-0", "0-1", "0-10"]
-    assert res["received"] == 0, "a queued packet got through: the drop verdict did not apply"
-    assert res["stats"] == {"waiting": 0, "dropped": 0, "user_dropped": 0}
-    assert res["verdict_errors"] == 0
-    assert 1 <= res["reads"] <= 200
 
 
 def test_accept_batch_releases_exactly_the_packets_up_to_the_id(ns):
