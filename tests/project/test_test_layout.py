@@ -20,10 +20,6 @@ WAITING = {
     "tcpencap/core/sa_questions.py",
     "tcpencap/core/sa_resumption.py",
     "tcpencap/core/frame_drain.py",
-    # gets tests/aio/test_ctcp_service.py from the split of tests/wire/test_mtu.py
-    "tcpencap/aio/ctcp_service.py",
-    # the lead writes its tests with the change to it now going on in main
-    "tcpencap/aio/ike_guard.py",
 }
 
 # Folders of tests that belong to no one module (tests/ itself holds those of tcpencap/*.py).
