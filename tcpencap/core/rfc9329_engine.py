@@ -30,7 +30,7 @@ from tcpencap.core.datapath import DataPath, PythonDataPath
 from tcpencap.core.engine import Engine
 from tcpencap.core.frame_drain import FrameDrain
 from tcpencap.core.inbound_sas import InboundSas
-from tcpencap.core.lingering import BRIEF_LINGER, PEER_RELEASE_DELAY, Endpoint, Lingering
+from tcpencap.core.lingering import Endpoint, Lingering
 from tcpencap.core.orphans import Orphans
 from tcpencap.core.outputs import (
     Close,
@@ -45,7 +45,6 @@ from tcpencap.core.reload import (
     WatchFallback,
 )
 from tcpencap.core.rfc9329_conn import (
-    RECONNECT_BASE,
     Conn,
     Event,
     State,
@@ -55,7 +54,7 @@ from tcpencap.core.role import Role
 from tcpencap.core.router import ConnView, Drop, Open, Router, Send
 from tcpencap.core.sa_effects import SaEffects
 from tcpencap.core.sa_handover import SaHandover
-from tcpencap.core.sa_questions import FALLBACK_POLL, RECONCILE_AFTER_EVENT, SaQuestions
+from tcpencap.core.sa_questions import RECONCILE_AFTER_EVENT, SaQuestions
 from tcpencap.core.sa_resumption import SaResumption
 from tcpencap.core.sa_sync import UNLISTED_GRACE, SaSync
 from tcpencap.core.table import ConnectionTable
@@ -66,22 +65,13 @@ from tcpencap.wire import rfc9329
 from tcpencap.wire.packet import addr_text
 
 log = logging.getLogger("tcpencap")
-__all__ = [
-    "BRIEF_LINGER",
-    "FALLBACK_POLL",
-    "PEER_RELEASE_DELAY",
-    "RECONNECT_BASE",
-    "Conn",
-    "Rfc9329Engine",
-    "State",
-]  # what callers import from here
 
 
 class Rfc9329Engine(Engine):
     """``datapath`` moves the ESP (:mod:`tcpencap.core.datapath`; None: the Python
-    reference). The native one turns ESP frames of open connections into packets in
+    reference). The native one turns ESP frames of open connections into packets in its
     ``inject_batch`` (sent by the shell) instead of Inject outputs, and the shell reads the
-    queue through ``flows``."""
+    queue through its ``flows`` (``ready_flows()``)."""
 
     def __init__(self, config: Any, now: float, datapath: DataPath | None = None) -> None:
         super().__init__()
@@ -153,19 +143,6 @@ class Rfc9329Engine(Engine):
         return super().pull()
 
     # --- the data path, as the shell sees it ---------------------------------------------
-
-    @property
-    def native(self) -> Any:
-        """The extension the shell builds its writers and inbound worker from, or None."""
-        return self.datapath.native
-
-    @property
-    def flows(self) -> Any:
-        return self.datapath.flows
-
-    @property
-    def inject_batch(self) -> Any:
-        return self.datapath.inject_batch
 
     def ready_flows(self) -> Any:
         """The flow cache, valid now: what the shell reads the queue with (None: the
@@ -288,10 +265,6 @@ class Rfc9329Engine(Engine):
             conn.local_port = 0
             return None
         return conn.local_port
-
-    def local_port(self, conn_id: int) -> int:
-        conn = self.conns.get(conn_id)
-        return conn.local_port if conn else 0
 
     def connected(self, now: float, conn_id: int, generation: int) -> bool:
         """The TCP connect succeeded. False: the connection was closed or replaced while

@@ -11,8 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tcpencap.core.admission import COOL_DOWN, COOL_DOWN_MAX
+from tcpencap.core.lingering import BRIEF_LINGER
 from tcpencap.core.outputs import Inject, Query, Steer, Transmit
-from tcpencap.core.rfc9329_engine import BRIEF_LINGER, Rfc9329Engine, State
+from tcpencap.core.rfc9329_conn import State
+from tcpencap.core.rfc9329_engine import Rfc9329Engine
 from tcpencap.wire import rfc9329
 from tcpencap.wire.ike import NON_ESP_MARKER, check_first_ike
 from tcpencap.wire.packet import addr_bytes
@@ -276,13 +278,13 @@ def _big_esp_after_open(peer: str, n: int) -> tuple[Rfc9329Engine, int, list[Any
     assert gid is not None
     first(g, gid)
     g.pull()
-    if g.inject_batch is not None:
-        g.inject_batch.take()
+    if g.datapath.inject_batch is not None:
+        g.datapath.inject_batch.take()
     send_frames(g, gid, 1.0, esp(0x1234, n - 8), esp(0x1235))
     outs = g.pull()
     packets = [o.packet for o in outs if isinstance(o, Inject)]
-    if g.inject_batch is not None:
-        packets += g.inject_batch.take()
+    if g.datapath.inject_batch is not None:
+        packets += g.datapath.inject_batch.take()
     return g, gid, packets
 
 
