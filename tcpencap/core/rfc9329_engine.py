@@ -25,6 +25,7 @@ import logging
 from typing import Any
 
 from tcpencap.core.admission import Admission
+from tcpencap.core.client_connections import ClientConnections
 from tcpencap.core.client_steering import ClientSteering
 from tcpencap.core.datapath import DataPath, PythonDataPath
 from tcpencap.core.engine import Engine
@@ -34,12 +35,11 @@ from tcpencap.core.lingering import Endpoint, Lingering
 from tcpencap.core.orphans import Orphans
 from tcpencap.core.outputs import (
     Close,
-    Connect,
     Transmit,
     bracket,
     count,
 )
-from tcpencap.core.ports import PortAllocator, PortsExhausted
+from tcpencap.core.ports import PortAllocator
 from tcpencap.core.reload import (
     Operation,
     WatchFallback,
@@ -62,7 +62,6 @@ from tcpencap.core.timers import LogLimiter
 from tcpencap.core.totals import add_closed, new_totals
 from tcpencap.core.vici_facts import ike_spis
 from tcpencap.wire import rfc9329
-from tcpencap.wire.packet import addr_text
 
 log = logging.getLogger("tcpencap")
 
@@ -96,6 +95,18 @@ class Rfc9329Engine(Engine):
         self.stopping = False
         self.log_limited = LogLimiter(log.warning)
         self.totals: dict[str, Any] = new_totals(closed={}, connect_failures=0)
+        self.clients = ClientConnections(
+            self.router,
+            self.client.port_of,
+            self.ports,
+            self.conns,
+            self.datapath,
+            self.timer_queue,
+            self._new_conn,
+            self._codec,
+            self._send,
+            self._emit,
+        )
         self.handover = SaHandover(self.table, self.orphans, self.conns)
         self.resumption = SaResumption(self.table, self.inbound, self.lingering, self.conns)
         self.frames = FrameDrain(
@@ -118,7 +129,7 @@ class Rfc9329Engine(Engine):
             self.timer_queue,
             lambda: self.config.max_spis,
             self.retire,
-            self._open_client,
+            self.clients.open,
         )
         self.questions = SaQuestions(
             now,
@@ -210,7 +221,7 @@ class Rfc9329Engine(Engine):
                 ):
                     dp.learn(packet, conn.conn_id, self.table.version)
         elif t is Open:
-            self._open_client(now, res)  # type: ignore[arg-type]
+            self.clients.open(now, res)  # type: ignore[arg-type]
         else:
             assert isinstance(res, Drop)
             if res.reason != "nat-keepalive":
@@ -224,17 +235,7 @@ class Rfc9329Engine(Engine):
         if conn.send(frame, is_ike):
             self._out.append(Transmit(conn.conn_id, frame, is_ike))
 
-    # --- client connections -----------------------------------------------------------
-
-    def _open_client(self, now: float, req: Open) -> None:
-        view = self.router.views[req.conn_id]
-        conn = self._new_conn(now, view, Role.CLIENT, addr_text(req.local), addr_text(req.peer))
-        conn.peer_port = self.client.port_of(req.peer)
-        if req.frame:
-            conn.pending.append((req.frame, req.frame_is_ike))
-        self._connect(conn)
-        spis = ", ".join(s.hex() for s in view.entry.ike_spis)
-        log.info("%s: opening for IKE SA %s", conn, spis)
+    # --- client connections (core/client_connections.py) -------------------------------
 
     def _new_conn(self, now: float, view: ConnView, side: Role, local: str, peer: str) -> Conn:
         wire_role = rfc9329.Role.ORIGINATOR if side is Role.CLIENT else rfc9329.Role.RESPONDER
@@ -242,43 +243,16 @@ class Rfc9329Engine(Engine):
         self.conns[view.entry.conn_id] = conn
         return conn
 
-    def _connect(self, conn: Conn) -> None:
-        try:
-            conn.local_port = self.ports.allocate()
-        except PortsExhausted:
-            conn.local_port = 0
-        e = conn.entry
-        self._out.append(
-            Connect(conn.conn_id, conn.generation, e.local, conn.local_port, e.peer, conn.peer_port)
-        )
-
     def connect_port_refused(self, conn_id: int, generation: int) -> int | None:
         """The shell could not bind the port it was given: another one (None: none left)."""
         conn = self._current(conn_id, generation)
-        if conn is None:
-            return None
-        refused = {conn.local_port}
-        self.ports.release(conn.local_port)
-        try:
-            conn.local_port = self.ports.allocate(refused)
-        except PortsExhausted:
-            conn.local_port = 0
-            return None
-        return conn.local_port
+        return self.clients.port_refused(conn) if conn is not None else None
 
     def connected(self, now: float, conn_id: int, generation: int) -> bool:
         """The TCP connect succeeded. False: the connection was closed or replaced while
         connecting, and the shell must close this socket."""
         conn = self._current(conn_id, generation)
-        if conn is None or conn.state is not State.CONNECTING:
-            return False
-        log.info("%s: connected, sending prefix and %d held frame(s)", conn, len(conn.pending))
-        pending = conn.connected()
-        self.datapath.changed()
-        self._out.append(Transmit(conn.conn_id, conn.codec.send_prefix(), True))
-        for frame, is_ike in pending:
-            self._send(conn, frame, is_ike)
-        return True
+        return conn is not None and self.clients.connected(conn)
 
     def connect_failed(self, now: float, conn_id: int, generation: int, reason: str) -> None:
         conn = self._current(conn_id, generation)
@@ -287,22 +261,6 @@ class Rfc9329Engine(Engine):
         conn.close_reason = f"connect failed: {reason}"
         log.warning("%s: %s", conn, conn.close_reason)
         self._lost(now, conn)
-
-    def _reconnect(self, now: float, lost: Conn) -> None:
-        """The TCP originator re-establishes a broken connection while its SA lives: the
-        next generation takes the lost one's place."""
-        conn = self.conns[lost.conn_id] = lost.next_generation(self._codec(rfc9329.Role.ORIGINATOR))
-        self.datapath.changed()
-        delay = conn.reconnect_delay()
-        log.info(
-            "%s: lost (%s), reconnecting in %.1fs (attempt %d)",
-            conn, lost.close_reason, delay, conn.attempt,
-        )  # fmt: skip
-        self.timer_queue.call_at(now + delay, self._reconnect_due, conn, conn.generation)
-
-    def _reconnect_due(self, now: float, conn: Conn, generation: int) -> None:
-        if self.conns.get(conn.conn_id) is conn and conn.generation == generation:
-            self._connect(conn)
 
     # --- gateway connections ----------------------------------------------------------
 
@@ -544,16 +502,13 @@ class Rfc9329Engine(Engine):
         self.totals_fold(conn)
         conn.handle(Event.LOST)
         self.datapath.changed()
-        if conn.side is Role.CLIENT and conn.local_port:
-            self.ports.release(conn.local_port)
         if conn.counted:
             conn.counted = False
             self.admission.gone(conn.source, conn.first_at is None)
+        if conn.side is Role.CLIENT and self.clients.lost(now, conn, self.stopping):
+            return  # its next generation took its place
         entry = conn.entry
         carried = conn.sa_seen
-        if conn.reconnects(self.stopping):
-            self._reconnect(now, conn)
-            return
         if conn.side is Role.GATEWAY and entry.carries_sa:
             self.handover.lost(now, conn)
         del self.conns[conn.conn_id]
