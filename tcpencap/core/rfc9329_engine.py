@@ -20,7 +20,6 @@ data path (:mod:`datapath`) that moves ESP.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from typing import Any
 
@@ -30,13 +29,13 @@ from tcpencap.core.client_steering import ClientSteering
 from tcpencap.core.datapath import DataPath, PythonDataPath
 from tcpencap.core.engine import Engine
 from tcpencap.core.frame_drain import FrameDrain
+from tcpencap.core.gateway_door import GatewayDoor
 from tcpencap.core.inbound_sas import InboundSas
 from tcpencap.core.lingering import Endpoint, Lingering
 from tcpencap.core.orphans import Orphans
 from tcpencap.core.outputs import (
     Close,
     Transmit,
-    bracket,
     count,
 )
 from tcpencap.core.ports import PortAllocator
@@ -109,6 +108,7 @@ class Rfc9329Engine(Engine):
         )
         self.handover = SaHandover(self.table, self.orphans, self.conns)
         self.resumption = SaResumption(self.table, self.inbound, self.lingering, self.conns)
+        self.door = GatewayDoor(self, self._new_conn)
         self.frames = FrameDrain(
             self.router,
             self.datapath,
@@ -116,10 +116,10 @@ class Rfc9329Engine(Engine):
             self.log_limited,
             lambda: self.config.gateway.max_frame_rate,
             self._esp_template,
-            self._admit_esp,
-            self._admit_ike,
-            self._over_rate,
-            self._invalid,
+            self.door.admit_esp,
+            self.door.admit_ike,
+            self.door.over_rate,
+            self.door.invalid,
             self.close,
         )
         self.effects = SaEffects(
@@ -262,43 +262,19 @@ class Rfc9329Engine(Engine):
         log.warning("%s: %s", conn, conn.close_reason)
         self._lost(now, conn)
 
-    # --- gateway connections ----------------------------------------------------------
+    # --- gateway connections (core/gateway_door.py) -------------------------------------
 
     def accept(
         self, now: float, local: str, local_port: int, peer: str, peer_port: int
     ) -> int | None:
         """A TCP connection arrived on a listener: its connection id, or None when a
         limit refuses it (the shell closes the socket)."""
-        gw = self.config.gateway
-        source = self.admission.source_of(gw, peer)
-        peer_b = ipaddress.ip_address(peer).packed
-        refusal = self.admission.refuse_accept(gw, now, source)
-        if refusal is None and self.table.by_endpoint(peer_b, peer_port) is not None:
-            # Its endpoint is what charon names the connection by: a second connection from
-            # the same address and port (a port-preserving NAT, another listener, a proxy's
-            # client) would take the first one's packets.
-            refusal = ("endpoint-in-use", f"{bracket(peer)}:{peer_port} has a connection")
-        if refusal is not None:
-            name = f"{bracket(local)}:{local_port} <-> {bracket(peer)}:{peer_port}"
-            self.log_limited(now, refusal[0], "refused %s: %s", name, refusal[1])
-            return None
-        view = self.router.add_gateway_conn(ipaddress.ip_address(local).packed, peer_b, peer_port)
-        conn = self._new_conn(now, view, Role.GATEWAY, local, peer)
-        conn.local_port, conn.peer_port = local_port, peer_port
-        conn.counted = True
-        conn.source = source
-        self.admission.admit(source)
-        self.timer_queue.call_at(now + gw.first_message_timeout, self._first_deadline, conn)
-        log.info("%s: accepted", conn)
-        return conn.conn_id
+        return self.door.accept(now, local, local_port, peer, peer_port)
 
     def admit_proxied(self, now: float, name: str) -> bool:
-        """A load balancer's connection, before its PROXY header names the client: it
-        takes a pending slot, and the per-source limit applies to the client later."""
-        refusal = self.admission.admit_proxied(self.config.gateway)
-        if refusal is not None:
-            self.log_limited(now, refusal[0], "refused %s: %s", name, refusal[1])
-        return refusal is None
+        """A load balancer's connection, before its PROXY header names the client: False
+        when a limit refuses it."""
+        return self.door.admit_proxied(now, name)
 
     def proxied_done(self) -> None:
         """The PROXY header arrived (``accept`` follows) or the connection went."""
@@ -320,46 +296,6 @@ class Rfc9329Engine(Engine):
         self.log_limited(now, reason, "%s: %s", conn, detail)
         self.close(conn, reason)
 
-    def _first_deadline(self, now: float, conn: Conn) -> None:
-        if conn.first_message_overdue() and self.conns.get(conn.conn_id) is conn:
-            count(conn.drops, "first-message-timeout")
-            what = "message" if conn.codec.prefix_received else "prefix"
-            self.log_limited(
-                now, "deadline", "%s: no well-formed first %s within the deadline", conn, what
-            )
-            self.close(conn, "first-message deadline")
-
-    def _sa_deadline(self, now: float, conn: Conn) -> None:
-        """A gateway connection must carry an IKE SA soon after its first message; one
-        that only ever exchanges unauthenticated messages would pin a connection slot."""
-        if self.conns.get(conn.conn_id) is conn and conn.sa_overdue():
-            count(conn.drops, "no-sa-timeout")
-            self.log_limited(
-                now, "limit-no-sa", "%s: no IKE SA %gs after its first message, closing",
-                conn, self.config.gateway.no_sa_timeout,
-            )  # fmt: skip
-            self.close(conn, "no IKE SA")
-
-    def _first_message(self, now: float, conn: Conn) -> None:
-        """The first well-formed message: past the first-message deadline."""
-        conn.first_message(now)
-        self.datapath.changed()
-        if conn.side is not Role.GATEWAY:
-            return
-        if conn.counted:
-            self.admission.first_message(conn.source)
-        self.handover.first_message(now, conn)
-        e = conn.entry
-        limit = self.config.gateway.max_connections
-        if not self.lingering.steer((e.peer, e.peer_port), conn.conn_id, limit):
-            self.log_limited(now, "limit-steered", "refused %s: steering set full", conn)
-            self.close(conn, "limit-steered")
-            return
-        if not conn.sa_seen:
-            self.timer_queue.call_at(
-                now + self.config.gateway.no_sa_timeout, self._sa_deadline, conn
-            )
-
     # --- bytes from a connection ------------------------------------------------------
 
     def receive_data(self, now: float, conn_id: int, generation: int, data: bytes) -> None:
@@ -371,21 +307,6 @@ class Rfc9329Engine(Engine):
         codec = conn.codec
         codec.receive_data(data)
         self.frames.drain(now, conn)
-
-    def _over_rate(self, now: float, conn: Conn) -> None:
-        count(conn.drops, "frame-rate")
-        self.log_limited(now, "limit-frame-rate", "%s: over max_frame_rate frames/s, closing", conn)
-        self.admission.cool_down(now, conn.source)
-        self.close(conn, "frame rate limit")
-
-    def _invalid(self, now: float, conn: Conn, reason: str) -> None:
-        """A frame that carries nothing usable: max_invalid_frames close the connection."""
-        if conn.invalid_frame(reason, self.config.gateway.max_invalid_frames):
-            self.log_limited(
-                now, "limit-invalid-frames", "%s: %d invalid frames, closing", conn, conn.invalid
-            )
-            self.admission.cool_down(now, conn.source)
-            self.close(conn, "too many invalid frames")
 
     # --- connections lent to the native inbound worker ---------------------------------
 
@@ -423,7 +344,7 @@ class Rfc9329Engine(Engine):
         frames, nbytes, reads, *rest = counts
         conn.received_elsewhere(frames, nbytes, reads, rest[0] if rest else 0)
         if over_rate and not conn.ending:
-            self._over_rate(now, conn)
+            self.door.over_rate(now, conn)
         elif drain and not conn.ending:
             self.frames.drain(now, conn)
 
@@ -432,33 +353,6 @@ class Rfc9329Engine(Engine):
         if conn is not None:
             conn.codec.receive_data(b"")
             self.frames.drain(now, conn)
-
-    def _admit_ike(self, now: float, conn: Conn, msg: bytes) -> bool:
-        """Before its first message, a connection passes only a well-formed IKE message
-        (header consistent with the frame, a known exchange type)."""
-        problem = conn.first_ike_problem(msg)
-        if problem:
-            self.log_limited(now, "malformed-first", "%s: first message refused: %s", conn, problem)
-            self._invalid(now, conn, "malformed-first-ike")
-            return False
-        self._first_message(now, conn)
-        return conn.state is State.OPEN
-
-    def _admit_esp(self, now: float, conn: Conn, packet: bytes) -> bool:
-        """... or ESP that resumes an SA (:mod:`sa_resumption`): a stranger's ESP is
-        dropped and the deadline keeps running."""
-        spi = int.from_bytes(packet[:4], "big") if len(packet) >= 8 else 0
-        if not self.resumption.esp_known(spi, conn.entry.peer, self.vici_connected):
-            count(conn.drops, "esp-unknown-spi-first")
-            self.log_limited(
-                now, "unknown-esp-first", "%s: first message refused: ESP for unknown SPI", conn
-            )
-            return False
-        conn.sa_seen = self.vici_connected
-        self._first_message(now, conn)
-        if conn.state is State.OPEN:
-            self.resumption.resumed(conn, spi, self.vici_connected)
-        return conn.state is State.OPEN
 
     # --- closing ----------------------------------------------------------------------
 
@@ -502,21 +396,12 @@ class Rfc9329Engine(Engine):
         self.totals_fold(conn)
         conn.handle(Event.LOST)
         self.datapath.changed()
-        if conn.counted:
-            conn.counted = False
-            self.admission.gone(conn.source, conn.first_at is None)
-        if conn.side is Role.CLIENT and self.clients.lost(now, conn, self.stopping):
+        if conn.side is Role.GATEWAY:
+            self.door.lost(now, conn)
+        elif self.clients.lost(now, conn, self.stopping):
             return  # its next generation took its place
-        entry = conn.entry
-        carried = conn.sa_seen
-        if conn.side is Role.GATEWAY and entry.carries_sa:
-            self.handover.lost(now, conn)
         del self.conns[conn.conn_id]
         self.router.remove(conn.conn_id)
-        if conn.side is Role.GATEWAY and conn.first_at is not None:
-            brief = self.config.gateway.max_pending
-            for port in (entry.peer_port, *entry.aliases):
-                self.lingering.linger(now, (entry.peer, port), conn.conn_id, carried, brief)
         log.info(
             "%s: closed (%s) after %.1fs, frames in/out %d/%d",
             conn,
