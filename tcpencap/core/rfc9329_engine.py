@@ -28,6 +28,7 @@ from tcpencap.core.client_connections import ClientConnections
 from tcpencap.core.client_steering import ClientSteering
 from tcpencap.core.datapath import DataPath, PythonDataPath
 from tcpencap.core.engine import Engine
+from tcpencap.core.fast_path import FastPath
 from tcpencap.core.frame_drain import FrameDrain
 from tcpencap.core.gateway_door import GatewayDoor
 from tcpencap.core.inbound_sas import InboundSas
@@ -109,13 +110,14 @@ class Rfc9329Engine(Engine):
         self.handover = SaHandover(self.table, self.orphans, self.conns)
         self.resumption = SaResumption(self.table, self.inbound, self.lingering, self.conns)
         self.door = GatewayDoor(self, self._new_conn)
+        self.fast = FastPath(self, self._emit)
         self.frames = FrameDrain(
             self.router,
             self.datapath,
             self._emit,
             self.log_limited,
             lambda: self.config.gateway.max_frame_rate,
-            self._esp_template,
+            self.fast.esp_template,
             self.door.admit_esp,
             self.door.admit_ike,
             self.door.over_rate,
@@ -167,20 +169,9 @@ class Rfc9329Engine(Engine):
     def outbound_batch(
         self, now: float, misses: list[bytes], hits: list[tuple[int, bytes, int]]
     ) -> None:
-        """One read of the queue by the native path: ``hits`` are framed already, by
-        flows installed at this cache's version; ``misses`` take the Python path."""
-        out = self._out
-        conns = self.conns
-        for cid, data, frames in hits:
-            conn = conns.get(cid)
-            if conn is None or conn.state is not State.OPEN:
-                # The entry was made before this connection closed (the cache is cleared at
-                # the next pull): its frames have nowhere to go.
-                count(self.router.drops, "flow-stale")
-                continue
-            conn.frames_out += frames
-            conn.bytes_out += len(data)
-            out.append(Transmit(cid, data, False, frames=frames))
+        """One read of the queue by the native path: ``hits`` are framed already
+        (core/fast_path.py); ``misses`` take the Python path."""
+        self.fast.hits(hits)
         for packet in misses:
             self.outbound(now, packet)
 
@@ -308,22 +299,11 @@ class Rfc9329Engine(Engine):
         codec.receive_data(data)
         self.frames.drain(now, conn)
 
-    # --- connections lent to the native inbound worker ---------------------------------
+    # --- what the native path did (core/fast_path.py) -----------------------------------
 
     def lend_args(self, conn_id: int) -> tuple[Any, ...] | None:
-        """(deframer, peer, local, sport, dport, max_rate) of an open connection the
-        native inbound worker may read for us, or None."""
-        conn = self.conns.get(conn_id)
-        view = self.router.views.get(conn_id)
-        if conn is None or view is None or not conn.lendable():
-            return None
-        rate = self.config.gateway.max_frame_rate if conn.side is Role.GATEWAY else 0
-        return self.datapath.lend(conn.codec, self._esp_template(view), rate)
-
-    def _esp_template(self, view: ConnView) -> tuple[bytes, bytes, int, int]:
-        """(source, destination, source port, destination port) of the packets a
-        connection's ESP becomes, as router.inbound_esp builds them."""
-        return (view.entry.peer, view.entry.local, *self.router.ports_of(view, False))
+        """What the native inbound worker needs to read an open connection, or None."""
+        return self.fast.lend_args(conn_id)
 
     def lent_received(
         self,
@@ -334,19 +314,16 @@ class Rfc9329Engine(Engine):
         drain: bool = True,
         over_rate: bool = False,
     ) -> None:
-        """The inbound worker read (frames ESP frames injected, bytes, reads, keepalives it
-        dropped) for us; with ``drain`` it stopped before a frame the engine must see,
-        which is handled now; ``over_rate``: it counted more than max_frame_rate frames
-        (of every kind) in a second."""
+        """The inbound worker read this much on a lent connection (``FastPath.received``)."""
         conn = self._current(conn_id, generation)
-        if conn is None:
-            return
-        frames, nbytes, reads, *rest = counts
-        conn.received_elsewhere(frames, nbytes, reads, rest[0] if rest else 0)
-        if over_rate and not conn.ending:
-            self.door.over_rate(now, conn)
-        elif drain and not conn.ending:
-            self.frames.drain(now, conn)
+        if conn is not None:
+            self.fast.received(now, conn, counts, drain, over_rate)
+
+    def fast_path_sent(
+        self, conn_id: int, frames: int, nbytes: int, esp_dropped: int, ike_dropped: int
+    ) -> None:
+        """The native writer sent (or dropped) this much: counted as the engine's."""
+        self.fast.sent(conn_id, frames, nbytes, esp_dropped, ike_dropped)
 
     def eof_received(self, now: float, conn_id: int, generation: int) -> None:
         conn = self._current(conn_id, generation)
@@ -410,15 +387,6 @@ class Rfc9329Engine(Engine):
             conn.frames_in,
             conn.frames_out,
         )
-
-    def fast_path_sent(
-        self, conn_id: int, frames: int, nbytes: int, esp_dropped: int, ike_dropped: int
-    ) -> None:
-        """The native path wrote (or dropped, over the send bound) this much on a
-        connection since its last report: counted as if the engine had sent it."""
-        conn = self.conns.get(conn_id)
-        if conn is not None:
-            conn.sent_elsewhere(frames, nbytes, esp_dropped, ike_dropped)
 
     def totals_fold(self, conn: Conn) -> None:
         """Counters of closed connections, so metrics never go backwards."""
