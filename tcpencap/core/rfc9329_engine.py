@@ -481,9 +481,3 @@ class Rfc9329Engine(Engine):
         conn = self.conns.get(conn_id)
         drops = conn.drops if conn is not None else self.router.drops
         drops[reason] = drops.get(reason, 0) + n
-
-
-# The admission counts, read where they were before they had a module of their own (the
-# shell's status and tests read them on the engine).
-for _name in ("n_gateway", "n_pending", "n_proxied", "per_source", "pending_per_source", "cooling"):
-    setattr(Rfc9329Engine, _name, property(lambda self, _n=_name: getattr(self.admission, _n)))

@@ -394,9 +394,9 @@ def test_only_a_well_formed_first_message_passes_the_deadline(frame: bytes) -> N
     assert not injected(g, g.pull())  # nothing reached charon
     g.handle_timer(10.0)
     assert "first-message deadline" in closes(g)
-    assert g.n_pending == 1  # still counted as pending until the shell reports the loss
+    assert g.admission.n_pending == 1  # still counted as pending until the shell reports the loss
     g.connection_lost(10.0, gid, 0, None)
-    assert (g.n_gateway, g.n_pending, g.per_source) == (0, 0, {})
+    assert (g.admission.n_gateway, g.admission.n_pending, g.admission.per_source) == (0, 0, {})
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -406,7 +406,7 @@ def test_well_formed_first_ike_passes(version: int) -> None:
     msg[17] = version << 4
     frame = NON_ESP_MARKER + bytes(msg)
     g.receive_data(1.0, gid, 0, rfc9329.PREFIX + (len(frame) + 2).to_bytes(2, "big") + frame)
-    assert g.conns[gid].state is State.OPEN and g.n_pending == 0
+    assert g.conns[gid].state is State.OPEN and g.admission.n_pending == 0
     assert [type(o) for o in g.pull()] == [Steer, Inject]  # steered before charon answers
 
 
@@ -539,7 +539,7 @@ def test_limits_refuse_and_count() -> None:
     for cid in list(g.conns):
         frame = NON_ESP_MARKER + ike(spi_i=cid.to_bytes(8, "big"))
         g.receive_data(0, cid, 0, rfc9329.PREFIX + (len(frame) + 2).to_bytes(2, "big") + frame)
-    assert g.n_pending == 0
+    assert g.admission.n_pending == 0
     assert g.accept(0, G, 4500, "198.18.1.5", 1)
     assert g.accept(0, G, 4500, "198.18.1.6", 1) is None
     assert g.events["limit-connections"] == 1
