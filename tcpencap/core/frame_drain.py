@@ -2,8 +2,9 @@
 path) decoded goes where it is decided.
 
 Counting and the frame-rate budget are applied per frame here; a connection's first
-message, invalid frames, rate overruns and closing are the engine's rules, reached
-through its callbacks; ESP and IKE go to the router, whose packets are emitted.
+message, invalid frames and rate overruns are the gateway's rules (:mod:`gateway_door`),
+closing is the engine's, reached through callbacks; ESP and IKE go to the router, whose
+packets are emitted.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ Admit = Callable[[float, Conn, bytes], bool]
 
 
 class FrameDrain:
-    """``admit_esp``/``admit_ike``: the engine's check of a connection's first message
+    """``admit_esp``/``admit_ike``: the gateway's check of a connection's first message
     (False: the frame is dropped); ``max_frame_rate`` is read at each drain, as a reload
     may change it."""
 

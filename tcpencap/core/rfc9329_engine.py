@@ -6,16 +6,19 @@ connection, a connection accepted, made, failed or lost, a VICI event, an answer
 arms one timer for ``get_timer()`` and calls ``handle_timer(now)`` when it fires. The same
 shape as :class:`tcpencap.core.ctcp_engine.CtcpEngine`.
 
-The engine holds the host's rules and routes each input to whoever decides: a
+The engine is the one door for the shell's inputs; it routes each to whoever decides. A
 connection's own rules and its (state, event) table are :mod:`rfc9329_conn`'s; the host's
-are small modules it composes - :mod:`admission` (gateway limits), :mod:`lingering`
-(endpoints steered after their connection), :mod:`orphans` and :mod:`sa_handover` (SAs
-waiting for their client), :mod:`sa_resumption` (ESP that opens a connection),
-:mod:`inbound_sas` (charon's inbound SPIs), :mod:`client_steering` (reasons and the
-UDP-first fallback), :mod:`sa_questions` (when to ask list-sas), :mod:`sa_effects` (what
-charon's SA events do) and :mod:`frame_drain` (a connection's received frames) - and
-here: timers, reconnect scheduling, routing VICI events and list-sas answers, and the
-data path (:mod:`datapath`) that moves ESP.
+are small modules it composes - :mod:`gateway_door` (who is taken, the first message, the
+deadlines, what a flood costs; its counts in :mod:`admission`), :mod:`client_connections`
+(opening, binding, reconnecting), :mod:`lingering` (endpoints steered after their
+connection), :mod:`orphans` and :mod:`sa_handover` (SAs waiting for their client),
+:mod:`sa_resumption` (ESP that opens a connection), :mod:`inbound_sas` (charon's inbound
+SPIs), :mod:`client_steering` (reasons and the UDP-first fallback), :mod:`sa_questions`
+(when to ask list-sas), :mod:`sa_effects` (what charon's SA events do),
+:mod:`frame_drain` (a connection's received frames) and :mod:`fast_path` (what the native
+data path did in its place). Here: charon's packets, closing and losing a connection,
+routing VICI events and list-sas answers, and the data path (:mod:`datapath`) that moves
+ESP, which the shell reads as ``engine.datapath``.
 """
 
 from __future__ import annotations
