@@ -15,12 +15,17 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from tcpencap.core.datapath import DataPath, EspTemplate
-from tcpencap.core.frame_drain import FrameDrain
 from tcpencap.core.gateway_door import GatewayDoor
 from tcpencap.core.outputs import Output, Transmit, count
 from tcpencap.core.rfc9329_conn import Conn, State
 from tcpencap.core.role import Role
 from tcpencap.core.router import ConnView, Router
+
+
+class Drain(Protocol):
+    """:class:`tcpencap.core.frame_drain.FrameDrain` (which reads ``esp_template`` here)."""
+
+    def drain(self, now: float, conn: Conn) -> None: ...
 
 
 class Host(Protocol):
@@ -30,7 +35,7 @@ class Host(Protocol):
     conns: dict[int, Conn]
     router: Router
     datapath: DataPath
-    frames: FrameDrain
+    frames: Drain
     door: GatewayDoor
 
 

@@ -114,19 +114,7 @@ class Rfc9329Engine(Engine):
         self.resumption = SaResumption(self.table, self.inbound, self.lingering, self.conns)
         self.door = GatewayDoor(self, self._new_conn)
         self.fast = FastPath(self, self._emit)
-        self.frames = FrameDrain(
-            self.router,
-            self.datapath,
-            self._emit,
-            self.log_limited,
-            lambda: self.config.gateway.max_frame_rate,
-            self.fast.esp_template,
-            self.door.admit_esp,
-            self.door.admit_ike,
-            self.door.over_rate,
-            self.door.invalid,
-            self.close,
-        )
+        self.frames = FrameDrain(self, self._emit)
         self.effects = SaEffects(
             self.sync,
             self.table,
