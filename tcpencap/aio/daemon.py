@@ -244,8 +244,8 @@ class Daemon:
     async def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.injector = self.rfc9329.injector = RawInjector()
         cfg = self.config
-        if self.engine.native is not None:
-            self.inbound = self.engine.native.InboundWorker(*self.injector.fds())
+        if self.engine.datapath.native is not None:
+            self.inbound = self.engine.datapath.native.InboundWorker(*self.injector.fds())
             self.rfc9329.inbound = self.inbound
         if cfg.gateway.ctcp_listen:
             await self._ctcp_apply(plans.CtcpPeers({}))
@@ -260,7 +260,7 @@ class Daemon:
                 flows=self.engine.ready_flows(),
                 on_native_batch=self.rfc9329.on_queue_batch,
                 on_stalled=self.rfc9329.on_stalled,
-                native=self.engine.native,
+                native=self.engine.datapath.native,
                 on_failed=self.fail,
             )
             queue.start(loop)

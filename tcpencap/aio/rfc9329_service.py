@@ -77,7 +77,7 @@ class Rfc9329Service:
         """Run what the engine asked for, then re-arm its timer."""
         engine = self.engine
         self.executor.drain(engine)
-        batch = engine.inject_batch
+        batch = engine.datapath.inject_batch
         if batch is not None and len(batch) and self.injector is not None:
             _, failed = batch.send(*self.injector.fds())
             if failed:

@@ -41,7 +41,7 @@ def daemon_status(d: StatusSource) -> dict[str, Any]:
         "vici": d.vici_state,
         "capabilities": f"{_cap_eff():x}",
         "datapath": d.datapath,
-        "flows": e.flows.stats() if e.flows is not None else None,
+        "flows": e.datapath.flows.stats() if e.datapath.flows is not None else None,
         "inbound": d.inbound.stats() if d.inbound is not None else None,
         "listening": [f"{bracket(h)}:{p}" for h, p in d.config.gateway.listen],
         "listening_tls": [f"{bracket(h)}:{p}" for h, p in d.config.gateway.tls_listen],

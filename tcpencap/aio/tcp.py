@@ -119,13 +119,15 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
         records are written by asyncio)."""
         tr = self.transport
         sock = tr.get_extra_info("socket") if tr is not None else None
-        if self.engine.native is None or sock is None or self.writer is not None:
+        if self.engine.datapath.native is None or sock is None or self.writer is not None:
             return
         # Its own descriptor of the socket: asyncio refuses add_writer on the
         # transport's, and a closed transport cannot leave the writer a reused number.
         self._fd = os.dup(sock.fileno())
-        self.writer = self.engine.native.TcpWriter(self._fd, self.host.max_buffer, IKE_OVERSHOOT)
-        self.engine.flows.set_writer(self.conn_id, self.writer)
+        self.writer = self.engine.datapath.native.TcpWriter(
+            self._fd, self.host.max_buffer, IKE_OVERSHOOT
+        )
+        self.engine.datapath.flows.set_writer(self.conn_id, self.writer)
 
     def _write_raw(self, data: bytes) -> None:
         tr = self.transport
@@ -169,7 +171,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
         if w is None:
             return
         self._stop_writing()
-        flows = self.engine.flows
+        flows = self.engine.datapath.flows
         if flows is not None:
             flows.drop_writer(self.conn_id)
         w.close()
@@ -330,7 +332,7 @@ class TcpProtocol(FrontHandling, asyncio.Protocol):
         self.take_back()  # what arrives now is not delivered (the engine is closing it)
         w = self.writer
         if w is not None:
-            flows = self.engine.flows
+            flows = self.engine.datapath.flows
             if flows is not None:
                 flows.drop_writer(self.conn_id)  # nothing new is written from now on
             if self._close_pending:

@@ -24,7 +24,7 @@ def member_of(member: str) -> tuple[bytes, int | None] | None:
     if member.count(",") == 1:
         text, port_text = member.split(",")
         port_text = port_text.rsplit(":", 1)[-1]  # the CLI may write udp:PORT
-        if not port_text.isdigit():
+        if not (port_text.isascii() and port_text.isdigit()):  # "²" is a digit, not a port
             return None
         port = int(port_text)
     try:

@@ -6,47 +6,49 @@ connection, a connection accepted, made, failed or lost, a VICI event, an answer
 arms one timer for ``get_timer()`` and calls ``handle_timer(now)`` when it fires. The same
 shape as :class:`tcpencap.core.ctcp_engine.CtcpEngine`.
 
-The engine holds the host's rules and routes each input to whoever decides: a
+The engine is the one door for the shell's inputs; it routes each to whoever decides. A
 connection's own rules and its (state, event) table are :mod:`rfc9329_conn`'s; the host's
-are small modules it composes - :mod:`admission` (gateway limits), :mod:`lingering`
-(endpoints steered after their connection), :mod:`orphans` and :mod:`sa_handover` (SAs
-waiting for their client), :mod:`sa_resumption` (ESP that opens a connection),
-:mod:`inbound_sas` (charon's inbound SPIs), :mod:`client_steering` (reasons and the
-UDP-first fallback), :mod:`sa_questions` (when to ask list-sas), :mod:`sa_effects` (what
-charon's SA events do) and :mod:`frame_drain` (a connection's received frames) - and
-here: timers, reconnect scheduling, routing VICI events and list-sas answers, and the
-data path (:mod:`datapath`) that moves ESP.
+are small modules it composes - :mod:`gateway_door` (who is taken, the first message, the
+deadlines, what a flood costs; its counts in :mod:`admission`), :mod:`client_connections`
+(opening, binding, reconnecting), :mod:`lingering` (endpoints steered after their
+connection), :mod:`orphans` and :mod:`sa_handover` (SAs waiting for their client),
+:mod:`sa_resumption` (ESP that opens a connection), :mod:`inbound_sas` (charon's inbound
+SPIs), :mod:`client_steering` (reasons and the UDP-first fallback), :mod:`sa_questions`
+(when to ask list-sas), :mod:`sa_effects` (what charon's SA events do),
+:mod:`frame_drain` (a connection's received frames) and :mod:`fast_path` (what the native
+data path did in its place). Here: charon's packets, closing and losing a connection,
+routing VICI events and list-sas answers, and the data path (:mod:`datapath`) that moves
+ESP, which the shell reads as ``engine.datapath``.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from typing import Any
 
 from tcpencap.core.admission import Admission
+from tcpencap.core.client_connections import ClientConnections
 from tcpencap.core.client_steering import ClientSteering
 from tcpencap.core.datapath import DataPath, PythonDataPath
 from tcpencap.core.engine import Engine
+from tcpencap.core.fast_path import FastPath
 from tcpencap.core.frame_drain import FrameDrain
+from tcpencap.core.gateway_door import GatewayDoor
 from tcpencap.core.inbound_sas import InboundSas
-from tcpencap.core.lingering import BRIEF_LINGER, PEER_RELEASE_DELAY, Endpoint, Lingering
+from tcpencap.core.lingering import Endpoint, Lingering
 from tcpencap.core.orphans import Orphans
 from tcpencap.core.outputs import (
     Close,
-    Connect,
     Transmit,
-    bracket,
     count,
 )
-from tcpencap.core.ports import PortAllocator, PortsExhausted
+from tcpencap.core.ports import PortAllocator
 from tcpencap.core.reload import (
     Operation,
     Settings,
     WatchFallback,
 )
 from tcpencap.core.rfc9329_conn import (
-    RECONNECT_BASE,
     Conn,
     Event,
     State,
@@ -56,7 +58,7 @@ from tcpencap.core.role import Role
 from tcpencap.core.router import ConnView, Drop, Open, Router, Send
 from tcpencap.core.sa_effects import SaEffects
 from tcpencap.core.sa_handover import SaHandover
-from tcpencap.core.sa_questions import FALLBACK_POLL, RECONCILE_AFTER_EVENT, SaQuestions
+from tcpencap.core.sa_questions import RECONCILE_AFTER_EVENT, SaQuestions
 from tcpencap.core.sa_resumption import SaResumption
 from tcpencap.core.sa_sync import UNLISTED_GRACE, SaSync
 from tcpencap.core.table import ConnectionTable
@@ -64,25 +66,15 @@ from tcpencap.core.timers import LogLimiter
 from tcpencap.core.totals import add_closed, new_totals
 from tcpencap.core.vici_facts import ike_spis
 from tcpencap.wire import rfc9329
-from tcpencap.wire.packet import addr_text
 
 log = logging.getLogger("tcpencap")
-__all__ = [
-    "BRIEF_LINGER",
-    "FALLBACK_POLL",
-    "PEER_RELEASE_DELAY",
-    "RECONNECT_BASE",
-    "Conn",
-    "Rfc9329Engine",
-    "State",
-]  # what callers import from here
 
 
 class Rfc9329Engine(Engine):
     """``datapath`` moves the ESP (:mod:`tcpencap.core.datapath`; None: the Python
-    reference). The native one turns ESP frames of open connections into packets in
+    reference). The native one turns ESP frames of open connections into packets in its
     ``inject_batch`` (sent by the shell) instead of Inject outputs, and the shell reads the
-    queue through ``flows``."""
+    queue through its ``flows`` (``ready_flows()``)."""
 
     def __init__(self, config: Any, now: float, datapath: DataPath | None = None) -> None:
         super().__init__()
@@ -107,21 +99,23 @@ class Rfc9329Engine(Engine):
         self.stopping = False
         self.log_limited = LogLimiter(log.warning)
         self.totals: dict[str, Any] = new_totals(closed={}, connect_failures=0)
+        self.clients = ClientConnections(
+            self.router,
+            self.client.port_of,
+            self.ports,
+            self.conns,
+            self.datapath,
+            self.timer_queue,
+            self._new_conn,
+            self._codec,
+            self._send,
+            self._emit,
+        )
         self.handover = SaHandover(self.table, self.orphans, self.conns)
         self.resumption = SaResumption(self.table, self.inbound, self.lingering, self.conns)
-        self.frames = FrameDrain(
-            self.router,
-            self.datapath,
-            self._emit,
-            self.log_limited,
-            lambda: self.config.gateway.max_frame_rate,
-            self._esp_template,
-            self._admit_esp,
-            self._admit_ike,
-            self._over_rate,
-            self._invalid,
-            self.close,
-        )
+        self.door = GatewayDoor(self, self._new_conn)
+        self.fast = FastPath(self, self._emit)
+        self.frames = FrameDrain(self, self._emit)
         self.effects = SaEffects(
             self.sync,
             self.table,
@@ -129,7 +123,7 @@ class Rfc9329Engine(Engine):
             self.timer_queue,
             lambda: self.config.max_spis,
             self.retire,
-            self._open_client,
+            self.clients.open,
         )
         self.questions = SaQuestions(
             now,
@@ -155,19 +149,6 @@ class Rfc9329Engine(Engine):
 
     # --- the data path, as the shell sees it ---------------------------------------------
 
-    @property
-    def native(self) -> Any:
-        """The extension the shell builds its writers and inbound worker from, or None."""
-        return self.datapath.native
-
-    @property
-    def flows(self) -> Any:
-        return self.datapath.flows
-
-    @property
-    def inject_batch(self) -> Any:
-        return self.datapath.inject_batch
-
     def ready_flows(self) -> Any:
         """The flow cache, valid now: what the shell reads the queue with (None: the
         Python path)."""
@@ -180,20 +161,9 @@ class Rfc9329Engine(Engine):
     def outbound_batch(
         self, now: float, misses: list[bytes], hits: list[tuple[int, bytes, int]]
     ) -> None:
-        """One read of the queue by the native path: ``hits`` are framed already, by
-        flows installed at this cache's version; ``misses`` take the Python path."""
-        out = self._out
-        conns = self.conns
-        for cid, data, frames in hits:
-            conn = conns.get(cid)
-            if conn is None or conn.state is not State.OPEN:
-                # The entry was made before this connection closed (the cache is cleared at
-                # the next pull): its frames have nowhere to go.
-                count(self.router.drops, "flow-stale")
-                continue
-            conn.frames_out += frames
-            conn.bytes_out += len(data)
-            out.append(Transmit(cid, data, False, frames=frames))
+        """One read of the queue by the native path: ``hits`` are framed already
+        (core/fast_path.py); ``misses`` take the Python path."""
+        self.fast.hits(hits)
         for packet in misses:
             self.outbound(now, packet)
 
@@ -238,7 +208,7 @@ class Rfc9329Engine(Engine):
                 ):
                     dp.learn(packet, conn.conn_id, self.table.version)
         elif t is Open:
-            self._open_client(now, res)  # type: ignore[arg-type]
+            self.clients.open(now, res)  # type: ignore[arg-type]
         else:
             assert isinstance(res, Drop)
             if res.reason != "nat-keepalive":
@@ -252,17 +222,7 @@ class Rfc9329Engine(Engine):
         if conn.send(frame, is_ike):
             self._out.append(Transmit(conn.conn_id, frame, is_ike))
 
-    # --- client connections -----------------------------------------------------------
-
-    def _open_client(self, now: float, req: Open) -> None:
-        view = self.router.views[req.conn_id]
-        conn = self._new_conn(now, view, Role.CLIENT, addr_text(req.local), addr_text(req.peer))
-        conn.peer_port = self.client.port_of(req.peer)
-        if req.frame:
-            conn.pending.append((req.frame, req.frame_is_ike))
-        self._connect(conn)
-        spis = ", ".join(s.hex() for s in view.entry.ike_spis)
-        log.info("%s: opening for IKE SA %s", conn, spis)
+    # --- client connections (core/client_connections.py) -------------------------------
 
     def _new_conn(self, now: float, view: ConnView, side: Role, local: str, peer: str) -> Conn:
         wire_role = rfc9329.Role.ORIGINATOR if side is Role.CLIENT else rfc9329.Role.RESPONDER
@@ -270,47 +230,16 @@ class Rfc9329Engine(Engine):
         self.conns[view.entry.conn_id] = conn
         return conn
 
-    def _connect(self, conn: Conn) -> None:
-        try:
-            conn.local_port = self.ports.allocate()
-        except PortsExhausted:
-            conn.local_port = 0
-        e = conn.entry
-        self._out.append(
-            Connect(conn.conn_id, conn.generation, e.local, conn.local_port, e.peer, conn.peer_port)
-        )
-
     def connect_port_refused(self, conn_id: int, generation: int) -> int | None:
         """The shell could not bind the port it was given: another one (None: none left)."""
         conn = self._current(conn_id, generation)
-        if conn is None:
-            return None
-        refused = {conn.local_port}
-        self.ports.release(conn.local_port)
-        try:
-            conn.local_port = self.ports.allocate(refused)
-        except PortsExhausted:
-            conn.local_port = 0
-            return None
-        return conn.local_port
-
-    def local_port(self, conn_id: int) -> int:
-        conn = self.conns.get(conn_id)
-        return conn.local_port if conn else 0
+        return self.clients.port_refused(conn) if conn is not None else None
 
     def connected(self, now: float, conn_id: int, generation: int) -> bool:
         """The TCP connect succeeded. False: the connection was closed or replaced while
         connecting, and the shell must close this socket."""
         conn = self._current(conn_id, generation)
-        if conn is None or conn.state is not State.CONNECTING:
-            return False
-        log.info("%s: connected, sending prefix and %d held frame(s)", conn, len(conn.pending))
-        pending = conn.connected()
-        self.datapath.changed()
-        self._out.append(Transmit(conn.conn_id, conn.codec.send_prefix(), True))
-        for frame, is_ike in pending:
-            self._send(conn, frame, is_ike)
-        return True
+        return conn is not None and self.clients.connected(conn)
 
     def connect_failed(self, now: float, conn_id: int, generation: int, reason: str) -> None:
         conn = self._current(conn_id, generation)
@@ -320,59 +249,19 @@ class Rfc9329Engine(Engine):
         log.warning("%s: %s", conn, conn.close_reason)
         self._lost(now, conn)
 
-    def _reconnect(self, now: float, lost: Conn) -> None:
-        """The TCP originator re-establishes a broken connection while its SA lives: the
-        next generation takes the lost one's place."""
-        conn = self.conns[lost.conn_id] = lost.next_generation(self._codec(rfc9329.Role.ORIGINATOR))
-        self.datapath.changed()
-        delay = conn.reconnect_delay()
-        log.info(
-            "%s: lost (%s), reconnecting in %.1fs (attempt %d)",
-            conn, lost.close_reason, delay, conn.attempt,
-        )  # fmt: skip
-        self.timer_queue.call_at(now + delay, self._reconnect_due, conn, conn.generation)
-
-    def _reconnect_due(self, now: float, conn: Conn, generation: int) -> None:
-        if self.conns.get(conn.conn_id) is conn and conn.generation == generation:
-            self._connect(conn)
-
-    # --- gateway connections ----------------------------------------------------------
+    # --- gateway connections (core/gateway_door.py) -------------------------------------
 
     def accept(
         self, now: float, local: str, local_port: int, peer: str, peer_port: int
     ) -> int | None:
         """A TCP connection arrived on a listener: its connection id, or None when a
         limit refuses it (the shell closes the socket)."""
-        gw = self.config.gateway
-        source = self.admission.source_of(gw, peer)
-        peer_b = ipaddress.ip_address(peer).packed
-        refusal = self.admission.refuse_accept(gw, now, source)
-        if refusal is None and self.table.by_endpoint(peer_b, peer_port) is not None:
-            # Its endpoint is what charon names the connection by: a second connection from
-            # the same address and port (a port-preserving NAT, another listener, a proxy's
-            # client) would take the first one's packets.
-            refusal = ("endpoint-in-use", f"{bracket(peer)}:{peer_port} has a connection")
-        if refusal is not None:
-            name = f"{bracket(local)}:{local_port} <-> {bracket(peer)}:{peer_port}"
-            self.log_limited(now, refusal[0], "refused %s: %s", name, refusal[1])
-            return None
-        view = self.router.add_gateway_conn(ipaddress.ip_address(local).packed, peer_b, peer_port)
-        conn = self._new_conn(now, view, Role.GATEWAY, local, peer)
-        conn.local_port, conn.peer_port = local_port, peer_port
-        conn.counted = True
-        conn.source = source
-        self.admission.admit(source)
-        self.timer_queue.call_at(now + gw.first_message_timeout, self._first_deadline, conn)
-        log.info("%s: accepted", conn)
-        return conn.conn_id
+        return self.door.accept(now, local, local_port, peer, peer_port)
 
     def admit_proxied(self, now: float, name: str) -> bool:
-        """A load balancer's connection, before its PROXY header names the client: it
-        takes a pending slot, and the per-source limit applies to the client later."""
-        refusal = self.admission.admit_proxied(self.config.gateway)
-        if refusal is not None:
-            self.log_limited(now, refusal[0], "refused %s: %s", name, refusal[1])
-        return refusal is None
+        """A load balancer's connection, before its PROXY header names the client: False
+        when a limit refuses it."""
+        return self.door.admit_proxied(now, name)
 
     def proxied_done(self) -> None:
         """The PROXY header arrived (``accept`` follows) or the connection went."""
@@ -394,46 +283,6 @@ class Rfc9329Engine(Engine):
         self.log_limited(now, reason, "%s: %s", conn, detail)
         self.close(conn, reason)
 
-    def _first_deadline(self, now: float, conn: Conn) -> None:
-        if conn.first_message_overdue() and self.conns.get(conn.conn_id) is conn:
-            count(conn.drops, "first-message-timeout")
-            what = "message" if conn.codec.prefix_received else "prefix"
-            self.log_limited(
-                now, "deadline", "%s: no well-formed first %s within the deadline", conn, what
-            )
-            self.close(conn, "first-message deadline")
-
-    def _sa_deadline(self, now: float, conn: Conn) -> None:
-        """A gateway connection must carry an IKE SA soon after its first message; one
-        that only ever exchanges unauthenticated messages would pin a connection slot."""
-        if self.conns.get(conn.conn_id) is conn and conn.sa_overdue():
-            count(conn.drops, "no-sa-timeout")
-            self.log_limited(
-                now, "limit-no-sa", "%s: no IKE SA %gs after its first message, closing",
-                conn, self.config.gateway.no_sa_timeout,
-            )  # fmt: skip
-            self.close(conn, "no IKE SA")
-
-    def _first_message(self, now: float, conn: Conn) -> None:
-        """The first well-formed message: past the first-message deadline."""
-        conn.first_message(now)
-        self.datapath.changed()
-        if conn.side is not Role.GATEWAY:
-            return
-        if conn.counted:
-            self.admission.first_message(conn.source)
-        self.handover.first_message(now, conn)
-        e = conn.entry
-        limit = self.config.gateway.max_connections
-        if not self.lingering.steer((e.peer, e.peer_port), conn.conn_id, limit):
-            self.log_limited(now, "limit-steered", "refused %s: steering set full", conn)
-            self.close(conn, "limit-steered")
-            return
-        if not conn.sa_seen:
-            self.timer_queue.call_at(
-                now + self.config.gateway.no_sa_timeout, self._sa_deadline, conn
-            )
-
     # --- bytes from a connection ------------------------------------------------------
 
     def receive_data(self, now: float, conn_id: int, generation: int, data: bytes) -> None:
@@ -446,37 +295,11 @@ class Rfc9329Engine(Engine):
         codec.receive_data(data)
         self.frames.drain(now, conn)
 
-    def _over_rate(self, now: float, conn: Conn) -> None:
-        count(conn.drops, "frame-rate")
-        self.log_limited(now, "limit-frame-rate", "%s: over max_frame_rate frames/s, closing", conn)
-        self.admission.cool_down(now, conn.source)
-        self.close(conn, "frame rate limit")
-
-    def _invalid(self, now: float, conn: Conn, reason: str) -> None:
-        """A frame that carries nothing usable: max_invalid_frames close the connection."""
-        if conn.invalid_frame(reason, self.config.gateway.max_invalid_frames):
-            self.log_limited(
-                now, "limit-invalid-frames", "%s: %d invalid frames, closing", conn, conn.invalid
-            )
-            self.admission.cool_down(now, conn.source)
-            self.close(conn, "too many invalid frames")
-
-    # --- connections lent to the native inbound worker ---------------------------------
+    # --- what the native path did (core/fast_path.py) -----------------------------------
 
     def lend_args(self, conn_id: int) -> tuple[Any, ...] | None:
-        """(deframer, peer, local, sport, dport, max_rate) of an open connection the
-        native inbound worker may read for us, or None."""
-        conn = self.conns.get(conn_id)
-        view = self.router.views.get(conn_id)
-        if conn is None or view is None or not conn.lendable():
-            return None
-        rate = self.config.gateway.max_frame_rate if conn.side is Role.GATEWAY else 0
-        return self.datapath.lend(conn.codec, self._esp_template(view), rate)
-
-    def _esp_template(self, view: ConnView) -> tuple[bytes, bytes, int, int]:
-        """(source, destination, source port, destination port) of the packets a
-        connection's ESP becomes, as router.inbound_esp builds them."""
-        return (view.entry.peer, view.entry.local, *self.router.ports_of(view, False))
+        """What the native inbound worker needs to read an open connection, or None."""
+        return self.fast.lend_args(conn_id)
 
     def lent_received(
         self,
@@ -487,52 +310,22 @@ class Rfc9329Engine(Engine):
         drain: bool = True,
         over_rate: bool = False,
     ) -> None:
-        """The inbound worker read (frames ESP frames injected, bytes, reads, keepalives it
-        dropped) for us; with ``drain`` it stopped before a frame the engine must see,
-        which is handled now; ``over_rate``: it counted more than max_frame_rate frames
-        (of every kind) in a second."""
+        """The inbound worker read this much on a lent connection (``FastPath.received``)."""
         conn = self._current(conn_id, generation)
-        if conn is None:
-            return
-        frames, nbytes, reads, *rest = counts
-        conn.received_elsewhere(frames, nbytes, reads, rest[0] if rest else 0)
-        if over_rate and not conn.ending:
-            self._over_rate(now, conn)
-        elif drain and not conn.ending:
-            self.frames.drain(now, conn)
+        if conn is not None:
+            self.fast.received(now, conn, counts, drain, over_rate)
+
+    def fast_path_sent(
+        self, conn_id: int, frames: int, nbytes: int, esp_dropped: int, ike_dropped: int
+    ) -> None:
+        """The native writer sent (or dropped) this much: counted as the engine's."""
+        self.fast.sent(conn_id, frames, nbytes, esp_dropped, ike_dropped)
 
     def eof_received(self, now: float, conn_id: int, generation: int) -> None:
         conn = self._current(conn_id, generation)
         if conn is not None:
             conn.codec.receive_data(b"")
             self.frames.drain(now, conn)
-
-    def _admit_ike(self, now: float, conn: Conn, msg: bytes) -> bool:
-        """Before its first message, a connection passes only a well-formed IKE message
-        (header consistent with the frame, a known exchange type)."""
-        problem = conn.first_ike_problem(msg)
-        if problem:
-            self.log_limited(now, "malformed-first", "%s: first message refused: %s", conn, problem)
-            self._invalid(now, conn, "malformed-first-ike")
-            return False
-        self._first_message(now, conn)
-        return conn.state is State.OPEN
-
-    def _admit_esp(self, now: float, conn: Conn, packet: bytes) -> bool:
-        """... or ESP that resumes an SA (:mod:`sa_resumption`): a stranger's ESP is
-        dropped and the deadline keeps running."""
-        spi = int.from_bytes(packet[:4], "big") if len(packet) >= 8 else 0
-        if not self.resumption.esp_known(spi, conn.entry.peer, self.vici_connected):
-            count(conn.drops, "esp-unknown-spi-first")
-            self.log_limited(
-                now, "unknown-esp-first", "%s: first message refused: ESP for unknown SPI", conn
-            )
-            return False
-        conn.sa_seen = self.vici_connected
-        self._first_message(now, conn)
-        if conn.state is State.OPEN:
-            self.resumption.resumed(conn, spi, self.vici_connected)
-        return conn.state is State.OPEN
 
     # --- closing ----------------------------------------------------------------------
 
@@ -576,24 +369,12 @@ class Rfc9329Engine(Engine):
         self.totals_fold(conn)
         conn.handle(Event.LOST)
         self.datapath.changed()
-        if conn.side is Role.CLIENT and conn.local_port:
-            self.ports.release(conn.local_port)
-        if conn.counted:
-            conn.counted = False
-            self.admission.gone(conn.source, conn.first_at is None)
-        entry = conn.entry
-        carried = conn.sa_seen
-        if conn.reconnects(self.stopping):
-            self._reconnect(now, conn)
-            return
-        if conn.side is Role.GATEWAY and entry.carries_sa:
-            self.handover.lost(now, conn)
+        if conn.side is Role.GATEWAY:
+            self.door.lost(now, conn)
+        elif self.clients.lost(now, conn, self.stopping):
+            return  # its next generation took its place
         del self.conns[conn.conn_id]
         self.router.remove(conn.conn_id)
-        if conn.side is Role.GATEWAY and conn.first_at is not None:
-            brief = self.config.gateway.max_pending
-            for port in (entry.peer_port, *entry.aliases):
-                self.lingering.linger(now, (entry.peer, port), conn.conn_id, carried, brief)
         log.info(
             "%s: closed (%s) after %.1fs, frames in/out %d/%d",
             conn,
@@ -602,15 +383,6 @@ class Rfc9329Engine(Engine):
             conn.frames_in,
             conn.frames_out,
         )
-
-    def fast_path_sent(
-        self, conn_id: int, frames: int, nbytes: int, esp_dropped: int, ike_dropped: int
-    ) -> None:
-        """The native path wrote (or dropped, over the send bound) this much on a
-        connection since its last report: counted as if the engine had sent it."""
-        conn = self.conns.get(conn_id)
-        if conn is not None:
-            conn.sent_elsewhere(frames, nbytes, esp_dropped, ike_dropped)
 
     def totals_fold(self, conn: Conn) -> None:
         """Counters of closed connections, so metrics never go backwards."""
@@ -705,9 +477,3 @@ class Rfc9329Engine(Engine):
         conn = self.conns.get(conn_id)
         drops = conn.drops if conn is not None else self.router.drops
         drops[reason] = drops.get(reason, 0) + n
-
-
-# The admission counts, read where they were before they had a module of their own (the
-# shell's status and tests read them on the engine).
-for _name in ("n_gateway", "n_pending", "n_proxied", "per_source", "pending_per_source", "cooling"):
-    setattr(Rfc9329Engine, _name, property(lambda self, _n=_name: getattr(self.admission, _n)))

@@ -25,8 +25,8 @@ log = logging.getLogger("tcpencap")
 
 class SaEffects:
     """``conns`` is the engine's own dict (read, never changed here); ``max_spis`` is
-    read when needed, as a reload may change it; ``retire`` and ``open_client`` are the
-    engine's."""
+    read when needed, as a reload may change it; ``retire`` is the engine's and
+    ``open_client`` :mod:`client_connections`'."""
 
     def __init__(
         self,

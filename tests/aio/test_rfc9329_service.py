@@ -33,7 +33,7 @@ class FakeEngine(Engine):
         self.calls: list[tuple[Any, ...]] = []
         self.answer: list[Output] = []
         self.conns: dict[int, Any] = {}
-        self.inject_batch: Any = None
+        self.datapath = SimpleNamespace(inject_batch=None)  # the reference path's: none
         self.rows: list[dict[str, Any]] = []
 
     def _input(self, *call: Any) -> None:
@@ -253,7 +253,7 @@ def test_the_native_inject_batch_is_sent_on_the_injectors_sockets() -> None:
             sent.append(fds)
             return 1, 2
 
-    engine.inject_batch = Batch()
+    engine.datapath.inject_batch = Batch()
     svc.on_queued(b"p")
     assert sent == [(11, 12)]
     assert ("shell_dropped", 0, "inject-failed", 2) in engine.calls

@@ -28,7 +28,7 @@ class Queue:
 class Rfc9329:
     def __init__(self) -> None:
         self.engine = SimpleNamespace(
-            flows=None,
+            datapath=SimpleNamespace(flows=None),
             client_peers={addr_bytes("198.19.0.3"): 1, addr_bytes("198.19.0.2"): 1},
             events={"admitted": 2},
             router=SimpleNamespace(drops={"no-conn": 5, "inject-failed": 1}),
@@ -127,7 +127,7 @@ def test_the_router_drops_are_not_changed_by_reading_them() -> None:
 
 def test_the_flow_cache_figures_when_the_native_path_runs() -> None:
     d = source()
-    d.rfc9329.engine.flows = SimpleNamespace(stats=lambda: {"entries": 7})
+    d.rfc9329.engine.datapath.flows = SimpleNamespace(stats=lambda: {"entries": 7})
     assert daemon_status(d)["flows"] == {"entries": 7}
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tcpencap.core.rfc9329_engine import State
+from tcpencap.core.rfc9329_conn import State
 from tcpencap.core.send_buffer import IKE_OVERSHOOT
 from tests.aio.test_tcp_front import (
     STREAM,

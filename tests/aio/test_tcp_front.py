@@ -23,7 +23,7 @@ from tcpencap.aio.tcp import TcpProtocol
 from tcpencap.config import Config, parse_config
 from tcpencap.core import reload as plans
 from tcpencap.core.outputs import Connect
-from tcpencap.core.rfc9329_engine import State
+from tcpencap.core.rfc9329_conn import State
 from tcpencap.wire import proxy_v2
 from tcpencap.wire.ike import NON_ESP_MARKER
 from tcpencap.wire.packet import addr_bytes, build_udp_packet
@@ -159,7 +159,7 @@ def gw_config(*extra: str, proxies: str | None = "127.0.0.1") -> Config:
 
 def make_daemon(config: Config) -> Daemon:
     d = Daemon(config)
-    assert d.datapath == "python" and d.engine.native is None
+    assert d.datapath == "python" and d.engine.datapath.native is None
     d.rules = d.rfc9329.rules = FakeRules()  # type: ignore[assignment]
     d.injector = d.rfc9329.injector = FakeInjector()  # type: ignore[assignment]
     assert d.fronts.configure(config) == []
@@ -211,8 +211,8 @@ def assert_proxied_client_accepted(d: Daemon, proto: TcpProtocol, tr: FakeTransp
     assert conn.entry.peer == addr_bytes(CLIENT)
     assert (conn.local_text, conn.local_port) == LOOPBACK_LOCAL
     assert conn.state is State.OPEN  # the frame after the header reached the engine
-    assert d.engine.n_proxied == 0
-    assert d.engine.per_source == {f"{CLIENT}/32": 1}
+    assert d.engine.admission.n_proxied == 0
+    assert d.engine.admission.per_source == {f"{CLIENT}/32": 1}
     assert d.rfc9329.protocols == {conn.conn_id: proto}
     assert proto.registered and proto.front is None
     assert not tr.closed and tr.written == b""
@@ -231,7 +231,7 @@ def test_proxied_connection_is_accepted_as_the_client_the_header_names() -> None
     async def body() -> None:
         d = make_daemon(gw_config())
         proto, tr = open_conn(d)
-        assert d.engine.n_proxied == 1
+        assert d.engine.admission.n_proxied == 1
         assert d.engine.conns == {} and d.rfc9329.protocols == {} and not proto.registered
         assert not tr.closed
         proto.data_received(header() + STREAM)
@@ -256,9 +256,9 @@ def test_header_split_across_many_reads(size: int) -> None:
             proto.data_received(piece)
             fed += len(piece)
             if fed < len(hdr):
-                assert d.engine.n_proxied == 1 and d.engine.conns == {}
+                assert d.engine.admission.n_proxied == 1 and d.engine.conns == {}
             else:
-                assert d.engine.n_proxied == 0 and len(d.engine.conns) == 1
+                assert d.engine.admission.n_proxied == 0 and len(d.engine.conns) == 1
         assert_proxied_client_accepted(d, proto, tr)
         cleanup(d)
 
@@ -270,7 +270,7 @@ def test_header_alone_then_the_stream_in_later_reads() -> None:
         d = make_daemon(gw_config())
         proto, tr = open_conn(d)
         proto.data_received(header())
-        assert d.engine.n_proxied == 0 and len(d.engine.conns) == 1
+        assert d.engine.admission.n_proxied == 0 and len(d.engine.conns) == 1
         assert only_conn(d).state is State.ACCEPTED
         await asyncio.sleep(PAST_DEADLINE)  # the header came in time: no proxy deadline
         assert not tr.closed and d.engine.events == {}
@@ -297,11 +297,15 @@ def test_header_destination_that_is_not_this_hosts_is_refused(
         assert f"{CLIENT}:40000 (via {PROXY[0]}:{PROXY[1]})" in line and NOT_LOCAL in line
         assert tr.closed and tr.written == b""
         assert d.engine.events == {"proxy-destination": 1}
-        assert d.engine.n_proxied == 0
-        assert d.engine.conns == {} and d.rfc9329.protocols == {} and d.engine.per_source == {}
+        assert d.engine.admission.n_proxied == 0
+        assert (
+            d.engine.conns == {}
+            and d.rfc9329.protocols == {}
+            and d.engine.admission.per_source == {}
+        )
         assert injected_sources(d) == []
         await settle()
-        assert tr.lost and d.engine.n_proxied == 0  # the slot is given back once only
+        assert tr.lost and d.engine.admission.n_proxied == 0  # the slot is given back once only
         cleanup(d)
 
     run(body)
@@ -314,12 +318,12 @@ def test_socket_address_of_the_clients_family_is_used_as_it_is() -> None:
     async def body() -> None:
         d = make_daemon(gw_config(proxies="10.0.0.0/8"))
         proto, tr = open_conn(d, peer=("10.1.2.3", 50000), local=(GATEWAY, 4500))
-        assert d.engine.n_proxied == 1
+        assert d.engine.admission.n_proxied == 1
         proto.data_received(header(dst=NOT_LOCAL, dport=443) + STREAM)
         conn = only_conn(d)
         assert (conn.local_text, conn.local_port) == (GATEWAY, 4500)
         assert (conn.peer_text, conn.peer_port) == (CLIENT, 40000)
-        assert not tr.closed and d.engine.events == {} and d.engine.n_proxied == 0
+        assert not tr.closed and d.engine.events == {} and d.engine.admission.n_proxied == 0
         cleanup(d)
 
     run(body)
@@ -335,7 +339,7 @@ def test_socket_address_of_the_other_family_takes_the_header_destination(
         d = make_daemon(gw_config(proxies="2001:db8::/64"))
         proto, tr = open_conn(d, peer=("2001:db8::9", 50000), local=("2001:db8::2", 4500))
         proto.data_received(header(dst=dst, dport=4501) + STREAM)
-        assert d.engine.n_proxied == 0
+        assert d.engine.admission.n_proxied == 0
         if accepted:
             conn = only_conn(d)
             assert (conn.local_text, conn.local_port) == ("127.0.0.1", 4501)
@@ -368,9 +372,11 @@ def test_a_proxys_connection_without_a_v2_header_is_refused(first: bytes, reason
         proto.data_received(first)
         assert tr.closed
         assert d.engine.events == {reason: 1}
-        assert d.engine.n_proxied == 0 and d.engine.conns == {} and d.rfc9329.protocols == {}
+        assert (
+            d.engine.admission.n_proxied == 0 and d.engine.conns == {} and d.rfc9329.protocols == {}
+        )
         await settle()
-        assert d.engine.n_proxied == 0
+        assert d.engine.admission.n_proxied == 0
         cleanup(d)
 
     run(body)
@@ -380,7 +386,7 @@ def test_a_header_from_a_peer_not_listed_is_refused() -> None:
     async def body() -> None:
         d = make_daemon(gw_config())
         proto, tr = open_conn(d, peer=(STRANGER, 50000), local=(GATEWAY, 4500))
-        assert d.engine.n_proxied == 0  # not a proxy: accepted as itself at once
+        assert d.engine.admission.n_proxied == 0  # not a proxy: accepted as itself at once
         conn = only_conn(d)
         assert conn.peer_text == STRANGER and d.rfc9329.protocols == {conn.conn_id: proto}
         proto.data_received(header() + STREAM)
@@ -389,8 +395,10 @@ def test_a_header_from_a_peer_not_listed_is_refused() -> None:
         assert conn.drops == {"proxy-unexpected": 1}
         assert injected_sources(d) == []  # nothing of the stream reached charon
         await settle()
-        assert d.engine.conns == {} and d.rfc9329.protocols == {} and d.engine.n_proxied == 0
-        assert d.engine.per_source == {}
+        assert (
+            d.engine.conns == {} and d.rfc9329.protocols == {} and d.engine.admission.n_proxied == 0
+        )
+        assert d.engine.admission.per_source == {}
         cleanup(d)
 
     run(body)
@@ -401,12 +409,16 @@ def test_a_second_header_behind_the_proxys_is_refused() -> None:
         d = make_daemon(gw_config())
         proto, tr = open_conn(d)
         proto.data_received(header() + header(OTHER_CLIENT) + STREAM)
-        assert tr.closed and d.engine.n_proxied == 0
+        assert tr.closed and d.engine.admission.n_proxied == 0
         assert d.engine.events == {"proxy-unexpected": 1}
         assert only_conn(d).drops == {"proxy-unexpected": 1}  # the named client's, counted
         assert injected_sources(d) == []
         await settle()
-        assert d.engine.conns == {} and d.rfc9329.protocols == {} and d.engine.per_source == {}
+        assert (
+            d.engine.conns == {}
+            and d.rfc9329.protocols == {}
+            and d.engine.admission.per_source == {}
+        )
         cleanup(d)
 
     run(body)
@@ -438,7 +450,7 @@ def test_local_header_then_nothing_is_closed_quietly_at_the_deadline() -> None:
         assert d.engine.conns == {} and d.rfc9329.protocols == {} and not proto.registered
         await asyncio.sleep(PAST_DEADLINE)
         assert tr.closed and tr.written == b""
-        assert d.engine.n_proxied == 0
+        assert d.engine.admission.n_proxied == 0
         assert d.engine.events == {}  # health checks are not counted
         assert d.engine.conns == {}
         cleanup(d)
@@ -452,9 +464,9 @@ def test_local_header_closed_by_the_proxy_gives_the_slot_back() -> None:
         proto, tr = open_conn(d)
         proto.data_received(proxy_v2.build_local())
         proto.connection_lost(None)
-        assert d.engine.n_proxied == 0
+        assert d.engine.admission.n_proxied == 0
         await asyncio.sleep(PAST_DEADLINE)
-        assert d.engine.n_proxied == 0 and d.engine.events == {}
+        assert d.engine.admission.n_proxied == 0 and d.engine.events == {}
         cleanup(d)
 
     run(body)
@@ -473,9 +485,9 @@ def test_data_after_a_local_header_is_refused(together: bool) -> None:
             proto.data_received(STREAM)
         assert tr.closed
         assert d.engine.events == {"proxy-local": 1}
-        assert d.engine.n_proxied == 0 and d.engine.conns == {}
+        assert d.engine.admission.n_proxied == 0 and d.engine.conns == {}
         await asyncio.sleep(PAST_DEADLINE)  # the timer does not count it twice
-        assert d.engine.events == {"proxy-local": 1} and d.engine.n_proxied == 0
+        assert d.engine.events == {"proxy-local": 1} and d.engine.admission.n_proxied == 0
         cleanup(d)
 
     run(body)
@@ -492,13 +504,13 @@ def test_no_header_within_the_deadline(partial: bytes) -> None:
         if partial:
             proto.data_received(partial)
         await asyncio.sleep(DEADLINE / 2)
-        assert not tr.closed and d.engine.n_proxied == 1
+        assert not tr.closed and d.engine.admission.n_proxied == 1
         await asyncio.sleep(PAST_DEADLINE)
         assert tr.closed
         assert d.engine.events == {"proxy-timeout": 1}
-        assert d.engine.n_proxied == 0 and d.engine.conns == {}
+        assert d.engine.admission.n_proxied == 0 and d.engine.conns == {}
         await settle()
-        assert d.engine.n_proxied == 0
+        assert d.engine.admission.n_proxied == 0
         cleanup(d)
 
     run(body)
@@ -511,11 +523,11 @@ def test_connection_lost_before_the_header_gives_the_slot_back(partial: bytes) -
         proto, tr = open_conn(d)
         if partial:
             proto.data_received(partial)
-        assert d.engine.n_proxied == 1
+        assert d.engine.admission.n_proxied == 1
         proto.connection_lost(ConnectionResetError("reset"))
-        assert d.engine.n_proxied == 0
+        assert d.engine.admission.n_proxied == 0
         proto.connection_lost(None)  # reported twice: still given back once
-        assert d.engine.n_proxied == 0
+        assert d.engine.admission.n_proxied == 0
         await asyncio.sleep(PAST_DEADLINE)  # its deadline was cancelled with it
         assert d.engine.events == {} and not tr.closed
         assert d.engine.conns == {}
@@ -529,13 +541,13 @@ def test_proxy_slots_are_bounded_by_max_pending() -> None:
         d = make_daemon(gw_config("max_pending = 2"))
         p1, t1 = open_conn(d, peer=("127.0.0.1", 1))
         _, t2 = open_conn(d, peer=("127.0.0.1", 2))
-        assert d.engine.n_proxied == 2 and not t1.closed and not t2.closed
+        assert d.engine.admission.n_proxied == 2 and not t1.closed and not t2.closed
         _, t3 = open_conn(d, peer=("127.0.0.1", 3))
         assert t3.closed and d.engine.events == {"limit-pending": 1}
         await settle()
-        assert d.engine.n_proxied == 2  # the refused one took no slot and gave none back
+        assert d.engine.admission.n_proxied == 2  # the refused one took no slot and gave none back
         p1.connection_lost(None)
-        assert d.engine.n_proxied == 1
+        assert d.engine.admission.n_proxied == 1
         cleanup(d)
 
     run(body)
@@ -549,7 +561,7 @@ def test_per_source_limit_applies_to_the_named_client() -> None:
         d = make_daemon(gw_config("max_per_source = 1"))
         p1, t1 = open_conn(d, peer=("127.0.0.1", 50001))
         p2, t2 = open_conn(d, peer=("127.0.0.1", 50002))  # the same proxy: not its limit
-        assert d.engine.n_proxied == 2 and not t2.closed
+        assert d.engine.admission.n_proxied == 2 and not t2.closed
         p1.data_received(header(CLIENT, 40001) + STREAM)
         p2.data_received(header(CLIENT, 40002) + STREAM)
         assert not t1.closed and t2.closed
@@ -558,7 +570,9 @@ def test_per_source_limit_applies_to_the_named_client() -> None:
         conn = only_conn(d)
         assert (conn.peer_text, conn.peer_port) == (CLIENT, 40001)
         assert d.rfc9329.protocols == {conn.conn_id: p1} and not p2.registered
-        assert d.engine.n_proxied == 0 and d.engine.per_source == {f"{CLIENT}/32": 1}
+        assert d.engine.admission.n_proxied == 0 and d.engine.admission.per_source == {
+            f"{CLIENT}/32": 1
+        }
         assert injected_sources(d) == [CLIENT]  # only the first one's IKE
         cleanup(d)
 
@@ -577,8 +591,8 @@ def test_per_source_limit_lets_different_clients_through_one_proxy() -> None:
         peers = sorted((c.peer_text, c.peer_port) for c in d.engine.conns.values())
         assert peers == [(CLIENT, 40001), (OTHER_CLIENT, 40002)]
         assert set(d.rfc9329.protocols.values()) == {p1, p2}
-        assert d.engine.n_proxied == 0
-        assert d.engine.per_source == {f"{CLIENT}/32": 1, f"{OTHER_CLIENT}/32": 1}
+        assert d.engine.admission.n_proxied == 0
+        assert d.engine.admission.per_source == {f"{CLIENT}/32": 1, f"{OTHER_CLIENT}/32": 1}
         cleanup(d)
 
     run(body)
@@ -730,7 +744,7 @@ def test_proxied_tls_connection_is_admitted_before_its_handshake(certs: ServerCe
     async def body() -> None:
         d = make_daemon(tls_config(certs, "proxy_protocol_from = 127.0.0.1"))
         proto, tr = open_conn(d, tls_listener=True, local=("127.0.0.1", 443))
-        assert d.engine.n_proxied == 1 and d.engine.conns == {}
+        assert d.engine.admission.n_proxied == 1 and d.engine.conns == {}
         client = TlsClient(certs.ca)
         handshake(proto, tr, client, header(dport=443))
         assert client.done
@@ -739,7 +753,7 @@ def test_proxied_tls_connection_is_admitted_before_its_handshake(certs: ServerCe
         assert (conn.local_text, conn.local_port) == ("127.0.0.1", 443)
         proto.data_received(client.send(STREAM))
         assert conn.state is State.OPEN and injected_sources(d) == [CLIENT]
-        assert d.engine.n_proxied == 0 and d.engine.events == {} and not tr.closed
+        assert d.engine.admission.n_proxied == 0 and d.engine.events == {} and not tr.closed
         cleanup(d)
 
     run(body)
@@ -759,7 +773,7 @@ def test_refused_proxied_client_gets_no_tls_handshake(certs: ServerCert) -> None
         p2.data_received(header(CLIENT, 40002, dport=443) + TlsClient(certs.ca).step())
         assert t2.closed and t2.written == b""  # refused before TLS looked at anything
         assert d.engine.events == {"limit-per-source": 1}
-        assert d.engine.n_proxied == 0 and len(d.engine.conns) == 1 and not t1.closed
+        assert d.engine.admission.n_proxied == 0 and len(d.engine.conns) == 1 and not t1.closed
         cleanup(d)
 
     run(body)

@@ -56,8 +56,9 @@ def test_a_lingering_peer_of_a_previous_run_is_dropped_then_released() -> None:
     """The engine side (fake clock): a previous run's peer that charon holds SAs with is
     steered at start, charon's packets to it are dropped (no connection: never UDP), and it
     is released once charon lists no SA with it."""
+    from tcpencap.core.lingering import PEER_RELEASE_DELAY
     from tcpencap.core.outputs import Query, Steer, Transmit
-    from tcpencap.core.rfc9329_engine import PEER_RELEASE_DELAY, Rfc9329Engine
+    from tcpencap.core.rfc9329_engine import Rfc9329Engine
     from tcpencap.wire.ike import NON_ESP_MARKER
     from tests.core.test_rfc9329_engine import CB, SPI_I, C, G, from_charon, gateway_config, ike
 

@@ -12,12 +12,9 @@ import pytest
 from tcpencap.config import parse_config
 from tcpencap.core import reload as plans
 from tcpencap.core.outputs import Close, Connect, Inject, Query, Steer, Transmit
-from tcpencap.core.rfc9329_engine import (
-    FALLBACK_POLL,
-    RECONNECT_BASE,
-    Rfc9329Engine,
-    State,
-)
+from tcpencap.core.rfc9329_conn import RECONNECT_BASE, State
+from tcpencap.core.rfc9329_engine import Rfc9329Engine
+from tcpencap.core.sa_questions import FALLBACK_POLL
 from tcpencap.core.sa_sync import UNLISTED_GRACE
 from tcpencap.native import load as load_native
 from tcpencap.native.datapath import NativeDataPath
@@ -64,8 +61,8 @@ def feed_outbound(e: Rfc9329Engine, now: float, packet: bytes) -> None:
 def injected(e: Rfc9329Engine, outs: list[Any]) -> list[bytes]:
     """The packets an engine handed to charon: Inject outputs, then the native batch."""
     packets = [o.packet for o in outs if isinstance(o, Inject)]
-    if e.inject_batch is not None:
-        packets += e.inject_batch.take()
+    if e.datapath.inject_batch is not None:
+        packets += e.datapath.inject_batch.take()
     return packets
 
 
@@ -148,8 +145,8 @@ class Wire:
         for _ in range(1000):
             moved = self._deliver_client(self.c.pull()) + self._deliver_gw(self.g.pull())
             for e, charon in ((self.c, self.charon_c), (self.g, self.charon_g)):
-                if e.inject_batch is not None and len(e.inject_batch):
-                    charon += e.inject_batch.take()
+                if e.datapath.inject_batch is not None and len(e.datapath.inject_batch):
+                    charon += e.datapath.inject_batch.take()
                     moved += 1
             if not moved:
                 return
@@ -278,8 +275,8 @@ def test_ike_and_esp_cross_both_ways() -> None:
         w.gw_sends(esp(0xBEEF0001, n), dport=conn.peer_port)
         assert udp_payload(w.charon_g[-1])[2] == esp(0xC0FFEE01, n)
         assert udp_payload(w.charon_c[-1]) == (4500, 4500, esp(0xBEEF0001, n))
-    if w.c.flows is not None:
-        assert w.c.flows.stats()["hits"] == 1 and w.g.flows.stats()["hits"] == 0
+    if w.c.datapath.flows is not None:
+        assert w.c.datapath.flows.stats()["hits"] == 1 and w.g.datapath.flows.stats()["hits"] == 0
 
 
 def test_nat_keepalives_never_cross() -> None:
@@ -397,9 +394,9 @@ def test_only_a_well_formed_first_message_passes_the_deadline(frame: bytes) -> N
     assert not injected(g, g.pull())  # nothing reached charon
     g.handle_timer(10.0)
     assert "first-message deadline" in closes(g)
-    assert g.n_pending == 1  # still counted as pending until the shell reports the loss
+    assert g.admission.n_pending == 1  # still counted as pending until the shell reports the loss
     g.connection_lost(10.0, gid, 0, None)
-    assert (g.n_gateway, g.n_pending, g.per_source) == (0, 0, {})
+    assert (g.admission.n_gateway, g.admission.n_pending, g.admission.per_source) == (0, 0, {})
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -409,7 +406,7 @@ def test_well_formed_first_ike_passes(version: int) -> None:
     msg[17] = version << 4
     frame = NON_ESP_MARKER + bytes(msg)
     g.receive_data(1.0, gid, 0, rfc9329.PREFIX + (len(frame) + 2).to_bytes(2, "big") + frame)
-    assert g.conns[gid].state is State.OPEN and g.n_pending == 0
+    assert g.conns[gid].state is State.OPEN and g.admission.n_pending == 0
     assert [type(o) for o in g.pull()] == [Steer, Inject]  # steered before charon answers
 
 
@@ -542,7 +539,7 @@ def test_limits_refuse_and_count() -> None:
     for cid in list(g.conns):
         frame = NON_ESP_MARKER + ike(spi_i=cid.to_bytes(8, "big"))
         g.receive_data(0, cid, 0, rfc9329.PREFIX + (len(frame) + 2).to_bytes(2, "big") + frame)
-    assert g.n_pending == 0
+    assert g.admission.n_pending == 0
     assert g.accept(0, G, 4500, "198.18.1.5", 1)
     assert g.accept(0, G, 4500, "198.18.1.6", 1) is None
     assert g.events["limit-connections"] == 1

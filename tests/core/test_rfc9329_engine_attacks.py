@@ -11,8 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tcpencap.core.admission import COOL_DOWN, COOL_DOWN_MAX
+from tcpencap.core.lingering import BRIEF_LINGER
 from tcpencap.core.outputs import Inject, Query, Steer, Transmit
-from tcpencap.core.rfc9329_engine import BRIEF_LINGER, Rfc9329Engine, State
+from tcpencap.core.rfc9329_conn import State
+from tcpencap.core.rfc9329_engine import Rfc9329Engine
 from tcpencap.wire import rfc9329
 from tcpencap.wire.ike import NON_ESP_MARKER, check_first_ike
 from tcpencap.wire.packet import addr_bytes
@@ -194,7 +196,7 @@ def test_one_ipv6_slash_64_cannot_fill_max_pending() -> None:
     assert g.events["limit-pending-per-source"] == 292
     assert g.accept(0, G, 4500, "fd00:67::1", 1000) is not None  # another /64
     assert g.accept(0, G, 4500, C, 50000) is not None
-    assert g.pending_per_source == {"fd00:66::/64": 8, "fd00:67::/64": 1, f"{C}/32": 1}
+    assert g.admission.pending_per_source == {"fd00:66::/64": 8, "fd00:67::/64": 1, f"{C}/32": 1}
 
 
 def test_per_source_limits_count_the_prefix_and_are_given_back() -> None:
@@ -207,7 +209,11 @@ def test_per_source_limits_count_the_prefix_and_are_given_back() -> None:
     assert g.accept(0, G, 4500, "198.18.9.200", 1) is None
     for cid in ids[:4]:
         g.connection_lost(1.0, cid, 0, None)
-    assert g.per_source == {} and g.pending_per_source == {} and g.n_pending == 0
+    assert (
+        g.admission.per_source == {}
+        and g.admission.pending_per_source == {}
+        and g.admission.n_pending == 0
+    )
     assert g.accept(1.0, G, 4500, "198.18.9.200", 1) is not None
 
 
@@ -235,7 +241,7 @@ def test_a_source_that_flooded_cools_down_before_it_connects_again() -> None:
     assert g.accept(1.5 + COOL_DOWN, G, 4500, C, 50002) is not None
     for i in range(COOL_DOWN_MAX + 10):  # bounded, oldest out first
         g.admission.cool_down(2.0, f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/32")
-    assert len(g.cooling) == COOL_DOWN_MAX
+    assert len(g.admission.cooling) == COOL_DOWN_MAX
 
 
 def test_empty_frames_count_and_close_after_max_invalid_frames() -> None:
@@ -276,13 +282,13 @@ def _big_esp_after_open(peer: str, n: int) -> tuple[Rfc9329Engine, int, list[Any
     assert gid is not None
     first(g, gid)
     g.pull()
-    if g.inject_batch is not None:
-        g.inject_batch.take()
+    if g.datapath.inject_batch is not None:
+        g.datapath.inject_batch.take()
     send_frames(g, gid, 1.0, esp(0x1234, n - 8), esp(0x1235))
     outs = g.pull()
     packets = [o.packet for o in outs if isinstance(o, Inject)]
-    if g.inject_batch is not None:
-        packets += g.inject_batch.take()
+    if g.datapath.inject_batch is not None:
+        packets += g.datapath.inject_batch.take()
     return g, gid, packets
 
 

@@ -49,17 +49,17 @@ def test_admit_proxied_takes_pending_slots(caplog: pytest.LogCaptureFixture) -> 
     g = gw_engine(max_pending="2", max_connections="10")
     assert g.admit_proxied(0.0, "127.0.0.1:40001") is True
     assert g.admit_proxied(0.0, "127.0.0.1:40002") is True
-    assert g.n_proxied == 2
+    assert g.admission.n_proxied == 2
     with caplog.at_level(logging.WARNING, logger="tcpencap"):
         assert g.admit_proxied(0.0, "127.0.0.1:40003") is False
-    assert g.n_proxied == 2  # a refusal takes no slot
+    assert g.admission.n_proxied == 2  # a refusal takes no slot
     assert g.events == {"limit-pending": 1}
     (line,) = warnings(caplog)
     assert "127.0.0.1:40003" in line and "2 connections without a first message" in line
     g.proxied_done()
-    assert g.n_proxied == 1
+    assert g.admission.n_proxied == 1
     assert g.admit_proxied(0.0, "127.0.0.1:40004") is True
-    assert g.n_proxied == 2 and g.pull() == []
+    assert g.admission.n_proxied == 2 and g.pull() == []
 
 
 def test_admit_proxied_counts_pending_gateway_connections_too() -> None:
@@ -75,11 +75,11 @@ def test_admit_proxied_is_bounded_by_max_connections() -> None:
     gid = g.accept(0.0, G, 4500, C, 50000)
     assert gid is not None
     first_ike(g, gid)
-    assert (g.n_gateway, g.n_pending) == (1, 0)
+    assert (g.admission.n_gateway, g.admission.n_pending) == (1, 0)
     assert g.admit_proxied(0.0, "p1") is True  # 1 + 0 < 2
     assert g.admit_proxied(0.0, "p2") is False  # 1 + 1 >= 2
     assert g.events == {"limit-connections": 1}
-    assert g.n_proxied == 1
+    assert g.admission.n_proxied == 1
 
 
 def test_admit_proxied_reports_the_connection_limit_first() -> None:
@@ -106,12 +106,12 @@ def test_accept_counts_proxied_connections_as_pending() -> None:
     assert g.admit_proxied(0.0, "p1") and g.admit_proxied(0.0, "p2")
     assert g.accept(0.0, G, 4500, C, 50000) is None
     assert g.events == {"limit-pending": 1}
-    assert (g.n_gateway, g.n_pending, g.conns) == (0, 0, {})
+    assert (g.admission.n_gateway, g.admission.n_pending, g.conns) == (0, 0, {})
     # the header arrived: the proxied slot becomes the client's own connection
     g.proxied_done()
     gid = g.accept(0.0, G, 4500, C, 50001)
     assert gid is not None and g.conns[gid].state is not State.CLOSING
-    assert (g.n_gateway, g.n_pending, g.n_proxied) == (1, 1, 1)
+    assert (g.admission.n_gateway, g.admission.n_pending, g.admission.n_proxied) == (1, 1, 1)
     assert g.accept(0.0, G, 4500, C, 50002) is None
     assert g.events == {"limit-pending": 2}
 
@@ -122,7 +122,7 @@ def test_proxied_done_gives_the_slot_back() -> None:
         assert g.admit_proxied(0.0, "p") is True
         assert g.admit_proxied(0.0, "q") is False
         g.proxied_done()
-        assert g.n_proxied == 0
+        assert g.admission.n_proxied == 0
     assert g.accept(0.0, G, 4500, C, 50000) is not None
 
 
@@ -140,7 +140,7 @@ def test_front_refused_counts_and_logs_under_its_reason(
     assert "198.18.7.7:40000" in lines[0] and "a PROXY header from outside" in lines[0]
     assert "127.0.0.1:40001" in lines[1] and "no PROXY header" in lines[1]
     assert g.pull() == [] and g.conns == {}
-    assert (g.n_gateway, g.n_pending, g.n_proxied) == (0, 0, 0)
+    assert (g.admission.n_gateway, g.admission.n_pending, g.admission.n_proxied) == (0, 0, 0)
 
 
 def test_front_failed_counts_logs_and_closes_a_gateway_connection(
@@ -165,7 +165,7 @@ def test_front_failed_counts_logs_and_closes_a_gateway_connection(
     assert conn.drops == {"tls-handshake": 2} and g.pull() == []
     # the shell reports the loss: the slots come back
     g.connection_lost(2.2, gid, 0, None)
-    assert (g.n_gateway, g.n_pending, g.per_source) == (0, 0, {})
+    assert (g.admission.n_gateway, g.admission.n_pending, g.admission.per_source) == (0, 0, {})
 
 
 @pytest.mark.parametrize("which", ["stale-generation", "unknown-id"])

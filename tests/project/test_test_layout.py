@@ -14,7 +14,7 @@ NO_TESTS_NEEDED = {"__init__.py", "__main__.py"}
 
 # Modules whose test files are on their way; each entry leaves once its file is merged.
 WAITING = {
-    # written on another branch (issue 24); the lead empties these after the merge
+    # engine2's modules (issue 24): their test files are being written
     "tcpencap/core/sa_effects.py",
     "tcpencap/core/sa_handover.py",
     "tcpencap/core/sa_questions.py",
