@@ -25,7 +25,8 @@ while (($#)); do
 done
 bash scripts/setup.sh
 if ((${#suites[@]} == 0)); then
-  read -ra suites <<<"$(cd tests/vm && ../../.venv/bin/python -c 'import guest; print(*guest.SUITES)')"
+  listed=$(PYTHONPATH=.:tests/vm .venv/bin/python -c 'import guest; print(*guest.SUITES)')
+  read -ra suites <<<"$listed"
 fi
 paths=(tests/vm)
 for arg in "${args[@]}"; do if [[ $arg == tests/* ]]; then paths=(); fi; done

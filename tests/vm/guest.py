@@ -399,7 +399,10 @@ def run_pytest(
     image = build_image(suite, work / "image", work / "build.log", install=install)
     script = f"""\
 cd {SRC}
-echo "guest kernel: $(uname -r)"
+charon=$({VENV}/bin/python -c 'from tests.labkit.charon import CHARON; print(CHARON)')
+strongswan=$(dpkg-query -W -f '${{Version}}' libstrongswan)
+echo "guest: $(. /etc/os-release; echo "$PRETTY_NAME"), kernel $(uname -r)," \
+    "$(systemctl --version | head -1), strongSwan $strongswan, lab charon $charon"
 export PYTHONDONTWRITEBYTECODE=1 TCPENCAP_LAB_FAILED_LOGS=/results/labs
 timeout {int(timeout) - 120} {VENV}/bin/python -m pytest -p no:cacheprovider -v -s -rA \\
     --junitxml=/results/junit.xml {test_file}
@@ -411,7 +414,7 @@ exit $rc
     image.path.unlink(missing_ok=True)  # 4 GB (sparse); the logs stay
     print(
         f"\nguest {suite.name}: {test_file}: {result.seconds:.0f} s wall, "
-        f"exit {result.returncode}; {work}"
+        f"exit {result.returncode}; {work}\n{result.run_log().partition(chr(10))[0]}"
     )
     cases: dict[str, dict[str, str]] = {}
     junit = result.results / "junit.xml"
