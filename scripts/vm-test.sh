@@ -34,6 +34,7 @@ for arg in "${args[@]}"; do if [[ $arg == tests/* ]]; then paths=(); fi; done
 run_suite() {  # one pytest run for one suite; its wall time goes to stdout's last line
   local suite=$1 start=$SECONDS rc=0
   # its own base directory: the guests' logs stay until this suite's next run
+  mkdir -p "${TMPDIR:-/tmp}/tcpencap-vm-test"
   TCPENCAP_VM_SUITES=$suite .venv/bin/python -m pytest -q -p no:cacheprovider -rA \
     --durations=0 --basetemp="${TMPDIR:-/tmp}/tcpencap-vm-test/$suite" \
     "${paths[@]}" "${args[@]}" || rc=$?
