@@ -407,7 +407,7 @@ echo "guest: $(. /etc/os-release; echo "$PRETTY_NAME"), kernel $(uname -r)," \
 # ones well under a second): timed here, outside every scenario, with the kernel's CRNG state.
 t0=$(date +%s%N); swanctl --version >/dev/null 2>&1
 echo "first swanctl after boot: $(( ($(date +%s%N) - t0) / 1000000 )) ms;" \
-    "$(dmesg | grep -m1 'crng init' || echo 'no crng init line')"
+    "$(dmesg 2>/dev/null | grep -m1 'crng init' || echo 'no crng init line')"
 export PYTHONDONTWRITEBYTECODE=1 TCPENCAP_LAB_FAILED_LOGS=/results/labs
 timeout {int(timeout) - 120} {VENV}/bin/python -m pytest -p no:cacheprovider -v -s -rA \\
     --junitxml=/results/junit.xml {test_file}
