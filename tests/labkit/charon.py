@@ -4,6 +4,7 @@ socket, and a handle (``Charon``) for loading swanctl configuration and driving 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import socket
@@ -21,7 +22,13 @@ from .process import LabError, Process, run
 if TYPE_CHECKING:
     from .topology import Host
 
-CHARON = "/usr/lib/ipsec/charon"
+# The daemon each lab host runs: strongswan-charon's, or where only charon-systemd is installed
+# (Debian 13, where the two packages conflict; the VM lab's trixie guest) charon-systemd, the
+# same daemon, whose settings inherit the `charon` section written below.
+CHARON = next(
+    (p for p in ("/usr/lib/ipsec/charon", "/usr/sbin/charon-systemd") if os.path.exists(p)),
+    "/usr/lib/ipsec/charon",
+)
 BASE_PLUGINS = (
     "random nonce openssl pem pkcs1 pkcs8 x509 pubkey kdf hmac sha1 sha2 aes gcm curve25519 "
     "kernel-libipsec kernel-netlink socket-default vici"

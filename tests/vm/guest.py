@@ -1,13 +1,15 @@
-"""A real Debian 12 guest under QEMU: the stock kernel (XFRM with ESP, as modules) and systemd.
+"""Real Debian guests under QEMU, Debian 12 "bookworm" and 13 "trixie" (``SUITES``): the stock
+kernel (XFRM with ESP, as modules) and systemd as PID 1.
 
 This machine's kernel has no ESP transform, so everything that needs the kernel's IPsec, or
 systemd as PID 1, runs here. Test-side code: never installed with the daemon.
 
-- ``base_rootfs()``: Debian 12 made by debootstrap from the Debian registry, with the packages
-  in ``GUEST_PACKAGES`` and a venv holding tcpencap's dependencies. Cached outside the repo,
-  keyed by everything that decides its content, and never changed after it is built.
-- ``build_image(tree, out)``: that root file system plus this checkout (installed into the venv
-  with ``pip install``, as the README's deployment section says) as one ext4 image.
+- ``base_rootfs(suite)``: the suite made by debootstrap from the Debian registry, with the
+  suite's packages and a venv holding tcpencap's dependencies. Cached outside the repo, one
+  directory per key of everything that decides its content, never changed after it is built.
+- ``build_image(suite, out)``: that root file system plus this checkout (in SRC, where the
+  guest runs the scenarios from) and tcpencap put in by an ``Installer`` (``pip_install``:
+  into the venv, as the README's deployment section says), as one ext4 image.
 - ``boot(image, script, results, timeout)``: boots systemd in the image under software
   emulation (KVM guests hang on these machines), runs ``script`` as root from a unit ordered
   after multi-user.target with ``/results`` shared with the host, and powers off.
@@ -21,35 +23,88 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.labkit.topology import failed_logs_dir
 
-SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 CACHE = Path(os.environ.get("TCPENCAP_VM_CACHE", "/var/cache/tcpencap-vm"))
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VENV = "/opt/tcpencap/.venv"
 SRC = "/opt/tcpencap/src"
 
-GUEST_PACKAGES = (
+
+@dataclass(frozen=True)
+class Suite:
+    """One Debian release the lab boots: its name and what debootstrap installs into it."""
+
+    name: str
+    release: int  # Debian's version number, for messages
+    packages: tuple[str, ...]
+
+
+_BOOT_AND_TOOLS = (
     # a bootable Debian with systemd as PID 1
     "linux-image-amd64 systemd systemd-sysv udev kmod procps iproute2 "
-    # strongSwan as a server runs it: charon-systemd (strongswan.service) and the lab's charon
-    "charon-systemd strongswan-charon strongswan-swanctl libstrongswan-standard-plugins "
-    "libstrongswan-extra-plugins libcharon-extra-plugins libcharon-extauth-plugins "
+)
+_LAB_TOOLS = (
     # what tcpencap and the lab call
     "iptables ipset tcpdump iputils-ping "
     # to build netfilterqueue into the venv
     "python3 python3-venv python3-dev gcc libc6-dev libnetfilter-queue-dev"
-).split()
+)
+SUITES = {
+    "bookworm": Suite(
+        "bookworm",
+        12,
+        tuple(
+            (
+                _BOOT_AND_TOOLS
+                # strongSwan as a server runs it: charon-systemd (strongswan.service), and the
+                # lab's own charon instances (tests/labkit: /usr/lib/ipsec/charon)
+                + "charon-systemd strongswan-charon strongswan-swanctl "
+                "libstrongswan-standard-plugins libstrongswan-extra-plugins "
+                "libcharon-extra-plugins libcharon-extauth-plugins " + _LAB_TOOLS
+            ).split()
+        ),
+    ),
+    "trixie": Suite(
+        "trixie",
+        13,
+        tuple(
+            (
+                _BOOT_AND_TOOLS
+                # charon-systemd conflicts with strongswan-charon in trixie: the lab's charon
+                # instances run /usr/sbin/charon-systemd there (tests/labkit/charon.py). The
+                # plugins the lab loads moved: openssl into libstrongswan; aes, hmac, kdf,
+                # sha1, sha2 into libstrongswan-extra-plugins.
+                + "charon-systemd strongswan-swanctl libstrongswan "
+                "libstrongswan-standard-plugins libstrongswan-extra-plugins "
+                "libcharon-extra-plugins libcharon-extauth-plugins " + _LAB_TOOLS
+            ).split()
+        ),
+    ),
+}
+
+
+def selected_suites() -> list[str]:
+    """The suites to boot: TCPENCAP_VM_SUITES (comma-separated; scripts/vm-test.sh --suite
+    sets it), or all of them."""
+    wanted = [s for s in os.environ.get("TCPENCAP_VM_SUITES", "").split(",") if s]
+    unknown = sorted(set(wanted) - set(SUITES))
+    if unknown:
+        raise GuestError(f"unknown suite(s) {unknown}; known: {sorted(SUITES)}")
+    return wanted or list(SUITES)
+
 
 # Written into the guest: fstab for the shares, and the unit that runs the host's script.
 FSTAB = """\
@@ -99,8 +154,10 @@ def _requirements() -> list[str]:
     return sorted(r for r in reqs if not r.startswith("ruff"))
 
 
-def cache_key() -> str:
-    text = "\n".join([SUITE, MIRROR, *GUEST_PACKAGES, *_requirements(), FSTAB, RUN_UNIT])
+def cache_key(suite: Suite) -> str:
+    """What decides the base root file system's content. Bookworm's text is what it was
+    before suites existed, so CI's cached bookworm base keeps its key."""
+    text = "\n".join([suite.name, MIRROR, *suite.packages, *_requirements(), FSTAB, RUN_UNIT])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -145,9 +202,9 @@ def _chroot_mounts(root: Path) -> Iterator[None]:
             subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def base_rootfs(log: Path) -> Path:
-    """The cached guest root file system, built on first use (a few minutes)."""
-    base = CACHE / f"guest-{cache_key()}"
+def base_rootfs(suite: Suite, log: Path) -> Path:
+    """The cached guest root file system of ``suite``, built on first use (a few minutes)."""
+    base = CACHE / f"guest-{cache_key(suite)}"
     if (base / ".complete").exists():
         return base
     tmp = base.with_name(base.name + ".tmp")
@@ -155,8 +212,8 @@ def base_rootfs(log: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         CACHE.mkdir(parents=True, exist_ok=True)
         _run(
-            ["debootstrap", "--variant=minbase", f"--include={','.join(GUEST_PACKAGES)}", SUITE]
-            + [str(tmp), MIRROR],
+            ["debootstrap", "--variant=minbase", f"--include={','.join(suite.packages)}"]
+            + [suite.name, str(tmp), MIRROR],
             log,
         )
         (tmp / ".debootstrapped").touch()
@@ -187,11 +244,63 @@ class Image:
     initrd: Path
 
 
-def build_image(out: Path, log: Path, tree: Path = REPO_ROOT) -> Image:
-    """An ext4 image: the cached base plus ``tree``'s files (tracked and untracked, not
-    ignored), pip-installed into the venv and byte-compiled (imports in the guest are slow
-    enough already)."""
-    base = base_rootfs(log)
+# Puts tcpencap into the image's root file system ``root`` (mounted, with /proc, /sys, /dev and
+# /run for package scripts) from the checkout copied to ``root``/SRC; writes to ``log``.
+Installer = Callable[[Path, Path], None]
+
+
+def pip_install(root: Path, log: Path) -> None:
+    """tcpencap into the venv with ``pip install``, as the README's deployment section says
+    (builds the native extension in the guest's own toolchain)."""
+    pip = [f"{VENV}/bin/python", "-m", "pip", "install", "-q", "--no-deps", "--no-cache-dir"]
+    _run(["chroot", str(root), *pip, SRC], log, env=_chroot_env())
+
+
+def copy_checkout(tree: Path, dest: Path) -> None:
+    """``tree``'s files (tracked and untracked, not ignored) to ``dest``: the guest runs its
+    scenarios from there, whatever installed tcpencap."""
+    argv = ["git", "-C", str(tree), "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    files = subprocess.run(argv, capture_output=True, check=True).stdout.split(b"\0")
+    for name in filter(None, files):
+        rel = Path(os.fsdecode(name))
+        if (tree / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(tree / rel, dest / rel)
+
+
+def kernel_and_initrd(root: Path) -> tuple[Path, Path]:
+    """The newest kernel and its initrd in ``root``: /boot's vmlinuz-VERSION and
+    initrd.img-VERSION (bookworm's 6.1 and trixie's 6.12 both keep them there), or
+    /usr/lib/modules/VERSION/ (where Debian's 7.x kernels keep vmlinuz)."""
+    boot_dir = root / "boot"
+    kernels = {p.name.removeprefix("vmlinuz-"): p for p in boot_dir.glob("vmlinuz-*")}
+    kernels |= {
+        p.parent.name: p
+        for p in (root / "usr/lib/modules").glob("*/vmlinuz")
+        if p.parent.name not in kernels
+    }
+    if not kernels:
+        raise GuestError(f"no kernel in {boot_dir} or {root}/usr/lib/modules/*/")
+    version = max(kernels, key=_version_key)
+    for initrd in (
+        boot_dir / f"initrd.img-{version}",
+        root / f"usr/lib/modules/{version}/initrd.img",
+    ):
+        if initrd.exists():
+            return kernels[version], initrd
+    raise GuestError(f"kernel {version} has no initrd in {boot_dir} or its modules directory")
+
+
+def _version_key(version: str) -> list[int]:
+    return [int(n) for n in re.findall(r"\d+", version)]
+
+
+def build_image(
+    suite: Suite, out: Path, log: Path, tree: Path = REPO_ROOT, install: Installer = pip_install
+) -> Image:
+    """An ext4 image: ``suite``'s cached base plus ``tree``'s files in SRC, tcpencap put in
+    by ``install``, and SRC byte-compiled (imports in the guest are slow enough already)."""
+    base = base_rootfs(suite, log)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="guest-overlay.", dir=out))
     merged, upper, wdir = work / "merged", work / "upper", work / "work"
@@ -202,42 +311,11 @@ def build_image(out: Path, log: Path, tree: Path = REPO_ROOT) -> Image:
         + [f"lowerdir={base},upperdir={upper},workdir={wdir}", str(merged)]
     )
     try:
-        src = merged / SRC.lstrip("/")
-        src.parent.mkdir(parents=True, exist_ok=True)
-        files = subprocess.run(
-            [
-                "git",
-                "-C",
-                str(tree),
-                "ls-files",
-                "-z",
-                "--cached",
-                "--others",
-                "--exclude-standard",
-            ],
-            capture_output=True,
-            check=True,
-        ).stdout.split(b"\0")
-        for name in filter(None, files):
-            rel = Path(os.fsdecode(name))
-            if (tree / rel).is_file():
-                (src / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(tree / rel, src / rel)
+        copy_checkout(tree, merged / SRC.lstrip("/"))
         with _chroot_mounts(merged):
-            env = _chroot_env()
-            pip = [
-                f"{VENV}/bin/python",
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "--no-deps",
-                "--no-cache-dir",
-            ]
-            _run(["chroot", str(merged), *pip, SRC], log, env=env)
+            install(merged, log)
             _run(["chroot", str(merged), f"{VENV}/bin/python", "-m", "compileall", "-q", SRC], log)
-        kernel = sorted((merged / "boot").glob("vmlinuz-*"))[-1]
-        initrd = sorted((merged / "boot").glob("initrd.img-*"))[-1]
+        kernel, initrd = kernel_and_initrd(merged)
         image = Image(out / "guest.img", out / "vmlinuz", out / "initrd.img")
         shutil.copyfile(kernel, image.kernel)
         shutil.copyfile(initrd, image.initrd)
@@ -311,17 +389,25 @@ def boot(
 
 
 def run_pytest(
-    work: Path, test_file: str, timeout: float
+    suite: Suite, work: Path, test_file: str, timeout: float, install: Installer = pip_install
 ) -> tuple[Boot, dict[str, dict[str, str]]]:
-    """Build the image, boot it once and run ``test_file`` (relative to the checkout) under
-    pytest in the guest (its labs choose the kernel backend); returns the boot and, per test
-    name, its time, failure text ("" if it passed) and output."""
+    """Build ``suite``'s image, boot it once and run ``test_file`` (relative to the checkout)
+    under pytest in the guest (its labs choose the kernel backend); returns the boot and, per
+    test name, its time, failure text ("" if it passed) and output."""
     import xml.etree.ElementTree as ET
 
-    image = build_image(work / "image", work / "build.log")
+    image = build_image(suite, work / "image", work / "build.log", install=install)
     script = f"""\
 cd {SRC}
-echo "guest kernel: $(uname -r)"
+charon=$({VENV}/bin/python -c 'from tests.labkit.charon import CHARON; print(CHARON)')
+strongswan=$(dpkg-query -W -f '${{Version}}' libstrongswan)
+echo "guest: $(. /etc/os-release; echo "$PRETTY_NAME"), kernel $(uname -r)," \
+    "$(systemctl --version | head -1), strongSwan $strongswan, lab charon $charon"
+# The first swanctl after boot took over 30 s once in trixie's guest (its lab timeout; later
+# ones well under a second): timed here, outside every scenario, with the kernel's CRNG state.
+t0=$(date +%s%N); swanctl --version >/dev/null 2>&1
+echo "first swanctl after boot: $(( ($(date +%s%N) - t0) / 1000000 )) ms;" \
+    "$(dmesg 2>/dev/null | grep -m1 'crng init' || echo 'no crng init line')"
 export PYTHONDONTWRITEBYTECODE=1 TCPENCAP_LAB_FAILED_LOGS=/results/labs
 timeout {int(timeout) - 120} {VENV}/bin/python -m pytest -p no:cacheprovider -v -s -rA \\
     --junitxml=/results/junit.xml {test_file}
@@ -331,7 +417,10 @@ exit $rc
 """
     result = boot(image, script, work / "results", timeout=timeout)
     image.path.unlink(missing_ok=True)  # 4 GB (sparse); the logs stay
-    print(f"\nguest: {test_file}: {result.seconds:.0f} s wall, exit {result.returncode}; {work}")
+    print(
+        f"\nguest {suite.name}: {test_file}: {result.seconds:.0f} s wall, "
+        f"exit {result.returncode}; {work}\n" + "\n".join(result.run_log().splitlines()[:2])
+    )
     cases: dict[str, dict[str, str]] = {}
     junit = result.results / "junit.xml"
     if junit.exists():
@@ -346,6 +435,15 @@ exit $rc
                 "out": case.findtext("system-out") or "",
             }
     return result, cases
+
+
+def run_suite(name: str, tmp: Any, test_file: str, timeout: float) -> dict[str, Any]:
+    """``run_pytest`` in suite ``name``'s guest, in a fresh directory of pytest's
+    ``tmp_path_factory`` ``tmp``: what the host-side tests' module fixture returns."""
+    suite = SUITES[name]
+    work = tmp.mktemp(f"vm-{Path(test_file).stem}-{name}")
+    boot, cases = run_pytest(suite, work, test_file, timeout)
+    return {"boot": boot, "cases": cases}
 
 
 def report(cases: dict[str, dict[str, str]], boot: Boot, name: str) -> str:

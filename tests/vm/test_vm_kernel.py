@@ -1,6 +1,7 @@
-"""The stock-kernel lab: tests/vm/kernel_scenarios.py run inside a Debian 12 guest (the stock
-kernel, ESP in XFRM through kernel-netlink), one boot for all of them. Each scenario is reported
-here as its own test, with what it printed in the guest.
+"""The stock-kernel lab: tests/vm/kernel_scenarios.py run inside each Debian guest (12 and
+13, ``guest.SUITES``: the stock kernel, ESP in XFRM through kernel-netlink), one boot per suite
+for all of them. Each scenario is reported here as its own test per suite (``[bookworm-...]``,
+``[trixie-...]``), with what it printed in the guest.
 
 Run with `bash scripts/vm-test.sh` (CI does). Needs root, qemu-system-x86_64 and debootstrap;
 the first run builds the cached guest root file system (a few minutes).
@@ -33,11 +34,11 @@ SCENARIOS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def guest_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    work = tmp_path_factory.mktemp("vm-kernel")
-    boot, cases = guest.run_pytest(work, "tests/vm/kernel_scenarios.py", timeout=3000)
-    return {"boot": boot, "cases": cases}
+@pytest.fixture(scope="module", params=guest.selected_suites())
+def guest_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return guest.run_suite(
+        request.param, tmp_path_factory, "tests/vm/kernel_scenarios.py", timeout=3000
+    )
 
 
 def test_guest_ran_every_scenario(guest_run: dict[str, Any]) -> None:

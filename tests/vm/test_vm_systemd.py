@@ -1,6 +1,7 @@
-"""systemd for real: tests/vm/systemd_scenarios.py in a Debian 12 guest booted with systemd as
-PID 1, charon-systemd's strongswan.service and configs/tcpencap.service installed as the README
-says. Each step is reported here as its own test, with what it printed in the guest.
+"""systemd for real: tests/vm/systemd_scenarios.py in each Debian guest (12 with systemd 252,
+13 with systemd 257) booted with systemd as PID 1, charon-systemd's strongswan.service and
+configs/tcpencap.service installed as the README says. Each step is reported here as its own
+test per suite, with what it printed in the guest.
 
 Run with `bash scripts/vm-test.sh` (CI does).
 """
@@ -25,11 +26,11 @@ STEPS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def guest_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    work = tmp_path_factory.mktemp("vm-systemd")
-    boot, cases = guest.run_pytest(work, "tests/vm/systemd_scenarios.py", timeout=1500)
-    return {"boot": boot, "cases": cases}
+@pytest.fixture(scope="module", params=guest.selected_suites())
+def guest_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return guest.run_suite(
+        request.param, tmp_path_factory, "tests/vm/systemd_scenarios.py", timeout=1500
+    )
 
 
 @pytest.mark.parametrize("name", STEPS)
