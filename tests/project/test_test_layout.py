@@ -13,14 +13,7 @@ PACKAGES = ("tcpencap", "nfq", "vici_bridge")
 NO_TESTS_NEEDED = {"__init__.py", "__main__.py"}
 
 # Modules whose test files are on their way; each entry leaves once its file is merged.
-WAITING = {
-    # engine2's modules (issue 24): their test files are being written
-    "tcpencap/core/sa_effects.py",
-    "tcpencap/core/sa_handover.py",
-    "tcpencap/core/sa_questions.py",
-    "tcpencap/core/sa_resumption.py",
-    "tcpencap/core/frame_drain.py",
-}
+WAITING: set[str] = set()
 
 # Folders of tests that belong to no one module (tests/ itself holds those of tcpencap/*.py).
 OTHER_FOLDERS = {"lab", "labkit", "vm", "fuzz", "project"}
