@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tcpencap.core.sa_questions import RECONCILE_AFTER_EVENT
 from tcpencap.core.sa_sync import UNLISTED_GRACE
 from tests.labkit import Host, Lab, Process, ping, psk_conf, tcpencap_conf, unanswered
 from tests.labkit.e2e import assert_pings, ike_sa, listen_addr
@@ -431,10 +432,13 @@ def test_rekey_collisions(encap: str) -> None:
         )
         for h in (c1, gw):
             if encap == "rfc9329":  # the redundant SAs' SPIs leave after their grace
+                # The engine asks list-sas RECONCILE_AFTER_EVENT after the last rekey event,
+                # finds the old SPIs unlisted, and unbinds them at the first answer
+                # UNLISTED_GRACE later: two list-sas round trips, each slow on a busy host.
                 wait_for(
                     f"{h.role} status == list-sas",
                     lambda h=h: not status_matches_charon(h),
-                    UNLISTED_GRACE + 5,
+                    RECONCILE_AFTER_EVENT + UNLISTED_GRACE + 10,
                     0.2,
                     lambda h=h: status_matches_charon(h),
                 )
