@@ -100,8 +100,10 @@ native=$(.venv/bin/python -c 'from tcpencap.native import load; m, why = load();
   || native="cannot import tcpencap.native: $native"
 [ -z "$native" ] || problems+=("the native data path did not build ($native): gcc and python3-dev are needed, then rerun")
 [ -x /usr/lib/ipsec/charon ] || problems+=("/usr/lib/ipsec/charon is missing: install strongswan-charon")
-# scripts/fuzz-native.sh links its targets with libFuzzer and the sanitizers' runtimes.
-[ -f "$(clang -print-runtime-dir 2>/dev/null)/libclang_rt.fuzzer-x86_64.a" ] \
+# scripts/fuzz-native.sh links its targets with libFuzzer and the sanitizers' runtimes. clang 14
+# names it libclang_rt.fuzzer-x86_64.a; clang 19 keeps one directory per target, without the suffix.
+runtime_dir=$(clang -print-runtime-dir 2>/dev/null || true)
+[ -f "$runtime_dir/libclang_rt.fuzzer-x86_64.a" ] || [ -f "$runtime_dir/libclang_rt.fuzzer.a" ] \
   || problems+=("libFuzzer is missing: install libclang-rt-$(clang -dumpversion | cut -d. -f1)-dev")
 for entry in "${PLUGIN_PACKAGES[@]}"; do
   plugin=${entry%%:*} package=${entry#*:}
