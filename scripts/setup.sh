@@ -100,11 +100,14 @@ native=$(.venv/bin/python -c 'from tcpencap.native import load; m, why = load();
   || native="cannot import tcpencap.native: $native"
 [ -z "$native" ] || problems+=("the native data path did not build ($native): gcc and python3-dev are needed, then rerun")
 [ -x /usr/lib/ipsec/charon ] || problems+=("/usr/lib/ipsec/charon is missing: install strongswan-charon")
-# scripts/fuzz-native.sh links its targets with libFuzzer and the sanitizers' runtimes. clang 14
-# names it libclang_rt.fuzzer-x86_64.a; clang 19 keeps one directory per target, without the suffix.
-runtime_dir=$(clang -print-runtime-dir 2>/dev/null || true)
-[ -f "$runtime_dir/libclang_rt.fuzzer-x86_64.a" ] || [ -f "$runtime_dir/libclang_rt.fuzzer.a" ] \
+# scripts/fuzz-native.sh links its targets with libFuzzer and the sanitizers' runtimes: link a
+# trivial one, since where the runtime lives differs by clang release (clang 19 names a
+# per-target directory that Debian does not use).
+probe=$(mktemp -d)
+printf 'int LLVMFuzzerTestOneInput(const unsigned char *d, unsigned long n) { return 0; }\n' >"$probe/probe.c"
+clang -fsanitize=fuzzer,address,undefined "$probe/probe.c" -o "$probe/probe" 2>/dev/null \
   || problems+=("libFuzzer is missing: install libclang-rt-$(clang -dumpversion | cut -d. -f1)-dev")
+rm -rf "$probe"
 for entry in "${PLUGIN_PACKAGES[@]}"; do
   plugin=${entry%%:*} package=${entry#*:}
   [ -f "/usr/lib/ipsec/plugins/libstrongswan-$plugin.so" ] \
