@@ -61,7 +61,7 @@ for t in "${targets[@]}"; do
   [ -f "tests/fuzz/native/fuzz_$t.c" ] || { echo "fuzz-native: no target '$t'" >&2; exit 2; }
   clang "${CFLAGS[@]}" -I"$src" -I"$inc" "tests/fuzz/native/fuzz_$t.c" "${units[@]}" \
     -o "$out/bin/fuzz_$t" -L"$libdir" -lpython"$ldversion" -Wl,-rpath,"$libdir" \
-    || { echo "fuzz-native: building $t failed (libFuzzer is in libclang-rt-14-dev: scripts/setup.sh)" >&2; exit 1; }
+    || { echo "fuzz-native: building $t failed (libFuzzer is in the suite clang's libclang-rt-N-dev: scripts/setup.sh)" >&2; exit 1; }
 done
 
 # A report stops the target at once (-fno-sanitize-recover, libFuzzer's default on a crash);

@@ -523,15 +523,20 @@ def test_unit_file_keys() -> None:
     assert s["Install"]["WantedBy"] == ["multi-user.target"]
 
 
-def test_unit_file_verifies(tmp_path: Path) -> None:
-    """systemd-analyze verify in a scratch root with the system's units, a stub
-    strongswan.service and a stub /opt/tcpencap/.venv/bin/tcpencap: no warning at all."""
+def _verify_in_scratch_root(root: Path, unit_text: str) -> subprocess.CompletedProcess[str]:
+    """``systemd-analyze verify --root`` of ``unit_text`` as tcpencap.service in a scratch root
+    laid out as Debian 12 and 13 are (merged /usr: /lib and /bin are links into /usr), with the
+    system's units, a stub strongswan.service and a stub /opt/tcpencap/.venv/bin/tcpencap.
+    systemd 257 (Debian 13) looks for units only under /usr/lib, no longer /lib: a root with a
+    real /lib/systemd/system fails there with "Unit sysinit.target not found"."""
     tool = shutil.which("systemd-analyze")
     assert tool, "systemd-analyze is needed (Debian package systemd; scripts/setup.sh installs it)"
-    root = tmp_path / "root"
     (root / "etc/systemd/system").mkdir(parents=True)
-    shutil.copytree("/lib/systemd/system", root / "lib/systemd/system", symlinks=True)
-    for exe in ("opt/tcpencap/.venv/bin/tcpencap", "bin/kill"):
+    (root / "usr/bin").mkdir(parents=True)
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    for top in ("lib", "bin"):
+        (root / top).symlink_to(f"usr/{top}")
+    for exe in ("opt/tcpencap/.venv/bin/tcpencap", "usr/bin/kill"):
         p = root / exe
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("#!/bin/sh\n")
@@ -539,11 +544,26 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
     (root / "etc/systemd/system/strongswan.service").write_text(
         "[Unit]\nDescription=stub\n[Service]\nExecStart=/bin/kill\n"
     )
-    shutil.copyfile(UNIT, root / "etc/systemd/system/tcpencap.service")
-    res = subprocess.run(
+    (root / "etc/systemd/system/tcpencap.service").write_text(unit_text)
+    return subprocess.run(
         [tool, "verify", f"--root={root}", "tcpencap.service"],
         capture_output=True,
         text=True,
         check=False,
     )
+
+
+def test_unit_file_verifies(tmp_path: Path) -> None:
+    """systemd-analyze verify passes the unit without a warning at all, and (so a scratch
+    root it cannot read is not mistaken for a pass) fails the same unit with its program
+    missing."""
+    unit = UNIT.read_text()
+    res = _verify_in_scratch_root(tmp_path / "good", unit)
     assert res.returncode == 0 and not (res.stdout + res.stderr).strip(), res.stdout + res.stderr
+    assert "/opt/tcpencap/.venv/bin/tcpencap" in unit
+    broken = unit.replace("/opt/tcpencap/.venv/bin/tcpencap", "/opt/missing/bin/tcpencap")
+    res = _verify_in_scratch_root(tmp_path / "broken", broken)
+    lines = (res.stdout + res.stderr).strip().splitlines()
+    # its one complaint, and only that one (no unit it could not find)
+    assert res.returncode != 0 and lines, lines
+    assert all("/opt/missing/bin/tcpencap" in line for line in lines), lines

@@ -59,6 +59,7 @@ API::
     ping(host, dst, src=None, count=3, interval=0.05, timeout=3.0) -> (sent, received)
     unanswered(host, dst, src=None, count=3, ...) -> [seq]  # of the first count, no reply
     vici_to_str(obj)                                 # vici's bytes to str, recursively
+    charon_version() -> (6, 0, 1)                    # the installed charon's release
     LabError, CharonError(LabError)
 """
 
@@ -70,6 +71,7 @@ from .charon import (
     OPTIONAL_PLUGINS,
     Charon,
     CharonError,
+    charon_version,
     vici_to_str,
 )
 from .configs import cert_conf, default_name, ike_id, psk_conf, tcpencap_conf
@@ -92,6 +94,7 @@ __all__ = [
     "Pki",
     "Process",
     "cert_conf",
+    "charon_version",
     "default_name",
     "ike_id",
     "make_ca",

@@ -4,6 +4,7 @@ socket, and a handle (``Charon``) for loading swanctl configuration and driving 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -41,6 +42,17 @@ IPSEC_BACKENDS = ("libipsec", "kernel")
 SWANCTL_SUBDIRS = (
     "x509 x509ca x509ocsp x509aa x509ac x509crl pubkey private rsa ecdsa bliss pkcs8 pkcs12"
 ).split()
+
+
+@functools.cache
+def charon_version() -> tuple[int, ...]:
+    """The installed charon's release, ("Linux strongSwan 6.0.1" -> (6, 0, 1)): a test whose
+    expectation changed between strongSwan releases branches on it instead of hoping."""
+    out = run([CHARON, "--version"]).stdout
+    m = re.search(r"strongSwan U?(\d+(?:\.\d+)+)", out)
+    if not m:
+        raise LabError(f"{CHARON} --version: no strongSwan release in {out!r}")
+    return tuple(int(part) for part in m.group(1).split("."))
 
 
 class CharonError(LabError):

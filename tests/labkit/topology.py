@@ -335,12 +335,16 @@ def ping(
     interval: float = 0.05,
     timeout: float = 3.0,
 ) -> tuple[int, int]:
-    """Ping ``dst`` from ``host``; returns (sent, received), never raises on loss."""
-    out = _run_ping(host, dst, src, count, interval, timeout, quiet=True)
-    m = re.search(r"(\d+) packets transmitted, (\d+) (?:packets )?received", out)
+    """Ping ``dst`` from ``host``; returns (sent, received) of the first ``count`` echo
+    requests, never raises on loss. Only those count: ``ping -c N -w T`` sends until N replies
+    are in, so on a slow host a late reply makes it send one more, reported as (N+1, N) or
+    (N+1, N+1) (see ``unanswered``; seen on Debian 12 and 13 alike)."""
+    out = _run_ping(host, dst, src, count, interval, timeout, quiet=False)
+    m = re.search(r"(\d+) packets transmitted", out)
     if not m:
         raise LabError(f"ping {dst} from {host.role}: {out}")
-    return int(m.group(1)), int(m.group(2))
+    sent = min(int(m.group(1)), count)
+    return sent, sent - len(unanswered_in(out, sent))
 
 
 def unanswered(

@@ -11,7 +11,6 @@ system, in a network namespace of its own (the rules must not touch this machine
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 import subprocess
 import sys
@@ -213,16 +212,41 @@ def test_lintian_has_no_errors(built: Path) -> None:
 
 # ---------------------------------------------------------------- install, remove, purge (lab)
 
-FRESH_BASE_KEY = hashlib.sha256(b"bookworm http://deb.debian.org/debian minbase").hexdigest()[:12]
-FRESH_BASE = Path("/var/cache/tcpencap-vm") / f"fresh-{FRESH_BASE_KEY}"
+
+def host_suite() -> str:
+    """This machine's Debian suite: the package built here installs into the same suite."""
+    for line in Path("/etc/os-release").read_text().splitlines():
+        if line.startswith("VERSION_CODENAME="):
+            return line.split("=", 1)[1].strip('"')
+    raise AssertionError("/etc/os-release names no VERSION_CODENAME")
+
+
+def fresh_base() -> Path:
+    """The fresh-machine check's pristine root file system of this suite, built once (cached;
+    inside the fresh-machine check itself it is built in there, from the Debian archive)."""
+    proc = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "scripts/fresh-machine-check.sh"),
+            "--suite",
+            host_suite(),
+            "--base-only",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base = Path(proc.stdout.strip().splitlines()[-1])
+    assert (base / ".complete").is_file(), base
+    return base
 
 
 @pytest.fixture
 def chroot(tmp_path: Path) -> Iterator[Path]:
-    """A throw-away overlay of the fresh-machine check's Debian 12 base (never changed)."""
-    assert (FRESH_BASE / ".complete").is_file(), (
-        f"{FRESH_BASE} missing: bash scripts/fresh-machine-check.sh builds it"
-    )
+    """A throw-away overlay of the fresh-machine check's base of this suite (never changed)."""
+    base = fresh_base()
     root, upper, work = tmp_path / "root", tmp_path / "upper", tmp_path / "work"
     for d in (root, upper, work):
         d.mkdir()
@@ -233,7 +257,7 @@ def chroot(tmp_path: Path) -> Iterator[Path]:
         mounts.append(target)
 
     try:
-        opts = f"lowerdir={FRESH_BASE},upperdir={upper},workdir={work}"
+        opts = f"lowerdir={base},upperdir={upper},workdir={work}"
         mount("-t", "overlay", "overlay", "-o", opts, target=root)
         mount("-t", "proc", "proc", target=root / "proc")
         mount("--bind", "/dev", target=root / "dev")
