@@ -14,7 +14,8 @@ APT_PACKAGES=(
   libnetfilter-queue-dev gcc libc6-dev python3-dev python3-venv vpnc openvpn linux-perf
   qemu-system-x86 debootstrap haproxy curl openssl
   clang
-  dpkg-dev debhelper dh-python fakeroot lintian python3-setuptools cython3
+  # scripts/build-deb.sh: dpkg-buildpackage needs build-essential, which a fresh Debian lacks
+  build-essential dpkg-dev debhelper dh-python fakeroot lintian python3-setuptools cython3
 )
 # Per suite: libFuzzer and the sanitizers' runtimes belong to the suite's default clang
 # (14 in bookworm, 19 in trixie).
@@ -92,7 +93,7 @@ TOOL_PACKAGES=(
   ping:iputils-ping iperf3:iperf3 socat:socat vpnc:vpnc gcc:gcc swanctl:strongswan-swanctl
   ps:procps systemd-analyze:systemd git:git qemu-system-x86_64:qemu-system-x86
   debootstrap:debootstrap openvpn:openvpn perf:linux-perf haproxy:haproxy curl:curl
-  openssl:openssl clang:clang
+  openssl:openssl clang:clang dpkg-buildpackage:dpkg-dev dh:debhelper lintian:lintian
 )
 problems=()
 # The build makes the extension optional (a deployment without a compiler still runs, on the
