@@ -15,7 +15,8 @@ APT_PACKAGES=(
   qemu-system-x86 debootstrap haproxy curl openssl
   clang
   # scripts/build-deb.sh: dpkg-buildpackage needs build-essential, which a fresh Debian lacks
-  build-essential dpkg-dev debhelper dh-python fakeroot lintian python3-setuptools cython3
+  build-essential dpkg-dev debhelper dh-python fakeroot lintian python3-setuptools python3-wheel
+  cython3
 )
 # Per suite: libFuzzer and the sanitizers' runtimes belong to the suite's default clang
 # (14 in bookworm, 19 in trixie).
