@@ -13,17 +13,9 @@ from hypothesis import strategies as st
 from tcpencap.config import parse_config
 from tcpencap.core import reload as plans
 from tcpencap.wire.packet import addr_bytes
+from tests.core.test_rfc9329_engine import client_config
 
 G = "198.19.0.2"
-
-
-def client_config(transport: str = "tcp", timeout: str = "2s") -> Any:
-    return parse_config(
-        "tcpencap {\n connections {\n  c1-gw {\n"
-        f"   remote_addrs = {G}\n   transport = {transport}\n   fallback_timeout = {timeout}\n"
-        "  }\n }\n}\n",
-        "/etc/strongswan.d/tcpencap.conf",
-    )
 
 
 def test_reload_changed_ctcp_connection_replans_the_ctcp_peers() -> None:
