@@ -15,8 +15,6 @@ from tcpencap.core import reload as plans
 from tcpencap.wire.packet import addr_bytes
 from tests.core.test_rfc9329_engine import client_config
 
-G = "198.19.0.2"
-
 
 def test_reload_changed_ctcp_connection_replans_the_ctcp_peers() -> None:
     def ctcp(addr: str, port: int) -> Any:
