@@ -49,6 +49,21 @@ def private_netns(prefix: str, tools: tuple[str, ...]) -> Iterator[str]:
         assert name not in listed, f"namespace {name} left behind"
 
 
+def python_in_netns(ns: str, code: str, timeout: float = 120) -> Any:
+    """Run ``code`` with this interpreter (and this checkout on the path) inside ``ns``;
+    what it printed last, read as JSON. A failed child fails the test with its stderr."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": root},
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"child failed:\n{proc.stderr}"
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
 def listen_addr(host: Host, family: int, port: int) -> str:
     """``ADDR:PORT`` for a gateway listener, IPv6 in brackets."""
     addr = host.outer(family)

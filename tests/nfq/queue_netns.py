@@ -5,17 +5,13 @@ child prints JSON (what the handler saw, what the receiver got,
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.labkit.e2e import private_netns
+from tests.labkit.e2e import private_netns, python_in_netns
 
 REPO = Path(__file__).resolve().parents[2]
 PORT, QUEUE = 47001, 4777
@@ -55,15 +51,7 @@ CHILD = textwrap.dedent(
 
 def run_in_ns(ns: str, body: str) -> dict:
     code = CHILD + textwrap.dedent(body) + "\nprint(json.dumps(out))\n"
-    proc = subprocess.run(
-        ["ip", "netns", "exec", ns, sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        timeout=60,
-    )
-    assert proc.returncode == 0, f"child failed:\n{proc.stderr}"
-    return json.loads(proc.stdout.splitlines()[-1])
+    return python_in_netns(ns, code, timeout=60)
 
 
 @pytest.fixture

@@ -9,17 +9,13 @@ root and iptables: fails loudly without."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.labkit.e2e import private_netns
+from tests.labkit.e2e import private_netns, python_in_netns
 
 REPO = Path(__file__).resolve().parents[2]
 MARK = "0x63746370"
@@ -50,16 +46,7 @@ PRELUDE = textwrap.dedent(
 
 
 def run_in_ns(ns: str, body: str) -> dict:
-    code = PRELUDE + textwrap.dedent(body) + "\nprint(json.dumps(out))\n"
-    proc = subprocess.run(
-        ["ip", "netns", "exec", ns, sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        timeout=120,
-    )
-    assert proc.returncode == 0, f"child failed:\n{proc.stderr}"
-    res = json.loads(proc.stdout.splitlines()[-1])
+    res = python_in_netns(ns, PRELUDE + textwrap.dedent(body) + "\nprint(json.dumps(out))\n")
     return {
         k: {int(f): v for f, v in s.items()} if isinstance(s, dict) else s for k, s in res.items()
     }

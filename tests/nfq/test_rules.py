@@ -8,8 +8,6 @@ helpers), and the assertions are made here. Needs root and iptables: fails loudl
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -17,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.labkit.e2e import private_netns
+from tests.labkit.e2e import private_netns, python_in_netns
 
 REPO = Path(__file__).resolve().parents[2]
 CHAIN = "TCPENCAP_OUT"
@@ -123,17 +121,7 @@ PRELUDE = textwrap.dedent(
 
 def run_in_ns(ns: str, body: str) -> dict:
     code = f"UNRELATED = {UNRELATED!r}\n" + PRELUDE + textwrap.dedent(body)
-    code += "\nprint(json.dumps(out))\n"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        ["ip", "netns", "exec", ns, sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert proc.returncode == 0, f"child failed:\n{proc.stderr}"
-    res = json.loads(proc.stdout.splitlines()[-1])
+    res = python_in_netns(ns, code + "\nprint(json.dumps(out))\n")
     # JSON object keys are strings: give the family keys back as ints.
     return {
         k: {int(f): v for f, v in s.items()} if isinstance(s, dict) else s for k, s in res.items()
