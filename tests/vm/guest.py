@@ -9,7 +9,7 @@ systemd as PID 1, runs here. Test-side code: never installed with the daemon.
   directory per key of everything that decides its content, never changed after it is built.
 - ``build_image(suite, out)``: that root file system plus this checkout (in SRC, where the
   guest runs the scenarios from) and tcpencap put in by an ``Installer`` (``pip_install``:
-  into the venv, as the README's deployment section says), as one ext4 image.
+  into the lab's venv; tests/vm/package.py's adds the Debian package), as one ext4 image.
 - ``boot(image, script, results, timeout)``: boots systemd in the image under software
   emulation (KVM guests hang on these machines), runs ``script`` as root from a unit ordered
   after multi-user.target with ``/results`` shared with the host, and powers off.
@@ -133,7 +133,7 @@ class GuestError(RuntimeError):
     """The guest could not be built or booted; the message carries the log tail."""
 
 
-def _run(argv: list[str], log: Path | None = None, timeout: float = 1800, **kw) -> None:
+def run_logged(argv: list[str], log: Path | None = None, timeout: float = 1800, **kw) -> None:
     res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
     if log is not None:
         with open(log, "a") as f:
@@ -164,7 +164,7 @@ def cache_key(suite: Suite) -> str:
 HOST_CA = "/run/host-ca.pem"  # inside the chroot, on a tmpfs gone with it
 
 
-def _chroot_env() -> dict[str, str]:
+def chroot_env() -> dict[str, str]:
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
     if _host_ca():
         env["PIP_CERT"] = HOST_CA
@@ -180,7 +180,7 @@ def _host_ca() -> str | None:
 
 
 @contextlib.contextmanager
-def _chroot_mounts(root: Path) -> Iterator[None]:
+def chroot_mounts(root: Path) -> Iterator[None]:
     """/proc, /sys, /dev and a resolv.conf, for package scripts and pip inside ``root``."""
     done: list[Path] = []
     try:
@@ -211,16 +211,16 @@ def base_rootfs(suite: Suite, log: Path) -> Path:
     if not (tmp / ".debootstrapped").exists():  # a finished debootstrap is kept for a retry
         shutil.rmtree(tmp, ignore_errors=True)
         CACHE.mkdir(parents=True, exist_ok=True)
-        _run(
+        run_logged(
             ["debootstrap", "--variant=minbase", f"--include={','.join(suite.packages)}"]
             + [suite.name, str(tmp), MIRROR],
             log,
         )
         (tmp / ".debootstrapped").touch()
-    with _chroot_mounts(tmp):
-        _run(["chroot", str(tmp), "python3", "-m", "venv", "--clear", VENV], log)
+    with chroot_mounts(tmp):
+        run_logged(["chroot", str(tmp), "python3", "-m", "venv", "--clear", VENV], log)
         pip = [f"{VENV}/bin/python", "-m", "pip", "install", "-q", "--no-cache-dir"]
-        _run(["chroot", str(tmp), *pip, *_requirements()], log, env=_chroot_env())
+        run_logged(["chroot", str(tmp), *pip, *_requirements()], log, env=chroot_env())
     (tmp / "etc/fstab").write_text(FSTAB)
     (tmp / "etc/hostname").write_text("tcpencap-guest\n")
     (tmp / "results").mkdir(exist_ok=True)
@@ -250,10 +250,11 @@ Installer = Callable[[Path, Path], None]
 
 
 def pip_install(root: Path, log: Path) -> None:
-    """tcpencap into the venv with ``pip install``, as the README's deployment section says
-    (builds the native extension in the guest's own toolchain)."""
+    """tcpencap into the lab's venv with ``pip install`` (builds the native extension in the
+    guest's own toolchain): what the lab's namespaces run. The systemd scenarios also get
+    the Debian package (tests/vm/package.py)."""
     pip = [f"{VENV}/bin/python", "-m", "pip", "install", "-q", "--no-deps", "--no-cache-dir"]
-    _run(["chroot", str(root), *pip, SRC], log, env=_chroot_env())
+    run_logged(["chroot", str(root), *pip, SRC], log, env=chroot_env())
 
 
 def copy_checkout(tree: Path, dest: Path) -> None:
@@ -303,31 +304,43 @@ def build_image(
     base = base_rootfs(suite, log)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="guest-overlay.", dir=out))
-    merged, upper, wdir = work / "merged", work / "upper", work / "work"
-    for d in (merged, upper, wdir):
-        d.mkdir()
-    _run(
-        ["mount", "-t", "overlay", "overlay", "-o"]
-        + [f"lowerdir={base},upperdir={upper},workdir={wdir}", str(merged)]
-    )
     try:
-        copy_checkout(tree, merged / SRC.lstrip("/"))
-        with _chroot_mounts(merged):
-            install(merged, log)
-            _run(["chroot", str(merged), f"{VENV}/bin/python", "-m", "compileall", "-q", SRC], log)
-        kernel, initrd = kernel_and_initrd(merged)
-        image = Image(out / "guest.img", out / "vmlinuz", out / "initrd.img")
-        shutil.copyfile(kernel, image.kernel)
-        shutil.copyfile(initrd, image.initrd)
-        image.path.unlink(missing_ok=True)
-        _run(
-            ["mke2fs", "-q", "-t", "ext4", "-L", "root", "-d", str(merged), str(image.path), "4G"],
-            log,
-        )
-        return image
+        with overlay([base], work / "upper") as merged:
+            copy_checkout(tree, merged / SRC.lstrip("/"))
+            with chroot_mounts(merged):
+                install(merged, log)
+                compile_src = [f"{VENV}/bin/python", "-m", "compileall", "-q", SRC]
+                run_logged(["chroot", str(merged), *compile_src], log)
+            kernel, initrd = kernel_and_initrd(merged)
+            image = Image(out / "guest.img", out / "vmlinuz", out / "initrd.img")
+            shutil.copyfile(kernel, image.kernel)
+            shutil.copyfile(initrd, image.initrd)
+            image.path.unlink(missing_ok=True)
+            mke2fs = ["mke2fs", "-q", "-t", "ext4", "-L", "root", "-d", str(merged)]
+            run_logged([*mke2fs, str(image.path), "4G"], log)
+            return image
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def overlay(lowers: list[Path], upper: Path) -> Iterator[Path]:
+    """``lowers`` (first on top, never changed) merged under ``upper``, which keeps every
+    change: mounted at a sibling of ``upper`` for the ``with`` block. A finished ``upper`` can
+    be a lower layer of a later overlay (tests/vm/package.py caches one that way)."""
+    merged, wdir = upper.with_name(upper.name + ".merged"), upper.with_name(upper.name + ".work")
+    for d in (upper, merged, wdir):
+        d.mkdir(parents=True, exist_ok=True)
+    lowerdir = ":".join(str(p) for p in lowers)
+    opts = f"lowerdir={lowerdir},upperdir={upper},workdir={wdir}"
+    run_logged(["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)])
+    try:
+        yield merged
     finally:
         subprocess.run(["umount", "-l", str(merged)], check=False)
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(wdir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            merged.rmdir()
 
 
 @dataclass
@@ -437,12 +450,20 @@ exit $rc
     return result, cases
 
 
-def run_suite(name: str, tmp: Any, test_file: str, timeout: float) -> dict[str, Any]:
+def run_suite(
+    name: str,
+    tmp: Any,
+    test_file: str,
+    timeout: float,
+    installer: Callable[[Suite, Path], Installer] | None = None,
+) -> dict[str, Any]:
     """``run_pytest`` in suite ``name``'s guest, in a fresh directory of pytest's
-    ``tmp_path_factory`` ``tmp``: what the host-side tests' module fixture returns."""
+    ``tmp_path_factory`` ``tmp``: what the host-side tests' module fixture returns.
+    ``installer(suite, work)`` makes the image's ``Installer`` (default ``pip_install``)."""
     suite = SUITES[name]
     work = tmp.mktemp(f"vm-{Path(test_file).stem}-{name}")
-    boot, cases = run_pytest(suite, work, test_file, timeout)
+    install = installer(suite, work) if installer else pip_install
+    boot, cases = run_pytest(suite, work, test_file, timeout, install=install)
     return {"boot": boot, "cases": cases}
 
 

@@ -1,8 +1,11 @@
 """systemd for real: run inside the Debian guest booted with systemd as PID 1 (tests/vm/
-test_vm_systemd.py boots it). The gateway is the guest itself: charon-systemd's
-strongswan.service and configs/tcpencap.service installed as the README's deployment section
-says, ESP in the kernel. The client is a lab namespace behind a firewall namespace that drops
-its UDP. The tests run in file order, each step building on the one before.
+test_vm_systemd.py boots it). The gateway is the guest itself, an existing strongSwan gateway
+(charon-systemd's strongswan.service, ESP in the kernel) that gets tcpencap as the README's
+deployment section says: `apt install ./tcpencap_*.deb` (tests/vm/package.py built it for this
+suite and left it in /root), the example configuration, `systemctl reload tcpencap`, and at
+the end `apt remove` and `apt purge`. The client is a lab namespace behind a firewall
+namespace that drops its UDP. The tests run in file order, each step building on the one
+before.
 
 Not collected on the host (the name has no test_ prefix).
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -21,18 +25,17 @@ from typing import Any
 import pytest
 from kernel_scenarios import WAIT, ike_spis, wait_for, xfrm_states
 
-from tests.labkit import REPO_ROOT, Host, Lab, ping, psk_conf, tcpencap_conf
+from tests.labkit import Host, Lab, ping, psk_conf, tcpencap_conf
 
 NAME = "c1-gw"
-UNIT = Path("/etc/systemd/system/tcpencap.service")
-DROP_IN = Path("/etc/systemd/system/strongswan.service.d/tcpencap.conf")
 KEPT = (1 << 10) | (1 << 12) | (1 << 13)  # NET_BIND_SERVICE, NET_ADMIN, NET_RAW
 CONF = Path("/etc/strongswan.d/tcpencap.conf")
-VENV_BIN = Path("/opt/tcpencap/.venv/bin")
+EXAMPLE = Path("/usr/share/doc/tcpencap/examples/roadwarrior-gateway/tcpencap.conf")
+APT = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-q", "-y", "--no-install-recommends"]
 
 
-def sh(*argv: str, check: bool = True) -> str:
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+def sh(*argv: str, check: bool = True, timeout: float = 120) -> str:
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(argv)} -> {res.returncode}\n{res.stdout}{res.stderr}")
     return res.stdout + res.stderr
@@ -40,10 +43,6 @@ def sh(*argv: str, check: bool = True) -> str:
 
 def prop(unit: str, name: str) -> str:
     return sh("systemctl", "show", "-p", name, "--value", unit).strip()
-
-
-def gateway_conf(listen: list[str]) -> str:
-    return "tcpencap {\n  gateway {\n    listen = " + ", ".join(listen) + "\n  }\n}\n"
 
 
 def root_ping(dst: str, src: str) -> tuple[int, int]:
@@ -85,21 +84,8 @@ def lab() -> Iterator[dict[str, Any]]:
             ["-6", "route", "add", "fd00::/8", "via", "fd00:100::1"],
         ):
             sh("ip", *argv)
-        # The gateway, as the README's deployment section says.
+        # The strongSwan gateway tcpencap is added to (swanctl's conf.d, loaded at start).
         Path("/etc/swanctl/conf.d/lab.conf").write_text(psk_conf(gw, c1))
-        CONF.write_text(gateway_conf([f"{gw.outer4}:4500"]))
-        unit = (REPO_ROOT / "configs/tcpencap.service").read_text()
-        assert f"ExecStart={VENV_BIN}/tcpencap run" in unit  # where the image installed it
-        UNIT.write_text(unit)
-        # Its user and the drop-in for strongswan.service, as the unit's header says (a
-        # tree without them, such as 96634d6, runs as before).
-        sh("useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
-           "--shell", "/usr/sbin/nologin", "tcpencap", check=False)  # fmt: skip
-        drop_in = REPO_ROOT / "configs/strongswan-tcpencap.conf"
-        if drop_in.exists():
-            DROP_IN.parent.mkdir(parents=True, exist_ok=True)
-            DROP_IN.write_text(drop_in.read_text())
-        sh("systemctl", "daemon-reload")
         # The client: charon and tcpencap in its namespace, as in every lab test.
         c1.start_charon()
         c1.charon.load(psk_conf(c1, gw))
@@ -108,6 +94,7 @@ def lab() -> Iterator[dict[str, Any]]:
             yield {"lab": lab, "c1": c1, "gw": gw}
         finally:
             sh("systemctl", "stop", "tcpencap", "strongswan", check=False)
+            sh(*APT, "purge", "tcpencap", check=False, timeout=900)
             # The moved veth goes with fw's namespace; the inner addresses stay on lo.
             sh("ip", "addr", "del", f"{gw.inner4}/32", "dev", "lo", check=False)
             sh("ip", "-6", "addr", "del", f"{gw.inner6}/128", "dev", "lo", check=False)
@@ -120,18 +107,49 @@ def timed(what: str, fn: Callable[[], Any]) -> Any:
     return out
 
 
-def test_1_systemctl_start_and_traffic_over_tcp(lab: dict[str, Any]) -> None:
+def test_1_apt_install_on_a_running_strongswan(lab: dict[str, Any]) -> None:
+    """The package on a gateway whose strongswan.service runs already: offline (the image has
+    its dependencies in apt's cache), enabled next to strongswan.service, started."""
+    timed("systemctl start strongswan", lambda: sh("systemctl", "start", "strongswan"))
+    debs = sorted(Path("/root").glob("tcpencap_*.deb"))
+    assert len(debs) == 1, debs
+    out = timed(f"apt install {debs[0]}", lambda: sh(*APT, "install", str(debs[0]), timeout=900))
+    print("\n".join(out.splitlines()[-12:]))
+    unit = prop("tcpencap.service", "FragmentPath")
+    print(f"unit {unit}: {prop('tcpencap.service', 'UnitFileState')}, "
+          f"{prop('tcpencap.service', 'ActiveState')}; strongswan.service drop-ins: "
+          f"{prop('strongswan.service', 'DropInPaths')}")  # fmt: skip
+    assert unit in ("/lib/systemd/system/tcpencap.service",
+                    "/usr/lib/systemd/system/tcpencap.service"), unit  # fmt: skip
+    assert "path=/usr/sbin/tcpencap ; argv[]=/usr/sbin/tcpencap run " in prop(
+        "tcpencap.service", "ExecStart"
+    )
+    assert prop("tcpencap.service", "UnitFileState") == "enabled"
+    wants = sh("systemctl", "show", "-p", "Wants", "--value", "strongswan.service").split()
+    assert "tcpencap.service" in wants, wants
+    assert any(d.endswith("/strongswan.service.d/tcpencap.conf")
+               for d in prop("strongswan.service", "DropInPaths").split())  # fmt: skip
+    assert sh("getent", "passwd", "tcpencap").startswith("tcpencap:")
+    wait_for("tcpencap started by the package",
+             lambda: prop("tcpencap.service", "ActiveState") == "active")  # fmt: skip
+    assert CONF.is_file() and not any(
+        line.strip() and not line.lstrip().startswith("#") for line in CONF.read_text().splitlines()
+    ), "the packaged configuration must have every key commented out"
+
+
+def listening(port: int) -> bool:
+    return bool(sh("ss", "-Hltn", f"sport = :{port}").strip())
+
+
+def test_2_example_config_reload_and_a_client_over_tcp(lab: dict[str, Any]) -> None:
     c1, gw = lab["c1"], lab["gw"]
-    timed(
-        "systemctl start strongswan tcpencap",
-        lambda: sh("systemctl", "start", "strongswan", "tcpencap"),
-    )
-    wait_for(
-        "tcpencap running",
-        lambda: "tcpencap running" in sh("journalctl", "-u", "tcpencap", "--no-pager"),
-    )
-    assert prop("tcpencap.service", "ActiveState") == "active"
-    print(sh("systemctl", "status", "--no-pager", "tcpencap", check=False))
+    pid = prop("tcpencap.service", "MainPID")
+    shutil.copyfile(EXAMPLE, CONF)
+    print(sh("tcpencap", "check-config").strip())
+    timed("systemctl reload tcpencap", lambda: sh("systemctl", "reload", "tcpencap"))
+    wait_for("listeners on 4500 and 443", lambda: listening(4500) and listening(443))
+    assert prop("tcpencap.service", "MainPID") == pid, "reload restarted the daemon"
+    print(sh("ss", "-Hltn", "( sport = :4500 or sport = :443 )").strip())
     cap = lab["lab"].capture(c1)
     timed("initiate over TCP", lambda: c1.charon.initiate(NAME, timeout=WAIT))
     wait_for("pings both ways", lambda: pings_both_ways(c1, gw))
@@ -144,27 +162,31 @@ def test_1_systemctl_start_and_traffic_over_tcp(lab: dict[str, Any]) -> None:
     print(f"capture on c1's link: {cap.count_tcp(4500)} TCP segments on 4500, 0 UDP 500/4500")
 
 
-def test_2_journal_shows_tcpencap(lab: dict[str, Any]) -> None:
+def test_3_journal_and_man_pages(lab: dict[str, Any]) -> None:
     log = sh("journalctl", "-u", "tcpencap", "--no-pager", "-o", "cat")
     print(log[-2000:])
     assert "tcpencap running" in log
-    # pip install in the guest built the extension: the unit runs the native data path
+    # the package carries the extension, built for the suite's Python
     assert "native data path)" in log and "native data path unavailable" not in log
-    assert "listening on 198.19.0.2:4500" in log
-    # `systemctl help tcpencap` opens what Documentation= names: pip installed it there
+    assert "listening on 0.0.0.0:4500" in log
+    # `systemctl help tcpencap` opens what Documentation= names
     docs = prop("tcpencap.service", "Documentation").split()
-    assert docs and all(Path(d.removeprefix("file://")).is_file() for d in docs), docs
+    assert docs == ["man:tcpencap(8)", "man:tcpencap.conf(5)"], docs
+    for page in ("man8/tcpencap.8.gz", "man5/tcpencap.conf.5.gz"):
+        assert (Path("/usr/share/man") / page).is_file(), page
 
 
-def test_3_reload_applies_a_change(lab: dict[str, Any]) -> None:
+def test_3b_reload_applies_a_change(lab: dict[str, Any]) -> None:
     c1, gw = lab["c1"], lab["gw"]
     pid = prop("tcpencap.service", "MainPID")
-    CONF.write_text(gateway_conf([f"{gw.outer4}:4500", f"{gw.outer4}:443"]))
+    text = CONF.read_text()
+    assert ", 0.0.0.0:443" in text, text
+    CONF.write_text(text.replace(", 0.0.0.0:443", ""))
     timed("systemctl reload tcpencap", lambda: sh("systemctl", "reload", "tcpencap"))
-    wait_for("a listener on 443", lambda: sh("ss", "-Hltn", "sport = :443").strip())
+    wait_for("the listener on 443 gone", lambda: not listening(443))
+    assert listening(4500)
     assert prop("tcpencap.service", "MainPID") == pid, "reload restarted the daemon"
     wait_for("pings both ways after the reload", lambda: pings_both_ways(c1, gw))
-    print(sh("ss", "-Hltn", "sport = :443"))
 
 
 def test_4_sigkill_is_restarted_and_sas_resume(lab: dict[str, Any]) -> None:
@@ -343,3 +365,27 @@ def test_7_stopping_strongswan_stops_tcpencap_and_leaves_no_rules(lab: dict[str,
     )
     assert prop("tcpencap.service", "ActiveState") == "inactive", prop("tcpencap.service", "Result")
     assert tcpencap_leftovers() == []
+
+
+def test_8_apt_remove_stops_it_and_leaves_no_rule_then_purge(lab: dict[str, Any]) -> None:
+    """strongswan.service starts tcpencap again (the package enabled it there); `apt remove`
+    then stops it and takes its rules and sets, charon keeps running; `apt purge` takes the
+    configuration."""
+    timed("systemctl start strongswan", lambda: sh("systemctl", "start", "strongswan"))
+    wait_for("tcpencap started with strongswan",
+             lambda: prop("tcpencap.service", "ActiveState") == "active")  # fmt: skip
+    wait_for("tcpencap's rules in place", lambda: tcpencap_leftovers() != [])
+    out = timed("apt remove tcpencap", lambda: sh(*APT, "remove", "tcpencap", timeout=900))
+    print("\n".join(out.splitlines()[-8:]))
+    left = tcpencap_leftovers()
+    print(f"after apt remove: tcpencap.service {prop('tcpencap.service', 'LoadState')}, "
+          f"strongswan.service {prop('strongswan.service', 'ActiveState')}, "
+          f"rules and sets left: {left}")  # fmt: skip
+    assert left == []
+    assert prop("tcpencap.service", "LoadState") == "not-found"
+    assert prop("strongswan.service", "ActiveState") == "active"
+    assert not sh("pgrep", "-f", "/usr/sbin/tcpencap", check=False).strip()
+    assert CONF.exists(), "remove must keep the configuration"
+    timed("apt purge tcpencap", lambda: sh(*APT, "purge", "tcpencap", timeout=900))
+    assert not CONF.exists(), "purge must remove /etc/strongswan.d/tcpencap.conf"
+    print("after apt purge: /etc/strongswan.d/tcpencap.conf is gone")
