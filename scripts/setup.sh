@@ -21,7 +21,9 @@ APT_PACKAGES=(
 # Per suite: libFuzzer and the sanitizers' runtimes belong to the suite's default clang
 # (14 in bookworm, 19 in trixie).
 APT_PACKAGES_bookworm=(libclang-rt-14-dev)
-APT_PACKAGES_trixie=(libclang-rt-19-dev)
+# python3-netfilterqueue: debian/control's first choice where the suite has it (trixie on),
+# so the package built here depends on it instead of bundling a build (as on bookworm).
+APT_PACKAGES_trixie=(libclang-rt-19-dev python3-netfilterqueue)
 
 if [ "$(id -u)" != 0 ]; then
   echo "setup: run as root (namespaces, netfilter and charon need it)" >&2

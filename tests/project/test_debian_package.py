@@ -183,6 +183,14 @@ def test_package_contents(built: Path) -> None:
         )
     ]
     assert native, "the native extension is not in the package"
+    # netfilterqueue: Debian's where the suite has it (trixie on), else a bundled build
+    bundled = any(f.startswith("/usr/lib/tcpencap/netfilterqueue/") for f in files)
+    depends = subprocess.run(
+        ["dpkg-deb", "-f", str(built), "Depends"], capture_output=True, text=True, check=True
+    ).stdout
+    debian_has_it = host_suite() != "bookworm"
+    assert bundled is not debian_has_it, f"{host_suite()}: bundled netfilterqueue {bundled}"
+    assert ("python3-netfilterqueue" in depends) is debian_has_it, depends
 
 
 @pytest.mark.lab

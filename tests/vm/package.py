@@ -36,12 +36,26 @@ def _apt(root: Path, *args: str, log: Path) -> None:
     guest.run_logged(["chroot", str(root), "apt-get", "-q", "-y", *args], log, env=env)
 
 
+def first_alternatives(control: str) -> list[str]:
+    """The first package of every ``a | b`` group in debian/control's Build-Depends."""
+    field: list[str] = []
+    for line in control.splitlines():
+        if line.startswith("#"):  # a comment, inside a field or not
+            continue
+        if field and not line[:1].isspace():
+            break
+        if field or line.startswith("Build-Depends:"):
+            field.append(line.removeprefix("Build-Depends:"))
+    groups = [g for g in " ".join(field).split(",") if "|" in g]
+    return [g.split("|")[0].split()[0] for g in groups]
+
+
 def builder_layer(suite: guest.Suite, log: Path) -> Path:
     """The cached layer over ``suite``'s guest base with the package's build dependencies,
     keyed by that base and debian/control (a change to either builds a new one, ~2 min)."""
     base = guest.base_rootfs(suite, log)
     control = (guest.REPO_ROOT / "debian/control").read_text()
-    text = "\n".join([guest.cache_key(suite), control, *BUILD_TOOLS])
+    text = "\n".join([guest.cache_key(suite), control, *BUILD_TOOLS, *first_alternatives(control)])
     layer = guest.CACHE / f"debbuild-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
     done = layer.with_name(layer.name + ".complete")  # outside the layer, not in the root
     if done.exists():
@@ -54,6 +68,13 @@ def builder_layer(suite: guest.Suite, log: Path) -> Path:
         (ctl / "control").write_text(control)
         _apt(root, "update", log=log)
         _apt(root, "build-dep", "--no-install-recommends", "/run/control", log=log)
+        # apt takes an alternative that is installed already (python3-dev for
+        # `python3-netfilterqueue | python3-dev`); Debian's builders take the first one the
+        # suite has, and debian/rules follows what is installed.
+        for pkg in first_alternatives(control):
+            if subprocess.run(["chroot", str(root), "apt-cache", "show", pkg],
+                              capture_output=True).returncode == 0:  # fmt: skip
+                _apt(root, "install", "--no-install-recommends", pkg, log=log)
         _apt(root, "install", "--no-install-recommends", *BUILD_TOOLS, log=log)
         _apt(root, "clean", log=log)
     shutil.rmtree(layer, ignore_errors=True)
