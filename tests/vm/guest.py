@@ -426,6 +426,7 @@ timeout {int(timeout) - 120} {VENV}/bin/python -m pytest -p no:cacheprovider -v 
     --junitxml=/results/junit.xml {test_file}
 rc=$?
 journalctl -b --no-pager -o short-monotonic >/results/journal.txt 2>&1
+lsmod >/results/lsmod.txt  # what the scenarios loaded: a trimmed kernel's module list
 exit $rc
 """
     result = boot(image, script, work / "results", timeout=timeout)
