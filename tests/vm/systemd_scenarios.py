@@ -132,9 +132,8 @@ def test_1_apt_install_on_a_running_strongswan(lab: dict[str, Any]) -> None:
     assert sh("getent", "passwd", "tcpencap").startswith("tcpencap:")
     wait_for("tcpencap started by the package",
              lambda: prop("tcpencap.service", "ActiveState") == "active")  # fmt: skip
-    assert CONF.is_file() and not any(
-        line.strip() and not line.lstrip().startswith("#") for line in CONF.read_text().splitlines()
-    ), "the packaged configuration must have every key commented out"
+    settings = [ln for ln in CONF.read_text().splitlines() if "=" in ln.split("#", 1)[0]]
+    assert settings == [], "the packaged configuration must have every key commented out"
 
 
 def listening(port: int) -> bool:
@@ -170,7 +169,7 @@ def test_3_journal_and_man_pages(lab: dict[str, Any]) -> None:
     assert "native data path)" in log and "native data path unavailable" not in log
     assert "listening on 0.0.0.0:4500" in log
     # `systemctl help tcpencap` opens what Documentation= names
-    docs = prop("tcpencap.service", "Documentation").split()
+    docs = [d.strip('"') for d in prop("tcpencap.service", "Documentation").split()]
     assert docs == ["man:tcpencap(8)", "man:tcpencap.conf(5)"], docs
     for page in ("man8/tcpencap.8.gz", "man5/tcpencap.conf.5.gz"):
         assert (Path("/usr/share/man") / page).is_file(), page
