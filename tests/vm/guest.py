@@ -171,6 +171,12 @@ def chroot_env() -> dict[str, str]:
     return env
 
 
+def chroot_apt(root: Path, *args: str, log: Path) -> None:
+    """``apt-get -q -y ARGS`` inside ``root`` (mounted with ``chroot_mounts``), unattended."""
+    env = chroot_env() | {"DEBIAN_FRONTEND": "noninteractive"}
+    run_logged(["chroot", str(root), "apt-get", "-q", "-y", *args], log, env=env)
+
+
 def _host_ca() -> str | None:
     """The CA bundle this machine's own pip trusts, if one is set: the network here passes
     TLS through an intercepting proxy whose CA only that bundle has. A property of the
@@ -282,7 +288,7 @@ def kernel_and_initrd(root: Path) -> tuple[Path, Path]:
     }
     if not kernels:
         raise GuestError(f"no kernel in {boot_dir} or {root}/usr/lib/modules/*/")
-    version = max(kernels, key=_version_key)
+    version = max(kernels, key=version_key)
     for initrd in (
         boot_dir / f"initrd.img-{version}",
         root / f"usr/lib/modules/{version}/initrd.img",
@@ -292,7 +298,7 @@ def kernel_and_initrd(root: Path) -> tuple[Path, Path]:
     raise GuestError(f"kernel {version} has no initrd in {boot_dir} or its modules directory")
 
 
-def _version_key(version: str) -> list[int]:
+def version_key(version: str) -> list[int]:
     return [int(n) for n in re.findall(r"\d+", version)]
 
 

@@ -31,11 +31,6 @@ DEB_CACHE = Path("/var/cache/tcpencap-deb")  # build-deb.sh's default TCPENCAP_D
 GUEST_DEB_DIR = "/root"  # where the guest finds the .deb, as an administrator's download
 
 
-def _apt(root: Path, *args: str, log: Path) -> None:
-    env = guest.chroot_env() | {"DEBIAN_FRONTEND": "noninteractive"}
-    guest.run_logged(["chroot", str(root), "apt-get", "-q", "-y", *args], log, env=env)
-
-
 def first_alternatives(control: str) -> list[str]:
     """The first package of every ``a | b`` group in debian/control's Build-Depends."""
     field: list[str] = []
@@ -66,17 +61,17 @@ def builder_layer(suite: guest.Suite, log: Path) -> Path:
         ctl = root / "run/control/debian"
         ctl.mkdir(parents=True)
         (ctl / "control").write_text(control)
-        _apt(root, "update", log=log)
-        _apt(root, "build-dep", "--no-install-recommends", "/run/control", log=log)
+        guest.chroot_apt(root, "update", log=log)
+        guest.chroot_apt(root, "build-dep", "--no-install-recommends", "/run/control", log=log)
         # apt takes an alternative that is installed already (python3-dev for
         # `python3-netfilterqueue | python3-dev`); Debian's builders take the first one the
         # suite has, and debian/rules follows what is installed.
         for pkg in first_alternatives(control):
             if subprocess.run(["chroot", str(root), "apt-cache", "show", pkg],
                               capture_output=True).returncode == 0:  # fmt: skip
-                _apt(root, "install", "--no-install-recommends", pkg, log=log)
-        _apt(root, "install", "--no-install-recommends", *BUILD_TOOLS, log=log)
-        _apt(root, "clean", log=log)
+                guest.chroot_apt(root, "install", "--no-install-recommends", pkg, log=log)
+        guest.chroot_apt(root, "install", "--no-install-recommends", *BUILD_TOOLS, log=log)
+        guest.chroot_apt(root, "clean", log=log)
     shutil.rmtree(layer, ignore_errors=True)
     tmp.rename(layer)
     done.touch()
@@ -136,8 +131,9 @@ def package_installer(suite: guest.Suite, work: Path) -> guest.Installer:
     def install(root: Path, log: Path) -> None:
         guest.pip_install(root, log)
         shutil.copyfile(deb, root / GUEST_DEB_DIR.lstrip("/") / deb.name)
-        _apt(root, "update", log=log)
+        guest.chroot_apt(root, "update", log=log)
         staged = f"{GUEST_DEB_DIR}/{deb.name}"
-        _apt(root, "install", "--download-only", "--no-install-recommends", staged, log=log)
+        only = ["--download-only", "--no-install-recommends"]
+        guest.chroot_apt(root, "install", *only, staged, log=log)
 
     return install
