@@ -217,3 +217,35 @@ def show_and_check(pluto: Pluto, lsw: Host, swan: Host, cap: Capture, port: int)
     assert cap.count_udp_ike() == 0, "UDP 500/4500 on c1's link"
     assert cap.count_tcp(port) > 0
     print(f"capture on c1's link: {cap.count_tcp(port)} TCP segments on {port}, 0 UDP 500/4500")
+
+
+def test_libreswan_fallback_ends_on_tcp(lab: Lab) -> None:
+    """libreswan with `enable-tcp=fallback` while fw drops UDP: its UDP attempt goes
+    unanswered (seen leaving c1, never reaching the gateway), then it comes over TCP."""
+    c1, gw = lab.clients[0], lab.gw
+    lab.block_udp(c1)
+    gw.start_charon()
+    gw.charon.load(only_family(psk_conf(gw, c1), gw, c1, 4))
+    gw.start_tcpencap(gateway_conf(gw, f"{gw.outer4}:4500"), log_level="info")
+    # libreswan gives up on a UDP attempt after retransmit-timeout (60 s by default)
+    extra = "    enable-tcp=fallback\n    tcp-remoteport=4500\n    retransmit-timeout=10s"
+    pluto = Pluto(c1, ipsec_conf(c1, gw, 4, extra), secrets(c1, gw))
+    try:
+        cap_c1, cap_gw = lab.capture(c1), lab.capture(gw)
+        pluto.ipsec("add", NAME)
+        t0 = time.monotonic()
+        pluto.ipsec("up", NAME, "--asynchronous")
+        wait_for("pings both ways", lambda: pings_both_ways(c1, gw), timeout=120,
+                 detail=pluto.tail)  # fmt: skip
+        print(f"enable-tcp=fallback: pings both ways {time.monotonic() - t0:.1f} s after up")
+        tried_udp = cap_c1.count_udp_ike()
+        print(f"UDP 500/4500 leaving c1 (dropped in fw): {tried_udp}; "
+              f"reaching the gateway: {cap_gw.count_udp_ike()}")  # fmt: skip
+        assert tried_udp > 0, "libreswan never tried UDP"
+        assert cap_gw.count_udp_ike() == 0
+        states = xfrm_states(c1)
+        assert states and all(s["encap"].startswith("espintcp ") for s in states), states
+        print(f"libreswan ip xfrm state: {states}")
+        print(pluto.ipsec("trafficstatus").stdout.strip())
+    finally:
+        pluto.stop()

@@ -30,6 +30,7 @@ SCENARIOS = [
     "test_libreswan_client_to_tcpencap_gateway[6-4500]",
     "test_libreswan_client_to_tcpencap_gateway[4-443]",
     "test_tcpencap_client_to_libreswan_gateway",
+    "test_libreswan_fallback_ends_on_tcp",
 ]
 
 
