@@ -88,22 +88,15 @@ def source_package(root: Path) -> tuple[str, str]:
 
 def tools_layer(suite: guest.Suite, base: Path, source: str, version: str, log: Path) -> Path:
     """The cached layer over the guest base with the build tools and the kernel source."""
-    text = "\n".join([guest.cache_key(suite), source, version, *BUILD_TOOLS])
-    layer = guest.CACHE / f"kbuild-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
-    done = layer.with_name(layer.name + ".complete")
-    if done.exists():
-        return layer
-    tmp = layer.with_name(layer.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with guest.overlay([base], tmp) as root, guest.chroot_mounts(root):
+
+    def fill(root: Path) -> None:
         guest.chroot_apt(root, "update", log=log)
         wanted = [f"{source}={version}", *BUILD_TOOLS]
         guest.chroot_apt(root, "install", "--no-install-recommends", *wanted, log=log)
         guest.chroot_apt(root, "clean", log=log)
-    shutil.rmtree(layer, ignore_errors=True)
-    tmp.rename(layer)
-    done.touch()
-    return layer
+
+    text = "\n".join([guest.cache_key(suite), source, version, *BUILD_TOOLS])
+    return guest.cached_layer("kbuild", text, base, fill)
 
 
 BUILD = r"""

@@ -177,6 +177,24 @@ def chroot_apt(root: Path, *args: str, log: Path) -> None:
     run_logged(["chroot", str(root), "apt-get", "-q", "-y", *args], log, env=env)
 
 
+def cached_layer(name: str, key_text: str, base: Path, fill: Callable[[Path], None]) -> Path:
+    """The cached overlay layer ``CACHE/NAME-KEY`` over ``base`` (KEY: a hash of
+    ``key_text``), made on first use by ``fill(root)`` in the mounted chroot ``root``. Its
+    marker is beside it, not in it, so the layer adds nothing to a root it is part of."""
+    layer = CACHE / f"{name}-{hashlib.sha256(key_text.encode()).hexdigest()[:12]}"
+    done = layer.with_name(layer.name + ".complete")
+    if done.exists():
+        return layer
+    tmp = layer.with_name(layer.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with overlay([base], tmp) as root, chroot_mounts(root):
+        fill(root)
+    shutil.rmtree(layer, ignore_errors=True)
+    tmp.rename(layer)
+    done.touch()
+    return layer
+
+
 def _host_ca() -> str | None:
     """The CA bundle this machine's own pip trusts, if one is set: the network here passes
     TLS through an intercepting proxy whose CA only that bundle has. A property of the

@@ -17,7 +17,6 @@ Test-side code: never installed with the daemon.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 import tempfile
@@ -50,14 +49,8 @@ def builder_layer(suite: guest.Suite, log: Path) -> Path:
     keyed by that base and debian/control (a change to either builds a new one, ~2 min)."""
     base = guest.base_rootfs(suite, log)
     control = (guest.REPO_ROOT / "debian/control").read_text()
-    text = "\n".join([guest.cache_key(suite), control, *BUILD_TOOLS, *first_alternatives(control)])
-    layer = guest.CACHE / f"debbuild-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
-    done = layer.with_name(layer.name + ".complete")  # outside the layer, not in the root
-    if done.exists():
-        return layer
-    tmp = layer.with_name(layer.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with guest.overlay([base], tmp) as root, guest.chroot_mounts(root):
+
+    def fill(root: Path) -> None:
         ctl = root / "run/control/debian"
         ctl.mkdir(parents=True)
         (ctl / "control").write_text(control)
@@ -72,10 +65,9 @@ def builder_layer(suite: guest.Suite, log: Path) -> Path:
                 guest.chroot_apt(root, "install", "--no-install-recommends", pkg, log=log)
         guest.chroot_apt(root, "install", "--no-install-recommends", *BUILD_TOOLS, log=log)
         guest.chroot_apt(root, "clean", log=log)
-    shutil.rmtree(layer, ignore_errors=True)
-    tmp.rename(layer)
-    done.touch()
-    return layer
+
+    text = "\n".join([guest.cache_key(suite), control, *BUILD_TOOLS, *first_alternatives(control)])
+    return guest.cached_layer("debbuild", text, base, fill)
 
 
 def build_deb(suite: guest.Suite, out: Path, log: Path) -> Path:
